@@ -1,0 +1,15 @@
+"""OCO: an OpenChatOps bot, and the Python SDK for its callback programs."""
+
+from __future__ import annotations
+
+from ._errors import AdapterError as AdapterError
+from ._errors import CallbackError as CallbackError
+from ._errors import ConfigError as ConfigError
+from ._errors import OcoError as OcoError
+from ._errors import PluginError as PluginError
+from ._errors import StoreError as StoreError
+from ._errors import StoreUnavailableError as StoreUnavailableError
+from ._errors import UnknownTargetError as UnknownTargetError
+from ._errors import ValueTooLargeError as ValueTooLargeError
+from ._errors import VersionConflictError as VersionConflictError
+from ._version import __version__ as __version__

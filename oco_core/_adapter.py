@@ -1,0 +1,179 @@
+"""The adapter interface: how a chat service plugs into the bot.
+
+An adapter deals only in the chat service's own ids ("#ops", "!abc:example.org"). The
+bot makes them unique across adapters by prefixing the adapter's name
+("irc/#ops") before callbacks see them, and strips the prefix again before it hands an
+outgoing message back, so a reply always goes out through the adapter its message came
+from.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import trio
+from pydantic import BaseModel
+
+from ._errors import AdapterError
+from ._store import NamespacedStore
+
+
+@dataclass(frozen=True, slots=True)
+class ChatUser:
+    """A user as the chat service knows them: its own ``id``, a display ``name`` and the
+    ``mention_name`` that alerts them when written in a message."""
+
+    id: str
+    name: str = ""
+    mention_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRoom:
+    """A room (channel) as the chat service knows it."""
+
+    id: str
+    name: str = ""
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """A message an adapter received from its chat service.
+
+    ``room`` is None for a private message on a service without rooms for them (IRC);
+    ``direct`` is True for any private message (such a message is always addressed to
+    the bot). ``id`` is the service's id for the message, where it has one.
+    ``edit_of`` names the message this one edits; the router does not treat edits as new
+    commands.
+    """
+
+    body: str
+    user: ChatUser
+    room: ChatRoom | None = None
+    direct: bool = False
+    id: str = ""
+    action: bool = False
+    thread_id: str = ""
+    edit_of: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message for an adapter to send.
+
+    It goes to ``room_id`` when set, else privately to ``user``. With ``mention`` the
+    adapter addresses ``user`` in the room its own way (``nick: `` on IRC, a pill on
+    Matrix). ``private`` asks for a private message to ``user`` even when a room is
+    known. ``in_reply_to`` is the service's id of the message being answered.
+    """
+
+    body: str
+    room_id: str | None = None
+    user: ChatUser | None = None
+    mention: bool = False
+    private: bool = False
+    format: Literal["plain", "markdown"] = "plain"
+    action: bool = False
+    in_reply_to: str = ""
+
+
+class MembershipKind(enum.Enum):
+    """What happened to a user's membership of a room."""
+
+    JOINED = 1
+    LEFT = 2
+    KICKED = 3
+    INVITED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipEvent:
+    """A user entered or left a room. ``actor`` is who caused it, when someone else did."""
+
+    kind: MembershipKind
+    user: ChatUser
+    room: ChatRoom
+    actor: ChatUser | None = None
+    reason: str = ""
+
+
+class AdapterHost(Protocol):
+    """What the bot offers an adapter while it runs."""
+
+    #: The adapter's name in this bot (its ``name:`` in config, by default its type).
+    name: str
+    #: How people address the bot (``bot.name``), and the configured aliases.
+    bot_name: str
+    aliases: Sequence[str]
+    #: The adapter's own persistent state, in the core store (namespace ``adapter:<name>``).
+    store: NamespacedStore
+
+    async def receive(self, message: IncomingMessage) -> None:
+        """Hand an incoming message to the router. Returns as soon as it is routed; it
+        never waits for callbacks."""
+
+    async def membership(self, event: MembershipEvent) -> None:
+        """Report a user entering or leaving a room."""
+
+    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
+        """Report a room's new topic (in ``room.topic``)."""
+
+    def set_own_names(self, names: Sequence[str]) -> None:
+        """Tell the router the names the bot has on this service (an IRC nick, a Matrix
+        display name or localpart); messages starting with one are addressed to it."""
+
+    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
+        """Wait until no event is queued for a callback and nothing was sent for ``quiet``
+        seconds, or ``max_wait`` seconds passed. The shell adapter uses it at end of input so
+        replies still on their way are printed."""
+
+
+class Adapter(abc.ABC):
+    """A connection to one chat service. Created from its validated config; then
+    :meth:`run` is started in the bot's nursery.
+
+    ``send``, ``join`` and ``part`` may be called at any time from other tasks, also
+    while the connection is down (queue what can wait, in order; raise
+    :class:`~oco_core.AdapterError` for what cannot). An unknown room or user raises
+    :class:`~oco_core.UnknownTargetError`.
+    """
+
+    @abc.abstractmethod
+    async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, call ``task_status.started()`` once messages can flow, then deliver
+        incoming messages to ``host`` until cancelled. Reconnect by itself where it can.
+        Returning ends this adapter (the bot stops when every adapter has ended); raising
+        makes the bot log the error and start ``run`` again after a backoff."""
+
+    @abc.abstractmethod
+    async def send(self, message: OutgoingMessage) -> None:
+        """Send one message; return once the adapter has accepted it."""
+
+    async def join(self, room: str) -> None:
+        """Join a room by the service's id or name."""
+        raise AdapterError(f"the {type(self).__name__} adapter cannot join rooms")
+
+    async def part(self, room: str) -> None:
+        """Leave a room by the service's id or name."""
+        raise AdapterError(f"the {type(self).__name__} adapter cannot part rooms")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterType:
+    """What an adapter plugin offers, returned by the ``oco_adapter_types`` hook.
+
+    ``create(config)`` builds an :class:`Adapter` from a validated ``config`` (an
+    instance of ``config_model``, which holds the keys beside ``type:`` in the bot's
+    config). ``package`` is the distribution that provides it, for error messages.
+    """
+
+    name: str
+    create: Callable[[Any], Adapter]
+    config_model: type[BaseModel]
+    package: str = "oco-core"
+    description: str = ""

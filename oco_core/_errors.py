@@ -1,0 +1,67 @@
+"""The one exception tree of OCO.
+
+::
+
+    OcoError                  anything OCO raises on purpose
+    ├── ConfigError           the configuration is malformed or names something unknown
+    ├── PluginError           a plugin is missing, broken or misdeclared
+    ├── AdapterError          a chat adapter cannot do what was asked
+    │   └── UnknownTargetError    no such room or user on that adapter
+    ├── StoreError            the core store failed
+    │   ├── VersionConflictError       a compare-and-set found another version
+    │   ├── StoreUnavailableError      the database cannot be reached (retry later)
+    │   └── ValueTooLargeError         a value or key exceeds the configured limit
+    └── CallbackError         a callback program misbehaved or was refused
+
+Messages name the thing that was wrong and what to do about it. Only the CLI turns
+these into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class OcoError(Exception):
+    """Base of every error OCO raises on purpose."""
+
+
+class ConfigError(OcoError):
+    """The configuration is malformed, or names a plugin or value that does not exist."""
+
+
+class PluginError(OcoError):
+    """A plugin could not be found, loaded, or misbehaved when asked for its description."""
+
+
+class AdapterError(OcoError):
+    """A chat adapter could not do what was asked (send, join, part)."""
+
+
+class UnknownTargetError(AdapterError):
+    """The room or user a message or request names does not exist on its adapter."""
+
+
+class StoreError(OcoError):
+    """The core store failed to read or write."""
+
+
+class VersionConflictError(StoreError):
+    """A compare-and-set found a different version than expected.
+
+    ``current`` is the version now stored (0 when the key does not exist).
+    """
+
+    def __init__(self, message: str, current: int) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class StoreUnavailableError(StoreError):
+    """The store's database cannot be reached; the operation may succeed later."""
+
+
+class ValueTooLargeError(StoreError):
+    """A key or value is larger than the store accepts."""
+
+
+class CallbackError(OcoError):
+    """A callback program misbehaved, or the bot refused what it asked."""

@@ -1,0 +1,118 @@
+"""The core store: a small async key-value interface that every store plugin implements.
+
+Keys live in namespaces. The bot keeps its own data (users, rooms) under the namespace
+``bot``, each adapter under ``adapter:<name>``, and each callback under ``cb:<id>``; a
+callback can only ever name keys of its own namespace, because the gRPC edge picks the
+namespace from the caller's authenticated identity.
+
+Every key has a version: 1 after its first write, one more on each later write. A write
+or delete may name the version it expects (compare-and-set); 0 means "must not exist".
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+#: Largest key, in UTF-8 bytes, that every store must accept.
+MAX_KEY_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored key with its value and version."""
+
+    key: str
+    value: bytes
+    version: int
+
+
+class Store(abc.ABC):
+    """An open core store. All methods may be called concurrently from many tasks.
+
+    Errors: :class:`~oco_core.VersionConflictError` when an expected version differs,
+    :class:`~oco_core.ValueTooLargeError` past the store's limits,
+    :class:`~oco_core.StoreUnavailableError` when the database cannot be reached, and
+    :class:`~oco_core.StoreError` for anything else.
+    """
+
+    @abc.abstractmethod
+    async def get(self, namespace: str, key: str) -> Item | None:
+        """Return the item stored under ``key``, or None when there is none."""
+
+    @abc.abstractmethod
+    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        """Store ``value`` under ``key`` and return the key's new version.
+
+        With ``expected_version`` the write happens only if the stored version equals it
+        (0: only if the key does not exist); otherwise VersionConflictError is raised.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete ``key``; return False when it did not exist.
+
+        With ``expected_version`` the delete happens only if the stored version equals
+        it; otherwise VersionConflictError is raised (also when the key does not exist).
+        """
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        start_after: str = "",
+        limit: int = 100,
+        keys_only: bool = False,
+    ) -> list[Item]:
+        """Return up to ``limit`` items whose keys start with ``prefix``, in key order
+        (ordered by the keys' UTF-8 bytes), only keys greater than ``start_after``.
+        With ``keys_only`` the values are returned empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreType:
+    """What a store plugin offers, returned by the ``oco_store_types`` hook.
+
+    ``open(config)`` is an async context manager yielding an open :class:`Store` for a
+    validated ``config`` (an instance of ``config_model``); leaving it closes the store.
+    ``package`` is the distribution that provides it, for error messages.
+    """
+
+    name: str
+    open: Callable[[Any], AbstractAsyncContextManager[Store]]
+    config_model: type[BaseModel]
+    package: str = "oco-core"
+    description: str = ""
+
+
+class NamespacedStore:
+    """A view of a :class:`Store` fixed to one namespace, as adapters and the SDK see it."""
+
+    def __init__(self, store: Store, namespace: str) -> None:
+        self._store = store
+        self.namespace = namespace
+
+    async def get(self, key: str) -> Item | None:
+        """Return the item under ``key``, or None."""
+        return await self._store.get(self.namespace, key)
+
+    async def set(self, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        """Store ``value`` under ``key``; see :meth:`Store.set`."""
+        return await self._store.set(self.namespace, key, value, expected_version=expected_version)
+
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete ``key``; see :meth:`Store.delete`."""
+        return await self._store.delete(self.namespace, key, expected_version=expected_version)
+
+    async def list(
+        self, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
+    ) -> list[Item]:
+        """List items by prefix; see :meth:`Store.list`."""
+        return await self._store.list(self.namespace, prefix, start_after=start_after, limit=limit, keys_only=keys_only)

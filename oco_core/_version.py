@@ -1,0 +1,3 @@
+"""Version of oco-core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""The public API for plugin authors: adapters, stores, and the hook marker.
+
+A plugin distribution declares an entry point in the ``oco`` group, for example::
+
+    [project.entry-points.oco]
+    irc = "oco_adapter_irc"
+
+and the module implements hooks from :mod:`oco_core._hookspecs`::
+
+    from oco_core.plugin import AdapterType, hookimpl
+
+    @hookimpl
+    def oco_adapter_types():
+        return [AdapterType(name="irc", create=IrcAdapter, config_model=IrcConfig,
+                            package="oco-adapter-irc")]
+"""
+
+from __future__ import annotations
+
+from ._adapter import Adapter as Adapter
+from ._adapter import AdapterHost as AdapterHost
+from ._adapter import AdapterType as AdapterType
+from ._adapter import ChatRoom as ChatRoom
+from ._adapter import ChatUser as ChatUser
+from ._adapter import IncomingMessage as IncomingMessage
+from ._adapter import MembershipEvent as MembershipEvent
+from ._adapter import MembershipKind as MembershipKind
+from ._adapter import OutgoingMessage as OutgoingMessage
+from ._hookspecs import hookimpl as hookimpl
+from ._store import MAX_KEY_BYTES as MAX_KEY_BYTES
+from ._store import Item as Item
+from ._store import NamespacedStore as NamespacedStore
+from ._store import Store as Store
+from ._store import StoreType as StoreType
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "Adapter",
+    "AdapterHost",
+    "AdapterType",
+    "ChatRoom",
+    "ChatUser",
+    "IncomingMessage",
+    "Item",
+    "MembershipEvent",
+    "MembershipKind",
+    "NamespacedStore",
+    "OutgoingMessage",
+    "Store",
+    "StoreType",
+    "hookimpl",
+]
