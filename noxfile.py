@@ -1,0 +1,79 @@
+"""Automation for the OCO monorepo: ``nox`` runs every default session.
+
+Each distribution (oco-core at the root, each folder under adapters/ and stores/) is
+tested in a virtual environment holding only oco-core and that distribution, which
+catches undeclared dependencies. Tests that need a real server skip with a reason where
+it is absent, unless OCO_REQUIRE_SERVERS=1 (set by .ci/run) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+DISTRIBUTIONS = sorted(p.parent for p in ROOT.glob("*/*/pyproject.toml") if p.parts[-3] in ("adapters", "stores"))
+TEST_TOOLS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trustme>=1.1"]
+
+nox.options.sessions = ["lint", "types", "proto", "tests", "distributions"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+
+def _editable(*paths: Path | str) -> list[str]:
+    args: list[str] = []
+    for path in paths:
+        args += ["-e", str(path)]
+    return args
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting, with the one root configuration."""
+    session.install("ruff>=0.15")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on every distribution's shipped code."""
+    session.install("mypy>=1.15", "types-PyYAML", "types-protobuf", "grpc-stubs", *TEST_TOOLS)
+    session.install(*_editable(".[postgresql]", *DISTRIBUTIONS))
+    packages = ["oco_core"] + [str(p) for d in DISTRIBUTIONS for p in d.glob("oco_*") if p.is_dir()]
+    session.run("mypy", *packages)
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Fail when the committed generated protocol code is stale."""
+    session.install("grpcio-tools==1.85.1", "mypy-protobuf==5.1.0")
+    session.run("python", "tools/gen_proto.py", "--check")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """oco-core's tests, end to end with real `oco` processes and real gRPC clients."""
+    session.install(*TEST_TOOLS)
+    session.install(*_editable(".[postgresql]"))
+    session.run("pytest", "tests", *session.posargs)
+
+
+@nox.session
+def distributions(session: nox.Session) -> None:
+    """Each adapter and store distribution's own tests, beside oco-core alone."""
+    for dist in DISTRIBUTIONS:
+        venv = f"{session.virtualenv.location}-{dist.name}"
+        session.run("python", "-m", "venv", venv, external=True, silent=True)
+        pip = f"{venv}/bin/pip"
+        session.run(pip, "install", "-q", *TEST_TOOLS, *_editable(".", dist), external=True)
+        session.run(f"{venv}/bin/pytest", str(dist / "tests"), "--rootdir", str(ROOT), *session.posargs, external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: print numbers (never part of the test run)."""
+    session.install(*_editable(".[postgresql]", *DISTRIBUTIONS))
+    for script in sorted((ROOT / "bench").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
