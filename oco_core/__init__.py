@@ -12,4 +12,14 @@ from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import UnknownTargetError as UnknownTargetError
 from ._errors import ValueTooLargeError as ValueTooLargeError
 from ._errors import VersionConflictError as VersionConflictError
+from ._errors import InvalidRequestError as InvalidRequestError
+from ._errors import RequestTooLargeError as RequestTooLargeError
+from ._sdk import Callback as Callback
+from ._sdk import Directory as Directory
+from ._sdk import Membership as Membership
+from ._sdk import Message as Message
+from ._sdk import Room as Room
+from ._sdk import Storage as Storage
+from ._sdk import User as User
+from ._store import Item as Item
 from ._version import __version__ as __version__

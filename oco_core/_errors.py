@@ -12,6 +12,8 @@
     │   ├── StoreUnavailableError      the database cannot be reached (retry later)
     │   └── ValueTooLargeError         a value or key exceeds the configured limit
     └── CallbackError         a callback program misbehaved or was refused
+        ├── InvalidRequestError   a request is malformed (INVALID_ARGUMENT)
+        └── RequestTooLargeError  a message is over the configured size (RESOURCE_EXHAUSTED)
 
 Messages name the thing that was wrong and what to do about it. Only the CLI turns
 these into exit codes.
@@ -65,3 +67,11 @@ class ValueTooLargeError(StoreError):
 
 class CallbackError(OcoError):
     """A callback program misbehaved, or the bot refused what it asked."""
+
+
+class InvalidRequestError(CallbackError):
+    """A callback's request is malformed: a bad pattern, a message without a target."""
+
+
+class RequestTooLargeError(CallbackError):
+    """A callback sent a message larger than the bot accepts."""

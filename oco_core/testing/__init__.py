@@ -1,6 +1,151 @@
-"""Test helpers for people who build on OCO: fakes of the adapter and the store.
+"""Test helpers for people who build on OCO: an in-memory chat adapter and a bot runner.
 
-Also registered as the ``memory`` adapter plugin, for tests and benchmarks.
+:class:`MemoryAdapter` is also registered as the ``memory`` adapter plugin, so a config
+with ``adapters: [{type: memory}]`` runs a bot with no chat service, for tests and
+benchmarks::
+
+    async with open_bot("adapters: [{type: memory}]\\ncallbacks: []") as running:
+        await running.adapter.inject("oco ping")
+        reply = await running.adapter.next_sent()
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from .._adapter import (
+    Adapter,
+    AdapterHost,
+    AdapterType,
+    ChatRoom,
+    ChatUser,
+    IncomingMessage,
+    MembershipEvent,
+    MembershipKind,
+    OutgoingMessage,
+)
+from .._errors import UnknownTargetError
+from .._hookspecs import hookimpl
+
+
+class MemoryConfig(BaseModel):
+    """Options of the memory adapter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rooms: list[str] = Field(default_factory=lambda: ["general"], description="Rooms the bot is in at start.")
+    users: list[str] = Field(default_factory=lambda: ["alice", "bob"], description="Users that exist.")
+
+
+class MemoryAdapter(Adapter):
+    """A chat service that lives in memory: tests inject messages and read what was sent."""
+
+    def __init__(self, config: MemoryConfig | None = None) -> None:
+        self.config = config or MemoryConfig()
+        self.rooms = set(self.config.rooms)
+        self.users = set(self.config.users)
+        self.sent: list[OutgoingMessage] = []
+        self._sent_in, self._sent_out = trio.open_memory_channel[OutgoingMessage](100_000)
+        self.host: AdapterHost | None = None
+        self._ready = trio.Event()
+
+    async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.host = host
+        self._ready.set()
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def inject(
+        self, body: str, *, user: str = "alice", room: str | None = "general", direct: bool = False, id: str = ""
+    ) -> None:
+        """Deliver a message from ``user`` in ``room`` (None: a private message)."""
+        await self._ready.wait()
+        assert self.host is not None
+        self.users.add(user)
+        message = IncomingMessage(
+            body=body,
+            user=ChatUser(id=user, name=user.title(), mention_name=user),
+            room=ChatRoom(id=room, name=room) if room is not None else None,
+            direct=direct or room is None,
+            id=id,
+        )
+        await self.host.receive(message)
+
+    async def member(self, kind: MembershipKind, user: str, room: str = "general") -> None:
+        """Report that ``user`` entered or left ``room``."""
+        await self._ready.wait()
+        assert self.host is not None
+        await self.host.membership(MembershipEvent(kind, ChatUser(user, user.title(), user), ChatRoom(room, room)))
+
+    async def next_sent(self) -> OutgoingMessage:
+        """Wait for the next message the bot sends."""
+        return await self._sent_out.receive()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        if message.room_id is not None and message.room_id not in self.rooms:
+            raise UnknownTargetError(f"no room {message.room_id!r} (rooms: {', '.join(sorted(self.rooms))})")
+        if message.room_id is None and (message.user is None or message.user.id not in self.users):
+            who = message.user.id if message.user else None
+            raise UnknownTargetError(f"no user {who!r} to send a private message to")
+        self.sent.append(message)
+        self._sent_in.send_nowait(message)
+
+    async def join(self, room: str) -> None:
+        self.rooms.add(room)
+
+    async def part(self, room: str) -> None:
+        if room not in self.rooms:
+            raise UnknownTargetError(f"the bot is not in {room!r}")
+        self.rooms.discard(room)
+
+
+@dataclass
+class RunningBot:
+    """A bot started by :func:`open_bot`."""
+
+    bot: object
+    address: str
+    adapter: MemoryAdapter
+    secrets: dict[str, str]
+
+
+@asynccontextmanager
+async def open_bot(config_text: str, *, plugins: object | None = None) -> AsyncIterator[RunningBot]:
+    """Run a bot in this trio process from YAML ``config_text`` (gRPC on a free port
+    unless the config says otherwise); its first memory adapter is ``.adapter``."""
+    from .._bot import Bot
+    from .._config import parse_config
+    from .._plugins import Plugins, load_plugins
+
+    loaded = parse_config(config_text, "<test config>")
+    if "listen" not in loaded.config.grpc.model_fields_set:
+        config = loaded.config.model_copy(update={"grpc": loaded.config.grpc.model_copy(update={"listen": "127.0.0.1:0"})})
+        loaded = type(loaded)(config, loaded.source, loaded.lines)
+    bot = Bot(loaded, plugins if isinstance(plugins, Plugins) else load_plugins())
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(bot.run)
+        adapter = next((link.adapter for link in bot.links.values() if isinstance(link.adapter, MemoryAdapter)), None)
+        assert adapter is not None, "open_bot needs a memory adapter in the config"
+        yield RunningBot(bot, address, adapter, {cid: cb.secret for cid, cb in bot.callbacks.items()})
+        nursery.cancel_scope.cancel()
+
+
+@hookimpl
+def oco_adapter_types() -> list[AdapterType]:
+    """The memory adapter."""
+    return [
+        AdapterType(
+            name="memory",
+            create=MemoryAdapter,
+            config_model=MemoryConfig,
+            description="an in-memory chat service for tests and benchmarks",
+        )
+    ]
+
+
+__all__: Sequence[str] = ["MemoryAdapter", "MemoryConfig", "RunningBot", "open_bot"]

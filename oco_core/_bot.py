@@ -1,0 +1,432 @@
+"""The bot: wires adapters, router, store, directory, gRPC edge and callback processes.
+
+Start-up order, each step ready before the next: the store opens; the directory loads;
+the gRPC server binds; launched callbacks start and the bot waits (a bounded time) for
+each to open its Listen stream, so that the first chat message finds their routes; then
+the adapters connect. Shutdown (SIGINT, SIGTERM, or every adapter ending) runs the other
+way, in the one nursery: adapters stop, callbacks get TERM then KILL, the gRPC server
+gives running calls a grace period, the directory flushes, and the store closes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
+from ._config import LoadedConfig, default_store_url, validate_section
+from ._directory import Directory, RoomRecord, UserRecord
+from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
+from ._plugins import Plugins
+from ._proto import core_pb2, robot_pb2
+from ._router import InvalidPatternError, Route, Router, compile_pattern
+from ._store import NamespacedStore, Store
+
+log = logging.getLogger(__name__)
+
+_HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
+#: How long start-up waits for launched callbacks to open their Listen streams.
+CALLBACK_STARTUP_WAIT = 20.0
+
+
+@dataclass(slots=True)
+class CallbackState:
+    """What the bot knows of one configured callback."""
+
+    id: str
+    secret: str
+    routes: list[Route]
+    launched: bool
+    connected: trio.Event = field(default_factory=trio.Event)
+
+
+class _AdapterLink:
+    """The bot as one adapter sees it (implements :class:`AdapterHost`)."""
+
+    def __init__(self, bot: Bot, name: str, adapter: Adapter, store: Store) -> None:
+        self._bot = bot
+        self.name = name
+        self.adapter = adapter
+        self.bot_name = bot.router.bot_name
+        self.aliases = bot.router.aliases
+        self.store = NamespacedStore(store, f"adapter:{name}")
+
+    async def receive(self, message: IncomingMessage) -> None:
+        self._bot.route_incoming(self.name, message)
+
+    async def membership(self, event: MembershipEvent) -> None:
+        self._bot.route_membership(self.name, event)
+
+    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
+        self._bot.route_topic(self.name, room, user)
+
+    def set_own_names(self, names: Sequence[str]) -> None:
+        self._bot.router.set_own_names(self.name, names)
+
+    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
+        await self._bot.wait_idle(quiet=quiet, max_wait=max_wait)
+
+
+class Bot:
+    """One OCO bot. Create it from a loaded config and the installed plugins, then
+    ``await bot.run()`` (or ``nursery.start(bot.run)``, which returns the gRPC address)."""
+
+    def __init__(self, loaded: LoadedConfig, plugins: Plugins) -> None:
+        self.loaded = loaded
+        config = loaded.config
+        self.config = config
+        self.router = Router(config.bot.name, config.bot.aliases)
+        self.callbacks: dict[str, CallbackState] = {}
+        for cb in config.callbacks:
+            secret = cb.secret.get_secret_value() if cb.secret else secrets.token_urlsafe(32)
+            routes = [
+                Route(
+                    id=r.id or r.pattern,
+                    pattern=r.pattern,
+                    respond=r.respond,
+                    help=r.help,
+                    permission=r.permission,
+                    ignore_case=r.ignore_case,
+                )
+                for r in cb.routes
+            ]
+            self.callbacks[cb.id] = CallbackState(cb.id, secret, routes, launched=cb.command is not None)
+        # Validate every plugin section now, so `oco check-config` and start-up fail early.
+        self._adapter_specs = []
+        for index, entry in enumerate(config.adapters):
+            kind = plugins.adapter(entry.type)
+            options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
+            self._adapter_specs.append((entry.instance_name, kind, options))
+        store_type = plugins.store(config.store.type)
+        store_options = dict(config.store.options())
+        if store_type.name == "sql":
+            store_options.setdefault("url", default_store_url())
+        self._store_type = store_type
+        self._store_options = validate_section(loaded, ("store",), store_type.config_model, store_options)
+        for cb_index, cb in enumerate(config.callbacks):
+            for r_index, route in enumerate(self.callbacks[cb.id].routes):
+                try:
+                    compile_pattern(route.pattern, route.ignore_case)
+                except InvalidPatternError as exc:
+                    raise loaded.error(("callbacks", cb_index, "routes", r_index, "pattern"), str(exc)) from None
+        self.links: dict[str, _AdapterLink] = {}
+        self.directory: Directory | None = None
+        self.store: Store | None = None
+        self.address = ""
+        self._message_ids = itertools.count(1)
+        self._last_activity = time.monotonic()
+        self._awaiting_reply: dict[str, float] = {}
+        self._shutdown: trio.CancelScope | None = None
+        self._tasks: trio.Nursery | None = None
+        self.stats = {"received": 0, "matched": 0, "sent": 0}
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled or until every adapter has ended."""
+        from ._edge import serve
+        from ._supervisor import supervise_callback
+
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(self._store_type.open(self._store_options))
+            self.store = store
+            self.directory = Directory(store)
+            await self.directory.load()
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._tasks = nursery
+            await nursery.start(self.directory.run)
+            self.address = await nursery.start(serve, self)
+            with trio.CancelScope() as self._shutdown:
+                async with trio.open_nursery() as workers:
+                    for cb in self.config.callbacks:
+                        if cb.command is not None:
+                            workers.start_soon(
+                                supervise_callback, cb, self.address, self.callbacks[cb.id].secret, cb.cwd
+                            )
+                    await self._wait_for_callbacks()
+                    for name, kind, options in self._adapter_specs:
+                        adapter = kind.create(options)
+                        self.links[name] = _AdapterLink(self, name, adapter, store)
+                    async with trio.open_nursery() as adapters:
+                        for link in self.links.values():
+                            await adapters.start(self._supervise_adapter, link)
+                        log.info("bot %r is up: gRPC on %s", self.config.bot.name, self.address)
+                        task_status.started(self.address)
+                    log.info("every adapter has ended; shutting down")
+                    workers.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Begin an orderly shutdown (as SIGTERM does)."""
+        if self._shutdown is not None:
+            self._shutdown.cancel()
+
+    async def _wait_for_callbacks(self) -> None:
+        launched = [cb for cb in self.callbacks.values() if cb.launched]
+        with trio.move_on_after(CALLBACK_STARTUP_WAIT):
+            for cb in launched:
+                await cb.connected.wait()
+        late = [cb.id for cb in launched if not cb.connected.is_set()]
+        if late:
+            log.warning(
+                "callback(s) %s did not open a Listen stream within %.0f s; starting the adapters anyway",
+                ", ".join(late),
+                CALLBACK_STARTUP_WAIT,
+            )
+
+    async def _supervise_adapter(self, link: _AdapterLink, *, task_status: trio.TaskStatus[None]) -> None:
+        # The supervision boundary for adapters: a failure is logged and retried with
+        # backoff; returning normally means the adapter is done (the shell at end of input).
+        backoff = 1.0
+        reported = False
+        while True:
+            began = time.monotonic()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(partial(link.adapter.run, link))
+                    if not reported:
+                        reported = True
+                        task_status.started()
+                log.info("adapter %r ended", link.name)
+                return
+            except* Exception as group:
+                for exc in group.exceptions:
+                    log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=exc)
+            if not reported:
+                reported = True
+                task_status.started()
+            if time.monotonic() - began > 60:
+                backoff = 1.0
+            delay = backoff * (0.5 + random.random())
+            log.info("restarting adapter %r in %.1f s", link.name, delay)
+            await trio.sleep(delay)
+            backoff = min(backoff * 2, 60.0)
+
+    # -- incoming --------------------------------------------------------------------
+
+    def route_incoming(self, adapter: str, incoming: IncomingMessage) -> None:
+        """Route one message from an adapter; never waits."""
+        self.stats["received"] += 1
+        self._last_activity = time.monotonic()
+        if incoming.edit_of:
+            log.debug("not routing an edit of %s from %s", incoming.edit_of, adapter)
+            return
+        user_id = f"{adapter}/{incoming.user.id}"
+        user = core_pb2.User(id=user_id, name=incoming.user.name, mention_name=incoming.user.mention_name)
+        room = None
+        if incoming.room is not None:
+            room = core_pb2.Room(
+                id=f"{adapter}/{incoming.room.id}", name=incoming.room.name, topic=incoming.room.topic
+            )
+        message_id = f"{adapter}/{incoming.id}" if incoming.id else f"{adapter}/~{next(self._message_ids)}"
+        message = core_pb2.Message(
+            body=incoming.body,
+            source=core_pb2.Source(user=user, room=room),
+            id=message_id,
+            action=incoming.action,
+            private=incoming.direct,
+        )
+        if self.directory is not None:
+            self.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+            if room is not None:
+                self.directory.see_room(room.id, room.name, member=user.id)
+        respond_text = incoming.body.strip() if incoming.direct else self.router.address(adapter, incoming.body)
+        if respond_text is not None:
+            help_match = _HELP.fullmatch(respond_text)
+            if help_match:
+                self._answer_help(adapter, incoming, help_match.group(1) or "")
+        matches = self.router.match(message, incoming.body, incoming.direct, respond_text)
+        if matches:
+            self.stats["matched"] += len(matches)
+            self._awaiting_reply[message_id] = time.monotonic()
+
+    def _answer_help(self, adapter: str, incoming: IncomingMessage, topic: str) -> None:
+        lines = self.router.help_lines(topic.strip())
+        if lines:
+            body = "\n".join(lines)
+        elif topic:
+            body = f"no command matches {topic.strip()!r}; say `{self.router.bot_name} help` for all"
+        else:
+            body = "no callbacks with commands are connected"
+        out = OutgoingMessage(
+            body=body,
+            room_id=incoming.room.id if incoming.room else None,
+            user=incoming.user,
+            private=incoming.room is None,
+            in_reply_to=incoming.id,
+        )
+        link = self.links[adapter]
+
+        async def send() -> None:
+            try:
+                await link.adapter.send(out)
+            except AdapterError as exc:
+                log.warning("could not send help to %s: %s", adapter, exc)
+
+        self._spawn(send)
+
+    def _spawn(self, fn: Any) -> None:
+        assert self._tasks is not None, "the bot is not running"
+        self._tasks.start_soon(fn)
+
+    def route_membership(self, adapter: str, event: MembershipEvent) -> None:
+        """Pass a membership change to the callbacks that asked for them."""
+        self._last_activity = time.monotonic()
+        user = _user_pb(adapter, event.user)
+        room = core_pb2.Room(id=f"{adapter}/{event.room.id}", name=event.room.name, topic=event.room.topic)
+        if self.directory is not None:
+            self.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+            if event.kind is MembershipKind.JOINED:
+                self.directory.see_room(room.id, room.name, member=user.id)
+            elif event.kind in (MembershipKind.LEFT, MembershipKind.KICKED):
+                self.directory.see_room(room.id, room.name)
+                self.directory.leave_room(room.id, user.id)
+        change = core_pb2.MembershipChange(
+            kind=event.kind.value,  # type: ignore[arg-type]  # the enum values match the proto's
+            user=user,
+            room=room,
+            actor=_user_pb(adapter, event.actor) if event.actor else None,
+            reason=event.reason,
+        )
+        self.router.broadcast(robot_pb2.EVENT_KIND_MEMBERSHIP, core_pb2.Event(membership_change=change))
+
+    def route_topic(self, adapter: str, room: ChatRoom, user: ChatUser | None) -> None:
+        """Pass a topic change to the callbacks that asked for them."""
+        room_pb = core_pb2.Room(id=f"{adapter}/{room.id}", name=room.name, topic=room.topic)
+        if self.directory is not None:
+            self.directory.see_room(room_pb.id, room.name, topic=room.topic)
+        change = core_pb2.TopicChange(room=room_pb, user=_user_pb(adapter, user) if user else None)
+        self.router.broadcast(robot_pb2.EVENT_KIND_TOPIC, core_pb2.Event(topic_change=change))
+
+    async def wait_idle(self, *, quiet: float, max_wait: float) -> None:
+        """See AdapterHost.wait_idle. Replies are awaited for messages that matched a route,
+        up to ``max_wait``; then ``quiet`` seconds without activity end the wait."""
+        deadline = trio.current_time() + max_wait
+        while trio.current_time() < deadline:
+            now = time.monotonic()
+            waiting = any(now - t < max_wait for t in self._awaiting_reply.values())
+            if not waiting and self.router.queued() == 0 and now - self._last_activity >= quiet:
+                return
+            await trio.sleep(0.02)
+
+    # -- outgoing --------------------------------------------------------------------
+
+    def resolve(self, message: core_pb2.Message, with_mention: bool, index: int = 0) -> tuple[_AdapterLink, OutgoingMessage]:
+        """Check one outgoing message and find the adapter it goes through.
+
+        Raises InvalidRequestError, RequestTooLargeError or UnknownTargetError, naming
+        the message by its ``index`` in the request.
+        """
+        what = f"message {index}"
+        size = len(message.body.encode("utf-8"))
+        limit = self.config.bot.max_message_bytes
+        if size > limit:
+            raise RequestTooLargeError(
+                f"{what} is {size} bytes; the bot accepts at most {limit} (bot.max_message_bytes); split it"
+            )
+        room_id = message.source.room.id
+        user_id = message.source.user.id
+        if not room_id and not user_id:
+            raise InvalidRequestError(f"{what} has neither source.room.id nor source.user.id: say where it goes")
+        link, native_room = self._split(room_id, what) if room_id else (None, None)
+        user: ChatUser | None = None
+        if user_id:
+            user_link, native_user = self._split(user_id, what)
+            if link is not None and user_link is not link:
+                raise InvalidRequestError(
+                    f"{what}: user {user_id!r} and room {room_id!r} are on different adapters"
+                )
+            link = user_link
+            known = self.directory.users.get(user_link.name + "/" + native_user) if self.directory else None
+            user = ChatUser(
+                id=native_user,
+                name=message.source.user.name or (known.name if known else ""),
+                mention_name=message.source.user.mention_name
+                or (known.mention_name if known else "")
+                or native_user,
+            )
+        assert link is not None
+        in_reply_to = message.in_reply_to or ""
+        prefix = link.name + "/"
+        out = OutgoingMessage(
+            body=message.body,
+            room_id=native_room,
+            user=user,
+            mention=bool(with_mention and user is not None),
+            private=message.private or native_room is None,
+            format="markdown" if message.format == core_pb2.FORMAT_MARKDOWN else "plain",
+            action=message.action,
+            in_reply_to=in_reply_to.removeprefix(prefix) if in_reply_to.startswith(prefix) else "",
+        )
+        return link, out
+
+    def _split(self, ident: str, what: str) -> tuple[_AdapterLink, str]:
+        name, sep, native = ident.partition("/")
+        link = self.links.get(name) if sep else None
+        if link is not None and native:
+            return link, native
+        if len(self.links) == 1:  # one adapter: an id without prefix is that adapter's own
+            return next(iter(self.links.values())), ident
+        known = ", ".join(f"{n}/..." for n in self.links) or "none yet"
+        raise UnknownTargetError(f"{what}: unknown id {ident!r}; ids start with an adapter name ({known})")
+
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
+        """Send every message of ``request`` in order, after checking all of them."""
+        resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
+        for link, out in resolved:
+            await link.adapter.send(out)
+            self.stats["sent"] += 1
+        self._last_activity = time.monotonic()
+        for message in request.messages:
+            if message.in_reply_to:
+                self._awaiting_reply.pop(message.in_reply_to, None)
+        if len(self._awaiting_reply) > 10000:
+            cutoff = time.monotonic() - 60
+            self._awaiting_reply = {k: v for k, v in self._awaiting_reply.items() if v > cutoff}
+
+    async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
+        """Join (or part) a room through its adapter."""
+        ident = room.id or room.name
+        if not ident:
+            raise InvalidRequestError("the room has neither id nor name")
+        link, native = self._split(ident, "room")
+        if leave:
+            await link.adapter.part(native)
+        else:
+            await link.adapter.join(native)
+
+    # -- directory -------------------------------------------------------------------
+
+    def users(self, room_id: str = "") -> list[UserRecord]:
+        """Known users, optionally only those in a room."""
+        assert self.directory is not None
+        if room_id:
+            room = self.directory.rooms.get(room_id)
+            if room is None:
+                raise UnknownTargetError(f"unknown room {room_id!r}")
+            return [self.directory.users.get(m) or UserRecord(m) for m in room.members]
+        return sorted(self.directory.users.values(), key=lambda u: u.id)
+
+    def room(self, room_id: str) -> RoomRecord:
+        """One known room."""
+        assert self.directory is not None
+        found = self.directory.rooms.get(room_id)
+        if found is None:
+            raise UnknownTargetError(f"unknown room {room_id!r}: the bot has not seen it")
+        return found
+
+
+def _user_pb(adapter: str, user: ChatUser) -> core_pb2.User:
+    return core_pb2.User(id=f"{adapter}/{user.id}", name=user.name, mention_name=user.mention_name)
+

@@ -1,0 +1,580 @@
+"""The one seam between trio and grpcio: nothing else in OCO imports asyncio or threading.
+
+grpcio's non-blocking API (``grpc.aio``) runs on an asyncio event loop; OCO runs on trio.
+This module runs one asyncio loop in one dedicated thread for the whole process, and lets
+each side call the other without ever blocking its own loop:
+
+- trio awaits work on the asyncio loop with :meth:`Bridge.run_asyncio`;
+- gRPC handlers on the asyncio loop await trio functions, run in the bridge's trio
+  nursery, through :meth:`Bridge.serve`, which turns plain trio functions into a
+  ``grpc.aio`` server;
+- streams cross in both directions through :class:`_TrioToAsyncio` and
+  :class:`_AsyncioToTrio`, each with credit-based flow control: at most ``window``
+  items are in flight, so a slow reader holds back its writer instead of growing a
+  queue without bound, and credits go back in batches so a busy stream costs few
+  cross-thread wake-ups.
+
+Why a thread and not the other bridges ARCHITECTURE.md names: grpcio's threaded server
+ties one worker thread to every open Listen stream (an exhausted pool blocks unary calls),
+and trio-asyncio adds a dependency whose loop emulation must follow every trio release.
+Here the loop is plain asyncio, as grpc.aio is tested against, and the only cost is two
+thread hops per call (measured in bench/bench_roundtrip.py).
+
+Cancellation crosses too: cancelling the trio side of a call cancels its asyncio task,
+and a client that goes away cancels the trio task serving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import grpc
+import grpc.aio
+import outcome
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Items in flight per stream direction before the writer waits for the reader.
+DEFAULT_WINDOW = 256
+
+
+class _End:
+    """Marks the end of a stream crossing the bridge."""
+
+
+_END = _End()
+
+
+@dataclass(slots=True)
+class RpcAbort(Exception):  # noqa: N818 - it is an instruction, not a failure of ours
+    """Raised by a trio handler to end its RPC with a gRPC status."""
+
+    code: grpc.StatusCode
+    details: str
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What a trio handler may know about the call it serves (read on the asyncio side)."""
+
+    metadata: Mapping[str, str]
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC served by a trio function.
+
+    ``unary``: ``await impl(request, info) -> response``.
+    ``server_stream``: ``await impl(request, info, out)`` writing to ``out``.
+    ``bidi``: ``await impl(requests, info, out)``; ``requests`` is an async iterator.
+    """
+
+    kind: Literal["unary", "server_stream", "bidi"]
+    impl: Callable[..., Awaitable[Any]]
+    request_deserializer: Callable[[bytes], Any]
+    response_serializer: Callable[[Any], bytes]
+
+
+class _TrioToAsyncio(Generic[T]):
+    """A stream written from trio and read on the asyncio loop."""
+
+    def __init__(self, bridge: Bridge, window: int) -> None:
+        self._bridge = bridge
+        self._queue: asyncio.Queue[T | _End | BaseException] = asyncio.Queue()
+        self._credits = trio.Semaphore(window)
+        self._window = window
+        self._owed = 0
+
+    # trio side
+    async def send(self, item: T) -> None:
+        """Queue ``item``; waits while ``window`` items are unread."""
+        await self._credits.acquire()
+        self._bridge._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the stream (with ``error``, the reader raises it)."""
+        self._bridge._call_asyncio_soon(self._queue.put_nowait, error if error is not None else _END)
+
+    # asyncio side
+    async def get(self) -> T | _End:
+        """Next item, or _END."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not isinstance(item, _End):
+            self._owed += 1
+            if self._owed * 4 >= self._window or self._queue.empty():
+                owed, self._owed = self._owed, 0
+                self._bridge._call_trio_soon(self._return_credits, owed)
+        return item
+
+    def _return_credits(self, count: int) -> None:
+        for _ in range(count):
+            self._credits.release()
+
+
+class _AsyncioToTrio(Generic[T]):
+    """A stream written on the asyncio loop and read from trio."""
+
+    def __init__(self, bridge: Bridge, window: int) -> None:
+        self._bridge = bridge
+        self._window = window
+        self._send, self._receive = trio.open_memory_channel[T | BaseException](window + 1)
+        self._credits = asyncio.Semaphore(window)
+        self._owed = 0
+
+    # asyncio side
+    async def send(self, item: T) -> None:
+        """Queue ``item`` for trio; waits while ``window`` items are unread."""
+        await self._credits.acquire()
+        self._bridge._call_trio_soon(self._send.send_nowait, item)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the stream, optionally with an error the trio reader raises."""
+        if error is not None:
+            self._bridge._call_trio_soon(self._send_error_and_close, error)
+        else:
+            self._bridge._call_trio_soon(self._send.close)
+
+    def _send_error_and_close(self, error: BaseException) -> None:
+        try:
+            self._send.send_nowait(error)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
+        self._send.close()
+
+    # trio side
+    async def receive(self) -> T:
+        """Next item; raises trio.EndOfChannel at the end, or the writer's error."""
+        item = await self._receive.receive()
+        if isinstance(item, BaseException):
+            raise item
+        self._owed += 1
+        if self._owed * 4 >= self._window or self._receive.statistics().current_buffer_used == 0:
+            owed, self._owed = self._owed, 0
+            self._bridge._call_asyncio_soon(self._return_credits, owed)
+        return item
+
+    def __aiter__(self) -> _AsyncioToTrio[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def _return_credits(self, count: int) -> None:
+        for _ in range(count):
+            self._credits.release()
+
+    def abandon(self) -> None:
+        """The trio reader stops reading; drop what is queued."""
+        self._receive.close()
+
+
+class StreamWriter(Generic[T]):
+    """What a trio handler of a streaming RPC writes its responses to."""
+
+    def __init__(self, pipe: _TrioToAsyncio[Any]) -> None:
+        self._pipe = pipe
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        """Send the response headers now (before the first message)."""
+        await self._pipe.send(_InitialMetadata(tuple(metadata)))
+
+    async def write(self, message: T) -> None:
+        """Send one response message; waits while the client is behind."""
+        await self._pipe.send(message)
+
+
+@dataclass(frozen=True, slots=True)
+class _InitialMetadata:
+    metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass(slots=True)
+class _TrioCall:
+    """State of one trio task started for the asyncio side; touched only in trio."""
+
+    scope: trio.CancelScope | None = None
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class ServerHandle:
+    """A running gRPC server, as :meth:`Bridge.serve` returns it."""
+
+    port: int
+    _server: grpc.aio.Server = field(repr=False)
+
+
+class Bridge:
+    """The asyncio loop thread and the trio nursery that serves calls from it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nursery: trio.Nursery) -> None:
+        self._loop = loop
+        self._nursery = nursery
+        self._token = trio.lowlevel.current_trio_token()
+
+    # -- crossing primitives ---------------------------------------------------------
+
+    def _call_trio_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass  # trio is gone; there is nobody left to tell
+
+    def _call_asyncio_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed during shutdown
+
+    async def run_asyncio(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """From trio: run ``await fn()`` on the asyncio loop and return its result.
+
+        ``fn`` is called on the loop, so it may create grpc.aio objects. Cancelling the
+        trio caller cancels the asyncio task.
+        """
+
+        async def call() -> T:
+            return await fn()
+
+        done = trio.Event()
+        future = asyncio.run_coroutine_threadsafe(call(), self._loop)
+        future.add_done_callback(lambda _: self._call_trio_soon(done.set))
+        try:
+            await done.wait()
+        finally:
+            if not future.done():
+                future.cancel()
+        return future.result()
+
+    async def run_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From asyncio: run ``await fn(*args)`` in the bridge's trio nursery.
+
+        Cancelling the asyncio caller cancels the trio task.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        state = _TrioCall()
+
+        def resolve(result: outcome.Outcome[T] | None) -> None:
+            if future.done():
+                return
+            if result is None:
+                future.cancel()
+            elif isinstance(result, outcome.Value):
+                future.set_result(result.value)
+            else:
+                future.set_exception(result.error)
+
+        async def runner() -> None:
+            result: outcome.Outcome[T] | None = None
+            try:
+                with trio.CancelScope() as scope:
+                    state.scope = scope
+                    if state.cancelled:
+                        scope.cancel()
+                    try:
+                        result = outcome.Value(await fn(*args))
+                    except Exception as exc:
+                        result = outcome.Error(exc)
+            finally:
+                self._call_asyncio_soon(resolve, result)
+
+        def cancel() -> None:
+            state.cancelled = True
+            if state.scope is not None:
+                state.scope.cancel()
+
+        self._call_trio_soon(self._nursery.start_soon, runner)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._call_trio_soon(cancel)
+            raise
+
+    # -- server ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        address: str,
+        services: Mapping[str, Mapping[str, Method]],
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        health_services: Iterable[str] = (),
+        reflection_services: Iterable[str] = (),
+        window: int = DEFAULT_WINDOW,
+    ) -> ServerHandle:
+        """Start a grpc.aio server on ``address`` serving ``services`` (full service name
+        → method name → :class:`Method`), plus the standard health and reflection
+        services. Raises OSError when the address cannot be bound."""
+
+        async def start() -> ServerHandle:
+            server = grpc.aio.server(options=list(options))
+            handlers = [
+                grpc.method_handlers_generic_handler(
+                    service, {name: self._handler(method, window) for name, method in methods.items()}
+                )
+                for service, methods in services.items()
+            ]
+            server.add_generic_rpc_handlers(handlers)
+            names = list(health_services)
+            if names:
+                from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+                servicer = health.aio.HealthServicer()
+                health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+                for name in ["", *names]:
+                    await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            reflected = list(reflection_services)
+            if reflected:
+                from grpc_reflection.v1alpha import reflection
+
+                reflection.enable_server_reflection([*reflected, reflection.SERVICE_NAME], server)
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {address}: {exc}") from None
+            await server.start()
+            return ServerHandle(port=port, _server=server)
+
+        return await self.run_asyncio(start)
+
+    async def stop(self, server: ServerHandle, grace: float) -> None:
+        """Stop ``server``: refuse new calls, give running ones ``grace`` seconds, then
+        cancel them."""
+        await self.run_asyncio(lambda: server._server.stop(grace))
+
+    def _handler(self, method: Method, window: int) -> grpc.RpcMethodHandler:
+        bridge = self
+
+        def info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
+            metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            return CallInfo(metadata=metadata, peer=context.peer())
+
+        async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+            if isinstance(error, RpcAbort):
+                await context.abort(error.code, error.details)
+            log.error("internal error in %s", method.impl.__qualname__, exc_info=error)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+        if method.kind == "unary":
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    return await bridge.run_trio(method.impl, request, info(context))
+                except Exception as exc:
+                    await abort(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=method.request_deserializer,
+                response_serializer=method.response_serializer,
+            )
+
+        async def pump(
+            context: grpc.aio.ServicerContext[Any, Any], run: Callable[[StreamWriter[Any]], Awaitable[None]]
+        ) -> None:
+            pipe: _TrioToAsyncio[Any] = _TrioToAsyncio(bridge, window)
+            task = asyncio.ensure_future(bridge.run_trio(run, StreamWriter(pipe)))
+            task.add_done_callback(lambda _: pipe._queue.put_nowait(_END))
+            try:
+                while not isinstance(item := await pipe.get(), _End):
+                    if isinstance(item, _InitialMetadata):
+                        await context.send_initial_metadata(item.metadata)
+                    else:
+                        await context.write(item)
+                await task
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            except Exception as exc:
+                task.cancel()
+                await abort(context, exc)
+
+        if method.kind == "server_stream":
+
+            async def server_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                call = info(context)
+                await pump(context, lambda out: method.impl(request, call, out))
+
+            return grpc.unary_stream_rpc_method_handler(
+                server_stream,
+                request_deserializer=method.request_deserializer,
+                response_serializer=method.response_serializer,
+            )
+
+        async def bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            call = info(context)
+            incoming: _AsyncioToTrio[Any] = _AsyncioToTrio(bridge, window)
+
+            async def feed() -> None:
+                try:
+                    async for request in requests:
+                        await incoming.send(request)
+                except asyncio.CancelledError:
+                    incoming.close()
+                    raise
+                except Exception as exc:
+                    incoming.close(exc)
+                else:
+                    incoming.close()
+
+            feeder = asyncio.ensure_future(feed())
+            try:
+                await pump(context, lambda out: method.impl(incoming, call, out))
+            finally:
+                feeder.cancel()
+
+        return grpc.stream_stream_rpc_method_handler(
+            bidi,
+            request_deserializer=method.request_deserializer,
+            response_serializer=method.response_serializer,
+        )
+
+    # -- client ----------------------------------------------------------------------
+
+    async def open_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """Create a grpc.aio channel on the loop (use its stubs only via the bridge)."""
+
+        async def create() -> grpc.aio.Channel:
+            return grpc.aio.insecure_channel(target, options=list(options))
+
+        return await self.run_asyncio(create)
+
+    async def close_channel(self, channel: grpc.aio.Channel) -> None:
+        """Close ``channel``, cancelling its calls."""
+        await self.run_asyncio(lambda: channel.close(None))
+
+    @asynccontextmanager
+    async def open_response_stream(
+        self, start: Callable[[], Any], window: int = DEFAULT_WINDOW
+    ) -> AsyncIterator[ResponseStream]:
+        """From trio: start a server-streaming call (``start()`` runs on the loop and
+        returns the grpc.aio call) and read it. Leaving the block cancels the call."""
+        incoming: _AsyncioToTrio[Any] = _AsyncioToTrio(self, window)
+        headers: _AsyncioToTrio[Any] = _AsyncioToTrio(self, 1)
+        holder: list[Any] = []
+
+        async def read() -> None:
+            call = start()
+            holder.append(call)
+            try:
+                await headers.send(tuple(await call.initial_metadata() or ()))
+                headers.close()
+                async for message in call:
+                    await incoming.send(message)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except Exception as exc:
+                headers.close(exc)
+                incoming.close(exc)
+            else:
+                incoming.close()
+
+        future = asyncio.run_coroutine_threadsafe(read(), self._loop)
+        try:
+            yield ResponseStream(incoming, headers)
+        finally:
+            future.cancel()
+            incoming.abandon()
+
+    @asynccontextmanager
+    async def open_duplex_stream(
+        self, start: Callable[[AsyncIterator[Any]], Any], window: int = DEFAULT_WINDOW
+    ) -> AsyncIterator[tuple[DuplexSender, ResponseStream]]:
+        """From trio: start a bidirectional call (``start(requests)`` runs on the loop)
+        and yield a sender for requests and a stream of responses."""
+        outgoing: _TrioToAsyncio[Any] = _TrioToAsyncio(self, window)
+
+        async def requests() -> AsyncIterator[Any]:
+            while not isinstance(item := await outgoing.get(), _End):
+                yield item
+
+        async with self.open_response_stream(lambda: start(requests()), window) as responses:
+            yield DuplexSender(outgoing), responses
+
+
+class ResponseStream:
+    """The responses of a streaming call, read from trio."""
+
+    def __init__(self, incoming: _AsyncioToTrio[Any], headers: _AsyncioToTrio[Any]) -> None:
+        self._incoming = incoming
+        self._headers = headers
+
+    async def initial_metadata(self) -> dict[str, str]:
+        """Wait for the response headers (the server accepted the call)."""
+        metadata = await self._headers.receive()
+        return {k: v for k, v in metadata if isinstance(v, str)}
+
+    def __aiter__(self) -> _AsyncioToTrio[Any]:
+        return self._incoming
+
+
+class DuplexSender:
+    """The request side of a bidirectional call, written from trio."""
+
+    def __init__(self, pipe: _TrioToAsyncio[Any]) -> None:
+        self._pipe = pipe
+
+    async def send(self, request: Any) -> None:
+        """Send one request; waits while the server is behind."""
+        await self._pipe.send(request)
+
+    def close(self) -> None:
+        """Half-close: no more requests."""
+        self._pipe.close()
+
+
+@asynccontextmanager
+async def open_bridge() -> AsyncIterator[Bridge]:
+    """Start the asyncio loop thread; stop it (cancelling what runs there) on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=_run_loop, args=(loop,), name="oco-grpc-asyncio", daemon=True)
+    thread.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            bridge = Bridge(loop, nursery)
+            try:
+                yield bridge
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            loop.call_soon_threadsafe(loop.stop)
+            await trio.to_thread.run_sync(thread.join)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+        # Let cancelled tasks (calls, servers) unwind before the loop closes.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+

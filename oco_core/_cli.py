@@ -1,0 +1,155 @@
+"""The ``oco`` command. The only place where errors become exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+
+import trio
+
+from ._config import LoadedConfig, default_store_url, load_config
+from ._errors import ConfigError, OcoError, PluginError, StoreError
+from ._version import __version__
+
+log = logging.getLogger("oco")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_PLUGIN = 4
+EXIT_STORE = 5
+EXIT_RUNTIME = 6
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oco", description="OCO, an OpenChatOps bot: a chat hub for callback programs in any language."
+    )
+    parser.add_argument("--version", action="version", version=f"oco {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    config_help = "YAML config file (default: $OCO_CONFIG, else built-in defaults)"
+    run = commands.add_parser("run", help="run the bot")
+    run.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+    check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
+    check.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+    proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
+    proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``oco`` command."""
+    options = _parser().parse_args(argv)
+    try:
+        if options.command == "proto":
+            return _write_protos(options.out)
+        loaded = load_config(options.config)
+        _setup_logging(loaded, options.debug)
+        if options.command == "check-config":
+            return _check(loaded)
+        return _run(loaded)
+    except OcoError as exc:
+        return _fail(exc, options.debug)
+
+
+def _fail(exc: BaseException, debug: bool) -> int:
+    if debug:
+        logging.getLogger("oco").error("failed", exc_info=exc)
+    message = str(exc)
+    print(f"oco: error: {message}", file=sys.stderr)
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, PluginError):
+        return EXIT_PLUGIN
+    if isinstance(exc, StoreError):
+        return EXIT_STORE
+    return EXIT_RUNTIME
+
+
+def _setup_logging(loaded: LoadedConfig, debug: bool) -> None:
+    level = logging.DEBUG if debug else getattr(logging, loaded.config.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not debug:
+        logging.getLogger("hpack").setLevel(logging.WARNING)
+
+
+def _check(loaded: LoadedConfig) -> int:
+    from ._bot import Bot
+    from ._plugins import load_plugins
+
+    Bot(loaded, load_plugins())
+    config = loaded.config
+    print(
+        f"{loaded.source}: OK — adapters: {', '.join(a.instance_name + ' (' + a.type + ')' for a in config.adapters)};"
+        f" store: {config.store.type}; gRPC: {config.grpc.listen};"
+        f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'}"
+    )
+    return EXIT_OK
+
+
+def _run(loaded: LoadedConfig) -> int:
+    from ._bot import Bot
+    from ._plugins import load_plugins
+
+    bot = Bot(loaded, load_plugins())
+    if loaded.source == "<defaults>":
+        store = loaded.config.store.options().get("url", default_store_url())
+        log.info("no config file: shell adapter, store %s, gRPC on %s", store, loaded.config.grpc.listen)
+        if store.startswith("sqlite:///"):
+            Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        log.info("received %s; shutting down", signal.Signals(signum).name)
+                        bot.shutdown()
+                        nursery.cancel_scope.deadline = trio.current_time() + 30  # never hang forever
+
+                nursery.start_soon(watch)
+                await bot.run()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(serve)
+    except BaseExceptionGroup as group:
+        error = _first_oco_error(group)
+        if error is None:
+            raise
+        raise error from None
+    return EXIT_OK
+
+
+def _first_oco_error(error: BaseException) -> OcoError | None:
+    if isinstance(error, OcoError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_oco_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _write_protos(out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in sorted(resources.files("oco_core._proto").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".proto"):
+            (out / entry.name).write_text(entry.read_text(encoding="utf-8"), encoding="utf-8")
+            written.append(entry.name)
+    print(f"wrote {', '.join(written)} to {out}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

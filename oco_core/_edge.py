@@ -1,0 +1,386 @@
+"""The gRPC edge: authenticates every call by its secret and hands it to the bot.
+
+Services: the specification's ``oco.Robot`` (extended), and OCO's ``oco.Storage`` and
+``oco.Directory``; plus the standard health and reflection services. Handlers are plain
+trio functions; :mod:`._bridge` serves them over grpc.aio.
+
+A secret is looked up by its SHA-256 digest and then compared with
+``hmac.compare_digest``, so neither the lookup nor the comparison takes a time that
+depends on how much of a guess was right. Secrets never reach a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import trio
+
+from ._bridge import Bridge, CallInfo, Method, RpcAbort, StreamWriter, open_bridge
+from ._errors import (
+    AdapterError,
+    InvalidRequestError,
+    OcoError,
+    RequestTooLargeError,
+    StoreUnavailableError,
+    UnknownTargetError,
+    ValueTooLargeError,
+    VersionConflictError,
+)
+from ._proto import core_pb2, directory_pb2, robot_pb2, storage_pb2
+from ._router import InvalidPatternError, Route, Subscription
+from ._store import MAX_KEY_BYTES
+
+if TYPE_CHECKING:
+    from ._bot import Bot
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+ROBOT = "oco.Robot"
+STORAGE = "oco.Storage"
+DIRECTORY = "oco.Directory"
+
+_LIST_DEFAULT = 100
+_LIST_MAX = 1000
+
+
+class Authenticator:
+    """Maps the secret in a call's metadata to the callback it belongs to."""
+
+    def __init__(self, secrets: dict[str, str]) -> None:
+        self._by_digest = {hashlib.sha256(s.encode()).digest(): (cid, s) for cid, s in secrets.items()}
+
+    def identify(self, info: CallInfo) -> str:
+        """The callback id of the caller, or UNAUTHENTICATED."""
+        header = info.metadata.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            raise RpcAbort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing secret: send gRPC metadata `authorization: Bearer <secret>` with every call",
+            )
+        found = self._by_digest.get(hashlib.sha256(secret.encode()).digest())
+        if found is None or not hmac.compare_digest(found[1].encode(), secret.encode()):
+            raise RpcAbort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown secret: check the callback's secret against the bot's configuration",
+            )
+        return found[0]
+
+
+def _status(exc: Exception) -> RpcAbort:
+    """The gRPC status for an error the bot raised on purpose."""
+    codes: list[tuple[type[Exception], grpc.StatusCode]] = [
+        (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+        (InvalidPatternError, grpc.StatusCode.INVALID_ARGUMENT),
+        (RequestTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ValueTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (UnknownTargetError, grpc.StatusCode.NOT_FOUND),
+        (VersionConflictError, grpc.StatusCode.ABORTED),
+        (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+        (AdapterError, grpc.StatusCode.UNAVAILABLE),
+    ]
+    for kind, code in codes:
+        if isinstance(exc, kind):
+            return RpcAbort(code, str(exc))
+    return RpcAbort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+async def _guard(call: Awaitable[R]) -> R:
+    try:
+        return await call
+    except (OcoError, InvalidPatternError) as exc:
+        raise _status(exc) from None
+
+
+class Services:
+    """The trio implementations of every RPC, for one bot."""
+
+    def __init__(self, bot: Bot) -> None:
+        self.bot = bot
+        self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()})
+
+    # -- oco.Robot -------------------------------------------------------------------
+
+    async def listen(self, request: robot_pb2.ListenRequest, info: CallInfo, out: StreamWriter[Any]) -> None:
+        """Register the stream's routes, then forward its events until the client leaves."""
+        callback_id = self.auth.identify(info)
+        if request.plugin_id and request.plugin_id != callback_id:
+            raise RpcAbort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
+            )
+        routes = [
+            Route(
+                id=r.id or r.pattern,
+                pattern=r.pattern,
+                respond=r.respond,
+                help=r.help,
+                permission=r.permission,
+                ignore_case=r.ignore_case,
+            )
+            for r in request.routes
+        ]
+        state = self.bot.callbacks[callback_id]
+        declared = {r.id for r in routes}
+        routes += [r for r in state.routes if r.id not in declared]
+        ids = [r.id for r in routes]
+        duplicate = next((i for i in ids if ids.count(i) > 1), None)
+        if duplicate is not None:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"route id {duplicate!r} is declared twice")
+        subscription = Subscription(
+            callback_id,
+            routes,
+            events=frozenset(request.events),
+            queue_size=self.bot.config.grpc.stream_queue,
+        )
+        try:
+            self.bot.router.subscribe(subscription)
+        except InvalidPatternError as exc:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
+        state.connected.set()
+        try:
+            await out.send_initial_metadata([("oco-routes", str(len(routes)))])
+            async for event in subscription.receive:
+                await out.write(event)
+        finally:
+            self.bot.router.unsubscribe(subscription)
+            if subscription.queued():
+                log.warning(
+                    "callback %r left with %d undelivered event(s)", callback_id, subscription.queued()
+                )
+            log.info("callback %r stopped listening", callback_id)
+
+    async def send_messages(
+        self, request: robot_pb2.SendMessagesRequest, info: CallInfo
+    ) -> robot_pb2.SendMessagesResponse:
+        """Send messages, all or none checked before the first goes out."""
+        callback_id = self.auth.identify(info)
+        await _guard(self.bot.send_messages(callback_id, request))
+        return robot_pb2.SendMessagesResponse()
+
+    async def send_message_stream(
+        self, requests: AsyncIterator[robot_pb2.SendMessagesRequest], info: CallInfo, out: StreamWriter[Any]
+    ) -> None:
+        """SendMessages over one stream; each request answered in order."""
+        callback_id = self.auth.identify(info)
+        await out.send_initial_metadata([])
+        async for request in requests:
+            try:
+                await self.bot.send_messages(callback_id, request)
+            except (OcoError, InvalidPatternError) as exc:
+                status = _status(exc)
+                result = robot_pb2.SendResult(
+                    request_id=request.request_id, code=status.code.value[0], error=status.details
+                )
+            else:
+                result = robot_pb2.SendResult(request_id=request.request_id)
+            await out.write(result)
+
+    async def join(self, request: robot_pb2.JoinRequest, info: CallInfo) -> robot_pb2.JoinResponse:
+        """Join a room through its adapter."""
+        self.auth.identify(info)
+        await _guard(self.bot.join(request.room))
+        return robot_pb2.JoinResponse()
+
+    async def part(self, request: robot_pb2.PartRequest, info: CallInfo) -> robot_pb2.PartResponse:
+        """Part a room through its adapter."""
+        self.auth.identify(info)
+        await _guard(self.bot.join(request.room, leave=True))
+        return robot_pb2.PartResponse()
+
+    # -- oco.Storage -----------------------------------------------------------------
+
+    def _namespace(self, info: CallInfo) -> str:
+        return f"cb:{self.auth.identify(info)}"
+
+    @staticmethod
+    def _check_key(key: str) -> None:
+        if not key:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "the key is empty")
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the key is longer than {MAX_KEY_BYTES} bytes")
+
+    def _store(self) -> Any:
+        assert self.bot.store is not None
+        return self.bot.store
+
+    async def get(self, request: storage_pb2.GetRequest, info: CallInfo) -> storage_pb2.GetResponse:
+        """Read one key of the caller's namespace."""
+        namespace = self._namespace(info)
+        self._check_key(request.key)
+        item = await _guard(self._store().get(namespace, request.key))
+        if item is None:
+            return storage_pb2.GetResponse(found=False)
+        return storage_pb2.GetResponse(found=True, value=item.value, version=item.version)
+
+    async def set(self, request: storage_pb2.SetRequest, info: CallInfo) -> storage_pb2.SetResponse:
+        """Write one key, optionally as a compare-and-set."""
+        namespace = self._namespace(info)
+        self._check_key(request.key)
+        expected = request.expected_version if request.HasField("expected_version") else None
+        version = await _guard(self._store().set(namespace, request.key, request.value, expected_version=expected))
+        return storage_pb2.SetResponse(version=version)
+
+    async def delete(self, request: storage_pb2.DeleteRequest, info: CallInfo) -> storage_pb2.DeleteResponse:
+        """Delete one key, optionally only at an expected version."""
+        namespace = self._namespace(info)
+        self._check_key(request.key)
+        expected = request.expected_version if request.HasField("expected_version") else None
+        deleted = await _guard(self._store().delete(namespace, request.key, expected_version=expected))
+        return storage_pb2.DeleteResponse(deleted=deleted)
+
+    async def list(self, request: storage_pb2.ListRequest, info: CallInfo) -> storage_pb2.ListResponse:
+        """List keys by prefix, a page at a time."""
+        namespace = self._namespace(info)
+        limit = min(request.limit or _LIST_DEFAULT, _LIST_MAX)
+        items = await _guard(
+            self._store().list(
+                namespace, request.prefix, start_after=request.start_after, limit=limit, keys_only=request.keys_only
+            )
+        )
+        return storage_pb2.ListResponse(
+            items=[storage_pb2.Item(key=i.key, value=i.value, version=i.version) for i in items],
+            next_start_after=items[-1].key if len(items) == limit else "",
+        )
+
+    # -- oco.Directory ---------------------------------------------------------------
+
+    async def get_user(self, request: directory_pb2.GetUserRequest, info: CallInfo) -> core_pb2.User:
+        """One known user."""
+        self.auth.identify(info)
+        assert self.bot.directory is not None
+        user = self.bot.directory.users.get(request.id)
+        if user is None:
+            raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"unknown user {request.id!r}: the bot has not seen them")
+        return core_pb2.User(id=user.id, name=user.name, mention_name=user.mention_name)
+
+    async def list_users(
+        self, request: directory_pb2.ListUsersRequest, info: CallInfo
+    ) -> directory_pb2.ListUsersResponse:
+        """Known users, optionally of one room."""
+        self.auth.identify(info)
+        try:
+            users = self.bot.users(request.room_id)
+        except OcoError as exc:
+            raise _status(exc) from None
+        return directory_pb2.ListUsersResponse(
+            users=[core_pb2.User(id=u.id, name=u.name, mention_name=u.mention_name) for u in users]
+        )
+
+    async def get_room(self, request: directory_pb2.GetRoomRequest, info: CallInfo) -> core_pb2.Room:
+        """One known room."""
+        self.auth.identify(info)
+        try:
+            room = self.bot.room(request.id)
+        except OcoError as exc:
+            raise _status(exc) from None
+        return core_pb2.Room(id=room.id, name=room.name, topic=room.topic)
+
+    async def list_rooms(
+        self, request: directory_pb2.ListRoomsRequest, info: CallInfo
+    ) -> directory_pb2.ListRoomsResponse:
+        """Known rooms."""
+        self.auth.identify(info)
+        assert self.bot.directory is not None
+        rooms = sorted(self.bot.directory.rooms.values(), key=lambda r: r.id)
+        return directory_pb2.ListRoomsResponse(
+            rooms=[core_pb2.Room(id=r.id, name=r.name, topic=r.topic) for r in rooms]
+        )
+
+    def table(self) -> dict[str, dict[str, Method]]:
+        """Every method, by service and name, for the bridge."""
+
+        def m(kind: Any, impl: Callable[..., Awaitable[Any]], request: Any, response: Any) -> Method:
+            return Method(kind, impl, request.FromString, response.SerializeToString)
+
+        return {
+            ROBOT: {
+                "Join": m("unary", self.join, robot_pb2.JoinRequest, robot_pb2.JoinResponse),
+                "Listen": m("server_stream", self.listen, robot_pb2.ListenRequest, core_pb2.Event),
+                "Part": m("unary", self.part, robot_pb2.PartRequest, robot_pb2.PartResponse),
+                "SendMessages": m(
+                    "unary", self.send_messages, robot_pb2.SendMessagesRequest, robot_pb2.SendMessagesResponse
+                ),
+                "SendMessageStream": m(
+                    "bidi", self.send_message_stream, robot_pb2.SendMessagesRequest, robot_pb2.SendResult
+                ),
+            },
+            STORAGE: {
+                "Get": m("unary", self.get, storage_pb2.GetRequest, storage_pb2.GetResponse),
+                "Set": m("unary", self.set, storage_pb2.SetRequest, storage_pb2.SetResponse),
+                "Delete": m("unary", self.delete, storage_pb2.DeleteRequest, storage_pb2.DeleteResponse),
+                "List": m("unary", self.list, storage_pb2.ListRequest, storage_pb2.ListResponse),
+            },
+            DIRECTORY: {
+                "GetUser": m("unary", self.get_user, directory_pb2.GetUserRequest, core_pb2.User),
+                "ListUsers": m(
+                    "unary", self.list_users, directory_pb2.ListUsersRequest, directory_pb2.ListUsersResponse
+                ),
+                "GetRoom": m("unary", self.get_room, directory_pb2.GetRoomRequest, core_pb2.Room),
+                "ListRooms": m(
+                    "unary", self.list_rooms, directory_pb2.ListRoomsRequest, directory_pb2.ListRoomsResponse
+                ),
+            },
+        }
+
+
+async def serve(bot: Bot, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address."""
+    settings = bot.config.grpc
+    services = Services(bot)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        ("grpc.so_reuseport", 0),
+        # Find callbacks that vanished without closing their streams.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    async with open_bridge() as bridge:
+        try:
+            server = await bridge.serve(
+                settings.listen,
+                services.table(),
+                options=options,
+                health_services=[ROBOT, STORAGE, DIRECTORY],
+                reflection_services=[ROBOT, STORAGE, DIRECTORY],
+            )
+        except OSError as exc:
+            raise OcoError(
+                f"cannot serve gRPC on {settings.listen}: {exc}; is another bot running? "
+                "Change grpc.listen (port 0 picks a free port)"
+            ) from None
+        host = settings.listen.rpartition(":")[0]
+        address = f"{host}:{server.port}"
+        if settings.address_file is not None:
+            _write_address(settings.address_file, address)
+        try:
+            task_status.started(address)
+            await trio.sleep_forever()
+        finally:
+            # End the Listen streams first (they end only when told), so the grace
+            # period is for calls that are actually in flight.
+            for subscription in bot.router.subscriptions():
+                subscription.close()
+            with trio.CancelScope(shield=True):
+                await bridge.stop(server, settings.shutdown_grace)
+
+
+def _write_address(path: Path, address: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(address + "\n")
+    tmp.replace(path)
+
+
+__all__ = ["Bridge", "Services", "serve"]

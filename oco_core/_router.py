@@ -1,0 +1,337 @@
+"""The router: matches every incoming message against the routes of live Listen streams.
+
+All live patterns are matched in one pass with an RE2 set (linear time, so no callback
+can stall the router with a catastrophic pattern); only the patterns that matched are run
+again, one by one, for their capture groups. *Hear* routes see every message; *respond*
+routes see only messages addressed to the bot, and match the text after the address.
+
+Each Listen stream is a :class:`Subscription` with a bounded queue of its own. Routing
+never waits: when a stream's queue is full the event goes to a replica of the same
+callback with room, or is dropped, counted and logged, so one slow callback never delays
+the adapter or the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import re2
+import trio
+
+from ._proto import core_pb2, robot_pb2
+
+log = logging.getLogger(__name__)
+
+#: Memory RE2 may use for the compiled set of all live patterns (10,000 patterns fit).
+_SET_MAX_MEM = 512 << 20
+_OVERFLOW_LOG_INTERVAL = 10.0
+
+
+class InvalidPatternError(ValueError):
+    """A route's pattern is not valid RE2 syntax."""
+
+    def __init__(self, pattern: str, reason: str) -> None:
+        super().__init__(f"invalid pattern {pattern!r}: {reason} (patterns use RE2 syntax, as Go's regexp)")
+        self.pattern = pattern
+        self.reason = reason
+
+
+def _options(max_mem: int | None = None) -> Any:
+    options = re2.Options()
+    options.log_errors = False  # we report the error ourselves, once, to whoever sent it
+    if max_mem is not None:
+        options.max_mem = max_mem
+    return options
+
+
+def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
+    """Compile one route pattern, or raise InvalidPatternError naming it and why."""
+    if not pattern:
+        raise InvalidPatternError(pattern, "a route needs a non-empty pattern")
+    try:
+        return re2.compile(("(?i)" if ignore_case else "") + pattern, _options())
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else str(exc)
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise InvalidPatternError(pattern, str(reason)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route as a callback (or the operator's config) declared it."""
+
+    id: str
+    pattern: str
+    respond: bool = False
+    help: str = ""
+    permission: str = ""
+    ignore_case: bool = False
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One open Listen stream: the routes and event kinds it declared, and its queue."""
+
+    callback_id: str
+    routes: Sequence[Route]
+    events: frozenset[int] = frozenset()
+    queue_size: int = 1000
+    overflowed: int = 0
+    delivered: int = 0
+    _last_overflow_log: float = 0.0
+    _send: trio.MemorySendChannel[core_pb2.Event] = field(init=False, repr=False)
+    receive: trio.MemoryReceiveChannel[core_pb2.Event] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._send, self.receive = trio.open_memory_channel[core_pb2.Event](self.queue_size)
+
+    def offer(self, event: core_pb2.Event) -> bool:
+        """Queue ``event`` without waiting; False when the queue is full."""
+        try:
+            self._send.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self.delivered += 1
+        return True
+
+    def queued(self) -> int:
+        """Events waiting in this stream's queue."""
+        return self._send.statistics().current_buffer_used
+
+    def close(self) -> None:
+        """End the stream's queue (the Listen call is ending)."""
+        self._send.close()
+
+
+@dataclass(slots=True)
+class _Target:
+    """The streams of one callback that declared one route with one pattern."""
+
+    callback_id: str
+    route: Route
+    subscriptions: list[Subscription]
+    turn: itertools.count[int] = field(default_factory=itertools.count)
+
+
+@dataclass(slots=True)
+class _Pattern:
+    regex: Any
+    pattern: str
+    targets: dict[tuple[str, str], _Target]
+
+
+@dataclass(slots=True)
+class _Table:
+    """The compiled state of all live routes of one kind (hear or respond)."""
+
+    patterns: list[_Pattern]
+    set: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One route that matched one message."""
+
+    subscription: Subscription
+    event: core_pb2.Event
+
+
+class Router:
+    """Routes incoming messages to the subscriptions whose routes match them."""
+
+    def __init__(self, bot_name: str, aliases: Sequence[str] = ()) -> None:
+        self.bot_name = bot_name
+        self.aliases = tuple(a for a in aliases if a)
+        self._subscriptions: list[Subscription] = []
+        self._tables: dict[bool, _Table] | None = None
+        self._own_names: dict[str, tuple[str, ...]] = {}
+        self._address_res: dict[str, re.Pattern[str]] = {}
+        self.overflowed = 0
+        self.routed = 0
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def subscribe(self, subscription: Subscription) -> None:
+        """Add a Listen stream; its routes match from the next message on."""
+        for route in subscription.routes:
+            compile_pattern(route.pattern, route.ignore_case)  # refuse before anything changes
+        self._subscriptions.append(subscription)
+        self._tables = None
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a Listen stream and its routes."""
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+            self._tables = None
+        subscription.close()
+
+    def subscriptions(self, callback_id: str | None = None) -> list[Subscription]:
+        """Live subscriptions, optionally of one callback."""
+        return [s for s in self._subscriptions if callback_id is None or s.callback_id == callback_id]
+
+    def _build(self) -> dict[bool, _Table]:
+        tables: dict[bool, _Table] = {}
+        for respond in (False, True):
+            by_key: dict[tuple[str, bool], _Pattern] = {}
+            for sub in self._subscriptions:
+                for route in sub.routes:
+                    if route.respond != respond:
+                        continue
+                    key = (route.pattern, route.ignore_case)
+                    entry = by_key.get(key)
+                    if entry is None:
+                        entry = by_key[key] = _Pattern(compile_pattern(*key), route.pattern, {})
+                    target = entry.targets.get((sub.callback_id, route.id))
+                    if target is None:
+                        target = entry.targets[(sub.callback_id, route.id)] = _Target(sub.callback_id, route, [])
+                    target.subscriptions.append(sub)
+            patterns = list(by_key.values())
+            regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
+            for (pattern, ignore_case), _entry in by_key.items():
+                regex_set.Add(("(?i)" if ignore_case else "") + pattern)
+            regex_set.Compile()
+            tables[respond] = _Table(patterns, regex_set)
+        return tables
+
+    # -- addressing ------------------------------------------------------------------
+
+    def set_own_names(self, adapter: str, names: Iterable[str]) -> None:
+        """The names the bot has on one adapter (an IRC nick), besides ``bot_name``."""
+        self._own_names[adapter] = tuple(n for n in names if n)
+        self._address_res.pop(adapter, None)
+
+    def _address_re(self, adapter: str) -> re.Pattern[str]:
+        compiled = self._address_res.get(adapter)
+        if compiled is None:
+            names = sorted({self.bot_name, *self._own_names.get(adapter, ())}, key=len, reverse=True)
+            alternatives = "|".join(re.escape(n) for n in names)
+            # "oco ping", "oco: ping", "oco, ping", "@oco ping"; not "ocobot ping".
+            compiled = re.compile(rf"\s*@?(?:{alternatives})(?:[:,]\s*|\s+|$)(.*)", re.IGNORECASE | re.DOTALL)
+            self._address_res[adapter] = compiled
+        return compiled
+
+    def address(self, adapter: str, body: str) -> str | None:
+        """The text after the bot's address, or None when ``body`` is not addressed."""
+        stripped = body.lstrip()
+        for alias in self.aliases:
+            if stripped.startswith(alias):
+                return stripped[len(alias) :].lstrip()
+        match = self._address_re(adapter).match(body)
+        return match.group(1).strip() if match else None
+
+    # -- routing ---------------------------------------------------------------------
+
+    def match(self, message: core_pb2.Message, text: str, direct: bool, respond_text: str | None) -> list[Match]:
+        """Every (callback, route) that matches, with the stream chosen to receive it.
+
+        ``text`` is the whole body; ``respond_text`` the addressed text, or None when
+        the message is not addressed to the bot.
+        """
+        tables = self._tables
+        if tables is None:
+            tables = self._tables = self._build()
+        matches: list[Match] = []
+        self._match_table(tables[False], message, text, direct, matches)
+        if respond_text is not None:
+            self._match_table(tables[True], message, respond_text, True, matches)
+        self.routed += 1
+        return matches
+
+    def _match_table(
+        self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match]
+    ) -> None:
+        if not table.patterns:
+            return
+        for index in table.set.Match(text) or ():  # None when nothing matched
+            entry = table.patterns[index]
+            found = entry.regex.search(text)
+            if found is None:  # cannot happen: the set said it matched
+                continue
+            groups = [found.group(0), *(g or "" for g in found.groups())]
+            named = {k: v for k, v in found.groupdict().items() if v is not None}
+            for target in entry.targets.values():
+                event = core_pb2.Event(
+                    matched_message=core_pb2.MatchedMessage(
+                        message=message,
+                        pattern=entry.pattern,
+                        route_id=target.route.id,
+                        groups=groups,
+                        named_groups=named,
+                        direct=direct,
+                        text=text,
+                    )
+                )
+                sub = self._deliver(target.subscriptions, target.turn, event)
+                if sub is not None:
+                    out.append(Match(sub, event))
+
+    def _deliver(
+        self, subscriptions: Sequence[Subscription], turn: itertools.count[int], event: core_pb2.Event
+    ) -> Subscription | None:
+        # Replicas of one callback share its matches: round-robin, skipping full queues.
+        start = next(turn)
+        count = len(subscriptions)
+        for step in range(count):
+            sub = subscriptions[(start + step) % count]
+            if sub.offer(event):
+                return sub
+        self._overflow(subscriptions[start % count], event)
+        return None
+
+    def _overflow(self, sub: Subscription, event: core_pb2.Event) -> None:
+        sub.overflowed += 1
+        self.overflowed += 1
+        now = time.monotonic()
+        if now - sub._last_overflow_log >= _OVERFLOW_LOG_INTERVAL:
+            sub._last_overflow_log = now
+            log.warning(
+                "callback %r is not keeping up: its queue of %d events is full; %d event(s) dropped so far "
+                "(latest: %s)",
+                sub.callback_id,
+                sub.queue_size,
+                sub.overflowed,
+                event.WhichOneof("type"),
+            )
+
+    def broadcast(self, kind: int, event: core_pb2.Event) -> int:
+        """Deliver a non-message event to one stream of every callback that asked for
+        ``kind``; return how many callbacks got it."""
+        by_callback: dict[str, list[Subscription]] = {}
+        for sub in self._subscriptions:
+            if kind in sub.events:
+                by_callback.setdefault(sub.callback_id, []).append(sub)
+        delivered = 0
+        for subs in by_callback.values():
+            if self._deliver(subs, itertools.count(), event) is not None:
+                delivered += 1
+        return delivered
+
+    # -- introspection ---------------------------------------------------------------
+
+    def help_lines(self, topic: str = "") -> list[str]:
+        """Help texts of live routes (one per distinct text), filtered by ``topic``."""
+        lines = {
+            route.help.strip()
+            for sub in self._subscriptions
+            for route in sub.routes
+            if route.help.strip() and topic.lower() in route.help.lower()
+        }
+        return sorted(lines, key=str.lower)
+
+    def queued(self) -> int:
+        """Events waiting in all queues."""
+        return sum(s.queued() for s in self._subscriptions)
+
+    def pattern_count(self) -> int:
+        """Distinct live patterns."""
+        return len({(r.pattern, r.ignore_case, r.respond) for s in self._subscriptions for r in s.routes})
+
+
+EVENT_KINDS = frozenset(robot_pb2.EventKind.values()) - {robot_pb2.EVENT_KIND_UNSPECIFIED}

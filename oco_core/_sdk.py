@@ -1,0 +1,534 @@
+"""The Python SDK for callback programs.
+
+::
+
+    from oco_core import Callback, Message
+
+    bot = Callback()  # address, id and secret from OCO_ADDRESS, OCO_CALLBACK_ID, OCO_SECRET
+
+    @bot.respond(r"ping$", help="ping - replies PONG")
+    async def ping(message: Message) -> None:
+        await message.reply("PONG")
+
+    bot.run()
+
+The callback connects to the bot, declares its routes in its Listen stream, and runs each
+matched message's handler in a task of its own (at most ``concurrency`` at once). When the
+bot goes away it reconnects with backoff; routes are declared again on every connection.
+Replies travel over one SendMessageStream per connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import trio
+
+from ._bridge import Bridge, DuplexSender, open_bridge
+from ._errors import (
+    CallbackError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    StoreUnavailableError,
+    UnknownTargetError,
+    VersionConflictError,
+)
+from ._proto import (
+    core_pb2,
+    directory_pb2,
+    directory_pb2_grpc,
+    robot_pb2,
+    robot_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
+from ._store import Item
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Message"], Awaitable[None]]
+F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+T = TypeVar("T")
+
+#: gRPC status codes after which reconnecting cannot help: the configuration is wrong.
+_FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+_CHANNEL_OPTIONS = [
+    # Reconnect quickly when the bot restarts (gRPC's default waits up to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A chat user (ids carry the adapter's name: ``irc/alice``)."""
+
+    id: str
+    name: str = ""
+    mention_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A chat room."""
+
+    id: str
+    name: str = ""
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A user entered or left a room (``kind``: joined, left, kicked, invited)."""
+
+    kind: str
+    user: User
+    room: Room
+    actor: User | None = None
+    reason: str = ""
+
+
+def _user(pb: core_pb2.User) -> User:
+    return User(pb.id, pb.name, pb.mention_name)
+
+
+def _room(pb: core_pb2.Room) -> Room:
+    return Room(pb.id, pb.name, pb.topic)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    pattern: str
+    respond: bool
+    help: str
+    id: str
+    ignore_case: bool
+    handler: Handler
+
+
+class Message:
+    """A chat message that matched one of this callback's routes."""
+
+    def __init__(self, callback: Callback, matched: core_pb2.MatchedMessage) -> None:
+        self._callback = callback
+        self._pb = matched.message
+        #: The whole body as written.
+        self.body: str = matched.message.body
+        #: The text the pattern matched: for respond routes, the body after the bot's address.
+        self.text: str = matched.text
+        #: groups[0] is the whole match, groups[n] the n-th capture group ("" if it did not take part).
+        self.groups: tuple[str, ...] = tuple(matched.groups)
+        #: Named capture groups that took part.
+        self.named: dict[str, str] = dict(matched.named_groups)
+        self.route_id: str = matched.route_id
+        self.pattern: str = matched.pattern
+        #: True when the message was addressed to the bot.
+        self.direct: bool = matched.direct
+        #: True for a private (direct) message.
+        self.private: bool = matched.message.private
+        self.id: str = matched.message.id
+        self.user = _user(matched.message.source.user)
+        self.room = _room(matched.message.source.room) if matched.message.source.room.id else None
+
+    def __repr__(self) -> str:
+        return f"<Message {self.id} from {self.user.id} in {self.room.id if self.room else 'private'}: {self.body!r}>"
+
+    def match(self, group: int | str = 0) -> str:
+        """A capture group by number or name ("" when it did not take part)."""
+        if isinstance(group, str):
+            return self.named.get(group, "")
+        return self.groups[group] if group < len(self.groups) else ""
+
+    async def reply(self, text: str, *, markdown: bool = False) -> None:
+        """Answer the sender, mentioning them in the room (privately if it was private)."""
+        await self._respond(text, mention=True, markdown=markdown, action=False)
+
+    async def send(self, text: str, *, markdown: bool = False, action: bool = False) -> None:
+        """Say something where the message came from, without mentioning the sender."""
+        await self._respond(text, mention=False, markdown=markdown, action=action)
+
+    async def _respond(self, text: str, *, mention: bool, markdown: bool, action: bool) -> None:
+        room = self._pb.source.room if self.room and not self.private else None
+        message = core_pb2.Message(
+            body=text,
+            source=core_pb2.Source(user=self._pb.source.user, room=room),
+            in_reply_to=self.id,
+            format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
+            action=action,
+            private=self.private,
+        )
+        await self._callback._send([message], with_mention=mention and room is not None)
+
+
+def _error(exc: grpc.aio.AioRpcError) -> Exception:
+    """Our exception for a failed call."""
+    return _error_for(exc.code(), exc.details() or "")
+
+
+def _error_for(code: grpc.StatusCode, details: str) -> Exception:
+    """Our exception for a gRPC status."""
+    kinds: dict[grpc.StatusCode, Callable[[str], Exception]] = {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError,
+        grpc.StatusCode.NOT_FOUND: UnknownTargetError,
+        grpc.StatusCode.ABORTED: lambda d: VersionConflictError(d, -1),
+        grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
+    }
+    make = kinds.get(code, CallbackError)
+    return make(f"{code.name}: {details}")
+
+
+class Storage:
+    """This callback's key-value storage in the bot (no other callback can see it)."""
+
+    def __init__(self, callback: Callback) -> None:
+        self._cb = callback
+
+    async def get_item(self, key: str) -> Item | None:
+        """The item under ``key`` (value and version), or None."""
+        response = await self._cb._unary("storage", "Get", storage_pb2.GetRequest(key=key))
+        return Item(key, response.value, response.version) if response.found else None
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under ``key``, or None."""
+        item = await self.get_item(key)
+        return item.value if item else None
+
+    async def set(self, key: str, value: bytes | str, *, expected_version: int | None = None) -> int:
+        """Store ``value``; with ``expected_version``, only if the stored version is that
+        (0: only if absent), else VersionConflictError. Returns the new version."""
+        data = value.encode() if isinstance(value, str) else value
+        request = storage_pb2.SetRequest(key=key, value=data)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        response = await self._cb._unary("storage", "Set", request)
+        return int(response.version)
+
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete ``key``; False when it did not exist."""
+        request = storage_pb2.DeleteRequest(key=key)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        response = await self._cb._unary("storage", "Delete", request)
+        return bool(response.deleted)
+
+    async def items(self, prefix: str = "", *, keys_only: bool = False, page: int = 100) -> AsyncIterator[Item]:
+        """Every item whose key starts with ``prefix``, in key order, fetched a page at a time."""
+        after = ""
+        while True:
+            request = storage_pb2.ListRequest(prefix=prefix, start_after=after, limit=page, keys_only=keys_only)
+            response = await self._cb._unary("storage", "List", request)
+            for item in response.items:
+                yield Item(item.key, item.value, item.version)
+            if not response.next_start_after:
+                return
+            after = response.next_start_after
+
+    async def update(self, key: str, change: Callable[[bytes | None], bytes], *, attempts: int = 100) -> bytes:
+        """Read-modify-write with compare-and-set, retried on conflict; returns the value written."""
+        for _ in range(attempts):
+            item = await self.get_item(key)
+            new = change(item.value if item else None)
+            try:
+                await self.set(key, new, expected_version=item.version if item else 0)
+            except VersionConflictError:
+                await trio.sleep(random.random() * 0.01)
+                continue
+            return new
+        raise VersionConflictError(f"gave up updating {key!r} after {attempts} conflicting attempts", -1)
+
+
+class Directory:
+    """The users and rooms the bot knows."""
+
+    def __init__(self, callback: Callback) -> None:
+        self._cb = callback
+
+    async def get_user(self, user_id: str) -> User:
+        """One user; UnknownTargetError when the bot has not seen them."""
+        return _user(await self._cb._unary("directory", "GetUser", directory_pb2.GetUserRequest(id=user_id)))
+
+    async def list_users(self, room_id: str = "") -> list[User]:
+        """Known users, or those in ``room_id``."""
+        response = await self._cb._unary("directory", "ListUsers", directory_pb2.ListUsersRequest(room_id=room_id))
+        return [_user(u) for u in response.users]
+
+    async def get_room(self, room_id: str) -> Room:
+        """One room; UnknownTargetError when the bot has not seen it."""
+        return _room(await self._cb._unary("directory", "GetRoom", directory_pb2.GetRoomRequest(id=room_id)))
+
+    async def list_rooms(self) -> list[Room]:
+        """Known rooms."""
+        response = await self._cb._unary("directory", "ListRooms", directory_pb2.ListRoomsRequest())
+        return [_room(r) for r in response.rooms]
+
+
+@dataclass(slots=True)
+class _Connection:
+    """The gRPC objects of one connection to the bot."""
+
+    bridge: Bridge
+    stubs: dict[str, Any]
+    sender: DuplexSender | None = None
+    pending: dict[int, tuple[trio.Event, list[robot_pb2.SendResult]]] = field(default_factory=dict)
+
+
+class Callback:
+    """A callback program: declare routes with decorators, then :meth:`run`."""
+
+    def __init__(
+        self,
+        id: str | None = None,
+        secret: str | None = None,
+        address: str | None = None,
+        *,
+        concurrency: int = 64,
+    ) -> None:
+        self.id = id or os.environ.get("OCO_CALLBACK_ID", "")
+        self._secret = secret or os.environ.get("OCO_SECRET", "")
+        self.address = address or os.environ.get("OCO_ADDRESS", "127.0.0.1:50051")
+        self._routes: list[_Route] = []
+        self._membership: list[Callable[[Membership], Awaitable[None]]] = []
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._connection: _Connection | None = None
+        self._connected = trio.Event()
+        self._request_ids = itertools.count(1)
+        self.storage = Storage(self)
+        self.directory = Directory(self)
+
+    def __repr__(self) -> str:
+        return f"<Callback {self.id!r} → {self.address}>"  # never the secret
+
+    # -- declaring -------------------------------------------------------------------
+
+    def hear(self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False) -> Callable[[F], F]:
+        """Run the decorated handler for every message that matches ``pattern`` (RE2)."""
+        return self._route(pattern, False, help, id, ignore_case)
+
+    def respond(
+        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False
+    ) -> Callable[[F], F]:
+        """Run the decorated handler for messages addressed to the bot ("oco: deploy x")
+        whose text after the address matches ``pattern`` (RE2)."""
+        return self._route(pattern, True, help, id, ignore_case)
+
+    def _route(self, pattern: str, respond: bool, help: str, id: str | None, ignore_case: bool) -> Callable[[F], F]:
+        def decorate(handler: F) -> F:
+            route_id = id or handler.__name__
+            if any(r.id == route_id for r in self._routes):
+                raise ValueError(f"two routes are called {route_id!r}; pass id=... to tell them apart")
+            self._routes.append(_Route(pattern, respond, help, route_id, ignore_case, handler))
+            return handler
+
+        return decorate
+
+    def on_membership(self, handler: Callable[[Membership], Awaitable[None]]) -> Callable[[Membership], Awaitable[None]]:
+        """Run the decorated handler when users enter or leave rooms."""
+        self._membership.append(handler)
+        return handler
+
+    # -- talking to the bot ----------------------------------------------------------
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._secret}"),)
+
+    async def _ready(self) -> _Connection:
+        while self._connection is None or self._connection.sender is None:
+            await self._connected.wait()
+            if self._connection is None or self._connection.sender is None:
+                await trio.sleep(0.01)
+        return self._connection
+
+    async def _unary(self, service: str, method: str, request: Any, timeout: float = 30.0) -> Any:
+        connection = await self._ready()
+        call = getattr(connection.stubs[service], method)
+        try:
+            return await connection.bridge.run_asyncio(lambda: call(request, metadata=self._metadata(), timeout=timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+
+    async def send(
+        self,
+        text: str,
+        *,
+        room: str | None = None,
+        user: str | None = None,
+        mention: bool = False,
+        markdown: bool = False,
+    ) -> None:
+        """Send a message to a room (``"irc/#ops"``), a user privately, or a user in a room."""
+        source = core_pb2.Source(
+            room=core_pb2.Room(id=room) if room else None, user=core_pb2.User(id=user) if user else None
+        )
+        message = core_pb2.Message(
+            body=text, source=source, format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN
+        )
+        await self._send([message], with_mention=mention)
+
+    async def _send(self, messages: Sequence[core_pb2.Message], *, with_mention: bool) -> None:
+        connection = await self._ready()
+        assert connection.sender is not None
+        request_id = next(self._request_ids)
+        done = trio.Event()
+        slot: list[robot_pb2.SendResult] = []
+        connection.pending[request_id] = (done, slot)
+        try:
+            await connection.sender.send(
+                robot_pb2.SendMessagesRequest(WithMention=with_mention, messages=messages, request_id=request_id)
+            )
+            await done.wait()
+        finally:
+            connection.pending.pop(request_id, None)
+        if not slot:
+            raise CallbackError("the connection to the bot was lost before it confirmed the message")
+        result = slot[0]
+        if result.code:
+            code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
+            raise _error_for(code, result.error)
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until interrupted (SIGINT or SIGTERM); configure logging if nobody did."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            trio.run(self._serve_until_signalled)
+        except CallbackError as exc:
+            raise SystemExit(f"callback {self.id!r}: {exc}") from None
+        except KeyboardInterrupt:
+            pass
+
+    async def _serve_until_signalled(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.serve)
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, listen and handle messages until cancelled, reconnecting with backoff.
+
+        ``task_status.started()`` is called once the first Listen stream is registered.
+        Raises CallbackError when the bot refuses the callback (bad secret, bad pattern).
+        """
+        if not self._secret:
+            raise CallbackError("no secret: set OCO_SECRET or pass secret=... (the bot's operator has it)")
+        if not self.id:
+            raise CallbackError("no callback id: set OCO_CALLBACK_ID or pass id=...")
+        async with open_bridge() as bridge:
+            channel = await bridge.open_channel(self.address, _CHANNEL_OPTIONS)
+            stubs = {
+                "robot": robot_pb2_grpc.RobotStub(channel),
+                "storage": storage_pb2_grpc.StorageStub(channel),
+                "directory": directory_pb2_grpc.DirectoryStub(channel),
+            }
+            backoff = 0.2
+            started = False
+            try:
+                while True:
+                    connection = _Connection(bridge, stubs)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(self._listen, connection)
+                            if not started:
+                                started = True
+                                task_status.started()
+                            backoff = 0.2
+                        log.warning("the bot ended the Listen stream; reconnecting")
+                    except* grpc.aio.AioRpcError as group:
+                        error = group.exceptions[0]
+                        assert isinstance(error, grpc.aio.AioRpcError)
+                        if error.code() in _FATAL:
+                            raise CallbackError(f"the bot refused this callback: {error.details()}") from None
+                        log.warning("connection to the bot at %s lost (%s); retrying", self.address, error.code().name)
+                    finally:
+                        self._connection = None
+                        self._connected = trio.Event()
+                        for done, _ in connection.pending.values():
+                            done.set()
+                    await trio.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 10.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await bridge.close_channel(channel)
+
+    async def _listen(self, connection: _Connection, *, task_status: trio.TaskStatus[None]) -> None:
+        request = robot_pb2.ListenRequest(
+            plugin_id=self.id,
+            routes=[
+                robot_pb2.Route(id=r.id, pattern=r.pattern, respond=r.respond, help=r.help, ignore_case=r.ignore_case)
+                for r in self._routes
+            ],
+            events=[robot_pb2.EVENT_KIND_MEMBERSHIP] if self._membership else [],
+        )
+        robot = connection.stubs["robot"]
+        metadata = self._metadata()
+        bridge = connection.bridge
+        async with bridge.open_response_stream(lambda: robot.Listen(request, metadata=metadata)) as events:
+            await events.initial_metadata()
+            async with bridge.open_duplex_stream(
+                lambda requests: robot.SendMessageStream(requests, metadata=metadata)
+            ) as (sender, results):
+                await results.initial_metadata()
+                connection.sender = sender
+                self._connection = connection
+                self._connected.set()
+                log.info("callback %r connected to %s with %d route(s)", self.id, self.address, len(self._routes))
+                task_status.started()
+                async with trio.open_nursery() as handlers:
+                    handlers.start_soon(self._read_results, connection, results)
+                    routes = {r.id: r for r in self._routes}
+                    async for event in events:
+                        token = object()  # protobuf messages are unhashable borrowers
+                        await self._limiter.acquire_on_behalf_of(token)
+                        handlers.start_soon(self._dispatch, routes, event, token)
+                    handlers.cancel_scope.cancel()
+
+    async def _read_results(self, connection: _Connection, results: AsyncIterator[robot_pb2.SendResult]) -> None:
+        async for result in results:
+            entry = connection.pending.get(result.request_id)
+            if entry is not None:
+                entry[1].append(result)
+                entry[0].set()
+
+    async def _dispatch(self, routes: dict[str, _Route], event: core_pb2.Event, token: object) -> None:
+        # The supervision boundary for handlers: one failing handler is logged, never
+        # takes the callback down.
+        try:
+            kind = event.WhichOneof("type")
+            if kind == "matched_message":
+                route = routes.get(event.matched_message.route_id)
+                if route is None:
+                    log.debug("no handler for route %r", event.matched_message.route_id)
+                    return
+                await route.handler(Message(self, event.matched_message))
+            elif kind == "membership_change":
+                change = event.membership_change
+                membership = Membership(
+                    kind=core_pb2.MembershipChange.Kind.Name(change.kind).removeprefix("KIND_").lower(),
+                    user=_user(change.user),
+                    room=_room(change.room),
+                    actor=_user(change.actor) if change.HasField("actor") else None,
+                    reason=change.reason,
+                )
+                for handler in self._membership:
+                    await handler(membership)
+        except Exception:
+            log.exception("handler failed for %s", event.WhichOneof("type"))
+        finally:
+            self._limiter.release_on_behalf_of(token)

@@ -1,0 +1,106 @@
+"""The shell adapter: a terminal chat for development and demos.
+
+Each line typed (or piped in) is a message from the local user in the room ``shell``;
+the bot's messages are printed. At end of input it waits for replies still on their
+way, then ends, and with it the bot: ``echo "oco ping" | oco run`` prints ``PONG``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from typing import TextIO
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._adapter import Adapter, AdapterHost, AdapterType, ChatRoom, ChatUser, IncomingMessage, OutgoingMessage
+from ._errors import UnknownTargetError
+from ._hookspecs import hookimpl
+
+ROOM = ChatRoom(id="shell", name="shell")
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "user"
+
+
+class ShellConfig(BaseModel):
+    """Options of the shell adapter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str = Field(default_factory=_local_user, description="The local user's name.")
+    prompt: bool | None = Field(default=None, description="Show a prompt; by default only on a terminal.")
+    eof_wait: float = Field(default=10.0, ge=0, description="Longest wait at end of input for pending replies.")
+
+
+class ShellAdapter(Adapter):
+    """Reads chat from standard input and prints the bot's messages to standard output."""
+
+    def __init__(self, config: ShellConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+        self.config = config
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self._prompt = config.prompt if config.prompt is not None else self._stdin.isatty()
+        self.user = ChatUser(id=config.user, name=config.user, mention_name=config.user)
+
+    async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        self._show_prompt()
+        while True:
+            # Reading a terminal without making it non-blocking needs a thread; trio's
+            # own thread pool, abandoned on cancel, so Ctrl-C never waits for Enter.
+            line = await trio.to_thread.run_sync(self._stdin.readline, abandon_on_cancel=True)
+            if not line:
+                break
+            body = line.rstrip("\r\n")
+            if body.strip():
+                await host.receive(IncomingMessage(body=body, user=self.user, room=ROOM))
+            else:
+                self._show_prompt()
+        await host.wait_idle(quiet=0.3, max_wait=self.config.eof_wait)
+
+    async def send(self, message: OutgoingMessage) -> None:
+        if message.room_id not in (None, ROOM.id):
+            raise UnknownTargetError(f"the shell has one room, {ROOM.id!r}, not {message.room_id!r}")
+        if message.user is not None and message.room_id is None and message.user.id != self.user.id:
+            raise UnknownTargetError(f"the shell has one user, {self.user.id!r}, not {message.user.id!r}")
+        body = message.body
+        if message.action:
+            body = f"* {body}"
+        elif message.mention and message.user is not None:
+            body = f"{message.user.mention_name or message.user.id}: {body}"
+        if self._prompt:
+            self._stdout.write("\r")
+        self._stdout.write(body + "\n")
+        self._show_prompt()
+        self._stdout.flush()
+
+    async def join(self, room: str) -> None:
+        if room != ROOM.id:
+            raise UnknownTargetError(f"the shell has one room, {ROOM.id!r}; it cannot join {room!r}")
+
+    async def part(self, room: str) -> None:
+        raise UnknownTargetError("the shell cannot leave its only room")
+
+    def _show_prompt(self) -> None:
+        if self._prompt:
+            self._stdout.write(f"{self.config.user}> ")
+            self._stdout.flush()
+
+
+@hookimpl
+def oco_adapter_types() -> list[AdapterType]:
+    """The shell adapter."""
+    return [
+        AdapterType(
+            name="shell",
+            create=ShellAdapter,
+            config_model=ShellConfig,
+            description="a terminal chat on standard input and output",
+        )
+    ]

@@ -1,0 +1,1 @@
+"""Example callback programs bundled with oco-core."""
