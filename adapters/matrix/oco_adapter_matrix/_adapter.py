@@ -1,0 +1,620 @@
+"""The Matrix adapter: sync loop, outgoing queue, end-to-end encryption, membership."""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nio  # type: ignore[import-untyped]  # nio ships no type information
+import trio
+from nio.crypto import ENCRYPTION_ENABLED  # type: ignore[import-untyped]
+
+from oco_core import AdapterError, UnknownTargetError
+from oco_core.plugin import (
+    Adapter,
+    AdapterHost,
+    ChatRoom,
+    ChatUser,
+    IncomingMessage,
+    MembershipEvent,
+    MembershipKind,
+    OutgoingMessage,
+)
+
+from ._config import MatrixConfig
+from ._format import leading_pill, markdown_to_html, pill, strip_reply_fallback
+from ._transport import SYNC_GRACE, TokenRejectedError, Transport
+
+log = logging.getLogger(__name__)
+
+# Keys of the adapter's own state in the core store (namespace adapter:<name>).
+KEY_ACCESS_TOKEN = "access_token"  # noqa: S105  (a key name, not a secret)
+KEY_DEVICE_ID = "device_id"
+KEY_USER_ID = "user_id"
+KEY_SYNC_TOKEN = "sync_token"  # noqa: S105  (a key name, not a secret)
+
+# How many recent event ids are remembered with their thread, to answer in the thread.
+_THREAD_MEMORY = 10_000
+# Timeline events a sync may return per room; more than this while the bot was away and
+# the oldest are skipped (the homeserver marks the timeline "limited").
+_TIMELINE_LIMIT = 50
+
+
+@dataclass
+class _Pending:
+    """A message accepted by :meth:`MatrixAdapter.send`, waiting for the sender task.
+
+    Its transaction id is fixed when accepted, so a retry after an answer was lost is
+    recognised by the homeserver as the same message, never sent twice.
+    """
+
+    message: OutgoingMessage
+    txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class MatrixAdapter(Adapter):
+    """A bot account on a Matrix homeserver. See the package README for the config."""
+
+    def __init__(self, config: MatrixConfig) -> None:
+        self.config = config
+        # Outgoing messages in order; one sender task empties it, so order holds even
+        # while a message waits out a rate limit or an outage. It outlives ``run``.
+        self._outbox_tx, self._outbox_rx = trio.open_memory_channel[_Pending](math.inf)
+        self._inflight: _Pending | None = None
+        self._client: Any = None  # nio.Client
+        self._transport: Transport | None = None
+        self._host: AdapterHost | None = None
+        self._threads: OrderedDict[str, str] = OrderedDict()
+        self._warned_plaintext: set[str] = set()
+        self._synced = False
+        # Set (and replaced) after every sync, for tasks that wait for news.
+        self._sync_done = trio.Event()
+
+    # -- the Adapter interface ---------------------------------------------------------
+
+    async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Log in, catch up from the stored sync token, then sync and send until cancelled."""
+        self._host = host
+        config = self.config
+        encryption = config.encryption and ENCRYPTION_ENABLED
+        if config.encryption and not ENCRYPTION_ENABLED:
+            log.warning("matrix: encryption is on but matrix-nio[e2e] is not installed; encrypted rooms are unreadable")
+        config.store_path.mkdir(parents=True, exist_ok=True)
+        self._client = nio.Client(
+            config.user_id,
+            store_path=str(config.store_path),
+            config=nio.ClientConfig(encryption_enabled=encryption, store_sync_tokens=False),
+        )
+        try:
+            async with httpx.AsyncClient(base_url=config.homeserver) as http:
+                self._transport = Transport(http)
+                await self._log_in()
+                await self._catch_up()
+                await self._join_configured_rooms()
+                self._synced = True
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop)
+                    await self._sync_loop()
+        finally:
+            self._synced = False
+            self._transport = None
+            store = getattr(self._client, "store", None)
+            if store is not None:
+                store.database.close()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        """Queue ``message``; the sender task delivers queued messages in order, waiting
+        out rate limits and outages."""
+        if message.room_id and not message.private:
+            room = message.room_id
+            if not room.startswith(("!", "#")):
+                raise UnknownTargetError(f"{room!r} is not a Matrix room id (!id:server) or alias (#name:server)")
+            if self._synced and room.startswith("!") and room not in self._client.rooms:
+                raise UnknownTargetError(f"the bot is not in Matrix room {room}")
+        elif message.user is None or not message.user.id.startswith("@"):
+            raise UnknownTargetError("a private Matrix message needs a user id (@name:server)")
+        await self._outbox_tx.send(_Pending(message))
+
+    async def join(self, room: str) -> None:
+        """Join a room by id or alias."""
+        response = await self._request(nio.JoinResponse, *nio.Api.join(self._token(), room))
+        if isinstance(response, nio.ErrorResponse):
+            raise _target_error(f"cannot join Matrix room {room}", response)
+        log.info("matrix: joined %s (%s)", room, response.room_id)
+
+    async def part(self, room: str) -> None:
+        """Leave a room by id or alias."""
+        room_id = await self._resolve(room)
+        response = await self._request(nio.RoomLeaveResponse, *nio.Api.room_leave(self._token(), room_id))
+        if isinstance(response, nio.ErrorResponse):
+            raise _target_error(f"cannot leave Matrix room {room}", response)
+        log.info("matrix: left %s", room)
+
+    # -- connecting --------------------------------------------------------------------
+
+    def _token(self) -> str:
+        if self._transport is None or not self._client or not self._client.access_token:
+            raise AdapterError("the Matrix adapter is not connected")
+        return str(self._client.access_token)
+
+    async def _request(self, response_class: type, method: str, path: str, data: str | None = None, **kw: Any) -> Any:
+        if self._transport is None:
+            raise AdapterError("the Matrix adapter is not connected")
+        return await self._transport.request(response_class, method, path, data, **kw)
+
+    async def _log_in(self) -> None:
+        host, config, client = self._require_host(), self.config, self._client
+        if config.access_token is not None:
+            token = config.access_token.get_secret_value()
+            whoami = await self._request(nio.WhoamiResponse, *nio.Api.whoami(token))
+            if isinstance(whoami, nio.ErrorResponse):
+                raise AdapterError(f"matrix: the configured access_token was refused: {whoami.message}")
+            if whoami.user_id != config.user_id:
+                raise AdapterError(f"matrix: access_token is of {whoami.user_id}, not of user_id {config.user_id}")
+            client.restore_login(config.user_id, whoami.device_id or "", token)
+        else:
+            stored = {key: await _get(host, key) for key in (KEY_ACCESS_TOKEN, KEY_DEVICE_ID, KEY_USER_ID)}
+            if stored[KEY_ACCESS_TOKEN] and stored[KEY_USER_ID] == config.user_id:
+                client.restore_login(config.user_id, stored[KEY_DEVICE_ID], stored[KEY_ACCESS_TOKEN])
+            else:
+                await self._password_login(stored[KEY_DEVICE_ID] if stored[KEY_USER_ID] == config.user_id else "")
+        log.info("matrix: logged in as %s, device %s", client.user_id, client.device_id)
+
+    async def _password_login(self, device_id: str) -> None:
+        host, config, client = self._require_host(), self.config, self._client
+        assert config.password is not None
+        # Logging in with the device id we had keeps that device, and so its keys.
+        response = await self._request(
+            nio.LoginResponse,
+            *nio.Api.login(
+                config.user_id,
+                password=config.password.get_secret_value(),
+                device_name=config.device_name,
+                device_id=device_id or None,
+            ),
+        )
+        if isinstance(response, nio.ErrorResponse):
+            raise AdapterError(f"matrix: login as {config.user_id} failed: {response.message}")
+        client.receive_response(response)
+        await host.store.set(KEY_USER_ID, response.user_id.encode())
+        await host.store.set(KEY_DEVICE_ID, response.device_id.encode())
+        await host.store.set(KEY_ACCESS_TOKEN, response.access_token.encode())
+
+    async def _sync(self, *, since: str | None, full_state: bool = False, poll: float = 0, retry: bool) -> Any:
+        client = self._client
+        sync_filter = {"room": {"timeline": {"limit": _TIMELINE_LIMIT}}}
+        try:
+            response = await self._request(
+                nio.SyncResponse,
+                *nio.Api.sync(
+                    client.access_token,
+                    since=since,
+                    timeout=int(poll * 1000) or None,
+                    filter=sync_filter,
+                    full_state=full_state or None,
+                ),
+                http_timeout=poll + SYNC_GRACE,
+                retry=retry,
+            )
+        except TokenRejectedError:
+            if self.config.password is None:
+                raise
+            log.warning("matrix: the stored access token was refused; logging in again with the same device")
+            await self._password_login(client.device_id or "")
+            return await self._sync(since=since, full_state=full_state, poll=poll, retry=retry)
+        if isinstance(response, nio.ErrorResponse):
+            raise AdapterError(f"matrix: sync failed: {response}")
+        client.receive_response(response)
+        return response
+
+    async def _catch_up(self) -> None:
+        host = self._require_host()
+        token = await _get(host, KEY_SYNC_TOKEN)
+        if token:
+            # Full state rebuilds what nio knows of the rooms (members, encryption);
+            # the timeline holds only what happened since we stopped: deliver it.
+            response = await self._sync(since=token, full_state=True, retry=False)
+            await self._e2e_housekeeping()
+            await self._dispatch(response)
+        else:
+            # The first start of this account: learn the rooms, answer nothing old.
+            response = await self._sync(since=None, retry=False)
+            await self._e2e_housekeeping()
+            await self._handle_invites(response, report=False)
+        await host.store.set(KEY_SYNC_TOKEN, response.next_batch.encode())
+        await self._learn_own_names()
+        for room in self._client.rooms.values():
+            self._warn_if_unreadable(room)
+
+    async def _learn_own_names(self) -> None:
+        config, client = self.config, self._client
+        if config.display_name:
+            await self._request(
+                nio.ProfileSetDisplayNameResponse,
+                *nio.Api.profile_set_displayname(client.access_token, config.user_id, config.display_name),
+            )
+        profile = await self._request(
+            nio.ProfileGetDisplayNameResponse, *nio.Api.profile_get_displayname(config.user_id, client.access_token)
+        )
+        display_name = getattr(profile, "displayname", None) or config.display_name
+        names = [name for name in (display_name, config.localpart, config.user_id) if name]
+        self._require_host().set_own_names(list(dict.fromkeys(names)))
+
+    async def _join_configured_rooms(self) -> None:
+        for room in self.config.rooms:
+            if room in self._client.rooms:
+                continue
+            response = await self._request(nio.JoinResponse, *nio.Api.join(self._client.access_token, room))
+            if isinstance(response, nio.ErrorResponse):
+                log.error("matrix: cannot join %s: %s", room, response.message)
+            else:
+                log.info("matrix: joined %s (%s)", room, response.room_id)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        host, client = self._require_host(), self._client
+        while True:
+            # retry=True: outages and homeserver restarts are waited out with backoff.
+            response = await self._sync(since=client.next_batch, poll=self.config.sync_timeout, retry=True)
+            await self._e2e_housekeeping()
+            await self._dispatch(response)
+            # Saved after the events were handed over: a restart resumes after them.
+            await host.store.set(KEY_SYNC_TOKEN, response.next_batch.encode())
+            self._sync_done.set()
+            self._sync_done = trio.Event()
+
+    async def _dispatch(self, response: Any) -> None:
+        host, client = self._require_host(), self._client
+        for room_id, info in response.rooms.join.items():
+            room = client.rooms.get(room_id)
+            if room is None:
+                continue
+            for event in info.timeline.events:
+                if isinstance(event, nio.RoomMessageText | nio.RoomMessageEmote):
+                    message = self._incoming(room, event)
+                    if message is not None:
+                        await host.receive(message)
+                elif isinstance(event, nio.MegolmEvent):
+                    self._undecryptable(room, event)
+                elif isinstance(event, nio.RoomMemberEvent):
+                    await self._membership(room, event)
+                elif isinstance(event, nio.RoomTopicEvent):
+                    await host.topic(self._chat_room(room), self._chat_user(room, event.sender))
+                elif isinstance(event, nio.RoomEncryptionEvent):
+                    self._warn_if_unreadable(room)
+        for room_id in response.rooms.leave:
+            log.info("matrix: no longer in %s", room_id)
+        await self._handle_invites(response, report=True)
+
+    def _incoming(self, room: Any, event: Any) -> IncomingMessage | None:
+        client = self._client
+        if event.sender == client.user_id:
+            return None
+        content: dict[str, Any] = event.source.get("content") or {}
+        relation: dict[str, Any] = content.get("m.relates_to") or {}
+        body = str(event.body)
+        edit_of = thread_id = ""
+        if relation.get("rel_type") == "m.replace":
+            edit_of = str(relation.get("event_id", ""))
+            new = content.get("m.new_content") or {}
+            body = str(new.get("body", body.removeprefix("* ")))
+            content = new
+            thread_id = self._threads.get(edit_of, "")
+        elif relation.get("rel_type") == "m.thread":
+            thread_id = str(relation.get("event_id", ""))
+        if thread_id:
+            self._remember_thread(event.event_id, thread_id)
+        if "m.in_reply_to" in relation and not relation.get("is_falling_back"):
+            body = strip_reply_fallback(body)
+        body = self._name_for_pill(body, content)
+        return IncomingMessage(
+            body=body,
+            user=self._chat_user(room, event.sender),
+            room=self._chat_room(room),
+            direct=self._is_direct(room),
+            id=event.event_id,
+            action=isinstance(event, nio.RoomMessageEmote),
+            thread_id=thread_id,
+            edit_of=edit_of,
+        )
+
+    def _name_for_pill(self, body: str, content: dict[str, Any]) -> str:
+        # A pill shows the bot's display name as it was when the person wrote; if that is
+        # no longer one of our names, put the localpart in its place so routing still sees
+        # the message as addressed.
+        formatted = content.get("formatted_body")
+        if content.get("format") != "org.matrix.custom.html" or not isinstance(formatted, str):
+            return body
+        found = leading_pill(formatted)
+        if found is None or found[0] != self._client.user_id:
+            return body
+        shown = found[1]
+        if shown and body.startswith(shown):
+            return self.config.localpart + body[len(shown) :]
+        return body
+
+    def _remember_thread(self, event_id: str, thread_id: str) -> None:
+        self._threads[event_id] = thread_id
+        self._threads.move_to_end(event_id)
+        while len(self._threads) > _THREAD_MEMORY:
+            self._threads.popitem(last=False)
+
+    def _is_direct(self, room: Any) -> bool:
+        # A room of exactly two members (the bot and one person, joined or invited) is a
+        # direct chat, whatever its m.direct flag says: that is how people perceive it.
+        return int(room.member_count) == 2
+
+    def _chat_room(self, room: Any) -> ChatRoom:
+        return ChatRoom(id=room.room_id, name=str(room.display_name or ""), topic=str(room.topic or ""))
+
+    def _chat_user(self, room: Any, user_id: str) -> ChatUser:
+        name = room.user_name(user_id) if room is not None else None
+        return ChatUser(id=user_id, name=name or user_id, mention_name=name or user_id)
+
+    async def _membership(self, room: Any, event: Any) -> None:
+        membership, previous = event.membership, event.prev_membership
+        user = ChatUser(
+            id=event.state_key,
+            name=(event.content or {}).get("displayname") or room.user_name(event.state_key) or event.state_key,
+        )
+        actor = self._chat_user(room, event.sender) if event.sender != event.state_key else None
+        if membership == "join" and previous != "join":
+            kind = MembershipKind.JOINED
+        elif membership == "invite" and previous != "invite":
+            kind = MembershipKind.INVITED
+        elif membership in ("leave", "ban") and previous in ("join", "invite"):
+            kind = MembershipKind.KICKED if actor is not None else MembershipKind.LEFT
+        else:
+            return  # a display name or avatar change
+        reason = str((event.content or {}).get("reason") or "")
+        await self._require_host().membership(
+            MembershipEvent(kind=kind, user=user, room=self._chat_room(room), actor=actor, reason=reason)
+        )
+
+    async def _handle_invites(self, response: Any, *, report: bool) -> None:
+        own = self._client.user_id
+        for room_id, info in response.rooms.invite.items():
+            inviter = ""
+            room_name = ""
+            for event in info.invite_state:
+                if isinstance(event, nio.InviteMemberEvent) and event.state_key == own and event.membership == "invite":
+                    inviter = event.sender
+                elif getattr(event, "type", "") == "m.room.name" or type(event).__name__ == "RoomNameEvent":
+                    room_name = getattr(event, "name", "") or ""
+            if report:
+                await self._require_host().membership(
+                    MembershipEvent(
+                        kind=MembershipKind.INVITED,
+                        user=ChatUser(id=own, name=self.config.localpart),
+                        room=ChatRoom(id=room_id, name=room_name),
+                        actor=ChatUser(id=inviter, name=inviter) if inviter else None,
+                    )
+                )
+            if any(fnmatch.fnmatchcase(inviter, allowed) for allowed in self.config.autojoin_invites):
+                joined = await self._request(nio.JoinResponse, *nio.Api.join(self._client.access_token, room_id))
+                if isinstance(joined, nio.ErrorResponse):
+                    log.error("matrix: cannot accept the invitation to %s: %s", room_id, joined.message)
+                else:
+                    log.info("matrix: accepted the invitation to %s from %s", room_id, inviter)
+            else:
+                log.info("matrix: invited to %s by %s; not accepted (autojoin_invites)", room_id, inviter or "?")
+
+    def _undecryptable(self, room: Any, event: Any) -> None:
+        if self._client.olm is None:
+            self._warn_if_unreadable(room)
+        else:
+            log.warning(
+                "matrix: cannot decrypt a message from %s in %s (session %s not received); it is skipped",
+                event.sender,
+                room.room_id,
+                event.session_id,
+            )
+
+    def _warn_if_unreadable(self, room: Any) -> None:
+        if room.encrypted and self._client.olm is None and room.room_id not in self._warned_plaintext:
+            self._warned_plaintext.add(room.room_id)
+            log.warning(
+                "matrix: room %s (%s) is end-to-end encrypted but encryption is off (encryption: false, or "
+                "matrix-nio[e2e] missing): the bot cannot read or answer messages there",
+                room.room_id,
+                room.display_name,
+            )
+
+    # -- encryption ----------------------------------------------------------------------
+
+    async def _e2e_housekeeping(self) -> None:
+        """What nio's AsyncClient.sync_forever does after each sync: to-device messages
+        out, our keys up, others' device keys and one-time keys in."""
+        client = self._client
+        if client.olm is None:
+            return
+        for message in list(client.outgoing_to_device_messages):
+            method, path, data = nio.Api.to_device(client.access_token, message.type, message.as_dict(), uuid.uuid4())
+            client.receive_response(
+                await self._request(nio.ToDeviceResponse, method, path, data, response_data=(message,), retry=True)
+            )
+        if client.should_upload_keys:
+            client.receive_response(
+                await self._request(
+                    nio.KeysUploadResponse,
+                    *nio.Api.keys_upload(client.access_token, client.olm.share_keys()),
+                    retry=True,
+                )
+            )
+        await self._query_keys()
+        if client.should_claim_keys:
+            users = client.get_users_for_key_claiming()
+            client.receive_response(
+                await self._request(nio.KeysClaimResponse, *nio.Api.keys_claim(client.access_token, users), retry=True)
+            )
+
+    async def _query_keys(self) -> None:
+        client = self._client
+        if client.should_query_keys:
+            users = client.users_for_key_query
+            client.receive_response(
+                await self._request(nio.KeysQueryResponse, *nio.Api.keys_query(client.access_token, users), retry=True)
+            )
+
+    async def _encrypt(self, room: Any, event_type: str, content: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """What nio's AsyncClient.room_send does for an encrypted room."""
+        client = self._client
+        if not room.members_synced:
+            response = await self._request(
+                nio.JoinedMembersResponse,
+                *nio.Api.joined_members(client.access_token, room.room_id),
+                response_data=(room.room_id,),
+                retry=True,
+            )
+            client.receive_response(response)
+        await self._query_keys()
+        if client.olm.should_share_group_session(room.room_id):
+            missing = client.get_missing_sessions(room.room_id)
+            if missing:
+                client.receive_response(
+                    await self._request(
+                        nio.KeysClaimResponse, *nio.Api.keys_claim(client.access_token, missing), retry=True
+                    )
+                )
+            # The bot cannot verify devices interactively: it shares its room key with
+            # every device of the room's members (trust on first use), as other bots do.
+            for sharing_with, to_device in client.olm.share_group_session_parallel(
+                room.room_id, list(room.users), ignore_unverified_devices=True
+            ):
+                method, path, data = nio.Api.to_device(client.access_token, "m.room.encrypted", to_device, uuid.uuid4())
+                client.receive_response(
+                    await self._request(
+                        nio.ShareGroupSessionResponse,
+                        method,
+                        path,
+                        data,
+                        response_data=(room.room_id, sharing_with),
+                        retry=True,
+                    )
+                )
+            # nio marks the session shared itself only when someone received it.
+            client.olm.outbound_group_sessions[room.room_id].shared = True
+        event_type, content = client.encrypt(room.room_id, event_type, content)
+        return str(event_type), dict(content)
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        while True:
+            if self._inflight is None:
+                self._inflight = await self._outbox_rx.receive()
+            # Kept in _inflight until delivered: if run() is cancelled mid-send and started
+            # again, the same message (same transaction id) goes first.
+            try:
+                await self._deliver(self._inflight)
+            except AdapterError as error:
+                log.error("matrix: message not sent: %s", error)
+            self._inflight = None
+
+    async def _deliver(self, pending: _Pending) -> None:
+        message, client = pending.message, self._client
+        if message.room_id and not message.private:
+            room_id = await self._resolve(message.room_id)
+        else:
+            assert message.user is not None
+            room_id = await self._direct_room(message.user.id)
+        room = client.rooms.get(room_id)
+        if room is None:
+            raise UnknownTargetError(f"the bot is not in Matrix room {room_id}")
+        event_type, content = "m.room.message", self._content(message)
+        if room.encrypted:
+            if client.olm is None:
+                self._warn_if_unreadable(room)
+                raise AdapterError(f"room {room_id} is encrypted and encryption is off; not sending in clear text")
+            event_type, content = await self._encrypt(room, event_type, content)
+        response = await self._request(
+            nio.RoomSendResponse,
+            *nio.Api.room_send(client.access_token, room_id, event_type, content, pending.txn_id),
+            response_data=(room_id,),
+            retry=True,
+        )
+        if isinstance(response, nio.ErrorResponse):
+            raise AdapterError(f"homeserver refused a message to {room_id}: {response.message}")
+
+    def _content(self, message: OutgoingMessage) -> dict[str, Any]:
+        msgtype = "m.notice" if self.config.message_type == "notice" else "m.text"
+        if message.action:
+            msgtype = "m.emote"
+        body = message.body
+        formatted = markdown_to_html(body) if message.format == "markdown" else None
+        content: dict[str, Any] = {"msgtype": msgtype}
+        if message.mention and message.user is not None:
+            user = message.user
+            name = user.name or user.mention_name or user.id
+            body = f"{name}: {body}"
+            formatted = f"{pill(user.id, name)}: {formatted if formatted is not None else html.escape(message.body)}"
+            content["m.mentions"] = {"user_ids": [user.id]}
+        content["body"] = body
+        if formatted is not None:
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = formatted
+        thread = self._threads.get(message.in_reply_to) if message.in_reply_to else None
+        if thread:
+            content["m.relates_to"] = {
+                "rel_type": "m.thread",
+                "event_id": thread,
+                # Clients without threads show it as a reply to the message answered.
+                "is_falling_back": True,
+                "m.in_reply_to": {"event_id": message.in_reply_to},
+            }
+        return content
+
+    async def _resolve(self, room: str) -> str:
+        if not room.startswith("#"):
+            return room
+        method, path = nio.Api.room_resolve_alias(room)
+        response = await self._request(nio.RoomResolveAliasResponse, method, path, response_data=(room,))
+        if isinstance(response, nio.ErrorResponse):
+            raise _target_error(f"no Matrix room {room}", response)
+        return str(response.room_id)
+
+    async def _direct_room(self, user_id: str) -> str:
+        for room in self._client.rooms.values():
+            if self._is_direct(room) and user_id in room.users:
+                return str(room.room_id)
+        # No direct chat with this person yet: open one, as a client would.
+        response = await self._request(
+            nio.RoomCreateResponse,
+            *nio.Api.room_create(
+                self._client.access_token, is_direct=True, invite=[user_id], preset=nio.RoomPreset.trusted_private_chat
+            ),
+            retry=True,
+        )
+        if isinstance(response, nio.ErrorResponse):
+            raise _target_error(f"cannot open a direct chat with {user_id}", response)
+        # Wait for the sync loop to learn the new room, so that the message goes in.
+        with trio.move_on_after(30):
+            while response.room_id not in self._client.rooms:
+                await self._sync_done.wait()
+        return str(response.room_id)
+
+    def _require_host(self) -> AdapterHost:
+        if self._host is None:
+            raise AdapterError("the Matrix adapter is not running")
+        return self._host
+
+
+async def _get(host: AdapterHost, key: str) -> str:
+    item = await host.store.get(key)
+    return item.value.decode() if item is not None else ""
+
+
+def _target_error(what: str, response: Any) -> AdapterError:
+    status = getattr(response, "status_code", "")
+    if status in ("M_NOT_FOUND", "M_FORBIDDEN", "M_UNKNOWN", "M_INVALID_PARAM"):
+        return UnknownTargetError(f"{what}: {response.message}")
+    return AdapterError(f"{what}: {response.message} ({status})")

@@ -1,0 +1,96 @@
+"""The Matrix adapter's configuration: the keys beside ``type: matrix`` in the bot's config."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+_USER_ID = re.compile(r"^@[^:\s]+:\S+$")
+_ROOM = re.compile(r"^[!#][^:\s]+:\S+$")
+
+
+def _default_store_path() -> Path:
+    # The XDG data directory, like other chat clients keep their keys; nio names the
+    # database in it after the user and device, so several bots may share it.
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "oco" / "matrix"
+
+
+class MatrixConfig(BaseModel):
+    """Options of one Matrix connection.
+
+    Either ``password`` (the adapter logs in once and keeps the access token and device
+    id in the core store, so that restarts reuse the device and its encryption keys) or
+    ``access_token`` (used as given) must be set.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Base URL of the homeserver's client API, e.g. ``https://matrix.example.org``.
+    homeserver: str
+    #: The bot's full user id, e.g. ``@oco:example.org``.
+    user_id: str
+    password: SecretStr | None = None
+    access_token: SecretStr | None = None
+    #: Name of the device the adapter creates when it logs in with ``password``.
+    device_name: str = "OCO bot"
+    #: Display name to set on start (people address the bot by it); unset keeps the
+    #: account's own.
+    display_name: str | None = None
+    #: Rooms to join on start, by id (``!abc:example.org``) or alias (``#ops:example.org``).
+    rooms: list[str] = Field(default_factory=list)
+    #: Invitations to accept: off (``false`` or empty), or the user ids allowed to invite
+    #: the bot; shell-style wildcards match, e.g. ``"@*:example.org"``.
+    autojoin_invites: list[str] = Field(default_factory=list)
+    #: End-to-end encryption. When off, encrypted rooms are reported in the log.
+    encryption: bool = True
+    #: Where the encryption keys (olm account, megolm sessions) are kept.
+    store_path: Path = Field(default_factory=_default_store_path)
+    #: Message type of the bot's messages: ``notice`` (``m.notice``, which other bots
+    #: do not answer) or ``text``.
+    message_type: Literal["notice", "text"] = "notice"
+    #: Seconds the homeserver may hold a sync request open.
+    sync_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("homeserver")
+    @classmethod
+    def _homeserver_is_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. https://matrix.example.org")
+        return value.rstrip("/")
+
+    @field_validator("user_id")
+    @classmethod
+    def _full_user_id(cls, value: str) -> str:
+        if not _USER_ID.match(value):
+            raise ValueError("must be a full Matrix user id such as @oco:example.org")
+        return value
+
+    @field_validator("rooms")
+    @classmethod
+    def _room_ids_or_aliases(cls, value: list[str]) -> list[str]:
+        for room in value:
+            if not _ROOM.match(room):
+                raise ValueError(f"{room!r} is neither a room id (!abc:example.org) nor an alias (#ops:example.org)")
+        return value
+
+    @field_validator("autojoin_invites", mode="before")
+    @classmethod
+    def _false_means_off(cls, value: Any) -> Any:
+        # "autojoin_invites: false" reads better in YAML than an empty list.
+        return [] if value is False or value is None else value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MatrixConfig:
+        if (self.password is None) == (self.access_token is None):
+            raise ValueError("set exactly one of password or access_token")
+        return self
+
+    @property
+    def localpart(self) -> str:
+        """The user id's local part: ``oco`` for ``@oco:example.org``."""
+        return self.user_id[1:].split(":", 1)[0]

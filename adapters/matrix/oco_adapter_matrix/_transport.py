@@ -1,0 +1,168 @@
+"""HTTP to the homeserver under trio: nio builds the requests and parses the answers.
+
+Why not matrix-nio's ``AsyncClient`` under trio-asyncio? Both were tried against Synapse
+(login, sync, a long-poll sync cancelled by a trio cancel scope): both work. This one was
+chosen because
+
+- nothing runs on a second event loop: no asyncio at all in this adapter, trio's
+  cancellation reaches every request directly, and no aiohttp session can be left
+  unclosed (which ``filterwarnings = error`` turns into test failures);
+- ``AsyncClient`` retries HTTP 429 inside itself, out of our sight; here the sender owns
+  retries, so rate-limited messages keep their order and nothing is dropped;
+- nio's sans-I/O parts do the hard work either way: ``nio.Api`` builds every request,
+  the response classes parse them, and ``nio.Client.receive_response`` keeps rooms,
+  members and the olm/megolm machine up to date. What ``AsyncClient`` adds on top (key
+  upload, query, claim, group session sharing) is a few calls in ``_adapter.py``;
+- trio-asyncio works by patching asyncio's event-loop policy, which recent Pythons
+  deprecate.
+
+httpx runs under trio through anyio. nio's ``Api`` puts the access token in the query
+string; it is moved to an ``Authorization`` header here so that it never shows in a
+logged URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+import trio
+from nio import ErrorResponse, Response  # type: ignore[import-untyped]  # nio ships no type information
+
+from oco_core import AdapterError
+
+log = logging.getLogger(__name__)
+
+#: Seconds added to the sync long-poll before the client gives up on an answer.
+SYNC_GRACE = 15.0
+
+
+class TokenRejectedError(AdapterError):
+    """The homeserver no longer accepts the access token (HTTP 401, ``M_UNKNOWN_TOKEN``)."""
+
+
+class UnreachableError(AdapterError):
+    """The homeserver could not be reached or answered with a server error."""
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.5 s doubling up to ``maximum``."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._next = initial
+
+    def reset(self) -> None:
+        """Start again from the shortest wait (after a success)."""
+        self._next = self._initial
+
+    async def wait(self) -> None:
+        """Sleep for the current delay, then double it."""
+        delay = self._next * random.uniform(0.8, 1.2)
+        self._next = min(self._next * 2, self._maximum)
+        await trio.sleep(delay)
+
+
+def _split_token(path: str) -> tuple[str, str | None]:
+    parts = urlsplit(path)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    token = next((value for key, value in query if key == "access_token"), None)
+    rest = urlencode([(key, value) for key, value in query if key != "access_token"])
+    return urlunsplit(("", "", parts.path, rest, "")), token
+
+
+class Transport:
+    """Sends requests that ``nio.Api`` built, over one ``httpx.AsyncClient``.
+
+    HTTP 429 is always waited out (``retry_after_ms``) and retried. With ``retry=True``
+    network errors and server errors (5xx) are retried with backoff until they succeed
+    or the caller is cancelled; otherwise they raise :class:`UnreachableError`.
+    """
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def request(
+        self,
+        response_class: type[Response],
+        method: str,
+        path: str,
+        data: str | None = None,
+        *,
+        response_data: Sequence[Any] = (),
+        http_timeout: float = 30.0,
+        retry: bool = False,
+    ) -> Any:
+        """Send one request; return nio's response object (a success or an
+        ``ErrorResponse`` for client errors other than 429 and rejected tokens)."""
+        path, token = _split_token(path)
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        backoff = Backoff()
+        while True:
+            try:
+                answer = await self._http.request(
+                    method,
+                    path,
+                    content=data.encode() if data is not None else None,
+                    headers=headers,
+                    timeout=httpx.Timeout(http_timeout, connect=10.0),
+                )
+            except httpx.TransportError as error:
+                if not retry:
+                    raise UnreachableError(f"homeserver unreachable: {error!r}") from error
+                log.warning("matrix: %s %s failed (%r); retrying", method, _endpoint(path), error)
+                await backoff.wait()
+                continue
+            if answer.status_code == 429:
+                await _wait_out_rate_limit(answer, method, path)
+                continue
+            if answer.status_code >= 500:
+                if not retry:
+                    raise UnreachableError(f"homeserver answered {answer.status_code} to {method} {_endpoint(path)}")
+                log.warning("matrix: %s %s answered %d; retrying", method, _endpoint(path), answer.status_code)
+                await backoff.wait()
+                continue
+            body = _json(answer)
+            if answer.status_code == 401 and body.get("errcode") in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):
+                raise TokenRejectedError(f"the homeserver rejected the access token: {body.get('error', '')}")
+            response = response_class.from_dict(body, *response_data)
+            if isinstance(response, ErrorResponse):
+                log.debug("matrix: %s %s: %s", method, _endpoint(path), response)
+            return response
+
+
+async def _wait_out_rate_limit(answer: httpx.Response, method: str, path: str) -> None:
+    body = _json(answer)
+    wait_ms = body.get("retry_after_ms")
+    if not isinstance(wait_ms, int | float):
+        # Newer homeservers may send only the standard Retry-After header (seconds).
+        try:
+            wait_ms = float(answer.headers.get("Retry-After", "1")) * 1000
+        except ValueError:
+            wait_ms = 1000.0
+    wait = max(0.0, min(float(wait_ms), 300_000.0)) / 1000
+    log.info("matrix: rate limited on %s %s; retrying in %.3f s", method, _endpoint(path), wait)
+    # A little more than asked, so the retry does not land a hair too early.
+    await trio.sleep(wait + 0.05 if math.isfinite(wait) else 1.0)
+
+
+def _json(answer: httpx.Response) -> dict[str, Any]:
+    try:
+        body = json.loads(answer.content or b"{}")
+    except ValueError:
+        return {"errcode": "M_NOT_JSON", "error": f"HTTP {answer.status_code}, not JSON"}
+    return body if isinstance(body, dict) else {"errcode": "M_NOT_JSON", "error": "not a JSON object"}
+
+
+def _endpoint(path: str) -> str:
+    # Log the path only: queries may hold sync tokens and filters, never useful in a log line.
+    return path.split("?", 1)[0]

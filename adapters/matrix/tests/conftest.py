@@ -1,0 +1,499 @@
+"""Fixtures for the Matrix adapter's tests: a real Synapse, a person, a small host.
+
+Synapse comes from PyPI into its own virtual environment (it pins its own dependencies),
+created once and kept in ``~/.cache/oco-tests/synapse-venv-<version>`` (or
+``$OCO_TEST_CACHE``). Set ``OCO_SYNAPSE_PYTHON`` to the Python of an existing Synapse
+install to skip the install.
+
+The person is a second account driven by matrix-nio's own ``AsyncClient``, on an asyncio
+loop in a thread of its own, so that the adapter is checked against an independent
+client (with its own end-to-end encryption).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nio
+import pytest
+import trio
+
+from oco_core.plugin import (
+    ChatRoom,
+    ChatUser,
+    IncomingMessage,
+    Item,
+    MembershipEvent,
+    NamespacedStore,
+    Store,
+)
+from oco_core.testing.pytest_plugin import server_unavailable
+
+SYNAPSE_VERSION = "1.163.2"
+SHARED_SECRET = "oco-test-shared-secret"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- Synapse
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("OCO_TEST_CACHE") or Path.home() / ".cache" / "oco-tests")
+
+
+def synapse_python() -> Path:
+    """The Python of a Synapse install, installing it into the cache on first use."""
+    given = os.environ.get("OCO_SYNAPSE_PYTHON")
+    if given:
+        return Path(given)
+    venv = _cache_dir() / f"synapse-venv-{SYNAPSE_VERSION}"
+    python = venv / "bin" / "python"
+    marker = venv / ".oco-installed"
+    if marker.exists():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # One installer at a time, also across concurrent test sessions (nox + pytest).
+    with open(venv.parent / f".synapse-{SYNAPSE_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        started = time.monotonic()
+        base_python = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base_python, "-m", "venv", str(venv)], check=True, capture_output=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", f"matrix-synapse=={SYNAPSE_VERSION}"],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            raise RuntimeError(f"pip install matrix-synapse failed: {result.stderr[-2000:]}")
+        marker.write_text(f"installed in {time.monotonic() - started:.1f} s\n")
+    return python
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Synapse:
+    """A Synapse homeserver on a free loopback port, with SQLite and open registration."""
+
+    def __init__(self, python: Path, directory: Path) -> None:
+        self.python = python
+        self.directory = directory
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server_name = "localhost"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startup_seconds = 0.0
+        self._write_config()
+
+    def _write_config(self) -> None:
+        d = self.directory
+        seed = base64.b64encode(os.urandom(32)).decode().rstrip("=")
+        (d / "signing.key").write_text(f"ed25519 a_oco {seed}\n")
+        (d / "log.yaml").write_text(
+            "version: 1\n"
+            "formatters: {f: {format: '%(asctime)s %(name)s %(levelname)s %(message)s'}}\n"
+            "handlers: {file: {class: logging.FileHandler, formatter: f, filename: "
+            f"{json.dumps(str(d / 'homeserver.log'))}}}}}\n"
+            "root: {level: INFO, handlers: [file]}\n"
+            "disable_existing_loggers: false\n"
+        )
+        lots = {"per_second": 1000, "burst_count": 1000}
+        config = {
+            "server_name": self.server_name,
+            "pid_file": str(d / "homeserver.pid"),
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "database": {"name": "sqlite3", "args": {"database": str(d / "homeserver.db")}},
+            "log_config": str(d / "log.yaml"),
+            "media_store_path": str(d / "media"),
+            "signing_key_path": str(d / "signing.key"),
+            "registration_shared_secret": SHARED_SECRET,
+            "enable_registration": True,
+            "enable_registration_without_verification": True,
+            "report_stats": False,
+            "macaroon_secret_key": uuid.uuid4().hex,
+            "form_secret": uuid.uuid4().hex,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "presence": {"enabled": False},
+            "url_preview_enabled": False,
+            # Tests make many requests fast; the 429 test lowers one user's limit
+            # through the admin API instead.
+            "rc_message": lots,
+            "rc_registration": lots,
+            "rc_login": {"address": lots, "account": lots, "failed_attempts": lots},
+            "rc_joins": {"local": lots, "remote": lots},
+            "rc_joins_per_room": lots,
+            "rc_invites": {"per_room": lots, "per_user": lots, "per_issuer": lots},
+            "rc_admin_redaction": lots,
+            "rc_key_requests": lots,
+            "rc_3pid_validation": lots,
+            "rc_room_creation": lots,
+        }
+        # JSON is YAML: no YAML library needed here.
+        (d / "homeserver.yaml").write_text(json.dumps(config, indent=1))
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and wait until the client API answers."""
+        started = time.monotonic()
+        with open(self.directory / "stderr.log", "ab") as errors:
+            self.process = subprocess.Popen(
+                [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.directory / "homeserver.yaml")],
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                cwd=self.directory,
+                start_new_session=True,
+            )
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                tail = (self.directory / "stderr.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"synapse exited with {self.process.returncode}: {tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=1):
+                    self.startup_seconds = time.monotonic() - started
+                    return
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"synapse did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _post(self, path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            result: dict[str, Any] = json.loads(answer.read() or b"{}")
+            return result
+
+    def register(self, localpart: str, password: str = "secret-pw", *, admin: bool = False) -> dict[str, Any]:
+        """Create a user through the shared-secret admin API; return its login."""
+        with urllib.request.urlopen(f"{self.url}/_synapse/admin/v1/register", timeout=30) as answer:
+            nonce = json.loads(answer.read())["nonce"]
+        mac = hmac.new(SHARED_SECRET.encode(), digestmod=hashlib.sha1)
+        mac.update(f"{nonce}\0{localpart}\0{password}\0{'admin' if admin else 'notadmin'}".encode())
+        return self._post(
+            "/_synapse/admin/v1/register",
+            {"nonce": nonce, "username": localpart, "password": password, "admin": admin, "mac": mac.hexdigest()},
+        )
+
+    def override_ratelimit(self, user_id: str, per_second: float, burst: int) -> None:
+        """Give one user a message rate limit of its own (admin API)."""
+        admin = self.register(f"admin-{uuid.uuid4().hex[:8]}", admin=True)
+        quoted = urllib.request.quote(user_id)
+        self._post(
+            f"/_synapse/admin/v1/users/{quoted}/override_ratelimit",
+            {"messages_per_second": per_second, "burst_count": burst},
+            admin["access_token"],
+        )
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    """A running Synapse, shared by the session's tests (users are unique per test)."""
+    try:
+        started = time.monotonic()
+        python = synapse_python()
+        installed = time.monotonic() - started
+        server = Synapse(python, tmp_path_factory.mktemp("synapse"))
+        server.start()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        server_unavailable("synapse", str(error))
+    log.info("synapse ready: install/lookup %.1f s, startup %.2f s", installed, server.startup_seconds)
+    print(f"\nsynapse {SYNAPSE_VERSION}: venv ready in {installed:.1f} s, answered in {server.startup_seconds:.2f} s")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def unique(prefix: str) -> str:
+    """A localpart no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- the person
+
+
+class Person:
+    """A Matrix user driven by matrix-nio's AsyncClient, on its own asyncio loop thread.
+
+    Everything the person receives (decrypted where needed) lands in :attr:`events`;
+    tests wait for what they expect with :meth:`wait_for`.
+    """
+
+    def __init__(self, synapse: Synapse, localpart: str, store: Path) -> None:
+        self.synapse = synapse
+        self.localpart = localpart
+        self.user_id = f"@{localpart}:{synapse.server_name}"
+        self.password = "person-pw"
+        self.store = store
+        self.events: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"person-{localpart}", daemon=True)
+        self.client: nio.AsyncClient | None = None
+        self._syncing: asyncio.Task[Any] | None = None
+
+    async def call(self, make: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60.0) -> T:
+        """Run ``make()`` on the person's loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(make(), self._loop)
+        return await trio.to_thread.run_sync(future.result, timeout, abandon_on_cancel=True)
+
+    async def start(self) -> None:
+        """Register, log in and start syncing."""
+        self._thread.start()
+        self.synapse.register(self.localpart, self.password)
+
+        async def begin() -> None:
+            client = nio.AsyncClient(
+                self.synapse.url,
+                self.user_id,
+                store_path=str(self.store),
+                config=nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
+            )
+            self.client = client
+            response = await client.login(self.password, device_name="person")
+            assert isinstance(response, nio.LoginResponse), response
+            client.add_event_callback(self._on_event, nio.RoomMessage)
+            client.add_event_callback(self._on_event, nio.MegolmEvent)
+            client.add_event_callback(self._on_event, nio.InviteMemberEvent)
+            await client.sync(timeout=0, full_state=True)
+            self._syncing = asyncio.ensure_future(client.sync_forever(timeout=3000))
+
+        await self.call(begin)
+
+    def _on_event(self, room: nio.MatrixRoom, event: Any) -> None:
+        with self._lock:
+            self.events.append((room.room_id, event))
+
+    async def stop(self) -> None:
+        """Stop syncing and close the client and its loop."""
+
+        async def end() -> None:
+            if self._syncing is not None:
+                self._syncing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._syncing
+            if self.client is not None:
+                await self.client.close()
+                if self.client.store is not None:
+                    self.client.store.database.close()
+
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                await self.call(end, timeout=20)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await trio.to_thread.run_sync(self._thread.join, 10)
+        self._loop.close()
+
+    @property
+    def nio(self) -> nio.AsyncClient:
+        assert self.client is not None
+        return self.client
+
+    async def create_room(self, *, invite: Sequence[str] = (), encrypted: bool = False, direct: bool = False) -> str:
+        """Create a room and invite others; return its id."""
+        initial_state = [nio.EnableEncryptionBuilder().as_dict()] if encrypted else []
+        response = await self.call(
+            lambda: self.nio.room_create(
+                invite=list(invite),
+                is_direct=direct,
+                initial_state=initial_state,
+                preset=nio.RoomPreset.trusted_private_chat if direct else nio.RoomPreset.private_chat,
+            )
+        )
+        assert isinstance(response, nio.RoomCreateResponse), response
+        room_id: str = response.room_id
+        # Wait until our own sync knows the room (needed to encrypt for it).
+        await self.wait_until(lambda: room_id in self.nio.rooms)
+        return room_id
+
+    async def invite(self, room_id: str, user_id: str) -> None:
+        response = await self.call(lambda: self.nio.room_invite(room_id, user_id))
+        assert isinstance(response, nio.RoomInviteResponse), response
+
+    async def wait_joined(self, room_id: str, user_id: str, timeout: float = 30.0) -> None:
+        """Wait until ``user_id`` is a joined member of the room, as the person sees it."""
+
+        def joined() -> bool:
+            room = self.nio.rooms.get(room_id)
+            return room is not None and user_id in room.users and user_id not in room.invited_users
+
+        await self.wait_until(joined, timeout)
+
+    async def say(self, room_id: str, body: str, **extra: Any) -> str:
+        """Send an ``m.text`` message (encrypted in an encrypted room); return its event id."""
+        content = {"msgtype": "m.text", "body": body, **extra}
+
+        async def send() -> Any:
+            room = self.nio.rooms[room_id]
+            if room.encrypted:
+                # Make sure we know the bot's devices before encrypting for them.
+                await self.nio.joined_members(room_id)
+                if self.nio.should_query_keys:
+                    await self.nio.keys_query()
+            return await self.nio.room_send(room_id, "m.room.message", content, ignore_unverified_devices=True)
+
+        response = await self.call(send)
+        assert isinstance(response, nio.RoomSendResponse), response
+        return str(response.event_id)
+
+    def messages_from(self, sender: str, room_id: str | None = None) -> list[Any]:
+        """Messages the person received from ``sender`` (in ``room_id``)."""
+        with self._lock:
+            return [
+                event
+                for room, event in self.events
+                if isinstance(event, nio.RoomMessage)
+                and event.sender == sender
+                and (room_id is None or room == room_id)
+            ]
+
+    async def wait_for_message(
+        self, sender: str, room_id: str, predicate: Callable[[Any], bool] = lambda e: True, timeout: float = 30.0
+    ) -> Any:
+        """Wait for a message from ``sender`` in ``room_id`` that satisfies ``predicate``."""
+        found: list[Any] = []
+
+        def check() -> bool:
+            found[:] = [e for e in self.messages_from(sender, room_id) if predicate(e)]
+            return bool(found)
+
+        await self.wait_until(check, timeout)
+        return found[0]
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Poll ``condition`` (it reads state another thread updates) until it holds."""
+        with trio.fail_after(timeout):
+            while not condition():
+                await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def person(synapse: Synapse, tmp_path: Path) -> Any:
+    """A person with a fresh account, syncing."""
+    store = tmp_path / "person-store"
+    store.mkdir()
+    someone = Person(synapse, unique("person"), store)
+    await someone.start()
+    try:
+        yield someone
+    finally:
+        await someone.stop()
+
+
+# --------------------------------------------------------------------------- the host
+
+
+class MemoryStore(Store):
+    """A dict-backed core store, enough for an adapter's own state."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], Item] = {}
+
+    async def get(self, namespace: str, key: str) -> Item | None:
+        return self.data.get((namespace, key))
+
+    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        old = self.data.get((namespace, key))
+        version = (old.version if old else 0) + 1
+        self.data[(namespace, key)] = Item(key, value, version)
+        return version
+
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        return self.data.pop((namespace, key), None) is not None
+
+    async def list(
+        self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
+    ) -> list[Item]:
+        items = sorted((i for (n, k), i in self.data.items() if n == namespace and k.startswith(prefix)), key=lambda i: i.key)
+        return [i for i in items if i.key > start_after][:limit]
+
+
+class Host:
+    """The AdapterHost a test gives the adapter: records everything it is told."""
+
+    def __init__(self, store: MemoryStore | None = None, bot_name: str = "oco") -> None:
+        self.name = "matrix"
+        self.bot_name = bot_name
+        self.aliases: Sequence[str] = ()
+        self.memory = store or MemoryStore()
+        self.store = NamespacedStore(self.memory, "adapter:matrix")
+        self.messages: list[IncomingMessage] = []
+        self.memberships: list[MembershipEvent] = []
+        self.topics: list[tuple[ChatRoom, ChatUser | None]] = []
+        self.own_names: list[str] = []
+        self.on_message: Callable[[IncomingMessage], Awaitable[None]] | None = None
+
+    async def receive(self, message: IncomingMessage) -> None:
+        self.messages.append(message)
+        if self.on_message is not None:
+            await self.on_message(message)
+
+    async def membership(self, event: MembershipEvent) -> None:
+        self.memberships.append(event)
+
+    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
+        self.topics.append((room, user))
+
+    def set_own_names(self, names: Sequence[str]) -> None:
+        self.own_names = list(names)
+
+    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
+        await trio.sleep(0)
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Poll ``condition`` until it holds."""
+        with trio.fail_after(timeout):
+            while not condition():
+                await trio.sleep(0.05)
