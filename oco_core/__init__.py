@@ -5,15 +5,15 @@ from __future__ import annotations
 from ._errors import AdapterError as AdapterError
 from ._errors import CallbackError as CallbackError
 from ._errors import ConfigError as ConfigError
+from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import OcoError as OcoError
 from ._errors import PluginError as PluginError
+from ._errors import RequestTooLargeError as RequestTooLargeError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import UnknownTargetError as UnknownTargetError
 from ._errors import ValueTooLargeError as ValueTooLargeError
 from ._errors import VersionConflictError as VersionConflictError
-from ._errors import InvalidRequestError as InvalidRequestError
-from ._errors import RequestTooLargeError as RequestTooLargeError
 from ._sdk import Callback as Callback
 from ._sdk import Directory as Directory
 from ._sdk import Membership as Membership

@@ -59,7 +59,7 @@ class _AdapterLink:
         self.name = name
         self.adapter = adapter
         self.bot_name = bot.router.bot_name
-        self.aliases = bot.router.aliases
+        self.aliases: Sequence[str] = bot.router.aliases
         self.store = NamespacedStore(store, f"adapter:{name}")
 
     async def receive(self, message: IncomingMessage) -> None:
@@ -226,9 +226,7 @@ class Bot:
         user = core_pb2.User(id=user_id, name=incoming.user.name, mention_name=incoming.user.mention_name)
         room = None
         if incoming.room is not None:
-            room = core_pb2.Room(
-                id=f"{adapter}/{incoming.room.id}", name=incoming.room.name, topic=incoming.room.topic
-            )
+            room = core_pb2.Room(id=f"{adapter}/{incoming.room.id}", name=incoming.room.name, topic=incoming.room.topic)
         message_id = f"{adapter}/{incoming.id}" if incoming.id else f"{adapter}/~{next(self._message_ids)}"
         message = core_pb2.Message(
             body=incoming.body,
@@ -322,7 +320,9 @@ class Bot:
 
     # -- outgoing --------------------------------------------------------------------
 
-    def resolve(self, message: core_pb2.Message, with_mention: bool, index: int = 0) -> tuple[_AdapterLink, OutgoingMessage]:
+    def resolve(
+        self, message: core_pb2.Message, with_mention: bool, index: int = 0
+    ) -> tuple[_AdapterLink, OutgoingMessage]:
         """Check one outgoing message and find the adapter it goes through.
 
         Raises InvalidRequestError, RequestTooLargeError or UnknownTargetError, naming
@@ -344,17 +344,13 @@ class Bot:
         if user_id:
             user_link, native_user = self._split(user_id, what)
             if link is not None and user_link is not link:
-                raise InvalidRequestError(
-                    f"{what}: user {user_id!r} and room {room_id!r} are on different adapters"
-                )
+                raise InvalidRequestError(f"{what}: user {user_id!r} and room {room_id!r} are on different adapters")
             link = user_link
             known = self.directory.users.get(user_link.name + "/" + native_user) if self.directory else None
             user = ChatUser(
                 id=native_user,
                 name=message.source.user.name or (known.name if known else ""),
-                mention_name=message.source.user.mention_name
-                or (known.mention_name if known else "")
-                or native_user,
+                mention_name=message.source.user.mention_name or (known.mention_name if known else "") or native_user,
             )
         assert link is not None
         in_reply_to = message.in_reply_to or ""
@@ -429,4 +425,3 @@ class Bot:
 
 def _user_pb(adapter: str, user: ChatUser) -> core_pb2.User:
     return core_pb2.User(id=f"{adapter}/{user.id}", name=user.name, mention_name=user.mention_name)
-

@@ -27,10 +27,11 @@ and a client that goes away cancels the trio task serving it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -150,10 +151,8 @@ class _AsyncioToTrio(Generic[T]):
             self._bridge._call_trio_soon(self._send.close)
 
     def _send_error_and_close(self, error: BaseException) -> None:
-        try:
+        with suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(error)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass
         self._send.close()
 
     # trio side
@@ -233,16 +232,12 @@ class Bridge:
     # -- crossing primitives ---------------------------------------------------------
 
     def _call_trio_soon(self, fn: Callable[..., object], *args: Any) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nobody left to tell
             self._token.run_sync_soon(fn, *args)
-        except trio.RunFinishedError:
-            pass  # trio is gone; there is nobody left to tell
 
     def _call_asyncio_soon(self, fn: Callable[..., object], *args: Any) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the loop is closed during shutdown
 
     async def run_asyncio(self, fn: Callable[[], Awaitable[T]]) -> T:
         """From trio: run ``await fn()`` on the asyncio loop and return its result.
@@ -281,6 +276,7 @@ class Bridge:
             elif isinstance(result, outcome.Value):
                 future.set_result(result.value)
             else:
+                assert isinstance(result, outcome.Error)
                 future.set_exception(result.error)
 
         async def runner() -> None:
@@ -338,7 +334,7 @@ class Bridge:
             if names:
                 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-                servicer = health.aio.HealthServicer()
+                servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
                 health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
                 for name in ["", *names]:
                     await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -361,7 +357,7 @@ class Bridge:
         cancel them."""
         await self.run_asyncio(lambda: server._server.stop(grace))
 
-    def _handler(self, method: Method, window: int) -> grpc.RpcMethodHandler:
+    def _handler(self, method: Method, window: int) -> grpc.RpcMethodHandler[Any, Any]:
         bridge = self
 
         def info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
@@ -575,6 +571,3 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
-
-
-

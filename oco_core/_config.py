@@ -210,7 +210,7 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: tuple[str | int, ..
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: keys must be text, not {key!r}")
             if key in result:
@@ -221,7 +221,7 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: tuple[str | int, ..
         return [_convert(item, loader, (*path, i), lines) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and "${" in node.value:
         return _substitute(node.value, node.start_mark.line + 1, path)
-    return loader.construct_object(node, deep=True)  # type: ignore[no-untyped-call]
+    return loader.construct_object(node, deep=True)
 
 
 def _substitute(value: str, line: int, path: tuple[str | int, ...]) -> str:
@@ -245,7 +245,7 @@ def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
     loader = yaml.SafeLoader(text)
     try:
         try:
-            node = loader.get_single_node()  # type: ignore[no-untyped-call]
+            node = loader.get_single_node()
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,7 +257,7 @@ def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}, {exc}") from None
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys (bot:, adapters:, ...), not a {_kind(data)}")
     try:
@@ -325,4 +325,6 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _kind(value: object) -> str:
-    return {list: "list", str: "string"}.get(type(value), type(value).__name__)
+    if isinstance(value, list):
+        return "list"
+    return "string" if isinstance(value, str) else type(value).__name__

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import trio
 
 from ._errors import StoreError
-from ._store import Store
+from ._store import Item, Store
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,28 @@ class Directory:
 
     async def load(self) -> None:
         """Read what earlier runs learnt."""
-        for prefix, target, build in (("user/", self.users, _user), ("room/", self.rooms, _room)):
-            after = ""
-            while True:
-                items = await self._store.list(NAMESPACE, prefix, start_after=after, limit=500)
-                for item in items:
-                    try:
-                        record = build(json.loads(item.value))
-                    except (ValueError, TypeError, KeyError):
-                        log.warning("ignoring a malformed directory record %r in the store", item.key)
-                        continue
-                    target[record.id] = record  # type: ignore[index]
-                if len(items) < 500:
-                    break
-                after = items[-1].key
+        for item in await self._load_all("user/"):
+            try:
+                user = _user(json.loads(item.value))
+            except (ValueError, TypeError, KeyError):
+                log.warning("ignoring a malformed directory record %r in the store", item.key)
+                continue
+            self.users[user.id] = user
+        for item in await self._load_all("room/"):
+            try:
+                room = _room(json.loads(item.value))
+            except (ValueError, TypeError, KeyError):
+                log.warning("ignoring a malformed directory record %r in the store", item.key)
+                continue
+            self.rooms[room.id] = room
+
+    async def _load_all(self, prefix: str) -> list[Item]:
+        items: list[Item] = []
+        while True:
+            page = await self._store.list(NAMESPACE, prefix, start_after=items[-1].key if items else "", limit=500)
+            items += page
+            if len(page) < 500:
+                return items
 
     def see_user(self, user: UserRecord) -> None:
         """Note a user; written to the store only when something changed."""
@@ -122,7 +130,9 @@ class Directory:
 
 
 def _user(data: dict[str, object]) -> UserRecord:
-    return UserRecord(id=str(data["id"]), name=str(data.get("name", "")), mention_name=str(data.get("mention_name", "")))
+    return UserRecord(
+        id=str(data["id"]), name=str(data.get("name", "")), mention_name=str(data.get("mention_name", ""))
+    )
 
 
 def _room(data: dict[str, object]) -> RoomRecord:

@@ -154,9 +154,7 @@ class Services:
         finally:
             self.bot.router.unsubscribe(subscription)
             if subscription.queued():
-                log.warning(
-                    "callback %r left with %d undelivered event(s)", callback_id, subscription.queued()
-                )
+                log.warning("callback %r left with %d undelivered event(s)", callback_id, subscription.queued())
             log.info("callback %r stopped listening", callback_id)
 
     async def send_messages(

@@ -83,5 +83,5 @@ def load_plugins(manager: pluggy.PluginManager | None = None) -> Plugins:
                         target[item.name].package,
                     )
                     continue
-                target[item.name] = item  # type: ignore[assignment]
+                target[item.name] = item
     return Plugins(adapters, stores)

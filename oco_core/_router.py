@@ -244,9 +244,7 @@ class Router:
         self.routed += 1
         return matches
 
-    def _match_table(
-        self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match]
-    ) -> None:
+    def _match_table(self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match]) -> None:
         if not table.patterns:
             return
         for index in table.set.Match(text) or ():  # None when nothing matched

@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 import trio
 
-from ._bridge import Bridge, DuplexSender, open_bridge
+from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
     CallbackError,
     InvalidRequestError,
@@ -61,6 +61,10 @@ T = TypeVar("T")
 
 #: gRPC status codes after which reconnecting cannot help: the configuration is wrong.
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+#: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
+_UNARY_DEADLINE = 30.0
+#: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
+_UNARY_DEADLINE = 30.0
 _CHANNEL_OPTIONS = [
     # Reconnect quickly when the bot restarts (gRPC's default waits up to two minutes).
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -313,7 +317,9 @@ class Callback:
 
     # -- declaring -------------------------------------------------------------------
 
-    def hear(self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False) -> Callable[[F], F]:
+    def hear(
+        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False
+    ) -> Callable[[F], F]:
         """Run the decorated handler for every message that matches ``pattern`` (RE2)."""
         return self._route(pattern, False, help, id, ignore_case)
 
@@ -334,7 +340,9 @@ class Callback:
 
         return decorate
 
-    def on_membership(self, handler: Callable[[Membership], Awaitable[None]]) -> Callable[[Membership], Awaitable[None]]:
+    def on_membership(
+        self, handler: Callable[[Membership], Awaitable[None]]
+    ) -> Callable[[Membership], Awaitable[None]]:
         """Run the decorated handler when users enter or leave rooms."""
         self._membership.append(handler)
         return handler
@@ -351,11 +359,13 @@ class Callback:
                 await trio.sleep(0.01)
         return self._connection
 
-    async def _unary(self, service: str, method: str, request: Any, timeout: float = 30.0) -> Any:
+    async def _unary(self, service: str, method: str, request: Any) -> Any:
         connection = await self._ready()
         call = getattr(connection.stubs[service], method)
         try:
-            return await connection.bridge.run_asyncio(lambda: call(request, metadata=self._metadata(), timeout=timeout))
+            return await connection.bridge.run_asyncio(
+                lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
+            )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
 
@@ -499,7 +509,7 @@ class Callback:
                         handlers.start_soon(self._dispatch, routes, event, token)
                     handlers.cancel_scope.cancel()
 
-    async def _read_results(self, connection: _Connection, results: AsyncIterator[robot_pb2.SendResult]) -> None:
+    async def _read_results(self, connection: _Connection, results: ResponseStream) -> None:
         async for result in results:
             entry = connection.pending.get(result.request_id)
             if entry is not None:

@@ -69,7 +69,8 @@ async def supervise_callback(settings: CallbackSettings, address: str, secret: s
 async def _watch(process: trio.Process, output: logging.Logger) -> int:
     try:
         async with trio.open_nursery() as nursery:
-            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout is not None
+            assert process.stderr is not None
             nursery.start_soon(_forward, process.stdout, output, logging.INFO)
             # stderr is where most programs log, at every level: not a warning by itself.
             nursery.start_soon(_forward, process.stderr, output, logging.INFO)

@@ -124,7 +124,9 @@ async def open_bot(config_text: str, *, plugins: object | None = None) -> AsyncI
 
     loaded = parse_config(config_text, "<test config>")
     if "listen" not in loaded.config.grpc.model_fields_set:
-        config = loaded.config.model_copy(update={"grpc": loaded.config.grpc.model_copy(update={"listen": "127.0.0.1:0"})})
+        config = loaded.config.model_copy(
+            update={"grpc": loaded.config.grpc.model_copy(update={"listen": "127.0.0.1:0"})}
+        )
         loaded = type(loaded)(config, loaded.source, loaded.lines)
     bot = Bot(loaded, plugins if isinstance(plugins, Plugins) else load_plugins())
     async with trio.open_nursery() as nursery:
