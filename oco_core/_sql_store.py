@@ -1,0 +1,558 @@
+"""The built-in SQL store: the core store on SQLite (default) or PostgreSQL, via SQLAlchemy 2.
+
+SQLAlchemy's async layer is asyncio-only, so this module uses the synchronous engine and
+runs every database call in a worker thread (``trio.to_thread.run_sync``) behind a
+:class:`trio.CapacityLimiter` sized to the connection pool: no thread ever waits for a
+connection while holding a token another call could use. This is the one seam where the
+storage code touches threads.
+
+One table holds every namespace::
+
+    {prefix}kv (namespace TEXT, key BLOB/BYTEA, value BLOB/BYTEA, version BIGINT,
+                PRIMARY KEY (namespace, key))
+
+Keys are stored as their UTF-8 bytes, so both databases order them by bytes (what
+:meth:`Store.list` promises) whatever the database's collation, and a prefix search is a
+plain index range scan with no ``LIKE`` wildcards to escape. A second table,
+``{prefix}schema_version``, records which migrations have run; :data:`MIGRATIONS` creates
+the schema on first start and upgrades it on later ones, inside one transaction that
+holds a lock so that two bots starting at once cannot both migrate.
+
+Every write is a single statement, atomic on both databases without explicit locking:
+an upsert (``INSERT ... ON CONFLICT DO UPDATE``) for unconditional writes, ``INSERT ...
+ON CONFLICT DO NOTHING`` for "must not exist" (expected version 0), and ``UPDATE/DELETE
+... WHERE version = :expected`` for compare-and-set, each with ``RETURNING``.
+
+SQLite runs in WAL mode (readers never block the writer) with a busy timeout (writers
+wait for each other instead of failing). Its ``synchronous`` setting decides what a
+committed write survives: ``FULL`` (the default here) survives power loss and operating
+system crashes; ``NORMAL`` survives the bot process being killed but may lose the last
+transactions on power loss, in exchange for fewer fsyncs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import sqlalchemy as sa
+import trio
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from ._errors import ConfigError, StoreError, StoreUnavailableError, ValueTooLargeError, VersionConflictError
+from ._hookspecs import hookimpl
+from ._store import MAX_KEY_BYTES, Item, Store, StoreType
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Default largest value, in bytes.
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+
+_PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+class SqlStoreConfig(BaseModel):
+    """Options of the ``sql`` store (the ``store:`` section of the bot's config).
+
+    ``url`` is a SQLAlchemy URL: ``sqlite:///oco.db`` (a file beside the working
+    directory; ``sqlite:////abs/path.db`` for an absolute path; ``sqlite://`` for a
+    throw-away in-memory database) or ``postgresql+psycopg://user:password@host/db``
+    (needs ``pip install 'oco-core[postgresql]'``). Its password never appears in
+    ``repr`` or in error messages.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = "sqlite:///oco.db"
+    #: Largest value accepted, in bytes; larger writes raise ValueTooLargeError.
+    max_value_bytes: int = Field(default=DEFAULT_MAX_VALUE_BYTES, ge=1, le=256 * 1024 * 1024)
+    #: Connections kept open in the pool (also the number of worker threads in use).
+    pool_size: int = Field(default=5, ge=1, le=1000)
+    #: Extra connections opened under load beyond ``pool_size``, closed when idle.
+    max_overflow: int = Field(default=5, ge=0, le=1000)
+    #: Seconds a call waits for a free connection before failing as unavailable.
+    pool_timeout: float = Field(default=30.0, gt=0)
+    #: Connections older than this many seconds are replaced (guards against servers
+    #: and middleboxes that drop idle connections); -1 never recycles.
+    pool_recycle: int = Field(default=3600, ge=-1)
+    #: Test each connection with a cheap round trip before use, so that a database
+    #: restart costs no failed call.
+    pool_pre_ping: bool = True
+    #: Seconds to wait when connecting to a server database before giving up.
+    connect_timeout: int = Field(default=5, ge=1)
+    #: Table names start with this, so several bots (or tests) can share a database.
+    table_prefix: str = "oco_"
+    #: SQLite only: milliseconds a writer waits for another writer before failing.
+    sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    #: SQLite only: ``FULL`` survives power loss; ``NORMAL`` survives a killed process.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except exc.ArgumentError as e:
+            raise ValueError(f"not a database URL ({e}); expected sqlite:///FILE or postgresql+psycopg://...") from e
+        backend, _, driver = url.drivername.partition("+")
+        if backend == "sqlite":
+            if driver not in ("", "pysqlite"):
+                raise ValueError(f"unsupported SQLite driver {driver!r}; use sqlite:///FILE")
+        elif backend in ("postgresql", "postgres"):
+            if driver not in ("", "psycopg"):
+                raise ValueError(f"unsupported PostgreSQL driver {driver!r}; use postgresql+psycopg://...")
+            if importlib.util.find_spec("psycopg") is None:
+                raise ValueError("PostgreSQL needs psycopg 3: pip install 'oco-core[postgresql]'")
+        else:
+            raise ValueError(
+                f"unsupported database {backend!r}: the sql store supports sqlite:///FILE and postgresql+psycopg://..."
+            )
+        return value
+
+    @field_validator("table_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value):
+            raise ValueError("must be letters, digits and underscores, not starting with a digit (at most 41)")
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The URL may carry a password: repr (and so logs of the config) shows it masked.
+        for name, value in super().__repr_args__():
+            yield (name, mask_url(value) if name == "url" else value)
+
+    def sqlalchemy_url(self) -> URL:
+        """The URL with the driver spelled out (``postgresql://`` means psycopg 3 here)."""
+        url = make_url(self.url)
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        return url
+
+
+def mask_url(url: str | URL) -> str:
+    """Return ``url`` as a string with its password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<unparseable database URL>"
+
+
+# ---- schema and migrations ----
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    kv: sa.Table
+    schema_version: sa.Table
+
+
+def _tables(prefix: str) -> _Tables:
+    metadata = sa.MetaData()
+    kv = sa.Table(
+        f"{prefix}kv",
+        metadata,
+        sa.Column("namespace", sa.Text, primary_key=True),
+        # UTF-8 bytes of the key: byte order on every database, whatever its collation.
+        sa.Column("key", sa.LargeBinary, primary_key=True),
+        sa.Column("value", sa.LargeBinary, nullable=False),
+        sa.Column("version", sa.BigInteger, nullable=False),
+        # Milliseconds since the epoch of the last write: for operators (added by
+        # migration 2), not part of the store interface.
+        sa.Column("updated_ms", sa.BigInteger, nullable=True),
+    )
+    schema_version = sa.Table(
+        f"{prefix}schema_version",
+        metadata,
+        sa.Column("version", sa.Integer, nullable=False),
+    )
+    return _Tables(kv, schema_version)
+
+
+def _migrate_1(conn: Connection, prefix: str) -> None:
+    # Written as literal DDL, not from the current Table objects, so that this step
+    # always creates exactly the first schema, whatever later migrations add.
+    blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
+    conn.execute(
+        sa.text(
+            f"CREATE TABLE {prefix}kv ("
+            "namespace TEXT NOT NULL, "
+            f"key {blob} NOT NULL, "
+            f"value {blob} NOT NULL, "
+            "version BIGINT NOT NULL, "
+            f"CONSTRAINT {prefix}kv_pkey PRIMARY KEY (namespace, key))"
+        )
+    )
+
+
+def _migrate_2(conn: Connection, prefix: str) -> None:
+    conn.execute(sa.text(f"ALTER TABLE {prefix}kv ADD COLUMN updated_ms BIGINT"))
+
+
+#: The schema's history: migration ``n`` takes a database from version ``n - 1`` to ``n``.
+#: Append only; never edit a migration that has shipped.
+MIGRATIONS: tuple[Callable[[Connection, str], None], ...] = (_migrate_1, _migrate_2)
+
+#: The schema version this code reads and writes.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: Connection, prefix: str, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema to version ``target`` inside the caller's transaction; return
+    the version found before. Refuses a database newer than this code knows."""
+    tables = _tables(prefix)
+    if conn.dialect.name == "postgresql":
+        # Serialises concurrent starts: the second waits, then finds nothing to do.
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"oco-migrate-{prefix}"})
+    tables.schema_version.create(conn, checkfirst=True)
+    found = conn.execute(sa.select(sa.func.max(tables.schema_version.c.version))).scalar()
+    current = int(found or 0)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database schema is version {current}, newer than this oco-core knows ({SCHEMA_VERSION}); "
+            "upgrade oco-core"
+        )
+    for version in range(current + 1, target + 1):
+        logger.info("store: migrating schema %s to version %d", prefix, version)
+        MIGRATIONS[version - 1](conn, prefix)
+    if target > current:
+        conn.execute(sa.delete(tables.schema_version))
+        conn.execute(sa.insert(tables.schema_version).values(version=target))
+    return current
+
+
+# ---- the store ----
+
+
+def _encode_key(key: str) -> bytes:
+    if not isinstance(key, str) or not key:
+        raise StoreError("a key must be a non-empty string")
+    try:
+        data = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise StoreError(f"a key must be valid Unicode (encodable as UTF-8): {e}") from e
+    if len(data) > MAX_KEY_BYTES:
+        raise ValueTooLargeError(f"key is {len(data)} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes")
+    return data
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with ``prefix``
+    (None when there is none, i.e. no upper bound)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+class SqlStore(Store):
+    """The core store on a SQL database. Create it with :func:`open_sql_store`."""
+
+    def __init__(self, config: SqlStoreConfig) -> None:
+        self.config = config
+        self._url = config.sqlalchemy_url()
+        self._masked_url = mask_url(self._url)
+        self._password = self._url.password
+        self._t = _tables(config.table_prefix)
+        self._engine = self._create_engine()
+        self._limiter = trio.CapacityLimiter(1 if self._in_memory else config.pool_size + config.max_overflow)
+
+    @property
+    def _in_memory(self) -> bool:
+        return self._url.get_backend_name() == "sqlite" and self._url.database in (None, "", ":memory:")
+
+    def _create_engine(self) -> Engine:
+        config = self.config
+        kwargs: dict[str, Any] = {}
+        if self._url.get_backend_name() == "sqlite":
+            # The pysqlite driver's own transaction handling is off (isolation_level
+            # None) and SQLAlchemy emits BEGIN itself, as SQLAlchemy's documentation
+            # recommends: DDL becomes transactional, so migrations are all or nothing.
+            connect_args: dict[str, Any] = {
+                "timeout": config.sqlite_busy_timeout_ms / 1000,
+                "isolation_level": None,
+                "check_same_thread": False,
+            }
+            if self._in_memory:
+                # One shared connection: every connection to :memory: is a new database.
+                kwargs.update(poolclass=StaticPool)
+            else:
+                kwargs.update(pool_size=config.pool_size, max_overflow=config.max_overflow)
+            kwargs.update(connect_args=connect_args)
+        else:
+            kwargs.update(
+                pool_size=config.pool_size,
+                max_overflow=config.max_overflow,
+                connect_args={"connect_timeout": config.connect_timeout, "application_name": "oco"},
+            )
+        if not self._in_memory:
+            kwargs.update(
+                pool_timeout=config.pool_timeout,
+                pool_recycle=config.pool_recycle,
+                pool_pre_ping=config.pool_pre_ping,
+            )
+        try:
+            engine = sa.create_engine(self._url, **kwargs)
+        except ImportError as e:
+            raise ConfigError(
+                f"cannot use {self._masked_url}: {e}; for PostgreSQL: pip install 'oco-core[postgresql]'"
+            ) from e
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", self._on_sqlite_connect)
+            event.listen(engine, "begin", self._on_sqlite_begin)
+        return engine
+
+    def _on_sqlite_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not self._in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={self.config.sqlite_synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={int(self.config.sqlite_busy_timeout_ms)}")
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _on_sqlite_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front (waiting out the busy timeout), so a
+        # transaction that reads before it writes cannot fail with SQLITE_BUSY later.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("oco_write") else "BEGIN")
+
+    # ---- plumbing ----
+
+    async def _run(self, fn: Callable[[Connection], T], *, write: bool) -> T:
+        """Run ``fn`` in one transaction on a worker thread; map database errors."""
+
+        def work() -> T:
+            with self._engine.connect() as conn:
+                if write:
+                    conn = conn.execution_options(oco_write=True)
+                with conn.begin():
+                    return fn(conn)
+
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self._limiter)
+        except StoreError:
+            raise
+        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError) as e:
+            raise StoreUnavailableError(self._unavailable_message(e)) from e
+        except exc.DBAPIError as e:
+            if e.connection_invalidated:
+                raise StoreUnavailableError(self._unavailable_message(e)) from e
+            raise StoreError(f"store database {self._masked_url} failed: {self._scrub(_one_line(e))}") from e
+        except exc.SQLAlchemyError as e:
+            raise StoreError(f"store database {self._masked_url} failed: {self._scrub(_one_line(e))}") from e
+
+    def _scrub(self, text: str) -> str:
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _unavailable_message(self, error: BaseException) -> str:
+        return f"store database {self._masked_url} is unavailable: {self._scrub(_one_line(error))}"
+
+    def _check_value(self, value: bytes) -> bytes:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise StoreError(f"a value must be bytes, not {type(value).__name__}")
+        value = bytes(value)
+        if len(value) > self.config.max_value_bytes:
+            raise ValueTooLargeError(
+                f"value is {len(value)} bytes; the store's limit (max_value_bytes) is {self.config.max_value_bytes}"
+            )
+        return value
+
+    async def _start(self) -> None:
+        def work(conn: Connection) -> int:
+            return migrate(conn, self.config.table_prefix)
+
+        before = await self._run(work, write=True)
+        if before != SCHEMA_VERSION:
+            logger.info("store: schema at version %d (was %d) in %s", SCHEMA_VERSION, before, self._masked_url)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await trio.to_thread.run_sync(self._engine.dispose, limiter=self._limiter)
+
+    # ---- the Store interface ----
+
+    async def get(self, namespace: str, key: str) -> Item | None:
+        """Return the item stored under ``key``, or None when there is none."""
+        raw = _encode_key(key)
+        kv = self._t.kv
+        query = sa.select(kv.c.value, kv.c.version).where(kv.c.namespace == namespace, kv.c.key == raw)
+
+        def work(conn: Connection) -> Item | None:
+            row = conn.execute(query).first()
+            return None if row is None else Item(key, bytes(row.value), int(row.version))
+
+        return await self._run(work, write=False)
+
+    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        """Store ``value`` under ``key`` and return the key's new version; see :meth:`Store.set`."""
+        raw = _encode_key(key)
+        value = self._check_value(value)
+        kv = self._t.kv
+        insert = self._insert()
+        values = {"namespace": namespace, "key": raw, "value": value, "version": 1, "updated_ms": _now_ms()}
+        if expected_version is None:
+            stmt: Any = (
+                insert(kv)
+                .values(**values)
+                .on_conflict_do_update(
+                    index_elements=[kv.c.namespace, kv.c.key],
+                    set_={"value": value, "version": kv.c.version + 1, "updated_ms": values["updated_ms"]},
+                )
+                .returning(kv.c.version)
+            )
+        elif expected_version == 0:
+            stmt = insert(kv).values(**values).on_conflict_do_nothing().returning(kv.c.version)
+        else:
+            stmt = (
+                sa.update(kv)
+                .where(kv.c.namespace == namespace, kv.c.key == raw, kv.c.version == expected_version)
+                .values(value=value, version=kv.c.version + 1, updated_ms=values["updated_ms"])
+                .returning(kv.c.version)
+            )
+
+        def work(conn: Connection) -> int:
+            version = conn.execute(stmt).scalar()
+            if version is None:
+                raise self._conflict(conn, namespace, key, raw, expected_version)
+            return int(version)
+
+        return await self._run(work, write=True)
+
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete ``key``; return False when it did not exist. See :meth:`Store.delete`."""
+        raw = _encode_key(key)
+        kv = self._t.kv
+        condition = sa.and_(kv.c.namespace == namespace, kv.c.key == raw)
+        if expected_version is not None:
+            condition = sa.and_(condition, kv.c.version == expected_version)
+        stmt = sa.delete(kv).where(condition).returning(kv.c.version)
+
+        def work(conn: Connection) -> bool:
+            deleted = conn.execute(stmt).first() is not None
+            if not deleted and expected_version is not None:
+                raise self._conflict(conn, namespace, key, raw, expected_version)
+            return deleted
+
+        return await self._run(work, write=True)
+
+    async def list(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        start_after: str = "",
+        limit: int = 100,
+        keys_only: bool = False,
+    ) -> list[Item]:
+        """Return up to ``limit`` items whose keys start with ``prefix``, ordered by the
+        keys' UTF-8 bytes, only keys greater than ``start_after``; see :meth:`Store.list`."""
+        if limit <= 0:
+            return []
+        low = prefix.encode("utf-8")
+        high = _prefix_end(low)
+        after = start_after.encode("utf-8")
+        kv = self._t.kv
+        columns = [kv.c.key, kv.c.version] if keys_only else [kv.c.key, kv.c.version, kv.c.value]
+        query = sa.select(*columns).where(kv.c.namespace == namespace)
+        # An index range scan: [prefix, successor of prefix), past start_after.
+        query = query.where(kv.c.key > after) if after >= low else query.where(kv.c.key >= low)
+        if high is not None:
+            query = query.where(kv.c.key < high)
+        query = query.order_by(kv.c.key).limit(limit)
+
+        def work(conn: Connection) -> list[Item]:
+            return [
+                Item(bytes(row.key).decode("utf-8"), b"" if keys_only else bytes(row.value), int(row.version))
+                for row in conn.execute(query)
+            ]
+
+        return await self._run(work, write=False)
+
+    async def usage(self, namespace: str) -> tuple[int, int]:
+        """Return (number of keys, total bytes of keys and values) in ``namespace``."""
+        kv = self._t.kv
+        query = sa.select(
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(sa.func.length(kv.c.key) + sa.func.length(kv.c.value)), 0),
+        ).where(kv.c.namespace == namespace)
+
+        def work(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(query).one()
+            return int(row[0]), int(row[1])
+
+        return await self._run(work, write=False)
+
+    # ---- helpers ----
+
+    def _insert(self) -> Any:
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+
+    def _conflict(
+        self, conn: Connection, namespace: str, key: str, raw: bytes, expected: int | None
+    ) -> VersionConflictError:
+        kv = self._t.kv
+        found = conn.execute(sa.select(kv.c.version).where(kv.c.namespace == namespace, kv.c.key == raw)).scalar()
+        current = int(found or 0)
+        return VersionConflictError(
+            f"key {key!r}: expected version {expected}, but the stored version is {current}", current
+        )
+
+
+@asynccontextmanager
+async def open_sql_store(config: SqlStoreConfig) -> AsyncIterator[SqlStore]:
+    """Open the SQL store described by ``config``: connect, create or upgrade the
+    schema, and close every connection on exit.
+
+    Raises :class:`~oco_core.StoreUnavailableError` (naming the URL, password masked)
+    when the database cannot be reached; the caller may retry.
+    """
+    store = SqlStore(config)
+    try:
+        await store._start()
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+@hookimpl
+def oco_store_types() -> list[StoreType]:
+    """The built-in ``sql`` store: SQLite by default, PostgreSQL with the extra."""
+    return [
+        StoreType(
+            name="sql",
+            open=open_sql_store,
+            config_model=SqlStoreConfig,
+            package="oco-core",
+            description="SQLite (default, a local file) or PostgreSQL via SQLAlchemy",
+        )
+    ]

@@ -1,0 +1,415 @@
+"""The store contract: one test suite that every core store must pass.
+
+A store's tests subclass :class:`StoreContract` and provide a ``store`` fixture that
+yields an open, empty :class:`~oco_core.plugin.Store` whose value limit equals the
+``max_value_bytes`` fixture (1 MiB unless the subclass overrides that fixture)::
+
+    from oco_core.testing.store_contract import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        async def store(self, max_value_bytes):
+            async with open_my_store(MyConfig(max_value_bytes=max_value_bytes)) as store:
+                yield store
+
+Run it with pytest-trio in ``trio_mode``. Each test uses its own namespaces, so the
+fixture may hand out a fresh store per test or clean one up between tests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from .._errors import StoreError, ValueTooLargeError, VersionConflictError
+from .._store import MAX_KEY_BYTES, Item, Store
+
+__all__ = ["StoreContract", "cas_increment"]
+
+
+def _utf8_order(keys: Sequence[str]) -> list[str]:
+    return sorted(keys, key=lambda k: k.encode("utf-8"))
+
+
+async def _list_all(store: Store, namespace: str, prefix: str = "", *, page: int = 100) -> list[Item]:
+    items: list[Item] = []
+    after = ""
+    while True:
+        batch = await store.list(namespace, prefix, start_after=after, limit=page)
+        items += batch
+        if len(batch) < page:
+            return items
+        after = batch[-1].key
+
+
+async def cas_increment(store: Store, namespace: str, key: str) -> int:
+    """Add one to the decimal counter under ``key`` with compare-and-set retries; return
+    the number of conflicts met on the way."""
+    conflicts = 0
+    while True:
+        item = await store.get(namespace, key)
+        count, version = (0, 0) if item is None else (int(item.value), item.version)
+        try:
+            await store.set(namespace, key, str(count + 1).encode(), expected_version=version)
+            return conflicts
+        except VersionConflictError:
+            conflicts += 1
+            # Back off with jitter, as a real client should: without it, n writers
+            # retrying in lock step make O(n^2) attempts.
+            await trio.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
+
+
+class StoreContract:
+    """The behaviour every core store promises; subclass it and provide ``store``."""
+
+    @pytest.fixture
+    def max_value_bytes(self) -> int:
+        """The value limit the ``store`` fixture must configure (override to change; at least 2048)."""
+        return 1024 * 1024
+
+    # ---- get / set / delete ----
+
+    async def test_get_missing_is_none(self, store: Store) -> None:
+        assert await store.get("ns", "nothing") is None
+
+    async def test_set_then_get(self, store: Store) -> None:
+        assert await store.set("ns", "k", b"v") == 1
+        assert await store.get("ns", "k") == Item("k", b"v", 1)
+
+    async def test_each_write_adds_one_to_the_version(self, store: Store) -> None:
+        for expected in range(1, 6):
+            assert await store.set("ns", "k", f"v{expected}".encode()) == expected
+        assert await store.get("ns", "k") == Item("k", b"v5", 5)
+
+    async def test_empty_value_is_not_missing(self, store: Store) -> None:
+        await store.set("ns", "empty", b"")
+        assert await store.get("ns", "empty") == Item("empty", b"", 1)
+
+    async def test_delete(self, store: Store) -> None:
+        await store.set("ns", "k", b"v")
+        assert await store.delete("ns", "k") is True
+        assert await store.get("ns", "k") is None
+        assert await store.delete("ns", "k") is False
+        assert await store.list("ns") == []
+
+    async def test_version_starts_again_after_delete(self, store: Store) -> None:
+        await store.set("ns", "k", b"1")
+        await store.set("ns", "k", b"2")
+        await store.delete("ns", "k")
+        assert await store.set("ns", "k", b"3") == 1
+
+    # ---- compare-and-set ----
+
+    async def test_expected_zero_creates(self, store: Store) -> None:
+        assert await store.set("ns", "k", b"new", expected_version=0) == 1
+        assert await store.get("ns", "k") == Item("k", b"new", 1)
+
+    async def test_expected_zero_conflicts_when_present(self, store: Store) -> None:
+        await store.set("ns", "k", b"a")
+        await store.set("ns", "k", b"b")
+        with pytest.raises(VersionConflictError) as info:
+            await store.set("ns", "k", b"c", expected_version=0)
+        assert info.value.current == 2
+        assert await store.get("ns", "k") == Item("k", b"b", 2)
+
+    async def test_expected_version_matches(self, store: Store) -> None:
+        await store.set("ns", "k", b"a")
+        assert await store.set("ns", "k", b"b", expected_version=1) == 2
+        assert await store.set("ns", "k", b"c", expected_version=2) == 3
+        assert await store.get("ns", "k") == Item("k", b"c", 3)
+
+    async def test_stale_version_conflicts_and_reports_current(self, store: Store) -> None:
+        await store.set("ns", "k", b"a")
+        await store.set("ns", "k", b"b")
+        with pytest.raises(VersionConflictError) as info:
+            await store.set("ns", "k", b"c", expected_version=1)
+        assert info.value.current == 2
+        with pytest.raises(VersionConflictError) as info:
+            await store.set("ns", "k", b"c", expected_version=7)
+        assert info.value.current == 2
+        assert await store.get("ns", "k") == Item("k", b"b", 2)
+
+    async def test_expected_version_on_missing_key_conflicts_with_zero(self, store: Store) -> None:
+        with pytest.raises(VersionConflictError) as info:
+            await store.set("ns", "k", b"a", expected_version=1)
+        assert info.value.current == 0
+        assert await store.get("ns", "k") is None
+
+    async def test_delete_with_expected_version(self, store: Store) -> None:
+        await store.set("ns", "k", b"a")
+        await store.set("ns", "k", b"b")
+        with pytest.raises(VersionConflictError) as info:
+            await store.delete("ns", "k", expected_version=1)
+        assert info.value.current == 2
+        assert await store.get("ns", "k") == Item("k", b"b", 2)
+        assert await store.delete("ns", "k", expected_version=2) is True
+        assert await store.get("ns", "k") is None
+
+    async def test_delete_missing_with_expected_version_conflicts(self, store: Store) -> None:
+        with pytest.raises(VersionConflictError) as info:
+            await store.delete("ns", "k", expected_version=1)
+        assert info.value.current == 0
+
+    async def test_version_conflict_is_a_store_error(self, store: Store) -> None:
+        await store.set("ns", "k", b"a")
+        with pytest.raises(StoreError):
+            await store.set("ns", "k", b"b", expected_version=0)
+
+    # ---- namespaces ----
+
+    async def test_namespaces_are_isolated(self, store: Store) -> None:
+        await store.set("cb:a", "k", b"from a")
+        await store.set("cb:b", "k", b"from b")
+        assert await store.get("cb:a", "k") == Item("k", b"from a", 1)
+        assert await store.get("cb:b", "k") == Item("k", b"from b", 1)
+        assert await store.delete("cb:a", "k") is True
+        assert await store.get("cb:b", "k") == Item("k", b"from b", 1)
+        assert await store.get("cb:other", "k") is None
+
+    async def test_namespace_that_prefixes_another_does_not_see_its_keys(self, store: Store) -> None:
+        await store.set("cb:a", "x", b"1")
+        await store.set("cb:ab", "x", b"2")
+        await store.set("cb:a:b", "x", b"3")
+        assert [i.value for i in await store.list("cb:a")] == [b"1"]
+        assert [i.value for i in await store.list("cb:ab")] == [b"2"]
+        assert [i.value for i in await store.list("cb:a:b")] == [b"3"]
+
+    async def test_separator_characters_cannot_join_namespace_and_key(self, store: Store) -> None:
+        # A store that concatenates namespace and key must not make these one key.
+        pairs = [("x", ":y"), ("x:", "y"), ("x/", "y"), ("x", "/y"), ("x", "\x00y"), ("x:y", "z"), ("x", "y:z")]
+        for n, (namespace, key) in enumerate(pairs, start=1):
+            await store.set(namespace, key, str(n).encode())
+        for n, (namespace, key) in enumerate(pairs, start=1):
+            assert await store.get(namespace, key) == Item(key, str(n).encode(), 1)
+        for namespace in {ns for ns, _ in pairs}:
+            assert [i.key for i in await store.list(namespace)] == _utf8_order(
+                [k for ns, k in pairs if ns == namespace]
+            )
+
+    # ---- values and keys ----
+
+    async def test_binary_values_round_trip(self, store: Store) -> None:
+        every_byte = bytes(range(256))
+        values = [every_byte, b"\x00", b"\x00\x00trailing", b"\xff\xfe not utf-8 \x80", every_byte * 4]
+        for n, value in enumerate(values):
+            await store.set("ns", f"k{n}", value)
+        for n, value in enumerate(values):
+            item = await store.get("ns", f"k{n}")
+            assert item is not None
+            assert item.value == value
+            assert type(item.value) is bytes
+        assert [i.value for i in await store.list("ns", "k")] == values
+
+    async def test_unicode_keys_round_trip(self, store: Store) -> None:
+        keys = ["ключ", "鍵", "🔑", "e\u0301", "\u00e9", "tab\tand\nnewline", "a b", "nul\x00inside", "\U0010ffff"]
+        for key in keys:
+            await store.set("ns", key, key.encode())
+        for key in keys:
+            assert await store.get("ns", key) == Item(key, key.encode(), 1)
+        listed = await store.list("ns")
+        assert [i.key for i in listed] == _utf8_order(keys)
+        # Different code points that look alike are different keys.
+        assert await store.get("ns", "e\u0301") != await store.get("ns", "\u00e9")
+
+    async def test_unicode_namespaces(self, store: Store) -> None:
+        await store.set("cb:ünïcødé", "k", b"1")
+        assert await store.get("cb:ünïcødé", "k") == Item("k", b"1", 1)
+        assert await store.get("cb:unicode", "k") is None
+
+    async def test_longest_key_is_accepted(self, store: Store) -> None:
+        ascii_key = "k" * MAX_KEY_BYTES
+        multibyte_key = "é" * (MAX_KEY_BYTES // 2)  # two bytes each
+        for key in (ascii_key, multibyte_key):
+            await store.set("ns", key, b"v")
+            assert await store.get("ns", key) == Item(key, b"v", 1)
+
+    async def test_too_long_key_is_refused(self, store: Store) -> None:
+        for key in ("k" * (MAX_KEY_BYTES + 1), "é" * (MAX_KEY_BYTES // 2) + "k"):
+            with pytest.raises(ValueTooLargeError, match=str(MAX_KEY_BYTES)):
+                await store.set("ns", key, b"v")
+        assert await store.list("ns") == []
+
+    async def test_empty_key_is_refused(self, store: Store) -> None:
+        with pytest.raises(StoreError):
+            await store.set("ns", "", b"v")
+
+    async def test_value_at_the_limit_is_accepted(self, store: Store, max_value_bytes: int) -> None:
+        value = random.randbytes(max_value_bytes)
+        assert await store.set("ns", "big", value) == 1
+        item = await store.get("ns", "big")
+        assert item is not None
+        assert item.value == value
+        [listed] = await store.list("ns", "big")
+        assert listed.value == value
+
+    async def test_value_past_the_limit_is_refused_naming_the_limit(self, store: Store, max_value_bytes: int) -> None:
+        await store.set("ns", "big", b"old")
+        with pytest.raises(ValueTooLargeError, match=str(max_value_bytes)):
+            await store.set("ns", "big", b"x" * (max_value_bytes + 1))
+        with pytest.raises(ValueTooLargeError):
+            await store.set("ns", "new", b"x" * (max_value_bytes + 1), expected_version=0)
+        assert await store.get("ns", "big") == Item("big", b"old", 1)
+        assert await store.get("ns", "new") is None
+
+    # ---- list ----
+
+    async def test_list_orders_keys_by_utf8_bytes(self, store: Store) -> None:
+        # Byte order differs from locale collation ("B" < "a"), from case-folding, and
+        # from UTF-16 order (U+E000 sorts before U+1F600 in UTF-8, after it in UTF-16).
+        keys = ["a", "B", "b", "A", "é", "z", "\ue000", "😀", "a b", "a-b", "ab", "a\x00", "10", "9", "_x", "~"]
+        for key in random.sample(keys, len(keys)):
+            await store.set("ns", key, b"")
+        assert [i.key for i in await store.list("ns")] == _utf8_order(keys)
+
+    async def test_list_by_prefix(self, store: Store) -> None:
+        keys = ["user/1", "user/2", "user/10", "users", "use", "other", "user", "v"]
+        for key in keys:
+            await store.set("ns", key, key.encode())
+        assert [i.key for i in await store.list("ns", "user/")] == ["user/1", "user/10", "user/2"]
+        assert [i.key for i in await store.list("ns", "user")] == ["user", "user/1", "user/10", "user/2", "users"]
+        assert [i.key for i in await store.list("ns", "u")] == ["use", "user", "user/1", "user/10", "user/2", "users"]
+        assert [i.key for i in await store.list("ns", "nope")] == []
+        assert [i.value for i in await store.list("ns", "other")] == [b"other"]
+        assert len(await store.list("ns", "")) == len(keys)
+
+    async def test_list_prefix_has_no_wildcards(self, store: Store) -> None:
+        # SQL LIKE treats % and _ as wildcards; Redis patterns treat * ? [ ] \ so.
+        keys = ["50%", "50%off", "500", "a_b", "axb", "[x]", "x", "*", "*star", "star", "?", "q", "\\", "\\n", "n"]
+        for key in keys:
+            await store.set("ns", key, b"")
+        for prefix, expected in [
+            ("50%", ["50%", "50%off"]),
+            ("a_", ["a_b"]),
+            ("[", ["[x]"]),
+            ("*", ["*", "*star"]),
+            ("?", ["?"]),
+            ("\\", ["\\", "\\n"]),
+        ]:
+            assert [i.key for i in await store.list("ns", prefix)] == expected, prefix
+
+    async def test_list_prefix_at_code_point_edges(self, store: Store) -> None:
+        keys = ["a\U0010ffff", "a\U0010ffffz", "a\U0010fffe", "b", "a\x7f", "a\x7fz", "a\x80", "a\uffff", "a\U00010000"]
+        for key in keys:
+            await store.set("ns", key, b"")
+        assert [i.key for i in await store.list("ns", "a\U0010ffff")] == ["a\U0010ffff", "a\U0010ffffz"]
+        assert [i.key for i in await store.list("ns", "a\x7f")] == ["a\x7f", "a\x7fz"]
+        assert [i.key for i in await store.list("ns", "a\uffff")] == ["a\uffff"]
+        assert [i.key for i in await store.list("ns", "a")] == _utf8_order([k for k in keys if k != "b"])
+
+    async def test_list_pages(self, store: Store) -> None:
+        keys = [f"item/{n:03d}" for n in range(25)]
+        for key in random.sample(keys, len(keys)):
+            await store.set("ns", key, key.encode())
+        await store.set("ns", "other", b"")
+        pages: list[list[str]] = []
+        after = ""
+        while True:
+            page = await store.list("ns", "item/", start_after=after, limit=10)
+            if not page:
+                break
+            pages.append([i.key for i in page])
+            after = page[-1].key
+        assert [len(p) for p in pages] == [10, 10, 5]
+        assert [k for p in pages for k in p] == keys
+
+    async def test_list_start_after_need_not_be_a_key(self, store: Store) -> None:
+        for key in ["a1", "a3", "a5"]:
+            await store.set("ns", key, b"")
+        assert [i.key for i in await store.list("ns", "a", start_after="a2")] == ["a3", "a5"]
+        assert [i.key for i in await store.list("ns", "a", start_after="a")] == ["a1", "a3", "a5"]
+        assert [i.key for i in await store.list("ns", "a", start_after="0")] == ["a1", "a3", "a5"]
+        assert [i.key for i in await store.list("ns", "a", start_after="a5")] == []
+        assert [i.key for i in await store.list("ns", "a", start_after="b")] == []
+        assert [i.key for i in await store.list("ns", start_after="a1")] == ["a3", "a5"]
+
+    async def test_list_limit(self, store: Store) -> None:
+        for n in range(5):
+            await store.set("ns", f"k{n}", b"")
+        assert [i.key for i in await store.list("ns", limit=1)] == ["k0"]
+        assert [i.key for i in await store.list("ns", limit=3)] == ["k0", "k1", "k2"]
+        assert len(await store.list("ns", limit=1000)) == 5
+        assert len(await store.list("ns")) == 5
+
+    async def test_list_default_limit_is_100(self, store: Store) -> None:
+        for n in range(105):
+            await store.set("ns", f"k{n:03d}", b"")
+        assert len(await store.list("ns")) == 100
+
+    async def test_list_returns_values_and_versions(self, store: Store) -> None:
+        await store.set("ns", "a", b"1")
+        await store.set("ns", "b", b"2")
+        await store.set("ns", "b", b"22")
+        assert await store.list("ns") == [Item("a", b"1", 1), Item("b", b"22", 2)]
+
+    async def test_list_keys_only(self, store: Store) -> None:
+        await store.set("ns", "a", b"1")
+        await store.set("ns", "b", b"2")
+        await store.set("ns", "b", b"22")
+        assert await store.list("ns", keys_only=True) == [Item("a", b"", 1), Item("b", b"", 2)]
+
+    async def test_list_sees_deletes(self, store: Store) -> None:
+        for key in ["a", "b", "c"]:
+            await store.set("ns", key, b"")
+        await store.delete("ns", "b")
+        assert [i.key for i in await store.list("ns")] == ["a", "c"]
+
+    # ---- concurrency ----
+
+    async def test_concurrent_cas_increments_are_exact(self, store: Store) -> None:
+        tasks, per_task = 50, 4
+        async with trio.open_nursery() as nursery:
+            for _ in range(tasks):
+
+                async def worker() -> None:
+                    for _ in range(per_task):
+                        await cas_increment(store, "ns", "counter")
+
+                nursery.start_soon(worker)
+        item = await store.get("ns", "counter")
+        assert item is not None
+        assert int(item.value) == tasks * per_task
+        assert item.version == tasks * per_task
+
+    async def test_concurrent_creates_have_one_winner(self, store: Store) -> None:
+        winners: list[int] = []
+        conflicts: list[int] = []
+
+        async def create(n: int) -> None:
+            try:
+                await store.set("ns", "once", str(n).encode(), expected_version=0)
+                winners.append(n)
+            except VersionConflictError as e:
+                conflicts.append(e.current)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(30):
+                nursery.start_soon(create, n)
+        assert len(winners) == 1
+        assert conflicts == [1] * 29
+        assert await store.get("ns", "once") == Item("once", str(winners[0]).encode(), 1)
+
+    async def test_concurrent_unconditional_writes_each_get_their_own_version(self, store: Store) -> None:
+        versions: list[int] = []
+
+        async def write(n: int) -> None:
+            versions.append(await store.set("ns", "k", str(n).encode()))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                nursery.start_soon(write, n)
+        assert sorted(versions) == list(range(1, 51))
+        item = await store.get("ns", "k")
+        assert item is not None
+        assert item.version == 50
+
+    async def test_concurrent_writes_to_many_keys(self, store: Store) -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(store.set, f"cb:{n % 4}", f"k{n:03d}", str(n).encode())
+        for ns in range(4):
+            items = await _list_all(store, f"cb:{ns}", page=7)
+            assert [i.key for i in items] == [f"k{n:03d}" for n in range(ns, 100, 4)]
+            assert all(i.value == str(int(i.key[1:])).encode() for i in items)
