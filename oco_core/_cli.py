@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     config_help = "YAML config file (default: $OCO_CONFIG, else built-in defaults)"
     run = commands.add_parser("run", help="run the bot")
     run.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+    run.add_argument("--address-file", type=Path, help="write the gRPC address here once listening (handy with port 0)")
     check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
     check.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":
             return _check(loaded)
+        if options.address_file is not None:
+            config = loaded.config
+            grpc_settings = config.grpc.model_copy(update={"address_file": options.address_file})
+            loaded = LoadedConfig(config.model_copy(update={"grpc": grpc_settings}), loaded.source, loaded.lines)
         return _run(loaded)
     except OcoError as exc:
         return _fail(exc, options.debug)

@@ -31,6 +31,8 @@ from .._adapter import (
 )
 from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
+from ._process import OcoProcess as OcoProcess
+from ._process import run_oco as run_oco
 
 
 class MemoryConfig(BaseModel):
@@ -150,4 +152,4 @@ def oco_adapter_types() -> list[AdapterType]:
     ]
 
 
-__all__: Sequence[str] = ["MemoryAdapter", "MemoryConfig", "RunningBot", "open_bot"]
+__all__: Sequence[str] = ["MemoryAdapter", "MemoryConfig", "OcoProcess", "RunningBot", "open_bot", "run_oco"]
