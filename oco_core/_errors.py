@@ -10,7 +10,8 @@
     ├── StoreError            the core store failed
     │   ├── VersionConflictError       a compare-and-set found another version
     │   ├── StoreUnavailableError      the database cannot be reached (retry later)
-    │   └── ValueTooLargeError         a value or key exceeds the configured limit
+    │   ├── ValueTooLargeError         a value or key exceeds the configured limit
+    │   └── QuotaExceededError         a namespace's quota (keys or bytes) would be exceeded
     └── CallbackError         a callback program misbehaved or was refused
         ├── InvalidRequestError   a request is malformed (INVALID_ARGUMENT)
         └── RequestTooLargeError  a message is over the configured size (RESOURCE_EXHAUSTED)
@@ -63,6 +64,21 @@ class StoreUnavailableError(StoreError):
 
 class ValueTooLargeError(StoreError):
     """A key or value is larger than the store accepts."""
+
+
+class QuotaExceededError(StoreError):
+    """A write would take a namespace past its quota (number of keys or total bytes).
+
+    ``quota`` names the quota (``max_keys`` or ``max_bytes``), ``limit`` is its value and
+    ``namespace`` the namespace that would exceed it. The gRPC edge answers
+    RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, message: str, *, namespace: str, quota: str, limit: int) -> None:
+        super().__init__(message)
+        self.namespace = namespace
+        self.quota = quota
+        self.limit = limit
 
 
 class CallbackError(OcoError):

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from .._errors import StoreError, ValueTooLargeError, VersionConflictError
+from .._errors import QuotaExceededError, StoreError, ValueTooLargeError, VersionConflictError
+from .._quota import QuotaConfig, QuotaStore
 from .._store import MAX_KEY_BYTES, Item, Store
 
 __all__ = ["StoreContract", "cas_increment"]
@@ -413,3 +414,79 @@ class StoreContract:
             items = await _list_all(store, f"cb:{ns}", page=7)
             assert [i.key for i in items] == [f"k{n:03d}" for n in range(ns, 100, 4)]
             assert all(i.value == str(int(i.key[1:])).encode() for i in items)
+
+    # ---- quotas (enforced over every store by QuotaStore) ----
+
+    async def test_quota_on_number_of_keys(self, store: Store) -> None:
+        quotas = QuotaStore.for_callbacks(store, QuotaConfig(max_keys=3, max_bytes=None))
+        for key in ["a", "b", "c"]:
+            await quotas.set("cb:q", key, b"v")
+        with pytest.raises(QuotaExceededError, match="max_keys quota is 3") as info:
+            await quotas.set("cb:q", "d", b"v")
+        assert (info.value.quota, info.value.limit, info.value.namespace) == ("max_keys", 3, "cb:q")
+        assert await store.get("cb:q", "d") is None
+        # Overwriting an existing key adds no key.
+        assert await quotas.set("cb:q", "a", b"new") == 2
+        # Deleting makes room.
+        assert await quotas.delete("cb:q", "b") is True
+        await quotas.set("cb:q", "d", b"v")
+        assert await quotas.usage("cb:q") == (3, 4 + 2 + 2)
+        # Other callbacks and the bot's own namespace have their own (or no) quota.
+        for key in ["a", "b", "c", "d", "e"]:
+            await quotas.set("bot", key, b"v")
+        for key in ["a", "b", "c"]:
+            await quotas.set("cb:other", key, b"v")
+        with pytest.raises(QuotaExceededError):
+            await quotas.set("cb:other", "d", b"v")
+
+    async def test_quota_on_bytes(self, store: Store) -> None:
+        quotas = QuotaStore.for_callbacks(store, QuotaConfig(max_keys=None, max_bytes=100))
+        await quotas.set("cb:q", "k1", b"x" * 48)  # 50 bytes with its key
+        await quotas.set("cb:q", "k2", b"x" * 48)  # 100
+        with pytest.raises(QuotaExceededError, match="max_bytes quota is 100") as info:
+            await quotas.set("cb:q", "k3", b"")
+        assert info.value.quota == "max_bytes"
+        with pytest.raises(QuotaExceededError):
+            await quotas.set("cb:q", "k1", b"x" * 49)
+        # A write that shrinks usage is allowed, and frees room.
+        await quotas.set("cb:q", "k1", b"x" * 8)
+        await quotas.set("cb:q", "k3", b"x" * 38)
+        assert await quotas.usage("cb:q") == (3, 100)
+
+    async def test_quota_counts_what_was_stored_before(self, store: Store) -> None:
+        for n in range(5):
+            await store.set("cb:q", f"old{n}", b"12345")
+        quotas = QuotaStore.for_callbacks(store, None, {"q": QuotaConfig(max_keys=6, max_bytes=None)})
+        await quotas.set("cb:q", "new", b"")
+        with pytest.raises(QuotaExceededError):
+            await quotas.set("cb:q", "newer", b"")
+        assert await quotas.usage("cb:q") == (6, 5 * 9 + 3)
+
+    async def test_quota_keeps_compare_and_set(self, store: Store) -> None:
+        quotas = QuotaStore.for_callbacks(store, QuotaConfig(max_keys=10))
+        assert await quotas.set("cb:q", "k", b"a", expected_version=0) == 1
+        with pytest.raises(VersionConflictError) as info:
+            await quotas.set("cb:q", "k", b"b", expected_version=0)
+        assert info.value.current == 1
+        with pytest.raises(VersionConflictError) as info:
+            await quotas.delete("cb:q", "k", expected_version=5)
+        assert info.value.current == 1
+        assert await quotas.delete("cb:q", "missing") is False
+        assert await quotas.delete("cb:q", "k", expected_version=1) is True
+        assert await quotas.usage("cb:q") == (0, 0)
+
+    async def test_quota_holds_under_concurrent_writers(self, store: Store) -> None:
+        quotas = QuotaStore.for_callbacks(store, QuotaConfig(max_keys=10, max_bytes=None))
+        refused: list[str] = []
+
+        async def write(n: int) -> None:
+            try:
+                await quotas.set("cb:q", f"k{n:02d}", b"v")
+            except QuotaExceededError:
+                refused.append(f"k{n:02d}")
+
+        async with trio.open_nursery() as nursery:
+            for n in range(25):
+                nursery.start_soon(write, n)
+        assert len(refused) == 15
+        assert len(await store.list("cb:q")) == 10
