@@ -278,7 +278,7 @@ class MatrixAdapter(Adapter):
             room = client.rooms.get(room_id)
             if room is None:
                 continue
-            for event in info.timeline.events:
+            for event in self._since_own_join(info.timeline.events):
                 if isinstance(event, nio.RoomMessageText | nio.RoomMessageEmote):
                     message = self._incoming(room, event)
                     if message is not None:
@@ -294,6 +294,21 @@ class MatrixAdapter(Adapter):
         for room_id in response.rooms.leave:
             log.info("matrix: no longer in %s", room_id)
         await self._handle_invites(response, report=True)
+
+    def _since_own_join(self, events: list[Any]) -> list[Any]:
+        # A room the bot just joined comes with some of its history: what was said before
+        # the bot was there is old, never answered. Our own join is reported.
+        own = self._client.user_id
+        for index in range(len(events) - 1, -1, -1):
+            event = events[index]
+            if (
+                isinstance(event, nio.RoomMemberEvent)
+                and event.state_key == own
+                and event.membership == "join"
+                and event.prev_membership != "join"
+            ):
+                return events[index:]
+        return events
 
     def _incoming(self, room: Any, event: Any) -> IncomingMessage | None:
         client = self._client

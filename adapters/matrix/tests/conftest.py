@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,13 +32,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import nio
 import pytest
 import trio
+import trio.lowlevel
+from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 
 from oco_core.plugin import (
     ChatRoom,
@@ -46,6 +49,7 @@ from oco_core.plugin import (
     Item,
     MembershipEvent,
     NamespacedStore,
+    OutgoingMessage,
     Store,
 )
 from oco_core.testing.pytest_plugin import server_unavailable
@@ -84,7 +88,15 @@ def synapse_python() -> Path:
         base_python = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base_python, "-m", "venv", str(venv)], check=True, capture_output=True)
         result = subprocess.run(
-            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", f"matrix-synapse=={SYNAPSE_VERSION}"],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "-q",
+                f"matrix-synapse=={SYNAPSE_VERSION}",
+            ],
             capture_output=True,
             text=True,
         )
@@ -336,6 +348,15 @@ class Person:
             await trio.to_thread.run_sync(self._thread.join, 10)
         self._loop.close()
 
+    async def restart_sync_if_stopped(self) -> None:
+        """Start syncing again if an outage ended the sync loop."""
+
+        async def again() -> None:
+            if self._syncing is not None and self._syncing.done():
+                self._syncing = asyncio.ensure_future(self.nio.sync_forever(timeout=3000))
+
+        await self.call(again)
+
     @property
     def nio(self) -> nio.AsyncClient:
         assert self.client is not None
@@ -456,7 +477,9 @@ class MemoryStore(Store):
     async def list(
         self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
     ) -> list[Item]:
-        items = sorted((i for (n, k), i in self.data.items() if n == namespace and k.startswith(prefix)), key=lambda i: i.key)
+        items = sorted(
+            (i for (n, k), i in self.data.items() if n == namespace and k.startswith(prefix)), key=lambda i: i.key
+        )
         return [i for i in items if i.key > start_after][:limit]
 
 
@@ -490,10 +513,76 @@ class Host:
         self.own_names = list(names)
 
     async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
 
     async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll ``condition`` until it holds."""
         with trio.fail_after(timeout):
             while not condition():
                 await trio.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- the bot
+
+_PING = re.compile(r"^ping\b(.*)$")
+
+
+async def answer_ping(adapter: MatrixAdapter, host: Host, message: IncomingMessage) -> None:
+    """What the router plus the ping callback do: an addressed ``ping`` gets ``PONG``."""
+    if message.edit_of:
+        return  # the router never treats an edit as a new command
+    text, addressed = message.body, message.direct
+    for name in sorted([*host.own_names, host.bot_name], key=len, reverse=True):
+        if text.lower().startswith(name.lower()):
+            text, addressed = text[len(name) :].lstrip(":, "), True
+            break
+    match = _PING.match(text)
+    if addressed and match and message.room is not None:
+        await adapter.send(OutgoingMessage(f"PONG{match.group(1)}", room_id=message.room.id, in_reply_to=message.id))
+
+
+class Bot:
+    """A bot account with its adapter config; :meth:`running` runs a fresh adapter for it,
+    always with the same host store and key path, as a restarted bot would."""
+
+    def __init__(self, synapse: Synapse, tmp_path: Path, **options: Any) -> None:
+        self.synapse = synapse
+        self.localpart = unique("bot")
+        self.password = "bot-pw"
+        synapse.register(self.localpart, self.password)
+        self.user_id = f"@{self.localpart}:{synapse.server_name}"
+        self.host = Host()
+        self.options = {
+            "homeserver": synapse.url,
+            "user_id": self.user_id,
+            "password": self.password,
+            "store_path": str(tmp_path / "bot-keys"),
+            "autojoin_invites": ["@person-*:localhost"],
+            **options,
+        }
+        self.adapter: MatrixAdapter | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[MatrixAdapter]:
+        """Run a new adapter until the block ends."""
+        adapter = MatrixAdapter(MatrixConfig.model_validate(self.options))
+        self.adapter = adapter
+        self.host.on_message = lambda message: answer_ping(adapter, self.host, message)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(adapter.run, self.host)
+            yield adapter
+            nursery.cancel_scope.cancel()
+
+    async def room_with(self, person: Person, *, encrypted: bool = False) -> str:
+        """A group room (the person, the bot and an invited third account) the bot joined."""
+        third = unique("third")
+        self.synapse.register(third)
+        room_id = await person.create_room(invite=[self.user_id, f"@{third}:localhost"], encrypted=encrypted)
+        await person.wait_joined(room_id, self.user_id)
+        return room_id
+
+
+@pytest.fixture
+def make_bot(synapse: Synapse, tmp_path: Path) -> Callable[..., Bot]:
+    """Make a bot account; keyword arguments are adapter options."""
+    return lambda **options: Bot(synapse, tmp_path, **options)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+import oco_adapter_matrix
 import pydantic
 import pytest
-
-import oco_adapter_matrix
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, strip_reply_fallback
 

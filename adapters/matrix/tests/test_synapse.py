@@ -1,0 +1,197 @@
+"""The adapter against a real Synapse, with a person driven by matrix-nio.
+
+These tests drive the adapter directly through a small test host (conftest.Host) that
+answers ``ping`` with ``PONG`` the way the router and the bundled callback do; the end to
+end test with a real ``oco`` process is in test_oco_run.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import nio
+import pytest
+import trio
+
+from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
+
+pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
+
+
+def is_pong(suffix: str = "") -> Any:
+    """A check for the bot's ``PONG<suffix>`` notice."""
+    return lambda event: isinstance(event, nio.RoomMessageNotice) and event.body == f"PONG{suffix}"
+
+
+async def test_ping_in_a_room(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running():
+        room_id = await bot.room_with(person)
+        assert bot.localpart in bot.host.own_names
+        event_id = await person.say(room_id, f"{bot.localpart}: ping")
+        reply = await person.wait_for_message(bot.user_id, room_id, is_pong())
+        assert reply.source["content"]["msgtype"] == "m.notice"
+        (message,) = [m for m in bot.host.messages if m.id == event_id]
+        assert message.room is not None
+        assert message.room.id == room_id
+        assert message.user.id == person.user_id
+        assert not message.direct
+        # Topic changes and members reach the host.
+        await person.call(lambda: person.nio.update_room_topic(room_id, "deploys go here"))
+        await bot.host.wait_for(lambda: any(room.topic == "deploys go here" for room, _ in bot.host.topics))
+        (invited,) = [e for e in bot.host.memberships if e.kind is MembershipKind.INVITED and e.user.id == bot.user_id]
+        joined = [e.user.id for e in bot.host.memberships if e.kind is MembershipKind.JOINED]
+        assert joined == [bot.user_id]
+        assert invited.user.id == bot.user_id
+        assert invited.actor is not None
+        assert invited.actor.id == person.user_id
+    assert not [m for m in bot.host.messages if m.user.id == bot.user_id], "own messages must be ignored"
+
+
+async def test_ping_in_a_direct_chat_with_a_pill(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot(display_name="Ops Bot")
+    async with bot.running() as adapter:
+        assert "Ops Bot" in bot.host.own_names
+        room_id = await person.create_room(invite=[bot.user_id], direct=True)
+        await person.wait_joined(room_id, bot.user_id)
+        await person.say(room_id, "ping")
+        await person.wait_for_message(bot.user_id, room_id, is_pong())
+        assert bot.host.messages[-1].direct
+        # A pill showing an old display name still addresses the bot.
+        await person.say(
+            room_id,
+            "Old Name: ping pill",
+            format="org.matrix.custom.html",
+            formatted_body=f'<a href="https://matrix.to/#/{bot.user_id}">Old Name</a>: ping pill',
+        )
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" pill"))
+        assert bot.host.messages[-1].body == f"{bot.localpart}: ping pill"
+        # Markdown becomes a formatted body; a mention is a pill.
+        who = ChatUser(id=person.user_id, name=person.localpart)
+        await adapter.send(OutgoingMessage("**done**", room_id=room_id, user=who, mention=True, format="markdown"))
+        formatted = await person.wait_for_message(bot.user_id, room_id, lambda e: "done" in e.body)
+        content = formatted.source["content"]
+        assert content["body"] == f"{person.localpart}: **done**"
+        assert content["formatted_body"].endswith(": <strong>done</strong>")
+        assert f"https://matrix.to/#/{person.user_id}" in content["formatted_body"]
+        assert content["m.mentions"] == {"user_ids": [person.user_id]}
+
+
+async def test_encrypted_room(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running():
+        room_id = await bot.room_with(person, encrypted=True)
+        event_id = await person.say(room_id, f"{bot.localpart}: ping")
+        reply = await person.wait_for_message(bot.user_id, room_id, is_pong())
+        assert reply.decrypted, "the bot's answer in an encrypted room must be encrypted"
+        assert [m.body for m in bot.host.messages if m.id == event_id] == [f"{bot.localpart}: ping"]
+    # The keys persist: a restarted adapter (same device) still reads and answers there.
+    async with bot.running():
+        await person.say(room_id, f"{bot.localpart}: ping again")
+        reply = await person.wait_for_message(bot.user_id, room_id, is_pong(" again"))
+        assert reply.decrypted
+
+
+async def test_encryption_off_says_so(
+    synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = make_bot(encryption=False)
+    with caplog.at_level(logging.WARNING, logger="oco_adapter_matrix"):
+        async with bot.running():
+            room_id = await bot.room_with(person, encrypted=True)
+            await person.say(room_id, f"{bot.localpart}: ping")
+            await bot.host.wait_for(lambda: "encryption is off" in caplog.text)
+    assert room_id in caplog.text
+    assert not bot.host.messages
+
+
+async def test_restart_resumes_without_replaying(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running():
+        room_id = await bot.room_with(person)
+        await person.say(room_id, f"{bot.localpart}: ping 1")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" 1"))
+    device = bot.host.memory.data[("adapter:matrix", "device_id")].value
+    # Said while the bot is away: answered after the restart, once.
+    await person.say(room_id, f"{bot.localpart}: ping 2")
+    async with bot.running():
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" 2"))
+        await person.say(room_id, f"{bot.localpart}: ping 3")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" 3"))
+    bodies = [m.body for m in bot.host.messages if m.room is not None and m.room.id == room_id]
+    assert bodies == [f"{bot.localpart}: ping {n}" for n in (1, 2, 3)]
+    pongs = [e.body for e in person.messages_from(bot.user_id, room_id)]
+    assert pongs == ["PONG 1", "PONG 2", "PONG 3"]
+    # Logged in once: the restart reused the device.
+    assert bot.host.memory.data[("adapter:matrix", "device_id")].value == device
+
+
+async def test_homeserver_restart_mid_conversation(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running() as adapter:
+        room_id = await bot.room_with(person)
+        await person.say(room_id, f"{bot.localpart}: ping before")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" before"))
+        await trio.to_thread.run_sync(synapse.stop)
+        # Sent while the homeserver is down: delivered, in order, once it is back.
+        for n in range(3):
+            await adapter.send(OutgoingMessage(f"meanwhile {n}", room_id=room_id))
+        await trio.sleep(1)
+        await trio.to_thread.run_sync(synapse.start)
+        await person.restart_sync_if_stopped()
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "meanwhile 2", timeout=60)
+        await person.say(room_id, f"{bot.localpart}: ping after")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" after"), timeout=60)
+    bodies = [e.body for e in person.messages_from(bot.user_id, room_id)]
+    assert bodies == ["PONG before", "meanwhile 0", "meanwhile 1", "meanwhile 2", "PONG after"]
+
+
+async def test_thread_reply_and_edit(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running():
+        room_id = await bot.room_with(person)
+        root = await person.say(room_id, "deploy notes")
+        in_thread = await person.say(
+            room_id, f"{bot.localpart}: ping thread", **{"m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+        )
+        reply = await person.wait_for_message(bot.user_id, room_id, is_pong(" thread"))
+        relation = reply.source["content"]["m.relates_to"]
+        assert relation["rel_type"] == "m.thread"
+        assert relation["event_id"] == root
+        assert relation["m.in_reply_to"] == {"event_id": in_thread}
+        (message,) = [m for m in bot.host.messages if m.id == in_thread]
+        assert message.thread_id == root
+        # An edit arrives as an edit of the original, never as a new command.
+        edit = await person.say(
+            room_id,
+            f"* {bot.localpart}: ping edited",
+            **{
+                "m.new_content": {"msgtype": "m.text", "body": f"{bot.localpart}: ping edited"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": in_thread},
+            },
+        )
+        await bot.host.wait_for(lambda: any(m.id == edit for m in bot.host.messages))
+        (edited,) = [m for m in bot.host.messages if m.id == edit]
+        assert edited.edit_of == in_thread
+        assert edited.body == f"{bot.localpart}: ping edited"
+        assert edited.thread_id == root
+        await trio.sleep(1)
+        assert not [e for e in person.messages_from(bot.user_id, room_id) if e.body == "PONG edited"]
+
+
+async def test_rate_limited_sends_keep_order(
+    synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = make_bot()
+    # Two messages a second, no burst: most of ten quick messages meet HTTP 429.
+    synapse.override_ratelimit(bot.user_id, per_second=2, burst=1)
+    with caplog.at_level(logging.INFO, logger="oco_adapter_matrix"):
+        async with bot.running() as adapter:
+            room_id = await bot.room_with(person)
+            for n in range(10):
+                await adapter.send(OutgoingMessage(f"burst {n}", room_id=room_id))
+            await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "burst 9", timeout=60)
+    assert "rate limited" in caplog.text
+    bodies = [e.body for e in person.messages_from(bot.user_id, room_id)]
+    assert bodies == [f"burst {n}" for n in range(10)]
