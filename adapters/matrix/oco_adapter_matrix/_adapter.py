@@ -82,6 +82,7 @@ class MatrixAdapter(Adapter):
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Log in, catch up from the stored sync token, then sync and send until cancelled."""
         self._host = host
+        _quiet_libraries()
         config = self.config
         encryption = config.encryption and ENCRYPTION_ENABLED
         if config.encryption and not ENCRYPTION_ENABLED:
@@ -531,6 +532,8 @@ class MatrixAdapter(Adapter):
             # again, the same message (same transaction id) goes first.
             try:
                 await self._deliver(self._inflight)
+            except TokenRejectedError:
+                raise  # run() ends and starts again with a new login; the message stays
             except AdapterError as error:
                 log.error("matrix: message not sent: %s", error)
             self._inflight = None
@@ -621,6 +624,18 @@ class MatrixAdapter(Adapter):
         if self._host is None:
             raise AdapterError("the Matrix adapter is not running")
         return self._host
+
+
+def _quiet_libraries() -> None:
+    # httpx logs every request at INFO (one line per 30 s long-poll), nio every event it
+    # handles: a bot's log would drown. Only loggers nobody configured are changed, and
+    # not when the whole process logs at DEBUG.
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in ("httpx", "nio"):
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
 
 
 async def _get(host: AdapterHost, key: str) -> str:
