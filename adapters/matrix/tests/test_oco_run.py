@@ -38,11 +38,27 @@ async def test_oco_ping_over_matrix(synapse: Any, person: Any, make_bot: Any, tm
         await oco.expect(r"callback 'example' is listening", stream="stderr", timeout=60)
         plain = await bot.room_with(person)
         await person.say(plain, "oco: ping")
-        await person.wait_for_message(bot.user_id, plain, is_pong)
+        first = await person.wait_for_message(bot.user_id, plain, is_pong)
+        # In a thread, the answer goes into the thread.
+        root = await person.say(plain, "release notes")
+        asked = await person.say(plain, "oco: ping", **{"m.relates_to": {"rel_type": "m.thread", "event_id": root}})
+        threaded = await person.wait_for_message(bot.user_id, plain, lambda e: is_pong(e) and e is not first)
+        assert threaded.source["content"]["m.relates_to"]["event_id"] == root
+        assert threaded.source["content"]["m.relates_to"]["m.in_reply_to"] == {"event_id": asked}
+        # An edit is not a new command: no third PONG.
+        await person.say(
+            plain,
+            "* oco: ping",
+            **{
+                "m.new_content": {"msgtype": "m.text", "body": "oco: ping"},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": asked},
+            },
+        )
         encrypted = await bot.room_with(person, encrypted=True)
         await person.say(encrypted, "oco: ping")
         reply = await person.wait_for_message(bot.user_id, encrypted, is_pong)
         assert reply.decrypted
+        assert len([e for e in person.messages_from(bot.user_id, plain) if is_pong(e)]) == 2
     output = "\n".join(oco.stderr_lines + oco.stdout_lines)
     assert bot.password not in output, "the password leaked"
     assert "syt_" not in output, "an access token leaked"  # Synapse's tokens start so
