@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +43,11 @@ class MemoryConfig(BaseModel):
 
     rooms: list[str] = Field(default_factory=lambda: ["general"], description="Rooms the bot is in at start.")
     users: list[str] = Field(default_factory=lambda: ["alice", "bob"], description="Users that exist.")
+    control: str | None = Field(
+        default=None,
+        description="host:port for the test-only control service (oco.MemoryControl, see _control.py); off if unset.",
+    )
+    control_address_file: Path | None = Field(default=None, description="Where to write the control service's address.")
 
 
 class MemoryAdapter(Adapter):
@@ -59,8 +65,13 @@ class MemoryAdapter(Adapter):
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
         self._ready.set()
-        task_status.started()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            if self.config.control is not None:
+                from ._control import serve_control
+
+                await nursery.start(serve_control, self, self.config.control, self.config.control_address_file)
+            task_status.started()
+            await trio.sleep_forever()
 
     async def inject(
         self, body: str, *, user: str = "alice", room: str | None = "general", direct: bool = False, id: str = ""
