@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
+    from ._conformance import add_arguments as conformance_arguments
+
+    conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
     return parser
 
 
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if options.command == "proto":
             return _write_protos(options.out)
+        if options.command == "conformance":
+            from ._conformance import main as conformance
+
+            return conformance(options)
         loaded = load_config(options.config)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":

@@ -1,0 +1,1073 @@
+"""``oco conformance``: checks that a bot speaks the OCO protocol, as its callbacks see it.
+
+::
+
+    oco conformance --address 127.0.0.1:50051 --id conformance --secret S \\
+        [--other-id other --other-secret S2] [--control 127.0.0.1:50099]
+
+It plays a callback program against any bot, ours or another implementation: the
+specification's four RPCs with the specification's messages, secrets, route
+registration, hear and respond semantics, capture groups, storage (compare-and-set,
+isolation between two callbacks), refusal of invalid patterns, and what cancelling a
+Listen stream does. Each check prints one line (``PASS``, ``FAIL`` or ``SKIP``, its
+name, what it saw) and a summary line follows; the exit code is 0 only when every check
+passed.
+
+To check what a callback receives, the suite has to write chat messages as a user
+would. It does that through the memory adapter's test-only control service
+(``oco.MemoryControl``, proto/oco/control.proto), which a bot serves only when its
+config asks for it; without ``--control`` those checks are skipped (and the run does
+not count as passed). The bot's config needs the callbacks the suite plays::
+
+    adapters: [{type: memory, control: "127.0.0.1:50099"}]
+    callbacks:
+      - {id: conformance, secret: "at-least-16-characters"}
+      - {id: other, secret: "another-16-character-secret"}
+
+Every route pattern and storage key carries a random token of the run, so runs against
+a long-lived bot never see each other's data; storage keys are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO, TypeVar
+
+import grpc
+import grpc.aio
+import trio
+
+from ._bridge import Bridge, ResponseStream, open_bridge
+from ._proto import (
+    control_pb2,
+    control_pb2_grpc,
+    core_pb2,
+    robot_pb2,
+    robot_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+Status = Literal["PASS", "FAIL", "SKIP"]
+
+#: A body larger than any bot should accept as one chat message (the gRPC limit is 4 MiB).
+_TOO_LARGE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """The bot under test and the credentials the suite plays callbacks with."""
+
+    address: str
+    id: str
+    secret: str = field(repr=False)
+    other_id: str | None = None
+    other_secret: str | None = field(default=None, repr=False)
+    control: str | None = None
+    bot_name: str = "oco"
+    room: str = "general"
+    user: str = "alice"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one check."""
+
+    name: str
+    status: Status
+    detail: str
+
+    def line(self) -> str:
+        """The line printed for this check."""
+        return f"{self.status} {self.name}: {self.detail}"
+
+
+class CheckFailed(Exception):  # noqa: N818 - a verdict, not an error of the suite
+    """A check saw something the protocol does not allow."""
+
+
+class CheckSkipped(Exception):  # noqa: N818 - a verdict, not an error of the suite
+    """A check cannot run with the options given."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check: a name, what it needs (``control``, ``other``), and the function."""
+
+    name: str
+    needs: frozenset[str]
+    doc: str
+    run: Callable[[Suite], Awaitable[str]]
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, *, needs: Sequence[str] = ()) -> Callable[[Callable[[Suite], Awaitable[str]]], Any]:
+    """Register a check: an async function of the suite that returns what it saw, or
+    raises :class:`CheckFailed`."""
+
+    def register(fn: Callable[[Suite], Awaitable[str]]) -> Callable[[Suite], Awaitable[str]]:
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+        CHECKS.append(Check(name, frozenset(needs), doc, fn))
+        return fn
+
+    return register
+
+
+def _code(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+class Listener:
+    """One open Listen stream, read from trio."""
+
+    def __init__(self, stream: ResponseStream, headers: dict[str, str], timeout: float) -> None:
+        self._events = aiter(stream)
+        self.headers = headers
+        self.timeout = timeout
+
+    async def event(self, within: float | None = None) -> core_pb2.Event:
+        """The next event; CheckFailed when none comes ``within`` seconds or the stream ends."""
+        wait = self.timeout if within is None else within
+        with trio.move_on_after(wait):
+            try:
+                event: core_pb2.Event = await anext(self._events)
+            except StopAsyncIteration:
+                raise CheckFailed("the bot ended the Listen stream") from None
+            return event
+        raise CheckFailed(f"no event within {wait:g} s")
+
+    async def matched(self, within: float | None = None) -> core_pb2.MatchedMessage:
+        """The next matched message (other kinds of events are skipped)."""
+        while True:
+            event = await self.event(within)
+            if event.WhichOneof("type") == "matched_message":
+                return event.matched_message
+
+
+class Suite:
+    """The connections to the bot (and its control service) and the helpers checks use."""
+
+    def __init__(self, target: Target, bridge: Bridge, channel: grpc.aio.Channel) -> None:
+        self.target = target
+        self.bridge = bridge
+        self.timeout = target.timeout
+        self.robot = robot_pb2_grpc.RobotStub(channel)
+        self.storage = storage_pb2_grpc.StorageStub(channel)
+        self.control: control_pb2_grpc.MemoryControlAsyncStub | None = None
+        #: A token unique to this run, in every pattern and key.
+        self.token = secrets.token_hex(4)
+        self._sent_seen = 0
+        self._source: core_pb2.Source | None = None
+
+    # -- calls -----------------------------------------------------------------------
+
+    def metadata(self, secret: str | None = None) -> Metadata:
+        """The metadata that authenticates a call with ``secret`` (default: the suite's)."""
+        return (("authorization", f"Bearer {secret if secret is not None else self.target.secret}"),)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one unary call (``fn`` makes it, on the bridge's loop)."""
+        return await self.bridge.run_asyncio(fn)
+
+    async def expect_code(self, what: str, code: grpc.StatusCode, fn: Callable[[], Awaitable[Any]]) -> str:
+        """Run a unary call that must fail with ``code``; return its details."""
+        try:
+            await self.call(fn)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != code:
+                raise CheckFailed(f"{what}: expected {code.name}, got {_code(exc)}") from None
+            return exc.details() or ""
+        raise CheckFailed(f"{what}: expected {code.name}, but the call succeeded")
+
+    def _listen_request(
+        self, routes: Sequence[robot_pb2.Route], plugin_id: str | None, secret: str | None
+    ) -> robot_pb2.ListenRequest:
+        if plugin_id is None:
+            plugin_id = self.target.other_id if secret is not None and secret == self.target.other_secret else None
+        return robot_pb2.ListenRequest(plugin_id=self.target.id if plugin_id is None else plugin_id, routes=routes)
+
+    @asynccontextmanager
+    async def listen(
+        self,
+        routes: Sequence[robot_pb2.Route] = (),
+        *,
+        secret: str | None = None,
+        plugin_id: str | None = None,
+    ) -> AsyncIterator[Listener]:
+        """Open a Listen stream and wait for its response headers (the routes are then
+        registered); leaving the block cancels the stream."""
+        request = self._listen_request(routes, plugin_id, secret)
+        metadata = self.metadata(secret)
+        async with self.bridge.open_response_stream(lambda: self.robot.Listen(request, metadata=metadata)) as stream:
+            headers: dict[str, str] | None = None
+            with trio.move_on_after(self.timeout):
+                headers = await stream.initial_metadata()
+            if headers is None:
+                raise CheckFailed(f"Listen: no response headers within {self.timeout:g} s")
+            listener = Listener(stream, headers, self.timeout)
+            if "oco-routes" not in headers:
+                # A refused call ends without headers: show why.
+                try:
+                    await listener.event(0.5)
+                except grpc.aio.AioRpcError as exc:
+                    raise CheckFailed(f"Listen was refused: {_code(exc)}") from None
+                except CheckFailed:
+                    pass
+                raise CheckFailed(
+                    "Listen's response headers lack `oco-routes` (robot.proto: the bot sends them once "
+                    f"the routes are registered); headers: {headers}"
+                )
+            yield listener
+
+    async def expect_listen_refused(
+        self, what: str, code: grpc.StatusCode, request: robot_pb2.ListenRequest, metadata: Metadata
+    ) -> str:
+        """Open a Listen stream that must fail with ``code``; return its details."""
+        async with self.bridge.open_response_stream(lambda: self.robot.Listen(request, metadata=metadata)) as stream:
+            with trio.move_on_after(self.timeout):
+                try:
+                    headers = await stream.initial_metadata()
+                    if "oco-routes" in headers:
+                        raise CheckFailed(f"{what}: expected {code.name}, but the bot registered the stream")
+                    async for _ in stream:
+                        raise CheckFailed(f"{what}: expected {code.name}, but the stream delivered an event")
+                    raise CheckFailed(f"{what}: expected {code.name}, but the stream ended with OK")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != code:
+                        raise CheckFailed(f"{what}: expected {code.name}, got {_code(exc)}") from None
+                    return exc.details() or ""
+        raise CheckFailed(f"{what}: expected {code.name}, but the stream stayed open for {self.timeout:g} s")
+
+    # -- the chat side, through the control service ---------------------------------
+
+    def _control(self) -> control_pb2_grpc.MemoryControlAsyncStub:
+        if self.control is None:
+            raise CheckSkipped("needs --control")
+        return self.control
+
+    async def inject(self, body: str, *, room: str | None = None, user: str | None = None) -> None:
+        """Write ``body`` as a chat user, in ``room`` (default: --room; "" for a private
+        message). Returns once the bot has routed it."""
+        control = self._control()
+        request = control_pb2.InjectRequest(
+            body=body,
+            user=user or self.target.user,
+            room=self.target.room if room is None else room,
+            direct=room == "",
+        )
+        await self.call(lambda: control.Inject(request, timeout=self.timeout))
+
+    async def sent(self, *bodies: str) -> list[control_pb2.SentMessage]:
+        """The first message the bot sends with each of ``bodies`` (after those already
+        seen), in the order of ``bodies``."""
+        found: dict[str, control_pb2.SentMessage] = {}
+        deadline = trio.current_time() + self.timeout
+        while (left := deadline - trio.current_time()) > 0 and len(found) < len(bodies):
+            for message in await self.list_sent(left):
+                if message.body in bodies:
+                    found.setdefault(message.body, message)
+        missing = [b for b in bodies if b not in found]
+        if missing:
+            raise CheckFailed(f"the bot sent no message {missing[0]!r} through the memory adapter")
+        return [found[b] for b in bodies]
+
+    async def list_sent(self, within: float) -> list[control_pb2.SentMessage]:
+        """The messages the bot sent since the last call, waiting up to ``within`` seconds."""
+        control = self._control()
+        request = control_pb2.ListSentRequest(after=self._sent_seen, wait_ms=int(within * 1000))
+        response = await self.call(lambda: control.ListSent(request, timeout=within + 5))
+        for message in response.messages:
+            self._sent_seen = max(self._sent_seen, message.seq)
+        return list(response.messages)
+
+    async def source(self) -> core_pb2.Source:
+        """Where a message of the suite's user in --room comes from, as callbacks see it."""
+        if self._source is None:
+            route = robot_pb2.Route(id="source", pattern=f"^source-{self.token}$")
+            async with self.listen([route]) as listener:
+                await self.inject(f"source-{self.token}")
+                self._source = (await listener.matched()).message.source
+        return self._source
+
+    # -- storage ---------------------------------------------------------------------
+
+    def key(self, name: str) -> str:
+        """A storage key private to this run."""
+        return f"conformance/{self.token}/{name}"
+
+    async def set(self, key: str, value: bytes, expected: int | None = None, secret: str | None = None) -> int:
+        """Storage.Set; returns the new version."""
+        request = storage_pb2.SetRequest(key=key, value=value)
+        if expected is not None:
+            request.expected_version = expected
+        metadata = self.metadata(secret)
+        response = await self.call(lambda: self.storage.Set(request, metadata=metadata, timeout=self.timeout))
+        return response.version
+
+    async def get(self, key: str, secret: str | None = None) -> storage_pb2.GetResponse:
+        """Storage.Get."""
+        metadata = self.metadata(secret)
+        request = storage_pb2.GetRequest(key=key)
+        return await self.call(lambda: self.storage.Get(request, metadata=metadata, timeout=self.timeout))
+
+    async def delete(self, key: str, expected: int | None = None, secret: str | None = None) -> bool:
+        """Storage.Delete; True when the key existed."""
+        request = storage_pb2.DeleteRequest(key=key)
+        if expected is not None:
+            request.expected_version = expected
+        metadata = self.metadata(secret)
+        response = await self.call(lambda: self.storage.Delete(request, metadata=metadata, timeout=self.timeout))
+        return response.deleted
+
+    async def list(self, prefix: str, *, limit: int = 0, after: str = "", keys_only: bool = False) -> Any:
+        """Storage.List, one page."""
+        request = storage_pb2.ListRequest(prefix=prefix, start_after=after, limit=limit, keys_only=keys_only)
+        metadata = self.metadata()
+        return await self.call(lambda: self.storage.List(request, metadata=metadata, timeout=self.timeout))
+
+    async def cleanup(self, secret: str | None = None) -> None:
+        """Delete every key this run wrote with ``secret``."""
+        prefix = f"conformance/{self.token}/"
+        metadata = self.metadata(secret)
+        request = storage_pb2.ListRequest(prefix=prefix, keys_only=True, limit=1000)
+        while True:
+            page = await self.call(lambda: self.storage.List(request, metadata=metadata, timeout=self.timeout))
+            for item in page.items:
+                await self.delete(item.key, secret=secret)
+            if not page.next_start_after:
+                return
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def _route(id: str, pattern: str, *, respond: bool = False, help: str = "", ignore_case: bool = False) -> Any:
+    return robot_pb2.Route(id=id, pattern=pattern, respond=respond, help=help, ignore_case=ignore_case)
+
+
+# ---- the specification's RPCs and messages ---------------------------------------------
+
+
+@check("robot/listen-spec-request")
+async def _listen_spec(s: Suite) -> str:
+    """A ListenRequest with only the specification's plugin_id opens a stream."""
+    async with s.listen() as listener:
+        return f"stream open; response headers carry oco-routes={listener.headers['oco-routes']}"
+
+
+@check("robot/listen-headers-mean-registered", needs=["control"])
+async def _listen_headers(s: Suite) -> str:
+    """Once Listen's response headers arrive, a message sent at once is matched."""
+    routes = [_route("a", f"^headers-{s.token}$"), _route("b", f"^headers-b-{s.token}$", respond=True)]
+    async with s.listen(routes) as listener:
+        count = int(listener.headers["oco-routes"])
+        _expect(count >= len(routes), f"oco-routes={count}, but the stream declared {len(routes)} routes")
+        await s.inject(f"headers-{s.token}")
+        matched = await listener.matched()
+        _expect(matched.route_id == "a", f"expected route 'a', got {matched.route_id!r}")
+    return f"oco-routes={count}; a message sent right after the headers was matched"
+
+
+@check("robot/send-messages-spec-fields", needs=["control"])
+async def _send_spec(s: Suite) -> str:
+    """SendMessages with only the specification's fields (body, source.room) reaches the room."""
+    source = await s.source()
+    body = f"spec-reply-{s.token}"
+    request = robot_pb2.SendMessagesRequest(
+        WithMention=False, messages=[core_pb2.Message(body=body, source=core_pb2.Source(room=source.room))]
+    )
+    await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    [sent] = await s.sent(body)
+    _expect(sent.room == s.target.room, f"sent to room {sent.room!r}, expected {s.target.room!r}")
+    _expect(not sent.private, "sent privately, expected in the room")
+    return f"sent to room {source.room.id!r} and seen there"
+
+
+@check("robot/send-messages-with-mention", needs=["control"])
+async def _send_mention(s: Suite) -> str:
+    """WithMention with source.user and source.room mentions the user in the room."""
+    source = await s.source()
+    body = f"mention-{s.token}"
+    request = robot_pb2.SendMessagesRequest(WithMention=True, messages=[core_pb2.Message(body=body, source=source)])
+    await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    [sent] = await s.sent(body)
+    _expect(sent.room == s.target.room, f"sent to room {sent.room!r}, expected {s.target.room!r}")
+    _expect(sent.mention and sent.user == s.target.user, f"not a mention of {s.target.user!r}: {sent}")
+    return f"sent to {source.room.id!r} mentioning {source.user.id!r}"
+
+
+@check("robot/send-messages-private", needs=["control"])
+async def _send_private(s: Suite) -> str:
+    """A message with source.user only goes privately to that user."""
+    source = await s.source()
+    body = f"private-{s.token}"
+    message = core_pb2.Message(body=body, source=core_pb2.Source(user=source.user))
+    request = robot_pb2.SendMessagesRequest(messages=[message])
+    await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    [sent] = await s.sent(body)
+    _expect(sent.private and sent.user == s.target.user and not sent.room, f"not a private message: {sent}")
+    return f"sent privately to {source.user.id!r}"
+
+
+@check("robot/send-messages-in-order", needs=["control"])
+async def _send_order(s: Suite) -> str:
+    """Several messages in one SendMessages request are sent in order."""
+    source = await s.source()
+    bodies = [f"order-{i}-{s.token}" for i in range(3)]
+    messages = [core_pb2.Message(body=b, source=core_pb2.Source(room=source.room)) for b in bodies]
+    request = robot_pb2.SendMessagesRequest(messages=messages)
+    await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    seqs = [m.seq for m in await s.sent(*bodies)]
+    _expect(seqs == sorted(seqs), f"sent out of order (positions {seqs})")
+    return f"{len(bodies)} messages sent in order"
+
+
+@check("robot/send-messages-unknown-room")
+async def _send_unknown(s: Suite) -> str:
+    """A message to a room the bot does not know fails with NOT_FOUND."""
+    room = core_pb2.Room(id=f"no-such-room-{s.token}")
+    request = robot_pb2.SendMessagesRequest(messages=[core_pb2.Message(body="x", source=core_pb2.Source(room=room))])
+    details = await s.expect_code(
+        "SendMessages to an unknown room",
+        grpc.StatusCode.NOT_FOUND,
+        lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"NOT_FOUND: {details}"
+
+
+@check("robot/send-messages-no-target")
+async def _send_no_target(s: Suite) -> str:
+    """A message with neither source.room nor source.user fails with INVALID_ARGUMENT."""
+    request = robot_pb2.SendMessagesRequest(messages=[core_pb2.Message(body="nowhere")])
+    details = await s.expect_code(
+        "SendMessages without a target",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"INVALID_ARGUMENT: {details}"
+
+
+@check("robot/send-messages-too-large")
+async def _send_too_large(s: Suite) -> str:
+    """A message body of 1 MiB fails with RESOURCE_EXHAUSTED."""
+    room = (await s.source()).room if s.control is not None else core_pb2.Room(id=f"no-such-room-{s.token}")
+    message = core_pb2.Message(body="x" * _TOO_LARGE, source=core_pb2.Source(room=room))
+    request = robot_pb2.SendMessagesRequest(messages=[message])
+    details = await s.expect_code(
+        "SendMessages with a 1 MiB body",
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"RESOURCE_EXHAUSTED: {details}"
+
+
+@check("robot/join-part")
+async def _join_part(s: Suite) -> str:
+    """Join and Part a room answer OK; a room with neither id nor name is INVALID_ARGUMENT."""
+    prefix = ""
+    if s.control is not None:
+        room_id = (await s.source()).room.id
+        prefix = room_id[: room_id.rfind("/") + 1]
+    room = core_pb2.Room(id=f"{prefix}conformance-{s.token}")
+    await s.call(lambda: s.robot.Join(robot_pb2.JoinRequest(room=room), metadata=s.metadata(), timeout=s.timeout))
+    await s.call(lambda: s.robot.Part(robot_pb2.PartRequest(room=room), metadata=s.metadata(), timeout=s.timeout))
+    await s.expect_code(
+        "Join of an empty room",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: s.robot.Join(robot_pb2.JoinRequest(room=core_pb2.Room()), metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"joined and parted {room.id!r}; an empty room is INVALID_ARGUMENT"
+
+
+# ---- secrets ---------------------------------------------------------------------------
+
+
+async def _every_rpc_refused(s: Suite, what: str, metadata: Metadata, code: grpc.StatusCode) -> str:
+    room = core_pb2.Room(id=f"conformance-{s.token}")
+    message = core_pb2.Message(body="x", source=core_pb2.Source(room=room))
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "Join": lambda: s.robot.Join(robot_pb2.JoinRequest(room=room), metadata=metadata, timeout=s.timeout),
+        "Part": lambda: s.robot.Part(robot_pb2.PartRequest(room=room), metadata=metadata, timeout=s.timeout),
+        "SendMessages": lambda: s.robot.SendMessages(
+            robot_pb2.SendMessagesRequest(messages=[message]), metadata=metadata, timeout=s.timeout
+        ),
+        "Storage.Get": lambda: s.storage.Get(
+            storage_pb2.GetRequest(key=s.key("x")), metadata=metadata, timeout=s.timeout
+        ),
+        "Storage.Set": lambda: s.storage.Set(
+            storage_pb2.SetRequest(key=s.key("x"), value=b"x"), metadata=metadata, timeout=s.timeout
+        ),
+    }
+    for name, call in calls.items():
+        await s.expect_code(f"{name} with {what}", code, call)
+    listen = robot_pb2.ListenRequest(plugin_id=s.target.id, routes=[_route("r", f"^refused-{s.token}$")])
+    details = await s.expect_listen_refused(f"Listen with {what}", code, listen, metadata)
+    return f"Listen, {', '.join(calls)}: {code.name} ({details})"
+
+
+@check("auth/missing-secret")
+async def _auth_missing(s: Suite) -> str:
+    """Every RPC without `authorization` metadata fails with UNAUTHENTICATED."""
+    return await _every_rpc_refused(s, "no secret", (), grpc.StatusCode.UNAUTHENTICATED)
+
+
+@check("auth/wrong-secret")
+async def _auth_wrong(s: Suite) -> str:
+    """Every RPC with an unknown secret fails with UNAUTHENTICATED."""
+    wrong = (("authorization", f"Bearer wrong-{secrets.token_urlsafe(24)}"),)
+    return await _every_rpc_refused(s, "a wrong secret", wrong, grpc.StatusCode.UNAUTHENTICATED)
+
+
+@check("auth/not-bearer")
+async def _auth_not_bearer(s: Suite) -> str:
+    """The right secret without the `Bearer` scheme fails with UNAUTHENTICATED."""
+    bare = (("authorization", s.target.secret),)
+    return await _every_rpc_refused(s, "the secret without `Bearer `", bare, grpc.StatusCode.UNAUTHENTICATED)
+
+
+@check("auth/other-plugin-id")
+async def _auth_other_id(s: Suite) -> str:
+    """Listen with a valid secret but another callback's plugin_id fails with PERMISSION_DENIED."""
+    other = s.target.other_id or f"someone-else-{s.token}"
+    request = robot_pb2.ListenRequest(plugin_id=other)
+    details = await s.expect_listen_refused(
+        f"Listen as {other!r} with {s.target.id!r}'s secret", grpc.StatusCode.PERMISSION_DENIED, request, s.metadata()
+    )
+    seen = f"plugin_id {other!r}: PERMISSION_DENIED ({details})"
+    if s.target.other_secret and s.target.other_id:
+        request = robot_pb2.ListenRequest(plugin_id=s.target.id)
+        metadata = s.metadata(s.target.other_secret)
+        await s.expect_listen_refused(
+            f"Listen as {s.target.id!r} with {other!r}'s secret", grpc.StatusCode.PERMISSION_DENIED, request, metadata
+        )
+        seen += "; and the other way round"
+    return seen
+
+
+# ---- routes ----------------------------------------------------------------------------
+
+
+@check("routes/invalid-pattern")
+async def _invalid_pattern(s: Suite) -> str:
+    """A route with an invalid pattern fails Listen with INVALID_ARGUMENT naming the pattern."""
+    bad = f"(unclosed-{s.token}"
+    request = robot_pb2.ListenRequest(
+        plugin_id=s.target.id, routes=[_route("ok", f"^ok-{s.token}$"), _route("bad", bad)]
+    )
+    details = await s.expect_listen_refused(
+        "Listen with an invalid pattern", grpc.StatusCode.INVALID_ARGUMENT, request, s.metadata()
+    )
+    _expect(bad in details, f"the error does not name the pattern {bad!r}: {details!r}")
+    return f"INVALID_ARGUMENT: {details}"
+
+
+@check("routes/re2-syntax")
+async def _re2_only(s: Suite) -> str:
+    """Patterns are RE2: a backreference and a lookahead (PCRE only) are refused."""
+    refused = []
+    for bad in (f"(a)\\1-{s.token}", f"(?=look)ahead-{s.token}"):
+        request = robot_pb2.ListenRequest(plugin_id=s.target.id, routes=[_route("bad", bad)])
+        await s.expect_listen_refused(f"Listen with {bad!r}", grpc.StatusCode.INVALID_ARGUMENT, request, s.metadata())
+        refused.append(bad)
+    # And RE2 syntax beyond Python's re is accepted: \pL (a Unicode letter class).
+    async with s.listen([_route("unicode", f"^\\pL+-{s.token}$")]):
+        pass
+    return f"refused {', '.join(map(repr, refused))}; accepted \\pL"
+
+
+@check("routes/hear", needs=["control"])
+async def _hear(s: Suite) -> str:
+    """A hear route matches any message in a room, addressed to the bot or not."""
+    pattern = f"hear-{s.token}"
+    async with s.listen([_route("hear", pattern)]) as listener:
+        body = f"I say hear-{s.token} to the room"
+        await s.inject(body)
+        m = await listener.matched()
+        _expect(m.route_id == "hear", f"route_id {m.route_id!r}, expected 'hear'")
+        _expect(m.pattern == pattern, f"pattern {m.pattern!r}, expected {pattern!r}")
+        _expect(m.message.body == body, f"message.body {m.message.body!r}, expected {body!r}")
+        _expect(bool(m.message.source.user.id), "message.source.user.id is empty")
+        _expect(bool(m.message.source.room.id), "message.source.room.id is empty")
+        _expect(not m.direct, "direct is true for a message not addressed to the bot")
+        _expect(m.text == body, f"text {m.text!r}, expected the whole body")
+        _expect(bool(m.message.id), "message.id is empty")
+        addressed = f"{s.target.bot_name}: hear-{s.token} as well"
+        await s.inject(addressed)
+        m = await listener.matched()
+        _expect(m.message.body == addressed, f"an addressed message was not heard (got {m.message.body!r})")
+    return f"heard {body!r} and {addressed!r} from {m.message.source.user.id!r} in {m.message.source.room.id!r}"
+
+
+@check("routes/direct-flag", needs=["control"])
+async def _direct_flag(s: Suite) -> str:
+    """MatchedMessage.direct is true exactly when the message was addressed to the bot,
+    whatever kind of route matched it (core.proto)."""
+    bot = s.target.bot_name
+    routes = [_route("hear", f"direct-{s.token}"), _route("respond", f"^direct-{s.token}$", respond=True)]
+    seen = []
+    async with s.listen(routes) as listener:
+        for body, room, addressed in (
+            (f"direct-{s.token}", None, False),
+            (f"{bot}: direct-{s.token}", None, True),
+            (f"direct-{s.token}", "", True),
+        ):
+            await s.inject(body, room=room)
+            for _ in range(2 if addressed else 1):
+                m = await listener.matched()
+                where = "privately" if room == "" else "in the room"
+                _expect(
+                    m.direct == addressed,
+                    f"{body!r} {where} on the {m.route_id} route: direct={m.direct}, expected {addressed}",
+                )
+                seen.append(f"{m.route_id}:{m.direct}")
+    return f"direct flags {', '.join(seen)}"
+
+
+@check("routes/respond", needs=["control"])
+async def _respond(s: Suite) -> str:
+    """A respond route matches messages addressed to the bot (name, name:, @name, private),
+    against the text after the address, and nothing else."""
+    bot = s.target.bot_name
+    routes = [_route("rsp", f"^rsp-{s.token} (\\w+)$", respond=True), _route("sentinel", f"^sentinel-{s.token}$")]
+    forms = {f"{bot} rsp-{s.token} a": "a", f"{bot}: rsp-{s.token} b": "b", f"@{bot} rsp-{s.token} c": "c"}
+    async with s.listen(routes) as listener:
+        for body, word in forms.items():
+            await s.inject(body)
+            m = await listener.matched()
+            _expect(m.route_id == "rsp", f"{body!r}: route_id {m.route_id!r}, expected 'rsp'")
+            _expect(m.text == f"rsp-{s.token} {word}", f"{body!r}: text {m.text!r}, expected the text after the name")
+            _expect(m.direct, f"{body!r}: direct is false for a message addressed to the bot")
+            _expect(m.message.body == body, f"{body!r}: message.body is {m.message.body!r}")
+        await s.inject(f"rsp-{s.token} d", room="")
+        m = await listener.matched()
+        _expect(m.route_id == "rsp" and m.direct, f"a private message was not matched as addressed ({m.route_id!r})")
+        _expect(m.message.private, "message.private is false for a private message")
+        # Not addressed: neither matches. The sentinel, written after them, must come first.
+        await s.inject(f"rsp-{s.token} e")
+        await s.inject(f"{bot}x rsp-{s.token} f")
+        await s.inject(f"sentinel-{s.token}")
+        m = await listener.matched()
+        _expect(m.route_id == "sentinel", f"a message not addressed to the bot matched a respond route: {m.text!r}")
+    return f"matched {', '.join(map(repr, forms))} and a private message; not unaddressed ones"
+
+
+@check("routes/capture-positional", needs=["control"])
+async def _capture_positional(s: Suite) -> str:
+    """groups[0] is the whole match, groups[n] the n-th group, "" for one that took no part."""
+    route = _route("cap", f"cap-{s.token} (\\w+) (\\d+)(?: (x+))?$")
+    async with s.listen([route]) as listener:
+        await s.inject(f"please cap-{s.token} deploy 42")
+        m = await listener.matched()
+    expected = [f"cap-{s.token} deploy 42", "deploy", "42", ""]
+    _expect(list(m.groups) == expected, f"groups {list(m.groups)!r}, expected {expected!r}")
+    return f"groups {expected!r}"
+
+
+@check("routes/capture-named", needs=["control"])
+async def _capture_named(s: Suite) -> str:
+    """Named groups come in named_groups (absent when they took no part) and in groups."""
+    route = _route("named", f"^named-{s.token} (?P<app>\\w+)(?: to (?P<env>\\w+))?$", respond=True)
+    async with s.listen([route]) as listener:
+        await s.inject(f"{s.target.bot_name} named-{s.token} web")
+        first = await listener.matched()
+        await s.inject(f"{s.target.bot_name} named-{s.token} web to prod")
+        second = await listener.matched()
+    _expect(dict(first.named_groups) == {"app": "web"}, f"named_groups {dict(first.named_groups)!r}, expected app only")
+    expected = {"app": "web", "env": "prod"}
+    _expect(dict(second.named_groups) == expected, f"named_groups {dict(second.named_groups)!r}, expected {expected}")
+    _expect(list(second.groups[1:]) == ["web", "prod"], f"groups {list(second.groups)!r} lack the named groups")
+    return f"named_groups {dict(first.named_groups)!r}, then {expected!r}"
+
+
+@check("routes/ignore-case", needs=["control"])
+async def _ignore_case(s: Suite) -> str:
+    """A route with ignore_case matches whatever the case; one without does not."""
+    routes = [
+        _route("nocase", f"^case-{s.token}$", ignore_case=True),
+        _route("case", f"^case-{s.token}$"),
+        _route("sentinel", f"^sentinel-{s.token}$"),
+    ]
+    async with s.listen(routes) as listener:
+        await s.inject(f"CASE-{s.token}")
+        await s.inject(f"sentinel-{s.token}")
+        first = await listener.matched()
+        second = await listener.matched()
+    _expect(first.route_id == "nocase", f"the ignore_case route did not match (got {first.route_id!r})")
+    _expect(second.route_id == "sentinel", f"the case-sensitive route matched upper case ({second.route_id!r})")
+    return "matched CASE-… with ignore_case only"
+
+
+@check("routes/every-callback", needs=["control", "other"])
+async def _fan_out(s: Suite) -> str:
+    """Every callback whose route matches gets the message."""
+    pattern = f"^fan-{s.token}$"
+    async with (
+        s.listen([_route("mine", pattern)]) as mine,
+        s.listen([_route("theirs", pattern)], secret=s.target.other_secret) as theirs,
+    ):
+        await s.inject(f"fan-{s.token}")
+        a = await mine.matched()
+        b = await theirs.matched()
+    _expect((a.route_id, b.route_id) == ("mine", "theirs"), f"route ids {a.route_id!r}, {b.route_id!r}")
+    return f"both {s.target.id!r} and {s.target.other_id!r} got it"
+
+
+async def _count_until_sentinel(listener: Listener) -> int:
+    count = 0
+    while (await listener.matched()).route_id != "sentinel":
+        count += 1
+    return count
+
+
+@check("routes/replicas", needs=["control"])
+async def _replicas(s: Suite) -> str:
+    """Two streams of one callback declaring the same route share its messages: each
+    message goes to exactly one of them."""
+    shared = _route("shared", f"^replica-{s.token} \\d+$")
+    async with (
+        s.listen([shared, _route("sentinel", f"^sentinel-a-{s.token}$")]) as a,
+        s.listen([shared, _route("sentinel", f"^sentinel-b-{s.token}$")]) as b,
+    ):
+        total = 6
+        for i in range(total):
+            await s.inject(f"replica-{s.token} {i}")
+        await s.inject(f"sentinel-a-{s.token}")
+        await s.inject(f"sentinel-b-{s.token}")
+        got_a = await _count_until_sentinel(a)
+        got_b = await _count_until_sentinel(b)
+    _expect(got_a + got_b == total, f"{total} messages gave {got_a} + {got_b} events: each must go to one stream")
+    return f"{total} messages split {got_a} + {got_b}"
+
+
+# ---- the stream's lifecycle ------------------------------------------------------------
+
+
+@check("stream/cancel-removes-routes", needs=["control"])
+async def _cancel(s: Suite) -> str:
+    """Cancelling a Listen stream removes its routes: its replica then gets every message."""
+    shared = _route("shared", f"^gone-{s.token} \\d+$")
+    async with s.listen([shared, _route("sentinel", f"^sentinel-{s.token}$")]) as survivor:
+        async with s.listen([shared]):
+            pass  # leaving the block cancels the stream
+        cancelled_at = time.monotonic()
+        probes = 4
+        deadline = trio.current_time() + s.timeout
+        rounds = 0
+        while True:
+            rounds += 1
+            for i in range(probes):
+                await s.inject(f"gone-{s.token} {i}")
+            await s.inject(f"sentinel-{s.token}")
+            got = await _count_until_sentinel(survivor)
+            if got == probes:
+                break
+            if trio.current_time() > deadline:
+                raise CheckFailed(
+                    f"{s.timeout:g} s after the stream was cancelled its route still took {probes - got} of "
+                    f"{probes} messages"
+                )
+            await trio.sleep(0.05)
+    return f"routes gone {time.monotonic() - cancelled_at:.2f} s after cancelling ({rounds} round(s) of probes)"
+
+
+@check("stream/help-follows-stream", needs=["control"])
+async def _help(s: Suite) -> str:
+    """The `help` command lists a route's help text while its stream is open, and not after."""
+    text = f"conformance-{s.token} <x> - a route of the conformance suite"
+    ask = f"{s.target.bot_name} help conformance-{s.token}"
+
+    async def reply() -> str:
+        await s.inject(ask)
+        deadline = trio.current_time() + s.timeout
+        while (left := deadline - trio.current_time()) > 0:
+            for message in await s.list_sent(left):
+                if message.room == s.target.room:
+                    return message.body
+        raise CheckFailed(f"no answer to {ask!r}")
+
+    async with s.listen([_route("helped", f"^conformance-{s.token} (\\w+)$", respond=True, help=text)]):
+        listed = await reply()
+        _expect(text in listed, f"`help` does not list the open stream's route: {listed!r}")
+    deadline = trio.current_time() + s.timeout
+    while text in (after := await reply()):
+        if trio.current_time() > deadline:
+            raise CheckFailed(f"`help` still lists the route {s.timeout:g} s after its stream was cancelled")
+        await trio.sleep(0.1)
+    return f"listed while open; after: {after!r}"
+
+
+# ---- storage ---------------------------------------------------------------------------
+
+
+@check("storage/roundtrip")
+async def _storage_roundtrip(s: Suite) -> str:
+    """Set, Get, Delete: versions start at 1 and grow by one with each write."""
+    key = s.key("roundtrip")
+    got = await s.get(key)
+    _expect(not got.found, f"a fresh key is found: {got}")
+    v1 = await s.set(key, b"one")
+    got = await s.get(key)
+    _expect(got.found and got.value == b"one" and got.version == v1 == 1, f"after one write: {got} (Set said {v1})")
+    v2 = await s.set(key, b"two")
+    _expect(v2 == 2, f"the second write gave version {v2}, expected 2")
+    _expect(await s.delete(key), "Delete of an existing key said deleted=false")
+    _expect(not (await s.get(key)).found, "the key is still found after Delete")
+    _expect(not await s.delete(key), "Delete of a missing key said deleted=true")
+    return "versions 1, 2; deleted; deleted=false the second time"
+
+
+@check("storage/compare-and-set")
+async def _storage_cas(s: Suite) -> str:
+    """expected_version: 0 means absent; a stale version fails with ABORTED, for Set and Delete."""
+    key = s.key("cas")
+    try:
+        v1 = await s.set(key, b"a", expected=0)
+        _expect(v1 == 1, f"create-if-absent gave version {v1}")
+
+        def set_call(expected: int) -> Callable[[], Awaitable[Any]]:
+            request = storage_pb2.SetRequest(key=key, value=b"x", expected_version=expected)
+            return lambda: s.storage.Set(request, metadata=s.metadata(), timeout=s.timeout)
+
+        await s.expect_code("Set with expected_version 0 on an existing key", grpc.StatusCode.ABORTED, set_call(0))
+        await s.expect_code("Set with a stale expected_version", grpc.StatusCode.ABORTED, set_call(7))
+        v2 = await s.set(key, b"b", expected=1)
+        _expect(v2 == 2, f"Set at the right version gave version {v2}, expected 2")
+        got = await s.get(key)
+        _expect(got.value == b"b", f"the value is {got.value!r} after the failed writes, expected b'b'")
+        await s.expect_code(
+            "Delete with a stale expected_version",
+            grpc.StatusCode.ABORTED,
+            lambda: s.storage.Delete(
+                storage_pb2.DeleteRequest(key=key, expected_version=1), metadata=s.metadata(), timeout=s.timeout
+            ),
+        )
+        _expect(await s.delete(key, expected=2), "Delete at the right version said deleted=false")
+    finally:
+        await s.delete(key)
+    return "create-if-absent, ABORTED on stale Set and Delete, success at the current version"
+
+
+@check("storage/concurrent-increments")
+async def _storage_concurrent(s: Suite) -> str:
+    """Ten concurrent read-modify-write loops with compare-and-set lose no increment."""
+    key = s.key("counter")
+    conflicts = 0
+
+    async def increment() -> None:
+        nonlocal conflicts
+        while True:
+            got = await s.get(key)
+            value = int(got.value or b"0") + 1
+            try:
+                await s.set(key, str(value).encode(), expected=got.version if got.found else 0)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.ABORTED:
+                    raise
+                conflicts += 1
+
+    workers = 10
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(increment)
+        final = await s.get(key)
+        _expect(final.value == str(workers).encode(), f"the counter is {final.value!r}, expected {workers}")
+    finally:
+        await s.delete(key)
+    return f"{workers} increments, {conflicts} conflict(s) retried"
+
+
+@check("storage/list")
+async def _storage_list(s: Suite) -> str:
+    """List returns keys by prefix in key order, a page at a time; keys_only leaves values out."""
+    names = ["b", "a", "e", "c", "d"]
+    for name in names:
+        await s.set(s.key(f"list/{name}"), name.encode())
+    await s.set(s.key("listx"), b"not under the prefix")
+    try:
+        prefix = s.key("list/")
+        keys: list[str] = []
+        after = ""
+        pages = 0
+        while True:
+            page = await s.list(prefix, limit=2, after=after)
+            pages += 1
+            _expect(len(page.items) <= 2, f"a page of limit 2 has {len(page.items)} items")
+            for item in page.items:
+                _expect(item.value == item.key[-1:].encode(), f"{item.key}: value {item.value!r}")
+            keys += [i.key for i in page.items]
+            if not page.next_start_after or pages > 10:
+                break
+            after = page.next_start_after
+        expected = [s.key(f"list/{n}") for n in sorted(names)]
+        _expect(keys == expected, f"listed {keys}, expected {expected}")
+        bare = await s.list(prefix, keys_only=True)
+        _expect(all(not i.value for i in bare.items) and len(bare.items) == len(names), f"keys_only gave {bare}")
+    finally:
+        await s.cleanup()
+    return f"{len(names)} keys in key order over {pages} pages of 2"
+
+
+@check("storage/invalid-key")
+async def _storage_invalid_key(s: Suite) -> str:
+    """An empty key fails with INVALID_ARGUMENT."""
+    details = await s.expect_code(
+        "Get of an empty key",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: s.storage.Get(storage_pb2.GetRequest(key=""), metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"INVALID_ARGUMENT: {details}"
+
+
+@check("storage/isolation", needs=["other"])
+async def _storage_isolation(s: Suite) -> str:
+    """Two callbacks using the same key never see each other's value."""
+    other = s.target.other_secret
+    assert other is not None
+    key = s.key("shared-name")
+    try:
+        await s.set(key, b"mine")
+        got = await s.get(key, secret=other)
+        _expect(not got.found, f"{s.target.other_id!r} reads {s.target.id!r}'s key: {got}")
+        version = await s.set(key, b"theirs", expected=0, secret=other)
+        _expect(version == 1, f"the other callback's first write gave version {version}")
+        mine = await s.get(key)
+        _expect(mine.value == b"mine" and mine.version == 1, f"{s.target.id!r}'s value changed: {mine}")
+        request = storage_pb2.ListRequest(prefix=f"conformance/{s.token}/")
+        listed = await s.call(lambda: s.storage.List(request, metadata=s.metadata(other), timeout=s.timeout))
+        _expect([i.value for i in listed.items] == [b"theirs"], f"the other callback lists {list(listed.items)}")
+        _expect(await s.delete(key, secret=other), "the other callback could not delete its own key")
+        _expect((await s.get(key)).found, f"deleting {s.target.other_id!r}'s key deleted {s.target.id!r}'s")
+    finally:
+        await s.cleanup()
+        await s.cleanup(other)
+    return f"{s.target.id!r} and {s.target.other_id!r} each have their own {key!r}"
+
+
+# ---- running ---------------------------------------------------------------------------
+
+
+async def run_checks(target: Target, out: TextIO = sys.stdout, only: Sequence[str] = ()) -> list[Result]:
+    """Run every check (or those whose name starts with one of ``only``) against
+    ``target``, printing one line each as it finishes."""
+    results: list[Result] = []
+    async with open_bridge() as bridge:
+        channel = await bridge.open_channel(target.address)
+        control_channel = await bridge.open_channel(target.control) if target.control else None
+        try:
+            suite = Suite(target, bridge, channel)
+            if control_channel is not None:
+                suite.control = control_pb2_grpc.MemoryControlStub(control_channel)
+            for item in CHECKS:
+                if only and not any(item.name.startswith(prefix) for prefix in only):
+                    continue
+                result = await _run_one(suite, item)
+                results.append(result)
+                print(result.line(), file=out, flush=True)
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.close_channel(channel)
+                if control_channel is not None:
+                    await bridge.close_channel(control_channel)
+    return results
+
+
+async def _run_one(suite: Suite, item: Check) -> Result:
+    missing = []
+    if "control" in item.needs and suite.control is None:
+        missing.append("--control")
+    if "other" in item.needs and not (suite.target.other_id and suite.target.other_secret):
+        missing.append("--other-id and --other-secret")
+    if missing:
+        return Result(item.name, "SKIP", f"needs {' and '.join(missing)}: {item.doc}")
+    began = time.monotonic()
+    try:
+        with trio.fail_after(suite.timeout * 4):
+            detail = await item.run(suite)
+    except CheckFailed as exc:
+        return Result(item.name, "FAIL", str(exc))
+    except CheckSkipped as exc:
+        return Result(item.name, "SKIP", str(exc))
+    except grpc.aio.AioRpcError as exc:
+        return Result(item.name, "FAIL", f"unexpected {_code(exc)}")
+    except trio.TooSlowError:
+        return Result(item.name, "FAIL", f"did not finish within {suite.timeout * 4:g} s")
+    return Result(item.name, "PASS", f"{detail} ({time.monotonic() - began:.2f} s)")
+
+
+def summary(results: Sequence[Result], target: Target) -> str:
+    """The last line: how many checks passed, failed and were skipped."""
+    counts = {status: sum(r.status == status for r in results) for status in ("PASS", "FAIL", "SKIP")}
+    verdict = "conforms" if counts["PASS"] == len(results) and results else "does NOT conform"
+    line = (
+        f"SUMMARY {target.address} {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, "
+        f"{counts['SKIP']} skipped of {len(results)} checks"
+    )
+    if counts["SKIP"]:
+        line += " (skipped checks count as not passed)"
+    return line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``oco conformance``."""
+    parser.add_argument("--address", help="HOST:PORT of the bot's gRPC API (required)")
+    parser.add_argument("--id", help="the id of a callback in the bot's config, played by the suite (required)")
+    parser.add_argument("--secret", help="that callback's secret (required; or $OCO_SECRET)")
+    parser.add_argument("--other-id", help="a second callback's id, for isolation and fan-out checks")
+    parser.add_argument("--other-secret", help="the second callback's secret")
+    parser.add_argument(
+        "--control", help="HOST:PORT of the memory adapter's control service (oco.MemoryControl), to write chat"
+    )
+    parser.add_argument("--bot-name", default="oco", help="how the bot is addressed in chat (default: oco)")
+    parser.add_argument("--room", default="general", help="memory adapter room the suite writes in (default: general)")
+    parser.add_argument("--user", default="alice", help="memory adapter user the suite writes as (default: alice)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer (default: 10)")
+    parser.add_argument("--only", action="append", default=[], help="run only checks whose name starts with this")
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+
+
+def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run ``oco conformance``; 0 when every check passed, else 1."""
+    if options.list:
+        for item in CHECKS:
+            needs = f" [needs {', '.join(sorted(item.needs))}]" if item.needs else ""
+            print(f"{item.name}: {item.doc}{needs}", file=out)
+        return 0
+    options.secret = options.secret or os.environ.get("OCO_SECRET")
+    missing = [f"--{name}" for name in ("address", "id", "secret") if not getattr(options, name)]
+    if missing:
+        print(f"oco conformance: missing {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if bool(options.other_id) != bool(options.other_secret):
+        print("oco conformance: give both --other-id and --other-secret, or neither", file=sys.stderr)
+        return 2
+    target = Target(
+        address=options.address,
+        id=options.id,
+        secret=options.secret,
+        other_id=options.other_id,
+        other_secret=options.other_secret,
+        control=options.control,
+        bot_name=options.bot_name,
+        room=options.room,
+        user=options.user,
+        timeout=options.timeout,
+    )
+    results = trio.run(run_checks, target, out, options.only)
+    print(summary(results, target), file=out, flush=True)
+    return 0 if results and all(r.status == "PASS" for r in results) else 1
