@@ -1,0 +1,146 @@
+"""The Node.js example callback (examples/node) end to end through a real `oco run`.
+
+Its npm dependencies are installed with `npm ci` from the committed package-lock.json
+into a copy of the example, and its .proto files are written by `oco proto --out`, as
+its README says. Without node or npm the tests skip (fail where OCO_REQUIRE_SERVERS=1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from oco_core.testing import run_oco
+from oco_core.testing.pytest_plugin import server_unavailable
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
+SECRET = "node-callback-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of examples/node with its dependencies installed and its .proto files written."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        server_unavailable("node", "the Node.js example needs `node` and `npm` on PATH (Node.js 18 or later)")
+    workdir = tmp_path_factory.mktemp("node-example")
+    for name in ("package.json", "package-lock.json", "callback.js"):
+        shutil.copy(EXAMPLE / name, workdir / name)
+    installed = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if installed.returncode != 0:
+        server_unavailable("npm registry", f"`npm ci` failed: {installed.stderr[-2000:]}")
+    # The example loads the files `oco proto --out` writes (build/proto beside it by default).
+    subprocess.run([sys.executable, "-m", "oco_core", "proto", "--out", str(workdir / "build" / "proto")], check=True)
+    return workdir
+
+
+async def test_launched_by_the_bot(node_example: Path, tmp_path: Path) -> None:
+    config = f"""
+adapters: [{{type: shell, user: alice}}]
+store: {{url: "sqlite:///./oco.db"}}
+grpc: {{listen: "127.0.0.1:0"}}
+callbacks:
+  - id: node
+    command: ["node", "{node_example / "callback.js"}"]
+"""
+    async with run_oco(config, tmp_path) as bot:
+        await bot.write("oco ping")
+        await bot.expect(r"^PONG from Node\.js$")
+        await bot.write("hello node, how are you?")
+        await bot.expect(r"^hello alice, from Node\.js v\d+")
+        await bot.write("oco count")
+        await bot.expect(r"^alice: node counter is 1$")
+        await bot.write("oco: count 41")
+        await bot.expect(r"^alice: node counter is 42$")
+        await bot.write("oco help count")
+        await bot.expect(r"^count \[n\] - adds n")
+        await bot.expect(r"\[node-callback node\] connected to .*: 3 route\(s\) registered", stream="stderr")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class _Lines:
+    """The standard error of a process, line by line, waited on."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            *complete, buffer = (buffer + chunk).split(b"\n")
+            self.lines += [line.decode() for line in complete]
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 30.0) -> None:
+        with trio.move_on_after(timeout):
+            while sum(bool(re.search(pattern, line)) for line in self.lines) < count:
+                await self._changed.wait()
+            return
+        raise AssertionError(f"{pattern!r} seen fewer than {count} time(s) in {timeout} s: {self.lines[-20:]}")
+
+
+async def test_started_by_hand_reconnects_when_the_bot_restarts(node_example: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    config = f"""
+adapters: [{{type: shell, user: alice}}]
+store: {{url: "sqlite:///./oco.db"}}
+grpc: {{listen: "127.0.0.1:{port}"}}
+callbacks:
+  - {{id: node, secret: "{SECRET}"}}
+"""
+    env = {**os.environ, "OCO_ADDRESS": f"127.0.0.1:{port}", "OCO_CALLBACK_ID": "node", "OCO_SECRET": SECRET}
+    registered = r"connected to .*: 3 route\(s\) registered"
+    stderr = _Lines()
+    async with run_oco(config, tmp_path / "bot") as bot:
+        callback = await trio.lowlevel.open_process(
+            ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                assert callback.stderr is not None
+                nursery.start_soon(stderr.pump, callback.stderr)
+                await stderr.wait_for(registered)
+                await bot.write("oco count")
+                await bot.expect(r"^alice: node counter is 1$")
+                await bot.stop()
+                await stderr.wait_for(r"Listen stream ended")
+
+                # The same bot again, on the same port and with the same store.
+                async with run_oco(config, tmp_path / "bot") as again:
+                    await stderr.wait_for(registered, count=2)
+                    await again.write("oco ping")
+                    await again.expect(r"^PONG from Node\.js$")
+                    await again.write("oco count")
+                    await again.expect(r"^alice: node counter is 2$")
+                callback.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await callback.wait() == 0
+        finally:
+            if callback.returncode is None:
+                callback.kill()
+                with trio.CancelScope(shield=True):
+                    await callback.wait()
