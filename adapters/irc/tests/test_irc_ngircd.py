@@ -1,0 +1,252 @@
+"""The adapter against a real ngircd, with a raw IRC connection playing the person."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from oco_adapter_irc import IrcAdapter
+
+from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
+
+pytestmark = pytest.mark.server("ngircd")
+
+CHANNEL = "#test"
+
+
+async def test_channel_and_private_messages_both_ways(kit: Any) -> None:
+    host = kit.host
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, host):
+            await alice.expect(r":oco!\S+ JOIN :?#test")
+            assert host.own_names[-1] == ["oco"]
+
+            await alice.say(CHANNEL, "oco: ping")
+            message = await host.next_message(lambda m: m.body == "oco: ping")
+            assert message.room is not None
+            assert message.room.id == "#test"
+            assert message.user == ChatUser(id="alice", name="alice", mention_name="alice")
+            assert not message.direct
+
+            await alice.say("oco", "hello in private")
+            private = await host.next_message(lambda m: m.body == "hello in private")
+            assert private.direct
+            assert private.room is None
+            assert private.user.id == "alice"
+
+            await adapter.send(OutgoingMessage(body="PONG", room_id="#test", user=message.user, mention=True))
+            await alice.expect(r":oco!\S+ PRIVMSG #test :alice: PONG$")
+            await adapter.send(OutgoingMessage(body="just for you", user=private.user, private=True))
+            await alice.expect(r":oco!\S+ PRIVMSG alice :just for you$")
+
+            # CTCP ACTION (/me) both ways.
+            await alice.say(CHANNEL, "\x01ACTION waves\x01")
+            action = await host.next_message(lambda m: m.action)
+            assert action.body == "waves"
+            assert action.room is not None
+            await adapter.send(OutgoingMessage(body="waves back", room_id="#test", action=True))
+            await alice.expect(r"PRIVMSG #test :\x01ACTION waves back\x01$")
+
+
+async def test_user_ids_are_case_folded_nicks(kit: Any) -> None:
+    async with kit.person("Bob[1]") as bob:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await bob.expect(r":oco!\S+ JOIN")
+            await bob.say("#TEST", "hi")
+            message = await kit.host.next_message()
+            assert message.user.id == "bob[1]"  # ngircd says CASEMAPPING=ascii: [ ] stay
+            assert message.user.mention_name == "Bob[1]"
+            assert message.room is not None
+            assert message.room.id == "#test"
+            # A reply addressed by the folded id reaches the same person.
+            await adapter.send(OutgoingMessage(body="hey", user=ChatUser(id=message.user.id), private=True))
+            await bob.expect(r"PRIVMSG Bob\[1\] :hey$")
+
+
+async def test_long_and_multiline_messages_are_split_within_512_bytes(kit: Any) -> None:
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+            since = alice.mark()
+            word = "é漢🙂x" * 150  # no spaces: split inside the text, on character boundaries
+            await adapter.send(OutgoingMessage(body=word + "\nsecond line\n\nthird", room_id="#test"))
+            await alice.expect(r"PRIVMSG #test :third$")
+            raw = [r for r in alice.raw[since:] if b" PRIVMSG #test :" in r]
+            assert all(len(line) + 2 <= 512 for line in raw)
+            texts = [line.split(b" :", 1)[1].decode("utf-8") for line in raw]  # each piece valid UTF-8
+            assert texts[-2:] == ["second line", "third"]
+            assert "".join(texts[:-2]) == word
+            assert len(texts) > 3
+
+
+async def test_flood_of_fifty_lines_arrives_in_order_without_disconnect(kit: Any) -> None:
+    # ngircd runs with its default penalties (about three lines a second); the bot's
+    # bucket is set a little under that, as an operator would for their network.
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config(rate_limit={"burst": 5, "per_second": 2.5}))
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+            since = alice.mark()
+            for n in range(50):
+                await adapter.send(OutgoingMessage(body=f"line {n}", room_id="#test"))
+            await alice.expect(r"PRIVMSG #test :line 49$", timeout=60)
+            got = [m.group(1) for m in alice.find(r"PRIVMSG #test :line (\d+)$", since)]
+            assert got == [str(n) for n in range(50)]
+            stats = adapter.statistics()
+            assert stats.connected
+            assert stats.registrations == 1
+            assert stats.sent_lines >= 50
+            assert not alice.find(r"oco\S* QUIT", since)
+
+
+async def test_reconnect_after_server_restart_delivers_queued_messages_in_order(kit: Any, gate: Any) -> None:
+    server = kit.server
+    adapter = IrcAdapter(kit.config(port=gate.port))
+    async with kit.person("alice") as alice, kit.running(adapter, kit.host):
+        await alice.expect(r":oco!\S+ JOIN")
+        await server.kill()
+        await kit.wait_for(lambda: not adapter.statistics().connected, "the bot to notice the server is gone")
+        for n in range(3):
+            await adapter.send(OutgoingMessage(body=f"during outage {n}", room_id="#test"))
+        assert adapter.statistics().queued_lines == 3
+        # Hold the bot back until the person is in the channel again, or it could
+        # deliver before anyone is there to read.
+        gate.open = False
+        await server.start()
+        async with kit.person("alice") as alice2:
+            gate.open = True
+            await kit.wait_for(lambda: adapter.statistics().registrations == 2, "the bot to register again")
+            await alice2.expect(r":oco!\S+ JOIN :?#test")
+            for n in range(3):
+                await alice2.expect(rf"PRIVMSG #test :during outage {n}$")
+            assert adapter.statistics().queued_lines == 0
+
+
+async def test_dead_connection_is_detected_and_replaced(kit: Any, gate: Any) -> None:
+    adapter = IrcAdapter(kit.config(port=gate.port, ping_interval=0.3, ping_timeout=0.5))
+    async with kit.person("alice") as alice, kit.running(adapter, kit.host):
+        await alice.expect(r":oco!\S+ JOIN")
+        gate.frozen = True  # the TCP connection stays open, but nothing flows
+        await kit.wait_for(lambda: not adapter.statistics().connected, "the keepalive to give up")
+        gate.frozen = False
+        await kit.wait_for(lambda: adapter.statistics().registrations == 2, "the bot to reconnect")
+        await alice.expect(r":oco\S* JOIN :?#test")
+
+
+async def test_nick_collision_falls_back_and_regains_the_nick(kit: Any) -> None:
+    # The squatter shares the channel, so the bot sees its NICK and need not wait.
+    async with kit.person("oco") as squatter:
+        adapter = IrcAdapter(kit.config(alt_nicks=["oco_alt"], regain_nick_interval=600))
+        async with kit.running(adapter, kit.host):
+            assert adapter.statistics().nick == "oco_alt"
+            assert kit.host.own_names[-1] == ["oco_alt"]
+            await squatter.expect(r":oco_alt!\S+ JOIN")
+            # The holder changes nick: the bot takes its own back at once.
+            await squatter.send("NICK squatter")
+            await kit.wait_for(lambda: adapter.statistics().nick == "oco", "the bot to regain its nick")
+            assert kit.host.own_names[-1] == ["oco"]
+
+
+async def test_nick_regained_periodically(kit: Any) -> None:
+    async with kit.person("oco", channels=()) as squatter:
+        adapter = IrcAdapter(kit.config(regain_nick_interval=0.3))
+        async with kit.running(adapter, kit.host):
+            assert adapter.statistics().nick == "oco_"  # no alternatives: an underscore
+            await squatter.send("QUIT :bye")
+            await kit.wait_for(lambda: adapter.statistics().nick == "oco", "the bot to regain its nick")
+
+
+async def test_kick_is_reported_and_the_bot_rejoins(kit: Any) -> None:
+    host = kit.host
+    async with kit.person("alice") as alice:  # first in the channel: a channel operator
+        adapter = IrcAdapter(kit.config(rejoin_delay=0.2))
+        async with kit.running(adapter, host):
+            await alice.expect(r":oco!\S+ JOIN")
+            await alice.send("KICK #test oco :out")
+            await kit.wait_for(lambda: any(e.kind is MembershipKind.KICKED for e in host.events), "the KICK")
+            kick = next(e for e in host.events if e.kind is MembershipKind.KICKED)
+            assert kick.user.id == "oco"
+            assert kick.actor is not None
+            assert kick.actor.id == "alice"
+            assert kick.reason == "out"
+            assert kick.room.id == "#test"
+            await alice.expect(r":oco!\S+ JOIN :?#test")
+            await kit.wait_for(lambda: any(r.id == "#test" for r in adapter.rooms()), "the rejoin")
+
+
+async def test_membership_events_and_directory(kit: Any) -> None:
+    host = kit.host
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, host):
+            await alice.expect(r":oco!\S+ JOIN")
+            await kit.wait_for(lambda: {u.id for u in adapter.members("#test")} == {"alice", "oco"}, "NAMES")
+
+            def seen(kind: MembershipKind, user: str) -> bool:
+                return any(e.kind is kind and e.user.id == user and e.room.id == "#test" for e in host.events)
+
+            async with kit.person("carol"):
+                await kit.wait_for(lambda: seen(MembershipKind.JOINED, "carol"), "carol's JOIN")
+                assert "carol" in {u.id for u in adapter.members("#test")}
+            await kit.wait_for(lambda: seen(MembershipKind.LEFT, "carol"), "carol's QUIT")
+            assert "carol" not in {u.id for u in adapter.members("#test")}
+
+            await alice.send("NICK alicia")
+            await kit.wait_for(lambda: seen(MembershipKind.JOINED, "alicia"), "the nick change")
+            assert seen(MembershipKind.LEFT, "alice")
+            assert {u.id for u in adapter.members("#test")} == {"alicia", "oco"}
+
+            await alice.send("PART #test :later")
+            await kit.wait_for(lambda: seen(MembershipKind.LEFT, "alicia"), "the PART")
+            assert {u.id for u in adapter.members("#test")} == {"oco"}
+
+
+async def test_join_and_part_on_request(kit: Any) -> None:
+    async with kit.person("alice", channels=("#test", "#other")) as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await adapter.join("#other")
+            await alice.expect(r":oco!\S+ JOIN :?#other")
+            await adapter.send(OutgoingMessage(body="hello other", room_id="#other"))
+            await adapter.part("#other")
+            await alice.expect(r"PRIVMSG #other :hello other$")
+            await alice.expect(r":oco!\S+ PART #other")
+
+
+async def test_bad_input_is_skipped(kit: Any) -> None:
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+            await alice.send(b"PRIVMSG #test :caf\xe9 in latin-1")  # not UTF-8
+            await alice.send("PRIVMSG #test :\x01VERSION\x01")  # CTCP request: answered, not routed
+            await alice.send("PRIVMSG #test :\x01ACTION\x01")  # an empty action
+            await alice.send("PRIVMSG #test :\x02\x0304,05\x0f")  # only formatting codes
+            await alice.send("NOTICE #test :a notice is never routed")
+            await alice.say(CHANNEL, "still alive")
+            await kit.host.next_message(lambda m: m.body == "still alive")
+            bodies = [m.body for m in kit.host.messages]
+            assert "café in latin-1" in bodies
+            assert not any("VERSION" in b or "notice" in b for b in bodies)
+            await alice.expect(r"NOTICE alice :\x01VERSION ")
+            assert adapter.statistics().registrations == 1
+
+
+async def test_bot_quits_when_cancelled(kit: Any) -> None:
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+        await alice.expect(r":oco!\S+ QUIT :")
+
+
+async def test_messages_sent_before_registration_wait_for_it(kit: Any) -> None:
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config())
+        await adapter.send(OutgoingMessage(body="early bird", room_id="#test"))
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+            await alice.expect(r"PRIVMSG #test :early bird$")
