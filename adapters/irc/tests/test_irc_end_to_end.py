@@ -1,0 +1,62 @@
+"""End to end: a real ``oco run`` process with the IRC adapter on a real ngircd, the
+bundled example callback launched by the bot, and a person saying ``oco: ping``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from oco_core.testing import run_oco
+
+pytestmark = pytest.mark.server("ngircd")
+
+
+def _config(port: int, tmp_path: Path) -> str:
+    return f"""\
+bot:
+  name: oco
+adapters:
+  - type: irc
+    host: 127.0.0.1
+    port: {port}
+    tls: false
+    nick: oco
+    channels: ["#test"]
+    rate_limit: {{burst: 10, per_second: 10}}
+store:
+  url: sqlite:///{tmp_path / "oco.db"}
+grpc:
+  listen: 127.0.0.1:0
+callbacks:
+  - id: example
+    command: ["{sys.executable}", "-m", "oco_core.examples.ping"]
+"""
+
+
+async def _ask_until_answered(person: Any, target: str, question: str, answer: str, timeout: float = 60) -> None:
+    # The callback process connects some time after the bot joined: ask again until it
+    # is there to answer.
+    with trio.move_on_after(timeout):
+        while True:
+            since = person.mark()
+            await person.say(target, question)
+            with trio.move_on_after(3):
+                await person.expect(answer, since=since, timeout=3)
+                return
+    raise AssertionError(f"no {answer!r} for {question!r}; the person saw {person.lines[-20:]!r}")
+
+
+async def test_oco_ping_in_a_channel_gets_pong(kit: Any, tmp_path: Path) -> None:
+    async with kit.person("alice") as alice, run_oco(_config(kit.server.port, tmp_path), tmp_path / "bot") as bot:
+        await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
+        await _ask_until_answered(alice, "#test", "oco: ping", r":oco!\S+ PRIVMSG #test :(alice: )?PONG$")
+        # The other ways of addressing the bot, and a private message.
+        await _ask_until_answered(alice, "#test", "oco, ping", r"PRIVMSG #test :(alice: )?PONG$")
+        await _ask_until_answered(alice, "#test", "oco ping", r"PRIVMSG #test :(alice: )?PONG$")
+        await _ask_until_answered(alice, "oco", "ping", r":oco!\S+ PRIVMSG alice :PONG$")
+        await _ask_until_answered(alice, "#test", "oco: echo héllo wörld", r"PRIVMSG #test :(alice: )?héllo wörld$")
+        assert bot.process.returncode is None
