@@ -1,0 +1,228 @@
+"""Callback programs the bot launches (``command:``): their environment, their output in
+the bot's log, restarts with backoff, and TERM-then-KILL at shutdown. Real ``oco run``,
+real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from oco_core._proto import storage_pb2, storage_pb2_grpc
+from oco_core.testing import OcoProcess, run_oco
+
+PYTHON = json.dumps(sys.executable)
+
+# Writes the environment it was given to a file (atomically), says so without showing
+# the secret, then waits to be stopped. It never connects, which these tests do not need.
+PROBE = """\
+import hashlib, json, os, pathlib, sys, time
+names = ["OCO_ADDRESS", "OCO_CALLBACK_ID", "OCO_SECRET", "OCO_TEST_GREETING"]
+found = {name: os.environ.get(name) for name in names}
+target = pathlib.Path(sys.argv[1])
+target.with_suffix(".tmp").write_text(json.dumps(found))
+target.with_suffix(".tmp").replace(target)
+digest = hashlib.sha256((found["OCO_SECRET"] or "").encode()).hexdigest()[:12]
+print("environment written; secret of", len(found["OCO_SECRET"] or ""), "characters, sha256", digest, flush=True)
+time.sleep(3600)
+"""
+
+# Notes SIGTERM in a file (not on stdout: see test_output_while_stopping_reaches_the_log)
+# and carries on.
+STUBBORN = """\
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: pathlib.Path(sys.argv[1]).write_text("SIGTERM"))
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+# Says goodbye on SIGTERM, then exits as asked.
+POLITE = """\
+import signal, sys, time
+def bye(*_):
+    print("goodbye from stdout", flush=True)
+    print("goodbye from stderr", file=sys.stderr, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def started_pids(bot: OcoProcess, callback_id: str) -> list[int]:
+    """The pids the bot logged for ``callback_id``, in order."""
+    started = re.compile(rf"started callback '{re.escape(callback_id)}' \(pid (\d+)\)")
+    return [int(m.group(1)) for line in bot.stderr_lines if (m := started.search(line))]
+
+
+async def wait_for_lines(bot: OcoProcess, pattern: str, count: int, timeout: float = 60.0) -> list[re.Match[str]]:
+    """Wait until ``count`` stderr lines match ``pattern``."""
+    compiled = re.compile(pattern)
+    await bot.expect(pattern, stream="stderr", timeout=timeout)
+    with trio.move_on_after(timeout):
+        while True:
+            found = [m for line in bot.stderr_lines if (m := compiled.search(line))]
+            if len(found) >= count:
+                return found
+            # OcoProcess.expect finds the first match only; counting needs a poll.
+            await trio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} lines matched {pattern!r} within {timeout} s: {bot.stderr_lines!r}")
+
+
+def storage_call(address: str, secret: str) -> grpc.StatusCode:
+    """The status of one Storage.Set made with ``secret``."""
+    with grpc.insecure_channel(address) as channel:
+        stub = storage_pb2_grpc.StorageStub(channel)
+        try:
+            stub.Set(
+                storage_pb2.SetRequest(key="probe", value=b"1"),
+                metadata=[("authorization", f"Bearer {secret}")],
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_launched_callback_gets_address_id_and_its_own_secret(
+    tmp_path: Path, bot_config: Callable[[str], str], process_running: Callable[[int], bool]
+) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    config = bot_config(
+        f"""\
+callbacks:
+  - id: probe-a
+    command: [{PYTHON}, "{probe}", "{tmp_path / "a.json"}"]
+    env: {{OCO_TEST_GREETING: hello}}
+  - id: probe-b
+    command: [{PYTHON}, "{probe}", "{tmp_path / "b.json"}"]
+"""
+    )
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(r"oco\.callback\.probe-a: environment written; secret of \d+ characters", stream="stderr")
+        await bot.expect(r"oco\.callback\.probe-b: environment written", stream="stderr")
+        a = json.loads((tmp_path / "a.json").read_text())
+        b = json.loads((tmp_path / "b.json").read_text())
+        assert a["OCO_ADDRESS"] == b["OCO_ADDRESS"] == bot.address
+        assert (a["OCO_CALLBACK_ID"], b["OCO_CALLBACK_ID"]) == ("probe-a", "probe-b")
+        assert (a["OCO_TEST_GREETING"], b["OCO_TEST_GREETING"]) == ("hello", None)
+        assert len(a["OCO_SECRET"]) >= 32
+        assert a["OCO_SECRET"] != b["OCO_SECRET"], "each callback needs a secret of its own"
+        # The secret is the one the bot accepts from that callback.
+        assert await trio.to_thread.run_sync(storage_call, bot.address, a["OCO_SECRET"]) == grpc.StatusCode.OK
+        assert await trio.to_thread.run_sync(storage_call, bot.address, a["OCO_SECRET"][:-1]) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        pids = started_pids(bot, "probe-a") + started_pids(bot, "probe-b")
+        assert await bot.stop(signal.SIGTERM) == 0
+    assert not [pid for pid in pids if process_running(pid)], "a callback outlived the bot"
+    output = "\n".join(bot.stdout_lines + bot.stderr_lines)
+    assert a["OCO_SECRET"] not in output
+    assert b["OCO_SECRET"] not in output
+
+
+@pytest.mark.slow  # the bot waits up to 20 s for every launched callback before it chats
+async def test_crashing_callback_is_restarted_with_backoff_and_others_keep_working(
+    tmp_path: Path, bot_config: Callable[[str], str], example_command: str
+) -> None:
+    config = bot_config(
+        f"""\
+callbacks:
+  - id: example
+    command: {example_command}
+  - id: crasher
+    command: [{PYTHON}, "-c", "import sys; print('boom'); sys.exit(3)"]
+"""
+    )
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.write("oco ping")
+        await bot.expect("^PONG$", timeout=60)
+        delays = [
+            float(m.group(1)) for m in await wait_for_lines(bot, r"restarting callback 'crasher' in ([\d.]+) s", 3)
+        ]
+        await wait_for_lines(bot, r"oco\.callback\.crasher: boom$", 3)
+        await wait_for_lines(bot, r"callback 'crasher' exited with code 3", 3)
+        pids = started_pids(bot, "crasher")
+        assert len(set(pids)) == len(pids) >= 3, pids
+        # Exponential backoff with jitter of at most a quarter: each wait is longer.
+        assert delays[0] < delays[1] < delays[2], delays
+        # The example callback was never restarted, and still answers.
+        assert len(started_pids(bot, "example")) == 1
+        await bot.write("oco echo still here")
+        await bot.expect("^still here$")
+        assert await bot.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow  # the bot gives a callback 5 s to obey SIGTERM
+async def test_callback_ignoring_sigterm_is_killed_after_the_grace_period(
+    tmp_path: Path, bot_config: Callable[[str], str], process_running: Callable[[int], bool]
+) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    noted = tmp_path / "sigterm.txt"
+    config = bot_config(f'callbacks:\n  - id: stubborn\n    command: [{PYTHON}, "{script}", "{noted}"]\n')
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(r"oco\.callback\.stubborn: ready$", stream="stderr")
+        [pid] = started_pids(bot, "stubborn")
+        assert await bot.stop(signal.SIGTERM, timeout=60) == 0
+    assert not process_running(pid), f"the stubborn callback (pid {pid}) outlived the bot"
+    assert noted.read_text() == "SIGTERM", "the callback was not sent SIGTERM first"
+    assert re.search(rf"\(pid {pid}\) ignored SIGTERM for \d+ s; killing it", "\n".join(bot.stderr_lines))
+
+
+async def test_output_while_stopping_reaches_the_log(
+    tmp_path: Path, bot_config: Callable[[str], str], process_running: Callable[[int], bool]
+) -> None:
+    """What a callback prints between SIGTERM and its exit (its last words: "flushed 3
+    jobs", a traceback) is forwarded like the rest of its output."""
+    script = tmp_path / "polite.py"
+    script.write_text(POLITE)
+    config = bot_config(f'callbacks:\n  - id: polite\n    command: [{PYTHON}, "{script}"]\n')
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(r"oco\.callback\.polite: ready$", stream="stderr")
+        [pid] = started_pids(bot, "polite")
+        assert await bot.stop(signal.SIGTERM) == 0
+    assert not process_running(pid)
+    log = "\n".join(bot.stderr_lines)
+    assert "oco.callback.polite: goodbye from stdout" in log
+    assert "oco.callback.polite: goodbye from stderr" in log
+
+
+async def test_exit_is_noticed_when_a_child_of_the_callback_keeps_its_output_open(
+    tmp_path: Path, bot_config: Callable[[str], str], process_running: Callable[[int], bool]
+) -> None:
+    """A wrapper script that leaves a background child behind (which inherits its stdout)
+    and exits is still seen to exit, and restarted; the bot's stop ends the leftovers too
+    (the callback runs in a session of its own, so its whole process group)."""
+    config = bot_config(
+        """\
+callbacks:
+  - id: wrapper
+    command: ["sh", "-c", "sleep 120 & echo \\"left behind $!\\"; exit 3"]
+"""
+    )
+    children: list[int] = []
+    try:
+        async with run_oco(config, tmp_path / "bot") as bot:
+            found = await bot.expect(r"oco\.callback\.wrapper: left behind (\d+)$", stream="stderr")
+            children.append(int(found.group(1)))
+            await bot.expect(r"callback 'wrapper' exited with code 3", stream="stderr", timeout=10)
+            await bot.expect(r"restarting callback 'wrapper'", stream="stderr", timeout=10)
+            assert await bot.stop(signal.SIGTERM) == 0
+        children += [int(m.group(1)) for line in bot.stderr_lines if (m := re.search(r"left behind (\d+)$", line))]
+        assert not [pid for pid in children if process_running(pid)], "the callback's children outlived the bot"
+    finally:
+        for pid in children:  # whatever the bot left behind, the test does not
+            if process_running(pid):
+                os.kill(pid, signal.SIGKILL)
