@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from oco_core import __version__
-from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_STORE
+from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, EXIT_STORE
 from oco_core._proto import storage_pb2, storage_pb2_grpc
 from oco_core.testing import run_oco
 
@@ -279,6 +279,23 @@ callbacks: []
     assert "store" in error
     assert "oco:***@127.0.0.1" in error
     assert password not in result.stdout + result.stderr
+
+
+def test_run_fails_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = write(
+            tmp_path / "oco.yaml",
+            f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\ngrpc: {{listen: "{address}"}}\ncallbacks: []\n',
+        )
+        result = oco("run", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == EXIT_RUNTIME, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("oco: error: ")]
+    assert len(error) == 1, result.stderr
+    assert f"cannot serve gRPC on {address}" in error[0]
+    assert "grpc.listen" in error[0]
 
 
 async def test_secrets_never_in_run_logs(
