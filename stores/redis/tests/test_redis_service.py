@@ -1,0 +1,57 @@
+"""The Redis store behind a real bot, through the Storage RPC: acknowledged writes
+survive the bot's SIGKILL, 50 callbacks on one counter, and a Redis outage
+(StorageServiceContract). Redis's address comes from ``OCO_TEST_REDIS_URL``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+from oco_core.testing.pytest_plugin import server_unavailable
+from oco_core.testing.store_contract import StorageServiceContract
+
+REDIS_ENV = "OCO_TEST_REDIS_URL"
+
+
+class TestRedisService(StorageServiceContract):
+    """Redis behind a real bot, under a key prefix of the test's own."""
+
+    @pytest.fixture
+    def target(self) -> Iterator[tuple[str, str]]:
+        url = os.environ.get(REDIS_ENV, "")
+        if not url:
+            server_unavailable("Redis", f"set {REDIS_ENV}, e.g. redis://127.0.0.1:6379/15")
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        try:
+            client.ping()
+        except redis.exceptions.ConnectionError as e:
+            server_unavailable("Redis", str(e))
+        prefix = f"test:{uuid.uuid4().hex[:12]}:"
+        yield url, prefix
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+    @pytest.fixture
+    def store_section(self, target: tuple[str, str]) -> str:
+        url, prefix = target
+        return f'{{type: redis, url: "{url}", prefix: "{prefix}"}}'
+
+    @pytest.fixture
+    def store_server(self, target: tuple[str, str]) -> tuple[str, int, Callable[[str, int], str]]:
+        url, prefix = target
+        parts = urlsplit(url)
+        credentials = parts.netloc.rpartition("@")[0]
+
+        def section_at(host: str, port: int) -> str:
+            netloc = (f"{credentials}@" if credentials else "") + f"{host}:{port}"
+            moved = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+            return f'{{type: redis, url: "{moved}", prefix: "{prefix}"}}'
+
+        return parts.hostname or "127.0.0.1", parts.port or 6379, section_at
