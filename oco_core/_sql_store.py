@@ -92,6 +92,9 @@ class SqlStoreConfig(BaseModel):
     pool_pre_ping: bool = False
     #: Seconds to wait when connecting to a server database before giving up.
     connect_timeout: int = Field(default=5, ge=1)
+    #: PostgreSQL: seconds after which a server that stopped answering (TCP keepalives
+    #: unanswered, sent data unacknowledged) fails the call as unavailable.
+    dead_server_timeout: int = Field(default=20, ge=2)
     #: Table names start with this, so several bots (or tests) can share a database.
     table_prefix: str = "oco_"
     #: SQLite only: milliseconds a writer waits for another writer before failing.
@@ -310,7 +313,18 @@ class SqlStore(Store):
                 max_overflow=config.max_overflow,
                 pool_pre_ping=config.pool_pre_ping,
                 isolation_level="AUTOCOMMIT",
-                connect_args={"connect_timeout": config.connect_timeout, "application_name": "oco"},
+                connect_args={
+                    "connect_timeout": config.connect_timeout,
+                    "application_name": "oco",
+                    # A server that vanishes without closing the connection (a network
+                    # partition, a dead host) is noticed within about dead_server_timeout
+                    # seconds instead of the kernel's default of many minutes.
+                    "keepalives": 1,
+                    "keepalives_idle": max(1, config.dead_server_timeout // 3),
+                    "keepalives_interval": max(1, config.dead_server_timeout // 6),
+                    "keepalives_count": 3,
+                    "tcp_user_timeout": config.dead_server_timeout * 1000,
+                },
             )
         if not self._in_memory:
             kwargs.update(pool_timeout=config.pool_timeout, pool_recycle=config.pool_recycle)
