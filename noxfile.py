@@ -14,7 +14,8 @@ import nox
 
 ROOT = Path(__file__).parent
 DISTRIBUTIONS = sorted(p.parent for p in ROOT.glob("*/*/pyproject.toml") if p.parts[-3] in ("adapters", "stores"))
-TEST_TOOLS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trustme>=1.1"]
+# grpcio-tools: tests generate a client from the specification's own .proto files.
+TEST_TOOLS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trustme>=1.1", "grpcio-tools>=1.85.1"]
 
 nox.options.sessions = ["lint", "types", "proto", "tests", "distributions"]
 nox.options.reuse_existing_virtualenvs = True

@@ -27,7 +27,7 @@ import trio
 from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
 from ._config import LoadedConfig, default_store_url, validate_section
 from ._directory import Directory, RoomRecord, UserRecord
-from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
+from ._errors import AdapterError, ConfigError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
 from ._plugins import Plugins
 from ._proto import core_pb2, robot_pb2
 from ._router import InvalidPatternError, Route, Router, compile_pattern
@@ -49,6 +49,8 @@ class CallbackState:
     routes: list[Route]
     launched: bool
     connected: trio.Event = field(default_factory=trio.Event)
+    #: Set when its process first exits (or fails to start): start-up stops waiting for it.
+    exited: trio.Event = field(default_factory=trio.Event)
 
 
 class _AdapterLink:
@@ -105,10 +107,16 @@ class Bot:
         # Validate every plugin section now, so `oco check-config` and start-up fail early.
         self._adapter_specs = []
         for index, entry in enumerate(config.adapters):
-            kind = plugins.adapter(entry.type)
+            try:
+                kind = plugins.adapter(entry.type)
+            except ConfigError as exc:
+                raise loaded.error(("adapters", index, "type"), str(exc)) from None
             options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
             self._adapter_specs.append((entry.instance_name, kind, options))
-        store_type = plugins.store(config.store.type)
+        try:
+            store_type = plugins.store(config.store.type)
+        except ConfigError as exc:
+            raise loaded.error(("store", "type"), str(exc)) from None
         store_options = dict(config.store.options())
         if store_type.name == "sql":
             store_options.setdefault("url", default_store_url())
@@ -151,8 +159,9 @@ class Bot:
                 async with trio.open_nursery() as workers:
                     for cb in self.config.callbacks:
                         if cb.command is not None:
+                            state = self.callbacks[cb.id]
                             workers.start_soon(
-                                supervise_callback, cb, self.address, self.callbacks[cb.id].secret, cb.cwd
+                                supervise_callback, cb, self.address, state.secret, cb.cwd, state.exited.set
                             )
                     await self._wait_for_callbacks()
                     for name, kind, options in self._adapter_specs:
@@ -176,11 +185,12 @@ class Bot:
         launched = [cb for cb in self.callbacks.values() if cb.launched]
         with trio.move_on_after(CALLBACK_STARTUP_WAIT):
             for cb in launched:
-                await cb.connected.wait()
+                await _first(cb.connected, cb.exited)
         late = [cb.id for cb in launched if not cb.connected.is_set()]
         if late:
             log.warning(
-                "callback(s) %s did not open a Listen stream within %.0f s; starting the adapters anyway",
+                "callback(s) %s did not open a Listen stream (exited, or not within %.0f s); "
+                "starting the adapters anyway",
                 ", ".join(late),
                 CALLBACK_STARTUP_WAIT,
             )
@@ -372,7 +382,7 @@ class Bot:
         link = self.links.get(name) if sep else None
         if link is not None and native:
             return link, native
-        if len(self.links) == 1:  # one adapter: an id without prefix is that adapter's own
+        if len(self.links) == 1 and not sep:  # one adapter: an id without prefix is that adapter's own
             return next(iter(self.links.values())), ident
         known = ", ".join(f"{n}/..." for n in self.links) or "none yet"
         raise UnknownTargetError(f"{what}: unknown id {ident!r}; ids start with an adapter name ({known})")
@@ -421,6 +431,18 @@ class Bot:
         if found is None:
             raise UnknownTargetError(f"unknown room {room_id!r}: the bot has not seen it")
         return found
+
+
+async def _first(*events: trio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
 
 
 def _user_pb(adapter: str, user: ChatUser) -> core_pb2.User:

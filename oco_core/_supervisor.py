@@ -8,11 +8,14 @@ after a grace period, when the bot shuts down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -25,10 +28,19 @@ log = logging.getLogger(__name__)
 TERMINATE_GRACE = 5.0
 #: A run this long counts as healthy: the backoff starts again from the beginning.
 HEALTHY_RUN = 60.0
+#: Seconds the output of an exited callback is still read (its children may hold the pipes).
+DRAIN_AFTER_EXIT = 2.0
 
 
-async def supervise_callback(settings: CallbackSettings, address: str, secret: str, cwd: Path | None = None) -> None:
-    """Keep one callback program running until cancelled."""
+async def supervise_callback(
+    settings: CallbackSettings,
+    address: str,
+    secret: str,
+    cwd: Path | None = None,
+    on_exit: Callable[[], object] | None = None,
+) -> None:
+    """Keep one callback program running until cancelled; ``on_exit`` is called each
+    time it exits (or cannot be started)."""
     assert settings.command is not None
     backoff = 0.5
     output = logging.getLogger(f"oco.callback.{settings.id}")
@@ -54,9 +66,13 @@ async def supervise_callback(settings: CallbackSettings, address: str, secret: s
             )
         except OSError as exc:
             log.error("cannot start callback %r (%s): %s", settings.id, " ".join(settings.command), exc)
+            if on_exit is not None:
+                on_exit()
         else:
             log.info("started callback %r (pid %d)", settings.id, process.pid)
-            code = await _watch(process, output)
+            code = await _watch(process, output, settings.id)
+            if on_exit is not None:
+                on_exit()
             log.warning("callback %r exited with code %s", settings.id, code)
         if time.monotonic() - began > HEALTHY_RUN:
             backoff = 0.5
@@ -66,28 +82,47 @@ async def supervise_callback(settings: CallbackSettings, address: str, secret: s
         backoff *= 2
 
 
-async def _watch(process: trio.Process, output: logging.Logger) -> int:
-    try:
+async def _watch(process: trio.Process, output: logging.Logger, name: str) -> int:
+    # The readers are shielded from the bot's shutdown: what a callback prints while it
+    # stops still reaches the log, and a pipe nobody reads would block it mid-exit. They
+    # get a bounded drain once it has exited (a child of it may hold the pipes open).
+    readers_scope = trio.CancelScope(shield=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_output, readers_scope, process, output)
+        try:
+            return await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    await _stop(process, name)
+                _signal_group(process, signal.SIGTERM)  # leftovers it started
+                readers_scope.deadline = trio.current_time() + DRAIN_AFTER_EXIT
+
+
+async def _read_output(scope: trio.CancelScope, process: trio.Process, output: logging.Logger) -> None:
+    assert process.stdout is not None
+    assert process.stderr is not None
+    with scope:
         async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            assert process.stderr is not None
             nursery.start_soon(_forward, process.stdout, output, logging.INFO)
             # stderr is where most programs log, at every level: not a warning by itself.
             nursery.start_soon(_forward, process.stderr, output, logging.INFO)
-            return await process.wait()
-    finally:
-        if process.returncode is None:
-            with trio.CancelScope(shield=True):
-                await _stop(process)
 
 
-async def _stop(process: trio.Process) -> None:
-    process.terminate()
+def _signal_group(process: trio.Process, signum: int) -> None:
+    # Each callback leads its own session (start_new_session), so its process group
+    # holds it and whatever it started.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+async def _stop(process: trio.Process, name: str) -> None:
+    _signal_group(process, signal.SIGTERM)
     with trio.move_on_after(TERMINATE_GRACE):
         await process.wait()
         return
-    log.warning("callback (pid %d) ignored SIGTERM for %.0f s; killing it", process.pid, TERMINATE_GRACE)
-    process.kill()
+    log.warning("callback %r (pid %d) ignored SIGTERM for %.0f s; killing it", name, process.pid, TERMINATE_GRACE)
+    _signal_group(process, signal.SIGKILL)
     await process.wait()
 
 

@@ -1,0 +1,145 @@
+"""The router on its own: addressing, hear and respond, groups, replicas, overflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from oco_core._proto import core_pb2
+from oco_core._router import InvalidPatternError, Route, Router, Subscription
+
+
+def message(body: str) -> core_pb2.Message:
+    return core_pb2.Message(body=body, id="test/1")
+
+
+def route_all(router: Router, body: str, adapter: str = "chat", direct: bool = False) -> list[core_pb2.Event]:
+    text = body if direct else router.address(adapter, body)
+    return [m.event for m in router.match(message(body), body, direct, text)]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("oco ping", "ping"),
+        ("oco: ping", "ping"),
+        ("oco, ping", "ping"),
+        ("oco:ping", "ping"),
+        ("@oco ping", "ping"),
+        ("OCO: ping", "ping"),
+        ("  oco   ping  ", "ping"),
+        ("!ping", "ping"),
+        ("! ping", "ping"),
+        ("ocobot ping", None),
+        ("ping oco", None),
+        ("hello", None),
+    ],
+)
+def test_addressing(body: str, expected: str | None) -> None:
+    router = Router("oco", aliases=["!"])
+    assert router.address("chat", body) == expected
+
+
+def test_an_adapter_can_add_the_names_the_bot_has_there() -> None:
+    router = Router("oco")
+    router.set_own_names("irc", ["oco_", "OcoBot"])
+    assert router.address("irc", "oco_: ping") == "ping"
+    assert router.address("irc", "ocobot ping") == "ping"
+    assert router.address("matrix", "oco_: ping") is None
+
+
+def test_hear_sees_every_message_respond_only_addressed_ones() -> None:
+    router = Router("oco")
+    sub = Subscription("cb", [Route("h", "coffee"), Route("r", "^ping$", respond=True)])
+    router.subscribe(sub)
+    assert [e.matched_message.route_id for e in route_all(router, "who wants coffee?")] == ["h"]
+    assert route_all(router, "ping") == []
+    (event,) = route_all(router, "oco: ping")
+    assert event.matched_message.route_id == "r"
+    assert event.matched_message.text == "ping"
+    assert event.matched_message.direct
+    (event,) = route_all(router, "ping", direct=True)
+    assert event.matched_message.route_id == "r"
+
+
+def test_capture_groups_positional_and_named() -> None:
+    router = Router("oco")
+    router.subscribe(Subscription("cb", [Route("d", r"deploy (?P<app>\w+)(?: to (\w+))?(!)?", respond=True)]))
+    (event,) = route_all(router, "oco deploy api to prod")
+    matched = event.matched_message
+    assert list(matched.groups) == ["deploy api to prod", "api", "prod", ""]
+    assert dict(matched.named_groups) == {"app": "api"}
+    assert matched.pattern == r"deploy (?P<app>\w+)(?: to (\w+))?(!)?"
+
+
+def test_ignore_case() -> None:
+    router = Router("oco")
+    router.subscribe(Subscription("cb", [Route("p", "^ping$", respond=True, ignore_case=True)]))
+    assert len(route_all(router, "oco PING")) == 1
+
+
+def test_invalid_pattern_is_refused_with_its_name_and_the_reason() -> None:
+    router = Router("oco")
+    with pytest.raises(InvalidPatternError) as caught:
+        router.subscribe(Subscription("cb", [Route("ok", "fine"), Route("bad", "deploy (unclosed")]))
+    assert "deploy (unclosed" in str(caught.value)
+    assert "missing )" in str(caught.value)
+    assert router.subscriptions() == []  # nothing half-registered
+
+
+def test_backreferences_are_not_re2_and_are_refused() -> None:
+    with pytest.raises(InvalidPatternError, match="invalid escape"):
+        Router("oco").subscribe(Subscription("cb", [Route("bad", r"(a)\1")]))
+
+
+def test_every_callback_gets_its_match_and_replicas_share_theirs() -> None:
+    router = Router("oco")
+    a1 = Subscription("a", [Route("p", "ping")])
+    a2 = Subscription("a", [Route("p", "ping")])
+    b = Subscription("b", [Route("x", "ping")])
+    for sub in (a1, a2, b):
+        router.subscribe(sub)
+    for _ in range(4):
+        assert len(route_all(router, "ping")) == 2  # one for a, one for b
+    assert (a1.queued(), a2.queued(), b.queued()) == (2, 2, 4)
+
+
+def test_a_full_queue_overflows_to_a_replica_then_is_counted() -> None:
+    router = Router("oco")
+    slow = Subscription("a", [Route("p", "ping")], queue_size=1)
+    router.subscribe(slow)
+    assert len(route_all(router, "ping")) == 1
+    assert route_all(router, "ping") == []
+    assert slow.overflowed == 1
+    assert router.overflowed == 1
+    replica = Subscription("a", [Route("p", "ping")], queue_size=1)
+    router.subscribe(replica)
+    assert len(route_all(router, "ping")) == 1
+    assert replica.queued() == 1
+
+
+def test_routes_live_as_long_as_their_subscription() -> None:
+    router = Router("oco")
+    sub = Subscription("a", [Route("p", "ping")])
+    router.subscribe(sub)
+    assert len(route_all(router, "ping")) == 1
+    router.unsubscribe(sub)
+    assert route_all(router, "ping") == []
+
+
+def test_ten_thousand_patterns_match_in_one_pass() -> None:
+    router = Router("oco")
+    routes = [Route(f"r{i}", rf"^cmd{i} (\w+)$", respond=True) for i in range(10_000)]
+    router.subscribe(Subscription("many", routes, queue_size=10))
+    (event,) = route_all(router, "oco cmd7777 now")
+    assert event.matched_message.route_id == "r7777"
+    assert list(event.matched_message.groups) == ["cmd7777 now", "now"]
+    assert route_all(router, "oco cmd10000 now") == []
+    assert router.pattern_count() == 10_000
+
+
+def test_help_lists_live_routes_filtered_by_topic() -> None:
+    router = Router("oco")
+    router.subscribe(Subscription("a", [Route("d", "deploy", help="deploy <app> - ship it"), Route("n", "x")]))
+    router.subscribe(Subscription("b", [Route("p", "ping", help="ping - PONG")]))
+    assert router.help_lines() == ["deploy <app> - ship it", "ping - PONG"]
+    assert router.help_lines("deploy") == ["deploy <app> - ship it"]
