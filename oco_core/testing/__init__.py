@@ -45,6 +45,7 @@ class MemoryConfig(BaseModel):
     users: list[str] = Field(default_factory=lambda: ["alice", "bob"], description="Users that exist.")
     control: str | None = Field(
         default=None,
+        pattern=r"^\S+:\d+$",
         description="host:port for the test-only control service (oco.MemoryControl, see _control.py); off if unset.",
     )
     control_address_file: Path | None = Field(default=None, description="Where to write the control service's address.")
