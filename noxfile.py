@@ -17,7 +17,7 @@ DISTRIBUTIONS = sorted(p.parent for p in ROOT.glob("*/*/pyproject.toml") if p.pa
 # grpcio-tools: tests generate a client from the specification's own .proto files.
 TEST_TOOLS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trustme>=1.1", "grpcio-tools>=1.85.1"]
 
-nox.options.sessions = ["lint", "types", "proto", "tests", "distributions"]
+nox.options.sessions = ["lint", "types", "proto", "docs", "tests", "distributions"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -51,6 +51,13 @@ def proto(session: nox.Session) -> None:
     """Fail when the committed generated protocol code is stale."""
     session.install("grpcio-tools==1.85.1", "mypy-protobuf==5.1.0")
     session.run("python", "tools/gen_proto.py", "--check")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Fail when docs/protocol.md no longer matches the comments in the .proto files."""
+    session.install("grpcio-tools==1.85.1")
+    session.run("python", "tools/gen_protocol_docs.py", "--check")
 
 
 @nox.session

@@ -63,6 +63,27 @@ def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
         raise InvalidPatternError(pattern, str(reason)) from None
 
 
+try:
+    _UNANCHORED = re2._re2.RE2.Anchor.UNANCHORED
+
+    def _spans(regex: Any, data: bytes) -> list[tuple[int, int]] | None:
+        """Byte spans of the whole match and each group ((-1, -1): did not take part).
+
+        Calls the compiled RE2 object directly: the wrapper's ``search().groups()``
+        maps every offset back to characters in Python and costs 3-4 times as much
+        (bench/bench_router.py)."""
+        spans: list[tuple[int, int]] = regex._regexp.Match(_UNANCHORED, data, 0, len(data))
+        return None if spans[0][0] < 0 else spans
+
+except AttributeError:  # a google-re2 without that internal: the public, slower way
+
+    def _spans(regex: Any, data: bytes) -> list[tuple[int, int]] | None:
+        found = regex.search(data)
+        if found is None:
+            return None
+        return [found.span(i) for i in range(regex.groups + 1)]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A route as a callback (or the operator's config) declared it."""
@@ -247,13 +268,14 @@ class Router:
     def _match_table(self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match]) -> None:
         if not table.patterns:
             return
-        for index in table.set.Match(text) or ():  # None when nothing matched
+        data = text.encode("utf-8")
+        for index in table.set.Match(data) or ():  # None when nothing matched
             entry = table.patterns[index]
-            found = entry.regex.search(text)
-            if found is None:  # cannot happen: the set said it matched
+            spans = _spans(entry.regex, data)
+            if spans is None:  # cannot happen: the set said it matched
                 continue
-            groups = [found.group(0), *(g or "" for g in found.groups())]
-            named = {k: v for k, v in found.groupdict().items() if v is not None}
+            groups = [data[start:end].decode("utf-8") if start >= 0 else "" for start, end in spans]
+            named = {name: groups[i] for name, i in entry.regex.groupindex.items() if spans[i][0] >= 0}
             for target in entry.targets.values():
                 event = core_pb2.Event(
                     matched_message=core_pb2.MatchedMessage(
