@@ -130,6 +130,8 @@ class MatrixAdapter(Adapter):
         if isinstance(response, nio.ErrorResponse):
             raise _target_error(f"cannot join Matrix room {room}", response)
         log.info("matrix: joined %s (%s)", room, response.room_id)
+        # Return once the sync knows the room, so that a message sent next can go there.
+        await self._wait_for_room(response.room_id)
 
     async def part(self, room: str) -> None:
         """Leave a room by id or alias."""
@@ -138,6 +140,11 @@ class MatrixAdapter(Adapter):
         if isinstance(response, nio.ErrorResponse):
             raise _target_error(f"cannot leave Matrix room {room}", response)
         log.info("matrix: left %s", room)
+        # Forget it now, not at the next sync: a message sent right after must not go there.
+        left = self._client.rooms.pop(room_id, None)
+        if left is not None:
+            own = ChatUser(id=self.config.user_id, name=self.config.localpart)
+            await self._require_host().membership(MembershipEvent(MembershipKind.LEFT, own, self._chat_room(left)))
 
     # -- connecting --------------------------------------------------------------------
 
@@ -292,7 +299,14 @@ class MatrixAdapter(Adapter):
                     await host.topic(self._chat_room(room), self._chat_user(room, event.sender))
                 elif isinstance(event, nio.RoomEncryptionEvent):
                     self._warn_if_unreadable(room)
-        for room_id in response.rooms.leave:
+        for room_id, info in response.rooms.leave.items():
+            room = client.rooms.get(room_id)
+            if room is not None:
+                for event in info.timeline.events:
+                    if isinstance(event, nio.RoomMemberEvent):
+                        await self._membership(room, event)
+            # nio keeps rooms we left; forget them, or a direct chat could be found there.
+            client.rooms.pop(room_id, None)
             log.info("matrix: no longer in %s", room_id)
         await self._handle_invites(response, report=True)
 
@@ -541,7 +555,7 @@ class MatrixAdapter(Adapter):
     async def _deliver(self, pending: _Pending) -> None:
         message, client = pending.message, self._client
         if message.room_id and not message.private:
-            room_id = await self._resolve(message.room_id)
+            room_id = await self._resolve(message.room_id, retry=True)
         else:
             assert message.user is not None
             room_id = await self._direct_room(message.user.id)
@@ -591,11 +605,11 @@ class MatrixAdapter(Adapter):
             }
         return content
 
-    async def _resolve(self, room: str) -> str:
+    async def _resolve(self, room: str, *, retry: bool = False) -> str:
         if not room.startswith("#"):
             return room
         method, path = nio.Api.room_resolve_alias(room)
-        response = await self._request(nio.RoomResolveAliasResponse, method, path, response_data=(room,))
+        response = await self._request(nio.RoomResolveAliasResponse, method, path, response_data=(room,), retry=retry)
         if isinstance(response, nio.ErrorResponse):
             raise _target_error(f"no Matrix room {room}", response)
         return str(response.room_id)
@@ -614,11 +628,14 @@ class MatrixAdapter(Adapter):
         )
         if isinstance(response, nio.ErrorResponse):
             raise _target_error(f"cannot open a direct chat with {user_id}", response)
-        # Wait for the sync loop to learn the new room, so that the message goes in.
-        with trio.move_on_after(30):
-            while response.room_id not in self._client.rooms:
-                await self._sync_done.wait()
+        await self._wait_for_room(response.room_id)
         return str(response.room_id)
+
+    async def _wait_for_room(self, room_id: str) -> None:
+        # The sync loop learns rooms; a sync is at most a long-poll away.
+        with trio.move_on_after(self.config.sync_timeout + 5):
+            while room_id not in self._client.rooms:
+                await self._sync_done.wait()
 
     def _require_host(self) -> AdapterHost:
         if self._host is None:

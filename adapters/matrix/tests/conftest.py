@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import hmac
@@ -48,6 +49,7 @@ from oco_core.plugin import (
     IncomingMessage,
     Item,
     MembershipEvent,
+    MembershipKind,
     NamespacedStore,
     OutgoingMessage,
     Store,
@@ -105,6 +107,13 @@ def synapse_python() -> Path:
             raise RuntimeError(f"pip install matrix-synapse failed: {result.stderr[-2000:]}")
         marker.write_text(f"installed in {time.monotonic() - started:.1f} s\n")
     return python
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the test run is killed (no fixture teardown),
+    # the kernel stops Synapse too instead of leaving it orphaned (Linux only).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -192,6 +201,7 @@ class Synapse:
                 stderr=errors,
                 cwd=self.directory,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         while time.monotonic() - started < timeout:
             if self.process.poll() is not None:
@@ -579,6 +589,13 @@ class Bot:
         self.synapse.register(third)
         room_id = await person.create_room(invite=[self.user_id, f"@{third}:localhost"], encrypted=encrypted)
         await person.wait_joined(room_id, self.user_id)
+        # ... and the bot's own sync has seen its join (what a message sent next needs).
+        await self.host.wait_for(
+            lambda: any(
+                e.kind is MembershipKind.JOINED and e.user.id == self.user_id and e.room.id == room_id
+                for e in self.host.memberships
+            )
+        )
         return room_id
 
 

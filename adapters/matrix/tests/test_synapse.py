@@ -8,15 +8,22 @@ end test with a real ``oco`` process is in test_oco_run.py.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import nio
 import pytest
 import trio
 
+from oco_core import UnknownTargetError
 from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
 
 pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
+
+
+def unique_alias() -> str:
+    """A room alias localpart no other test uses."""
+    return f"ops-{uuid.uuid4().hex[:8]}"
 
 
 def is_pong(suffix: str = "") -> Any:
@@ -184,14 +191,45 @@ async def test_rate_limited_sends_keep_order(
     synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = make_bot()
-    # Two messages a second, no burst: most of ten quick messages meet HTTP 429.
+    # Two messages a second, no burst: most of six quick messages meet HTTP 429.
     synapse.override_ratelimit(bot.user_id, per_second=2, burst=1)
     with caplog.at_level(logging.INFO, logger="oco_adapter_matrix"):
         async with bot.running() as adapter:
             room_id = await bot.room_with(person)
-            for n in range(10):
+            for n in range(6):
                 await adapter.send(OutgoingMessage(f"burst {n}", room_id=room_id))
-            await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "burst 9", timeout=60)
+            await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "burst 5", timeout=60)
     assert "rate limited" in caplog.text
     bodies = [e.body for e in person.messages_from(bot.user_id, room_id)]
-    assert bodies == [f"burst {n}" for n in range(10)]
+    assert bodies == [f"burst {n}" for n in range(6)]
+
+
+async def test_join_part_and_a_private_message(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot(autojoin_invites=False)
+    alias = unique_alias()
+    async with bot.running() as adapter:
+        response = await person.call(
+            lambda: person.nio.room_create(alias=alias, visibility=nio.RoomVisibility.public, name="Ops")
+        )
+        assert isinstance(response, nio.RoomCreateResponse), response
+        await adapter.join(f"#{alias}:localhost")
+        await person.wait_joined(response.room_id, bot.user_id)
+        await adapter.part(f"#{alias}:localhost")
+        await person.wait_until(lambda: bot.user_id not in person.nio.rooms[response.room_id].users)
+        await bot.host.wait_for(
+            lambda: any(e.kind is MembershipKind.LEFT and e.user.id == bot.user_id for e in bot.host.memberships)
+        )
+        with pytest.raises(UnknownTargetError):
+            await adapter.join("#no-such-room:localhost")
+        with pytest.raises(UnknownTargetError):
+            await adapter.send(OutgoingMessage("hello", room_id="general"))
+        # A private message opens a direct chat; the person joins and reads it.
+        who = ChatUser(id=person.user_id, name=person.localpart)
+        await adapter.send(OutgoingMessage("psst", user=who, private=True))
+        await person.wait_until(lambda: any(isinstance(e, nio.InviteMemberEvent) for _, e in person.events))
+        (room_id,) = {room for room, e in person.events if isinstance(e, nio.InviteMemberEvent)}
+        await person.call(lambda: person.nio.join(room_id))
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "psst")
+        # The next one goes to the same direct chat.
+        await adapter.send(OutgoingMessage("again", user=who, private=True))
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "again")
