@@ -22,6 +22,8 @@ import trio
 from oco_core.testing import run_oco
 from oco_core.testing.pytest_plugin import server_unavailable
 
+pytestmark = pytest.mark.server("node")
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 SECRET = "node-callback-secret-0123456789"
 
