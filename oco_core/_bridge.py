@@ -31,6 +31,7 @@ import contextlib
 import logging
 import sys
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ class _TrioToAsyncio(Generic[T]):
     async def send(self, item: T) -> None:
         """Queue ``item``; waits while ``window`` items are unread."""
         await self._credits.acquire()
-        self._bridge._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._bridge._call_asyncio_soon(self._queue.put_nowait, item)
 
     def close(self, error: BaseException | None = None) -> None:
         """End the stream (with ``error``, the reader raises it)."""
@@ -232,16 +233,41 @@ class Bridge:
         self._loop = loop
         self._nursery = nursery
         self._token = trio.lowlevel.current_trio_token()
+        self._to_trio: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._to_asyncio: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._trio_woken = False
+        self._asyncio_woken = False
 
     # -- crossing primitives ---------------------------------------------------------
+    #
+    # Every wake-up of the other thread is a system call and a context switch, so calls
+    # are queued and the other side is woken only when it is not already about to run
+    # the queue: under load many calls cross per wake-up. The order of calls is kept.
+    # Correct under the GIL because each side appends before it reads the flag, and the
+    # runner clears the flag before it empties the queue.
 
     def _call_trio_soon(self, fn: Callable[..., object], *args: Any) -> None:
-        with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nobody left to tell
-            self._token.run_sync_soon(fn, *args)
+        self._to_trio.append((fn, args))
+        if not self._trio_woken:
+            self._trio_woken = True
+            with contextlib.suppress(trio.RunFinishedError):  # trio is gone: nobody left to tell
+                self._token.run_sync_soon(self._run_queued, self._to_trio, "_trio_woken")
 
     def _call_asyncio_soon(self, fn: Callable[..., object], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            self._loop.call_soon_threadsafe(fn, *args)
+        self._to_asyncio.append((fn, args))
+        if not self._asyncio_woken:
+            self._asyncio_woken = True
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                self._loop.call_soon_threadsafe(self._run_queued, self._to_asyncio, "_asyncio_woken")
+
+    def _run_queued(self, calls: deque[tuple[Callable[..., object], tuple[Any, ...]]], flag: str) -> None:
+        setattr(self, flag, False)
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:  # one bad call must not take the loop (or trio's run) down
+                log.exception("error in a call crossing the gRPC bridge")
 
     async def run_asyncio(self, fn: Callable[[], Awaitable[T]]) -> T:
         """From trio: run ``await fn()`` on the asyncio loop and return its result.
