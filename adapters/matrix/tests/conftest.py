@@ -56,6 +56,35 @@ from oco_core.plugin import (
 )
 from oco_core.testing.pytest_plugin import server_unavailable
 
+
+def _thread_local_nio_store_models() -> None:
+    """Let two nio clients in two threads of one process keep their crypto stores.
+
+    nio's stores bind peewee's model classes (which are global) to their own database for
+    each operation. The bot does that only on trio's thread, but the person's AsyncClient
+    runs on a thread of its own, and both at once could see the other's database (or none).
+    peewee's ThreadSafeDatabaseMetadata keeps that binding per thread. Tests only: a bot
+    process runs nio on one thread.
+    """
+    from nio.store import models
+    from peewee import Model
+    from playhouse.shortcuts import ThreadSafeDatabaseMetadata
+
+    for model in vars(models).values():
+        if not (isinstance(model, type) and issubclass(model, Model)) or model is Model:
+            continue
+        meta = model._meta
+        if isinstance(meta, ThreadSafeDatabaseMetadata):
+            continue
+        database = meta.database
+        meta.__class__ = ThreadSafeDatabaseMetadata
+        meta._lock = threading.Lock()
+        meta._local = threading.local()
+        meta._database = database
+
+
+_thread_local_nio_store_models()
+
 SYNAPSE_VERSION = "1.163.2"
 SHARED_SECRET = "oco-test-shared-secret"
 T = TypeVar("T")
@@ -559,7 +588,8 @@ class Bot:
         self.synapse = synapse
         self.localpart = unique("bot")
         self.password = "bot-pw"
-        synapse.register(self.localpart, self.password)
+        #: The registration's login (its access token is used by a test).
+        self.registration = synapse.register(self.localpart, self.password)
         self.user_id = f"@{self.localpart}:{synapse.server_name}"
         self.host = Host()
         self.options = {
@@ -583,13 +613,17 @@ class Bot:
             yield adapter
             nursery.cancel_scope.cancel()
 
-    async def room_with(self, person: Person, *, encrypted: bool = False) -> str:
-        """A group room (the person, the bot and an invited third account) the bot joined."""
+    async def room_with(self, person: Person, *, encrypted: bool = False, in_process: bool = True) -> str:
+        """A group room (the person, the bot and an invited third account) the bot joined.
+
+        With ``in_process`` (the adapter runs in this test, not in an ``oco`` process) it
+        also waits until the adapter's own sync has seen the join."""
         third = unique("third")
         self.synapse.register(third)
         room_id = await person.create_room(invite=[self.user_id, f"@{third}:localhost"], encrypted=encrypted)
         await person.wait_joined(room_id, self.user_id)
-        # ... and the bot's own sync has seen its join (what a message sent next needs).
+        if not in_process:
+            return room_id
         await self.host.wait_for(
             lambda: any(
                 e.kind is MembershipKind.JOINED and e.user.id == self.user_id and e.room.id == room_id

@@ -36,7 +36,7 @@ async def test_oco_ping_over_matrix(synapse: Any, person: Any, make_bot: Any, tm
     }
     async with run_oco(json.dumps(config), tmp_path / "bot", env={"OCO_MATRIX_PASSWORD": bot.password}) as oco:
         await oco.expect(r"callback 'example' is listening", stream="stderr", timeout=60)
-        plain = await bot.room_with(person)
+        plain = await bot.room_with(person, in_process=False)
         await person.say(plain, "oco: ping")
         first = await person.wait_for_message(bot.user_id, plain, is_pong)
         # In a thread, the answer goes into the thread.
@@ -54,7 +54,7 @@ async def test_oco_ping_over_matrix(synapse: Any, person: Any, make_bot: Any, tm
                 "m.relates_to": {"rel_type": "m.replace", "event_id": asked},
             },
         )
-        encrypted = await bot.room_with(person, encrypted=True)
+        encrypted = await bot.room_with(person, encrypted=True, in_process=False)
         await person.say(encrypted, "oco: ping")
         reply = await person.wait_for_message(bot.user_id, encrypted, is_pong)
         assert reply.decrypted

@@ -100,6 +100,19 @@ async def test_encrypted_room(synapse: Any, person: Any, make_bot: Any) -> None:
         assert reply.decrypted
 
 
+async def test_access_token_instead_of_password(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    bot.options.pop("password")
+    bot.options["access_token"] = bot.registration["access_token"]
+    async with bot.running():
+        room_id = await bot.room_with(person, encrypted=True)
+        await person.say(room_id, f"{bot.localpart}: ping")
+        reply = await person.wait_for_message(bot.user_id, room_id, is_pong())
+        assert reply.decrypted
+    # A configured token is the operator's: it is not copied into the store.
+    assert ("adapter:matrix", "access_token") not in bot.host.memory.data
+
+
 async def test_encryption_off_says_so(
     synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -119,7 +132,8 @@ async def test_restart_resumes_without_replaying(synapse: Any, person: Any, make
         room_id = await bot.room_with(person)
         await person.say(room_id, f"{bot.localpart}: ping 1")
         await person.wait_for_message(bot.user_id, room_id, is_pong(" 1"))
-    device = bot.host.memory.data[("adapter:matrix", "device_id")].value
+    stored = bot.host.memory.data
+    device, token = stored[("adapter:matrix", "device_id")].value, stored[("adapter:matrix", "access_token")].value
     # Said while the bot is away: answered after the restart, once.
     await person.say(room_id, f"{bot.localpart}: ping 2")
     async with bot.running():
@@ -130,8 +144,9 @@ async def test_restart_resumes_without_replaying(synapse: Any, person: Any, make
     assert bodies == [f"{bot.localpart}: ping {n}" for n in (1, 2, 3)]
     pongs = [e.body for e in person.messages_from(bot.user_id, room_id)]
     assert pongs == ["PONG 1", "PONG 2", "PONG 3"]
-    # Logged in once: the restart reused the device.
-    assert bot.host.memory.data[("adapter:matrix", "device_id")].value == device
+    # Logged in once: the restart reused the token and so the device.
+    assert stored[("adapter:matrix", "access_token")].value == token
+    assert stored[("adapter:matrix", "device_id")].value == device
 
 
 async def test_homeserver_restart_mid_conversation(synapse: Any, person: Any, make_bot: Any) -> None:
