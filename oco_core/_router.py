@@ -259,7 +259,8 @@ class Router:
         if tables is None:
             tables = self._tables = self._build()
         matches: list[Match] = []
-        self._match_table(tables[False], message, text, direct, matches)
+        # `direct` means addressed to the bot: by name or alias, or a private message.
+        self._match_table(tables[False], message, text, direct or respond_text is not None, matches)
         if respond_text is not None:
             self._match_table(tables[True], message, respond_text, True, matches)
         self.routed += 1

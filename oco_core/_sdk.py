@@ -63,8 +63,6 @@ T = TypeVar("T")
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
 #: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
 _UNARY_DEADLINE = 30.0
-#: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
-_UNARY_DEADLINE = 30.0
 _CHANNEL_OPTIONS = [
     # Reconnect quickly when the bot restarts (gRPC's default waits up to two minutes).
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -289,6 +287,15 @@ class _Connection:
     pending: dict[int, tuple[trio.Event, list[robot_pb2.SendResult]]] = field(default_factory=dict)
 
 
+def _first_rpc_error(group: BaseExceptionGroup[grpc.aio.AioRpcError]) -> grpc.aio.AioRpcError:
+    """The first call error in a (possibly nested) exception group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, grpc.aio.AioRpcError)
+    return first
+
+
 class Callback:
     """A callback program: declare routes with decorators, then :meth:`run`."""
 
@@ -461,8 +468,7 @@ class Callback:
                             backoff = 0.2
                         log.warning("the bot ended the Listen stream; reconnecting")
                     except* grpc.aio.AioRpcError as group:
-                        error = group.exceptions[0]
-                        assert isinstance(error, grpc.aio.AioRpcError)
+                        error = _first_rpc_error(group)
                         if error.code() in _FATAL:
                             raise CallbackError(f"the bot refused this callback: {error.details()}") from None
                         log.warning("connection to the bot at %s lost (%s); retrying", self.address, error.code().name)
