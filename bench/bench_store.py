@@ -11,7 +11,8 @@ Two levels:
 
 Each is measured with one caller (each call waits for the last) and with 50 concurrent
 callers (50 trio tasks on the interface; 50 callbacks, each its own id and connection,
-over the RPC). Values are 100 bytes; gets read keys that exist; sets write fresh
+over the RPC). One row puts SQLite behind QuotaStore, to show what quotas cost.
+Values are 100 bytes; gets read keys that exist; sets write fresh
 versions of existing keys, each caller its own keys. PostgreSQL and Redis come from
 ``OCO_TEST_POSTGRES_URL`` and ``OCO_TEST_REDIS_URL`` (a row is skipped when unset); the
 benchmark writes under a table or key prefix of its own and removes it afterwards.
@@ -34,6 +35,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import trio
 
+from oco_core._quota import QuotaConfig, QuotaStore
 from oco_core._sql_store import SqlStoreConfig, open_sql_store
 from oco_core._store import Store
 
@@ -49,6 +51,14 @@ async def sqlite_store(tmp: Path, synchronous: str) -> AsyncIterator[Store]:
     config = SqlStoreConfig(url=f"sqlite:///{tmp / f'bench-{synchronous}.db'}", sqlite_synchronous=synchronous)  # type: ignore[arg-type]
     async with open_sql_store(config) as store:
         yield store
+
+
+@contextlib.asynccontextmanager
+async def with_quotas(opened: contextlib.AbstractAsyncContextManager[Store]) -> AsyncIterator[Store]:
+    """The store behind QuotaStore, every callback namespace under the default quota
+    (each write then also reads the old value, and writes of one namespace queue)."""
+    async with opened as store:
+        yield QuotaStore.for_callbacks(store, QuotaConfig())
 
 
 @contextlib.asynccontextmanager
@@ -157,6 +167,7 @@ def cases(tmp: Path) -> list[tuple[str, Callable[[], contextlib.AbstractAsyncCon
     return [
         ("SQLite (WAL, synchronous=FULL)", lambda: sqlite_store(tmp, "FULL"), ""),
         ("SQLite (WAL, synchronous=NORMAL)", lambda: sqlite_store(tmp, "NORMAL"), ""),
+        ("SQLite (FULL) behind QuotaStore", lambda: with_quotas(sqlite_store(tmp, "FULL")), ""),
         ("PostgreSQL", (lambda: postgres_store(pg)) if pg else None, "OCO_TEST_POSTGRES_URL unset"),
         (
             "Redis",
