@@ -74,6 +74,7 @@ class MatrixAdapter(Adapter):
         self._threads: OrderedDict[str, str] = OrderedDict()
         self._warned_plaintext: set[str] = set()
         self._synced = False
+        self._same_account = False
         # Set (and replaced) after every sync, for tasks that wait for news.
         self._sync_done = trio.Event()
 
@@ -160,6 +161,9 @@ class MatrixAdapter(Adapter):
 
     async def _log_in(self) -> None:
         host, config, client = self._require_host(), self.config, self._client
+        # What the store holds (sync token, device) is of this account only if user_id
+        # did not change in the config since.
+        self._same_account = await _get(host, KEY_USER_ID) == config.user_id
         if config.access_token is not None:
             token = config.access_token.get_secret_value()
             whoami = await self._request(nio.WhoamiResponse, *nio.Api.whoami(token))
@@ -168,6 +172,7 @@ class MatrixAdapter(Adapter):
             if whoami.user_id != config.user_id:
                 raise AdapterError(f"matrix: access_token is of {whoami.user_id}, not of user_id {config.user_id}")
             client.restore_login(config.user_id, whoami.device_id or "", token)
+            await host.store.set(KEY_USER_ID, config.user_id.encode())
         else:
             stored = {key: await _get(host, key) for key in (KEY_ACCESS_TOKEN, KEY_DEVICE_ID, KEY_USER_ID)}
             if stored[KEY_ACCESS_TOKEN] and stored[KEY_USER_ID] == config.user_id:
@@ -196,7 +201,9 @@ class MatrixAdapter(Adapter):
         await host.store.set(KEY_DEVICE_ID, response.device_id.encode())
         await host.store.set(KEY_ACCESS_TOKEN, response.access_token.encode())
 
-    async def _sync(self, *, since: str | None, full_state: bool = False, poll: float = 0, retry: bool) -> Any:
+    async def _sync(
+        self, *, since: str | None, full_state: bool = False, poll: float = 0, retry: bool, relogin: bool = True
+    ) -> Any:
         client = self._client
         sync_filter = {"room": {"timeline": {"limit": _TIMELINE_LIMIT}}}
         try:
@@ -213,11 +220,11 @@ class MatrixAdapter(Adapter):
                 retry=retry,
             )
         except TokenRejectedError:
-            if self.config.password is None:
+            if self.config.password is None or not relogin:
                 raise
             log.warning("matrix: the stored access token was refused; logging in again with the same device")
             await self._password_login(client.device_id or "")
-            return await self._sync(since=since, full_state=full_state, poll=poll, retry=retry)
+            return await self._sync(since=since, full_state=full_state, poll=poll, retry=retry, relogin=False)
         if isinstance(response, nio.ErrorResponse):
             raise AdapterError(f"matrix: sync failed: {response}")
         client.receive_response(response)
@@ -225,7 +232,7 @@ class MatrixAdapter(Adapter):
 
     async def _catch_up(self) -> None:
         host = self._require_host()
-        token = await _get(host, KEY_SYNC_TOKEN)
+        token = await _get(host, KEY_SYNC_TOKEN) if self._same_account else ""
         if token:
             # Full state rebuilds what nio knows of the rooms (members, encryption);
             # the timeline holds only what happened since we stopped: deliver it.
