@@ -680,6 +680,15 @@ class StorageServiceContract:
         """The store's server and how to reach it elsewhere; None for a serverless store."""
         return None
 
+    @pytest.fixture
+    def server(
+        self, store_server: tuple[str, int, Callable[[str, int], str]] | None
+    ) -> tuple[str, int, Callable[[str, int], str]]:
+        """``store_server``, or skip: a store without a server (SQLite) has none to lose."""
+        if store_server is None:
+            pytest.skip("this store has no server to lose (it is a local file)")
+        return store_server
+
     async def test_acknowledged_writes_survive_sigkill(self, store_section: str, tmp_path: Path) -> None:
         from .. import Callback
 
@@ -770,14 +779,12 @@ class StorageServiceContract:
             nursery.cancel_scope.cancel()
 
     async def test_outage_answers_unavailable_chat_goes_on_and_store_heals(
-        self, store_server: tuple[str, int, Callable[[str, int], str]] | None
+        self, server: tuple[str, int, Callable[[str, int], str]]
     ) -> None:
         from .. import Callback, Message, StoreUnavailableError
         from . import open_bot
 
-        if store_server is None:
-            pytest.skip("this store has no server to lose")
-        host, port, section_at = store_server
+        host, port, section_at = server
         secret = secrets.token_urlsafe(24)
         proxy = TcpProxy(host, port)
         async with trio.open_nursery() as proxying:
@@ -823,13 +830,11 @@ class StorageServiceContract:
         reason="the bot does not yet retry opening its store at start-up (wiring in oco_core/_bot.py)", strict=True
     )
     async def test_unreachable_at_start_is_one_line_then_retried(
-        self, store_server: tuple[str, int, Callable[[str, int], str]] | None, tmp_path: Path
+        self, server: tuple[str, int, Callable[[str, int], str]], tmp_path: Path
     ) -> None:
         from .. import Callback
 
-        if store_server is None:
-            pytest.skip("this store has no server to lose")
-        host, port, section_at = store_server
+        host, port, section_at = server
         secret = secrets.token_urlsafe(24)
         proxy = TcpProxy(host, port)
         async with trio.open_nursery() as proxying:
