@@ -356,7 +356,17 @@ class _Connection:
             context.verify_mode = ssl.CERT_NONE
         ssl_stream = await trio.open_ssl_over_tcp_stream(cfg.host, port, ssl_context=context)
         # Handshake now, so a certificate problem surfaces as such (not as a lost line).
-        await ssl_stream.do_handshake()
+        try:
+            await ssl_stream.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(ssl_stream)
+            if not isinstance(exc, trio.BrokenResourceError):
+                raise
+            # trio wraps the ssl module's errors; a failed verification is worth its own
+            # message (and is fatal before the first registration).
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                raise exc.__cause__ from None
+            raise
         return ssl_stream
 
     async def _close(self, stream: trio.abc.Stream) -> None:
@@ -379,7 +389,7 @@ class _Connection:
         if cfg.password is not None:
             self._control_line("PASS", cfg.password.get_secret_value())
         self._control_line("NICK", self.nick)
-        self._control_line("USER", cfg.effective_username, "0", "*", cfg.realname)
+        self._control_line("USER", cfg.effective_username, "0", "*", cfg.realname, trailing=True)
 
     async def _registration_deadline(self) -> None:
         with trio.move_on_after(self.config.connect_timeout):
@@ -467,8 +477,8 @@ class _Connection:
 
     # ---- helpers ----
 
-    def _control_line(self, command: str, *params: str) -> None:
-        self._control.append(p.format_line(command, *params))
+    def _control_line(self, command: str, *params: str, trailing: bool = False) -> None:
+        self._control.append(p.format_line(command, *params, trailing=trailing))
         self.adapter._wakeup.unpark_all()
 
     def _is_me(self, nick: str) -> bool:
@@ -521,7 +531,12 @@ class _Connection:
         elif line.command == "464":
             raise RegistrationRefusedError(f"server password refused: {line.param(-1)}")
         elif line.command in ("465", "ERROR"):
-            raise ConnectionLostError(f"the server closed the link: {line.param(-1)}")
+            why = line.param(-1)
+            # Some servers (ngircd) refuse a wrong server password with ERROR alone,
+            # without 464; before the welcome that can only mean our credentials.
+            if not self.welcomed and self.config.password is not None and "password" in why.lower():
+                raise RegistrationRefusedError(f"server password refused: {why}")
+            raise ConnectionLostError(f"the server closed the link: {why}")
 
     async def _on_ping(self, line: p.Line) -> None:
         self._control_line("PONG", line.param(0) or "oco")
@@ -618,7 +633,9 @@ class _Connection:
         log.info("registered on IRC server %s as %s", cfg.host, self.nick)
         self._own_names()
         if cfg.nickserv_password is not None:
-            self._control_line("PRIVMSG", "NickServ", f"IDENTIFY {cfg.nick} {cfg.nickserv_password.get_secret_value()}")
+            self._control_line(
+                "PRIVMSG", "NickServ", f"IDENTIFY {cfg.nick} {cfg.nickserv_password.get_secret_value()}", trailing=True
+            )
         for name, key in self.adapter._wanted.values():
             self._join(name, key)
         if cfg.regain_nick_interval > 0:
@@ -797,4 +814,4 @@ class _Connection:
         else:
             return
         self._last_ctcp_reply = now
-        self._control_line("NOTICE", nick, reply)
+        self._control_line("NOTICE", nick, reply, trailing=True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, field_validator, model_validator
 
 # RFC 2812: a nick starts with a letter or one of []\`_^{|} and goes on with those,
 # digits and "-". Servers accept the same set; checking it here turns a typo into a
@@ -100,7 +99,7 @@ class IrcConfig(_Model):
     #: private CA rather than turning this off).
     tls_verify: bool = True
     #: PEM file of CA certificates to trust instead of the system's.
-    tls_ca_file: Path | None = None
+    tls_ca_file: FilePath | None = None
 
     nick: str
     #: Tried in order when ``nick`` is taken; after them the bot appends ``_``.

@@ -35,6 +35,7 @@ MAX_HOST_BYTES = 63
 # ServerConnection uses; a unit test pins its behaviour).
 _LINE_RE: re.Pattern[str] = irc.client._rfc_1459_command_regexp
 _FORBIDDEN = re.compile(r"[\r\n\0]")
+_COMMAND = re.compile(r"[A-Za-z]+|[0-9]{3}")
 # Only CR, LF and CR LF break IRC lines; str.splitlines would also split on \x1d and
 # \x1e, which are IRC's italics and strikethrough codes.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -79,10 +80,9 @@ def parse_line(text: str) -> Line:
     if match is None:
         raise ProtocolError(f"not an IRC line: {text[:80]!r}")
     command = match.group("command")
-    if not command.isdigit():
-        command = command.upper()
-    elif len(command) != 3:
-        raise ProtocolError(f"bad numeric {command[:10]!r}")
+    if not _COMMAND.fullmatch(command):
+        raise ProtocolError(f"bad command {command[:20]!r}")
+    command = command.upper()
     params = tuple(str(p) for p in irc.message.Arguments.from_group(match.group("argument")))
     tags: dict[str, str | None] = {}
     for tag in irc.message.Tag.from_group(match.group("tags")) or ():
@@ -90,15 +90,16 @@ def parse_line(text: str) -> Line:
     return Line(command, params, match.group("prefix"), MappingProxyType(tags))
 
 
-def format_line(command: str, *params: str) -> str:
+def format_line(command: str, *params: str, trailing: bool = False) -> str:
     """Build a line (without CR LF); the last parameter becomes the trailing one when it
-    needs to be. Raises ValueError for parameters that would break the protocol."""
+    needs to be, or always with ``trailing`` (for text). Raises ValueError for
+    parameters that would break the protocol."""
     parts = [command]
     for i, param in enumerate(params):
         if _FORBIDDEN.search(param):
             raise ValueError(f"IRC parameter contains CR, LF or NUL: {param[:40]!r}")
         last = i == len(params) - 1
-        if not param or " " in param or param.startswith(":"):
+        if (last and trailing) or not param or " " in param or param.startswith(":"):
             if not last:
                 raise ValueError(f"only the last IRC parameter may be empty or contain spaces: {param[:40]!r}")
             param = ":" + param
@@ -286,7 +287,7 @@ def privmsg_lines(
         if n == 0 and prefix:
             text = prefix + text
         for chunk in utf8_chunks(text, budget):
-            lines.append(format_line(command, target, ctcp("ACTION", chunk) if action else chunk))
+            lines.append(format_line(command, target, ctcp("ACTION", chunk) if action else chunk, trailing=True))
     return lines
 
 

@@ -17,7 +17,7 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -65,9 +65,19 @@ async def wait_for(condition: Callable[[], object], what: str, timeout: float = 
 class Ngircd:
     """A real ngircd on 127.0.0.1:``port``."""
 
-    def __init__(self, binary: str, workdir: Path, *, penalties: bool = True) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        *,
+        penalties: bool = True,
+        password: str | None = None,
+        tls_cert: tuple[Path, Path] | None = None,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
         self.port = free_port()
+        self.tls_port = free_port() if tls_cert else None
         self.config = workdir / "ngircd.conf"
         self.log = workdir / "ngircd.log"
         self.penalties = penalties
@@ -79,8 +89,7 @@ class Ngircd:
             "Info = OCO test server\n"
             "Listen = 127.0.0.1\n"
             f"Ports = {self.port}\n"
-            f"MotdFile = {workdir / 'motd'}\n"
-            "[Limits]\n"
+            f"MotdFile = {workdir / 'motd'}\n" + (f"Password = {password}\n" if password else "") + "[Limits]\n"
             "MaxConnectionsIP = 0\n"
             "MaxNickLength = 30\n"
             "PingTimeout = 120\n"
@@ -92,6 +101,11 @@ class Ngircd:
             "DNS = no\n"
             "Ident = no\n"
             "PAM = no\n"
+            + (
+                f"[SSL]\nCertFile = {tls_cert[0]}\nKeyFile = {tls_cert[1]}\nPorts = {self.tls_port}\n"
+                if tls_cert
+                else ""
+            )
         )
 
     async def start(self) -> None:
@@ -129,6 +143,24 @@ def ngircd_binary() -> str:
     if binary is None:
         server_unavailable("ngircd", "install it with `apt-get install ngircd`")
     return binary
+
+
+@pytest.fixture
+async def make_ngircd(ngircd_binary: str, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Ngircd]]]:
+    """Start more ngircd servers, with options (password, TLS); killed after the test."""
+    servers: list[Ngircd] = []
+
+    async def make(**options: Any) -> Ngircd:
+        server = Ngircd(ngircd_binary, tmp_path / f"server{len(servers)}", **options)
+        servers.append(server)
+        await server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            await server.kill()
 
 
 @pytest.fixture
@@ -379,8 +411,10 @@ class Kit:
     def config(self, port: int | None = None, **options: Any) -> IrcConfig:
         return irc_config(self.server.port if port is None else port, **options)
 
-    def person(self, nick: str, channels: Sequence[str] = (CHANNEL,)) -> AbstractAsyncContextManager[Person]:
-        return open_person(self.server.port, nick, channels)
+    def person(
+        self, nick: str, channels: Sequence[str] = (CHANNEL,), port: int | None = None
+    ) -> AbstractAsyncContextManager[Person]:
+        return open_person(self.server.port if port is None else port, nick, channels)
 
 
 @pytest.fixture

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from oco_adapter_irc import IrcAdapter
 
+from oco_core import AdapterError
 from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
 
 pytestmark = pytest.mark.server("ngircd")
@@ -250,3 +252,45 @@ async def test_messages_sent_before_registration_wait_for_it(kit: Any) -> None:
         async with kit.running(adapter, kit.host):
             await alice.expect(r":oco!\S+ JOIN")
             await alice.expect(r"PRIVMSG #test :early bird$")
+
+
+async def test_server_password(kit: Any, make_ngircd: Any) -> None:
+    server = await make_ngircd(password="letmein")
+    adapter = IrcAdapter(kit.config(port=server.port, password="letmein"))
+    async with kit.running(adapter, kit.host):
+        assert adapter.statistics().connected
+
+
+async def test_wrong_server_password_is_a_clear_error_before_start(kit: Any, make_ngircd: Any) -> None:
+    server = await make_ngircd(password="letmein")
+    adapter = IrcAdapter(kit.config(port=server.port, password="wrong"))
+    refused = pytest.RaisesExc(AdapterError, match="refused the bot: server password refused")
+    with pytest.RaisesGroup(refused) as caught:
+        async with kit.running(adapter, kit.host):
+            pass
+    assert "wrong" not in str(caught.value.exceptions[0])
+
+
+async def test_tls_with_a_private_ca(kit: Any, make_ngircd: Any, tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = await make_ngircd(tls_cert=(cert, key))
+
+    adapter = IrcAdapter(kit.config(port=server.tls_port, tls=True, tls_ca_file=str(ca_file)))
+    async with kit.person("alice", port=server.port) as alice, kit.running(adapter, kit.host):
+        await alice.expect(r":oco!\S+ JOIN :?#test")
+        await alice.say(CHANNEL, "oco: over tls")
+        await kit.host.next_message(lambda m: m.body == "oco: over tls")
+        await adapter.send(OutgoingMessage(body="secure", room_id="#test"))
+        await alice.expect(r"PRIVMSG #test :secure$")
+
+    # Without the CA the certificate cannot be verified: a config error, said so.
+    untrusting = IrcAdapter(kit.config(port=server.tls_port, tls=True))
+    with pytest.RaisesGroup(pytest.RaisesExc(AdapterError, match="failed verification")):
+        async with kit.running(untrusting, kit.host):
+            pass
