@@ -15,7 +15,7 @@ import nio
 import pytest
 import trio
 
-from oco_core import UnknownTargetError
+from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
 
 pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
@@ -248,3 +248,17 @@ async def test_join_part_and_a_private_message(synapse: Any, person: Any, make_b
         # The next one goes to the same direct chat.
         await adapter.send(OutgoingMessage("again", user=who, private=True))
         await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "again")
+
+
+async def test_homeserver_down_at_start_fails_run_for_the_bot_to_retry(synapse: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    await trio.to_thread.run_sync(synapse.stop)
+    try:
+        with pytest.raises(ExceptionGroup) as failed:
+            async with bot.running():
+                pass
+        assert failed.group_contains(AdapterError, match="homeserver unreachable")
+    finally:
+        await trio.to_thread.run_sync(synapse.start)
+    async with bot.running():
+        assert bot.localpart in bot.host.own_names
