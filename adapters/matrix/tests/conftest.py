@@ -31,13 +31,14 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nio
+import nio  # type: ignore[import-untyped]  # nio ships no type information
 import pytest
 import trio
 import trio.lowlevel
@@ -66,14 +67,14 @@ def _thread_local_nio_store_models() -> None:
     peewee's ThreadSafeDatabaseMetadata keeps that binding per thread. Tests only: a bot
     process runs nio on one thread.
     """
-    from nio.store import models
-    from peewee import Model
-    from playhouse.shortcuts import ThreadSafeDatabaseMetadata
+    from nio.store import models  # type: ignore[import-untyped]
+    from peewee import Model  # type: ignore[import-untyped]
+    from playhouse.shortcuts import ThreadSafeDatabaseMetadata  # type: ignore[import-untyped]
 
     for model in vars(models).values():
         if not (isinstance(model, type) and issubclass(model, Model)) or model is Model:
             continue
-        meta = model._meta
+        meta: Any = getattr(model, "_meta")  # noqa: B009  (peewee is untyped; mypy sees a bare type)
         if isinstance(meta, ThreadSafeDatabaseMetadata):
             continue
         database = meta.database
@@ -280,7 +281,7 @@ class Synapse:
     def override_ratelimit(self, user_id: str, per_second: float, burst: int) -> None:
         """Give one user a message rate limit of its own (admin API)."""
         admin = self.register(f"admin-{uuid.uuid4().hex[:8]}", admin=True)
-        quoted = urllib.request.quote(user_id)
+        quoted = urllib.parse.quote(user_id)
         self._post(
             f"/_synapse/admin/v1/users/{quoted}/override_ratelimit",
             {"messages_per_second": per_second, "burst_count": burst},

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nio
+import nio  # type: ignore[import-untyped]  # nio ships no type information
 import pytest
 
 from oco_core.testing import run_oco

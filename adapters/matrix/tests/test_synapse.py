@@ -11,7 +11,7 @@ import logging
 import uuid
 from typing import Any
 
-import nio
+import nio  # type: ignore[import-untyped]  # nio ships no type information
 import pytest
 import trio
 
