@@ -159,7 +159,13 @@ class IrcAdapter(Adapter):
                         "(set tls_ca_file to trust a private CA)"
                     ) from None
                 log.warning("TLS certificate of %s failed verification: %s", where, _first(group))
-            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLostError) as group:
+            except* (
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,  # connect_timeout
+                ConnectionLostError,
+            ) as group:
                 log.warning("IRC connection to %s lost: %s", where, _first(group))
             finally:
                 self._connection = None
