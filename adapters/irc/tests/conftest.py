@@ -73,6 +73,8 @@ class Ngircd:
         penalties: bool = True,
         password: str | None = None,
         tls_cert: tuple[Path, Path] | None = None,
+        ping_timeout: int = 120,
+        pong_timeout: int = 20,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
@@ -92,8 +94,8 @@ class Ngircd:
             f"MotdFile = {workdir / 'motd'}\n" + (f"Password = {password}\n" if password else "") + "[Limits]\n"
             "MaxConnectionsIP = 0\n"
             "MaxNickLength = 30\n"
-            "PingTimeout = 120\n"
-            "PongTimeout = 20\n"
+            f"PingTimeout = {ping_timeout}\n"
+            f"PongTimeout = {pong_timeout}\n"
             # ngircd's own flood control (about three lines a second per client) stays
             # on by default: the flood test must pass against a realistic server.
             f"MaxPenaltyTime = {-1 if penalties else 0}\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from oco_adapter_irc import IrcAdapter
 
 from oco_core import AdapterError
@@ -294,3 +296,31 @@ async def test_tls_with_a_private_ca(kit: Any, make_ngircd: Any, tmp_path: Path)
     with pytest.RaisesGroup(pytest.RaisesExc(AdapterError, match="failed verification")):
         async with kit.running(untrusting, kit.host):
             pass
+
+
+async def test_server_pings_are_answered(kit: Any, make_ngircd: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # ngircd pings a silent client after PingTimeout (at least 5 s) and drops it when no
+    # PONG comes within PongTimeout; the bot's own keepalive is set long, so only its
+    # answers keep it connected.
+    caplog.set_level(logging.DEBUG, logger="oco_adapter_irc")
+    server = await make_ngircd(ping_timeout=5, pong_timeout=1)
+    adapter = IrcAdapter(kit.config(port=server.port, ping_interval=600))
+    async with kit.running(adapter, kit.host):
+
+        def ponged() -> bool:
+            return any(r.getMessage().startswith(">> PONG") for r in caplog.records)
+
+        await kit.wait_for(ponged, "ngircd's PING and the bot's PONG", timeout=30)
+        await trio.sleep(2)  # past PongTimeout: a bot that had not answered would be gone
+        stats = adapter.statistics()
+        assert stats.connected
+        assert stats.registrations == 1
+
+
+async def test_joins_a_channel_with_a_key(kit: Any) -> None:
+    async with kit.person("alice", channels=("#secret",)) as alice:
+        await alice.send("MODE #secret +k sesame")
+        await alice.expect(r"MODE #secret \+k")
+        adapter = IrcAdapter(kit.config(channels=[{"name": "#secret", "key": "sesame"}]))
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN :?#secret")
