@@ -95,6 +95,7 @@ class _Channel:
     name: str
     # folded nick -> nick as last seen
     members: dict[str, str] = field(default_factory=dict)
+    topic: str = ""
 
 
 class IrcAdapter(Adapter):
@@ -495,7 +496,9 @@ class _Connection:
 
     def _room(self, name: str) -> ChatRoom:
         channel = self.channels.get(self.features.fold(name))
-        return ChatRoom(id=self.features.fold(name), name=channel.name if channel else name)
+        if channel is None:
+            return ChatRoom(id=self.features.fold(name), name=name)
+        return ChatRoom(id=self.features.fold(name), name=channel.name, topic=channel.topic)
 
     def _own_names(self) -> None:
         self.host.set_own_names([self.nick, *self.config.command_prefix])
@@ -766,6 +769,19 @@ class _Connection:
                     await self._membership(MembershipKind.JOINED, new, channel.name, reason=f"nick changed from {old}")
         if self.welcomed and folded_old == self.features.fold(self.config.nick) and not self._is_me(new):
             self._try_regain()
+
+    async def _on_332(self, line: p.Line) -> None:
+        # RPL_TOPIC on joining: remembered (rooms carry it), not reported as a change.
+        channel = self.channels.get(self.features.fold(line.param(1)))
+        if channel is not None:
+            channel.topic = line.param(2)
+
+    async def _on_topic(self, line: p.Line) -> None:
+        channel = self.channels.get(self.features.fold(line.param(0)))
+        if channel is None:
+            return
+        channel.topic = line.param(1)
+        await self.host.topic(self._room(channel.name), self._user(line.nick))
 
     async def _on_353(self, line: p.Line) -> None:
         # RPL_NAMREPLY: me, symbol, channel, names

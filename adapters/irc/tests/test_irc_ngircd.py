@@ -203,6 +203,13 @@ async def test_membership_events_and_directory(kit: Any) -> None:
             assert seen(MembershipKind.LEFT, "alice")
             assert {u.id for u in adapter.members("#test")} == {"alicia", "oco"}
 
+            await alice.send("TOPIC #test :deploys on fridays")
+            await kit.wait_for(lambda: host.topics, "the topic change")
+            room, setter = host.topics[-1]
+            assert room.topic == "deploys on fridays"
+            assert setter is not None
+            assert setter.id == "alicia"
+
             await alice.send("PART #test :later")
             await kit.wait_for(lambda: seen(MembershipKind.LEFT, "alicia"), "the PART")
             assert {u.id for u in adapter.members("#test")} == {"oco"}
