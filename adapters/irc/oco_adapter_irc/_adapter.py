@@ -29,6 +29,7 @@ import logging
 import secrets
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -232,7 +233,7 @@ class IrcAdapter(Adapter):
         connection = self._connection
         if connection is None:
             return []
-        return [ChatRoom(id=key, name=channel.name) for key, channel in connection.channels.items()]
+        return [connection._room(channel.name) for channel in connection.channels.values()]
 
     def members(self, room_id: str) -> list[ChatUser]:
         """The users in channel ``room_id`` now, as the adapter tracks them (NAMES, then
@@ -310,7 +311,7 @@ def _redact(line: str) -> str:
 class _Connection:
     """One connection, from TCP connect to close."""
 
-    def __init__(self, adapter: IrcAdapter, host: AdapterHost, on_registered: object) -> None:
+    def __init__(self, adapter: IrcAdapter, host: AdapterHost, on_registered: Callable[[], None]) -> None:
         self.adapter = adapter
         self.host = host
         self.config = adapter.config
@@ -517,9 +518,9 @@ class _Connection:
         digits = f"{secrets.randbelow(10000):04d}"
         return cfg.nick[: nicklen - len(digits)] + digits
 
-    def _start(self, fn: object, *args: object) -> None:
+    def _start(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+        self._nursery.start_soon(fn, *args)
 
     # ---- handling lines ----
 
@@ -632,6 +633,9 @@ class _Connection:
 
     async def _on_005(self, line: p.Line) -> None:
         self.features.load(line.params)
+        # Channel names were folded before the server said how it folds them.
+        wanted = self.adapter._wanted
+        self.adapter._wanted = {self.features.fold(name): (name, key) for name, key in wanted.values()}
 
     async def _on_376(self, line: p.Line) -> None:
         if self.ready or not self.welcomed:
@@ -651,7 +655,7 @@ class _Connection:
             self._start(self._regain_nick)
         self._registered.set()
         self.adapter._wakeup.unpark_all()
-        self._on_registered()  # type: ignore[operator]
+        self._on_registered()
 
     _on_422 = _on_376  # no MOTD: registration is complete all the same
 
