@@ -60,3 +60,31 @@ async def test_oco_ping_in_a_channel_gets_pong(kit: Any, tmp_path: Path) -> None
         await _ask_until_answered(alice, "oco", "ping", r":oco!\S+ PRIVMSG alice :PONG$")
         await _ask_until_answered(alice, "#test", "oco: echo héllo wörld", r"PRIVMSG #test :(alice: )?héllo wörld$")
         assert bot.process.returncode is None
+
+
+async def test_check_config_names_the_bad_irc_keys(tmp_path: Path) -> None:
+    config = tmp_path / "oco.yaml"
+    config.write_text(
+        "adapters:\n"
+        "  - type: irc\n"
+        "    host: 127.0.0.1\n"
+        "    nick: 1oco\n"
+        '    channels: ["#ok", "nochan"]\n'
+        "    pasword: hunter2-secret\n"
+        "callbacks: []\n"
+    )
+    command = [sys.executable, "-m", "oco_core", "check-config", "--config", str(config)]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    errors = result.stderr.decode()
+    assert "hunter2" not in errors
+    assert result.returncode != 0
+    assert "line 4: adapters[0].nick: '1oco' is not a valid IRC nick" in errors
+    assert "line 5: adapters[0].channels[1].name: 'nochan' is not a channel name" in errors
+    assert "line 6: adapters[0].pasword: unknown key" in errors
+
+    fixed = config.read_text().replace("1oco", "oco").replace(', "nochan"', "")
+    config.write_text(fixed.replace("pasword", "password"))
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"irc (irc)" in result.stdout
+    assert b"hunter2" not in result.stdout + result.stderr
