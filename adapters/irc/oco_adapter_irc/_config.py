@@ -28,8 +28,21 @@ def _check_word(value: str, what: str) -> str:
     return value
 
 
+def _check_secret(value: SecretStr | None, what: str, *, word: bool = False) -> SecretStr | None:
+    # A line break in a secret would end the IRC line early (and send the rest as a
+    # command); a key with a space or comma would shift JOIN's parameters. The value is
+    # never part of the message.
+    if value is not None:
+        secret = value.get_secret_value()
+        if not secret or any(c in secret for c in "\r\n\0") or (word and any(c in secret for c in " ,")):
+            spaces = ", spaces or commas" if word else ""
+            raise ValueError(f"{what} must be non-empty, without line breaks{spaces}")
+    return value
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a rejected secret must not reappear in the error's text.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class SaslConfig(_Model):
@@ -39,6 +52,11 @@ class SaslConfig(_Model):
     password: SecretStr
     #: Give up (rather than connect unauthenticated) when the server refuses SASL.
     required: bool = True
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr) -> SecretStr | None:
+        return _check_secret(value, "sasl.password")
 
 
 class ChannelConfig(_Model):
@@ -54,6 +72,11 @@ class ChannelConfig(_Model):
         if value[0] not in _CHANNEL_TYPES or "," in value or "\x07" in value:
             raise ValueError(f"{value!r} is not a channel name (it starts with one of {_CHANNEL_TYPES})")
         return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "a channel key", word=True)
 
 
 class RateLimitConfig(_Model):
@@ -154,6 +177,11 @@ class IrcConfig(_Model):
     @classmethod
     def _alt_nicks(cls, value: list[str]) -> list[str]:
         return [_check_nick(nick) for nick in value]
+
+    @field_validator("password", "nickserv_password")
+    @classmethod
+    def _secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "the password")
 
     @field_validator("host")
     @classmethod

@@ -90,6 +90,9 @@ def test_config_hides_secrets() -> None:
     shown = repr(config) + str(config)
     for secret in ("server-secret", "sasl-secret", "ns-secret", "key-secret"):
         assert secret not in shown
+    with pytest.raises(ValidationError) as caught:
+        IrcConfig.model_validate({"host": "h", "nick": "oco", "password": "hunter2\nQUIT"})
+    assert "hunter2" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,10 @@ def test_config_hides_secrets() -> None:
         ({"reconnect": {"initial_delay": 10, "max_delay": 1}}, "must not exceed"),
         ({"host": "a b"}, "without spaces"),
         ({"port": 70000}, "less than or equal to 65535"),
+        ({"password": "a\r\nQUIT"}, "without line breaks"),
+        ({"nickserv_password": ""}, "must be non-empty"),
+        ({"sasl": {"account": "a", "password": "p\n"}}, "without line breaks"),
+        ({"channels": [{"name": "#k", "key": "two words"}]}, "spaces or commas"),
     ],
 )
 def test_config_errors_name_the_problem(options: dict[str, object], error: str) -> None:
