@@ -168,7 +168,8 @@ class IrcAdapter(Adapter):
                 trio.TooSlowError,  # connect_timeout
                 ConnectionLostError,
             ) as group:
-                log.warning("IRC connection to %s lost: %s", where, _first(group))
+                what = "lost" if connection.welcomed else "failed"
+                log.warning("IRC connection to %s %s: %s", where, what, _first(group))
             finally:
                 self._connection = None
             delay = backoff.next_delay()

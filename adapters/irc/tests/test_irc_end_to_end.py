@@ -60,6 +60,9 @@ async def test_oco_ping_in_a_channel_gets_pong(kit: Any, tmp_path: Path) -> None
         await _ask_until_answered(alice, "oco", "ping", r":oco!\S+ PRIVMSG alice :PONG$")
         await _ask_until_answered(alice, "#test", "oco: echo héllo wörld", r"PRIVMSG #test :(alice: )?héllo wörld$")
         assert bot.process.returncode is None
+        # SIGTERM: an orderly shutdown, and the bot says goodbye on IRC.
+        assert await bot.stop() == 0
+        await alice.expect(r":oco!\S+ QUIT :")
 
 
 async def test_check_config_names_the_bad_irc_keys(tmp_path: Path) -> None:
