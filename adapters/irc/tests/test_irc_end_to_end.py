@@ -59,6 +59,10 @@ async def test_oco_ping_in_a_channel_gets_pong(kit: Any, tmp_path: Path) -> None
         await _ask_until_answered(alice, "#test", "oco ping", r"PRIVMSG #test :(alice: )?PONG$")
         await _ask_until_answered(alice, "oco", "ping", r":oco!\S+ PRIVMSG alice :PONG$")
         await _ask_until_answered(alice, "#test", "oco: echo héllo wörld", r"PRIVMSG #test :(alice: )?héllo wörld$")
+        # The built-in help: several lines, each its own IRC line.
+        before_help = alice.mark()
+        await _ask_until_answered(alice, "#test", "oco: help", r"PRIVMSG #test :.*ping - replies PONG")
+        await alice.expect(r"PRIVMSG #test :.*echo <text>", since=before_help)
         assert bot.process.returncode is None
         # SIGTERM: an orderly shutdown, and the bot says goodbye on IRC.
         assert await bot.stop() == 0
