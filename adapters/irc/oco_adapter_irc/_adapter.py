@@ -745,6 +745,13 @@ class _Connection:
             )
         )
 
+    async def _on_invite(self, line: p.Line) -> None:
+        # Reported, not acted on: whether to join is for a callback (or an operator) to
+        # decide, through Join.
+        nick, channel = line.param(0), line.param(1)
+        if channel and self._is_me(nick):
+            await self._membership(MembershipKind.INVITED, nick, channel, actor=line.nick)
+
     async def _on_quit(self, line: p.Line) -> None:
         nick = line.nick
         folded = self.features.fold(nick)

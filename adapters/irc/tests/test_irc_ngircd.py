@@ -219,6 +219,12 @@ async def test_join_and_part_on_request(kit: Any) -> None:
     async with kit.person("alice", channels=("#test", "#other")) as alice:
         adapter = IrcAdapter(kit.config())
         async with kit.running(adapter, kit.host):
+            await alice.send("INVITE oco #other")
+            await kit.wait_for(lambda: any(e.kind is MembershipKind.INVITED for e in kit.host.events), "INVITE")
+            invite = next(e for e in kit.host.events if e.kind is MembershipKind.INVITED)
+            assert invite.room.id == "#other"
+            assert invite.actor is not None
+            assert invite.actor.id == "alice"
             await adapter.join("#other")
             await alice.expect(r":oco!\S+ JOIN :?#other")
             await adapter.send(OutgoingMessage(body="hello other", room_id="#other"))
