@@ -15,7 +15,14 @@ import nox
 ROOT = Path(__file__).parent
 DISTRIBUTIONS = sorted(p.parent for p in ROOT.glob("*/*/pyproject.toml") if p.parts[-3] in ("adapters", "stores"))
 # grpcio-tools: tests generate a client from the specification's own .proto files.
-TEST_TOOLS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trustme>=1.1", "grpcio-tools>=1.85.1"]
+TEST_TOOLS = [
+    "pytest>=8",
+    "pytest-trio>=0.8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6.100",
+    "trustme>=1.1",
+    "grpcio-tools>=1.85.1",
+]
 
 nox.options.sessions = ["lint", "types", "proto", "docs", "tests", "distributions"]
 nox.options.reuse_existing_virtualenvs = True

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 _HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
 #: How long start-up waits for launched callbacks to open their Listen streams.
 CALLBACK_STARTUP_WAIT = 20.0
+#: How long start-up waits for every adapter's first connection attempt.
+ADAPTER_STARTUP_WAIT = 30.0
 
 
 @dataclass(slots=True)
@@ -168,8 +170,17 @@ class Bot:
                         adapter = kind.create(options)
                         self.links[name] = _AdapterLink(self, name, adapter, store)
                     async with trio.open_nursery() as adapters:
-                        for link in self.links.values():
-                            await adapters.start(self._supervise_adapter, link)
+                        # Adapters connect side by side; one whose server is down holds
+                        # back neither the others nor start-up for longer than the wait.
+                        attempts = {name: trio.Event() for name in self.links}
+                        for name, link in self.links.items():
+                            adapters.start_soon(self._supervise_adapter, link, attempts[name])
+                        with trio.move_on_after(ADAPTER_STARTUP_WAIT):
+                            for attempt in attempts.values():
+                                await attempt.wait()
+                        slow = [name for name, attempt in attempts.items() if not attempt.is_set()]
+                        if slow:
+                            log.warning("adapter(s) %s still connecting; the bot is up meanwhile", ", ".join(slow))
                         log.info("bot %r is up: gRPC on %s", self.config.bot.name, self.address)
                         task_status.started(self.address)
                     log.info("every adapter has ended; shutting down")
@@ -195,27 +206,22 @@ class Bot:
                 CALLBACK_STARTUP_WAIT,
             )
 
-    async def _supervise_adapter(self, link: _AdapterLink, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _supervise_adapter(self, link: _AdapterLink, attempted: trio.Event) -> None:
         # The supervision boundary for adapters: a failure is logged and retried with
         # backoff; returning normally means the adapter is done (the shell at end of input).
         backoff = 1.0
-        reported = False
         while True:
             began = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(partial(link.adapter.run, link))
-                    if not reported:
-                        reported = True
-                        task_status.started()
+                    attempted.set()
                 log.info("adapter %r ended", link.name)
                 return
             except* Exception as group:
                 for exc in group.exceptions:
                     log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=exc)
-            if not reported:
-                reported = True
-                task_status.started()
+            attempted.set()
             if time.monotonic() - began > 60:
                 backoff = 1.0
             delay = backoff * (0.5 + random.random())

@@ -502,7 +502,12 @@ class Bridge:
             call = start()
             holder.append(call)
             try:
-                await headers.send(tuple(await call.initial_metadata() or ()))
+                metadata = await call.initial_metadata()
+                # A call that failed before the server answered gives empty headers
+                # rather than an error: look at how it ended.
+                if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
+                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
+                await headers.send(tuple(metadata or ()))
                 headers.close()
                 async for message in call:
                     await incoming.send(message)
@@ -529,13 +534,28 @@ class Bridge:
         """From trio: start a bidirectional call (``start(requests)`` runs on the loop)
         and yield a sender for requests and a stream of responses."""
         outgoing: _TrioToAsyncio[Any] = _TrioToAsyncio(self, window)
-
-        async def requests() -> AsyncIterator[Any]:
-            while not isinstance(item := await outgoing.get(), _End):
-                yield item
-
-        async with self.open_response_stream(lambda: start(requests()), window) as responses:
+        async with self.open_response_stream(lambda: start(_Requests(outgoing)), window) as responses:
             yield DuplexSender(outgoing), responses
+
+
+class _Requests:
+    """The request side of a duplex call as grpc.aio reads it.
+
+    A class rather than an async generator: grpc.aio closes the iterator of a cancelled
+    call from another task, which an async generator that is waiting refuses
+    ("aclose(): asynchronous generator is already running")."""
+
+    def __init__(self, pipe: _TrioToAsyncio[Any]) -> None:
+        self._pipe = pipe
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._pipe.get()
+        if isinstance(item, _End):
+            raise StopAsyncIteration
+        return item
 
 
 class ResponseStream:

@@ -228,6 +228,10 @@ class Router:
         self._own_names[adapter] = tuple(n for n in names if n)
         self._address_res.pop(adapter, None)
 
+    def _symbol_names(self, adapter: str) -> tuple[str, ...]:
+        # An adapter's own name ending in a symbol ("!") is a prefix, like the aliases.
+        return tuple(n for n in self._own_names.get(adapter, ()) if not (n[-1].isalnum() or n[-1] == "_"))
+
     def _address_re(self, adapter: str) -> re.Pattern[str]:
         compiled = self._address_res.get(adapter)
         if compiled is None:
@@ -241,7 +245,7 @@ class Router:
     def address(self, adapter: str, body: str) -> str | None:
         """The text after the bot's address, or None when ``body`` is not addressed."""
         stripped = body.lstrip()
-        for alias in self.aliases:
+        for alias in (*self.aliases, *self._symbol_names(adapter)):
             if stripped.startswith(alias):
                 return stripped[len(alias) :].lstrip()
         match = self._address_re(adapter).match(body)

@@ -322,20 +322,20 @@ async def test_the_sdk_reconnects_when_the_bot_restarts(tmp_path: Any) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     fixed = config(tmp_path, f"grpc: {{listen: '127.0.0.1:{port}'}}")
-    async with open_bot(fixed) as running:
-        cb = sdk(running)
+    cb = Callback(id="alpha", secret=SECRET_A, address=f"127.0.0.1:{port}")
 
-        @cb.respond("^ping$")
-        async def ping(message: Message) -> None:
-            await message.send("PONG")
+    @cb.respond("^ping$")
+    async def ping(message: Message) -> None:
+        await message.send("PONG")
 
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        async with open_bot(fixed) as running:
             await nursery.start(cb.serve)
             assert await reply_to(running, "oco ping") == "PONG"
-            running.bot.shutdown()  # type: ignore[attr-defined]
-    async with open_bot(fixed) as again:
-        with trio.fail_after(20):
-            while not again.bot.router.subscriptions("alpha"):  # type: ignore[attr-defined]
-                await trio.sleep(0.05)
-        assert await reply_to(again, "oco ping") == "PONG"
+        # the bot is gone; the callback keeps trying until it is back
+        async with open_bot(fixed) as again:
+            with trio.fail_after(20):
+                while not again.bot.router.subscriptions("alpha"):  # type: ignore[attr-defined]
+                    await trio.sleep(0.05)
+            assert await reply_to(again, "oco ping") == "PONG"
         nursery.cancel_scope.cancel()

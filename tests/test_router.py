@@ -45,6 +45,9 @@ def test_an_adapter_can_add_the_names_the_bot_has_there() -> None:
     assert router.address("irc", "oco_: ping") == "ping"
     assert router.address("irc", "ocobot ping") == "ping"
     assert router.address("matrix", "oco_: ping") is None
+    router.set_own_names("irc", ["oco_", "!"])  # a symbol works like an alias
+    assert router.address("irc", "!ping") == "ping"
+    assert router.address("matrix", "!ping") is None
 
 
 def test_hear_sees_every_message_respond_only_addressed_ones() -> None:
