@@ -506,7 +506,7 @@ class Bridge:
                 # A call that failed before the server answered gives empty headers
                 # rather than an error: look at how it ended.
                 if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
-                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
+                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details(), "")
                 await headers.send(tuple(metadata or ()))
                 headers.close()
                 async for message in call:
