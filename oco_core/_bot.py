@@ -27,7 +27,14 @@ import trio
 from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
 from ._config import LoadedConfig, default_store_url, validate_section
 from ._directory import Directory, RoomRecord, UserRecord
-from ._errors import AdapterError, ConfigError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
+from ._errors import (
+    AdapterError,
+    ConfigError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    StoreUnavailableError,
+    UnknownTargetError,
+)
 from ._plugins import Plugins
 from ._proto import core_pb2, robot_pb2
 from ._router import InvalidPatternError, Route, Router, compile_pattern
@@ -149,7 +156,7 @@ class Bot:
         from ._supervisor import supervise_callback
 
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(self._store_type.open(self._store_options))
+            store = await self._open_store(stack)
             self.store = store
             self.directory = Directory(store)
             await self.directory.load()
@@ -186,6 +193,18 @@ class Bot:
                     log.info("every adapter has ended; shutting down")
                     workers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+    async def _open_store(self, stack: AsyncExitStack) -> Store:
+        # A database that is down at start-up is waited for, with one line a try, rather
+        # than failing the bot: it usually comes up beside it (systemd, Kubernetes).
+        delay = 1.0
+        while True:
+            try:
+                return await stack.enter_async_context(self._store_type.open(self._store_options))
+            except StoreUnavailableError as exc:
+                log.error("store unavailable: %s; retrying in %.0f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def shutdown(self) -> None:
         """Begin an orderly shutdown (as SIGTERM does)."""

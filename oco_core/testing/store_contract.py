@@ -826,9 +826,6 @@ class StorageServiceContract:
                 nursery.cancel_scope.cancel()
             proxying.cancel_scope.cancel()
 
-    @pytest.mark.xfail(
-        reason="the bot does not yet retry opening its store at start-up (wiring in oco_core/_bot.py)", strict=True
-    )
     async def test_unreachable_at_start_is_one_line_then_retried(
         self, server: tuple[str, int, Callable[[str, int], str]], tmp_path: Path
     ) -> None:
