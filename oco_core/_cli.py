@@ -89,7 +89,9 @@ def _setup_logging(loaded: LoadedConfig, debug: bool) -> None:
     level = logging.DEBUG if debug else getattr(logging, loaded.config.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
-        logging.getLogger("hpack").setLevel(logging.WARNING)
+        # Libraries that log every request or frame at INFO drown the bot's own lines.
+        for noisy in ("hpack", "httpx", "httpcore", "nio", "peewee"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _check(loaded: LoadedConfig) -> int:
