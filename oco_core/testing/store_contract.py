@@ -661,7 +661,11 @@ class _BlockingStorageClient:
 
 def _config(store_section: str, callbacks: Sequence[tuple[str, str]], routes: str = "") -> str:
     entries = "\n".join(f"  - {{id: {cid}, secret: {secret}}}" for cid, secret in callbacks)
-    return f"adapters: [{{type: memory}}]\nstore: {store_section}\nlog_level: INFO\ncallbacks:\n{entries}\n{routes}"
+    # Port 0: a free port each run, so tests never meet another bot on the default one.
+    return (
+        f"adapters: [{{type: memory}}]\nstore: {store_section}\ngrpc: {{listen: '127.0.0.1:0'}}\n"
+        f"log_level: INFO\ncallbacks:\n{entries}\n{routes}"
+    )
 
 
 class StorageServiceContract:
