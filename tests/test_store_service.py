@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from oco_core._sql_store import SqlStoreConfig
 from oco_core.testing.pytest_plugin import server_unavailable
-from oco_core.testing.store_contract import StorageServiceContract
+from oco_core.testing.store_contract import ServerOutageContract, StorageServiceContract
 
 POSTGRES_ENV = "OCO_TEST_POSTGRES_URL"
 
@@ -59,7 +59,7 @@ def _postgres_url() -> str:
     return url
 
 
-class TestPostgresService(StorageServiceContract):
+class TestPostgresService(StorageServiceContract, ServerOutageContract):
     """PostgreSQL behind a real bot, in tables of the test's own."""
 
     @pytest.fixture

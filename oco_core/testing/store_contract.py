@@ -673,25 +673,9 @@ class StorageServiceContract:
 
     Subclasses provide the fixture ``store_section``: the ``store:`` value of the bot's
     config as one YAML flow mapping (``{url: "sqlite:///..."}``), the same on every call
-    within a test so that a restarted bot finds its data; and, for stores with a server,
-    ``store_server`` returning ``(host, port, section_at)`` where ``section_at(host,
-    port)`` is the ``store:`` value reaching the same database at another address (the
-    outage test puts a :class:`TcpProxy` there).
+    within a test so that a restarted bot finds its data. Stores with a server add
+    :class:`ServerOutageContract`.
     """
-
-    @pytest.fixture
-    def store_server(self) -> tuple[str, int, Callable[[str, int], str]] | None:
-        """The store's server and how to reach it elsewhere; None for a serverless store."""
-        return None
-
-    @pytest.fixture
-    def server(
-        self, store_server: tuple[str, int, Callable[[str, int], str]] | None
-    ) -> tuple[str, int, Callable[[str, int], str]]:
-        """``store_server``, or skip: a store without a server (SQLite) has none to lose."""
-        if store_server is None:
-            pytest.skip("this store has no server to lose (it is a local file)")
-        return store_server
 
     async def test_acknowledged_writes_survive_sigkill(self, store_section: str, tmp_path: Path) -> None:
         from .. import Callback
@@ -781,6 +765,25 @@ class StorageServiceContract:
             assert int(item.value) == replicas * per_replica
             assert item.version == replicas * per_replica
             nursery.cancel_scope.cancel()
+
+
+class ServerOutageContract:
+    """What a store with a database server must survive: the server going away while the
+    bot runs, and being away when it starts. A serverless store (SQLite) has no server to
+    lose and does not take these tests at all.
+
+    Subclasses provide ``store_section`` (as for :class:`StorageServiceContract`) and
+    ``store_server`` returning ``(host, port, section_at)``, where ``section_at(host,
+    port)`` is the ``store:`` value reaching the same database at another address (the
+    tests put a :class:`TcpProxy` there).
+    """
+
+    @pytest.fixture
+    def server(
+        self, store_server: tuple[str, int, Callable[[str, int], str]]
+    ) -> tuple[str, int, Callable[[str, int], str]]:
+        """The store's server (provided by the subclass as ``store_server``)."""
+        return store_server
 
     async def test_outage_answers_unavailable_chat_goes_on_and_store_heals(
         self, server: tuple[str, int, Callable[[str, int], str]]

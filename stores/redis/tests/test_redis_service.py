@@ -13,12 +13,12 @@ import pytest
 import redis
 
 from oco_core.testing.pytest_plugin import server_unavailable
-from oco_core.testing.store_contract import StorageServiceContract
+from oco_core.testing.store_contract import ServerOutageContract, StorageServiceContract
 
 REDIS_ENV = "OCO_TEST_REDIS_URL"
 
 
-class TestRedisService(StorageServiceContract):
+class TestRedisService(StorageServiceContract, ServerOutageContract):
     """Redis behind a real bot, under a key prefix of the test's own."""
 
     @pytest.fixture
