@@ -36,8 +36,6 @@ class TestSqliteNormalSyncService(StorageServiceContract):
     being killed (only power loss may lose the last transactions)."""
 
     test_fifty_callbacks_increment_one_counter_exactly = None  # type: ignore[assignment]
-    test_outage_answers_unavailable_chat_goes_on_and_store_heals = None  # type: ignore[assignment]
-    test_unreachable_at_start_is_one_line_then_retried = None  # type: ignore[assignment]
 
     @pytest.fixture
     def store_section(self, tmp_path: Path) -> str:
