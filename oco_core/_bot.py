@@ -37,6 +37,7 @@ from ._errors import (
 )
 from ._plugins import Plugins
 from ._proto import core_pb2, robot_pb2
+from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
 from ._store import NamespacedStore, Store
 
@@ -156,7 +157,11 @@ class Bot:
         from ._supervisor import supervise_callback
 
         async with AsyncExitStack() as stack:
-            store = await self._open_store(stack)
+            store = QuotaStore.for_callbacks(
+                await self._open_store(stack),
+                self.config.store.quota,
+                {cb.id: cb.quota for cb in self.config.callbacks if cb.quota is not None},
+            )
             self.store = store
             self.directory = Directory(store)
             await self.directory.load()

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigError
+from ._quota import QuotaConfig
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CALLBACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -75,6 +76,8 @@ class StoreSettings(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     type: str = "sql"
+    #: Default storage quota of every callback (``callbacks[].quota`` overrides it).
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
 
     def options(self) -> dict[str, Any]:
         """The keys beside ``type``."""
@@ -121,6 +124,8 @@ class CallbackSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = None
     restart_backoff_max: float = Field(default=60.0, gt=0)
+    #: This callback's storage quota, instead of ``store.quota``.
+    quota: QuotaConfig | None = None
 
     @field_validator("id")
     @classmethod

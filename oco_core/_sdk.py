@@ -40,6 +40,7 @@ from ._errors import (
     RequestTooLargeError,
     StoreUnavailableError,
     UnknownTargetError,
+    ValueTooLargeError,
     VersionConflictError,
 )
 from ._proto import (
@@ -367,6 +368,8 @@ class Callback:
         return self._connection
 
     async def _unary(self, service: str, method: str, request: Any) -> Any:
+        """One unary call; storage's RESOURCE_EXHAUSTED (a value too large, a quota)
+        raises ValueTooLargeError, whose message names the limit."""
         connection = await self._ready()
         call = getattr(connection.stubs[service], method)
         try:
@@ -374,6 +377,8 @@ class Callback:
                 lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
             )
         except grpc.aio.AioRpcError as exc:
+            if service == "storage" and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ValueTooLargeError(f"RESOURCE_EXHAUSTED: {exc.details()}") from None
             raise _error(exc) from None
 
     async def send(
