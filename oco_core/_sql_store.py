@@ -50,7 +50,9 @@ from sqlalchemy.pool import StaticPool
 
 from ._errors import ConfigError, StoreError, StoreUnavailableError, ValueTooLargeError, VersionConflictError
 from ._hookspecs import hookimpl
-from ._store import MAX_KEY_BYTES, Item, Store, StoreType
+from ._store import Item, Store, StoreType
+from ._store import encode_key as _encode_key
+from ._store import prefix_end as _prefix_end
 
 logger = logging.getLogger(__name__)
 
@@ -236,27 +238,6 @@ def migrate(conn: Connection, prefix: str, target: int = SCHEMA_VERSION) -> int:
 
 
 # ---- the store ----
-
-
-def _encode_key(key: str) -> bytes:
-    if not isinstance(key, str) or not key:
-        raise StoreError("a key must be a non-empty string")
-    try:
-        data = key.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise StoreError(f"a key must be valid Unicode (encodable as UTF-8): {e}") from e
-    if len(data) > MAX_KEY_BYTES:
-        raise ValueTooLargeError(f"key is {len(data)} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes")
-    return data
-
-
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with ``prefix``
-    (None when there is none, i.e. no upper bound)."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return None
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 def _now_ms() -> int:

@@ -19,8 +19,33 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ._errors import StoreError, ValueTooLargeError
+
 #: Largest key, in UTF-8 bytes, that every store must accept.
 MAX_KEY_BYTES = 1024
+
+
+def encode_key(key: str) -> bytes:
+    """A key as the UTF-8 bytes stores keep and order by; StoreError for an empty or
+    unencodable key, ValueTooLargeError past MAX_KEY_BYTES."""
+    if not isinstance(key, str) or not key:
+        raise StoreError("a key must be a non-empty string")
+    try:
+        data = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise StoreError(f"a key must be valid Unicode (encodable as UTF-8): {e}") from e
+    if len(data) > MAX_KEY_BYTES:
+        raise ValueTooLargeError(f"key is {len(data)} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes")
+    return data
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with ``prefix``
+    (None when there is none, i.e. no upper bound): the end of a prefix range scan."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,8 @@ from ._store import Item as Item
 from ._store import NamespacedStore as NamespacedStore
 from ._store import Store as Store
 from ._store import StoreType as StoreType
+from ._store import encode_key as encode_key
+from ._store import prefix_end as prefix_end
 
 __all__ = [
     "MAX_KEY_BYTES",
@@ -48,5 +50,7 @@ __all__ = [
     "OutgoingMessage",
     "Store",
     "StoreType",
+    "encode_key",
     "hookimpl",
+    "prefix_end",
 ]

@@ -41,7 +41,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from oco_core import StoreError, StoreUnavailableError, ValueTooLargeError, VersionConflictError
-from oco_core.plugin import MAX_KEY_BYTES, Item, Store
+from oco_core.plugin import Item, Store
+from oco_core.plugin import encode_key as _encode_key
+from oco_core.plugin import prefix_end as _prefix_end
 
 logger = logging.getLogger(__name__)
 
@@ -185,25 +187,6 @@ class RedisStoreConfig(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield (name, mask_url(value) if name == "url" else value)
-
-
-def _encode_key(key: str) -> bytes:
-    if not isinstance(key, str) or not key:
-        raise StoreError("a key must be a non-empty string")
-    try:
-        data = key.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise StoreError(f"a key must be valid Unicode (encodable as UTF-8): {e}") from e
-    if len(data) > MAX_KEY_BYTES:
-        raise ValueTooLargeError(f"key is {len(data)} bytes in UTF-8; the limit is {MAX_KEY_BYTES} bytes")
-    return data
-
-
-def _prefix_end(prefix: bytes) -> bytes | None:
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return None
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 def _split(stored: bytes) -> tuple[int, bytes]:
