@@ -147,12 +147,17 @@ class Bot:
         self._awaiting_reply: dict[str, float] = {}
         self._shutdown: trio.CancelScope | None = None
         self._tasks: trio.Nursery | None = None
+        self._starting: trio.CancelScope | None = None
         self.stats = {"received": 0, "matched": 0, "sent": 0}
 
     # -- running ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until every adapter has ended."""
+        with trio.CancelScope() as self._starting:
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         from ._edge import serve
         from ._supervisor import supervise_callback
 
@@ -212,9 +217,12 @@ class Bot:
             delay = min(delay * 2, 30.0)
 
     def shutdown(self) -> None:
-        """Begin an orderly shutdown (as SIGTERM does)."""
+        """Begin an orderly shutdown (as SIGTERM does); while still starting (waiting
+        for the store, say), stop at once."""
         if self._shutdown is not None:
             self._shutdown.cancel()
+        elif self._starting is not None:
+            self._starting.cancel()
 
     async def _wait_for_callbacks(self) -> None:
         launched = [cb for cb in self.callbacks.values() if cb.launched]
