@@ -32,6 +32,7 @@ from .._adapter import (
 )
 from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
+from ._memory_store import MemoryStore as MemoryStore
 from ._process import OcoProcess as OcoProcess
 from ._process import run_oco as run_oco
 
@@ -164,4 +165,12 @@ def oco_adapter_types() -> list[AdapterType]:
     ]
 
 
-__all__: Sequence[str] = ["MemoryAdapter", "MemoryConfig", "OcoProcess", "RunningBot", "open_bot", "run_oco"]
+__all__: Sequence[str] = [
+    "MemoryAdapter",
+    "MemoryConfig",
+    "MemoryStore",
+    "OcoProcess",
+    "RunningBot",
+    "open_bot",
+    "run_oco",
+]

@@ -31,11 +31,10 @@ from oco_core.plugin import (
     ChatRoom,
     ChatUser,
     IncomingMessage,
-    Item,
     MembershipEvent,
     NamespacedStore,
-    Store,
 )
+from oco_core.testing import MemoryStore
 from oco_core.testing.pytest_plugin import server_unavailable
 
 CHANNEL = "#test"
@@ -254,33 +253,6 @@ async def open_person(port: int, nick: str, channels: Sequence[str] = (CHANNEL,)
                 await stream.aclose()
 
 
-class MemoryKV(Store):
-    """The smallest Store: a dict (the IRC adapter keeps no state in the store)."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[str, str], Item] = {}
-
-    async def get(self, namespace: str, key: str) -> Item | None:
-        return self.data.get((namespace, key))
-
-    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
-        old = self.data.get((namespace, key))
-        version = (old.version if old else 0) + 1
-        self.data[(namespace, key)] = Item(key, value, version)
-        return version
-
-    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
-        return self.data.pop((namespace, key), None) is not None
-
-    async def list(
-        self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
-    ) -> list[Item]:
-        return sorted(
-            (i for (ns, k), i in self.data.items() if ns == namespace and k.startswith(prefix) and k > start_after),
-            key=lambda i: i.key,
-        )[:limit]
-
-
 class Host:
     """An AdapterHost that records what the adapter reports."""
 
@@ -288,7 +260,7 @@ class Host:
         self.name = name
         self.bot_name = bot_name
         self.aliases: Sequence[str] = ()
-        self.store = NamespacedStore(MemoryKV(), f"adapter:{name}")
+        self.store = NamespacedStore(MemoryStore(), f"adapter:{name}")
         self.messages: list[IncomingMessage] = []
         self.events: list[MembershipEvent] = []
         self.topics: list[tuple[ChatRoom, ChatUser | None]] = []

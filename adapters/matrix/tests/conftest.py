@@ -48,13 +48,12 @@ from oco_core.plugin import (
     ChatRoom,
     ChatUser,
     IncomingMessage,
-    Item,
     MembershipEvent,
     MembershipKind,
     NamespacedStore,
     OutgoingMessage,
-    Store,
 )
+from oco_core.testing import MemoryStore
 from oco_core.testing.pytest_plugin import server_unavailable
 
 
@@ -494,33 +493,6 @@ async def person(synapse: Synapse, tmp_path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- the host
-
-
-class MemoryStore(Store):
-    """A dict-backed core store, enough for an adapter's own state."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[str, str], Item] = {}
-
-    async def get(self, namespace: str, key: str) -> Item | None:
-        return self.data.get((namespace, key))
-
-    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
-        old = self.data.get((namespace, key))
-        version = (old.version if old else 0) + 1
-        self.data[(namespace, key)] = Item(key, value, version)
-        return version
-
-    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
-        return self.data.pop((namespace, key), None) is not None
-
-    async def list(
-        self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
-    ) -> list[Item]:
-        items = sorted(
-            (i for (n, k), i in self.data.items() if n == namespace and k.startswith(prefix)), key=lambda i: i.key
-        )
-        return [i for i in items if i.key > start_after][:limit]
 
 
 class Host:

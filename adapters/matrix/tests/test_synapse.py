@@ -110,7 +110,7 @@ async def test_access_token_instead_of_password(synapse: Any, person: Any, make_
         reply = await person.wait_for_message(bot.user_id, room_id, is_pong())
         assert reply.decrypted
     # A configured token is the operator's: it is not copied into the store.
-    assert ("adapter:matrix", "access_token") not in bot.host.memory.data
+    assert await bot.host.memory.get("adapter:matrix", "access_token") is None
 
 
 async def test_encryption_off_says_so(
@@ -132,8 +132,11 @@ async def test_restart_resumes_without_replaying(synapse: Any, person: Any, make
         room_id = await bot.room_with(person)
         await person.say(room_id, f"{bot.localpart}: ping 1")
         await person.wait_for_message(bot.user_id, room_id, is_pong(" 1"))
-    stored = bot.host.memory.data
-    device, token = stored[("adapter:matrix", "device_id")].value, stored[("adapter:matrix", "access_token")].value
+    device_item = await bot.host.memory.get("adapter:matrix", "device_id")
+    token_item = await bot.host.memory.get("adapter:matrix", "access_token")
+    assert device_item is not None
+    assert token_item is not None
+    device, token = device_item.value, token_item.value
     # Said while the bot is away: answered after the restart, once.
     await person.say(room_id, f"{bot.localpart}: ping 2")
     async with bot.running():
@@ -145,8 +148,12 @@ async def test_restart_resumes_without_replaying(synapse: Any, person: Any, make
     pongs = [e.body for e in person.messages_from(bot.user_id, room_id)]
     assert pongs == ["PONG 1", "PONG 2", "PONG 3"]
     # Logged in once: the restart reused the token and so the device.
-    assert stored[("adapter:matrix", "access_token")].value == token
-    assert stored[("adapter:matrix", "device_id")].value == device
+    token_after = await bot.host.memory.get("adapter:matrix", "access_token")
+    device_after = await bot.host.memory.get("adapter:matrix", "device_id")
+    assert token_after is not None
+    assert device_after is not None
+    assert token_after.value == token
+    assert device_after.value == device
 
 
 async def test_homeserver_restart_mid_conversation(synapse: Any, person: Any, make_bot: Any) -> None:
