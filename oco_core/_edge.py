@@ -154,9 +154,11 @@ class Services:
             async for event in subscription.receive:
                 await out.write(event)
         finally:
-            self.bot.router.unsubscribe(subscription)
-            if subscription.queued():
-                log.warning("callback %r left with %d undelivered event(s)", callback_id, subscription.queued())
+            lost = self.bot.router.unsubscribe(subscription)
+            if lost:
+                log.warning(
+                    "callback %r left with %d undelivered event(s) and no replica to take them", callback_id, lost
+                )
             log.info("callback %r stopped listening", callback_id)
 
     async def send_messages(

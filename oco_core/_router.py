@@ -186,12 +186,24 @@ class Router:
         self._subscriptions.append(subscription)
         self._tables = None
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        """Remove a Listen stream and its routes."""
+    def unsubscribe(self, subscription: Subscription) -> int:
+        """Remove a Listen stream and its routes. Events still queued for it go to live
+        replicas of the same callback; returns how many could not (and are lost)."""
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
             self._tables = None
         subscription.close()
+        replicas = self.subscriptions(subscription.callback_id)
+        lost = 0
+        turn = itertools.count()
+        while True:
+            try:
+                event = subscription.receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if not replicas or self._deliver(replicas, turn, event) is None:
+                lost += 1
+        return lost
 
     def subscriptions(self, callback_id: str | None = None) -> list[Subscription]:
         """Live subscriptions, optionally of one callback."""

@@ -146,3 +146,20 @@ def test_help_lists_live_routes_filtered_by_topic() -> None:
     router.subscribe(Subscription("b", [Route("p", "ping", help="ping - PONG")]))
     assert router.help_lines() == ["deploy <app> - ship it", "ping - PONG"]
     assert router.help_lines("deploy") == ["deploy <app> - ship it"]
+
+
+def test_events_queued_for_a_stream_that_ends_go_to_a_live_replica() -> None:
+    router = Router("oco")
+    leaving = Subscription("a", [Route("p", "ping")])
+    staying = Subscription("a", [Route("p", "ping")], queue_size=1)
+    router.subscribe(leaving)
+    for n in range(3):
+        route_all(router, f"ping {n}")
+    router.subscribe(staying)
+    assert router.unsubscribe(leaving) == 2  # the replica has room for one
+    assert staying.receive.receive_nowait().matched_message.message.body == "ping 0"  # the oldest first
+    assert staying.queued() == 0
+    alone = Subscription("b", [Route("p", "ping")])
+    router.subscribe(alone)
+    route_all(router, "ping")
+    assert router.unsubscribe(alone) == 1  # no replica: counted as lost
