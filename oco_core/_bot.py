@@ -51,6 +51,17 @@ ADAPTER_STARTUP_WAIT = 30.0
 
 
 @dataclass(slots=True)
+class BotStatistics:
+    """What :meth:`Bot.statistics` returns."""
+
+    received: int = 0
+    matched: int = 0
+    sent: int = 0
+    dropped: int = 0
+    streams: int = 0
+
+
+@dataclass(slots=True)
 class CallbackState:
     """What the bot knows of one configured callback."""
 
@@ -148,14 +159,24 @@ class Bot:
         self._shutdown: trio.CancelScope | None = None
         self._tasks: trio.Nursery | None = None
         self._starting: trio.CancelScope | None = None
-        self.stats = {"received": 0, "matched": 0, "sent": 0}
+        self._stats = BotStatistics()
 
     # -- running ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until every adapter has ended."""
-        with trio.CancelScope() as self._starting:
-            await self._run(task_status)
+        try:
+            with trio.CancelScope() as self._starting:
+                await self._run(task_status)
+        finally:
+            stats = self.statistics()
+            log.info(
+                "bot stopped: %d message(s) received, %d match(es) delivered, %d message(s) sent, %d event(s) dropped",
+                stats.received,
+                stats.matched,
+                stats.sent,
+                stats.dropped,
+            )
 
     async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         from ._edge import serve
@@ -216,6 +237,17 @@ class Bot:
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
+    def statistics(self) -> BotStatistics:
+        """Counters since start: messages received, matches delivered, messages sent,
+        events dropped because a callback's queue was full, and open Listen streams."""
+        return BotStatistics(
+            received=self._stats.received,
+            matched=self._stats.matched,
+            sent=self._stats.sent,
+            dropped=self.router.overflowed,
+            streams=len(self.router.subscriptions()),
+        )
+
     def shutdown(self) -> None:
         """Begin an orderly shutdown (as SIGTERM does); while still starting (waiting
         for the store, say), stop at once."""
@@ -265,7 +297,7 @@ class Bot:
 
     def route_incoming(self, adapter: str, incoming: IncomingMessage) -> None:
         """Route one message from an adapter; never waits."""
-        self.stats["received"] += 1
+        self._stats.received += 1
         self._last_activity = time.monotonic()
         if incoming.edit_of:
             log.debug("not routing an edit of %s from %s", incoming.edit_of, adapter)
@@ -294,7 +326,7 @@ class Bot:
                 self._answer_help(adapter, incoming, help_match.group(1) or "")
         matches = self.router.match(message, incoming.body, incoming.direct, respond_text)
         if matches:
-            self.stats["matched"] += len(matches)
+            self._stats.matched += len(matches)
             self._awaiting_reply[message_id] = time.monotonic()
 
     def _answer_help(self, adapter: str, incoming: IncomingMessage, topic: str) -> None:
@@ -430,7 +462,7 @@ class Bot:
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
         for link, out in resolved:
             await link.adapter.send(out)
-            self.stats["sent"] += 1
+            self._stats.sent += 1
         self._last_activity = time.monotonic()
         for message in request.messages:
             if message.in_reply_to:

@@ -86,6 +86,8 @@ async def test_respond_and_hear_routes_answer_through_the_sdk(tmp_path: Any) -> 
             assert await reply_to(running, "ping", room=None) == "PONG"  # a private message is addressed
             assert await reply_to(running, "any COFFEE left?") == "Alice wants coffee"
             assert await reply_to(running, "oco help") == "ping - replies PONG"
+            stats = running.bot.statistics()  # type: ignore[attr-defined]
+            assert (stats.received, stats.matched, stats.sent, stats.dropped, stats.streams) == (5, 4, 4, 0, 1)
 
 
 async def test_reply_mentions_the_sender_and_private_messages_stay_private(tmp_path: Any) -> None:
