@@ -113,17 +113,7 @@ class Bot:
         self.callbacks: dict[str, CallbackState] = {}
         for cb in config.callbacks:
             secret = cb.secret.get_secret_value() if cb.secret else secrets.token_urlsafe(32)
-            routes = [
-                Route(
-                    id=r.id or r.pattern,
-                    pattern=r.pattern,
-                    respond=r.respond,
-                    help=r.help,
-                    permission=r.permission,
-                    ignore_case=r.ignore_case,
-                )
-                for r in cb.routes
-            ]
+            routes = [Route.declared(r) for r in cb.routes]
             self.callbacks[cb.id] = CallbackState(cb.id, secret, routes, launched=cb.command is not None)
         # Validate every plugin section now, so `oco check-config` and start-up fail early.
         self._adapter_specs = []

@@ -496,11 +496,9 @@ class Bridge:
         returns the grpc.aio call) and read it. Leaving the block cancels the call."""
         incoming: _AsyncioToTrio[Any] = _AsyncioToTrio(self, window)
         headers: _AsyncioToTrio[Any] = _AsyncioToTrio(self, 1)
-        holder: list[Any] = []
 
         async def read() -> None:
             call = start()
-            holder.append(call)
             try:
                 metadata = await call.initial_metadata()
                 # A call that failed before the server answered gives empty headers

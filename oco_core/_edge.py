@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import trio
 
-from ._bridge import Bridge, CallInfo, Method, RpcAbort, StreamWriter, open_bridge
+from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, open_bridge
 from ._errors import (
     AdapterError,
     InvalidRequestError,
@@ -119,17 +119,7 @@ class Services:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
             )
-        routes = [
-            Route(
-                id=r.id or r.pattern,
-                pattern=r.pattern,
-                respond=r.respond,
-                help=r.help,
-                permission=r.permission,
-                ignore_case=r.ignore_case,
-            )
-            for r in request.routes
-        ]
+        routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callbacks[callback_id]
         declared = {r.id for r in routes}
         routes += [r for r in state.routes if r.id not in declared]
@@ -383,6 +373,3 @@ def _write_address(path: Path, address: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(address + "\n")
     tmp.replace(path)
-
-
-__all__ = ["Bridge", "Services", "serve"]

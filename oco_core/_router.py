@@ -95,6 +95,19 @@ class Route:
     permission: str = ""
     ignore_case: bool = False
 
+    @classmethod
+    def declared(cls, declaration: Any) -> Route:
+        """A route from its declaration: a ``Route`` of a ListenRequest, or one the
+        operator wrote in config (both have the same fields). The id defaults to the pattern."""
+        return cls(
+            id=declaration.id or declaration.pattern,
+            pattern=declaration.pattern,
+            respond=declaration.respond,
+            help=declaration.help,
+            permission=declaration.permission,
+            ignore_case=declaration.ignore_case,
+        )
+
 
 @dataclass(eq=False)
 class Subscription:
