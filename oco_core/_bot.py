@@ -36,6 +36,7 @@ from ._errors import (
     UnknownTargetError,
 )
 from ._plugins import Plugins
+from ._policy import CallbackPolicy
 from ._proto import core_pb2, robot_pb2
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
@@ -114,7 +115,12 @@ class Bot:
         for cb in config.callbacks:
             secret = cb.secret.get_secret_value() if cb.secret else secrets.token_urlsafe(32)
             routes = [Route.declared(r) for r in cb.routes]
+            if cb.command is None and cb.secret is None:
+                secret = ""  # registered with `oco callbacks add`: the store has its hash
             self.callbacks[cb.id] = CallbackState(cb.id, secret, routes, launched=cb.command is not None)
+        self._policies = {
+            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})") for i, cb in enumerate(config.callbacks)
+        }
         # Validate every plugin section now, so `oco check-config` and start-up fail early.
         self._adapter_specs = []
         for index, entry in enumerate(config.adapters):
@@ -226,6 +232,22 @@ class Bot:
                 log.error("store unavailable: %s; retrying in %.0f s", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    def callback_state(self, callback_id: str) -> CallbackState:
+        """What the bot knows of a callback; one registered only in the store (with
+        `oco callbacks add`) gets an entry when it first calls."""
+        state = self.callbacks.get(callback_id)
+        if state is None:
+            state = self.callbacks[callback_id] = CallbackState(callback_id, "", [], launched=False)
+        return state
+
+    def policy(self, callback_id: str) -> CallbackPolicy:
+        """The callback's capabilities, route rules and rate limit (defaults when the
+        config does not name it)."""
+        policy = self._policies.get(callback_id)
+        if policy is None:
+            policy = self._policies[callback_id] = CallbackPolicy(callback_id)
+        return policy
 
     def statistics(self) -> BotStatistics:
         """Counters since start: messages received, matches delivered, messages sent,

@@ -84,6 +84,22 @@ class StoreSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TlsSettings(_Strict):
+    """``grpc.tls:`` — serve the API over TLS, and optionally require client certificates."""
+
+    cert: Path = Field(description="The server's certificate chain (PEM).")
+    key: Path = Field(description="The server's private key (PEM).")
+    #: With a client CA, every caller must present a certificate it signed, whose
+    #: common name or a subject alternative name is the callback's id (mutual TLS).
+    client_ca: Path | None = None
+    #: The CA launched callbacks trust for the server's certificate (OCO_TLS_CA);
+    #: default: the system's roots.
+    server_ca: Path | None = None
+    #: The name launched callbacks expect in the server's certificate
+    #: (OCO_TLS_SERVER_NAME); default: the host of ``grpc.listen``.
+    server_name: str | None = None
+
+
 class GrpcSettings(_Strict):
     """``grpc:`` — the API callback programs connect to."""
 
@@ -93,6 +109,8 @@ class GrpcSettings(_Strict):
     shutdown_grace: float = Field(default=5.0, ge=0, description="Seconds running calls get at shutdown.")
     #: Where to write the actual address once listening (useful with port 0).
     address_file: Path | None = None
+    #: TLS for the API; without it the API is plaintext (keep it on 127.0.0.1 then).
+    tls: TlsSettings | None = None
 
     @field_validator("listen")
     @classmethod
@@ -114,6 +132,47 @@ class RouteSettings(_Strict):
     ignore_case: bool = False
 
 
+_EVENT_NAMES = ("membership", "topic")
+
+
+class Capabilities(_Strict):
+    """``callbacks[].capabilities:`` — what a callback may do through the API. The
+    defaults allow everything, as a quick start needs; narrow them in production."""
+
+    #: Room and user ids it may send to, as shell-style patterns ("irc/#ops", "matrix/*").
+    send: list[str] = Field(default_factory=lambda: ["*"])
+    #: Join and Part rooms.
+    join: bool = True
+    #: The Storage service (its own namespace).
+    storage: bool = True
+    #: The Directory service (users and rooms the bot knows).
+    directory: bool = True
+    #: The Authorization service (CheckPermission).
+    check_permission: bool = True
+    #: Event kinds beyond chat messages it may ask for.
+    events: list[str] = Field(default_factory=lambda: list(_EVENT_NAMES))
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e not in _EVENT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown event kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(_EVENT_NAMES)}")
+        return value
+
+
+class RouteRule(_Strict):
+    """``callbacks[].route_rules.<route id>:`` — the operator's rule for one route,
+    which wins over what the callback declared."""
+
+    #: The permission a person needs; "" means none, even if the callback asked for one.
+    permission: str | None = None
+    #: When set, the route matches only in these rooms (shell-style patterns of room ids).
+    allow_rooms: list[str] | None = None
+    #: The route never matches in these rooms.
+    deny_rooms: list[str] = Field(default_factory=list)
+
+
 class CallbackSettings(_Strict):
     """One entry of ``callbacks:``."""
 
@@ -126,6 +185,14 @@ class CallbackSettings(_Strict):
     restart_backoff_max: float = Field(default=60.0, gt=0)
     #: This callback's storage quota, instead of ``store.quota``.
     quota: QuotaConfig | None = None
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    route_rules: dict[str, RouteRule] = Field(default_factory=dict)
+    #: Messages it may send per minute (bursts up to that many); null: unlimited.
+    rate_limit: int | None = Field(default=None, gt=0)
+    #: Client certificate and key a launched callback presents under mutual TLS
+    #: (passed as OCO_TLS_CERT and OCO_TLS_KEY).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @field_validator("id")
     @classmethod
@@ -135,12 +202,10 @@ class CallbackSettings(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _needs_secret_or_command(self) -> CallbackSettings:
-        if self.command is None and self.secret is None:
-            raise ValueError(
-                f"callback {self.id!r} needs either `command:` (the bot launches it and makes a secret) "
-                "or `secret:` (it runs elsewhere and dials in with that secret)"
-            )
+    def _valid_secret(self) -> CallbackSettings:
+        # Neither command nor secret: the secret's hash is in the store (`oco callbacks add`).
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"callback {self.id!r}: give both tls_cert and tls_key, or neither")
         if self.secret is not None and len(self.secret.get_secret_value()) < 16:
             raise ValueError(f"callback {self.id!r}: a secret must be at least 16 characters")
         return self
@@ -152,6 +217,42 @@ def _bundled_example() -> CallbackSettings:
     return CallbackSettings(id="example", command=[sys.executable, "-m", "oco_core.examples.ping"])
 
 
+class AuditSettings(_Strict):
+    """``auth.audit:`` — the audit log in the core store."""
+
+    #: Records older than this are deleted (checked hourly); null keeps them forever.
+    retention_days: float | None = Field(default=90, gt=0)
+
+
+class AuthSettings(_Strict):
+    """``auth:`` — who may run what. People hold roles; roles grant permissions; a
+    route may require a permission. Roles granted from chat live in the core store."""
+
+    #: Adapter user ids ("irc/alice", "matrix/@alice:example.org") that hold every
+    #: permission and may manage roles from chat.
+    admins: list[str] = Field(default_factory=list)
+    #: Role name → permissions it grants ("deploy", "deploy.*", "*"). A role not named
+    #: here grants the permission of its own name.
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    #: Roles every person holds.
+    default_roles: list[str] = Field(default_factory=list)
+    #: Commands (messages that match a route) one person may trigger per minute; null: unlimited.
+    rate_limit: int | None = Field(default=None, gt=0)
+    #: Seconds an `oco link` request waits for confirmation from the other account.
+    link_timeout: float = Field(default=600, gt=0)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @field_validator("admins")
+    @classmethod
+    def _qualified(cls, value: list[str]) -> list[str]:
+        bare = [a for a in value if "/" not in a]
+        if bare:
+            raise ValueError(
+                f"admin ids name their adapter, as in 'irc/alice' or 'matrix/@alice:example.org', not {bare[0]!r}"
+            )
+        return value
+
+
 class Config(_Strict):
     """The whole configuration file."""
 
@@ -160,6 +261,7 @@ class Config(_Strict):
     store: StoreSettings = Field(default_factory=StoreSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     callbacks: list[CallbackSettings] = Field(default_factory=lambda: [_bundled_example()])
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
 
     @model_validator(mode="after")

@@ -4,15 +4,12 @@ Services: the specification's ``oco.Robot`` (extended), and OCO's ``oco.Storage`
 ``oco.Directory``; plus the standard health and reflection services. Handlers are plain
 trio functions; :mod:`._bridge` serves them over grpc.aio.
 
-A secret is looked up by its SHA-256 digest and then compared with
-``hmac.compare_digest``, so neither the lookup nor the comparison takes a time that
-depends on how much of a guess was right. Secrets never reach a log line.
+Who is calling is :mod:`._secrets`'s business; what the caller may do (its
+capabilities) is checked here, before the call does anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,9 +21,11 @@ import trio
 from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, open_bridge
 from ._errors import (
     AdapterError,
+    CapabilityError,
     InvalidRequestError,
     OcoError,
     QuotaExceededError,
+    RateLimitedError,
     RequestTooLargeError,
     StoreUnavailableError,
     UnknownTargetError,
@@ -35,6 +34,7 @@ from ._errors import (
 )
 from ._proto import core_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import InvalidPatternError, Route, Subscription
+from ._secrets import Authenticator
 from ._store import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
@@ -52,30 +52,6 @@ _LIST_DEFAULT = 100
 _LIST_MAX = 1000
 
 
-class Authenticator:
-    """Maps the secret in a call's metadata to the callback it belongs to."""
-
-    def __init__(self, secrets: dict[str, str]) -> None:
-        self._by_digest = {hashlib.sha256(s.encode()).digest(): (cid, s) for cid, s in secrets.items()}
-
-    def identify(self, info: CallInfo) -> str:
-        """The callback id of the caller, or UNAUTHENTICATED."""
-        header = info.metadata.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret:
-            raise RpcAbort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing secret: send gRPC metadata `authorization: Bearer <secret>` with every call",
-            )
-        found = self._by_digest.get(hashlib.sha256(secret.encode()).digest())
-        if found is None or not hmac.compare_digest(found[1].encode(), secret.encode()):
-            raise RpcAbort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "unknown secret: check the callback's secret against the bot's configuration",
-            )
-        return found[0]
-
-
 def _status(exc: Exception) -> RpcAbort:
     """The gRPC status for an error the bot raised on purpose."""
     codes: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -84,6 +60,8 @@ def _status(exc: Exception) -> RpcAbort:
         (RequestTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ValueTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (CapabilityError, grpc.StatusCode.PERMISSION_DENIED),
         (UnknownTargetError, grpc.StatusCode.NOT_FOUND),
         (VersionConflictError, grpc.StatusCode.ABORTED),
         (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -109,18 +87,33 @@ class Services:
         self.bot = bot
         self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()})
 
+    async def _caller(self, info: CallInfo, capability: str | None = None) -> str:
+        """The calling callback's id, once its secret (and certificate) check out and,
+        when ``capability`` is named, its configuration grants it."""
+        callback_id = await self.auth.identify(info)
+        if capability is not None:
+            try:
+                self.bot.policy(callback_id).require(capability)
+            except CapabilityError as exc:
+                raise _status(exc) from None
+        return callback_id
+
     # -- oco.Robot -------------------------------------------------------------------
 
     async def listen(self, request: robot_pb2.ListenRequest, info: CallInfo, out: StreamWriter[Any]) -> None:
         """Register the stream's routes, then forward its events until the client leaves."""
-        callback_id = self.auth.identify(info)
+        callback_id = await self._caller(info)
         if request.plugin_id and request.plugin_id != callback_id:
             raise RpcAbort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
             )
+        try:
+            self.bot.policy(callback_id).require_events(set(request.events))
+        except CapabilityError as exc:
+            raise _status(exc) from None
         routes = [Route.declared(r) for r in request.routes]
-        state = self.bot.callbacks[callback_id]
+        state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
         routes += [r for r in state.routes if r.id not in declared]
         ids = [r.id for r in routes]
@@ -155,7 +148,7 @@ class Services:
         self, request: robot_pb2.SendMessagesRequest, info: CallInfo
     ) -> robot_pb2.SendMessagesResponse:
         """Send messages, all or none checked before the first goes out."""
-        callback_id = self.auth.identify(info)
+        callback_id = await self._caller(info)
         await _guard(self.bot.send_messages(callback_id, request))
         return robot_pb2.SendMessagesResponse()
 
@@ -163,7 +156,7 @@ class Services:
         self, requests: AsyncIterator[robot_pb2.SendMessagesRequest], info: CallInfo, out: StreamWriter[Any]
     ) -> None:
         """SendMessages over one stream; each request answered in order."""
-        callback_id = self.auth.identify(info)
+        callback_id = await self._caller(info)
         await out.send_initial_metadata([])
         async for request in requests:
             try:
@@ -179,20 +172,20 @@ class Services:
 
     async def join(self, request: robot_pb2.JoinRequest, info: CallInfo) -> robot_pb2.JoinResponse:
         """Join a room through its adapter."""
-        self.auth.identify(info)
+        await self._caller(info, "join")
         await _guard(self.bot.join(request.room))
         return robot_pb2.JoinResponse()
 
     async def part(self, request: robot_pb2.PartRequest, info: CallInfo) -> robot_pb2.PartResponse:
         """Part a room through its adapter."""
-        self.auth.identify(info)
+        await self._caller(info, "join")
         await _guard(self.bot.join(request.room, leave=True))
         return robot_pb2.PartResponse()
 
     # -- oco.Storage -----------------------------------------------------------------
 
-    def _namespace(self, info: CallInfo) -> str:
-        return f"cb:{self.auth.identify(info)}"
+    async def _namespace(self, info: CallInfo) -> str:
+        return f"cb:{await self._caller(info, 'storage')}"
 
     @staticmethod
     def _check_key(key: str) -> None:
@@ -207,7 +200,7 @@ class Services:
 
     async def get(self, request: storage_pb2.GetRequest, info: CallInfo) -> storage_pb2.GetResponse:
         """Read one key of the caller's namespace."""
-        namespace = self._namespace(info)
+        namespace = await self._namespace(info)
         self._check_key(request.key)
         item = await _guard(self._store().get(namespace, request.key))
         if item is None:
@@ -216,7 +209,7 @@ class Services:
 
     async def set(self, request: storage_pb2.SetRequest, info: CallInfo) -> storage_pb2.SetResponse:
         """Write one key, optionally as a compare-and-set."""
-        namespace = self._namespace(info)
+        namespace = await self._namespace(info)
         self._check_key(request.key)
         expected = request.expected_version if request.HasField("expected_version") else None
         version = await _guard(self._store().set(namespace, request.key, request.value, expected_version=expected))
@@ -224,7 +217,7 @@ class Services:
 
     async def delete(self, request: storage_pb2.DeleteRequest, info: CallInfo) -> storage_pb2.DeleteResponse:
         """Delete one key, optionally only at an expected version."""
-        namespace = self._namespace(info)
+        namespace = await self._namespace(info)
         self._check_key(request.key)
         expected = request.expected_version if request.HasField("expected_version") else None
         deleted = await _guard(self._store().delete(namespace, request.key, expected_version=expected))
@@ -232,7 +225,7 @@ class Services:
 
     async def list(self, request: storage_pb2.ListRequest, info: CallInfo) -> storage_pb2.ListResponse:
         """List keys by prefix, a page at a time."""
-        namespace = self._namespace(info)
+        namespace = await self._namespace(info)
         limit = min(request.limit or _LIST_DEFAULT, _LIST_MAX)
         items = await _guard(
             self._store().list(
@@ -248,7 +241,7 @@ class Services:
 
     async def get_user(self, request: directory_pb2.GetUserRequest, info: CallInfo) -> core_pb2.User:
         """One known user."""
-        self.auth.identify(info)
+        await self._caller(info, "directory")
         assert self.bot.directory is not None
         user = self.bot.directory.users.get(request.id)
         if user is None:
@@ -259,7 +252,7 @@ class Services:
         self, request: directory_pb2.ListUsersRequest, info: CallInfo
     ) -> directory_pb2.ListUsersResponse:
         """Known users, optionally of one room."""
-        self.auth.identify(info)
+        await self._caller(info, "directory")
         try:
             users = self.bot.users(request.room_id)
         except OcoError as exc:
@@ -270,7 +263,7 @@ class Services:
 
     async def get_room(self, request: directory_pb2.GetRoomRequest, info: CallInfo) -> core_pb2.Room:
         """One known room."""
-        self.auth.identify(info)
+        await self._caller(info, "directory")
         try:
             room = self.bot.room(request.id)
         except OcoError as exc:
@@ -281,7 +274,7 @@ class Services:
         self, request: directory_pb2.ListRoomsRequest, info: CallInfo
     ) -> directory_pb2.ListRoomsResponse:
         """Known rooms."""
-        self.auth.identify(info)
+        await self._caller(info, "directory")
         assert self.bot.directory is not None
         rooms = sorted(self.bot.directory.rooms.values(), key=lambda r: r.id)
         return directory_pb2.ListRoomsResponse(

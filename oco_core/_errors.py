@@ -14,7 +14,9 @@
     │   └── QuotaExceededError         a namespace's quota (keys or bytes) would be exceeded
     └── CallbackError         a callback program misbehaved or was refused
         ├── InvalidRequestError   a request is malformed (INVALID_ARGUMENT)
-        └── RequestTooLargeError  a message is over the configured size (RESOURCE_EXHAUSTED)
+        ├── RequestTooLargeError  a message is over the configured size (RESOURCE_EXHAUSTED)
+        ├── CapabilityError       the callback lacks a capability (PERMISSION_DENIED)
+        └── RateLimitedError      the callback sent more than its rate limit (RESOURCE_EXHAUSTED)
 
 Messages name the thing that was wrong and what to do about it. Only the CLI turns
 these into exit codes.
@@ -91,3 +93,21 @@ class InvalidRequestError(CallbackError):
 
 class RequestTooLargeError(CallbackError):
     """A callback sent a message larger than the bot accepts."""
+
+
+class CapabilityError(CallbackError):
+    """The callback's configuration does not give it the capability a call needs;
+    ``capability`` names it. The gRPC edge answers PERMISSION_DENIED."""
+
+    def __init__(self, message: str, *, capability: str) -> None:
+        super().__init__(message)
+        self.capability = capability
+
+
+class RateLimitedError(CallbackError):
+    """The callback sent more messages than its rate limit allows; ``retry_after`` is
+    the seconds until the request would fit. The gRPC edge answers RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
