@@ -1,0 +1,225 @@
+"""The audit log: every permission decision, admin command, capability refusal and
+delivered respond match, kept in the core store's ``audit`` namespace.
+
+Routing never waits for the store, so records are queued and written by one task in
+the bot's nursery; the queue is large, and if the store falls so far behind that it
+fills, the records that do not fit are counted and logged, never waited for. Keys are
+the time in microseconds and a sequence number, so the store's key order is time
+order and ``oco audit --since`` is a range scan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import trio
+
+from ._errors import StoreError
+from ._store import Store
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "audit"
+_QUEUE = 100_000
+_PRUNE_EVERY = 3600.0
+_PAGE = 500
+
+ALLOWED = "allowed"
+DENIED = "denied"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One decision. ``kind`` says what was decided:
+
+    - ``route``: a person's message matched a route that needs a permission or is
+      limited to some rooms (denied), or a respond route delivered its match (allowed);
+    - ``rate_limit``: a person or a callback went over its rate limit (denied);
+    - ``admin``: an admin command from chat (grant, revoke, link, ...);
+    - ``capability``: a callback's call needed a capability it lacks (denied);
+    - ``check_permission``: a callback asked CheckPermission.
+    """
+
+    time: float
+    kind: str
+    decision: str
+    user: str = ""
+    person: str = ""
+    room: str = ""
+    callback: str = ""
+    route: str = ""
+    permission: str = ""
+    detail: str = ""
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return json.dumps({k: v for k, v in asdict(self).items() if v != ""}, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AuditRecord:
+        """A stored record; unknown fields (from a newer bot) are ignored."""
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _key(when: float, seq: int) -> str:
+    return f"{int(when * 1_000_000):017d}-{seq:08d}"
+
+
+class AuditLog:
+    """Queues records and writes them to the store in the background."""
+
+    def __init__(self, store: Store, retention_days: float | None) -> None:
+        self._store = store
+        self._retention = retention_days * 86400 if retention_days else None
+        self._send, self._receive = trio.open_memory_channel[tuple[str, AuditRecord]](_QUEUE)
+        self._seq = 0
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.lost = 0
+
+    def record(self, kind: str, decision: str, **details: str) -> AuditRecord:
+        """Queue one record (never waits) and return it."""
+        entry = AuditRecord(time=time.time(), kind=kind, decision=decision, **details)
+        self._seq = (self._seq + 1) % 100_000_000
+        try:
+            self._send.send_nowait((_key(entry.time, self._seq), entry))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.lost += 1
+            log.error("audit log: the store is too far behind; %d record(s) not written: %s", self.lost, entry)
+            return entry
+        self._pending += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        return entry
+
+    async def flush(self) -> None:
+        """Wait until every queued record is in the store (or failed)."""
+        await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued records until cancelled; then write what is left (bounded wait)."""
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._retention is not None:
+                    nursery.start_soon(self._prune_hourly)
+                async for key, entry in self._receive:
+                    await self._write(key, entry)
+        finally:
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                while True:
+                    try:
+                        key, entry = self._receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    await self._write(key, entry)
+
+    async def _write(self, key: str, entry: AuditRecord) -> None:
+        delay = 0.5
+        for attempt in range(5):
+            try:
+                await self._store.set(NAMESPACE, key, entry.to_json())
+                break
+            except StoreError as exc:
+                if attempt == 4:
+                    self.lost += 1
+                    log.error("audit log: could not write a record (%s): %s", exc, entry)
+                    break
+                await trio.sleep(delay)
+                delay *= 2
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+
+    async def _prune_hourly(self) -> None:
+        assert self._retention is not None
+        while True:
+            try:
+                removed = await prune(self._store, time.time() - self._retention)
+                if removed:
+                    log.info("audit log: removed %d record(s) older than the retention", removed)
+            except StoreError as exc:
+                log.warning("audit log: pruning failed (will retry): %s", exc)
+            await trio.sleep(_PRUNE_EVERY)
+
+
+async def prune(store: Store, before: float) -> int:
+    """Delete records older than ``before`` (unix time); return how many."""
+    end = _key(before, 0)
+    removed = 0
+    while True:
+        page = await store.list(NAMESPACE, limit=_PAGE, keys_only=True)
+        old = [item.key for item in page if item.key < end]
+        for key in old:
+            removed += bool(await store.delete(NAMESPACE, key))
+        if len(old) < len(page) or len(page) < _PAGE:
+            return removed
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """What ``oco audit`` asks for; empty fields match anything. ``user`` matches the
+    user id or the person id; ``text`` any field containing it."""
+
+    since: float = 0.0
+    until: float = math.inf
+    kind: str = ""
+    decision: str = ""
+    user: str = ""
+    room: str = ""
+    callback: str = ""
+    permission: str = ""
+    text: str = ""
+
+    def matches(self, entry: AuditRecord) -> bool:
+        """Whether ``entry`` passes every filter."""
+        checks: list[tuple[str, Any]] = [
+            (self.kind, entry.kind),
+            (self.decision, entry.decision),
+            (self.room, entry.room),
+            (self.callback, entry.callback),
+            (self.permission, entry.permission),
+        ]
+        if any(want and want != have for want, have in checks):
+            return False
+        if self.user and self.user not in (entry.user, entry.person):
+            return False
+        if self.text and not any(self.text in str(v) for v in asdict(entry).values()):
+            return False
+        return self.since <= entry.time <= self.until
+
+
+async def _scan(store: Store, since: float) -> AsyncIterator[AuditRecord]:
+    start = _key(since, 0) if since > 0 else ""
+    while True:
+        page = await store.list(NAMESPACE, start_after=start, limit=_PAGE)
+        for item in page:
+            try:
+                yield AuditRecord.from_json(item.value)
+            except (ValueError, TypeError):
+                log.warning("audit log: ignoring a malformed record %r", item.key)
+        if len(page) < _PAGE:
+            return
+        start = page[-1].key
+
+
+async def query(store: Store, filters: AuditQuery, limit: int = 100) -> list[AuditRecord]:
+    """The newest ``limit`` records that pass ``filters``, oldest first."""
+    found: list[AuditRecord] = []
+    async for entry in _scan(store, filters.since):
+        if entry.time > filters.until:
+            break
+        if filters.matches(entry):
+            found.append(entry)
+            if len(found) > limit:
+                del found[0]
+    return found
