@@ -25,18 +25,23 @@ from typing import Any
 import trio
 
 from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
+from ._audit import ALLOWED, DENIED, AuditLog
+from ._auth import Authorization
 from ._config import LoadedConfig, default_store_url, validate_section
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import (
     AdapterError,
+    CapabilityError,
     ConfigError,
     InvalidRequestError,
+    RateLimitedError,
     RequestTooLargeError,
+    StoreError,
     StoreUnavailableError,
     UnknownTargetError,
 )
 from ._plugins import Plugins
-from ._policy import CallbackPolicy
+from ._policy import CallbackPolicy, matches_any
 from ._proto import core_pb2, robot_pb2
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
@@ -45,6 +50,20 @@ from ._store import NamespacedStore, Store
 log = logging.getLogger(__name__)
 
 _HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
+#: Commands the bot answers itself, before any route: managing roles and identities.
+_BUILTIN = re.compile(
+    r"(?P<cmd>grant|revoke|roles|who\s+can|link|unlink)(?:\s+(?P<args>.*))?", re.IGNORECASE | re.DOTALL
+)
+_BUILTIN_HELP = [
+    "roles [<user>] - the roles you (or, for admins, <user>) hold",
+    "who can <permission> - the roles and people that grant or hold <permission>",
+    "link <account> - link your account with <account> (say it from both accounts)",
+    "unlink [<account>] - detach an account from your linked accounts",
+    "grant <user> <role> - (admins) give <user> a role",
+    "revoke <user> <role> - (admins) take a role from <user>",
+]
+#: Where a route's room rules see a private message.
+PRIVATE_ROOM = "private"
 #: How long start-up waits for launched callbacks to open their Listen streams.
 CALLBACK_STARTUP_WAIT = 20.0
 #: How long start-up waits for every adapter's first connection attempt.
@@ -147,6 +166,8 @@ class Bot:
                     raise loaded.error(("callbacks", cb_index, "routes", r_index, "pattern"), str(exc)) from None
         self.links: dict[str, _AdapterLink] = {}
         self.directory: Directory | None = None
+        self.auth: Authorization | None = None
+        self.audit: AuditLog | None = None
         self.store: Store | None = None
         self.address = ""
         self._message_ids = itertools.count(1)
@@ -187,9 +208,13 @@ class Bot:
             self.store = store
             self.directory = Directory(store)
             await self.directory.load()
+            self.auth = Authorization(store, self.config.auth)
+            await self.auth.load()
+            self.audit = AuditLog(store, self.config.auth.audit.retention_days)
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._tasks = nursery
             await nursery.start(self.directory.run)
+            await nursery.start(self.audit.run)
             self.address = await nursery.start(serve, self)
             with trio.CancelScope() as self._shutdown:
                 async with trio.open_nursery() as workers:
@@ -333,26 +358,44 @@ class Bot:
                 self.directory.see_room(room.id, room.name, member=user.id)
         respond_text = incoming.body.strip() if incoming.direct else self.router.address(adapter, incoming.body)
         if respond_text is not None:
+            builtin = _BUILTIN.fullmatch(respond_text)
+            if builtin:
+                command = " ".join(builtin.group("cmd").lower().split())
+                self._spawn(partial(self._builtin, adapter, incoming, user_id, command, builtin.group("args") or ""))
+                return
             help_match = _HELP.fullmatch(respond_text)
             if help_match:
-                self._answer_help(adapter, incoming, help_match.group(1) or "")
-        matches = self.router.match(message, incoming.body, incoming.direct, respond_text)
+                self._answer_help(adapter, incoming, user_id, room.id if room else "", help_match.group(1) or "")
+        gate = _MessageGate(self, user_id, room.id if room else "", respond_text)
+        matches = self.router.match(message, incoming.body, incoming.direct, respond_text, gate)
         if matches:
             self._stats.matched += len(matches)
             self._awaiting_reply[message_id] = time.monotonic()
+        refusal = gate.refusal(delivered=any(m.event.matched_message.direct for m in matches))
+        if refusal:
+            self._reply(adapter, incoming, refusal, mention=True)
 
-    def _answer_help(self, adapter: str, incoming: IncomingMessage, topic: str) -> None:
-        lines = self.router.help_lines(topic.strip())
-        if lines:
-            body = "\n".join(lines)
+    def _answer_help(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, topic: str) -> None:
+        topic = topic.strip()
+        lines = self.router.help_lines(topic, lambda cb, route: self.may_run(user_id, room_id, cb, route))
+        builtin = [line for line in _BUILTIN_HELP if topic and topic.lower() in line.lower()]
+        if lines or builtin:
+            body = "\n".join(lines + builtin)
         elif topic:
-            body = f"no command matches {topic.strip()!r}; say `{self.router.bot_name} help` for all"
+            body = f"no command matches {topic!r}; say `{self.router.bot_name} help` for all"
         else:
             body = "no callbacks with commands are connected"
+        if not topic:
+            body += f"\n(also: roles, who can, link; say `{self.router.bot_name} help roles` and so on)"
+        self._reply(adapter, incoming, body)
+
+    def _reply(self, adapter: str, incoming: IncomingMessage, body: str, *, mention: bool = False) -> None:
+        """Answer a person in the room (or private chat) they wrote in; never waits."""
         out = OutgoingMessage(
             body=body,
             room_id=incoming.room.id if incoming.room else None,
             user=incoming.user,
+            mention=mention and incoming.room is not None,
             private=incoming.room is None,
             in_reply_to=incoming.id,
         )
@@ -362,9 +405,123 @@ class Bot:
             try:
                 await link.adapter.send(out)
             except AdapterError as exc:
-                log.warning("could not send help to %s: %s", adapter, exc)
+                log.warning("could not send the bot's own reply through %s: %s", adapter, exc)
 
         self._spawn(send)
+
+    # -- permissions -----------------------------------------------------------------
+
+    def route_rules(self, callback_id: str, route: Route) -> tuple[str, list[str] | None, list[str]]:
+        """The permission a route needs and the rooms it may and may not match in,
+        the operator's ``route_rules`` winning over what the callback declared."""
+        rule = self.policy(callback_id).route_rules.get(route.id)
+        if rule is None:
+            return route.permission, None, []
+        permission = route.permission if rule.permission is None else rule.permission
+        return permission, rule.allow_rooms, rule.deny_rooms
+
+    def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:
+        """Whether a person may run a route in a room (without recording it), for help."""
+        permission, allow, deny = self.route_rules(callback_id, route)
+        where = room_id or PRIVATE_ROOM
+        if matches_any(where, deny) or (allow is not None and not matches_any(where, allow)):
+            return False
+        assert self.auth is not None
+        return not permission or self.auth.check(user_id, permission).allowed
+
+    def record(self, kind: str, decision: str, **details: str) -> None:
+        """Add one record to the audit log (never waits)."""
+        if self.audit is not None:
+            self.audit.record(kind, decision, **details)
+
+    async def _builtin(self, adapter: str, incoming: IncomingMessage, user_id: str, command: str, args: str) -> None:
+        assert self.auth is not None
+        words = args.split()
+        name = self.router.bot_name
+        room = f"{adapter}/{incoming.room.id}" if incoming.room else ""
+        audit = {"user": user_id, "person": self.auth.person(user_id), "room": room, "detail": f"{command} {args}"}
+        try:
+            if command in ("grant", "revoke"):
+                if len(words) != 2:
+                    answer = f"usage: {name} {command} <user> <role>"
+                elif not self.auth.is_admin(user_id):
+                    self.record("admin", DENIED, **audit)
+                    answer = f"only admins may {command} roles (admins are listed in auth.admins of the bot's config)"
+                else:
+                    target = self._user_ref(adapter, words[0])
+                    role = words[1]
+                    if command == "grant":
+                        changed = await self.auth.grant(target, role)
+                        answer = f"{target} now has the role {role}" if changed else f"{target} already has {role}"
+                    else:
+                        changed = await self.auth.revoke(target, role)
+                        answer = (
+                            f"{target} no longer has the role {role}" if changed else f"{target} did not have {role}"
+                        )
+                    self.record("admin", ALLOWED, **audit, permission=role)
+            elif command == "roles":
+                target = self._user_ref(adapter, words[0]) if words else user_id
+                if target != user_id and not self.auth.is_admin(user_id) and target not in self.auth.accounts(user_id):
+                    answer = "only admins may see another person's roles"
+                else:
+                    roles = self.auth.roles(target)
+                    admin = " (admin)" if self.auth.is_admin(target) else ""
+                    accounts = self.auth.accounts(target)
+                    linked = f"; linked accounts: {', '.join(accounts)}" if len(accounts) > 1 else ""
+                    answer = f"{target}{admin}: roles: {', '.join(roles) or 'none'}{linked}"
+            elif command == "who can":
+                if len(words) != 1:
+                    answer = f"usage: {name} who can <permission>"
+                else:
+                    granting, people = self.auth.who_can(words[0])
+                    answer = (
+                        f"{words[0]}: granted by role(s) {', '.join(granting) or 'none'}; "
+                        f"held by {'; '.join(people) or 'nobody yet'}"
+                    )
+            elif command == "link":
+                if len(words) != 1:
+                    answer = f"usage: {name} link <account>, from each of the two accounts"
+                else:
+                    other = self._user_ref(adapter, words[0])
+                    if other == user_id or "/" not in other or other.split("/", 1)[0] not in self.links:
+                        answer = (
+                            f"name the other account with its adapter, such as "
+                            f"{' or '.join(n + '/...' for n in self.links)}"
+                        )
+                    elif await self.auth.request_link(user_id, other):
+                        self.record("admin", ALLOWED, **audit)
+                        answer = f"linked: {user_id} and {other} are now one person; roles follow both"
+                    else:
+                        minutes = self.config.auth.link_timeout / 60
+                        answer = f"to confirm, say `{name} link {user_id}` as {other} within {minutes:.0f} minutes"
+            else:  # unlink
+                target = self._user_ref(adapter, words[0]) if words else user_id
+                if target not in self.auth.accounts(user_id) and not self.auth.is_admin(user_id):
+                    answer = f"{target} is not one of your accounts"
+                elif await self.auth.unlink(target):
+                    self.record("admin", ALLOWED, **audit)
+                    answer = f"{target} is now linked to nobody"
+                else:
+                    answer = f"{target} is not linked to another account"
+        except StoreError as exc:
+            answer = f"could not save that: {exc}; try again later"
+        self._reply(adapter, incoming, answer, mention=True)
+
+    def _user_ref(self, adapter: str, ref: str) -> str:
+        """A user named in a command: a full id (``irc/alice``), or a name on the
+        speaker's adapter (``alice``, ``@alice``) looked up in the directory."""
+        prefix, sep, _ = ref.partition("/")
+        if sep and prefix in self.links:
+            return ref
+        if self.directory is not None:
+            bare = ref.removeprefix("@")
+            for candidate in (f"{adapter}/{ref}", f"{adapter}/{bare}"):
+                if candidate in self.directory.users:
+                    return candidate
+            for user in self.directory.users.values():
+                if user.id.startswith(adapter + "/") and bare.lower() in (user.name.lower(), user.mention_name.lower()):
+                    return user.id
+        return f"{adapter}/{ref}"
 
     def _spawn(self, fn: Any) -> None:
         assert self._tasks is not None, "the bot is not running"
@@ -472,6 +629,20 @@ class Bot:
     async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
         """Send every message of ``request`` in order, after checking all of them."""
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
+        policy = self.policy(callback_id)
+        try:
+            for index, (link, out) in enumerate(resolved):
+                target = (
+                    f"{link.name}/{out.room_id}" if out.room_id else f"{link.name}/{out.user.id if out.user else ''}"
+                )
+                policy.require_send(target, f"message {index}")
+            policy.take_send(len(resolved))
+        except CapabilityError as exc:
+            self.record("capability", DENIED, callback=callback_id, permission=exc.capability, detail=str(exc))
+            raise
+        except RateLimitedError as exc:
+            self.record("rate_limit", DENIED, callback=callback_id, detail=str(exc))
+            raise
         for link, out in resolved:
             await link.adapter.send(out)
             self._stats.sent += 1
@@ -513,6 +684,87 @@ class Bot:
         if found is None:
             raise UnknownTargetError(f"unknown room {room_id!r}: the bot has not seen it")
         return found
+
+
+class _MessageGate:
+    """Decides, for one incoming message, which routes that matched may receive it: the
+    operator's room rules, the person's permissions, and the person's rate limit; it
+    records every decision in the audit log and knows what to tell the person."""
+
+    def __init__(self, bot: Bot, user_id: str, room_id: str, respond_text: str | None) -> None:
+        assert bot.auth is not None
+        self._bot = bot
+        self._auth = bot.auth
+        self._user = user_id
+        self._room = room_id
+        self._addressed = respond_text is not None
+        self._what = (respond_text or "")[:200]
+        self._wait: float | None = None
+        self.missing: list[str] = []
+        self.wrong_room = False
+
+    def _record(self, decision: str, callback_id: str, route: Route, **details: str) -> None:
+        self._bot.record(
+            "route",
+            decision,
+            user=self._user,
+            person=self._auth.person(self._user),
+            room=self._room,
+            callback=callback_id,
+            route=route.id,
+            **details,
+        )
+
+    def __call__(self, callback_id: str, route: Route) -> bool:
+        permission, allow, deny = self._bot.route_rules(callback_id, route)
+        where = self._room or PRIVATE_ROOM
+        if matches_any(where, deny) or (allow is not None and not matches_any(where, allow)):
+            self._record(DENIED, callback_id, route, detail=f"not allowed in {where}: {self._what}")
+            self.wrong_room = self.wrong_room or route.respond
+            return False
+        if permission:
+            decision = self._auth.check(self._user, permission)
+            if not decision.allowed:
+                self._record(
+                    DENIED, callback_id, route, permission=permission, detail=f"{decision.reason}: {self._what}"
+                )
+                if route.respond and permission not in self.missing:
+                    self.missing.append(permission)
+                return False
+        if self._wait is None:  # one command, however many routes it matches
+            self._wait = self._auth.take(self._user)
+            if self._wait:
+                self._bot.record(
+                    "rate_limit",
+                    DENIED,
+                    user=self._user,
+                    person=self._auth.person(self._user),
+                    room=self._room,
+                    detail=f"over {self._bot.config.auth.rate_limit} commands a minute: {self._what}",
+                )
+        if self._wait:
+            return False
+        if permission or route.respond:
+            self._record(ALLOWED, callback_id, route, permission=permission, detail=self._what)
+        return True
+
+    def refusal(self, delivered: bool) -> str:
+        """What to tell the person: one line, or "" when nothing was refused that they
+        asked for (overheard messages are refused silently, and recorded)."""
+        if self._wait and self._addressed and self._auth.should_warn(self._user, self._wait):
+            return (
+                f"slow down: you may run {self._bot.config.auth.rate_limit} commands a minute; "
+                f"commands in the next {self._wait:.0f} s are ignored"
+            )
+        if delivered or not self._addressed:
+            return ""
+        name = self._bot.router.bot_name
+        if self.missing:
+            needed = " or ".join(f"`{p}`" for p in self.missing)
+            return f"you need the permission {needed} for that; `{name} who can {self.missing[0]}` says who has it"
+        if self.wrong_room:
+            return "that command is not available here"
+        return ""
 
 
 async def _first(*events: trio.Event) -> None:

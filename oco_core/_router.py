@@ -17,7 +17,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +169,10 @@ class _Table:
     set: Any
 
 
+#: Decides, for one message, whether a (callback id, route) that matched may receive it.
+Gate = Callable[[str, Route], bool]
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     """One route that matched one message."""
@@ -278,24 +282,34 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------
 
-    def match(self, message: core_pb2.Message, text: str, direct: bool, respond_text: str | None) -> list[Match]:
+    def match(
+        self,
+        message: core_pb2.Message,
+        text: str,
+        direct: bool,
+        respond_text: str | None,
+        gate: Gate | None = None,
+    ) -> list[Match]:
         """Every (callback, route) that matches, with the stream chosen to receive it.
 
         ``text`` is the whole body; ``respond_text`` the addressed text, or None when
-        the message is not addressed to the bot.
+        the message is not addressed to the bot. ``gate`` is asked about each route that
+        matched; one it refuses is not delivered.
         """
         tables = self._tables
         if tables is None:
             tables = self._tables = self._build()
         matches: list[Match] = []
         # `direct` means addressed to the bot: by name or alias, or a private message.
-        self._match_table(tables[False], message, text, direct or respond_text is not None, matches)
+        self._match_table(tables[False], message, text, direct or respond_text is not None, matches, gate)
         if respond_text is not None:
-            self._match_table(tables[True], message, respond_text, True, matches)
+            self._match_table(tables[True], message, respond_text, True, matches, gate)
         self.routed += 1
         return matches
 
-    def _match_table(self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match]) -> None:
+    def _match_table(
+        self, table: _Table, message: core_pb2.Message, text: str, direct: bool, out: list[Match], gate: Gate | None
+    ) -> None:
         if not table.patterns:
             return
         data = text.encode("utf-8")
@@ -307,6 +321,8 @@ class Router:
             groups = [data[start:end].decode("utf-8") if start >= 0 else "" for start, end in spans]
             named = {name: groups[i] for name, i in entry.regex.groupindex.items() if spans[i][0] >= 0}
             for target in entry.targets.values():
+                if gate is not None and not gate(target.callback_id, target.route):
+                    continue
                 event = core_pb2.Event(
                     matched_message=core_pb2.MatchedMessage(
                         message=message,
@@ -365,13 +381,16 @@ class Router:
 
     # -- introspection ---------------------------------------------------------------
 
-    def help_lines(self, topic: str = "") -> list[str]:
-        """Help texts of live routes (one per distinct text), filtered by ``topic``."""
+    def help_lines(self, topic: str = "", visible: Gate | None = None) -> list[str]:
+        """Help texts of live routes (one per distinct text), filtered by ``topic`` and,
+        when given, by ``visible`` (say, to what the asking person may run)."""
         lines = {
             route.help.strip()
             for sub in self._subscriptions
             for route in sub.routes
-            if route.help.strip() and topic.lower() in route.help.lower()
+            if route.help.strip()
+            and topic.lower() in route.help.lower()
+            and (visible is None or visible(sub.callback_id, route))
         }
         return sorted(lines, key=str.lower)
 

@@ -85,7 +85,9 @@ async def test_respond_and_hear_routes_answer_through_the_sdk(tmp_path: Any) -> 
             assert await reply_to(running, "!ping") == "PONG"
             assert await reply_to(running, "ping", room=None) == "PONG"  # a private message is addressed
             assert await reply_to(running, "any COFFEE left?") == "Alice wants coffee"
-            assert await reply_to(running, "oco help") == "ping - replies PONG"
+            help_text = await reply_to(running, "oco help")
+            assert help_text.splitlines()[0] == "ping - replies PONG"
+            assert "who can" in help_text.splitlines()[-1]  # the bot's own commands are mentioned
             stats = running.bot.statistics()  # type: ignore[attr-defined]
             assert (stats.received, stats.matched, stats.sent, stats.dropped, stats.streams) == (5, 4, 4, 0, 1)
 
