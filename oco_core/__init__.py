@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ._errors import AdapterError as AdapterError
 from ._errors import CallbackError as CallbackError
+from ._errors import CapabilityError as CapabilityError
 from ._errors import ConfigError as ConfigError
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import OcoError as OcoError
 from ._errors import PluginError as PluginError
+from ._errors import RateLimitedError as RateLimitedError
 from ._errors import QuotaExceededError as QuotaExceededError
 from ._errors import RequestTooLargeError as RequestTooLargeError
 from ._errors import StoreError as StoreError
@@ -19,6 +21,7 @@ from ._sdk import Callback as Callback
 from ._sdk import Directory as Directory
 from ._sdk import Membership as Membership
 from ._sdk import Message as Message
+from ._sdk import PermissionCheck as PermissionCheck
 from ._sdk import Room as Room
 from ._sdk import Storage as Storage
 from ._sdk import User as User
