@@ -356,7 +356,9 @@ class Bot:
             self.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
             if room is not None:
                 self.directory.see_room(room.id, room.name, member=user.id)
-        respond_text = incoming.body.strip() if incoming.direct else self.router.address(adapter, incoming.body)
+        respond_text = self.router.address(adapter, incoming.body)
+        if incoming.direct and respond_text is None:  # in private, the bot's name is optional
+            respond_text = incoming.body.strip()
         if respond_text is not None:
             builtin = _BUILTIN.fullmatch(respond_text)
             if builtin:
