@@ -1,0 +1,85 @@
+"""The audit log against a real SQLite store: batching, filters, retention, and records
+queued at shutdown reaching the store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import trio
+
+from oco_core._audit import NAMESPACE, AuditLog, AuditQuery, AuditRecord, prune, query
+from oco_core._sql_store import SqlStoreConfig, open_sql_store
+
+
+def _config(tmp_path: Path) -> SqlStoreConfig:
+    return SqlStoreConfig(url=f"sqlite:///{tmp_path / 'oco.db'}")
+
+
+async def test_a_burst_is_written_in_few_entries_and_read_back_in_order(tmp_path: Path) -> None:
+    async with open_sql_store(_config(tmp_path)) as store:
+        log = AuditLog(store, retention_days=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)
+            for i in range(3000):
+                log.record("route", "allowed", user=f"memory/u{i % 3}", route="ping", detail=f"#{i}")
+            await log.flush()
+            nursery.cancel_scope.cancel()
+        entries = await store.list(NAMESPACE, limit=10_000, keys_only=True)
+        assert 1 <= len(entries) < 100  # batched, not one write per record
+        records = await query(store, AuditQuery(), limit=10_000)
+        assert [r.detail for r in records] == [f"#{i}" for i in range(3000)]
+        last = await query(store, AuditQuery(user="memory/u1"), limit=2)
+        assert [r.detail for r in last] == ["#2995", "#2998"]
+
+
+async def test_filters_match_every_field(tmp_path: Path) -> None:
+    async with open_sql_store(_config(tmp_path)) as store:
+        log = AuditLog(store, retention_days=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)
+            log.record("route", "denied", user="irc/bob", person="irc/bob", room="irc/#ops", callback="ops",
+                       route="deploy", permission="deploy", detail="missing permission")  # fmt: skip
+            log.record("admin", "allowed", user="irc/alice", detail="grant bob deploy")
+            log.record("check_permission", "allowed", user="matrix/@bob:x", person="irc/bob", callback="ops",
+                       permission="deploy.prod")  # fmt: skip
+            await log.flush()
+            nursery.cancel_scope.cancel()
+
+        async def kinds(**filters: object) -> list[str]:
+            return [r.kind for r in await query(store, AuditQuery(**filters))]  # type: ignore[arg-type]
+
+        assert await kinds() == ["route", "admin", "check_permission"]
+        assert await kinds(decision="denied") == ["route"]
+        assert await kinds(user="irc/bob") == ["route", "check_permission"]  # the person, across accounts
+        assert await kinds(callback="ops", permission="deploy.prod") == ["check_permission"]
+        assert await kinds(room="irc/#ops") == ["route"]
+        assert await kinds(text="grant bob") == ["admin"]
+        assert await kinds(since=time.time() + 5) == []
+        assert await kinds(until=time.time() - 3600) == []
+
+
+async def test_records_queued_when_the_bot_stops_are_written(tmp_path: Path) -> None:
+    async with open_sql_store(_config(tmp_path)) as store:
+        log = AuditLog(store, retention_days=None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)
+            for i in range(500):
+                log.record("route", "allowed", detail=str(i))
+            nursery.cancel_scope.cancel()  # no flush: the writer's way out writes them
+    async with open_sql_store(_config(tmp_path)) as store:
+        assert len(await query(store, AuditQuery(), limit=1000)) == 500
+
+
+async def test_retention_removes_old_batches_only(tmp_path: Path) -> None:
+    async with open_sql_store(_config(tmp_path)) as store:
+        old = AuditRecord(time=time.time() - 10 * 86400, kind="admin", decision="allowed", detail="old")
+        await store.set(NAMESPACE, f"{int(old.time * 1e6):017d}-00000001", old.to_json())
+        log = AuditLog(store, retention_days=7)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)  # prunes once at start, then hourly
+            log.record("admin", "allowed", detail="new")
+            await log.flush()
+            nursery.cancel_scope.cancel()
+        assert [r.detail for r in await query(store, AuditQuery())] == ["new"]
+        assert await prune(store, time.time() - 86400) == 0
