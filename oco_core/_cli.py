@@ -7,16 +7,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from ._config import LoadedConfig, default_store_url, load_config
 from ._errors import ConfigError, OcoError, PluginError, StoreError
+from ._secrets import SecretRefusedError
 from ._version import __version__
 
 log = logging.getLogger("oco")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
+    from ._admin import add_arguments as admin_arguments
     from ._conformance import add_arguments as conformance_arguments
+
+    admin_arguments(commands, config_help)
 
     conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
     return parser
@@ -59,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return conformance(options)
         loaded = load_config(options.config)
+        if options.command in ("callbacks", "audit"):
+            return _admin(options, loaded)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":
             return _check(loaded)
@@ -76,6 +86,8 @@ def _fail(exc: BaseException, debug: bool) -> int:
         logging.getLogger("oco").error("failed", exc_info=exc)
     message = str(exc)
     print(f"oco: error: {message}", file=sys.stderr)
+    if isinstance(exc, SecretRefusedError):
+        return EXIT_ERROR
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, PluginError):
@@ -85,8 +97,10 @@ def _fail(exc: BaseException, debug: bool) -> int:
     return EXIT_RUNTIME
 
 
-def _setup_logging(loaded: LoadedConfig, debug: bool) -> None:
+def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else getattr(logging, loaded.config.log_level.upper())
+    if quiet and not debug:
+        level = max(level, logging.WARNING)  # a command's output is what it prints, not the store's chatter
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not debug:
         # Libraries that log every request or frame at INFO drown the bot's own lines.
@@ -109,6 +123,7 @@ def _check(loaded: LoadedConfig) -> int:
 
 
 def _run(loaded: LoadedConfig) -> int:
+    from ._admin import ensure_default_store_dir
     from ._bot import Bot
     from ._plugins import load_plugins
 
@@ -116,8 +131,7 @@ def _run(loaded: LoadedConfig) -> int:
     if loaded.source == "<defaults>":
         store = loaded.config.store.options().get("url", default_store_url())
         log.info("no config file: shell adapter, store %s, gRPC on %s", store, loaded.config.grpc.listen)
-        if store.startswith("sqlite:///"):
-            Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_default_store_dir(loaded)
 
     async def serve() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -133,14 +147,28 @@ def _run(loaded: LoadedConfig) -> int:
                 await bot.run()
                 nursery.cancel_scope.cancel()
 
+    _trio_run(serve)
+    return EXIT_OK
+
+
+def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from ._admin import run
+    from ._plugins import load_plugins
+
+    _setup_logging(loaded, options.debug, quiet=True)
+    plugins = load_plugins()
+    return _trio_run(lambda: run(options, loaded, plugins))
+
+
+def _trio_run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main`` under trio; an OcoError inside an exception group comes out alone."""
     try:
-        trio.run(serve)
+        return trio.run(main)
     except BaseExceptionGroup as group:
         error = _first_oco_error(group)
         if error is None:
             raise
         raise error from None
-    return EXIT_OK
 
 
 def _first_oco_error(error: BaseException) -> OcoError | None:

@@ -1,0 +1,320 @@
+"""The ``oco`` commands that work on the core store while the bot runs (or not):
+``oco callbacks add|rotate|remove|list`` and ``oco audit``.
+
+They open the configured store exactly as the bot does (:func:`configured_store` is
+the one place that picks the store plugin, its options and their defaults), but fail
+at once with one line when it cannot be reached instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from pydantic import BaseModel, ValidationError
+
+from ._audit import ALLOWED, DENIED, AuditQuery, AuditRecord, query
+from ._config import CallbackSettings, LoadedConfig, default_store_url, validate_section
+from ._errors import ConfigError
+from ._plugins import Plugins
+from ._secrets import (
+    CACHE_SECONDS,
+    add_secret,
+    expects_store_secret,
+    registrations,
+    remove_secret,
+    rotate_secret,
+)
+from ._store import Store, StoreType
+
+_AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission")
+
+
+# -- the store, as the bot opens it ---------------------------------------------------
+
+
+def configured_store(loaded: LoadedConfig, plugins: Plugins) -> tuple[StoreType, BaseModel]:
+    """The store type the config names and its validated options: the SQL store's
+    ``url`` defaults to the SQLite file under $XDG_DATA_HOME/oco. ConfigError (naming
+    the file, line and key) for an unknown type or bad options."""
+    config = loaded.config
+    try:
+        store_type = plugins.store(config.store.type)
+    except ConfigError as exc:
+        raise loaded.error(("store", "type"), str(exc)) from None
+    options = dict(config.store.options())
+    if store_type.name == "sql":
+        options.setdefault("url", default_store_url())
+    return store_type, validate_section(loaded, ("store",), store_type.config_model, options)
+
+
+def ensure_default_store_dir(loaded: LoadedConfig) -> None:
+    """Create the default SQLite file's directory when the config names no store URL
+    (it lives under $XDG_DATA_HOME, which may not exist yet)."""
+    store = loaded.config.store
+    if store.type == "sql" and "url" not in store.options():
+        Path(default_store_url().removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+@asynccontextmanager
+async def open_configured_store(loaded: LoadedConfig, plugins: Plugins) -> AsyncIterator[Store]:
+    """Open the configured store once (StoreUnavailableError when it cannot be
+    reached: a command should say so, not wait as the bot does)."""
+    store_type, options = configured_store(loaded, plugins)
+    ensure_default_store_dir(loaded)
+    async with store_type.open(options) as store:
+        yield store
+
+
+# -- arguments ------------------------------------------------------------------------
+
+
+def _callback_id(value: str) -> str:
+    try:
+        CallbackSettings.model_validate({"id": value})
+    except ValidationError as exc:
+        problem = exc.errors(include_input=False, include_url=False)[0]["msg"].removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(f"invalid callback id {value!r}: {problem}") from None
+    return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+WHEN_FORMS = (
+    "a time back from now (30s, 15m, 1h, 2d, 1w) or an ISO 8601 date or time "
+    "(2024-05-01, 2024-05-01T14:30, 2024-05-01T14:30:00+02:00; local time without an offset)"
+)
+
+
+def parse_when(value: str, now: float | None = None) -> float:
+    """Unix time for ``--since``/``--until``: ``1h`` (that long ago) or an ISO time."""
+    text = value.strip()
+    duration = _DURATION.fullmatch(text)
+    if duration:
+        return (time.time() if now is None else now) - float(duration.group(1)) * _UNITS[duration.group(2)]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time: expected {WHEN_FORMS}") from None
+    return moment.astimezone().timestamp()  # a naive time is local time
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
+    return number
+
+
+def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser], config_help: str) -> None:
+    """Add ``oco callbacks`` and ``oco audit`` to the ``oco`` parser."""
+
+    def config_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+
+    callbacks = commands.add_parser(
+        "callbacks",
+        help="manage the secrets of callbacks that dial in (the store keeps only their hashes)",
+        description="Secrets of callbacks that dial in, generated here and kept in the core store as SHA-256 "
+        "digests. A running bot sees a change within a few seconds.",
+    )
+    actions = callbacks.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("add", "generate a secret for a callback and print it once"),
+        ("rotate", "replace a callback's secret (the old one stops working) and print the new one once"),
+        ("remove", "delete a callback's secret: it can no longer connect"),
+    ):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("id", type=_callback_id, help="the callback's id (as it calls itself: OCO_CALLBACK_ID)")
+        config_option(action)
+    listing = actions.add_parser("list", help="callbacks with a secret in the store (never the secrets)")
+    config_option(listing)
+
+    audit = commands.add_parser(
+        "audit",
+        help="show the audit log, filtered",
+        description="Show the newest records of the audit log (permission decisions, admin commands, capability "
+        f"refusals, delivered matches), oldest first. --since and --until take {WHEN_FORMS}.",
+    )
+    config_option(audit)
+    audit.add_argument("--since", type=parse_when, metavar="WHEN", help="only records at or after this time")
+    audit.add_argument("--until", type=parse_when, metavar="WHEN", help="only records at or before this time")
+    audit.add_argument("--user", default="", help="a user id (irc/alice) or person id")
+    audit.add_argument("--callback", default="", help="a callback id")
+    audit.add_argument("--kind", default="", help=f"one kind of record ({', '.join(_AUDIT_KINDS)})")
+    audit.add_argument("--decision", default="", choices=(ALLOWED, DENIED))
+    audit.add_argument("--room", default="", help="a room id (irc/#ops)")
+    audit.add_argument("--permission", default="", help="a permission name")
+    audit.add_argument("--grep", default="", metavar="TEXT", help="records with TEXT in any field")
+    audit.add_argument("--limit", type=_positive, default=50, help="show at most this many, the newest (default 50)")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+
+# -- running them ---------------------------------------------------------------------
+
+
+async def run(options: argparse.Namespace, loaded: LoadedConfig, plugins: Plugins) -> int:
+    """Run ``oco callbacks ...`` or ``oco audit``; returns the exit code."""
+    if options.command == "audit":
+        since = options.since or 0.0
+        until = math.inf if options.until is None else options.until
+        if since > until:
+            print("oco audit: error: --since is later than --until", file=sys.stderr)
+            return 2
+        filters = AuditQuery(
+            since=since,
+            until=until,
+            kind=options.kind,
+            decision=options.decision,
+            user=options.user,
+            room=options.room,
+            callback=options.callback,
+            permission=options.permission,
+            text=options.grep,
+        )
+        async with open_configured_store(loaded, plugins) as store:
+            # One more than asked tells whether older records were left out.
+            found = await query(store, filters, options.limit + 1)
+        show_audit(found[-options.limit :], json_lines=options.json, more=len(found) > options.limit)
+        return 0
+    if options.action in ("add", "rotate"):
+        _refuse_if_configured(loaded, options.id)
+    async with open_configured_store(loaded, plugins) as store:
+        if options.action == "list":
+            await _list(store, loaded)
+        elif options.action == "remove":
+            await remove_secret(store, options.id)
+            print(
+                f"removed the secret of callback {options.id!r}: it can no longer connect "
+                f"(a running bot refuses it within {CACHE_SECONDS:.0f} s)"
+            )
+        else:
+            change = add_secret if options.action == "add" else rotate_secret
+            secret = await change(store, options.id)
+            _announce(secret, options.id, loaded, rotated=options.action == "rotate")
+    return 0
+
+
+def _refuse_if_configured(loaded: LoadedConfig, callback_id: str) -> None:
+    for index, cb in enumerate(loaded.config.callbacks):
+        if cb.id == callback_id and not expects_store_secret(cb):
+            key = "secret" if cb.secret is not None else "command"
+            raise loaded.error(
+                ("callbacks", index, key),
+                f"callback {callback_id!r} gets its secret from the config ({key}:), which wins over the store; "
+                f"to keep its secret in the store instead, delete its {key}: and run this again",
+            )
+
+
+def _announce(secret: str, callback_id: str, loaded: LoadedConfig, *, rotated: bool) -> None:
+    # The secret alone on stdout, so `SECRET=$(oco callbacks add deploy)` takes just it;
+    # how to use it on stderr, for the person at the terminal.
+    print(secret, flush=True)
+    print(
+        f"oco: the secret of callback {callback_id!r} is shown only this once (the store keeps its hash): give it "
+        f"to the callback as OCO_SECRET with OCO_CALLBACK_ID={callback_id}, or "
+        f"Callback(id={callback_id!r}, secret=...) in the Python SDK"
+        + (f"; the old secret stops working within {CACHE_SECONDS:.0f} s" if rotated else ""),
+        file=sys.stderr,
+    )
+    if all(cb.id != callback_id for cb in loaded.config.callbacks):
+        print(
+            f"oco: note: {loaded.source} has no entry for {callback_id!r}, so it gets the default capabilities "
+            "(every one); add it under callbacks: (with neither command: nor secret:) to narrow them",
+            file=sys.stderr,
+        )
+
+
+async def _list(store: Store, loaded: LoadedConfig) -> None:
+    stored = {r.callback_id: r for r in await registrations(store)}
+    configured = {cb.id: cb for cb in loaded.config.callbacks}
+    rows: list[tuple[str, ...]] = []
+    for callback_id in sorted(set(stored) | {i for i, cb in configured.items() if expects_store_secret(cb)}):
+        found = stored.get(callback_id)
+        cb = configured.get(callback_id)
+        if found is None:
+            note = f"no secret yet: oco callbacks add {callback_id}"
+        elif cb is not None and not expects_store_secret(cb):
+            note = f"ignored: the config sets its secret; oco callbacks remove {callback_id}"
+        elif cb is None:
+            note = "default capabilities"
+        else:
+            note = ""
+        created = _local_time(found.created) if found is not None else "-"
+        rows.append((callback_id, created, "yes" if cb is not None else "no", note))
+    if not rows:
+        print("no callback secrets in the store; `oco callbacks add <id>` makes one", file=sys.stderr)
+        return
+    _print_table(("ID", "CREATED", "IN CONFIG", "NOTE"), rows, sys.stdout)
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _local_time(when: float) -> str:
+    return datetime.fromtimestamp(when).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _printable(text: str) -> str:
+    # Audit records carry what people typed in chat: never let it steer the terminal.
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    cells = [[_printable(c) or "-" for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    for row in (list(headers), *cells):
+        # The last column is not padded: it is free text (details, notes).
+        out.write("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1] + "\n")
+
+
+def _audit_row(entry: AuditRecord) -> tuple[str, ...]:
+    who = entry.user or entry.person
+    if entry.user and entry.person and entry.person != entry.user:
+        who = f"{entry.user} ({entry.person})"
+    where = "/".join(p for p in (entry.callback, entry.route) if p)
+    return (_local_time(entry.time), entry.kind, entry.decision, who, entry.room, where, entry.permission, entry.detail)
+
+
+def show_audit(records: Sequence[AuditRecord], *, json_lines: bool, more: bool, out: TextIO | None = None) -> None:
+    """Print audit records as a table (local time) or as JSON lines."""
+    out = out or sys.stdout
+    if json_lines:
+        for entry in records:
+            utc = datetime.fromtimestamp(entry.time, UTC).isoformat()
+            out.write(json.dumps({"time_iso": utc, **asdict(entry)}) + "\n")
+    elif records:
+        headers = ("TIME", "KIND", "DECISION", "USER", "ROOM", "CALLBACK/ROUTE", "PERMISSION", "DETAIL")
+        _print_table(headers, [_audit_row(r) for r in records], out)
+    else:
+        print("no audit records match", file=sys.stderr)
+    if more:
+        print(
+            f"oco audit: showing the newest {len(records)}; older ones match too (raise --limit or narrow --since)",
+            file=sys.stderr,
+        )
+
+
+__all__: Sequence[str] = [
+    "add_arguments",
+    "configured_store",
+    "ensure_default_store_dir",
+    "open_configured_store",
+    "parse_when",
+    "run",
+    "show_audit",
+]
