@@ -22,6 +22,9 @@ thread hops per call (measured in bench/bench_roundtrip.py).
 
 Cancellation crosses too: cancelling the trio side of a call cancels its asyncio task,
 and a client that goes away cancels the trio task serving it.
+
+TLS material crosses as PEM bytes (:class:`ServerTls`, :class:`ClientTls`); reading and
+checking the files is :mod:`._tls`'s business, so that errors name the setting.
 """
 
 from __future__ import annotations
@@ -70,10 +73,55 @@ class RpcAbort(Exception):  # noqa: N818 - it is an instruction, not a failure o
 
 @dataclass(frozen=True, slots=True)
 class CallInfo:
-    """What a trio handler may know about the call it serves (read on the asyncio side)."""
+    """What a trio handler may know about the call it serves (read on the asyncio side).
+
+    ``peer_identities``: the names in the client's certificate, as the TLS handshake
+    verified it: its common name, then its subject alternative names. Empty when the
+    client presented no certificate (plaintext, or TLS without client certificates).
+    """
 
     metadata: Mapping[str, str]
     peer: str
+    peer_identities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """What :meth:`Bridge.serve` needs to serve over TLS (PEM bytes).
+
+    With ``client_ca``, every client must present a certificate that CA signed
+    (mutual TLS); the handshake fails otherwise.
+    """
+
+    cert_chain: bytes
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """What :meth:`Bridge.open_channel` needs to dial over TLS (PEM bytes).
+
+    ``ca``: the roots that may sign the server's certificate (None: the system's).
+    ``cert_chain`` and ``key``: the client's certificate, for mutual TLS.
+    ``server_name``: the name expected in the server's certificate, when it is not the
+    host dialled (an IP address, a name only the certificate knows).
+    """
+
+    ca: bytes | None = None
+    cert_chain: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+
+#: Where grpc's auth context keeps the verified names of the peer's certificate.
+_CERT_NAME_KEYS = ("x509_common_name", "x509_subject_alternative_name")
+
+
+def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, ...]:
+    auth = context.auth_context() or {}
+    names = (value.decode("utf-8", "replace") for key in _CERT_NAME_KEYS for value in auth.get(key, ()))
+    return tuple(name for name in names if name)  # a subject without a CN reads as ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,10 +394,13 @@ class Bridge:
         health_services: Iterable[str] = (),
         reflection_services: Iterable[str] = (),
         window: int = DEFAULT_WINDOW,
+        tls: ServerTls | None = None,
     ) -> ServerHandle:
         """Start a grpc.aio server on ``address`` serving ``services`` (full service name
         → method name → :class:`Method`), plus the standard health and reflection
-        services. Raises OSError when the address cannot be bound."""
+        services; over TLS when ``tls`` is given, plaintext otherwise. Raises OSError
+        when the address cannot be bound (or grpc refuses the TLS material: check it
+        beforehand for a clearer message)."""
 
         async def start() -> ServerHandle:
             server = grpc.aio.server(options=list(options))
@@ -374,7 +425,15 @@ class Bridge:
 
                 reflection.enable_server_reflection([*reflected, reflection.SERVICE_NAME], server)
             try:
-                port = server.add_insecure_port(address)
+                if tls is None:
+                    port = server.add_insecure_port(address)
+                else:
+                    credentials = grpc.ssl_server_credentials(
+                        [(tls.key, tls.cert_chain)],
+                        root_certificates=tls.client_ca,
+                        require_client_auth=tls.client_ca is not None,
+                    )
+                    port = server.add_secure_port(address, credentials)
             except RuntimeError as exc:
                 raise OSError(f"cannot listen on {address}: {exc}") from None
             await server.start()
@@ -392,7 +451,7 @@ class Bridge:
 
         def info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
             metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            return CallInfo(metadata=metadata, peer=context.peer())
+            return CallInfo(metadata=metadata, peer=context.peer(), peer_identities=_peer_identities(context))
 
         async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
             if isinstance(error, RpcAbort):
@@ -476,11 +535,18 @@ class Bridge:
 
     # -- client ----------------------------------------------------------------------
 
-    async def open_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """Create a grpc.aio channel on the loop (use its stubs only via the bridge)."""
+    async def open_channel(
+        self, target: str, options: Sequence[tuple[str, Any]] = (), tls: ClientTls | None = None
+    ) -> grpc.aio.Channel:
+        """Create a grpc.aio channel on the loop (use its stubs only via the bridge);
+        over TLS when ``tls`` is given, plaintext otherwise."""
 
         async def create() -> grpc.aio.Channel:
-            return grpc.aio.insecure_channel(target, options=list(options))
+            if tls is None:
+                return grpc.aio.insecure_channel(target, options=list(options))
+            credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert_chain)
+            extra = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+            return grpc.aio.secure_channel(target, credentials, options=[*options, *extra])
 
         return await self.run_asyncio(create)
 
