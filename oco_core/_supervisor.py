@@ -1,9 +1,10 @@
 """Supervision of callback programs the bot launches itself (``command:`` in config).
 
 Each is started with its address, id and secret in the environment (OCO_ADDRESS,
-OCO_CALLBACK_ID, OCO_SECRET), its output forwarded to the bot's log under its id,
-restarted with exponential backoff when it exits, and stopped with SIGTERM, then SIGKILL
-after a grace period, when the bot shuts down.
+OCO_CALLBACK_ID, OCO_SECRET; with ``grpc.tls``, also OCO_TLS_CA, OCO_TLS_SERVER_NAME and
+its client certificate in OCO_TLS_CERT and OCO_TLS_KEY), its output forwarded to the
+bot's log under its id, restarted with exponential backoff when it exits, and stopped
+with SIGTERM, then SIGKILL after a grace period, when the bot shuts down.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from ._config import CallbackSettings
+from ._config import CallbackSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,23 @@ async def supervise_callback(
     secret: str,
     cwd: Path | None = None,
     on_exit: Callable[[], object] | None = None,
+    tls: TlsSettings | None = None,
 ) -> None:
     """Keep one callback program running until cancelled; ``on_exit`` is called each
-    time it exits (or cannot be started)."""
+    time it exits (or cannot be started). ``tls`` is the API's ``grpc.tls``, if any."""
     assert settings.command is not None
     backoff = 0.5
     output = logging.getLogger(f"oco.callback.{settings.id}")
     env = {
-        **os.environ,
+        # OCO_TLS_* left in the bot's own environment would make a callback of a
+        # plaintext bot dial TLS; only the bot's config (or the callback's env:) sets them.
+        **{name: value for name, value in os.environ.items() if not name.startswith("OCO_TLS_")},
         **settings.env,
         "OCO_ADDRESS": address,
         "OCO_CALLBACK_ID": settings.id,
         "OCO_SECRET": secret,
         "PYTHONUNBUFFERED": "1",
+        **_tls_env(settings, address, tls),
     }
     while True:
         began = time.monotonic()
@@ -80,6 +85,21 @@ async def supervise_callback(
         log.info("restarting callback %r in %.1f s", settings.id, delay)
         await trio.sleep(delay)
         backoff *= 2
+
+
+def _tls_env(settings: CallbackSettings, address: str, tls: TlsSettings | None) -> dict[str, str]:
+    """How a launched callback dials the API over TLS (nothing when it is plaintext)."""
+    if tls is None:
+        return {}
+    # The address's host is grpc.listen's, bracketed if IPv6; a certificate names it bare.
+    env = {"OCO_TLS_SERVER_NAME": tls.server_name or address.rpartition(":")[0].strip("[]")}
+    # Absolute: a callback may run in a cwd of its own.
+    if tls.server_ca is not None:
+        env["OCO_TLS_CA"] = str(tls.server_ca.absolute())
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        env["OCO_TLS_CERT"] = str(settings.tls_cert.absolute())
+        env["OCO_TLS_KEY"] = str(settings.tls_key.absolute())
+    return env
 
 
 async def _watch(process: trio.Process, output: logging.Logger, name: str) -> int:
