@@ -16,6 +16,9 @@ The callback connects to the bot, declares its routes in its Listen stream, and 
 matched message's handler in a task of its own (at most ``concurrency`` at once). When the
 bot goes away it reconnects with backoff; routes are declared again on every connection.
 Replies travel over one SendMessageStream per connection.
+
+Over TLS when any ``tls_*`` argument or ``OCO_TLS_*`` variable is set (the bot sets them
+for callbacks it launches); see :class:`Callback`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ._proto import (
     storage_pb2_grpc,
 )
 from ._store import Item
+from ._tls import PemSource, load_client_tls
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +301,32 @@ def _first_rpc_error(group: BaseExceptionGroup[grpc.aio.AioRpcError]) -> grpc.ai
     return first
 
 
+def _first_callback_error(error: BaseException) -> CallbackError | None:
+    if isinstance(error, CallbackError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _first_callback_error(inner)) is not None:
+                return found
+    return None
+
+
 class Callback:
-    """A callback program: declare routes with decorators, then :meth:`run`."""
+    """A callback program: declare routes with decorators, then :meth:`run`.
+
+    ``id``, ``secret`` and ``address`` default to OCO_CALLBACK_ID, OCO_SECRET and
+    OCO_ADDRESS. The ``tls_*`` arguments default to the environment variable of the same
+    name in capitals (``tls_ca``: OCO_TLS_CA, ...); when any of them is set, the callback
+    dials over TLS:
+
+    - ``tls_ca``: the CA that signed the bot's certificate (default: the system's roots);
+    - ``tls_cert`` and ``tls_key``: this callback's certificate and key, when the bot
+      requires client certificates (mutual TLS); the certificate names the callback's id;
+    - ``tls_server_name``: the name the bot's certificate must carry, when it is not the
+      host of ``address`` (also enough by itself to turn TLS on with the system's roots).
+
+    Certificates and keys are PEM: a path (``str`` or ``Path``) or the bytes themselves.
+    """
 
     def __init__(
         self,
@@ -307,10 +335,19 @@ class Callback:
         address: str | None = None,
         *,
         concurrency: int = 64,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.id = id or os.environ.get("OCO_CALLBACK_ID", "")
         self._secret = secret or os.environ.get("OCO_SECRET", "")
         self.address = address or os.environ.get("OCO_ADDRESS", "127.0.0.1:50051")
+        self._tls_ca = tls_ca or os.environ.get("OCO_TLS_CA") or None
+        self._tls_cert = tls_cert or os.environ.get("OCO_TLS_CERT") or None
+        self._tls_key = tls_key or os.environ.get("OCO_TLS_KEY") or None
+        self._tls_server_name = tls_server_name or os.environ.get("OCO_TLS_SERVER_NAME") or None
+        self._over_tls = False
         self._routes: list[_Route] = []
         self._membership: list[Callable[[Membership], Awaitable[None]]] = []
         self._limiter = trio.CapacityLimiter(concurrency)
@@ -428,8 +465,12 @@ class Callback:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             trio.run(self._serve_until_signalled)
-        except CallbackError as exc:
-            raise SystemExit(f"callback {self.id!r}: {exc}") from None
+        except (CallbackError, BaseExceptionGroup) as exc:
+            # Nurseries wrap it; the refusal is what the operator needs, on one line.
+            refusal = _first_callback_error(exc)
+            if refusal is None:
+                raise
+            raise SystemExit(f"callback {self.id!r}: {refusal}") from None
         except KeyboardInterrupt:
             pass
 
@@ -452,8 +493,15 @@ class Callback:
             raise CallbackError("no secret: set OCO_SECRET or pass secret=... (the bot's operator has it)")
         if not self.id:
             raise CallbackError("no callback id: set OCO_CALLBACK_ID or pass id=...")
+        try:
+            tls = await trio.to_thread.run_sync(
+                load_client_tls, self._tls_ca, self._tls_cert, self._tls_key, self._tls_server_name
+            )
+        except ValueError as exc:
+            raise CallbackError(str(exc)) from None
+        self._over_tls = tls is not None
         async with open_bridge() as bridge:
-            channel = await bridge.open_channel(self.address, _CHANNEL_OPTIONS)
+            channel = await bridge.open_channel(self.address, _CHANNEL_OPTIONS, tls)
             stubs = {
                 "robot": robot_pb2_grpc.RobotStub(channel),
                 "storage": storage_pb2_grpc.StorageStub(channel),
@@ -476,7 +524,13 @@ class Callback:
                         error = _first_rpc_error(group)
                         if error.code() in _FATAL:
                             raise CallbackError(f"the bot refused this callback: {error.details()}") from None
-                        log.warning("connection to the bot at %s lost (%s); retrying", self.address, error.code().name)
+                        # The details tell a bot that is down from a TLS handshake that fails.
+                        log.warning(
+                            "connection to the bot at %s lost (%s: %s); retrying",
+                            self.address,
+                            error.code().name,
+                            error.details(),
+                        )
                     finally:
                         self._connection = None
                         self._connected = trio.Event()
@@ -509,7 +563,13 @@ class Callback:
                 connection.sender = sender
                 self._connection = connection
                 self._connected.set()
-                log.info("callback %r connected to %s with %d route(s)", self.id, self.address, len(self._routes))
+                log.info(
+                    "callback %r connected to %s%s with %d route(s)",
+                    self.id,
+                    self.address,
+                    " over TLS" if self._over_tls else "",
+                    len(self._routes),
+                )
                 task_status.started()
                 async with trio.open_nursery() as handlers:
                     handlers.start_soon(self._read_results, connection, results)
