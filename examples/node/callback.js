@@ -11,6 +11,15 @@
 //   OCO_SECRET       this callback's secret (the bot passes it to programs it launches)
 //   OCO_PROTO_DIR    where `oco proto --out` wrote the .proto files (default build/proto
 //                    beside this file; written by `oco proto` on first start if missing)
+//
+// Over TLS when any of these is set (the bot sets them for programs it launches when
+// its API uses TLS):
+//   OCO_TLS_CA           PEM file of the CA that signed the bot's certificate
+//                        (default: Node's roots)
+//   OCO_TLS_CERT         PEM file of this callback's certificate, and
+//   OCO_TLS_KEY          its private key, when the bot requires client certificates
+//   OCO_TLS_SERVER_NAME  the name in the bot's certificate, when it is not the host of
+//                        OCO_ADDRESS
 'use strict';
 
 const { execFileSync } = require('node:child_process');
@@ -24,6 +33,12 @@ const ADDRESS = process.env.OCO_ADDRESS || '127.0.0.1:50051';
 const CALLBACK_ID = process.env.OCO_CALLBACK_ID || '';
 const SECRET = process.env.OCO_SECRET || '';
 const PROTO_DIR = process.env.OCO_PROTO_DIR || path.join(__dirname, 'build', 'proto');
+const TLS = {
+  ca: process.env.OCO_TLS_CA || '',
+  cert: process.env.OCO_TLS_CERT || '',
+  key: process.env.OCO_TLS_KEY || '',
+  serverName: process.env.OCO_TLS_SERVER_NAME || '',
+};
 
 // Status codes after which reconnecting cannot help: the configuration is wrong.
 const FATAL = new Set([grpc.status.UNAUTHENTICATED, grpc.status.PERMISSION_DENIED, grpc.status.INVALID_ARGUMENT]);
@@ -62,6 +77,36 @@ function loadProtocol(dir) {
     oneofs: true,
   });
   return grpc.loadPackageDefinition(definition).oco;
+}
+
+// ---- transport ---------------------------------------------------------------------
+
+function readPem(variable, file) {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new Error(`${variable}: cannot read ${file}: ${err.message}`);
+  }
+}
+
+// Plaintext, or TLS when any OCO_TLS_* variable is set. Returns the channel credentials,
+// the channel options they need, and whether they are TLS.
+function transport() {
+  if (!TLS.ca && !TLS.cert && !TLS.key && !TLS.serverName) {
+    return { credentials: grpc.credentials.createInsecure(), options: {}, secure: false };
+  }
+  if (Boolean(TLS.cert) !== Boolean(TLS.key)) {
+    throw new Error('set both OCO_TLS_CERT and OCO_TLS_KEY, or neither');
+  }
+  const ca = TLS.ca ? readPem('OCO_TLS_CA', TLS.ca) : null;
+  const key = TLS.key ? readPem('OCO_TLS_KEY', TLS.key) : null;
+  const cert = TLS.cert ? readPem('OCO_TLS_CERT', TLS.cert) : null;
+  const options = {};
+  const host = ADDRESS.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1');
+  // Only when it differs from the host dialled: grpc-js passes the override on as the
+  // TLS server name (SNI), and Node warns (DEP0123) when that is an IP address.
+  if (TLS.serverName && TLS.serverName !== host) options['grpc.ssl_target_name_override'] = TLS.serverName;
+  return { credentials: grpc.credentials.createSsl(ca, key, cert), options, secure: true };
 }
 
 // ---- calls -------------------------------------------------------------------------
@@ -103,14 +148,16 @@ const ROUTES = [
 
 class NodeCallback {
   constructor(oco) {
+    const { credentials, options: tlsOptions, secure } = transport();
+    this.over = secure ? ' over TLS' : '';
     const options = {
       // Reconnect quickly when the bot restarts (the default waits up to two minutes).
       'grpc.initial_reconnect_backoff_ms': BACKOFF_MIN_MS,
       'grpc.max_reconnect_backoff_ms': 5000,
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
+      ...tlsOptions,
     };
-    const credentials = grpc.credentials.createInsecure();
     this.robot = new oco.Robot(ADDRESS, credentials, options);
     this.storage = new oco.Storage(ADDRESS, credentials, options);
     this.listening = null;
@@ -212,7 +259,7 @@ class NodeCallback {
     while (!this.stopped) {
       const status = await this.listenOnce((routes) => {
         backoff = BACKOFF_MIN_MS;
-        log(`connected to ${ADDRESS}: ${routes} route(s) registered`);
+        log(`connected to ${ADDRESS}${this.over}: ${routes} route(s) registered`);
       });
       if (this.stopped) break;
       if (FATAL.has(status.code)) {
