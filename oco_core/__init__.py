@@ -9,8 +9,8 @@ from ._errors import ConfigError as ConfigError
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import OcoError as OcoError
 from ._errors import PluginError as PluginError
-from ._errors import RateLimitedError as RateLimitedError
 from ._errors import QuotaExceededError as QuotaExceededError
+from ._errors import RateLimitedError as RateLimitedError
 from ._errors import RequestTooLargeError as RequestTooLargeError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError

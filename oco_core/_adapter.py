@@ -154,6 +154,13 @@ class Adapter(abc.ABC):
     async def send(self, message: OutgoingMessage) -> None:
         """Send one message; return once the adapter has accepted it."""
 
+    def user_id(self, name: str) -> str:
+        """The user id this adapter's messages carry for the person a human calls
+        ``name`` (as typed in ``oco grant <user> <role>`` or in ``auth.admins``). The
+        default returns ``name``; override it where the service compares names loosely
+        (IRC folds case as its server does)."""
+        return name
+
     async def join(self, room: str) -> None:
         """Join a room by the service's id or name."""
         raise AdapterError(f"the {type(self).__name__} adapter cannot join rooms")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._config import AuthSettings
@@ -69,6 +70,12 @@ class Authorization:
         self._pending_links: dict[tuple[str, str], float] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._warned_until: dict[str, float] = {}
+        #: Maps a user id as written in the config to the id messages carry (the bot
+        #: sets it once adapters exist: IRC folds case).
+        self.canonical: Callable[[str], str] = lambda user_id: user_id
+
+    def _admins(self) -> set[str]:
+        return {self.canonical(a) for a in self.settings.admins}
 
     async def load(self) -> None:
         """Read the people and roles earlier runs stored."""
@@ -115,7 +122,7 @@ class Authorization:
 
     def is_admin(self, user_id: str) -> bool:
         """Named in ``auth.admins`` (by any linked account) or holding the admin role."""
-        admins = self.settings.admins
+        admins = self._admins()
         return any(a in admins for a in self.accounts(user_id)) or ADMIN_ROLE in self.granted_roles(user_id)
 
     def permissions_of(self, role: str) -> list[str]:
@@ -130,7 +137,7 @@ class Authorization:
         roles = self.roles(user_id)
         if not permission:
             return Decision(True, "no permission needed", person, roles)
-        if any(a in self.settings.admins for a in self.accounts(user_id)):
+        if any(a in self._admins() for a in self.accounts(user_id)):
             return Decision(True, "admin (auth.admins)", person, roles)
         for role in roles:
             if any(permission_granted(g, permission) for g in self.permissions_of(role)):
@@ -143,7 +150,7 @@ class Authorization:
         known_roles = {r for p in self._people.values() for r in p.roles} | set(self.settings.roles)
         known_roles |= set(self.settings.default_roles) | {ADMIN_ROLE}
         roles = sorted(r for r in known_roles if any(permission_granted(g, permission) for g in self.permissions_of(r)))
-        people = {a for a in self.settings.admins}
+        people = self._admins()
         for person in self._people.values():
             if person.roles & set(roles):
                 people.add(", ".join(person.accounts))

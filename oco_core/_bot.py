@@ -25,9 +25,10 @@ from typing import Any
 import trio
 
 from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
+from ._admin import configured_store
 from ._audit import ALLOWED, DENIED, AuditLog
 from ._auth import Authorization
-from ._config import LoadedConfig, default_store_url, validate_section
+from ._config import LoadedConfig, validate_section
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import (
     AdapterError,
@@ -45,6 +46,7 @@ from ._policy import CallbackPolicy, matches_any
 from ._proto import core_pb2, robot_pb2
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
+from ._secrets import check_store_secrets
 from ._store import NamespacedStore, Store
 
 log = logging.getLogger(__name__)
@@ -149,15 +151,14 @@ class Bot:
                 raise loaded.error(("adapters", index, "type"), str(exc)) from None
             options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
             self._adapter_specs.append((entry.instance_name, kind, options))
-        try:
-            store_type = plugins.store(config.store.type)
-        except ConfigError as exc:
-            raise loaded.error(("store", "type"), str(exc)) from None
-        store_options = dict(config.store.options())
-        if store_type.name == "sql":
-            store_options.setdefault("url", default_store_url())
-        self._store_type = store_type
-        self._store_options = validate_section(loaded, ("store",), store_type.config_model, store_options)
+        self._store_type, self._store_options = configured_store(loaded, plugins)
+        adapter_names = [entry.instance_name for entry in config.adapters]
+        for index, admin in enumerate(config.auth.admins):
+            if admin.partition("/")[0] not in adapter_names:
+                raise loaded.error(
+                    ("auth", "admins", index),
+                    f"{admin!r} names no configured adapter (ids start with one of: {', '.join(adapter_names)})",
+                )
         for cb_index, cb in enumerate(config.callbacks):
             for r_index, route in enumerate(self.callbacks[cb.id].routes):
                 try:
@@ -206,6 +207,7 @@ class Bot:
                 {cb.id: cb.quota for cb in self.config.callbacks if cb.quota is not None},
             )
             self.store = store
+            await check_store_secrets(store, self.config.callbacks)
             self.directory = Directory(store)
             await self.directory.load()
             self.auth = Authorization(store, self.config.auth)
@@ -222,12 +224,19 @@ class Bot:
                         if cb.command is not None:
                             state = self.callbacks[cb.id]
                             workers.start_soon(
-                                supervise_callback, cb, self.address, state.secret, cb.cwd, state.exited.set
+                                supervise_callback,
+                                cb,
+                                self.address,
+                                state.secret,
+                                cb.cwd,
+                                state.exited.set,
+                                self.config.grpc.tls,
                             )
                     await self._wait_for_callbacks()
                     for name, kind, options in self._adapter_specs:
                         adapter = kind.create(options)
                         self.links[name] = _AdapterLink(self, name, adapter, store)
+                    self.auth.canonical = self.canonical_user
                     async with trio.open_nursery() as adapters:
                         # Adapters connect side by side; one whose server is down holds
                         # back neither the others nor start-up for longer than the wait.
@@ -509,21 +518,26 @@ class Bot:
             answer = f"could not save that: {exc}; try again later"
         self._reply(adapter, incoming, answer, mention=True)
 
+    def canonical_user(self, user_id: str) -> str:
+        """A user id as a person wrote it (``irc/Bob``) → the id messages carry
+        (``irc/bob``), as the adapter it names says."""
+        prefix, sep, native = user_id.partition("/")
+        link = self.links.get(prefix) if sep else None
+        return f"{prefix}/{link.adapter.user_id(native)}" if link is not None and native else user_id
+
     def _user_ref(self, adapter: str, ref: str) -> str:
         """A user named in a command: a full id (``irc/alice``), or a name on the
-        speaker's adapter (``alice``, ``@alice``) looked up in the directory."""
+        speaker's adapter (``alice``, ``@alice``, a display name the bot has seen)."""
         prefix, sep, _ = ref.partition("/")
         if sep and prefix in self.links:
-            return ref
-        if self.directory is not None:
-            bare = ref.removeprefix("@")
-            for candidate in (f"{adapter}/{ref}", f"{adapter}/{bare}"):
-                if candidate in self.directory.users:
-                    return candidate
+            return self.canonical_user(ref)
+        canonical = self.canonical_user(f"{adapter}/{ref}")
+        if self.directory is not None and canonical not in self.directory.users:
+            bare = ref.removeprefix("@").lower()
             for user in self.directory.users.values():
-                if user.id.startswith(adapter + "/") and bare.lower() in (user.name.lower(), user.mention_name.lower()):
+                if user.id.startswith(adapter + "/") and bare in (user.name.lower(), user.mention_name.lower()):
                     return user.id
-        return f"{adapter}/{ref}"
+        return canonical
 
     def _spawn(self, fn: Any) -> None:
         assert self._tasks is not None, "the bot is not running"

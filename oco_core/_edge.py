@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import trio
 
+from ._audit import ALLOWED, DENIED
 from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, open_bridge
 from ._errors import (
     AdapterError,
@@ -32,7 +33,7 @@ from ._errors import (
     ValueTooLargeError,
     VersionConflictError,
 )
-from ._proto import core_pb2, directory_pb2, robot_pb2, storage_pb2
+from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import InvalidPatternError, Route, Subscription
 from ._secrets import Authenticator
 from ._store import MAX_KEY_BYTES
@@ -47,6 +48,7 @@ R = TypeVar("R")
 ROBOT = "oco.Robot"
 STORAGE = "oco.Storage"
 DIRECTORY = "oco.Directory"
+AUTHORIZATION = "oco.Authorization"
 
 _LIST_DEFAULT = 100
 _LIST_MAX = 1000
@@ -85,16 +87,26 @@ class Services:
 
     def __init__(self, bot: Bot) -> None:
         self.bot = bot
-        self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()})
+        self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()}, bot.store)
 
     async def _caller(self, info: CallInfo, capability: str | None = None) -> str:
         """The calling callback's id, once its secret (and certificate) check out and,
         when ``capability`` is named, its configuration grants it."""
         callback_id = await self.auth.identify(info)
+        tls = self.bot.config.grpc.tls
+        if tls is not None and tls.client_ca is not None and callback_id not in info.peer_identities:
+            # The secret says who is calling; under mutual TLS the certificate must agree.
+            named = ", ".join(map(repr, info.peer_identities)) or "no common name or subject alternative name"
+            raise RpcAbort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the client certificate is not for callback {callback_id!r}: it names {named}; under mutual TLS "
+                "a callback's certificate needs its id as common name or subject alternative name",
+            )
         if capability is not None:
             try:
                 self.bot.policy(callback_id).require(capability)
             except CapabilityError as exc:
+                self.bot.record("capability", DENIED, callback=callback_id, permission=capability, detail=str(exc))
                 raise _status(exc) from None
         return callback_id
 
@@ -111,6 +123,7 @@ class Services:
         try:
             self.bot.policy(callback_id).require_events(set(request.events))
         except CapabilityError as exc:
+            self.bot.record("capability", DENIED, callback=callback_id, permission="events", detail=str(exc))
             raise _status(exc) from None
         routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callback_state(callback_id)
@@ -281,6 +294,31 @@ class Services:
             rooms=[core_pb2.Room(id=r.id, name=r.name, topic=r.topic) for r in rooms]
         )
 
+    # -- oco.Authorization -----------------------------------------------------------
+
+    async def check_permission(
+        self, request: authorization_pb2.CheckPermissionRequest, info: CallInfo
+    ) -> authorization_pb2.CheckPermissionResponse:
+        """Whether a user holds a permission; recorded in the audit log."""
+        callback_id = await self._caller(info, "check_permission")
+        if not request.user_id or not request.permission:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "CheckPermission needs both user_id and permission")
+        assert self.bot.auth is not None
+        decision = self.bot.auth.check(self.bot.canonical_user(request.user_id), request.permission)
+        self.bot.record(
+            "check_permission",
+            ALLOWED if decision.allowed else DENIED,
+            user=request.user_id,
+            person=decision.person,
+            room=request.room_id,
+            callback=callback_id,
+            permission=request.permission,
+            detail=decision.reason,
+        )
+        return authorization_pb2.CheckPermissionResponse(
+            allowed=decision.allowed, reason=decision.reason, roles=decision.roles, person_id=decision.person
+        )
+
     def table(self) -> dict[str, dict[str, Method]]:
         """Every method, by service and name, for the bridge."""
 
@@ -305,6 +343,14 @@ class Services:
                 "Delete": m("unary", self.delete, storage_pb2.DeleteRequest, storage_pb2.DeleteResponse),
                 "List": m("unary", self.list, storage_pb2.ListRequest, storage_pb2.ListResponse),
             },
+            AUTHORIZATION: {
+                "CheckPermission": m(
+                    "unary",
+                    self.check_permission,
+                    authorization_pb2.CheckPermissionRequest,
+                    authorization_pb2.CheckPermissionResponse,
+                ),
+            },
             DIRECTORY: {
                 "GetUser": m("unary", self.get_user, directory_pb2.GetUserRequest, core_pb2.User),
                 "ListUsers": m(
@@ -320,7 +366,10 @@ class Services:
 
 async def serve(bot: Bot, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address."""
+    from ._tls import load_server_tls
+
     settings = bot.config.grpc
+    tls = await trio.to_thread.run_sync(load_server_tls, bot.loaded)
     services = Services(bot)
     options = [
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
@@ -337,8 +386,9 @@ async def serve(bot: Bot, *, task_status: trio.TaskStatus[str] = trio.TASK_STATU
                 settings.listen,
                 services.table(),
                 options=options,
-                health_services=[ROBOT, STORAGE, DIRECTORY],
-                reflection_services=[ROBOT, STORAGE, DIRECTORY],
+                health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION],
+                reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION],
+                tls=tls,
             )
         except OSError as exc:
             raise OcoError(

@@ -39,6 +39,7 @@ import trio
 from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
     CallbackError,
+    CapabilityError,
     InvalidRequestError,
     RequestTooLargeError,
     StoreUnavailableError,
@@ -47,6 +48,8 @@ from ._errors import (
     VersionConflictError,
 )
 from ._proto import (
+    authorization_pb2,
+    authorization_pb2_grpc,
     core_pb2,
     directory_pb2,
     directory_pb2_grpc,
@@ -123,6 +126,20 @@ class _Route:
     id: str
     ignore_case: bool
     handler: Handler
+    permission: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionCheck:
+    """What :meth:`Callback.check_permission` answers."""
+
+    allowed: bool
+    #: Why, in words a person can read: "admin", "role deployers", or what is missing.
+    reason: str
+    #: The roles the person holds, across their linked accounts.
+    roles: tuple[str, ...]
+    #: The person the user id belongs to (linked accounts share one).
+    person_id: str
 
 
 class Message:
@@ -151,6 +168,13 @@ class Message:
 
     def __repr__(self) -> str:
         return f"<Message {self.id} from {self.user.id} in {self.room.id if self.room else 'private'}: {self.body!r}>"
+
+    async def check_permission(self, permission: str) -> PermissionCheck:
+        """Whether the sender holds ``permission`` (for finer-grained actions than the
+        route's own permission, which the bot already checked)."""
+        return await self._callback.check_permission(
+            self.user.id, permission, room_id=self.room.id if self.room else ""
+        )
 
     def match(self, group: int | str = 0) -> str:
         """A capture group by number or name ("" when it did not take part)."""
@@ -192,6 +216,7 @@ def _error_for(code: grpc.StatusCode, details: str) -> Exception:
         grpc.StatusCode.NOT_FOUND: UnknownTargetError,
         grpc.StatusCode.ABORTED: lambda d: VersionConflictError(d, -1),
         grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
+        grpc.StatusCode.PERMISSION_DENIED: lambda d: CapabilityError(d, capability=""),
     }
     make = kinds.get(code, CallbackError)
     return make(f"{code.name}: {details}")
@@ -363,24 +388,28 @@ class Callback:
     # -- declaring -------------------------------------------------------------------
 
     def hear(
-        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False
+        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False, permission: str = ""
     ) -> Callable[[F], F]:
-        """Run the decorated handler for every message that matches ``pattern`` (RE2)."""
-        return self._route(pattern, False, help, id, ignore_case)
+        """Run the decorated handler for every message that matches ``pattern`` (RE2).
+        With ``permission``, only messages from people who hold it reach the handler."""
+        return self._route(pattern, False, help, id, ignore_case, permission)
 
     def respond(
-        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False
+        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False, permission: str = ""
     ) -> Callable[[F], F]:
         """Run the decorated handler for messages addressed to the bot ("oco: deploy x")
-        whose text after the address matches ``pattern`` (RE2)."""
-        return self._route(pattern, True, help, id, ignore_case)
+        whose text after the address matches ``pattern`` (RE2). With ``permission``,
+        the bot checks it first and tells a person who lacks it; the handler never runs."""
+        return self._route(pattern, True, help, id, ignore_case, permission)
 
-    def _route(self, pattern: str, respond: bool, help: str, id: str | None, ignore_case: bool) -> Callable[[F], F]:
+    def _route(
+        self, pattern: str, respond: bool, help: str, id: str | None, ignore_case: bool, permission: str
+    ) -> Callable[[F], F]:
         def decorate(handler: F) -> F:
             route_id = id or handler.__name__
             if any(r.id == route_id for r in self._routes):
                 raise ValueError(f"two routes are called {route_id!r}; pass id=... to tell them apart")
-            self._routes.append(_Route(pattern, respond, help, route_id, ignore_case, handler))
+            self._routes.append(_Route(pattern, respond, help, route_id, ignore_case, handler, permission))
             return handler
 
         return decorate
@@ -417,6 +446,16 @@ class Callback:
             if service == "storage" and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise ValueTooLargeError(f"RESOURCE_EXHAUSTED: {exc.details()}") from None
             raise _error(exc) from None
+
+    async def check_permission(self, user_id: str, permission: str, *, room_id: str = "") -> PermissionCheck:
+        """Whether the user (``"irc/alice"``) holds ``permission``; the bot records the
+        question and its answer in its audit log."""
+        response = await self._unary(
+            "authorization",
+            "CheckPermission",
+            authorization_pb2.CheckPermissionRequest(user_id=user_id, permission=permission, room_id=room_id),
+        )
+        return PermissionCheck(response.allowed, response.reason, tuple(response.roles), response.person_id)
 
     async def send(
         self,
@@ -506,6 +545,7 @@ class Callback:
                 "robot": robot_pb2_grpc.RobotStub(channel),
                 "storage": storage_pb2_grpc.StorageStub(channel),
                 "directory": directory_pb2_grpc.DirectoryStub(channel),
+                "authorization": authorization_pb2_grpc.AuthorizationStub(channel),
             }
             backoff = 0.2
             started = False
@@ -546,7 +586,14 @@ class Callback:
         request = robot_pb2.ListenRequest(
             plugin_id=self.id,
             routes=[
-                robot_pb2.Route(id=r.id, pattern=r.pattern, respond=r.respond, help=r.help, ignore_case=r.ignore_case)
+                robot_pb2.Route(
+                    id=r.id,
+                    pattern=r.pattern,
+                    respond=r.respond,
+                    help=r.help,
+                    ignore_case=r.ignore_case,
+                    permission=r.permission,
+                )
                 for r in self._routes
             ],
             events=[robot_pb2.EVENT_KIND_MEMBERSHIP] if self._membership else [],

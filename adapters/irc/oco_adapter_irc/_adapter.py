@@ -249,6 +249,10 @@ class IrcAdapter(Adapter):
         """Case-fold a nick or channel name as the server compares them."""
         return self._features.fold(name)
 
+    def user_id(self, name: str) -> str:
+        """A nick as typed ("Bob", "@Bob") → the id messages carry (the folded nick)."""
+        return self.fold(name.removeprefix("@"))
+
     def user(self, nick: str) -> ChatUser:
         """The ChatUser for ``nick``: its id is the case-folded nick (see the module's
         docstring for why)."""

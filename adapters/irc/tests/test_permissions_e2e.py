@@ -29,7 +29,7 @@ DENIED = "you need the permission `deploy` for that; `oco who can deploy` says w
 HELP_END = re.escape("(also: roles, who can, link; say `oco help roles` and so on)")
 
 
-def _config(port: int, tmp_path: Path) -> str:
+def _config(port: int, tmp_path: Path, admin: str = "irc/alice") -> str:
     return f"""\
 bot:
   name: oco
@@ -49,7 +49,7 @@ callbacks:
   - id: ops
     secret: {SECRET}
 auth:
-  admins: ["irc/alice"]
+  admins: ["{admin}"]
   roles: {{deployers: [deploy]}}
 """
 
@@ -180,3 +180,25 @@ async def test_a_permission_is_refused_then_granted_from_irc_and_audited(kit: An
         "deploy",
         "web",
     ]
+
+
+async def test_names_as_typed_find_the_person_whatever_their_case(kit: Any, tmp_path: Path) -> None:
+    """IRC compares nicks without case: an admin written `irc/Alice` in the config, a
+    grant to `irc/Bob`, and one to `Carol`, who was in the channel before the bot and has
+    not spoken, all reach the case-folded ids messages carry."""
+    seen: list[str] = []
+    async with kit.person("Carol") as carol:
+        async with (
+            kit.person("Alice") as alice,
+            kit.person("Bob") as bob,
+            run_oco(_config(kit.server.port, tmp_path, admin="irc/Alice"), tmp_path / "bot") as bot,
+        ):
+            await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_deployer(bot.address, seen).serve)
+                await _ask(alice, "grant irc/Bob deploy", "Alice: irc/bob now has the role deploy")
+                await _ask(alice, "grant Carol deploy", "Alice: irc/carol now has the role deploy")
+                await _ask(bob, "deploy api", "Bob: deploying api")
+                await _ask(carol, "deploy web", "Carol: deploying web")
+                assert seen == ["deploy api by irc/bob", "deploy web by irc/carol"]
+                nursery.cancel_scope.cancel()
