@@ -111,8 +111,10 @@ def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) ->
 def _check(loaded: LoadedConfig) -> int:
     from ._bot import Bot
     from ._plugins import load_plugins
+    from ._tls import load_server_tls
 
     Bot(loaded, load_plugins())
+    load_server_tls(loaded)  # the certificate files, as `oco run` would read them
     config = loaded.config
     print(
         f"{loaded.source}: OK — adapters: {', '.join(a.instance_name + ' (' + a.type + ')' for a in config.adapters)};"

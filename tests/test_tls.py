@@ -296,13 +296,13 @@ async def test_the_node_example_connects_over_tls(node_example: Path, tmp_path: 
 # -- configuration errors --------------------------------------------------------------
 
 
-async def run_to_exit(config: str, workdir: Path) -> tuple[int, list[str]]:
-    """Run `oco run` with ``config`` until it exits: its exit code and standard error."""
+async def run_to_exit(config: str, workdir: Path, command: str = "run") -> tuple[int, list[str]]:
+    """Run `oco <command>` with ``config`` until it exits: its exit code and standard error."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "oco.yaml").write_text(config)
     with trio.fail_after(60):
         done = await trio.run_process(
-            [sys.executable, "-m", "oco_core", "run", "--config", str(workdir / "oco.yaml")],
+            [sys.executable, "-m", "oco_core", command, "--config", str(workdir / "oco.yaml")],
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             capture_stdout=True,
@@ -312,8 +312,11 @@ async def run_to_exit(config: str, workdir: Path) -> tuple[int, list[str]]:
     return done.returncode, done.stderr.decode().splitlines()
 
 
+@pytest.mark.parametrize("command", ["run", "check-config"])
 @pytest.mark.parametrize("problem", ["missing cert", "key of another cert", "unreadable callback cert"])
-async def test_bad_tls_files_stop_the_bot_with_one_line_naming_the_key(tmp_path: Path, pki: Pki, problem: str) -> None:
+async def test_bad_tls_files_stop_the_bot_with_one_line_naming_the_key(
+    tmp_path: Path, pki: Pki, problem: str, command: str
+) -> None:
     missing = tmp_path / "nowhere" / "server.crt"
     if problem == "missing cert":
         tls, callbacks, key, shown = f'cert: "{missing}", key: "{pki.server.key}"', "", "grpc.tls.cert", missing
@@ -324,7 +327,7 @@ async def test_bad_tls_files_stop_the_bot_with_one_line_naming_the_key(tmp_path:
         tls = server_tls(pki)
         callbacks = f'  - {{id: alpha, command: ["true"], tls_cert: "{pki.ca.parent}", tls_key: "{pki.alpha.key}"}}\n'
         key, shown = "callbacks[0].tls_cert", pki.ca.parent
-    code, stderr = await run_to_exit(tls_config(tmp_path, tls, callbacks or "  []\n"), tmp_path / "bot")
+    code, stderr = await run_to_exit(tls_config(tmp_path, tls, callbacks or "  []\n"), tmp_path / "bot", command)
     errors = [line for line in stderr if line.startswith("oco: error:")]
     assert code == 3, stderr  # EXIT_CONFIG
     assert len(errors) == 1, stderr
