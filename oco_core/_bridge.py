@@ -124,6 +124,28 @@ def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, 
     return tuple(name for name in names if name)  # a subject without a CN reads as ""
 
 
+#: Longest status details sent: grpc carries them in a trailer, and past its 16 KiB limit
+#: the client sees a transport error instead of our status (a request's long value
+#: quoted in an error would do it).
+MAX_DETAILS = 1000
+
+
+def _shorten(details: str) -> str:
+    if len(details) <= MAX_DETAILS:
+        return details
+    return f"{details[:MAX_DETAILS]}... ({len(details)} characters in all)"
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a handler gets instead of a request whose bytes its deserializer refused
+    (not the message it should be): it answers INVALID_ARGUMENT, after checking who
+    is calling. Raising in the deserializer would end the call UNKNOWN, with a traceback
+    in the log that anyone could provoke."""
+
+    error: str
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
     """One RPC served by a trio function.
@@ -131,6 +153,7 @@ class Method:
     ``unary``: ``await impl(request, info) -> response``.
     ``server_stream``: ``await impl(request, info, out)`` writing to ``out``.
     ``bidi``: ``await impl(requests, info, out)``; ``requests`` is an async iterator.
+    A request that does not decode arrives as :class:`Undecodable`.
     """
 
     kind: Literal["unary", "server_stream", "bidi"]
@@ -449,15 +472,21 @@ class Bridge:
     def _handler(self, method: Method, window: int) -> grpc.RpcMethodHandler[Any, Any]:
         bridge = self
 
+        def deserialize(data: bytes) -> Any:
+            try:
+                return method.request_deserializer(data)
+            except Exception as exc:  # whatever the decoder raises, the request is malformed
+                return Undecodable(f"{type(exc).__name__}: {exc}")
+
         def info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
             metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
             return CallInfo(metadata=metadata, peer=context.peer(), peer_identities=_peer_identities(context))
 
         async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
             if isinstance(error, RpcAbort):
-                await context.abort(error.code, error.details)
+                await context.abort(error.code, _shorten(error.details))
             log.error("internal error in %s", method.impl.__qualname__, exc_info=error)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            await context.abort(grpc.StatusCode.INTERNAL, _shorten(f"internal error: {type(error).__name__}: {error}"))
 
         if method.kind == "unary":
 
@@ -469,7 +498,7 @@ class Bridge:
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=method.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=method.response_serializer,
             )
 
@@ -501,7 +530,7 @@ class Bridge:
 
             return grpc.unary_stream_rpc_method_handler(
                 server_stream,
-                request_deserializer=method.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=method.response_serializer,
             )
 
@@ -529,7 +558,7 @@ class Bridge:
 
         return grpc.stream_stream_rpc_method_handler(
             bidi,
-            request_deserializer=method.request_deserializer,
+            request_deserializer=deserialize,
             response_serializer=method.response_serializer,
         )
 

@@ -22,6 +22,33 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from ._errors import ConfigError
 from ._quota import QuotaConfig
 
+#: What a launched callback inherits from the bot's environment by default.
+DEFAULT_INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "XDG_*",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "NODE_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "GRPC_*",
+)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CALLBACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -181,6 +208,10 @@ class CallbackSettings(_Strict):
     secret: SecretStr | None = None
     routes: list[RouteSettings] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    #: Variables of the bot's own environment a launched callback gets (shell-style
+    #: patterns; ["*"] for all). The default passes what programs need to run, and not
+    #: the passwords the bot's config reads from its environment.
+    inherit_env: list[str] = Field(default_factory=lambda: list(DEFAULT_INHERITED_ENV))
     cwd: Path | None = None
     restart_backoff_max: float = Field(default=60.0, gt=0)
     #: This callback's storage quota, instead of ``store.quota``.

@@ -19,7 +19,7 @@ import grpc
 import trio
 
 from ._audit import ALLOWED, DENIED
-from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, open_bridge
+from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, Undecodable, open_bridge
 from ._errors import (
     AdapterError,
     CapabilityError,
@@ -166,12 +166,23 @@ class Services:
         return robot_pb2.SendMessagesResponse()
 
     async def send_message_stream(
-        self, requests: AsyncIterator[robot_pb2.SendMessagesRequest], info: CallInfo, out: StreamWriter[Any]
+        self,
+        requests: AsyncIterator[robot_pb2.SendMessagesRequest | Undecodable],
+        info: CallInfo,
+        out: StreamWriter[Any],
     ) -> None:
         """SendMessages over one stream; each request answered in order."""
         callback_id = await self._caller(info)
         await out.send_initial_metadata([])
         async for request in requests:
+            if isinstance(request, Undecodable):
+                await out.write(
+                    robot_pb2.SendResult(
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        error=f"not a valid oco.SendMessagesRequest: {request.error}",
+                    )
+                )
+                continue
             try:
                 await self.bot.send_messages(callback_id, request)
             except (OcoError, InvalidPatternError) as exc:
@@ -323,7 +334,17 @@ class Services:
         """Every method, by service and name, for the bridge."""
 
         def m(kind: Any, impl: Callable[..., Awaitable[Any]], request: Any, response: Any) -> Method:
-            return Method(kind, impl, request.FromString, response.SerializeToString)
+            if kind == "bidi":  # each request of the stream is checked where it is read
+                return Method(kind, impl, request.FromString, response.SerializeToString)
+            name = request.DESCRIPTOR.full_name
+
+            async def checked(message: Any, info: CallInfo, *rest: Any) -> Any:
+                if isinstance(message, Undecodable):
+                    await self.auth.identify(info)  # a missing secret is still the first thing said
+                    raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}: {message.error}")
+                return await impl(message, info, *rest)
+
+            return Method(kind, checked, request.FromString, response.SerializeToString)
 
         return {
             ROBOT: {

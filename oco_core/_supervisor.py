@@ -10,6 +10,7 @@ with SIGTERM, then SIGKILL after a grace period, when the bot shuts down.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import random
@@ -47,9 +48,15 @@ async def supervise_callback(
     backoff = 0.5
     output = logging.getLogger(f"oco.callback.{settings.id}")
     env = {
-        # OCO_TLS_* left in the bot's own environment would make a callback of a
-        # plaintext bot dial TLS; only the bot's config (or the callback's env:) sets them.
-        **{name: value for name, value in os.environ.items() if not name.startswith("OCO_TLS_")},
+        # Only what inherit_env names: the bot's environment holds the passwords its
+        # config reads (${PGPASSWORD}), which are not the callback's business. OCO_TLS_*
+        # left in it would make a callback of a plaintext bot dial TLS; only the bot's
+        # config (or the callback's env:) sets them.
+        **{
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith("OCO_") and any(fnmatch.fnmatchcase(name, p) for p in settings.inherit_env)
+        },
         **settings.env,
         "OCO_ADDRESS": address,
         "OCO_CALLBACK_ID": settings.id,

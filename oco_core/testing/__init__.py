@@ -60,7 +60,8 @@ class MemoryAdapter(Adapter):
         self.rooms = set(self.config.rooms)
         self.users = set(self.config.users)
         self.sent: list[OutgoingMessage] = []
-        self._sent_in, self._sent_out = trio.open_memory_channel[OutgoingMessage](100_000)
+        self._read = 0
+        self._more = trio.Event()
         self.host: AdapterHost | None = None
         self._ready = trio.Event()
 
@@ -98,8 +99,12 @@ class MemoryAdapter(Adapter):
         await self.host.membership(MembershipEvent(kind, ChatUser(user, user.title(), user), ChatRoom(room, room)))
 
     async def next_sent(self) -> OutgoingMessage:
-        """Wait for the next message the bot sends."""
-        return await self._sent_out.receive()
+        """Wait for the next message the bot sends (the first not returned before)."""
+        while self._read >= len(self.sent):
+            await self._more.wait()
+            self._more = trio.Event()
+        self._read += 1
+        return self.sent[self._read - 1]
 
     async def send(self, message: OutgoingMessage) -> None:
         if message.room_id is not None and message.room_id not in self.rooms:
@@ -108,7 +113,7 @@ class MemoryAdapter(Adapter):
             who = message.user.id if message.user else None
             raise UnknownTargetError(f"no user {who!r} to send a private message to")
         self.sent.append(message)
-        self._sent_in.send_nowait(message)
+        self._more.set()
 
     async def join(self, room: str) -> None:
         self.rooms.add(room)
