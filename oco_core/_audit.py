@@ -4,9 +4,9 @@ delivered respond match, kept in the core store's ``audit`` namespace.
 Routing never waits for the store, so records are queued and written by one task in
 the bot's nursery; the queue is large, and if the store falls so far behind that it
 fills, the records that do not fit are counted and logged, never waited for. The task
-writes whatever has queued up as one store entry (JSON lines), so a busy bot makes one
-write per batch rather than one per message: with SQLite's synchronous=FULL a write per
-record halved the replies per second in bench/bench_roundtrip.py. Keys are the first
+writes what queued up in 0.1 s as one store entry (JSON lines), so a busy bot makes at
+most ten writes a second rather than one per message: with SQLite's synchronous=FULL a
+write per record halved the replies per second in bench/bench_roundtrip.py. Keys are the first
 record's time in microseconds and a sequence number, so the store's key order is time
 order and ``oco audit --since`` is a range scan.
 """
@@ -35,6 +35,8 @@ _PRUNE_EVERY = 3600.0
 _PAGE = 100
 #: Most bytes one store entry holds (stores accept 1 MiB values by default).
 _BATCH_BYTES = 256 * 1024
+#: How long the writer lets records gather before it writes them.
+_BATCH_WAIT = 0.1
 #: A batch's key is its first record's time; scans start this much earlier so a batch
 #: begun just before ``since`` is still read (its records are filtered one by one).
 _BATCH_SPAN = 60.0
@@ -121,6 +123,9 @@ class AuditLog:
                 if self._retention is not None:
                     nursery.start_soon(self._prune_hourly)
                 async for first in self._receive:
+                    # Let a burst gather: at a message a millisecond, one write per
+                    # message would be a disk sync per message, on the routing thread's heels.
+                    await trio.sleep(_BATCH_WAIT)
                     # Taken off the queue, a batch is written even if the bot is stopping.
                     with trio.CancelScope(shield=True), trio.move_on_after(30):
                         await self._write(self._batch(first))
