@@ -35,7 +35,7 @@ from ._errors import (
 )
 from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import InvalidPatternError, Route, Subscription
-from ._secrets import Authenticator
+from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ STORAGE = "oco.Storage"
 DIRECTORY = "oco.Directory"
 AUTHORIZATION = "oco.Authorization"
 
+#: How often an open Listen stream's secret is checked again.
+RECHECK_SECONDS = CACHE_SECONDS
 _LIST_DEFAULT = 100
 _LIST_MAX = 1000
 
@@ -145,10 +147,30 @@ class Services:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
         state.connected.set()
+        revoked: list[RpcAbort] = []
         try:
             await out.send_initial_metadata([("oco-routes", str(len(routes)))])
-            async for event in subscription.receive:
-                await out.write(event)
+            async with trio.open_nursery() as nursery:
+
+                async def recheck() -> None:
+                    # A stream outlives its secret's check: when the secret is rotated or
+                    # removed (`oco callbacks rotate`), the stream ends too.
+                    while True:
+                        await trio.sleep(RECHECK_SECONDS)
+                        try:
+                            await self.auth.identify(info)
+                        except RpcAbort as exc:
+                            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                                revoked.append(RpcAbort(exc.code, f"the secret is no longer valid: {exc.details}"))
+                                nursery.cancel_scope.cancel()
+                                return
+
+                nursery.start_soon(recheck)
+                async for event in subscription.receive:
+                    await out.write(event)
+                nursery.cancel_scope.cancel()
+            if revoked:
+                raise revoked[0]
         finally:
             lost = self.bot.router.unsubscribe(subscription)
             if lost:

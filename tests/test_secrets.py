@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -33,7 +34,7 @@ from oco_core._cli import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STORE, EXIT_USA
 from oco_core._config import parse_config
 from oco_core._errors import CallbackError
 from oco_core._plugins import load_plugins
-from oco_core._proto import directory_pb2, directory_pb2_grpc, storage_pb2, storage_pb2_grpc
+from oco_core._proto import directory_pb2, directory_pb2_grpc, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
 from oco_core._secrets import (
     CACHE_SECONDS,
     NAMESPACE,
@@ -326,6 +327,45 @@ async def test_a_store_secret_connects_rotates_and_is_removed_while_the_bot_runs
     for secret in (deploy, roamer, rotated):
         assert secret not in output
         assert secret.encode() not in data
+
+
+def listen_until_ended(address: str, secret: str, ended: list[tuple[grpc.StatusCode, str, float]]) -> None:
+    """Open a Listen stream and wait for it to end: its status, details, and when."""
+    with grpc.insecure_channel(address) as channel:
+        stream = robot_pb2_grpc.RobotStub(channel).Listen(
+            robot_pb2.ListenRequest(routes=[robot_pb2.Route(id="x", pattern="^x$")]),
+            metadata=[("authorization", f"Bearer {secret}")],
+            timeout=60,
+        )
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as exc:
+            ended.append((exc.code(), exc.details() or "", time.monotonic()))
+
+
+@pytest.mark.slow
+async def test_an_open_listen_stream_ends_when_its_secret_is_rotated(
+    tmp_path: Path, bot_config: Callable[[str], str]
+) -> None:
+    config = bot_config("callbacks: []\n")
+    workdir = tmp_path / "bot"
+    workdir.mkdir()
+    (workdir / "oco.yaml").write_text(config)
+    c = str(workdir / "oco.yaml")
+    secret = added(await aoco("callbacks", "add", "roamer", "--config", c, cwd=tmp_path))
+    async with run_oco(config, workdir) as bot:
+        ended: list[tuple[grpc.StatusCode, str, float]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, listen_until_ended, bot.address, secret, ended)
+            await trio.sleep(1)
+            assert not ended, ended  # the stream is open
+            rotated_at = time.monotonic()
+            added(await aoco("callbacks", "rotate", "roamer", "--config", c, cwd=tmp_path))
+        code, details, when = ended[0]
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "no longer valid" in details
+        assert when - rotated_at <= 2 * CACHE_SECONDS + 3
 
 
 @pytest.mark.slow
