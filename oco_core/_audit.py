@@ -123,12 +123,14 @@ class AuditLog:
                 if self._retention is not None:
                     nursery.start_soon(self._prune_hourly)
                 async for first in self._receive:
-                    # Let a burst gather: at a message a millisecond, one write per
-                    # message would be a disk sync per message, on the routing thread's heels.
-                    await trio.sleep(_BATCH_WAIT)
-                    # Taken off the queue, a batch is written even if the bot is stopping.
-                    with trio.CancelScope(shield=True), trio.move_on_after(30):
-                        await self._write(self._batch(first))
+                    try:
+                        # Let a burst gather: at a message a millisecond, one write per
+                        # message would be a disk sync per message, on routing's heels.
+                        await trio.sleep(_BATCH_WAIT)
+                    finally:
+                        # Taken off the queue, a batch is written even if the bot is stopping.
+                        with trio.CancelScope(shield=True), trio.move_on_after(30):
+                            await self._write(self._batch(first))
         finally:
             with trio.move_on_after(5) as scope:
                 scope.shield = True

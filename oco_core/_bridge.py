@@ -124,16 +124,19 @@ def _peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, 
     return tuple(name for name in names if name)  # a subject without a CN reads as ""
 
 
-#: Longest status details sent: grpc carries them in a trailer, and past its 16 KiB limit
-#: the client sees a transport error instead of our status (a request's long value
-#: quoted in an error would do it).
-MAX_DETAILS = 1000
+#: Most UTF-8 bytes of status details sent: grpc carries them percent-encoded (up to
+#: three times as long) in a trailer, and past its 8 KiB soft limit the client may see a
+#: transport error instead of our status (a request's long value quoted in an error
+#: would do it).
+MAX_DETAILS_BYTES = 1000
 
 
 def _shorten(details: str) -> str:
-    if len(details) <= MAX_DETAILS:
+    data = details.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_DETAILS_BYTES:
         return details
-    return f"{details[:MAX_DETAILS]}... ({len(details)} characters in all)"
+    cut = data[:MAX_DETAILS_BYTES].decode("utf-8", "ignore")  # never half a character
+    return f"{cut}... ({len(data)} bytes in all)"
 
 
 @dataclass(frozen=True, slots=True)

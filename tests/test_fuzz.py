@@ -898,18 +898,20 @@ async def test_undecodable_requests_are_refused_without_a_traceback(tmp_path: Pa
 
 
 def _long_string_requests(descriptor: Descriptor, depth: int = 0) -> Iterator[tuple[str, ProtoMessage]]:
-    """One request per string field (nested ones too) with that field 20 000 characters
+    """Two requests per string field (nested ones too) with that field 20 000 bytes
     long (unbalanced for a pattern, which the bot refuses) and every other field empty."""
     cls = message_factory.GetMessageClass(descriptor)
     for fd in descriptor.fields:
         if fd.type == _F.TYPE_STRING:
-            value = "(" + "x" * 20_000 if fd.name == "pattern" else "x" * 20_000
-            message = cls()
-            if fd.is_repeated:
-                getattr(message, fd.name).append(value)
-            else:
-                setattr(message, fd.name, value)
-            yield fd.name, message
+            # ASCII, and 4-byte characters that grpc percent-encodes to 12 bytes each.
+            for filler in ("x" * 20_000, "\U0001f600" * 5_000):
+                value = "(" + filler if fd.name == "pattern" else filler
+                message = cls()
+                if fd.is_repeated:
+                    getattr(message, fd.name).append(value)
+                else:
+                    setattr(message, fd.name, value)
+                yield fd.name, message
         elif fd.message_type is not None and not fd.message_type.GetOptions().map_entry and depth < 3:
             for path, inner in _long_string_requests(fd.message_type, depth + 1):
                 message = cls()
