@@ -370,7 +370,7 @@ class Bot:
             respond_text = incoming.body.strip()
         if respond_text is not None:
             builtin = _BUILTIN.fullmatch(respond_text)
-            if builtin:
+            if builtin and self._is_builtin(builtin.group("cmd"), builtin.group("args") or ""):
                 command = " ".join(builtin.group("cmd").lower().split())
                 self._spawn(partial(self._builtin, adapter, incoming, user_id, command, builtin.group("args") or ""))
                 return
@@ -385,6 +385,15 @@ class Bot:
         refusal = gate.refusal(delivered=any(m.event.matched_message.direct for m in matches))
         if refusal:
             self._reply(adapter, incoming, refusal, mention=True)
+
+    def _is_builtin(self, command: str, args: str) -> bool:
+        """Whether an addressed message is the bot's own command. `link` is a common
+        word for callbacks too ("oco link https://..."): it is ours only when it names
+        an account on one of the bot's adapters; otherwise it goes to the routes."""
+        if command.lower() != "link":
+            return True
+        words = args.split()
+        return len(words) == 1 and words[0].partition("/")[0] in self.links
 
     def _answer_help(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, topic: str) -> None:
         topic = topic.strip()

@@ -365,3 +365,16 @@ async def test_rate_limits_refuse_clearly(tmp_path: Path) -> None:
         assert [m.body for m in running.adapter.sent][-2:] == ["PONG", "one"]
         limited = await audit(running, kind="rate_limit")
         assert [(r.user, r.callback) for r in limited] == [("memory/bob", ""), ("memory/bob", ""), ("", "ops")]
+
+
+async def test_link_is_the_bots_only_when_it_names_an_account(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        cb = Callback(id="ops", secret=SECRET, address=running.address)
+
+        @cb.respond(r"^link (\S+)$")
+        async def shorten(message: Message) -> None:
+            await message.reply(f"short link for {message.match(1)}")
+
+        async with serving(cb):
+            assert await say(running, "oco link https://example.com/x") == "short link for https://example.com/x"
+            assert (await say(running, "oco link memory/robert")).startswith("to confirm, say `oco link memory/alice`")
