@@ -139,6 +139,79 @@ def _shorten(details: str) -> str:
     return f"{cut}... ({len(data)} bytes in all)"
 
 
+class _RefuseUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The standard health and reflection services deserialize inside grpc, where a
+    request that is not protobuf ends the call UNKNOWN and logs a traceback, for anyone,
+    without a secret. This gives their methods our answer instead: INVALID_ARGUMENT."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        method = str(details.method)
+        if handler is None or not method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return handler
+        parse = handler.request_deserializer
+        if parse is None:
+            return handler
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:
+                return Undecodable(f"{type(exc).__name__}: {exc}")
+
+        async def refuse(context: grpc.aio.ServicerContext[Any, Any], found: Undecodable) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _shorten(f"not a valid request: {found.error}"))
+
+        if handler.unary_unary is not None:
+            inner_uu: Any = handler.unary_unary  # the stubs type these as the sync server's
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if isinstance(request, Undecodable):
+                    await refuse(context, request)
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                if isinstance(request, Undecodable):
+                    await refuse(context, request)
+                result = inner_us(request, context)
+                if hasattr(result, "__aiter__"):  # an async generator: pass on what it yields
+                    async for response in result:
+                        await context.write(response)
+                else:  # a coroutine that writes through the context itself (health's Watch)
+                    await result
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            inner_ss: Any = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, Undecodable):
+                            await refuse(context, request)
+                        yield request
+
+                async for response in inner_ss(checked(), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
 @dataclass(frozen=True, slots=True)
 class Undecodable:
     """What a handler gets instead of a request whose bytes its deserializer refused
@@ -429,7 +502,7 @@ class Bridge:
         beforehand for a clearer message)."""
 
         async def start() -> ServerHandle:
-            server = grpc.aio.server(options=list(options))
+            server = grpc.aio.server(options=list(options), interceptors=[_RefuseUndecodable()])
             handlers = [
                 grpc.method_handlers_generic_handler(
                     service, {name: self._handler(method, window) for name, method in methods.items()}

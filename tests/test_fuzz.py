@@ -962,3 +962,55 @@ async def test_the_memory_adapter_takes_more_than_100_000_messages(tmp_path: Pat
     async with run_oco(bot_config(tmp_path, rate_limit=None), tmp_path) as process:
         codes = await trio.to_thread.run_sync(send, process)
     assert codes == [grpc.StatusCode.OK] * 21
+
+
+async def test_the_standard_services_refuse_undecodable_requests_too(tmp_path: Path) -> None:
+    """Health and reflection come from grpcio's own packages; bytes that are not their
+    request get INVALID_ARGUMENT (no secret needed, as for those services) and no
+    traceback, and a good Watch still streams."""
+
+    def probe(process: OcoProcess) -> dict[str, grpc.StatusCode]:
+        channel = open_channel(process.address)
+        codes: dict[str, grpc.StatusCode] = {}
+        try:
+            calls: dict[str, Any] = {
+                "Check": lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff", timeout=5),
+                "Watch": lambda: list(channel.unary_stream("/grpc.health.v1.Health/Watch")(b"\xff", timeout=5)),
+                "Reflection": lambda: list(
+                    channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                        iter([b"\xff"]), timeout=5
+                    )
+                ),
+            }
+            for name, run in calls.items():
+                try:
+                    run()
+                    codes[name] = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    codes[name] = exc.code()
+            watch = channel.unary_stream(
+                "/grpc.health.v1.Health/Watch",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            first = next(iter(watch))
+            codes["good Watch"] = (
+                grpc.StatusCode.OK
+                if first.status == health_pb2.HealthCheckResponse.SERVING
+                else grpc.StatusCode.UNKNOWN
+            )
+            watch.cancel()
+        finally:
+            channel.close()
+        return codes
+
+    async with run_oco(bot_config(tmp_path), tmp_path) as process:
+        codes = await trio.to_thread.run_sync(probe, process)
+        await trio.sleep(0.2)
+        assert not traceback_in(process), traceback_in(process)
+    assert codes == {
+        "Check": grpc.StatusCode.INVALID_ARGUMENT,
+        "Watch": grpc.StatusCode.INVALID_ARGUMENT,
+        "Reflection": grpc.StatusCode.INVALID_ARGUMENT,
+        "good Watch": grpc.StatusCode.OK,
+    }
