@@ -11,18 +11,23 @@ and may grant and revoke roles from chat.
 
 Everything lives in memory for checks that never wait, and is written through to the
 core store's ``auth`` namespace (one JSON record per person) when it changes, so a
-restarted bot keeps what admins granted.
+restarted bot keeps what admins granted; it is read again every few seconds, so bots
+sharing one store see each other's grants.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import trio
+
 from ._config import AuthSettings
+from ._errors import StoreError
 from ._policy import TokenBucket
 from ._store import Store
 
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "auth"
 ADMIN_ROLE = "admin"
+#: How often the people are read again from the store (changes by other bots).
+RELOAD_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +77,10 @@ class Authorization:
         self._pending_links: dict[tuple[str, str], float] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._warned_until: dict[str, float] = {}
+        #: Writes begun, and writes in flight: a reload that overlaps one keeps what is
+        #: in memory (its read may predate the write) and the next reload catches up.
+        self._writes = 0
+        self._writing = 0
         #: Maps a user id as written in the config to the id messages carry (the bot
         #: sets it once adapters exist: IRC folds case).
         self.canonical: Callable[[str], str] = lambda user_id: user_id
@@ -78,7 +89,10 @@ class Authorization:
         return {self.canonical(a) for a in self.settings.admins}
 
     async def load(self) -> None:
-        """Read the people and roles earlier runs stored."""
+        """Read the people and roles stored (by earlier runs, or by other bots)."""
+        writes, quiet = self._writes, self._writing == 0
+        people: dict[str, _Person] = {}
+        person_of: dict[str, str] = {}
         start = ""
         while True:
             page = await self._store.list(NAMESPACE, "person/", start_after=start, limit=500)
@@ -93,12 +107,24 @@ class Authorization:
                 except (ValueError, TypeError, KeyError):
                     log.warning("ignoring a malformed authorization record %r in the store", item.key)
                     continue
-                self._people[person.id] = person
+                people[person.id] = person
                 for account in person.accounts:
-                    self._person_of[account] = person.id
+                    person_of[account] = person.id
             if len(page) < 500:
-                return
+                break
             start = page[-1].key
+        if quiet and self._writing == 0 and writes == self._writes:
+            self._people, self._person_of = people, person_of
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read the store again every RELOAD_SECONDS until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(RELOAD_SECONDS)
+            try:
+                await self.load()
+            except StoreError as exc:
+                log.warning("could not read roles from the store (keeping those in memory): %s", exc)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -181,17 +207,32 @@ class Authorization:
 
     # -- changing --------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _writing_store(self) -> AsyncIterator[None]:
+        self._writes += 1
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+
     async def _save(self, person: _Person) -> None:
+        async with self._writing_store():
+            self._save_in_memory(person)
+            if person.roles or len(person.accounts) > 1:
+                await self._store.set(NAMESPACE, f"person/{person.id}", person.to_json())
+            else:
+                await self._store.delete(NAMESPACE, f"person/{person.id}")
+
+    def _save_in_memory(self, person: _Person) -> None:
         if person.roles or len(person.accounts) > 1:
             self._people[person.id] = person
             for account in person.accounts:
                 self._person_of[account] = person.id
-            await self._store.set(NAMESPACE, f"person/{person.id}", person.to_json())
         else:
             self._people.pop(person.id, None)
             for account in person.accounts:
                 self._person_of.pop(account, None)
-            await self._store.delete(NAMESPACE, f"person/{person.id}")
 
     def _record(self, user_id: str) -> _Person:
         found = self._people.get(self.person(user_id))
@@ -237,7 +278,8 @@ class Authorization:
         keep.roles |= other.roles
         if other.id in self._people:
             self._people.pop(other.id)
-            await self._store.delete(NAMESPACE, f"person/{other.id}")
+            async with self._writing_store():
+                await self._store.delete(NAMESPACE, f"person/{other.id}")
         await self._save(keep)
 
     async def unlink(self, user_id: str) -> bool:
@@ -249,7 +291,8 @@ class Authorization:
         person.accounts.remove(user_id)
         if person.id == user_id:  # the record is keyed by this account: re-key it
             self._people.pop(person.id, None)
-            await self._store.delete(NAMESPACE, f"person/{person.id}")
+            async with self._writing_store():
+                await self._store.delete(NAMESPACE, f"person/{person.id}")
             person = _Person(person.accounts[0], person.accounts, person.roles)
         self._person_of.pop(user_id, None)
         await self._save(person)

@@ -217,6 +217,7 @@ class Bot:
             self._tasks = nursery
             await nursery.start(self.directory.run)
             await nursery.start(self.audit.run)
+            await nursery.start(self.auth.run)
             self.address = await nursery.start(serve, self)
             with trio.CancelScope() as self._shutdown:
                 async with trio.open_nursery() as workers:

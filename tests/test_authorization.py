@@ -378,3 +378,17 @@ async def test_link_is_the_bots_only_when_it_names_an_account(tmp_path: Path) ->
         async with serving(cb):
             assert await say(running, "oco link https://example.com/x") == "short link for https://example.com/x"
             assert (await say(running, "oco link memory/robert")).startswith("to confirm, say `oco link memory/alice`")
+
+
+async def test_two_bots_sharing_a_store_see_each_others_grants(tmp_path: Path) -> None:
+    from oco_core._auth import RELOAD_SECONDS
+
+    async with open_bot(config(tmp_path)) as first, open_bot(config(tmp_path)) as second:
+        cb = Callback(id="ops", secret=SECRET, address=second.address)
+        async with serving(cb):
+            assert not (await cb.check_permission("memory/bob", "deploy")).allowed
+            assert await say(first, "oco grant bob deploy") == "memory/bob now has the role deploy"
+            began = trio.current_time()
+            while not (await cb.check_permission("memory/bob", "deploy")).allowed:
+                assert trio.current_time() - began < RELOAD_SECONDS + 5, "the second bot never saw the grant"
+                await trio.sleep(0.2)
