@@ -116,10 +116,13 @@ def _check(loaded: LoadedConfig) -> int:
     Bot(loaded, load_plugins())
     load_server_tls(loaded)  # the certificate files, as `oco run` would read them
     config = loaded.config
+    tls = config.grpc.tls
+    transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca is not None else "TLS")
     print(
         f"{loaded.source}: OK — adapters: {', '.join(a.instance_name + ' (' + a.type + ')' for a in config.adapters)};"
-        f" store: {config.store.type}; gRPC: {config.grpc.listen};"
-        f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'}"
+        f" store: {config.store.type}; gRPC: {config.grpc.listen} ({transport});"
+        f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'};"
+        f" admins: {', '.join(config.auth.admins) or 'none'}"
     )
     return EXIT_OK
 

@@ -86,7 +86,7 @@ callbacks:
     assert result.returncode == EXIT_OK, result.stderr
     line = result.stdout.strip()
     assert line.startswith(f"{config}: OK"), line
-    for part in ("shell", "memory", "sql", "127.0.0.1:50999", "example", "deploy"):
+    for part in ("shell", "memory", "sql", "127.0.0.1:50999 (plaintext)", "example", "deploy", "admins: none"):
         assert part in line
     assert not (tmp_path / "oco.db").exists(), "check-config must not create the store"
     assert secret not in result.stdout + result.stderr

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,3 +364,20 @@ async def test_the_sdk_names_the_tls_file_it_cannot_use(tmp_path: Path, pki: Pki
         await callback(tls_cert=pki.alpha.cert, tls_key=pki.beta.key).serve()
     with pytest.raises(CallbackError, match=r"give both tls_cert and tls_key"):
         await callback(tls_cert=pki.alpha.cert).serve()
+
+
+@pytest.mark.parametrize(("tls", "shown"), [(server_tls, "(TLS)"), (mutual_tls, "(mutual TLS)")])
+async def test_check_config_says_how_the_api_is_served(
+    tmp_path: Path, pki: Pki, tls: Callable[[Pki], str], shown: str
+) -> None:
+    workdir = tmp_path / "bot"
+    workdir.mkdir()
+    (workdir / "oco.yaml").write_text(tls_config(tmp_path, tls(pki), "  []\n"))
+    done = await trio.run_process(
+        [sys.executable, "-m", "oco_core", "check-config", "--config", str(workdir / "oco.yaml")],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"127.0.0.1:0 {shown};" in done.stdout.decode()
