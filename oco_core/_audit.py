@@ -54,7 +54,9 @@ class AuditRecord:
     - ``rate_limit``: a person or a callback went over its rate limit (denied);
     - ``admin``: an admin command from chat (grant, revoke, link, ...);
     - ``capability``: a callback's call needed a capability it lacks (denied);
-    - ``check_permission``: a callback asked CheckPermission.
+    - ``check_permission``: a callback asked CheckPermission;
+    - ``authentication``: a caller was refused for who it is (an unknown secret, a
+      client certificate for another callback), once per host a minute.
     """
 
     time: float

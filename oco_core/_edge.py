@@ -50,6 +50,8 @@ STORAGE = "oco.Storage"
 DIRECTORY = "oco.Directory"
 AUTHORIZATION = "oco.Authorization"
 
+#: Refused callers are audited once per host per this many seconds.
+_REFUSAL_WINDOW = 60.0
 #: How often an open Listen stream's secret is checked again.
 RECHECK_SECONDS = CACHE_SECONDS
 _LIST_DEFAULT = 100
@@ -90,20 +92,42 @@ class Services:
     def __init__(self, bot: Bot) -> None:
         self.bot = bot
         self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()}, bot.store)
+        self._refusals: dict[str, tuple[float, int]] = {}
+
+    def _refused(self, info: CallInfo, callback_id: str, details: str) -> None:
+        """Audit a caller refused for who it is: the first refusal from a host in a minute,
+        with a count of those left out since, so a flood of bad secrets cannot flood the log."""
+        host = info.peer.rpartition(":")[0] or info.peer
+        now = trio.current_time()
+        first, skipped = self._refusals.get(host, (-_REFUSAL_WINDOW, 0))
+        if now - first < _REFUSAL_WINDOW:
+            self._refusals[host] = (first, skipped + 1)
+            return
+        if len(self._refusals) > 10_000:
+            self._refusals.clear()
+        self._refusals[host] = (now, 0)
+        more = f" ({skipped} more from {host} in the minute before)" if skipped else ""
+        self.bot.record("authentication", DENIED, callback=callback_id, detail=f"{details}; peer {info.peer}{more}")
 
     async def _caller(self, info: CallInfo, capability: str | None = None) -> str:
         """The calling callback's id, once its secret (and certificate) check out and,
         when ``capability`` is named, its configuration grants it."""
-        callback_id = await self.auth.identify(info)
+        try:
+            callback_id = await self.auth.identify(info)
+        except RpcAbort as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                self._refused(info, "", exc.details)
+            raise
         tls = self.bot.config.grpc.tls
         if tls is not None and tls.client_ca is not None and callback_id not in info.peer_identities:
             # The secret says who is calling; under mutual TLS the certificate must agree.
             named = ", ".join(map(repr, info.peer_identities)) or "no common name or subject alternative name"
-            raise RpcAbort(
-                grpc.StatusCode.PERMISSION_DENIED,
+            details = (
                 f"the client certificate is not for callback {callback_id!r}: it names {named}; under mutual TLS "
-                "a callback's certificate needs its id as common name or subject alternative name",
+                "a callback's certificate needs its id as common name or subject alternative name"
             )
+            self._refused(info, callback_id, details)
+            raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, details)
         if capability is not None:
             try:
                 self.bot.policy(callback_id).require(capability)
@@ -161,6 +185,7 @@ class Services:
                             await self.auth.identify(info)
                         except RpcAbort as exc:
                             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                                self._refused(info, callback_id, f"Listen stream ended: {exc.details}")
                                 revoked.append(RpcAbort(exc.code, f"the secret is no longer valid: {exc.details}"))
                                 nursery.cancel_scope.cancel()
                                 return
@@ -362,7 +387,7 @@ class Services:
 
             async def checked(message: Any, info: CallInfo, *rest: Any) -> Any:
                 if isinstance(message, Undecodable):
-                    await self.auth.identify(info)  # a missing secret is still the first thing said
+                    await self._caller(info)  # a missing secret is still the first thing said
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}: {message.error}")
                 return await impl(message, info, *rest)
 

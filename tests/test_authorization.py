@@ -392,3 +392,28 @@ async def test_two_bots_sharing_a_store_see_each_others_grants(tmp_path: Path) -
             while not (await cb.check_permission("memory/bob", "deploy")).allowed:
                 assert trio.current_time() - began < RELOAD_SECONDS + 5, "the second bot never saw the grant"
                 await trio.sleep(0.2)
+
+
+async def test_refused_callers_are_audited_once_a_minute_per_host(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+
+        def get(secret: str) -> grpc.StatusCode:
+            def work(channel: grpc.Channel) -> grpc.StatusCode:
+                try:
+                    storage_pb2_grpc.StorageStub(channel).Get(
+                        storage_pb2.GetRequest(key="k"), metadata=_metadata(secret), timeout=10
+                    )
+                except grpc.RpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            return cast(grpc.StatusCode, _with_channel(running.address, work))
+
+        for _ in range(3):
+            assert await trio.to_thread.run_sync(get, "not-the-secret-0123456789") == grpc.StatusCode.UNAUTHENTICATED
+        assert await trio.to_thread.run_sync(get, SECRET) == grpc.StatusCode.OK
+        refused = await audit(running, kind="authentication")
+        assert len(refused) == 1
+        assert refused[0].decision == "denied"
+        assert "unknown secret" in refused[0].detail
+        assert "peer ipv4:127.0.0.1:" in refused[0].detail

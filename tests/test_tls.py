@@ -8,6 +8,7 @@ and a second CA nobody trusts.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -248,6 +249,17 @@ async def test_mtls_refuses_missing_foreign_and_borrowed_certificates(
             grpc.StatusCode.OK,
             "",
         )
+        assert await bot.stop() == 0
+    # The borrowed certificate is in the audit log (the launched callback's refusals came
+    # from the same host within the minute: counted, not repeated).
+    config = str(tmp_path / "bot" / "oco.yaml")
+    command = [sys.executable, "-m", "oco_core", "audit", "--config", config, "--json", "--kind", "authentication"]
+    audit = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    assert audit.returncode == 0, audit.stderr.decode()
+    records = [json.loads(line) for line in audit.stdout.decode().splitlines()]
+    assert records, "no refusal was audited"
+    assert records[0]["decision"] == "denied"
+    assert "the client certificate is not for callback" in records[0]["detail"]
 
 
 # -- the Node.js example ---------------------------------------------------------------
