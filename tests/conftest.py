@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from oco_core.testing.pytest_plugin import server_unavailable
+
 #: The bundled example callback, as a config's `command:` list (YAML flow style).
 EXAMPLE_COMMAND = f'["{sys.executable}", "-m", "oco_core.examples.ping"]'
+#: The Node.js example callback's sources.
+NODE_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 
 
 @pytest.fixture
@@ -52,3 +58,29 @@ def _running(pid: int) -> bool:
 def process_running() -> Callable[[int], bool]:
     """Whether the process ``pid`` is still running (a zombie counts as ended)."""
     return _running
+
+
+@pytest.fixture(scope="session")
+def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of examples/node with its dependencies installed (`npm ci`, once per test
+    run) and its .proto files written; without node or npm the test is skipped (a failure
+    where OCO_REQUIRE_SERVERS=1)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        server_unavailable("node", "the Node.js example needs `node` and `npm` on PATH (Node.js 18 or later)")
+    workdir = tmp_path_factory.mktemp("node-example")
+    for name in ("package.json", "package-lock.json", "callback.js"):
+        shutil.copy(NODE_EXAMPLE / name, workdir / name)
+    installed = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if installed.returncode != 0:
+        server_unavailable("npm registry", f"`npm ci` failed: {installed.stderr[-2000:]}")
+    # The example loads the files `oco proto --out` writes (build/proto beside it by default).
+    subprocess.run([sys.executable, "-m", "oco_core", "proto", "--out", str(workdir / "build" / "proto")], check=True)
+    return workdir

@@ -9,47 +9,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 
 from oco_core.testing import run_oco
-from oco_core.testing.pytest_plugin import server_unavailable
 
 pytestmark = pytest.mark.server("node")
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 SECRET = "node-callback-secret-0123456789"
-
-
-@pytest.fixture(scope="module")
-def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of examples/node with its dependencies installed and its .proto files written."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        server_unavailable("node", "the Node.js example needs `node` and `npm` on PATH (Node.js 18 or later)")
-    workdir = tmp_path_factory.mktemp("node-example")
-    for name in ("package.json", "package-lock.json", "callback.js"):
-        shutil.copy(EXAMPLE / name, workdir / name)
-    installed = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if installed.returncode != 0:
-        server_unavailable("npm registry", f"`npm ci` failed: {installed.stderr[-2000:]}")
-    # The example loads the files `oco proto --out` writes (build/proto beside it by default).
-    subprocess.run([sys.executable, "-m", "oco_core", "proto", "--out", str(workdir / "build" / "proto")], check=True)
-    return workdir
 
 
 async def test_launched_by_the_bot(node_example: Path, tmp_path: Path) -> None:

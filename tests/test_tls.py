@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,10 +24,8 @@ import trustme
 from oco_core import Callback, CallbackError, Message
 from oco_core._proto import storage_pb2, storage_pb2_grpc
 from oco_core.testing import run_oco
-from oco_core.testing.pytest_plugin import server_unavailable
 
 ALPHA_SECRET = "alpha-secret-0123456789abcdef"
-NODE_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 #: The name in the mutual-TLS bot's certificate; it is not the address dialled.
 BOT_NAME = "bot.internal"
 
@@ -263,30 +260,6 @@ async def test_mtls_refuses_missing_foreign_and_borrowed_certificates(
 
 
 # -- the Node.js example ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of examples/node with its dependencies installed and its .proto files
-    written (as tests/test_node_callback.py prepares it)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        server_unavailable("node", "the Node.js example needs `node` and `npm` on PATH (Node.js 18 or later)")
-    workdir = tmp_path_factory.mktemp("node-example")
-    for name in ("package.json", "package-lock.json", "callback.js"):
-        shutil.copy(NODE_EXAMPLE / name, workdir / name)
-    installed = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if installed.returncode != 0:
-        server_unavailable("npm registry", f"`npm ci` failed: {installed.stderr[-2000:]}")
-    subprocess.run([sys.executable, "-m", "oco_core", "proto", "--out", str(workdir / "build" / "proto")], check=True)
-    return workdir
 
 
 @pytest.mark.server("node")
