@@ -6,7 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,37 @@ def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The example loads the files `oco proto --out` writes (build/proto beside it by default).
     subprocess.run([sys.executable, "-m", "oco_core", "proto", "--out", str(workdir / "build" / "proto")], check=True)
     return workdir
+
+
+@pytest.fixture
+def postgres_tables() -> Iterator[tuple[str, str]]:
+    """``(url, table_prefix)``: tables of this test's own on the PostgreSQL at
+    ``OCO_TEST_POSTGRES_URL``, dropped afterwards; skipped (a failure where OCO_REQUIRE_SERVERS=1) when
+    the variable is unset or the server does not answer."""
+    import sqlalchemy as sa
+
+    from oco_core._sql_store import SqlStoreConfig
+
+    url = os.environ.get("OCO_TEST_POSTGRES_URL", "")
+    if not url:
+        server_unavailable(
+            "PostgreSQL", "set OCO_TEST_POSTGRES_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        )
+    engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url(), connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as e:
+        server_unavailable("PostgreSQL", " ".join(str(e.orig).split()))
+    finally:
+        engine.dispose()
+    prefix = f"t{uuid.uuid4().hex[:12]}_"
+    yield url, prefix
+    engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url())
+    try:
+        with engine.begin() as conn:
+            for name in sa.inspect(conn).get_table_names():
+                if name.startswith(prefix):
+                    conn.execute(sa.text(f'DROP TABLE "{name}"'))
+    finally:
+        engine.dispose()

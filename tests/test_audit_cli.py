@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +29,7 @@ from oco_core._cli import EXIT_OK, EXIT_STORE, EXIT_USAGE
 from oco_core._config import parse_config
 from oco_core._plugins import load_plugins
 from oco_core.testing import run_oco
-from oco_core.testing.pytest_plugin import server_unavailable
 
-POSTGRES_ENV = "OCO_TEST_POSTGRES_URL"
 NOW = time.time()
 #: (seconds ago, kind, decision, details), oldest first.
 RECORDS: list[tuple[float, str, str, dict[str, str]]] = [
@@ -107,24 +104,9 @@ def config_file(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path
         path.write_text(f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\ncallbacks: []\n')
         yield path
         return
-    url = os.environ.get(POSTGRES_ENV, "")
-    if not url:
-        server_unavailable("PostgreSQL", f"set {POSTGRES_ENV}, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    prefix = f"t{uuid.uuid4().hex[:12]}_"
+    url, prefix = request.getfixturevalue("postgres_tables")
     path.write_text(f'store: {{url: "{url}", table_prefix: "{prefix}"}}\ncallbacks: []\n')
     yield path
-    import sqlalchemy as sa
-
-    from oco_core._sql_store import SqlStoreConfig
-
-    engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url())
-    try:
-        with engine.begin() as conn:
-            for name in sa.inspect(conn).get_table_names():
-                if name.startswith(prefix):
-                    conn.execute(sa.text(f'DROP TABLE "{name}"'))
-    finally:
-        engine.dispose()
 
 
 async def write_records(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,9 +46,7 @@ from oco_core._secrets import (
 )
 from oco_core._store import Item, Store
 from oco_core.testing import MemoryStore, run_oco
-from oco_core.testing.pytest_plugin import server_unavailable
 
-POSTGRES_ENV = "OCO_TEST_POSTGRES_URL"
 GENERATED = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
@@ -106,23 +104,8 @@ def store_yaml(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\n'
         return
-    url = os.environ.get(POSTGRES_ENV, "")
-    if not url:
-        server_unavailable("PostgreSQL", f"set {POSTGRES_ENV}, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    prefix = f"t{uuid.uuid4().hex[:12]}_"
+    url, prefix = request.getfixturevalue("postgres_tables")
     yield f'store: {{url: "{url}", table_prefix: "{prefix}"}}\n'
-    import sqlalchemy as sa
-
-    from oco_core._sql_store import SqlStoreConfig
-
-    engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url())
-    try:
-        with engine.begin() as conn:
-            for name in sa.inspect(conn).get_table_names():
-                if name.startswith(prefix):
-                    conn.execute(sa.text(f'DROP TABLE "{name}"'))
-    finally:
-        engine.dispose()
 
 
 # -- the command ----------------------------------------------------------------------

@@ -7,9 +7,7 @@ own (a random table prefix) and drops them afterwards.
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,46 +26,6 @@ from oco_core._sql_store import (
 )
 from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import StoreContract
-
-POSTGRES_ENV = "OCO_TEST_POSTGRES_URL"
-
-
-def postgres_url() -> str:
-    """The test PostgreSQL's URL, or skip (fail in CI) when it is not configured."""
-    url = os.environ.get(POSTGRES_ENV, "")
-    if not url:
-        server_unavailable("PostgreSQL", f"set {POSTGRES_ENV}, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    return url
-
-
-def drop_tables(url: str, prefix: str) -> None:
-    """Drop every table whose name starts with ``prefix``."""
-    engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url())
-    try:
-        with engine.begin() as conn:
-            for name in sa.inspect(conn).get_table_names():
-                if name.startswith(prefix):
-                    conn.execute(sa.text(f'DROP TABLE "{name}"'))
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def pg_prefix() -> Iterator[str]:
-    """A table prefix of this test's own on the test PostgreSQL, dropped afterwards."""
-    url = postgres_url()
-    prefix = f"t{uuid.uuid4().hex[:12]}_"
-    yield prefix
-    drop_tables(url, prefix)
-
-
-async def open_or_skip(config: SqlStoreConfig) -> SqlStore:
-    """Only to probe reachability: open and close once, skipping when unreachable."""
-    try:
-        async with open_sql_store(config) as store:
-            return store
-    except StoreUnavailableError as e:
-        server_unavailable("PostgreSQL", str(e))
 
 
 class TestSqliteStore(StoreContract):
@@ -97,9 +55,9 @@ class TestPostgresStore(StoreContract):
     """The contract on the real PostgreSQL, in tables of the test's own."""
 
     @pytest.fixture
-    async def store(self, pg_prefix: str, max_value_bytes: int) -> AsyncIterator[SqlStore]:
-        config = SqlStoreConfig(url=postgres_url(), table_prefix=pg_prefix, max_value_bytes=max_value_bytes)
-        await open_or_skip(config)
+    async def store(self, postgres_tables: tuple[str, str], max_value_bytes: int) -> AsyncIterator[SqlStore]:
+        url, prefix = postgres_tables
+        config = SqlStoreConfig(url=url, table_prefix=prefix, max_value_bytes=max_value_bytes)
         async with open_sql_store(config) as store:
             yield store
 
@@ -233,11 +191,8 @@ async def test_sqlite_upgrades_a_database_of_the_first_schema(tmp_path: Path) ->
     await _check_upgrade(f"sqlite:///{tmp_path / 'old.db'}", "oco_")
 
 
-async def test_postgres_upgrades_a_database_of_the_first_schema(pg_prefix: str) -> None:
-    url = postgres_url()
-    await open_or_skip(SqlStoreConfig(url=url, table_prefix=pg_prefix + "probe_"))
-    drop_tables(url, pg_prefix)
-    await _check_upgrade(url, pg_prefix)
+async def test_postgres_upgrades_a_database_of_the_first_schema(postgres_tables: tuple[str, str]) -> None:
+    await _check_upgrade(*postgres_tables)
 
 
 async def test_refuses_a_schema_newer_than_the_code(tmp_path: Path) -> None:
@@ -253,9 +208,9 @@ async def test_refuses_a_schema_newer_than_the_code(tmp_path: Path) -> None:
             pass
 
 
-async def test_concurrent_starts_migrate_once(pg_prefix: str) -> None:
-    url = postgres_url()
-    config = SqlStoreConfig(url=url, table_prefix=pg_prefix)
+async def test_concurrent_starts_migrate_once(postgres_tables: tuple[str, str]) -> None:
+    url, prefix = postgres_tables
+    config = SqlStoreConfig(url=url, table_prefix=prefix)
 
     async def start() -> None:
         async with open_sql_store(config) as store:
