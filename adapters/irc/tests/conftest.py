@@ -390,6 +390,26 @@ class Kit:
     ) -> AbstractAsyncContextManager[Person]:
         return open_person(self.server.port if port is None else port, nick, channels)
 
+    def oco_config(self, tmp_path: Path, rest: str) -> str:
+        """An `oco run` config: the IRC adapter as `oco` in #test on this server, SQLite in
+        ``tmp_path``, gRPC on a free port, then ``rest`` (callbacks:, auth:, ...)."""
+        return f"""\
+bot:
+  name: oco
+adapters:
+  - type: irc
+    host: 127.0.0.1
+    port: {self.server.port}
+    tls: false
+    nick: oco
+    channels: ["{CHANNEL}"]
+    rate_limit: {{burst: 10, per_second: 10}}
+store:
+  url: sqlite:///{tmp_path / "oco.db"}
+grpc:
+  listen: 127.0.0.1:0
+{rest}"""
+
 
 @pytest.fixture
 def host() -> Host:

@@ -14,23 +14,7 @@ from oco_core.testing import run_oco
 
 pytestmark = pytest.mark.server("ngircd")
 
-
-def _config(port: int, tmp_path: Path) -> str:
-    return f"""\
-bot:
-  name: oco
-adapters:
-  - type: irc
-    host: 127.0.0.1
-    port: {port}
-    tls: false
-    nick: oco
-    channels: ["#test"]
-    rate_limit: {{burst: 10, per_second: 10}}
-store:
-  url: sqlite:///{tmp_path / "oco.db"}
-grpc:
-  listen: 127.0.0.1:0
+EXAMPLE_CALLBACK = f"""\
 callbacks:
   - id: example
     command: ["{sys.executable}", "-m", "oco_core.examples.ping"]
@@ -51,7 +35,10 @@ async def _ask_until_answered(person: Any, target: str, question: str, answer: s
 
 
 async def test_oco_ping_in_a_channel_gets_pong(kit: Any, tmp_path: Path) -> None:
-    async with kit.person("alice") as alice, run_oco(_config(kit.server.port, tmp_path), tmp_path / "bot") as bot:
+    async with (
+        kit.person("alice") as alice,
+        run_oco(kit.oco_config(tmp_path, EXAMPLE_CALLBACK), tmp_path / "bot") as bot,
+    ):
         await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
         await _ask_until_answered(alice, "#test", "oco: ping", r":oco!\S+ PRIVMSG #test :(alice: )?PONG$")
         # The other ways of addressing the bot, and a private message.

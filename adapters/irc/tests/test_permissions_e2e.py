@@ -29,22 +29,9 @@ DENIED = "you need the permission `deploy` for that; `oco who can deploy` says w
 HELP_END = re.escape("(also: roles, who can, link; say `oco help roles` and so on)")
 
 
-def _config(port: int, tmp_path: Path, admin: str = "irc/alice") -> str:
+def _rest(admin: str = "irc/alice") -> str:
+    """The callback and the auth section, after the IRC bot's config."""
     return f"""\
-bot:
-  name: oco
-adapters:
-  - type: irc
-    host: 127.0.0.1
-    port: {port}
-    tls: false
-    nick: oco
-    channels: ["{CHANNEL}"]
-    rate_limit: {{burst: 10, per_second: 10}}
-store:
-  url: sqlite:///{tmp_path / "oco.db"}
-grpc:
-  listen: 127.0.0.1:0
 callbacks:
   - id: ops
     secret: {SECRET}
@@ -99,7 +86,7 @@ async def test_a_permission_is_refused_then_granted_from_irc_and_audited(kit: An
     async with (
         kit.person("Alice") as alice,
         kit.person("Bob") as bob,
-        run_oco(_config(kit.server.port, tmp_path), tmp_path / "bot") as bot,
+        run_oco(kit.oco_config(tmp_path, _rest()), tmp_path / "bot") as bot,
     ):
         await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
         async with trio.open_nursery() as nursery:
@@ -191,7 +178,7 @@ async def test_names_as_typed_find_the_person_whatever_their_case(kit: Any, tmp_
         async with (
             kit.person("Alice") as alice,
             kit.person("Bob") as bob,
-            run_oco(_config(kit.server.port, tmp_path, admin="irc/Alice"), tmp_path / "bot") as bot,
+            run_oco(kit.oco_config(tmp_path, _rest(admin="irc/Alice")), tmp_path / "bot") as bot,
         ):
             await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
             async with trio.open_nursery() as nursery:
