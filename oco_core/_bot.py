@@ -14,7 +14,6 @@ import itertools
 import logging
 import random
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -32,21 +31,19 @@ from ._config import LoadedConfig, validate_section
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import (
     AdapterError,
-    CapabilityError,
     ConfigError,
     InvalidRequestError,
-    RateLimitedError,
     RequestTooLargeError,
     StoreError,
     StoreUnavailableError,
     UnknownTargetError,
 )
 from ._plugins import Plugins
-from ._policy import CallbackPolicy, matches_any
+from ._policy import PRIVATE_ROOM, CallbackPolicy
 from ._proto import core_pb2, robot_pb2
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
-from ._secrets import check_store_secrets
+from ._secrets import check_store_secrets, expects_store_secret, generate_secret
 from ._store import NamespacedStore, Store
 
 log = logging.getLogger(__name__)
@@ -64,8 +61,6 @@ _BUILTIN_HELP = [
     "grant <user> <role> - (admins) give <user> a role",
     "revoke <user> <role> - (admins) take a role from <user>",
 ]
-#: Where a route's room rules see a private message.
-PRIVATE_ROOM = "private"
 #: How long start-up waits for launched callbacks to open their Listen streams.
 CALLBACK_STARTUP_WAIT = 20.0
 #: How long start-up waits for every adapter's first connection attempt.
@@ -134,13 +129,17 @@ class Bot:
         self.router = Router(config.bot.name, config.bot.aliases)
         self.callbacks: dict[str, CallbackState] = {}
         for cb in config.callbacks:
-            secret = cb.secret.get_secret_value() if cb.secret else secrets.token_urlsafe(32)
-            routes = [Route.declared(r) for r in cb.routes]
-            if cb.command is None and cb.secret is None:
+            if cb.secret is not None:
+                secret = cb.secret.get_secret_value()
+            elif expects_store_secret(cb):
                 secret = ""  # registered with `oco callbacks add`: the store has its hash
+            else:
+                secret = generate_secret()  # launched: a fresh one each start
+            routes = [Route.declared(r) for r in cb.routes]
             self.callbacks[cb.id] = CallbackState(cb.id, secret, routes, launched=cb.command is not None)
         self._policies = {
-            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})") for i, cb in enumerate(config.callbacks)
+            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})", self.record)
+            for i, cb in enumerate(config.callbacks)
         }
         # Validate every plugin section now, so `oco check-config` and start-up fail early.
         self._adapter_specs = []
@@ -281,7 +280,7 @@ class Bot:
         config does not name it)."""
         policy = self._policies.get(callback_id)
         if policy is None:
-            policy = self._policies[callback_id] = CallbackPolicy(callback_id)
+            policy = self._policies[callback_id] = CallbackPolicy(callback_id, record=self.record)
         return policy
 
     def statistics(self) -> BotStatistics:
@@ -432,23 +431,13 @@ class Bot:
 
     # -- permissions -----------------------------------------------------------------
 
-    def route_rules(self, callback_id: str, route: Route) -> tuple[str, list[str] | None, list[str]]:
-        """The permission a route needs and the rooms it may and may not match in,
-        the operator's ``route_rules`` winning over what the callback declared."""
-        rule = self.policy(callback_id).route_rules.get(route.id)
-        if rule is None:
-            return route.permission, None, []
-        permission = route.permission if rule.permission is None else rule.permission
-        return permission, rule.allow_rooms, rule.deny_rooms
-
     def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:
         """Whether a person may run a route in a room (without recording it), for help."""
-        permission, allow, deny = self.route_rules(callback_id, route)
-        where = room_id or PRIVATE_ROOM
-        if matches_any(where, deny) or (allow is not None and not matches_any(where, allow)):
+        access = self.policy(callback_id).access(route)
+        if not access.allows_room(room_id):
             return False
         assert self.auth is not None
-        return not permission or self.auth.check(user_id, permission).allowed
+        return not access.permission or self.auth.check(user_id, access.permission).allowed
 
     def record(self, kind: str, decision: str, **details: str) -> None:
         """Add one record to the audit log (never waits)."""
@@ -499,22 +488,16 @@ class Bot:
                         f"{words[0]}: granted by role(s) {', '.join(granting) or 'none'}; "
                         f"held by {'; '.join(people) or 'nobody yet'}"
                     )
-            elif command == "link":
-                if len(words) != 1:
-                    answer = f"usage: {name} link <account>, from each of the two accounts"
+            elif command == "link":  # _is_builtin saw one word naming an account on an adapter
+                other = self._user_ref(adapter, words[0])
+                if other == user_id:
+                    answer = f"{other} is this account: name the other one, from each of the two"
+                elif await self.auth.request_link(user_id, other):
+                    self.record("admin", ALLOWED, **audit)
+                    answer = f"linked: {user_id} and {other} are now one person; roles follow both"
                 else:
-                    other = self._user_ref(adapter, words[0])
-                    if other == user_id or "/" not in other or other.split("/", 1)[0] not in self.links:
-                        answer = (
-                            f"name the other account with its adapter, such as "
-                            f"{' or '.join(n + '/...' for n in self.links)}"
-                        )
-                    elif await self.auth.request_link(user_id, other):
-                        self.record("admin", ALLOWED, **audit)
-                        answer = f"linked: {user_id} and {other} are now one person; roles follow both"
-                    else:
-                        minutes = self.config.auth.link_timeout / 60
-                        answer = f"to confirm, say `{name} link {user_id}` as {other} within {minutes:.0f} minutes"
+                    minutes = self.config.auth.link_timeout / 60
+                    answer = f"to confirm, say `{name} link {user_id}` as {other} within {minutes:.0f} minutes"
             else:  # unlink
                 target = self._user_ref(adapter, words[0]) if words else user_id
                 if target not in self.auth.accounts(user_id) and not self.auth.is_admin(user_id):
@@ -656,19 +639,10 @@ class Bot:
         """Send every message of ``request`` in order, after checking all of them."""
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
         policy = self.policy(callback_id)
-        try:
-            for index, (link, out) in enumerate(resolved):
-                target = (
-                    f"{link.name}/{out.room_id}" if out.room_id else f"{link.name}/{out.user.id if out.user else ''}"
-                )
-                policy.require_send(target, f"message {index}")
-            policy.take_send(len(resolved))
-        except CapabilityError as exc:
-            self.record("capability", DENIED, callback=callback_id, permission=exc.capability, detail=str(exc))
-            raise
-        except RateLimitedError as exc:
-            self.record("rate_limit", DENIED, callback=callback_id, detail=str(exc))
-            raise
+        for index, (link, out) in enumerate(resolved):
+            native = out.room_id or (out.user.id if out.user else "")
+            policy.require_send(f"{link.name}/{native}", f"message {index}")
+        policy.take_send(len(resolved))
         for link, out in resolved:
             await link.adapter.send(out)
             self._stats.sent += 1
@@ -742,9 +716,10 @@ class _MessageGate:
         )
 
     def __call__(self, callback_id: str, route: Route) -> bool:
-        permission, allow, deny = self._bot.route_rules(callback_id, route)
-        where = self._room or PRIVATE_ROOM
-        if matches_any(where, deny) or (allow is not None and not matches_any(where, allow)):
+        access = self._bot.policy(callback_id).access(route)
+        permission = access.permission
+        if not access.allows_room(self._room):
+            where = self._room or PRIVATE_ROOM
             self._record(DENIED, callback_id, route, detail=f"not allowed in {where}: {self._what}")
             self.wrong_room = self.wrong_room or route.respond
             return False

@@ -132,7 +132,6 @@ class Services:
             try:
                 self.bot.policy(callback_id).require(capability)
             except CapabilityError as exc:
-                self.bot.record("capability", DENIED, callback=callback_id, permission=capability, detail=str(exc))
                 raise _status(exc) from None
         return callback_id
 
@@ -149,7 +148,6 @@ class Services:
         try:
             self.bot.policy(callback_id).require_events(set(request.events))
         except CapabilityError as exc:
-            self.bot.record("capability", DENIED, callback=callback_id, permission="events", detail=str(exc))
             raise _status(exc) from None
         routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callback_state(callback_id)
