@@ -181,7 +181,7 @@ class AuditLog:
             try:
                 removed = await prune(self._store, time.time() - self._retention)
                 if removed:
-                    log.info("audit log: removed %d record(s) older than the retention", removed)
+                    log.info("audit log: removed %d batch(es) of records older than the retention", removed)
             except StoreError as exc:
                 log.warning("audit log: pruning failed (will retry): %s", exc)
             await trio.sleep(_PRUNE_EVERY)
