@@ -28,8 +28,8 @@ import trio
 
 from ._config import AuthSettings
 from ._errors import StoreError
-from ._policy import TokenBucket
 from ._store import Store
+from ._timing import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Authorization:
         person = self.person(user_id)
         bucket = self._buckets.get(person)
         if bucket is None:
-            bucket = self._buckets[person] = TokenBucket(limit)
+            bucket = self._buckets[person] = TokenBucket(limit, limit / 60)  # limit: a minute's worth
         return bucket.take(1)
 
     def should_warn(self, user_id: str, wait: float) -> bool:

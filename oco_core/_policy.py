@@ -10,15 +10,15 @@ them.
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ._audit import DENIED
 from ._config import CallbackSettings, Capabilities, RouteRule
 from ._errors import CapabilityError, RateLimitedError
 from ._proto import robot_pb2
 from ._router import Route
+from ._timing import TokenBucket
 
 EVENT_NAMES: dict[int, str] = {robot_pb2.EVENT_KIND_MEMBERSHIP: "membership", robot_pb2.EVENT_KIND_TOPIC: "topic"}
 
@@ -53,32 +53,6 @@ class RouteAccess:
         return self.allow_rooms is None or matches_any(where, self.allow_rooms)
 
 
-@dataclass
-class TokenBucket:
-    """``per_minute`` tokens a minute, in bursts of up to that many."""
-
-    per_minute: int
-    tokens: float = field(init=False)
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.per_minute)
-
-    def take(self, count: int = 1) -> float:
-        """Take ``count`` tokens and return 0, or take none and return the seconds until
-        they would be there (infinity when ``count`` exceeds a whole minute's worth)."""
-        now = time.monotonic()
-        rate = self.per_minute / 60.0
-        self.tokens = min(float(self.per_minute), self.tokens + (now - self.updated) * rate)
-        self.updated = now
-        if count > self.per_minute:
-            return float("inf")
-        if self.tokens >= count:
-            self.tokens -= count
-            return 0.0
-        return (count - self.tokens) / rate
-
-
 class CallbackPolicy:
     """One callback's capabilities, route rules and send rate limit."""
 
@@ -93,7 +67,10 @@ class CallbackPolicy:
         self.capabilities = settings.capabilities if settings else Capabilities()
         self.route_rules: dict[str, RouteRule] = dict(settings.route_rules) if settings else {}
         self._where = where or "its entry in callbacks:"
-        self._bucket = TokenBucket(settings.rate_limit) if settings and settings.rate_limit else None
+        # rate_limit is per minute, and a whole minute's worth may come at once.
+        self._bucket = (
+            TokenBucket(settings.rate_limit, settings.rate_limit / 60) if settings and settings.rate_limit else None
+        )
         #: The audit log's ``record`` (kind, decision, **details).
         self._record = record or (lambda *args, **details: None)
 
@@ -142,12 +119,12 @@ class CallbackPolicy:
             return
         if wait == float("inf"):
             message = (
-                f"callback {self.callback_id!r} may send {self._bucket.per_minute} messages a minute "
+                f"callback {self.callback_id!r} may send {self._bucket.capacity:.0f} messages a minute "
                 f"(rate_limit); a request of {count} can never fit: split it"
             )
         else:
             message = (
-                f"callback {self.callback_id!r} is over its rate limit of {self._bucket.per_minute} messages "
+                f"callback {self.callback_id!r} is over its rate limit of {self._bucket.capacity:.0f} messages "
                 f"a minute; retry in {wait:.1f} s"
             )
         self._record("rate_limit", DENIED, callback=self.callback_id, detail=message)

@@ -59,6 +59,7 @@ from ._proto import (
     storage_pb2_grpc,
 )
 from ._store import Item
+from ._timing import Backoff
 from ._tls import PemSource, load_client_tls
 
 log = logging.getLogger(__name__)
@@ -547,7 +548,7 @@ class Callback:
                 "directory": directory_pb2_grpc.DirectoryStub(channel),
                 "authorization": authorization_pb2_grpc.AuthorizationStub(channel),
             }
-            backoff = 0.2
+            backoff = Backoff(0.2, 10.0)
             started = False
             try:
                 while True:
@@ -558,7 +559,7 @@ class Callback:
                             if not started:
                                 started = True
                                 task_status.started()
-                            backoff = 0.2
+                            backoff.reset()
                         log.warning("the bot ended the Listen stream; reconnecting")
                     except* grpc.aio.AioRpcError as group:
                         error = _first_rpc_error(group)
@@ -576,8 +577,7 @@ class Callback:
                         self._connected = trio.Event()
                         for done, _ in connection.pending.values():
                             done.set()
-                    await trio.sleep(backoff * (0.5 + random.random()))
-                    backoff = min(backoff * 2, 10.0)
+                    await backoff.sleep()
             finally:
                 with trio.CancelScope(shield=True):
                     await bridge.close_channel(channel)

@@ -13,16 +13,15 @@ import contextlib
 import fnmatch
 import logging
 import os
-import random
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from ._config import CallbackSettings, TlsSettings
+from ._timing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,9 @@ async def supervise_callback(
     """Keep one callback program running until cancelled; ``on_exit`` is called each
     time it exits (or cannot be started). ``tls`` is the API's ``grpc.tls``, if any."""
     assert settings.command is not None
-    backoff = 0.5
+    # A quarter of jitter at most: each restart's delay stays longer than the last (the
+    # log shows the growth), while callbacks of bots restarted together still spread.
+    backoff = Backoff(0.5, settings.restart_backoff_max, jitter=0.25, healthy_after=HEALTHY_RUN)
     output = logging.getLogger(f"oco.callback.{settings.id}")
     env = {
         # Only what inherit_env names: the bot's environment holds the passwords its
@@ -65,7 +66,6 @@ async def supervise_callback(
         **_tls_env(settings, address, tls),
     }
     while True:
-        began = time.monotonic()
         try:
             process = await trio.lowlevel.open_process(
                 settings.command,
@@ -86,12 +86,9 @@ async def supervise_callback(
             if on_exit is not None:
                 on_exit()
             log.warning("callback %r exited with code %s", settings.id, code)
-        if time.monotonic() - began > HEALTHY_RUN:
-            backoff = 0.5
-        delay = min(backoff, settings.restart_backoff_max) * (0.75 + random.random() / 2)
+        delay = backoff.next_delay()
         log.info("restarting callback %r in %.1f s", settings.id, delay)
         await trio.sleep(delay)
-        backoff *= 2
 
 
 def _tls_env(settings: CallbackSettings, address: str, tls: TlsSettings | None) -> dict[str, str]:

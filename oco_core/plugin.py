@@ -34,12 +34,15 @@ from ._store import Store as Store
 from ._store import StoreType as StoreType
 from ._store import encode_key as encode_key
 from ._store import prefix_end as prefix_end
+from ._timing import Backoff as Backoff
+from ._timing import TokenBucket as TokenBucket
 
 __all__ = [
     "MAX_KEY_BYTES",
     "Adapter",
     "AdapterHost",
     "AdapterType",
+    "Backoff",
     "ChatRoom",
     "ChatUser",
     "IncomingMessage",
@@ -50,6 +53,7 @@ __all__ = [
     "OutgoingMessage",
     "Store",
     "StoreType",
+    "TokenBucket",
     "encode_key",
     "hookimpl",
     "prefix_end",

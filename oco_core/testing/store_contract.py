@@ -42,8 +42,9 @@ import trio
 from .._errors import QuotaExceededError, StoreError, ValueTooLargeError, VersionConflictError
 from .._quota import QuotaConfig, QuotaStore
 from .._store import MAX_KEY_BYTES, Item, Store
+from .._timing import Backoff
 
-__all__ = ["StorageServiceContract", "StoreContract", "TcpProxy", "backoff", "cas_increment", "running_oco"]
+__all__ = ["StorageServiceContract", "StoreContract", "TcpProxy", "cas_backoff", "cas_increment", "running_oco"]
 
 
 def _utf8_order(keys: Sequence[str]) -> list[str]:
@@ -61,17 +62,19 @@ async def _list_all(store: Store, namespace: str, prefix: str = "", *, page: int
         after = batch[-1].key
 
 
-def backoff(attempt: int, *, base: float = 0.002, cap: float = 0.5) -> float:
-    """Seconds to wait before retry number ``attempt`` of a compare-and-set: exponential
-    with full jitter, so that n contending writers spread out instead of retrying in lock
-    step (measured with 50 callbacks on one key: 3x fewer conflicts than a 50 ms cap)."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+def cas_backoff(first: float = 0.004) -> Backoff:
+    """The backoff between retries of a compare-and-set: exponential from ``first`` up to
+    0.5 s, with full jitter, so that n contending writers spread out instead of retrying
+    in lock step (measured with 50 callbacks on one key: 3x fewer conflicts than a 50 ms
+    cap)."""
+    return Backoff(first, 0.5, jitter=1.0)
 
 
 async def cas_increment(store: Store, namespace: str, key: str) -> int:
     """Add one to the decimal counter under ``key`` with compare-and-set retries; return
     the number of conflicts met on the way."""
     conflicts = 0
+    backoff = cas_backoff()
     while True:
         item = await store.get(namespace, key)
         count, version = (0, 0) if item is None else (int(item.value), item.version)
@@ -80,7 +83,7 @@ async def cas_increment(store: Store, namespace: str, key: str) -> int:
             return conflicts
         except VersionConflictError:
             conflicts += 1
-            await trio.sleep(backoff(conflicts))
+            await backoff.sleep()
 
 
 class StoreContract:
@@ -636,7 +639,7 @@ class _BlockingStorageClient:
 
         from .._proto import storage_pb2
 
-        attempt = 0
+        backoff = cas_backoff()
         try:
             while True:
                 got = self._stub.Get(storage_pb2.GetRequest(key=key), metadata=self._metadata, timeout=30)
@@ -649,8 +652,7 @@ class _BlockingStorageClient:
                 except grpc.RpcError as e:
                     if e.code() != grpc.StatusCode.ABORTED:
                         raise
-                attempt += 1
-                time.sleep(backoff(attempt))
+                time.sleep(backoff.next_delay())
         except grpc.RpcError:
             return False
 
@@ -746,7 +748,7 @@ class StorageServiceContract:
 
             async def increment(callback: Callback) -> None:
                 for _ in range(per_replica):
-                    conflicts = 0
+                    backoff = cas_backoff(0.01)
                     while True:
                         item = await callback.storage.get_item("hits")
                         count, version = (0, 0) if item is None else (int(item.value), item.version)
@@ -754,8 +756,7 @@ class StorageServiceContract:
                             await callback.storage.set("hits", str(count + 1).encode(), expected_version=version)
                             break
                         except VersionConflictError:
-                            conflicts += 1
-                            await trio.sleep(backoff(conflicts, base=0.005))
+                            await backoff.sleep()
 
             async with trio.open_nursery() as workers:
                 for callback in callbacks:

@@ -38,17 +38,18 @@ from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import (
     Adapter,
     AdapterHost,
+    Backoff,
     ChatRoom,
     ChatUser,
     IncomingMessage,
     MembershipEvent,
     MembershipKind,
     OutgoingMessage,
+    TokenBucket,
 )
 
 from . import _protocol as p
 from ._config import IrcConfig
-from ._timing import Backoff, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class IrcAdapter(Adapter):
         """
         self._host = host
         cfg = self.config
-        backoff = Backoff(cfg.reconnect.initial_delay, cfg.reconnect.max_delay, cfg.reconnect.factor)
+        backoff = Backoff(cfg.reconnect.initial_delay, cfg.reconnect.max_delay, cfg.reconnect.factor, jitter=0.5)
         started = False
 
         def registered() -> None:

@@ -1,65 +1,18 @@
-"""The adapter's parts that need no server: timing, config, the outbox, the plugin."""
+"""The adapter's parts that need no server: config, the outbox, the plugin (its backoff and
+token bucket are oco-core's, tested in its tests/test_timing.py)."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import itertools
-import random
 
 import oco_adapter_irc
 import pluggy
 import pytest
-import trio
-import trio.testing
 from oco_adapter_irc import IrcAdapter, IrcConfig
-from oco_adapter_irc._timing import Backoff, TokenBucket
 from pydantic import ValidationError
 
 from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import ChatUser, OutgoingMessage
-
-
-async def test_token_bucket_paces_after_the_burst(autojump_clock: trio.testing.MockClock) -> None:
-    bucket = TokenBucket(burst=5, per_second=2.0)
-    start = trio.current_time()
-    times = []
-    for _ in range(25):
-        await bucket.wait()
-        bucket.take()
-        times.append(trio.current_time() - start)
-    assert times[:5] == [0.0] * 5  # the burst goes at once
-    gaps = [b - a for a, b in itertools.pairwise(times[4:])]
-    assert all(gap == pytest.approx(0.5) for gap in gaps)  # then two a second
-    assert times[-1] == pytest.approx(10.0)
-
-
-async def test_token_bucket_refills_while_idle(autojump_clock: trio.testing.MockClock) -> None:
-    bucket = TokenBucket(burst=3, per_second=1.0)
-    for _ in range(3):
-        bucket.take()
-    assert bucket.delay() == pytest.approx(1.0)
-    await trio.sleep(10)
-    assert bucket.delay() == 0.0
-    for _ in range(3):
-        bucket.take()  # refilled to the burst, no more
-    assert bucket.delay() == pytest.approx(1.0)
-
-
-def test_token_bucket_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="burst"):
-        TokenBucket(0, 1.0)
-
-
-def test_backoff_grows_with_jitter_up_to_the_cap_and_resets() -> None:
-    backoff = Backoff(1.0, 30.0, 2.0, rng=random.Random(7))
-    delays = [backoff.next_delay() for _ in range(12)]
-    nominal = [min(30.0, 2.0**n) for n in range(12)]
-    assert all(n / 2 <= d <= n for d, n in zip(delays, nominal, strict=True))
-    assert len(set(delays)) == len(delays)  # jittered
-    for _ in range(2000):
-        assert backoff.next_delay() <= 30.0  # never overflows past the cap
-    backoff.reset()
-    assert backoff.next_delay() <= 1.0
 
 
 def test_config_defaults_and_shorthands() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,6 +35,7 @@ import trio
 from nio import ErrorResponse, Response  # type: ignore[import-untyped]  # nio ships no type information
 
 from oco_core import AdapterError
+from oco_core.plugin import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,6 @@ class TokenRejectedError(AdapterError):
 
 class UnreachableError(AdapterError):
     """The homeserver could not be reached or answered with a server error."""
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.5 s doubling up to ``maximum``."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        """Start again from the shortest wait (after a success)."""
-        self._next = self._initial
-
-    async def wait(self) -> None:
-        """Sleep for the current delay, then double it."""
-        delay = self._next * random.uniform(0.8, 1.2)
-        self._next = min(self._next * 2, self._maximum)
-        await trio.sleep(delay)
 
 
 def _split_token(path: str) -> tuple[str, str | None]:
@@ -106,7 +87,7 @@ class Transport:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        backoff = Backoff()
+        backoff = Backoff(0.5, 30.0, jitter=0.2)
         while True:
             try:
                 answer = await self._http.request(
@@ -120,7 +101,7 @@ class Transport:
                 if not retry:
                     raise UnreachableError(f"homeserver unreachable: {error!r}") from error
                 log.warning("matrix: %s %s failed (%r); retrying", method, _endpoint(path), error)
-                await backoff.wait()
+                await backoff.sleep()
                 continue
             if answer.status_code == 429:
                 await _wait_out_rate_limit(answer, method, path)
@@ -129,7 +110,7 @@ class Transport:
                 if not retry:
                     raise UnreachableError(f"homeserver answered {answer.status_code} to {method} {_endpoint(path)}")
                 log.warning("matrix: %s %s answered %d; retrying", method, _endpoint(path), answer.status_code)
-                await backoff.wait()
+                await backoff.sleep()
                 continue
             body = _json(answer)
             if answer.status_code == 401 and body.get("errcode") in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):

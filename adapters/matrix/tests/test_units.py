@@ -8,10 +8,9 @@ from pathlib import Path
 import oco_adapter_matrix
 import pydantic
 import pytest
-import trio
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, strip_reply_fallback
-from oco_adapter_matrix._transport import Backoff, _split_token
+from oco_adapter_matrix._transport import _split_token
 
 BASE = {"homeserver": "https://matrix.example.org/", "user_id": "@oco:example.org", "password": "pw"}
 
@@ -102,19 +101,3 @@ def test_access_token_moves_from_the_query_to_a_header() -> None:
     assert token == "syt_abc"
     assert path == "/_matrix/client/v3/sync?since=s1&timeout=30000"
     assert _split_token("/_matrix/client/versions") == ("/_matrix/client/versions", None)
-
-
-async def test_backoff_doubles_up_to_its_maximum(autojump_clock: trio.abc.Clock) -> None:
-    backoff = Backoff(initial=1.0, maximum=4.0)
-    waits = []
-    for _ in range(5):
-        started = trio.current_time()
-        await backoff.wait()
-        waits.append(trio.current_time() - started)
-    # Each wait is its step with up to 20 % jitter either way.
-    for wait, step in zip(waits, [1, 2, 4, 4, 4], strict=True):
-        assert step * 0.8 <= wait <= step * 1.2
-    backoff.reset()
-    started = trio.current_time()
-    await backoff.wait()
-    assert trio.current_time() - started <= 1.2
