@@ -1,4 +1,7 @@
-"""Test helpers for people who build on OCO: an in-memory chat adapter and a bot runner.
+"""Test helpers for people who build on OCO: an in-memory chat adapter, a bot runner,
+and a recording host for adapter tests (the adapter contract suite is in
+:mod:`oco_core.testing.adapter_contract`, the store contract in
+:mod:`oco_core.testing.store_contract`).
 
 :class:`MemoryAdapter` is also registered as the ``memory`` adapter plugin, so a config
 with ``adapters: [{type: memory}]`` runs a bot with no chat service, for tests and
@@ -15,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,9 +36,13 @@ from .._adapter import (
 )
 from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
+from ._host import RecordingHost as RecordingHost
 from ._memory_store import MemoryStore as MemoryStore
 from ._process import OcoProcess as OcoProcess
 from ._process import run_oco as run_oco
+
+if TYPE_CHECKING:
+    from .._bot import Bot
 
 
 class MemoryConfig(BaseModel):
@@ -128,16 +136,33 @@ class MemoryAdapter(Adapter):
 class RunningBot:
     """A bot started by :func:`open_bot`."""
 
-    bot: object
+    #: The bot itself.
+    bot: Bot
+    #: The gRPC address it serves.
     address: str
-    adapter: MemoryAdapter
+    #: Its adapters by instance name (``name:`` in the config, by default the type).
+    adapters: dict[str, Adapter]
+    #: The launched and configured callbacks' secrets, by callback id.
     secrets: dict[str, str]
+
+    @property
+    def adapter(self) -> MemoryAdapter:
+        """The first memory adapter; :class:`LookupError` when the config has none."""
+        for adapter in self.adapters.values():
+            if isinstance(adapter, MemoryAdapter):
+                return adapter
+        names = ", ".join(f"{name} ({type(a).__name__})" for name, a in self.adapters.items()) or "none"
+        raise LookupError(f"this bot has no memory adapter (its adapters: {names}); use running.adapters[name] instead")
 
 
 @asynccontextmanager
 async def open_bot(config_text: str, *, plugins: object | None = None) -> AsyncIterator[RunningBot]:
     """Run a bot in this trio process from YAML ``config_text`` (gRPC on a free port
-    unless the config says otherwise); its first memory adapter is ``.adapter``."""
+    unless the config says otherwise) and enter once it is up.
+
+    Any adapter works (an IRC adapter against a test server, say): ``.adapters`` holds
+    them by instance name, and ``.adapter`` is the first memory adapter, for tests that
+    inject messages. The bot stops when the block ends."""
     from .._bot import Bot
     from .._config import parse_config
     from .._plugins import Plugins, load_plugins
@@ -151,9 +176,8 @@ async def open_bot(config_text: str, *, plugins: object | None = None) -> AsyncI
     bot = Bot(loaded, plugins if isinstance(plugins, Plugins) else load_plugins())
     async with trio.open_nursery() as nursery:
         address = await nursery.start(bot.run)
-        adapter = next((link.adapter for link in bot.links.values() if isinstance(link.adapter, MemoryAdapter)), None)
-        assert adapter is not None, "open_bot needs a memory adapter in the config"
-        yield RunningBot(bot, address, adapter, {cid: cb.secret for cid, cb in bot.callbacks.items()})
+        adapters = {name: link.adapter for name, link in bot.core.links.items()}
+        yield RunningBot(bot, address, adapters, {cid: cb.secret for cid, cb in bot.callbacks.items()})
         nursery.cancel_scope.cancel()
 
 
@@ -175,6 +199,7 @@ __all__: Sequence[str] = [
     "MemoryConfig",
     "MemoryStore",
     "OcoProcess",
+    "RecordingHost",
     "RunningBot",
     "open_bot",
     "run_oco",

@@ -3,8 +3,10 @@
 - ``ngircd``: a real ngircd on a free loopback port, started per test (it starts in a
   few milliseconds) and killed after; it can be killed and restarted on the same port.
 - ``open_person``: a second, raw IRC connection that plays the person in the channel.
-- ``Host``: a small :class:`~oco_core.plugin.AdapterHost` that records what the adapter
+- ``host``: a :class:`~oco_core.testing.RecordingHost` that records what the adapter
   hands to the bot.
+- ``live_chat``: what the adapter contract suite (test_irc_contract.py) needs: the
+  adapter running behind a ``Gate``, and ``IrcPerson``, the person it talks to.
 - ``Gate``: a TCP relay between the adapter and ngircd that a test can shut (new
   connections refused) or freeze (bytes stop flowing, like a dead network), so a test
   decides when the bot may reconnect.
@@ -27,14 +29,8 @@ import trio
 import trio.lowlevel
 from oco_adapter_irc import IrcAdapter, IrcConfig
 
-from oco_core.plugin import (
-    ChatRoom,
-    ChatUser,
-    IncomingMessage,
-    MembershipEvent,
-    NamespacedStore,
-)
-from oco_core.testing import MemoryStore
+from oco_core.testing import RecordingHost
+from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenMessage
 from oco_core.testing.pytest_plugin import server_unavailable
 
 CHANNEL = "#test"
@@ -233,63 +229,31 @@ class Person:
         return self._seen
 
 
-@asynccontextmanager
-async def open_person(port: int, nick: str, channels: Sequence[str] = (CHANNEL,)) -> AsyncIterator[Person]:
+async def start_person(nursery: trio.Nursery, port: int, nick: str, channels: Sequence[str] = (CHANNEL,)) -> Person:
+    """Connect a person whose reader runs in ``nursery``; return once it is registered
+    and in ``channels``."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     person = Person(stream, nick)
+    nursery.start_soon(person._read)
+    await person.send(f"NICK {nick}")
+    await person.send(f"USER person 0 * :{nick}")
+    await person.expect(r" (376|422) ")
+    for channel in channels:
+        await person.send(f"JOIN {channel}")
+        await person.expect(rf" 366 {re.escape(nick)} {re.escape(channel)} ")
+    return person
+
+
+@asynccontextmanager
+async def open_person(port: int, nick: str, channels: Sequence[str] = (CHANNEL,)) -> AsyncIterator[Person]:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(person._read)
-        await person.send(f"NICK {nick}")
-        await person.send(f"USER person 0 * :{nick}")
-        await person.expect(r" (376|422) ")
-        for channel in channels:
-            await person.send(f"JOIN {channel}")
-            await person.expect(rf" 366 {re.escape(nick)} {re.escape(channel)} ")
+        person = await start_person(nursery, port, nick, channels)
         try:
             yield person
         finally:
             nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await stream.aclose()
-
-
-class Host:
-    """An AdapterHost that records what the adapter reports."""
-
-    def __init__(self, name: str = "irc", bot_name: str = "oco") -> None:
-        self.name = name
-        self.bot_name = bot_name
-        self.aliases: Sequence[str] = ()
-        self.store = NamespacedStore(MemoryStore(), f"adapter:{name}")
-        self.messages: list[IncomingMessage] = []
-        self.events: list[MembershipEvent] = []
-        self.topics: list[tuple[ChatRoom, ChatUser | None]] = []
-        self.own_names: list[list[str]] = []
-
-    async def receive(self, message: IncomingMessage) -> None:
-        self.messages.append(message)
-
-    async def membership(self, event: MembershipEvent) -> None:
-        self.events.append(event)
-
-    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
-        self.topics.append((room, user))
-
-    def set_own_names(self, names: Sequence[str]) -> None:
-        self.own_names.append(list(names))
-
-    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def next_message(self, predicate: Callable[[IncomingMessage], bool] = lambda m: True) -> IncomingMessage:
-        found: list[IncomingMessage] = []
-
-        def match() -> bool:
-            found[:] = [m for m in self.messages if predicate(m)]
-            return bool(found)
-
-        await wait_for(match, "a message reaching the host")
-        return found[0]
+                await person.stream.aclose()
 
 
 def irc_config(port: int, **options: Any) -> IrcConfig:
@@ -310,7 +274,7 @@ def irc_config(port: int, **options: Any) -> IrcConfig:
 
 
 @asynccontextmanager
-async def running(adapter: IrcAdapter, host: Host) -> AsyncIterator[IrcAdapter]:
+async def running(adapter: IrcAdapter, host: RecordingHost) -> AsyncIterator[IrcAdapter]:
     """Run ``adapter`` until the block ends; enter once it is registered."""
     async with trio.open_nursery() as nursery:
         await nursery.start(adapter.run, host)
@@ -375,12 +339,11 @@ class Kit:
 
     CHANNEL = CHANNEL
 
-    def __init__(self, server: Ngircd, host: Host) -> None:
+    def __init__(self, server: Ngircd, host: RecordingHost) -> None:
         self.server = server
         self.host = host
         self.wait_for = wait_for
         self.running = running
-        self.Host = Host
 
     def config(self, port: int | None = None, **options: Any) -> IrcConfig:
         return irc_config(self.server.port if port is None else port, **options)
@@ -412,10 +375,123 @@ grpc:
 
 
 @pytest.fixture
-def host() -> Host:
-    return Host()
+def host() -> RecordingHost:
+    return RecordingHost("irc", timeout=15)
 
 
 @pytest.fixture
-def kit(ngircd: Ngircd, host: Host) -> Kit:
+def kit(ngircd: Ngircd, host: RecordingHost) -> Kit:
     return Kit(ngircd, host)
+
+
+# --------------------------------------------------------------------------- the contract
+
+_BOT_LINE = re.compile(rb"^:(?P<nick>[^!\s]+)!\S+ PRIVMSG (?P<target>\S+) :(?P<text>.*)$")
+_MENTION = re.compile(r"^(?P<nick>[^\s:]+): ")
+
+
+class IrcPerson(ChatPerson):
+    """The contract's person on ngircd: raw IRC connections (a new one after an outage),
+    whose lines are read as one log."""
+
+    max_message_bytes = 512  # RFC 1459: a line, CR LF included
+
+    def __init__(self, nursery: trio.Nursery, server: Ngircd, gate: Gate, nick: str, bot_nick: str) -> None:
+        self.nursery = nursery
+        self.server = server
+        self.gate = gate
+        self.name = nick
+        self.user_id = nick.lower()  # ngircd folds ASCII case; these nicks have nothing else
+        self.room = CHANNEL
+        self.bot_nick = bot_nick
+        self.adapter: IrcAdapter | None = None
+        self.connections: list[Person] = []
+        self._taken: set[int] = set()
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            for connection in self.connections:
+                await connection.stream.aclose()
+
+    @property
+    def current(self) -> Person:
+        return self.connections[-1]
+
+    async def connect(self) -> None:
+        self.connections.append(await start_person(self.nursery, self.server.port, self.name))
+
+    async def say(self, room: str, text: str) -> None:
+        await self.current.say(room, text)
+
+    async def say_privately(self, text: str) -> None:
+        await self.current.say(self.bot_nick, text)
+
+    async def join(self, room: str) -> None:
+        await self.current.send(f"JOIN {room}")
+        await self.current.expect(rf" 366 {re.escape(self.name)} {re.escape(room)} ")
+
+    async def leave(self, room: str) -> None:
+        await self.current.send(f"PART {room}")
+        await self.current.expect(rf"^:{re.escape(self.name)}!\S+ PART {re.escape(room)}")
+
+    def _seen(self) -> list[SeenMessage]:
+        seen = []
+        for raw in (raw for person in self.connections for raw in person.raw):
+            found = _BOT_LINE.match(raw)
+            if found is None or found["nick"].decode().lower() != self.bot_nick.lower():
+                continue
+            target, text = found["target"].decode(), found["text"].decode("utf-8", "replace")
+            mention = _MENTION.match(text)
+            seen.append(
+                SeenMessage(
+                    body=text,
+                    room=target if target.startswith("#") else None,
+                    mentions=frozenset({mention["nick"].lower()}) if mention else frozenset(),
+                    size=len(raw) + 2,
+                )
+            )
+        return seen
+
+    async def next_from_bot(self, predicate: Callable[[SeenMessage], bool], *, timeout: float) -> SeenMessage:
+        with trio.move_on_after(timeout):
+            while True:
+                for index, message in enumerate(self._seen()):
+                    if index not in self._taken and predicate(message):
+                        self._taken.add(index)
+                        return message
+                await trio.sleep(0.02)
+        raise AssertionError(f"{self.name} saw no such message from the bot; it saw {self._seen()[-10:]!r}")
+
+    async def interrupt(self) -> None:
+        # SIGKILL, then wait until the adapter saw the connection end: IRC has no
+        # acknowledgements, so a line written into a socket the server has not yet
+        # reset would be lost, and no IRC client can help that.
+        assert self.adapter is not None
+        adapter = self.adapter
+        await self.server.kill()
+        await wait_for(lambda: not adapter.statistics().connected, "the adapter to notice the server is gone")
+
+    async def restore(self) -> None:
+        # Hold the bot back until the person is in the channel again, or it could
+        # deliver before anyone is there to read.
+        self.gate.open = False
+        await self.server.start()
+        await self.connect()
+        self.gate.open = True
+        await self.current.expect(rf"^:{re.escape(self.bot_nick)}!\S+ JOIN :?{re.escape(self.room)}")
+
+
+@pytest.fixture
+async def live_chat(ngircd: Ngircd, gate: Gate, nursery: trio.Nursery) -> AsyncIterator[LiveChat]:
+    """The IRC adapter as ``oco`` in #test through a gate, and alice there with it."""
+    person = IrcPerson(nursery, ngircd, gate, "alice", "oco")
+    await person.connect()
+    host = RecordingHost("irc", timeout=30)
+    adapter = IrcAdapter(irc_config(gate.port))
+    person.adapter = adapter
+    await nursery.start(adapter.run, host)
+    try:
+        await person.current.expect(r"^:oco!\S+ JOIN :?#test")
+        yield LiveChat(adapter, host, person)
+    finally:
+        await person.close()

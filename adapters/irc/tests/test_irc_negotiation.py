@@ -15,37 +15,13 @@ from oco_adapter_irc import IrcAdapter, IrcConfig
 from oco_adapter_irc._adapter import RegistrationRefusedError, _Connection
 from oco_adapter_irc._protocol import parse_line
 
-
-class _Recorder:
-    name = "irc"
-    bot_name = "oco"
-    aliases = ()
-    store: Any = None
-
-    def __init__(self) -> None:
-        self.received: list[Any] = []
-        self.names: list[list[str]] = []
-
-    async def receive(self, message: Any) -> None:
-        self.received.append(message)
-
-    async def membership(self, event: Any) -> None:
-        self.received.append(event)
-
-    async def topic(self, room: Any, user: Any = None) -> None:
-        pass
-
-    def set_own_names(self, names: Any) -> None:
-        self.names.append(list(names))
-
-    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
-        pass
+from oco_core.testing import RecordingHost
 
 
 def _connection(nursery: trio.Nursery, **options: Any) -> tuple[_Connection, list[int]]:
     config = IrcConfig.model_validate({"host": "h", "nick": "oco", "tls": False, **options})
     registered: list[int] = []
-    connection = _Connection(IrcAdapter(config), _Recorder(), lambda: registered.append(1))  # type: ignore[arg-type]
+    connection = _Connection(IrcAdapter(config), RecordingHost("irc"), lambda: registered.append(1))
     connection._nursery = nursery
     connection._register()
     return connection, registered
@@ -145,4 +121,7 @@ async def test_garbage_lines_are_skipped(nursery: trio.Nursery) -> None:
     for text in garbage:
         await connection._handle_text(text)
     await connection._handle_text(":a!b@c PRIVMSG oco :still fine")
-    assert [m.body for m in connection.host.received if hasattr(m, "body")] == ["still fine"]  # type: ignore[attr-defined]
+    host = connection.host
+    assert isinstance(host, RecordingHost)
+    assert [m.body for m in host.messages] == ["still fine"]
+    assert not host.memberships

@@ -1,4 +1,6 @@
-"""The adapter against a real ngircd, with a raw IRC connection playing the person."""
+"""The adapter against a real ngircd, with a raw IRC connection playing the person: what
+is particular to IRC. What every adapter must do is checked by the adapter contract, in
+test_irc_contract.py (messages both ways, mentions, splitting, membership, outages)."""
 
 from __future__ import annotations
 
@@ -18,30 +20,21 @@ pytestmark = pytest.mark.server("ngircd")
 CHANNEL = "#test"
 
 
-async def test_channel_and_private_messages_both_ways(kit: Any) -> None:
+async def test_users_actions_and_wire_format(kit: Any) -> None:
+    # What the contract (test_irc_contract.py) checks in general, here as IRC spells it.
     host = kit.host
     async with kit.person("alice") as alice:
         adapter = IrcAdapter(kit.config())
         async with kit.running(adapter, host):
             await alice.expect(r":oco!\S+ JOIN :?#test")
-            assert host.own_names[-1] == ["oco"]
+            assert host.own_names == ["oco"]
 
             await alice.say(CHANNEL, "oco: ping")
             message = await host.next_message(lambda m: m.body == "oco: ping")
-            assert message.room is not None
-            assert message.room.id == "#test"
             assert message.user == ChatUser(id="alice", name="alice", mention_name="alice")
-            assert not message.direct
-
-            await alice.say("oco", "hello in private")
-            private = await host.next_message(lambda m: m.body == "hello in private")
-            assert private.direct
-            assert private.room is None
-            assert private.user.id == "alice"
-
             await adapter.send(OutgoingMessage(body="PONG", room_id="#test", user=message.user, mention=True))
             await alice.expect(r":oco!\S+ PRIVMSG #test :alice: PONG$")
-            await adapter.send(OutgoingMessage(body="just for you", user=private.user, private=True))
+            await adapter.send(OutgoingMessage(body="just for you", user=message.user, private=True))
             await alice.expect(r":oco!\S+ PRIVMSG alice :just for you$")
 
             # CTCP ACTION (/me) both ways.
@@ -106,29 +99,6 @@ async def test_flood_of_fifty_lines_arrives_in_order_without_disconnect(kit: Any
             assert not alice.find(r"oco\S* QUIT", since)
 
 
-async def test_reconnect_after_server_restart_delivers_queued_messages_in_order(kit: Any, gate: Any) -> None:
-    server = kit.server
-    adapter = IrcAdapter(kit.config(port=gate.port))
-    async with kit.person("alice") as alice, kit.running(adapter, kit.host):
-        await alice.expect(r":oco!\S+ JOIN")
-        await server.kill()
-        await kit.wait_for(lambda: not adapter.statistics().connected, "the bot to notice the server is gone")
-        for n in range(3):
-            await adapter.send(OutgoingMessage(body=f"during outage {n}", room_id="#test"))
-        assert adapter.statistics().queued_lines == 3
-        # Hold the bot back until the person is in the channel again, or it could
-        # deliver before anyone is there to read.
-        gate.open = False
-        await server.start()
-        async with kit.person("alice") as alice2:
-            gate.open = True
-            await kit.wait_for(lambda: adapter.statistics().registrations == 2, "the bot to register again")
-            await alice2.expect(r":oco!\S+ JOIN :?#test")
-            for n in range(3):
-                await alice2.expect(rf"PRIVMSG #test :during outage {n}$")
-            assert adapter.statistics().queued_lines == 0
-
-
 async def test_dead_connection_is_detected_and_replaced(kit: Any, gate: Any) -> None:
     adapter = IrcAdapter(kit.config(port=gate.port, ping_interval=0.3, ping_timeout=0.5))
     async with kit.person("alice") as alice, kit.running(adapter, kit.host):
@@ -146,12 +116,12 @@ async def test_nick_collision_falls_back_and_regains_the_nick(kit: Any) -> None:
         adapter = IrcAdapter(kit.config(alt_nicks=["oco_alt"], regain_nick_interval=600))
         async with kit.running(adapter, kit.host):
             assert adapter.statistics().nick == "oco_alt"
-            assert kit.host.own_names[-1] == ["oco_alt"]
+            assert kit.host.own_names == ["oco_alt"]
             await squatter.expect(r":oco_alt!\S+ JOIN")
             # The holder changes nick: the bot takes its own back at once.
             await squatter.send("NICK squatter")
             await kit.wait_for(lambda: adapter.statistics().nick == "oco", "the bot to regain its nick")
-            assert kit.host.own_names[-1] == ["oco"]
+            assert kit.host.own_names == ["oco"]
 
 
 async def test_nick_regained_periodically(kit: Any) -> None:
@@ -170,8 +140,7 @@ async def test_kick_is_reported_and_the_bot_rejoins(kit: Any) -> None:
         async with kit.running(adapter, host):
             await alice.expect(r":oco!\S+ JOIN")
             await alice.send("KICK #test oco :out")
-            await kit.wait_for(lambda: any(e.kind is MembershipKind.KICKED for e in host.events), "the KICK")
-            kick = next(e for e in host.events if e.kind is MembershipKind.KICKED)
+            kick = await host.next_membership(lambda e: e.kind is MembershipKind.KICKED, what="the KICK")
             assert kick.user.id == "oco"
             assert kick.actor is not None
             assert kick.actor.id == "alice"
@@ -190,7 +159,7 @@ async def test_membership_events_and_directory(kit: Any) -> None:
             await kit.wait_for(lambda: {u.id for u in adapter.members("#test")} == {"alice", "oco"}, "NAMES")
 
             def seen(kind: MembershipKind, user: str) -> bool:
-                return any(e.kind is kind and e.user.id == user and e.room.id == "#test" for e in host.events)
+                return any(e.kind is kind and e.user.id == user and e.room.id == "#test" for e in host.memberships)
 
             async with kit.person("carol"):
                 await kit.wait_for(lambda: seen(MembershipKind.JOINED, "carol"), "carol's JOIN")
@@ -220,8 +189,7 @@ async def test_join_and_part_on_request(kit: Any) -> None:
         adapter = IrcAdapter(kit.config())
         async with kit.running(adapter, kit.host):
             await alice.send("INVITE oco #other")
-            await kit.wait_for(lambda: any(e.kind is MembershipKind.INVITED for e in kit.host.events), "INVITE")
-            invite = next(e for e in kit.host.events if e.kind is MembershipKind.INVITED)
+            invite = await kit.host.next_membership(lambda e: e.kind is MembershipKind.INVITED, what="the INVITE")
             assert invite.room.id == "#other"
             assert invite.actor is not None
             assert invite.actor.id == "alice"
