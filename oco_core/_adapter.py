@@ -177,6 +177,10 @@ class AdapterType:
     ``create(config)`` builds an :class:`Adapter` from a validated ``config`` (an
     instance of ``config_model``, which holds the keys beside ``type:`` in the bot's
     config). ``package`` is the distribution that provides it, for error messages.
+
+    ``noisy_loggers`` names loggers of the adapter's dependencies that log every request
+    or frame at INFO (an HTTP client, a protocol library); ``oco`` raises them to
+    WARNING unless it runs with ``--debug``, so they do not drown the bot's own lines.
     """
 
     name: str
@@ -184,3 +188,4 @@ class AdapterType:
     config_model: type[BaseModel]
     package: str = "oco-core"
     description: str = ""
+    noisy_loggers: tuple[str, ...] = ()

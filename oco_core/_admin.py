@@ -19,13 +19,12 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TextIO
 
 from pydantic import BaseModel, ValidationError
 
 from ._audit import ALLOWED, DENIED, AuditQuery, AuditRecord, query
-from ._config import CallbackSettings, LoadedConfig, default_store_url, validate_section
+from ._config import CallbackSettings, LoadedConfig, validate_section
 from ._errors import ConfigError
 from ._plugins import Plugins
 from ._secrets import (
@@ -45,26 +44,17 @@ _AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission"
 
 
 def configured_store(loaded: LoadedConfig, plugins: Plugins) -> tuple[StoreType, BaseModel]:
-    """The store type the config names and its validated options: the SQL store's
-    ``url`` defaults to the SQLite file under $XDG_DATA_HOME/oco. ConfigError (naming
-    the file, line and key) for an unknown type or bad options."""
+    """The store type the config names (or, when it names none, the installed plugin
+    that offers itself as the default) and its validated options, beneath which go the
+    plugin's ``default_options()``. ConfigError (naming the file, line and key) for an
+    unknown type, a missing or ambiguous default, or bad options."""
     config = loaded.config
     try:
-        store_type = plugins.store(config.store.type)
+        store_type = plugins.default_store() if config.store.type is None else plugins.store(config.store.type)
     except ConfigError as exc:
         raise loaded.error(("store", "type"), str(exc)) from None
-    options = dict(config.store.options())
-    if store_type.name == "sql":
-        options.setdefault("url", default_store_url())
+    options = {**(store_type.default_options() if store_type.default_options else {}), **config.store.options()}
     return store_type, validate_section(loaded, ("store",), store_type.config_model, options)
-
-
-def ensure_default_store_dir(loaded: LoadedConfig) -> None:
-    """Create the default SQLite file's directory when the config names no store URL
-    (it lives under $XDG_DATA_HOME, which may not exist yet)."""
-    store = loaded.config.store
-    if store.type == "sql" and "url" not in store.options():
-        Path(default_store_url().removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 @asynccontextmanager
@@ -72,7 +62,6 @@ async def open_configured_store(loaded: LoadedConfig, plugins: Plugins) -> Async
     """Open the configured store once (StoreUnavailableError when it cannot be
     reached: a command should say so, not wait as the bot does)."""
     store_type, options = configured_store(loaded, plugins)
-    ensure_default_store_dir(loaded)
     async with store_type.open(options) as store:
         yield store
 
@@ -312,7 +301,6 @@ def show_audit(records: Sequence[AuditRecord], *, json_lines: bool, more: bool, 
 __all__: Sequence[str] = [
     "add_arguments",
     "configured_store",
-    "ensure_default_store_dir",
     "open_configured_store",
     "parse_when",
     "run",

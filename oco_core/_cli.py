@@ -10,14 +10,18 @@ import sys
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from ._config import LoadedConfig, default_store_url, load_config
+from ._config import LoadedConfig, load_config
 from ._errors import ConfigError, OcoError, PluginError, StoreError
 from ._secrets import SecretRefusedError
+from ._store import mask_url
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._plugins import Plugins
 
 log = logging.getLogger("oco")
 
@@ -71,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             return _admin(options, loaded)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":
-            return _check(loaded)
+            return _check(loaded, options.debug)
         if options.address_file is not None:
             config = loaded.config
             grpc_settings = config.grpc.model_copy(update={"address_file": options.address_file})
             loaded = LoadedConfig(config.model_copy(update={"grpc": grpc_settings}), loaded.source, loaded.lines)
-        return _run(loaded)
+        return _run(loaded, options.debug)
     except OcoError as exc:
         return _fail(exc, options.debug)
 
@@ -102,41 +106,54 @@ def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) ->
     if quiet and not debug:
         level = max(level, logging.WARNING)  # a command's output is what it prints, not the store's chatter
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not debug:
-        # Libraries that log every request or frame at INFO drown the bot's own lines.
-        for noisy in ("hpack", "httpx", "httpcore", "nio", "peewee"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _check(loaded: LoadedConfig) -> int:
-    from ._bot import Bot
+def _load_plugins(debug: bool) -> Plugins:
+    """The installed plugins, with the loggers they call noisy quieted unless --debug."""
     from ._plugins import load_plugins
+
+    plugins = load_plugins()
+    if not debug:
+        # Libraries that log every request or frame at INFO drown the bot's own lines;
+        # each plugin names its own (AdapterType/StoreType.noisy_loggers).
+        for noisy in sorted(plugins.noisy_loggers()):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return plugins
+
+
+def _check(loaded: LoadedConfig, debug: bool) -> int:
+    from ._admin import configured_store
+    from ._bot import Bot
     from ._tls import load_server_tls
 
-    Bot(loaded, load_plugins())
+    plugins = _load_plugins(debug)
+    Bot(loaded, plugins)
+    store_type, _ = configured_store(loaded, plugins)
     load_server_tls(loaded)  # the certificate files, as `oco run` would read them
     config = loaded.config
     tls = config.grpc.tls
     transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca is not None else "TLS")
     print(
         f"{loaded.source}: OK — adapters: {', '.join(a.instance_name + ' (' + a.type + ')' for a in config.adapters)};"
-        f" store: {config.store.type}; gRPC: {config.grpc.listen} ({transport});"
+        f" store: {store_type.name}; gRPC: {config.grpc.listen} ({transport});"
         f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'};"
         f" admins: {', '.join(config.auth.admins) or 'none'}"
     )
     return EXIT_OK
 
 
-def _run(loaded: LoadedConfig) -> int:
-    from ._admin import ensure_default_store_dir
+def _run(loaded: LoadedConfig, debug: bool) -> int:
+    from ._admin import configured_store
     from ._bot import Bot
-    from ._plugins import load_plugins
 
-    bot = Bot(loaded, load_plugins())
+    plugins = _load_plugins(debug)
+    bot = Bot(loaded, plugins)
     if loaded.source == "<defaults>":
-        store = loaded.config.store.options().get("url", default_store_url())
-        log.info("no config file: shell adapter, store %s, gRPC on %s", store, loaded.config.grpc.listen)
-    ensure_default_store_dir(loaded)
+        store_type, options = configured_store(loaded, plugins)
+        url = getattr(options, "url", None)  # where the data lives, when the store has a URL
+        store = store_type.name + (f" ({mask_url(url)})" if isinstance(url, str) else "")
+        adapters = ", ".join(a.type for a in loaded.config.adapters)
+        log.info("no config file: adapter %s, store %s, gRPC on %s", adapters, store, loaded.config.grpc.listen)
 
     async def serve() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -158,10 +175,9 @@ def _run(loaded: LoadedConfig) -> int:
 
 def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
     from ._admin import run
-    from ._plugins import load_plugins
 
     _setup_logging(loaded, options.debug, quiet=True)
-    plugins = load_plugins()
+    plugins = _load_plugins(options.debug)
     return _trio_run(lambda: run(options, loaded, plugins))
 
 

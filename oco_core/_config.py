@@ -59,11 +59,6 @@ def default_data_dir() -> Path:
     return Path(base) / "oco"
 
 
-def default_store_url() -> str:
-    """The SQLite file used when the config names no store."""
-    return f"sqlite:///{default_data_dir() / 'oco.db'}"
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -98,11 +93,13 @@ class AdapterEntry(BaseModel):
 
 
 class StoreSettings(BaseModel):
-    """``store:`` — ``type`` (default ``sql``); every other key goes to the store's model."""
+    """``store:`` — ``type``; every other key goes to the store's model. Without a
+    ``type`` the bot uses the installed store plugin that offers itself as the default
+    (``StoreType.default``; the built-in ``sql`` store does)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str = "sql"
+    type: str | None = Field(default=None, min_length=1)
     #: Default storage quota of every callback (``callbacks[].quota`` overrides it).
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 
@@ -13,13 +14,6 @@ from ._errors import ConfigError, PluginError
 from ._store import StoreType
 
 log = logging.getLogger(__name__)
-
-#: Distributions known to provide plugins, for "pip install" hints.
-_KNOWN_PACKAGES = {
-    "irc": "oco-adapter-irc",
-    "matrix": "oco-adapter-matrix",
-    "redis": "oco-store-redis",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +37,76 @@ class Plugins:
             raise ConfigError(_unknown("store", name, sorted(self.stores), "oco-store"))
         return found
 
+    def default_store(self) -> StoreType:
+        """The one installed store type that offers itself as the default (see
+        :attr:`StoreType.default`), for a config that names no store type; a ConfigError
+        that asks for a ``type`` when no store type, or more than one, does."""
+        offered = sorted(name for name, store in self.stores.items() if store.default)
+        if len(offered) == 1:
+            return self.stores[offered[0]]
+        installed = ", ".join(sorted(self.stores)) or "none"
+        if not offered:
+            reason = "no installed store plugin offers a default"
+        else:
+            reason = f"several installed store plugins offer a default ({', '.join(offered)})"
+        raise ConfigError(f"no store type given and {reason}; set store: {{type: ...}} (installed: {installed})")
+
+    def noisy_loggers(self) -> set[str]:
+        """Loggers that installed adapter and store plugins ask to keep at WARNING."""
+        names = {name for adapter in self.adapters.values() for name in adapter.noisy_loggers}
+        return names | {name for store in self.stores.values() for name in store.noisy_loggers}
+
 
 def _unknown(kind: str, name: str, installed: list[str], prefix: str) -> str:
-    package = _KNOWN_PACKAGES.get(name, f"{prefix}-{name}")
+    # Only the naming convention, never a list of known plugins: a third party's
+    # adapter gets the same hint as ours.
+    package = f"{prefix}-{name}"
     return (
         f"unknown {kind} type {name!r}; installed: {', '.join(installed) or 'none'}. "
         f"If {package!r} provides it: pip install {package}"
     )
 
 
+def _check_hook_names(manager: pluggy.PluginManager) -> None:
+    """PluginError naming each plugin that implements a hook OCO does not have.
+
+    pluggy's ``check_pending`` finds them but names the plugin by its ``repr`` and not
+    the hooks that do exist; a misspelt hook (``oco_adapter_type``) would otherwise be
+    silently never called.
+    """
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        callers = {name: caller for name, caller in vars(manager.hook).items() if not name.startswith("_")}
+        known = sorted(name for name, caller in callers.items() if caller.has_spec())
+        distributions = {id(plugin): dist.project_name for plugin, dist in manager.list_plugin_distinfo()}
+        problems = []
+        for name, caller in sorted(callers.items()):
+            if caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                plugin = manager.get_name(impl.plugin) or repr(impl.plugin)
+                dist = distributions.get(id(impl.plugin))
+                where = f"plugin {plugin!r}" + (f" (from {dist})" if dist else "")
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{where} implements {name!r}, which is not an OCO hook{hint}")
+        raise PluginError(
+            "; ".join(problems or [str(exc)])
+            + f". OCO's hooks are {', '.join(known)}: rename the @hookimpl function to one of them, or mark it"
+            " @hookimpl(optionalhook=True) if it is meant for another version of oco-core"
+        ) from exc
+
+
 def load_plugins(manager: pluggy.PluginManager | None = None) -> Plugins:
-    """Load every plugin registered under the ``oco`` entry points and ask what they offer."""
+    """Load every plugin registered under the ``oco`` entry points and ask what they offer.
+
+    With ``manager`` (one with the hookspecs added and plugins registered, as tests
+    build), ask its plugins instead. A plugin that implements a hook OCO does not have
+    is a PluginError, as is a hook that raises.
+    """
     if manager is None:
         manager = pluggy.PluginManager("oco")
         manager.add_hookspecs(_hookspecs)
@@ -61,6 +114,7 @@ def load_plugins(manager: pluggy.PluginManager | None = None) -> Plugins:
             manager.load_setuptools_entrypoints("oco")
         except Exception as exc:  # a broken third-party plugin must name itself
             raise PluginError(f"could not load an OCO plugin: {type(exc).__name__}: {exc}") from exc
+    _check_hook_names(manager)
     adapters: dict[str, AdapterType] = {}
     stores: dict[str, StoreType] = {}
     for kind, hook, target in (

@@ -8,7 +8,7 @@ quota. Wrapping in the core, rather than teaching every store plugin, means ever
 How it stays exact: writes to a namespace that has a quota go one at a time (a trio
 lock per namespace) and each is a compare-and-set against the version just read, so the
 usage kept in memory always matches the store. Usage is measured once per namespace on
-its first write (with the store's ``usage(namespace)`` when it has one, else by paging
+its first write (with the store's ``usage(namespace)`` when it can tell, else by paging
 through :meth:`Store.list`) and measured again after any ambiguous failure. This assumes
 the bot is the only writer of its store, as it is: one bot process per store. A write
 from elsewhere goes uncounted until usage is next measured (after a failed or
@@ -63,10 +63,9 @@ def item_bytes(key: str, value: bytes) -> int:
 
 async def measure_usage(store: Store, namespace: str) -> Usage:
     """Count a namespace's keys and bytes, asking the store when it can tell directly."""
-    usage_of = getattr(store, "usage", None)
-    if usage_of is not None:
-        keys, size = await usage_of(namespace)
-        return Usage(int(keys), int(size))
+    counted = await store.usage(namespace)
+    if counted is not None:
+        return Usage(*counted)
     usage = Usage()
     after = ""
     while True:

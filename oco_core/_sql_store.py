@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
@@ -48,9 +49,10 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from ._errors import ConfigError, StoreError, StoreUnavailableError, ValueTooLargeError, VersionConflictError
+from ._config import default_data_dir
+from ._errors import ConfigError, StoreError, StoreUnavailableError, VersionConflictError
 from ._hookspecs import hookimpl
-from ._store import Item, Store, StoreType
+from ._store import Item, Store, StoreType, check_value
 from ._store import encode_key as _encode_key
 from ._store import prefix_end as _prefix_end
 
@@ -144,6 +146,12 @@ class SqlStoreConfig(BaseModel):
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         return url
+
+
+def default_url() -> str:
+    """The SQLite file the bot uses when its config names no ``url``:
+    ``$XDG_DATA_HOME/oco/oco.db`` (``~/.local/share/oco/oco.db``)."""
+    return f"sqlite:///{default_data_dir() / 'oco.db'}"
 
 
 def mask_url(url: str | URL) -> str:
@@ -447,17 +455,12 @@ class SqlStore(Store):
     def _unavailable_message(self, error: BaseException) -> str:
         return f"store database {self._masked_url} is unavailable: {self._scrub(_one_line(error))}"
 
-    def _check_value(self, value: bytes) -> bytes:
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise StoreError(f"a value must be bytes, not {type(value).__name__}")
-        value = bytes(value)
-        if len(value) > self.config.max_value_bytes:
-            raise ValueTooLargeError(
-                f"value is {len(value)} bytes; the store's limit (max_value_bytes) is {self.config.max_value_bytes}"
-            )
-        return value
-
     async def _start(self) -> None:
+        if self.config.url == default_url():
+            # The default file lives under $XDG_DATA_HOME, which may not exist yet. Only
+            # the default: a mistyped path of the user's own should fail, not be created.
+            Path(self._url.database or "").parent.mkdir(parents=True, exist_ok=True)
+
         def work(conn: Connection) -> int:
             return migrate(conn, self.config.table_prefix)
 
@@ -486,7 +489,7 @@ class SqlStore(Store):
         params: dict[str, Any] = {
             "p_ns": namespace,
             "p_key": _encode_key(key),
-            "p_value": self._check_value(value),
+            "p_value": check_value(value, self.config.max_value_bytes),
             "p_now": _now_ms(),
         }
         stmt: Any
@@ -597,5 +600,8 @@ def oco_store_types() -> list[StoreType]:
             config_model=SqlStoreConfig,
             package="oco-core",
             description="SQLite (default, a local file) or PostgreSQL via SQLAlchemy",
+            # Found like any other store type; it is the default only because it says so.
+            default=True,
+            default_options=lambda: {"url": default_url()},
         )
     ]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
 
@@ -46,6 +47,43 @@ def prefix_end(prefix: bytes) -> bytes | None:
     if not trimmed:
         return None
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def check_value(value: bytes | bytearray | memoryview, max_value_bytes: int) -> bytes:
+    """``value`` as ``bytes``, checked the way every store must before writing it.
+
+    Raises StoreError when ``value`` is not bytes-like (bytes, bytearray, memoryview)
+    and ValueTooLargeError, naming the size and the limit, when it is longer than
+    ``max_value_bytes`` (a value of exactly that size is accepted).
+    """
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise StoreError(f"a value must be bytes, not {type(value).__name__}")
+    value = bytes(value)
+    if len(value) > max_value_bytes:
+        raise ValueTooLargeError(
+            f"value is {len(value)} bytes; the store's limit (max_value_bytes) is {max_value_bytes}"
+        )
+    return value
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password, if it has one, replaced by ``***``, for logs, error
+    messages and the ``repr`` of config models (``redis://bot:***@host:6380/2``).
+
+    A URL without a password comes back unchanged; one that cannot be parsed comes back
+    as ``<unparseable URL>`` rather than risk showing a secret.
+    """
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address keeps its brackets
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # raised for a malformed netloc or port
+        return "<unparseable URL>"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +138,18 @@ class Store(abc.ABC):
         (ordered by the keys' UTF-8 bytes), only keys greater than ``start_after``.
         With ``keys_only`` the values are returned empty."""
 
+    async def usage(self, namespace: str) -> tuple[int, int] | None:
+        """Return (number of keys, total bytes) of ``namespace``, or None when this store
+        cannot tell without reading every item.
+
+        Bytes are each key's UTF-8 bytes plus its value's bytes. Storage quotas measure
+        a namespace once, on its first write after the bot starts: with this answer when
+        there is one, else by paging through :meth:`list`. Override it when the database
+        can count cheaply (a SQL ``COUNT``/``SUM``, a server-side script); this default
+        returns None.
+        """
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class StoreType:
@@ -108,6 +158,19 @@ class StoreType:
     ``open(config)`` is an async context manager yielding an open :class:`Store` for a
     validated ``config`` (an instance of ``config_model``); leaving it closes the store.
     ``package`` is the distribution that provides it, for error messages.
+
+    ``default`` offers this store for a config that names no ``store: {type: ...}``.
+    The bot uses the one installed store type that says so; with none, or with more
+    than one, such a config is an error that asks for a ``type``. A default store must
+    work with no options at all.
+
+    ``default_options()``, when given, returns options the bot fills in beneath the
+    config's own keys each time it uses this store type: defaults that cannot be fixed
+    in ``config_model`` because they depend on the machine (the built-in ``sql`` store
+    puts its SQLite file under ``$XDG_DATA_HOME/oco``).
+
+    ``noisy_loggers`` names loggers of the plugin's dependencies that log routine
+    traffic at INFO; ``oco`` raises them to WARNING unless it runs with ``--debug``.
     """
 
     name: str
@@ -115,6 +178,9 @@ class StoreType:
     config_model: type[BaseModel]
     package: str = "oco-core"
     description: str = ""
+    default: bool = False
+    default_options: Callable[[], dict[str, Any]] | None = None
+    noisy_loggers: tuple[str, ...] = ()
 
 
 class NamespacedStore:

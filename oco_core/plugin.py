@@ -32,7 +32,9 @@ from ._store import Item as Item
 from ._store import NamespacedStore as NamespacedStore
 from ._store import Store as Store
 from ._store import StoreType as StoreType
+from ._store import check_value as check_value
 from ._store import encode_key as encode_key
+from ._store import mask_url as mask_url
 from ._store import prefix_end as prefix_end
 from ._timing import Backoff as Backoff
 from ._timing import TokenBucket as TokenBucket

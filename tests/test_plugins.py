@@ -1,21 +1,81 @@
 """Plugins: hooks are documented, built-ins come through the same entry points as
-third-party plugins, and several adapters run side by side."""
+third-party plugins, a misspelt hook fails loudly, and several adapters run side by side.
+
+Every hook in oco_core/_hookspecs.py has a test here named ``test_hook_<hook>`` that
+runs a bot with a third party's plugin implementing it (tests/test_docs.py checks).
+"""
 
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
+import pluggy
 import pytest
 import trio
+from pydantic import BaseModel, ConfigDict
 
-from oco_core import ConfigError, Message
+import oco_core.testing
+from oco_core import ConfigError, Message, PluginError, StoreError, ValueTooLargeError
 from oco_core import _hookspecs as hookspecs
-from oco_core._plugins import load_plugins
-from oco_core.testing import MemoryAdapter, open_bot
+from oco_core._admin import configured_store
+from oco_core._cli import _load_plugins
+from oco_core._config import parse_config
+from oco_core._plugins import Plugins, load_plugins
+from oco_core._quota import measure_usage
+from oco_core.plugin import Store, StoreType, check_value, hookimpl, mask_url
+from oco_core.testing import MemoryAdapter, MemoryStore, open_bot
 
 from .test_api import SECRET_A, callback, sdk
+
+
+def manager_with(*plugins: object) -> pluggy.PluginManager:
+    """A fresh plugin manager holding only ``plugins`` (as a bot whose only installed
+    distributions were these would have)."""
+    manager = pluggy.PluginManager("oco")
+    manager.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        manager.register(plugin, name=type(plugin).__name__)
+    return manager
+
+
+class NotebookConfig(BaseModel):
+    """Options of the test's third-party store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_value_bytes: int = 1024
+
+
+class NotebookPlugin:
+    """A third party's store plugin: a memory store the test can look into."""
+
+    def __init__(self, *, default: bool = False) -> None:
+        self.default = default
+        self.opened: list[NotebookConfig] = []
+        self.store = MemoryStore()
+
+    @asynccontextmanager
+    async def open(self, config: NotebookConfig) -> AsyncIterator[Store]:
+        self.opened.append(config)
+        self.store.max_value_bytes = config.max_value_bytes
+        yield self.store
+
+    @hookimpl
+    def oco_store_types(self) -> list[StoreType]:
+        return [StoreType(name="notebook", open=self.open, config_model=NotebookConfig, default=self.default)]
+
+
+class MemoryPlugin:
+    """The memory adapter on its own (the oco_core.testing module also offers nothing else)."""
+
+    @hookimpl
+    def oco_adapter_types(self) -> list[Any]:
+        return oco_core.testing.oco_adapter_types()
 
 
 def test_every_hook_is_documented_and_named_for_the_host() -> None:
@@ -56,8 +116,8 @@ store: {{url: "sqlite:///{tmp_path}/oco.db"}}
 callbacks: [{{id: alpha, secret: {SECRET_A}}}]
 """
     async with open_bot(config) as running:
-        left = running.bot.links["left"].adapter  # type: ignore[attr-defined]
-        right = running.bot.links["right"].adapter  # type: ignore[attr-defined]
+        left = running.adapters["left"]
+        right = running.adapters["right"]
         assert isinstance(left, MemoryAdapter)
         assert isinstance(right, MemoryAdapter)
         cb = sdk(running)
@@ -77,3 +137,208 @@ callbacks: [{{id: alpha, secret: {SECRET_A}}}]
                 sent = await left.next_sent()
             assert sent.body == "left/alice in left/lobby"
             assert [m.body for m in right.sent] == ["right/alice in right/lobby"]
+
+
+# ---- each hook, implemented by a third party ----
+
+
+class ParrotAdapter(MemoryAdapter):
+    """A third party's adapter: the memory adapter under another name."""
+
+
+class ParrotPlugin:
+    @hookimpl
+    def oco_adapter_types(self) -> list[Any]:
+        [memory] = oco_core.testing.oco_adapter_types()
+        return [
+            type(memory)(
+                name="parrot", create=ParrotAdapter, config_model=memory.config_model, package="oco-adapter-parrot"
+            )
+        ]
+
+
+async def test_hook_oco_adapter_types(tmp_path: Any) -> None:
+    """An adapter type offered by a plugin is chosen by ``type:`` and carries chat."""
+    plugins = load_plugins(manager_with(ParrotPlugin(), NotebookPlugin(default=True)))
+    assert set(plugins.adapters) == {"parrot"}
+    config = f"adapters: [{{type: parrot, rooms: [perch]}}]\ncallbacks: [{{id: alpha, secret: {SECRET_A}}}]\n"
+    async with open_bot(config, plugins=plugins) as running:
+        parrot = running.adapters["parrot"]
+        assert isinstance(parrot, ParrotAdapter)
+        cb = sdk(running)
+
+        @cb.respond("^hello$")
+        async def hello(message: Message) -> None:
+            await message.reply("hello yourself")
+
+        async with callback(running, cb):
+            await parrot.inject("oco hello", room="perch")
+            with trio.fail_after(10):
+                sent = await parrot.next_sent()
+    assert sent.body.endswith("hello yourself")
+    assert sent.room_id == "perch"
+
+
+async def test_hook_oco_store_types() -> None:
+    """A store type offered by a plugin is opened with its validated options, and a
+    callback's writes land in it."""
+    notebook = NotebookPlugin()
+    plugins = load_plugins(manager_with(MemoryPlugin(), notebook))
+    config = f"""
+adapters: [{{type: memory}}]
+store: {{type: notebook, max_value_bytes: 16}}
+callbacks: [{{id: alpha, secret: {SECRET_A}}}]
+"""
+    async with open_bot(config, plugins=plugins) as running:
+        async with callback(running, sdk(running)) as cb:
+            await cb.storage.set("diary", b"dear diary")
+            with pytest.raises(ValueTooLargeError):
+                await cb.storage.set("essay", b"x" * 17)
+    assert notebook.opened == [NotebookConfig(max_value_bytes=16)]
+    found = await notebook.store.get("cb:alpha", "diary")
+    assert found is not None
+    assert found.value == b"dear diary"
+
+
+# ---- no built-in is privileged ----
+
+
+async def test_a_third_party_default_store_is_used_when_the_config_names_none() -> None:
+    notebook = NotebookPlugin(default=True)
+    plugins = load_plugins(manager_with(MemoryPlugin(), notebook))
+    config = f"adapters: [{{type: memory}}]\ncallbacks: [{{id: alpha, secret: {SECRET_A}}}]\n"
+    store_type, _ = configured_store(parse_config(config), plugins)
+    assert store_type.name == "notebook"
+    async with open_bot(config, plugins=plugins) as running:
+        async with callback(running, sdk(running)) as cb:
+            await cb.storage.set("k", b"v")
+    assert await notebook.store.get("cb:alpha", "k") is not None
+
+
+def test_without_a_default_store_the_config_must_name_one() -> None:
+    plugins = load_plugins(manager_with(MemoryPlugin(), NotebookPlugin(default=False)))
+    with pytest.raises(ConfigError) as caught:
+        configured_store(parse_config("bot: {name: oco}\n", "oco.yaml"), plugins)
+    message = str(caught.value)
+    assert "oco.yaml" in message
+    assert "store.type" in message
+    assert "no installed store plugin offers a default" in message
+    assert "set store: {type: ...} (installed: notebook)" in message
+    # Naming it is enough.
+    store_type, options = configured_store(parse_config("store: {type: notebook}\n"), plugins)
+    assert store_type.name == "notebook"
+    assert options == NotebookConfig()
+
+
+def test_two_default_stores_are_an_error_that_asks_for_a_type() -> None:
+    plugins = load_plugins(manager_with(NotebookPlugin(default=True)))
+    sql_default = load_plugins().stores["sql"]
+    both = Plugins(plugins.adapters, {**plugins.stores, "sql": sql_default})
+    with pytest.raises(ConfigError, match=r"several installed store plugins offer a default \(notebook, sql\)"):
+        configured_store(parse_config("bot: {name: oco}\n"), both)
+
+
+def test_the_built_in_sql_store_is_the_default_by_declaring_it(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    store_type, options = configured_store(parse_config("bot: {name: oco}\n"), load_plugins())
+    assert store_type.name == "sql"
+    assert store_type.default
+    assert options.model_dump()["url"] == f"sqlite:///{tmp_path}/xdg/oco/oco.db"
+    # The config's own keys win over the plugin's default options.
+    _, options = configured_store(parse_config("store: {url: 'sqlite://'}\n"), load_plugins())
+    assert options.model_dump()["url"] == "sqlite://"
+
+
+def test_missing_plugin_hints_come_from_the_naming_convention_alone() -> None:
+    nothing = Plugins({}, {})
+    with pytest.raises(ConfigError, match="pip install oco-adapter-irc"):
+        nothing.adapter("irc")
+    with pytest.raises(ConfigError, match="pip install oco-adapter-zulip"):
+        nothing.adapter("zulip")
+    with pytest.raises(ConfigError, match="pip install oco-store-mongo"):
+        nothing.store("mongo")
+
+
+def test_plugins_name_their_own_noisy_loggers() -> None:
+    """The CLI quiets the loggers installed plugins name, and only without --debug."""
+    nio = logging.getLogger("nio")
+    before = nio.level
+    try:
+        nio.setLevel(logging.NOTSET)
+        plugins = _load_plugins(debug=True)
+        if "nio" not in plugins.noisy_loggers():
+            pytest.skip("oco-adapter-matrix (which names nio as noisy) is not installed")
+        assert nio.level == logging.NOTSET
+        _load_plugins(debug=False)
+        assert nio.level == logging.WARNING
+    finally:
+        nio.setLevel(before)
+    assert "nio" not in load_plugins(manager_with(MemoryPlugin(), NotebookPlugin())).noisy_loggers()
+
+
+# ---- plugin contracts enforced ----
+
+
+class MisspeltPlugin:
+    @hookimpl
+    def oco_adapter_type(self) -> list[Any]:  # the real hook is oco_adapter_types
+        return []
+
+
+def test_a_misspelt_hook_fails_loudly() -> None:
+    with pytest.raises(PluginError) as caught:
+        load_plugins(manager_with(MemoryPlugin(), MisspeltPlugin()))
+    message = str(caught.value)
+    assert "plugin 'MisspeltPlugin' implements 'oco_adapter_type', which is not an OCO hook" in message
+    assert "(did you mean 'oco_adapter_types'?)" in message
+    assert "OCO's hooks are oco_adapter_types, oco_store_types: rename the @hookimpl function" in message
+
+
+def test_an_optional_hook_of_another_version_is_allowed() -> None:
+    """A plugin may implement a hook from a newer oco-core if it marks it optional."""
+
+    class Forward:
+        @hookimpl(optionalhook=True)
+        def oco_future_hook(self) -> None:
+            pass
+
+    plugins = load_plugins(manager_with(MemoryPlugin(), Forward()))
+    assert set(plugins.adapters) == {"memory"}
+
+
+# ---- what a store author gets from oco_core.plugin ----
+
+
+def test_check_value_accepts_bytes_up_to_the_limit() -> None:
+    assert check_value(bytearray(b"abcd"), 4) == b"abcd"
+    assert type(check_value(memoryview(b"ab"), 4)) is bytes
+    with pytest.raises(ValueTooLargeError, match="value is 5 bytes; the store's limit \\(max_value_bytes\\) is 4"):
+        check_value(b"abcde", 4)
+    with pytest.raises(StoreError, match="a value must be bytes, not str"):
+        check_value("text", 4)  # type: ignore[arg-type]
+
+
+def test_mask_url_hides_only_the_password() -> None:
+    assert mask_url("redis://bot:s3cret@redis.example:6380/2") == "redis://bot:***@redis.example:6380/2"
+    assert mask_url("postgresql+psycopg://oco:pa@ss@db/oco?sslmode=require") == (
+        "postgresql+psycopg://oco:***@db/oco?sslmode=require"
+    )
+    assert mask_url("redis://:s3cret@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert mask_url("sqlite:////var/lib/oco/oco.db") == "sqlite:////var/lib/oco/oco.db"
+    assert mask_url("redis://u:s3cret@h:notaport/0") == "<unparseable URL>"
+
+
+class ListOnlyStore(MemoryStore):
+    """A store that cannot count: the Store ABC's own usage()."""
+
+    async def usage(self, namespace: str) -> tuple[int, int] | None:
+        return await Store.usage(self, namespace)
+
+
+async def test_usage_is_optional_and_quotas_count_by_listing_without_it() -> None:
+    store = ListOnlyStore()
+    assert await store.usage("cb:q") is None
+    await store.set("cb:q", "ab", b"12345")
+    await store.set("cb:q", "é", b"xyz")
+    usage = await measure_usage(store, "cb:q")
+    assert (usage.keys, usage.bytes) == (2, 2 + 5 + 2 + 3)

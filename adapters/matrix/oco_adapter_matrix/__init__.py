@@ -24,5 +24,8 @@ def oco_adapter_types() -> list[AdapterType]:
             config_model=MatrixConfig,
             package="oco-adapter-matrix",
             description="Matrix (matrix-nio; end-to-end encryption included)",
+            # matrix-nio and the HTTP stack under it (httpx, h2's hpack, nio's peewee
+            # key store) log every request and frame at INFO.
+            noisy_loggers=("nio", "httpx", "httpcore", "hpack", "peewee"),
         )
     ]

@@ -31,7 +31,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.exceptions
@@ -40,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from oco_core import StoreError, StoreUnavailableError, ValueTooLargeError, VersionConflictError
-from oco_core.plugin import Item, Store
+from oco_core import StoreError, StoreUnavailableError, VersionConflictError
+from oco_core.plugin import Item, Store, check_value, mask_url
 from oco_core.plugin import encode_key as _encode_key
 from oco_core.plugin import prefix_end as _prefix_end
 
@@ -124,22 +124,6 @@ repeat
 until cursor == '0'
 return {count, total}
 """
-
-
-def mask_url(url: str) -> str:
-    """Return a Redis URL with its password (if any) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable Redis URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class RedisStoreConfig(BaseModel):
@@ -237,16 +221,6 @@ class RedisStore(Store):
             text = text.replace(self._password, "***")
         return text
 
-    def _check_value(self, value: bytes) -> bytes:
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise StoreError(f"a value must be bytes, not {type(value).__name__}")
-        value = bytes(value)
-        if len(value) > self.config.max_value_bytes:
-            raise ValueTooLargeError(
-                f"value is {len(value)} bytes; the store's limit (max_value_bytes) is {self.config.max_value_bytes}"
-            )
-        return value
-
     async def _start(self) -> None:
         await self._run(self._client.ping)
 
@@ -269,7 +243,7 @@ class RedisStore(Store):
     async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
         """Store ``value`` under ``key`` and return the key's new version; see :meth:`Store.set`."""
         raw = _encode_key(key)
-        value = self._check_value(value)
+        value = check_value(value, self.config.max_value_bytes)
         expected = b"" if expected_version is None else str(expected_version).encode()
         keys = self._keys(namespace)
         ok, version = await self._run(lambda: self._set(keys=keys, args=[raw, value, expected]))

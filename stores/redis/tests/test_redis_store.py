@@ -15,9 +15,9 @@ import pytest
 import redis
 import trio
 from oco_store_redis import RedisStore, RedisStoreConfig, oco_store_types, open_redis_store
-from oco_store_redis._store import mask_url
 
 from oco_core import StoreUnavailableError
+from oco_core.plugin import mask_url
 from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import StoreContract
 
