@@ -56,7 +56,9 @@ __all__ = [
     "Store",
     "StoreType",
     "TokenBucket",
+    "check_value",
     "encode_key",
     "hookimpl",
+    "mask_url",
     "prefix_end",
 ]
