@@ -1,5 +1,6 @@
 """End to end: a real ``oco run`` process with the IRC adapter on a real ngircd, the
-bundled example callback launched by the bot, and a person saying ``oco: ping``."""
+bundled example callback launched by the bot, and a person saying ``oco: ping``; and
+the same bot run in the test's own process with ``open_bot``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 import trio
+from oco_adapter_irc import IrcAdapter
 
-from oco_core.testing import run_oco
+from oco_core.testing import open_bot, run_oco
 
 pytestmark = pytest.mark.server("ngircd")
 
@@ -82,3 +84,16 @@ async def test_check_config_names_the_bad_irc_keys(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert b"irc (irc)" in result.stdout
     assert b"hunter2" not in result.stdout + result.stderr
+
+
+async def test_open_bot_runs_a_real_bot_on_ngircd_in_process(kit: Any, tmp_path: Path) -> None:
+    async with kit.person("alice") as alice, open_bot(kit.oco_config(tmp_path, "callbacks: []")) as running:
+        adapter = running.adapters["irc"]
+        assert isinstance(adapter, IrcAdapter)
+        with pytest.raises(LookupError, match=r"no memory adapter \(its adapters: irc \(IrcAdapter\)\)"):
+            assert running.adapter is None
+        await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
+        await alice.say("#test", "oco: help")
+        await alice.expect(r":oco!\S+ PRIVMSG #test :no callbacks with commands are connected$")
+        assert running.bot.statistics().received == 1
+        assert adapter.statistics().registrations == 1
