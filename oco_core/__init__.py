@@ -6,12 +6,14 @@ from ._errors import AdapterError as AdapterError
 from ._errors import CallbackError as CallbackError
 from ._errors import CapabilityError as CapabilityError
 from ._errors import ConfigError as ConfigError
+from ._errors import InvalidPatternError as InvalidPatternError
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import OcoError as OcoError
 from ._errors import PluginError as PluginError
 from ._errors import QuotaExceededError as QuotaExceededError
 from ._errors import RateLimitedError as RateLimitedError
 from ._errors import RequestTooLargeError as RequestTooLargeError
+from ._errors import SecretRefusedError as SecretRefusedError
 from ._errors import StoreError as StoreError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import UnknownTargetError as UnknownTargetError

@@ -62,10 +62,15 @@ _END = _End()
 
 @dataclass(slots=True)
 class RpcAbort(Exception):  # noqa: N818 - it is an instruction, not a failure of ours
-    """Raised by a trio handler to end its RPC with a gRPC status."""
+    """Raised by a trio handler to end its RPC with a gRPC status.
+
+    ``trailing_metadata``: pairs sent with the status (keys lower case, values printable
+    ASCII), e.g. the error's class and attributes (:func:`._errors.to_status`).
+    """
 
     code: grpc.StatusCode
     details: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -560,6 +565,8 @@ class Bridge:
 
         async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
             if isinstance(error, RpcAbort):
+                if error.trailing_metadata:
+                    context.set_trailing_metadata(error.trailing_metadata)
                 await context.abort(error.code, _shorten(error.details))
             log.error("internal error in %s", method.impl.__qualname__, exc_info=error)
             await context.abort(grpc.StatusCode.INTERNAL, _shorten(f"internal error: {type(error).__name__}: {error}"))

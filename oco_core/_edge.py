@@ -20,21 +20,9 @@ import trio
 
 from ._audit import ALLOWED, DENIED
 from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, Undecodable, open_bridge
-from ._errors import (
-    AdapterError,
-    CapabilityError,
-    InvalidRequestError,
-    OcoError,
-    QuotaExceededError,
-    RateLimitedError,
-    RequestTooLargeError,
-    StoreUnavailableError,
-    UnknownTargetError,
-    ValueTooLargeError,
-    VersionConflictError,
-)
+from ._errors import CapabilityError, InvalidPatternError, OcoError, to_status, to_wire
 from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
-from ._router import InvalidPatternError, Route, Subscription
+from ._router import Route, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES
 
@@ -58,31 +46,16 @@ _LIST_DEFAULT = 100
 _LIST_MAX = 1000
 
 
-def _status(exc: Exception) -> RpcAbort:
-    """The gRPC status for an error the bot raised on purpose."""
-    codes: list[tuple[type[Exception], grpc.StatusCode]] = [
-        (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-        (InvalidPatternError, grpc.StatusCode.INVALID_ARGUMENT),
-        (RequestTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (ValueTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (CapabilityError, grpc.StatusCode.PERMISSION_DENIED),
-        (UnknownTargetError, grpc.StatusCode.NOT_FOUND),
-        (VersionConflictError, grpc.StatusCode.ABORTED),
-        (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
-        (AdapterError, grpc.StatusCode.UNAVAILABLE),
-    ]
-    for kind, code in codes:
-        if isinstance(exc, kind):
-            return RpcAbort(code, str(exc))
-    return RpcAbort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+def _status(exc: OcoError) -> RpcAbort:
+    """The gRPC status for an error the bot raised on purpose, with trailing metadata
+    naming its class and attributes (one table for edge and SDK: :data:`._errors.WIRE`)."""
+    return RpcAbort(*to_status(exc))
 
 
 async def _guard(call: Awaitable[R]) -> R:
     try:
         return await call
-    except (OcoError, InvalidPatternError) as exc:
+    except OcoError as exc:
         raise _status(exc) from None
 
 
@@ -166,7 +139,7 @@ class Services:
         try:
             self.bot.router.subscribe(subscription)
         except InvalidPatternError as exc:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise _status(exc) from None
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
         state.connected.set()
         revoked: list[RpcAbort] = []
@@ -230,10 +203,14 @@ class Services:
                 continue
             try:
                 await self.bot.send_messages(callback_id, request)
-            except (OcoError, InvalidPatternError) as exc:
-                status = _status(exc)
+            except OcoError as exc:
+                wire = to_wire(exc)
                 result = robot_pb2.SendResult(
-                    request_id=request.request_id, code=status.code.value[0], error=status.details
+                    request_id=request.request_id,
+                    code=wire.code.value[0],
+                    error=wire.details,
+                    error_type=wire.error_type,
+                    error_fields=wire.fields,
                 )
             else:
                 result = robot_pb2.SendResult(request_id=request.request_id)

@@ -24,6 +24,7 @@ from typing import Any
 import re2
 import trio
 
+from ._errors import InvalidPatternError as InvalidPatternError  # its old home; still imported from here
 from ._proto import core_pb2, robot_pb2
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,6 @@ log = logging.getLogger(__name__)
 #: Memory RE2 may use for the compiled set of all live patterns (10,000 patterns fit).
 _SET_MAX_MEM = 512 << 20
 _OVERFLOW_LOG_INTERVAL = 10.0
-
-
-class InvalidPatternError(ValueError):
-    """A route's pattern is not valid RE2 syntax."""
-
-    def __init__(self, pattern: str, reason: str) -> None:
-        super().__init__(f"invalid pattern {pattern!r}: {reason} (patterns use RE2 syntax, as Go's regexp)")
-        self.pattern = pattern
-        self.reason = reason
 
 
 def _options(max_mem: int | None = None) -> Any:

@@ -39,13 +39,11 @@ import trio
 from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
     CallbackError,
-    CapabilityError,
-    InvalidRequestError,
-    RequestTooLargeError,
-    StoreUnavailableError,
-    UnknownTargetError,
+    OcoError,
     ValueTooLargeError,
     VersionConflictError,
+    from_status,
+    from_wire,
 )
 from ._proto import (
     authorization_pb2,
@@ -70,6 +68,8 @@ T = TypeVar("T")
 
 #: gRPC status codes after which reconnecting cannot help: the configuration is wrong.
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+#: What a storage status that names no error means (a bot older than typed errors).
+_STORAGE_IMPLIED = {grpc.StatusCode.RESOURCE_EXHAUSTED: ValueTooLargeError}
 #: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
 _UNARY_DEADLINE = 30.0
 _CHANNEL_OPTIONS = [
@@ -204,23 +204,20 @@ class Message:
         await self._callback._send([message], with_mention=mention and room is not None)
 
 
-def _error(exc: grpc.aio.AioRpcError) -> Exception:
-    """Our exception for a failed call."""
-    return _error_for(exc.code(), exc.details() or "")
+def _error(exc: grpc.aio.AioRpcError, service: str) -> OcoError:
+    """Our exception for a failed unary call: the class the bot named in the trailing
+    metadata (with its attributes), else the one the status code implies. For storage a
+    bare RESOURCE_EXHAUSTED is a value too large, as older bots meant it."""
+    implied = _STORAGE_IMPLIED if service == "storage" else None
+    # grpc.aio hands over a grpc.aio.Metadata of (key, value) pairs; the stubs say grpc's.
+    metadata: Any = exc.trailing_metadata()
+    return from_status(exc.code(), exc.details() or "", metadata, implied=implied)
 
 
-def _error_for(code: grpc.StatusCode, details: str) -> Exception:
-    """Our exception for a gRPC status."""
-    kinds: dict[grpc.StatusCode, Callable[[str], Exception]] = {
-        grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLargeError,
-        grpc.StatusCode.NOT_FOUND: UnknownTargetError,
-        grpc.StatusCode.ABORTED: lambda d: VersionConflictError(d, -1),
-        grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
-        grpc.StatusCode.PERMISSION_DENIED: lambda d: CapabilityError(d, capability=""),
-    }
-    make = kinds.get(code, CallbackError)
-    return make(f"{code.name}: {details}")
+def _result_error(result: robot_pb2.SendResult) -> OcoError:
+    """Our exception for a SendResult that reports a failure."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
+    return from_wire(code, result.error, result.error_type, result.error_fields)
 
 
 class Storage:
@@ -435,8 +432,8 @@ class Callback:
         return self._connection
 
     async def _unary(self, service: str, method: str, request: Any) -> Any:
-        """One unary call; storage's RESOURCE_EXHAUSTED (a value too large, a quota)
-        raises ValueTooLargeError, whose message names the limit."""
+        """One unary call; a failure raises the exception the bot named (see
+        :func:`._errors.from_status`): QuotaExceededError, VersionConflictError..."""
         connection = await self._ready()
         call = getattr(connection.stubs[service], method)
         try:
@@ -444,9 +441,7 @@ class Callback:
                 lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
             )
         except grpc.aio.AioRpcError as exc:
-            if service == "storage" and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise ValueTooLargeError(f"RESOURCE_EXHAUSTED: {exc.details()}") from None
-            raise _error(exc) from None
+            raise _error(exc, service) from None
 
     async def check_permission(self, user_id: str, permission: str, *, room_id: str = "") -> PermissionCheck:
         """Whether the user (``"irc/alice"``) holds ``permission``; the bot records the
@@ -494,8 +489,7 @@ class Callback:
             raise CallbackError("the connection to the bot was lost before it confirmed the message")
         result = slot[0]
         if result.code:
-            code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
-            raise _error_for(code, result.error)
+            raise _result_error(result)
 
     # -- running ---------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ import trio
 
 from ._bridge import CallInfo, RpcAbort
 from ._config import CallbackSettings
-from ._errors import OcoError, StoreError, VersionConflictError
+from ._errors import SecretRefusedError as SecretRefusedError  # its old home; still imported from here
+from ._errors import StoreError, VersionConflictError
 from ._store import Store
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,6 @@ _PAGE = 500
 #: What :func:`generate_secret` makes (``secrets.token_urlsafe(32)``: 43 characters). Only
 #: such strings are looked up in the store, so junk secrets cost no store read.
 _GENERATED = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-class SecretRefusedError(OcoError):
-    """``oco callbacks add/rotate/remove`` refused: the callback already has a secret,
-    has none, or the configuration sets its secret itself."""
 
 
 def generate_secret() -> str:

@@ -346,7 +346,7 @@ async def test_the_sdk_reconnects_when_the_bot_restarts(tmp_path: Any) -> None:
 
 
 async def test_storage_quotas_answer_resource_exhausted_naming_the_quota(tmp_path: Any) -> None:
-    from oco_core import ValueTooLargeError
+    from oco_core import QuotaExceededError
 
     text = f"""
 adapters: [{{type: memory}}]
@@ -359,14 +359,14 @@ callbacks:
         async with callback(running, sdk(running, "alpha")) as alpha, callback(running, sdk(running, "beta")) as beta:
             await alpha.storage.set("one", b"1")
             await alpha.storage.set("two", b"2")
-            with pytest.raises(ValueTooLargeError, match="max_keys"):
+            with pytest.raises(QuotaExceededError, match="max_keys"):
                 await alpha.storage.set("three", b"3")
             await alpha.storage.set("two", b"22")  # overwriting adds no key
-            with pytest.raises(ValueTooLargeError, match="max_bytes"):
+            with pytest.raises(QuotaExceededError, match="max_bytes"):
                 await alpha.storage.set("two", b"x" * 995)
             for key in ("a", "b", "c"):  # beta has its own, larger quota
                 await beta.storage.set(key, b"x" * 2000)
-            with pytest.raises(ValueTooLargeError, match="max_keys"):
+            with pytest.raises(QuotaExceededError, match="max_keys"):
                 await beta.storage.set("d", b"x")
             assert await alpha.storage.delete("one")
             await alpha.storage.set("three", b"3")  # room again

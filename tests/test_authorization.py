@@ -13,7 +13,7 @@ import grpc
 import pytest
 import trio
 
-from oco_core import Callback, CapabilityError, Message
+from oco_core import Callback, CapabilityError, Message, RateLimitedError
 from oco_core._audit import AuditQuery, AuditRecord, query
 from oco_core._bot import Bot
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
@@ -360,8 +360,9 @@ async def test_rate_limits_refuse_clearly(tmp_path: Path) -> None:
             # A callback: four messages a minute (the three PONGs used three); a request that does
             # not fit is refused whole with RESOURCE_EXHAUSTED and the time to wait.
             await deployer.cb.send("one", room="memory/general")
-            with pytest.raises(Exception, match=r"RESOURCE_EXHAUSTED: .*rate limit of 4 messages a minute; retry in"):
+            with pytest.raises(RateLimitedError, match=r"rate limit of 4 messages a minute; retry in") as limited_send:
                 await deployer.cb.send("two", room="memory/general")
+            assert 0 < limited_send.value.retry_after <= 60
         assert [m.body for m in running.adapter.sent][-2:] == ["PONG", "one"]
         limited = await audit(running, kind="rate_limit")
         assert [(r.user, r.callback) for r in limited] == [("memory/bob", ""), ("memory/bob", ""), ("", "ops")]

@@ -5,6 +5,42 @@ The Robot service: the OpenChatOps specification's four RPCs, and OCO's extensio
 
 A callback authenticates every call with gRPC metadata
 `authorization: Bearer <secret>`, the secret the bot's operator gave it.
+
+Errors (an extension, on every service). When a call fails for a reason the bot
+decided (a refusal, a conflict, an adapter that failed), OCO sends beside the gRPC
+status trailing metadata that names the error and its attributes, so that a client
+can tell, say, a rate limit from a message that is too large (both
+RESOURCE_EXHAUSTED):
+
+- `oco-error-type`: the error, one of the names in the table below;
+- `oco-error-<attribute>`: each of its attributes (`oco-error-retry-after: 1.25`).
+  Values are percent-encoded UTF-8 (every byte outside `!`..`~`, and `%`, as `%XX`);
+  a value longer than 1024 bytes is left out.
+
+SendMessageStream carries the same in SendResult.error_type and
+SendResult.error_fields (attribute names without `oco-error-`, values not encoded).
+A status without `oco-error-type` (another bot, or a refusal such as a bad secret)
+means what its code means; a name a client does not know reads as its code, too.
+
+| `oco-error-type` | status code | attributes |
+|---|---|---|
+| `InvalidRequestError` | INVALID_ARGUMENT | |
+| `InvalidPatternError` | INVALID_ARGUMENT | `pattern`; `reason`: what RE2 said |
+| `RequestTooLargeError` | RESOURCE_EXHAUSTED | |
+| `RateLimitedError` | RESOURCE_EXHAUSTED | `retry-after`: seconds until the request fits (`inf`: never; split it) |
+| `CapabilityError` | PERMISSION_DENIED | `capability`: what the callback's configuration lacks |
+| `CallbackError` | INTERNAL | |
+| `ValueTooLargeError` | RESOURCE_EXHAUSTED | |
+| `QuotaExceededError` | RESOURCE_EXHAUSTED | `namespace`; `quota`: `max_keys` or `max_bytes`; `limit`: its value |
+| `VersionConflictError` | ABORTED | `current`: the version stored now (0: the key is absent) |
+| `StoreUnavailableError` | UNAVAILABLE | |
+| `StoreError` | INTERNAL | |
+| `UnknownTargetError` | NOT_FOUND | `sent` (optional, as for AdapterError) |
+| `AdapterError` | UNAVAILABLE | `sent` (optional): how many messages of the request went out before it failed |
+| `SecretRefusedError` | INTERNAL | |
+| `ConfigError` | INTERNAL | |
+| `PluginError` | INTERNAL | |
+| `OcoError` | INTERNAL | |
 """
 
 from collections import abc as _abc
@@ -276,25 +312,59 @@ class SendResult(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ErrorFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request_id of the request this answers."""
     code: _builtins.int
     """A gRPC status code (0 = OK) with the same meaning as for SendMessages."""
     error: _builtins.str
     """What was wrong, when code is not 0."""
+    error_type: _builtins.str
+    """The error's name, as `oco-error-type` would carry it on SendMessages (see Errors at
+    the top of robot.proto); empty when code is 0 or the bot names none.
+    """
+    @_builtins.property
+    def error_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The error's attributes by name (`retry-after`, `current`, `sent`...), as the
+        `oco-error-<attribute>` trailing metadata would carry them, but not percent-encoded.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.int = ...,
         code: _builtins.int = ...,
         error: _builtins.str = ...,
+        error_type: _builtins.str = ...,
+        error_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "error_fields", b"error_fields", "error_type", b"error_type", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,42 @@ The Robot service: the OpenChatOps specification's four RPCs, and OCO's extensio
 
 A callback authenticates every call with gRPC metadata
 `authorization: Bearer <secret>`, the secret the bot's operator gave it.
+
+Errors (an extension, on every service). When a call fails for a reason the bot
+decided (a refusal, a conflict, an adapter that failed), OCO sends beside the gRPC
+status trailing metadata that names the error and its attributes, so that a client
+can tell, say, a rate limit from a message that is too large (both
+RESOURCE_EXHAUSTED):
+
+- `oco-error-type`: the error, one of the names in the table below;
+- `oco-error-<attribute>`: each of its attributes (`oco-error-retry-after: 1.25`).
+  Values are percent-encoded UTF-8 (every byte outside `!`..`~`, and `%`, as `%XX`);
+  a value longer than 1024 bytes is left out.
+
+SendMessageStream carries the same in SendResult.error_type and
+SendResult.error_fields (attribute names without `oco-error-`, values not encoded).
+A status without `oco-error-type` (another bot, or a refusal such as a bad secret)
+means what its code means; a name a client does not know reads as its code, too.
+
+| `oco-error-type` | status code | attributes |
+|---|---|---|
+| `InvalidRequestError` | INVALID_ARGUMENT | |
+| `InvalidPatternError` | INVALID_ARGUMENT | `pattern`; `reason`: what RE2 said |
+| `RequestTooLargeError` | RESOURCE_EXHAUSTED | |
+| `RateLimitedError` | RESOURCE_EXHAUSTED | `retry-after`: seconds until the request fits (`inf`: never; split it) |
+| `CapabilityError` | PERMISSION_DENIED | `capability`: what the callback's configuration lacks |
+| `CallbackError` | INTERNAL | |
+| `ValueTooLargeError` | RESOURCE_EXHAUSTED | |
+| `QuotaExceededError` | RESOURCE_EXHAUSTED | `namespace`; `quota`: `max_keys` or `max_bytes`; `limit`: its value |
+| `VersionConflictError` | ABORTED | `current`: the version stored now (0: the key is absent) |
+| `StoreUnavailableError` | UNAVAILABLE | |
+| `StoreError` | INTERNAL | |
+| `UnknownTargetError` | NOT_FOUND | `sent` (optional, as for AdapterError) |
+| `AdapterError` | UNAVAILABLE | `sent` (optional): how many messages of the request went out before it failed |
+| `SecretRefusedError` | INTERNAL | |
+| `ConfigError` | INTERNAL | |
+| `PluginError` | INTERNAL | |
+| `OcoError` | INTERNAL | |
 """
 
 from collections import abc as _abc
