@@ -8,10 +8,10 @@
 It plays a callback program against any bot, ours or another implementation: the
 specification's four RPCs with the specification's messages, secrets, route
 registration, hear and respond semantics, capture groups, storage (compare-and-set,
-isolation between two callbacks), refusal of invalid patterns, and what cancelling a
-Listen stream does. Each check prints one line (``PASS``, ``FAIL`` or ``SKIP``, its
-name, what it saw) and a summary line follows; the exit code is 0 only when every check
-passed.
+isolation between two callbacks), refusal of invalid patterns, errors named in trailing
+metadata, and what cancelling a Listen stream does. Each check prints one line
+(``PASS``, ``FAIL`` or ``SKIP``, its name, what it saw) and a summary line follows; the
+exit code is 0 only when every check passed.
 
 To check what a callback receives, the suite has to write chat messages as a user
 would. It does that through the memory adapter's test-only control service
@@ -957,6 +957,47 @@ async def _storage_isolation(s: Suite) -> str:
         await s.cleanup()
         await s.cleanup(other)
     return f"{s.target.id!r} and {s.target.other_id!r} each have their own {key!r}"
+
+
+# ---- typed errors ----------------------------------------------------------------------
+
+
+@check("errors/typed-version-conflict")
+async def _errors_typed(s: Suite) -> str:
+    """A failed call names its error in trailing metadata (robot.proto, "Errors"): a
+    stale compare-and-set answers ABORTED with `oco-error-type: VersionConflictError` and
+    `oco-error-current`, the version stored (0 for a key that does not exist)."""
+    key = s.key("typed")
+
+    async def conflict(expected: int) -> dict[str, str]:
+        request = storage_pb2.SetRequest(key=key, value=b"x", expected_version=expected)
+        try:
+            await s.call(lambda: s.storage.Set(request, metadata=s.metadata(), timeout=s.timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ABORTED:
+                raise CheckFailed(f"Set with expected_version {expected}: expected ABORTED, got {_code(exc)}") from None
+            trailers: Any = exc.trailing_metadata()  # grpc.aio.Metadata: (key, value) pairs
+            return {k: v for k, v in trailers or () if isinstance(v, str) and k.startswith("oco-error-")}
+        raise CheckFailed(f"Set with expected_version {expected} succeeded; expected ABORTED")
+
+    try:
+        absent = await conflict(1)
+        _expect(
+            absent == {"oco-error-type": "VersionConflictError", "oco-error-current": "0"},
+            f"a key that does not exist, expected_version 1: trailing metadata {absent}, expected "
+            "oco-error-type: VersionConflictError and oco-error-current: 0",
+        )
+        await s.set(key, b"a")
+        version = await s.set(key, b"b")
+        stale = await conflict(version + 5)
+        _expect(
+            stale == {"oco-error-type": "VersionConflictError", "oco-error-current": str(version)},
+            f"version {version}, expected_version {version + 5}: trailing metadata {stale}, expected "
+            f"oco-error-type: VersionConflictError and oco-error-current: {version}",
+        )
+    finally:
+        await s.delete(key)
+    return f"ABORTED with oco-error-type VersionConflictError, oco-error-current 0 and then {version}"
 
 
 # ---- running ---------------------------------------------------------------------------
