@@ -8,7 +8,7 @@ import logging
 import math
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -29,7 +29,7 @@ from oco_core.plugin import (
 )
 
 from ._config import MatrixConfig
-from ._format import leading_pill, markdown_to_html, pill, strip_reply_fallback
+from ._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
 from ._transport import SYNC_GRACE, TokenRejectedError, Transport
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class MatrixAdapter(Adapter):
                 store.database.close()
 
     async def send(self, message: OutgoingMessage) -> None:
-        """Queue ``message``; the sender task delivers queued messages in order, waiting
-        out rate limits and outages."""
+        """Queue ``message`` (as several events when its body is too large for one); the
+        sender task delivers queued messages in order, waiting out rate limits and outages."""
         if message.room_id and not message.private:
             room = message.room_id
             if not room.startswith(("!", "#")):
@@ -123,7 +123,12 @@ class MatrixAdapter(Adapter):
                 raise UnknownTargetError(f"the bot is not in Matrix room {room}")
         elif message.user is None or not message.user.id.startswith("@"):
             raise UnknownTargetError("a private Matrix message needs a user id (@name:server)")
-        await self._outbox_tx.send(_Pending(message))
+        # A body too large for one event would be refused and lost: it goes as several,
+        # the mention on the first only.
+        pieces = split_body(message.body)
+        for index, piece in enumerate(pieces):
+            part = message if len(pieces) == 1 else replace(message, body=piece, mention=message.mention and index == 0)
+            await self._outbox_tx.send(_Pending(part))
 
     async def join(self, room: str) -> None:
         """Join a room by id or alias."""

@@ -1,4 +1,6 @@
-"""Fixtures for the Matrix adapter's tests: a real Synapse, a person, a small host.
+"""Fixtures for the Matrix adapter's tests: a real Synapse, a person, a bot account whose
+adapter reports to a :class:`~oco_core.testing.RecordingHost`, and ``live_chat`` for the
+adapter contract suite (test_matrix_contract.py).
 
 Synapse comes from PyPI into its own virtual environment (it pins its own dependencies),
 created once and kept in ``~/.cache/oco-tests/synapse-venv-<version>`` (or
@@ -22,7 +24,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -41,19 +42,11 @@ from typing import Any, TypeVar
 import nio  # type: ignore[import-untyped]  # nio ships no type information
 import pytest
 import trio
-import trio.lowlevel
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 
-from oco_core.plugin import (
-    ChatRoom,
-    ChatUser,
-    IncomingMessage,
-    MembershipEvent,
-    MembershipKind,
-    NamespacedStore,
-    OutgoingMessage,
-)
-from oco_core.testing import MemoryStore
+from oco_core.plugin import IncomingMessage, MembershipKind, OutgoingMessage
+from oco_core.testing import RecordingHost
+from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenMessage
 from oco_core.testing.pytest_plugin import server_unavailable
 
 
@@ -223,6 +216,27 @@ class Synapse:
     def start(self, timeout: float = 60.0) -> None:
         """Start the server and wait until the client API answers."""
         started = time.monotonic()
+        self._spawn()
+        while time.monotonic() - started < timeout:
+            if self._answers():
+                self.startup_seconds = time.monotonic() - started
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"synapse did not answer within {timeout} s")
+
+    async def restart(self, timeout: float = 60.0) -> None:
+        """Start the stopped server again from a trio test, and wait until it answers.
+
+        The process is spawned on the calling thread: its parent-death signal follows the
+        thread that forked it, so a server spawned from a worker thread would be killed
+        when trio retires that thread, some seconds later."""
+        self._spawn()
+        with trio.fail_after(timeout):
+            while not await trio.to_thread.run_sync(self._answers):
+                await trio.sleep(0.05)
+
+    def _spawn(self) -> None:
         with open(self.directory / "stderr.log", "ab") as errors:
             self.process = subprocess.Popen(
                 [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.directory / "homeserver.yaml")],
@@ -232,18 +246,17 @@ class Synapse:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        while time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
-                tail = (self.directory / "stderr.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"synapse exited with {self.process.returncode}: {tail}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=1):
-                    self.startup_seconds = time.monotonic() - started
-                    return
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"synapse did not answer within {timeout} s")
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            tail = (self.directory / "stderr.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"synapse exited with {self.process.returncode}: {tail}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=1):
+                return True
+        except (OSError, urllib.error.URLError):
+            return False
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
@@ -401,15 +414,19 @@ class Person:
         assert self.client is not None
         return self.client
 
-    async def create_room(self, *, invite: Sequence[str] = (), encrypted: bool = False, direct: bool = False) -> str:
-        """Create a room and invite others; return its id."""
+    async def create_room(
+        self, *, invite: Sequence[str] = (), encrypted: bool = False, direct: bool = False, public: bool = False
+    ) -> str:
+        """Create a room and invite others; return its id. A ``public`` room may be
+        joined by anyone, also again after leaving it."""
         initial_state = [nio.EnableEncryptionBuilder().as_dict()] if encrypted else []
+        if direct:
+            preset = nio.RoomPreset.trusted_private_chat
+        else:
+            preset = nio.RoomPreset.public_chat if public else nio.RoomPreset.private_chat
         response = await self.call(
             lambda: self.nio.room_create(
-                invite=list(invite),
-                is_direct=direct,
-                initial_state=initial_state,
-                preset=nio.RoomPreset.trusted_private_chat if direct else nio.RoomPreset.private_chat,
+                invite=list(invite), is_direct=direct, initial_state=initial_state, preset=preset
             )
         )
         assert isinstance(response, nio.RoomCreateResponse), response
@@ -492,65 +509,23 @@ async def person(synapse: Synapse, tmp_path: Path) -> Any:
         await someone.stop()
 
 
-# --------------------------------------------------------------------------- the host
-
-
-class Host:
-    """The AdapterHost a test gives the adapter: records everything it is told."""
-
-    def __init__(self, store: MemoryStore | None = None, bot_name: str = "oco") -> None:
-        self.name = "matrix"
-        self.bot_name = bot_name
-        self.aliases: Sequence[str] = ()
-        self.memory = store or MemoryStore()
-        self.store = NamespacedStore(self.memory, "adapter:matrix")
-        self.messages: list[IncomingMessage] = []
-        self.memberships: list[MembershipEvent] = []
-        self.topics: list[tuple[ChatRoom, ChatUser | None]] = []
-        self.own_names: list[str] = []
-        self.on_message: Callable[[IncomingMessage], Awaitable[None]] | None = None
-
-    async def receive(self, message: IncomingMessage) -> None:
-        self.messages.append(message)
-        if self.on_message is not None:
-            await self.on_message(message)
-
-    async def membership(self, event: MembershipEvent) -> None:
-        self.memberships.append(event)
-
-    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
-        self.topics.append((room, user))
-
-    def set_own_names(self, names: Sequence[str]) -> None:
-        self.own_names = list(names)
-
-    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-        """Poll ``condition`` until it holds."""
-        with trio.fail_after(timeout):
-            while not condition():
-                await trio.sleep(0.05)
-
-
 # --------------------------------------------------------------------------- the bot
 
-_PING = re.compile(r"^ping\b(.*)$")
 
+def answer_ping(adapter: MatrixAdapter) -> Callable[[IncomingMessage], Awaitable[None]]:
+    """A stand-in for a callback, for ``RecordingHost.on_message``: a message whose text
+    holds ``ping<rest>`` is answered ``PONG<rest>`` in its room, in reply to it.
 
-async def answer_ping(adapter: MatrixAdapter, host: Host, message: IncomingMessage) -> None:
-    """What the router plus the ping callback do: an addressed ``ping`` gets ``PONG``."""
-    if message.edit_of:
-        return  # the router never treats an edit as a new command
-    text, addressed = message.body, message.direct
-    for name in sorted([*host.own_names, host.bot_name], key=len, reverse=True):
-        if text.lower().startswith(name.lower()):
-            text, addressed = text[len(name) :].lstrip(":, "), True
-            break
-    match = _PING.match(text)
-    if addressed and match and message.room is not None:
-        await adapter.send(OutgoingMessage(f"PONG{match.group(1)}", room_id=message.room.id, in_reply_to=message.id))
+    Deliberately no addressing or edit rules: which messages get answered is the router's
+    business (tested in oco-core, and end to end in test_oco_run.py); these tests check
+    what the adapter delivers and how it sends the answer."""
+
+    async def answer(message: IncomingMessage) -> None:
+        _, ping, rest = message.body.partition("ping")
+        if ping and message.room is not None:
+            await adapter.send(OutgoingMessage(f"PONG{rest}", room_id=message.room.id, in_reply_to=message.id))
+
+    return answer
 
 
 class Bot:
@@ -564,7 +539,7 @@ class Bot:
         #: The registration's login (its access token is used by a test).
         self.registration = synapse.register(self.localpart, self.password)
         self.user_id = f"@{self.localpart}:{synapse.server_name}"
-        self.host = Host()
+        self.host = RecordingHost("matrix")
         self.options = {
             "homeserver": synapse.url,
             "user_id": self.user_id,
@@ -580,28 +555,30 @@ class Bot:
         """Run a new adapter until the block ends."""
         adapter = MatrixAdapter(MatrixConfig.model_validate(self.options))
         self.adapter = adapter
-        self.host.on_message = lambda message: answer_ping(adapter, self.host, message)
+        self.host.on_message = answer_ping(adapter)
         async with trio.open_nursery() as nursery:
             await nursery.start(adapter.run, self.host)
             yield adapter
             nursery.cancel_scope.cancel()
 
-    async def room_with(self, person: Person, *, encrypted: bool = False, in_process: bool = True) -> str:
+    async def room_with(
+        self, person: Person, *, encrypted: bool = False, in_process: bool = True, public: bool = False
+    ) -> str:
         """A group room (the person, the bot and an invited third account) the bot joined.
 
         With ``in_process`` (the adapter runs in this test, not in an ``oco`` process) it
         also waits until the adapter's own sync has seen the join."""
         third = unique("third")
         self.synapse.register(third)
-        room_id = await person.create_room(invite=[self.user_id, f"@{third}:localhost"], encrypted=encrypted)
+        room_id = await person.create_room(
+            invite=[self.user_id, f"@{third}:localhost"], encrypted=encrypted, public=public
+        )
         await person.wait_joined(room_id, self.user_id)
         if not in_process:
             return room_id
-        await self.host.wait_for(
-            lambda: any(
-                e.kind is MembershipKind.JOINED and e.user.id == self.user_id and e.room.id == room_id
-                for e in self.host.memberships
-            )
+        await self.host.next_membership(
+            lambda e: e.kind is MembershipKind.JOINED and e.user.id == self.user_id and e.room.id == room_id,
+            what="the bot's own join",
         )
         return room_id
 
@@ -610,3 +587,89 @@ class Bot:
 def make_bot(synapse: Synapse, tmp_path: Path) -> Callable[..., Bot]:
     """Make a bot account; keyword arguments are adapter options."""
     return lambda **options: Bot(synapse, tmp_path, **options)
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+class MatrixPerson(ChatPerson):
+    """The contract's person on Synapse: :class:`Person` (matrix-nio), in a public room
+    with the bot; its private messages go through a direct chat it opens."""
+
+    #: Synapse refuses an event whose JSON is larger than 64 KiB.
+    max_message_bytes = 65536
+
+    def __init__(self, person: Person, bot: Bot, room: str) -> None:
+        self.person = person
+        self.bot = bot
+        self.user_id = person.user_id
+        # Synapse gives a new account its localpart as display name, and rooms show that.
+        self.name = person.localpart
+        self.room = room
+        self._direct: set[str] = set()
+        self._taken: set[int] = set()
+
+    async def say(self, room: str, text: str) -> None:
+        await self.person.say(room, text)
+
+    async def say_privately(self, text: str) -> None:
+        if not self._direct:
+            room_id = await self.person.create_room(invite=[self.bot.user_id], direct=True)
+            await self.person.wait_joined(room_id, self.bot.user_id)
+            self._direct.add(room_id)
+        await self.person.say(next(iter(self._direct)), text)
+
+    async def join(self, room: str) -> None:
+        response = await self.person.call(lambda: self.person.nio.join(room))
+        assert isinstance(response, nio.JoinResponse), response
+        await self.person.wait_joined(room, self.user_id)
+
+    async def leave(self, room: str) -> None:
+        response = await self.person.call(lambda: self.person.nio.room_leave(room))
+        assert isinstance(response, nio.RoomLeaveResponse), response
+
+    def _seen(self) -> list[SeenMessage]:
+        seen = []
+        for room_id, event in self.person.events:
+            if not isinstance(event, nio.RoomMessage) or event.sender != self.bot.user_id:
+                continue
+            content = event.source.get("content") or {}
+            mentions = (content.get("m.mentions") or {}).get("user_ids") or []
+            seen.append(
+                SeenMessage(
+                    body=str(getattr(event, "body", "")),
+                    room=None if room_id in self._direct else room_id,
+                    mentions=frozenset(mentions),
+                    size=len(json.dumps(event.source, ensure_ascii=False).encode()),
+                )
+            )
+        return seen
+
+    async def next_from_bot(self, predicate: Callable[[SeenMessage], bool], *, timeout: float) -> SeenMessage:
+        with trio.move_on_after(timeout):
+            while True:
+                for index, message in enumerate(self._seen()):
+                    if index not in self._taken and predicate(message):
+                        self._taken.add(index)
+                        return message
+                await trio.sleep(0.05)
+        raise AssertionError(f"{self.user_id} saw no such message from the bot; it saw {self._seen()[-10:]!r}")
+
+    async def interrupt(self) -> None:
+        # The adapter's requests fail from here on; it keeps what it is asked to send
+        # (with its transaction ids) until the homeserver answers again.
+        await trio.to_thread.run_sync(self.person.synapse.stop)
+
+    async def restore(self) -> None:
+        await self.person.synapse.restart()
+        await self.person.restart_sync_if_stopped()
+
+
+@pytest.fixture
+async def live_chat(person: Person, make_bot: Callable[..., Bot]) -> AsyncIterator[LiveChat]:
+    """A bot account's adapter running, in a public room with ``person``."""
+    bot = make_bot()
+    async with bot.running() as adapter:
+        bot.host.on_message = None  # the contract answers nothing by itself
+        room = await bot.room_with(person, public=True)
+        yield LiveChat(adapter, bot.host, MatrixPerson(person, bot, room))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import oco_adapter_matrix
 import pydantic
 import pytest
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
-from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, strip_reply_fallback
+from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
 from oco_adapter_matrix._transport import _split_token
 
 BASE = {"homeserver": "https://matrix.example.org/", "user_id": "@oco:example.org", "password": "pw"}
@@ -101,3 +102,17 @@ def test_access_token_moves_from_the_query_to_a_header() -> None:
     assert token == "syt_abc"
     assert path == "/_matrix/client/v3/sync?since=s1&timeout=30000"
     assert _split_token("/_matrix/client/versions") == ("/_matrix/client/versions", None)
+
+
+def test_split_body_cuts_at_lines_then_spaces_then_characters() -> None:
+    assert split_body("short") == ["short"]
+    lines = "\n".join(f"line {n}" for n in range(100))
+    pieces = split_body(lines, limit=100)
+    assert "".join(pieces) == lines
+    assert all(piece.endswith("\n") or piece == pieces[-1] for piece in pieces)
+    words = " ".join(["word"] * 100)
+    assert all(piece.endswith(" ") or piece == split_body(words, limit=50)[-1] for piece in split_body(words, limit=50))
+    blob = "漢🙂" * 100  # no spaces: cut between characters; each costs 6 and 12 bytes of JSON
+    pieces = split_body(blob, limit=40)
+    assert "".join(pieces) == blob
+    assert all(len(json.dumps(piece)) - 2 <= 40 for piece in pieces)
