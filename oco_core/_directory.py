@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import trio
 
-from ._errors import StoreError
+from ._errors import StoreError, UnknownTargetError
 from ._store import Item, Store
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,30 @@ class Directory:
         if old is not None and member in old.members:
             self.rooms[room_id] = replace(old, members=tuple(m for m in old.members if m != member))
             self._mark(f"room/{room_id}")
+
+    def user(self, user_id: str) -> UserRecord:
+        """One known user, or UnknownTargetError."""
+        found = self.users.get(user_id)
+        if found is None:
+            raise UnknownTargetError(f"unknown user {user_id!r}: the bot has not seen them")
+        return found
+
+    def room(self, room_id: str) -> RoomRecord:
+        """One known room, or UnknownTargetError."""
+        found = self.rooms.get(room_id)
+        if found is None:
+            raise UnknownTargetError(f"unknown room {room_id!r}: the bot has not seen it")
+        return found
+
+    def list_users(self, room_id: str = "") -> list[UserRecord]:
+        """Known users in id order, or only the members of a known room."""
+        if room_id:
+            return [self.users.get(m) or UserRecord(m) for m in self.room(room_id).members]
+        return sorted(self.users.values(), key=lambda u: u.id)
+
+    def list_rooms(self) -> list[RoomRecord]:
+        """Known rooms in id order."""
+        return sorted(self.rooms.values(), key=lambda r: r.id)
 
     def _mark(self, key: str) -> None:
         self._dirty.add(key)

@@ -11,23 +11,24 @@ capabilities) is checked here, before the call does anything.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import trio
 
 from ._audit import ALLOWED, DENIED
-from ._bridge import CallInfo, Method, RpcAbort, StreamWriter, Undecodable, open_bridge
+from ._auth import Authorization
+from ._bridge import CallInfo, Method, RpcAbort, ServerTls, StreamWriter, Undecodable, open_bridge
+from ._config import GrpcSettings
+from ._directory import Directory
 from ._errors import CapabilityError, InvalidPatternError, OcoError, to_status, to_wire
+from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
-from ._router import Route, Subscription
+from ._router import Route, Router, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
-from ._store import MAX_KEY_BYTES
-
-if TYPE_CHECKING:
-    from ._bot import Bot
+from ._store import MAX_KEY_BYTES, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,57 @@ async def _guard(call: Awaitable[R]) -> R:
         raise _status(exc) from None
 
 
+class CallbackListening(Protocol):
+    """What the edge reads and sets of one callback's state."""
+
+    #: Routes the operator declared for it in the config.
+    routes: list[Route]
+    #: Set once it has opened a Listen stream.
+    connected: trio.Event
+
+
+class EdgeHost(Protocol):
+    """The running bot as the gRPC edge sees it: all an RPC may reach. Implemented by
+    :class:`~._core.BotCore`; the edge never sees the rest of the bot."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def directory(self) -> Directory: ...
+    @property
+    def auth(self) -> Authorization: ...
+    @property
+    def router(self) -> Router: ...
+
+    def secrets(self) -> Mapping[str, str]:
+        """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
+
+    def callback_state(self, callback_id: str) -> CallbackListening:
+        """The state of a callback that has authenticated."""
+
+    def policy(self, callback_id: str) -> CallbackPolicy:
+        """A callback's capabilities and rate limit."""
+
+    def record(self, kind: str, decision: str, **details: str) -> None:
+        """Add a record to the audit log."""
+
+    def canonical_user(self, user_id: str) -> str:
+        """A user id as typed → the id messages carry."""
+
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
+        """Send a request's messages, all checked before the first goes out."""
+
+    async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
+        """Join or part a room."""
+
+
 class Services:
     """The trio implementations of every RPC, for one bot."""
 
-    def __init__(self, bot: Bot) -> None:
+    def __init__(self, bot: EdgeHost, settings: GrpcSettings) -> None:
         self.bot = bot
-        self.auth = Authenticator({cid: cb.secret for cid, cb in bot.callbacks.items()}, bot.store)
+        self.settings = settings
+        self.auth = Authenticator(dict(bot.secrets()), bot.store)
         self._refusals: dict[str, tuple[float, int]] = {}
 
     def _refused(self, info: CallInfo, callback_id: str, details: str) -> None:
@@ -91,7 +137,7 @@ class Services:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 self._refused(info, "", exc.details)
             raise
-        tls = self.bot.config.grpc.tls
+        tls = self.settings.tls
         if tls is not None and tls.client_ca is not None and callback_id not in info.peer_identities:
             # The secret says who is calling; under mutual TLS the certificate must agree.
             named = ", ".join(map(repr, info.peer_identities)) or "no common name or subject alternative name"
@@ -134,7 +180,7 @@ class Services:
             callback_id,
             routes,
             events=frozenset(request.events),
-            queue_size=self.bot.config.grpc.stream_queue,
+            queue_size=self.settings.stream_queue,
         )
         try:
             self.bot.router.subscribe(subscription)
@@ -240,15 +286,11 @@ class Services:
         if len(key.encode()) > MAX_KEY_BYTES:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the key is longer than {MAX_KEY_BYTES} bytes")
 
-    def _store(self) -> Any:
-        assert self.bot.store is not None
-        return self.bot.store
-
     async def get(self, request: storage_pb2.GetRequest, info: CallInfo) -> storage_pb2.GetResponse:
         """Read one key of the caller's namespace."""
         namespace = await self._namespace(info)
         self._check_key(request.key)
-        item = await _guard(self._store().get(namespace, request.key))
+        item = await _guard(self.bot.store.get(namespace, request.key))
         if item is None:
             return storage_pb2.GetResponse(found=False)
         return storage_pb2.GetResponse(found=True, value=item.value, version=item.version)
@@ -258,7 +300,7 @@ class Services:
         namespace = await self._namespace(info)
         self._check_key(request.key)
         expected = request.expected_version if request.HasField("expected_version") else None
-        version = await _guard(self._store().set(namespace, request.key, request.value, expected_version=expected))
+        version = await _guard(self.bot.store.set(namespace, request.key, request.value, expected_version=expected))
         return storage_pb2.SetResponse(version=version)
 
     async def delete(self, request: storage_pb2.DeleteRequest, info: CallInfo) -> storage_pb2.DeleteResponse:
@@ -266,7 +308,7 @@ class Services:
         namespace = await self._namespace(info)
         self._check_key(request.key)
         expected = request.expected_version if request.HasField("expected_version") else None
-        deleted = await _guard(self._store().delete(namespace, request.key, expected_version=expected))
+        deleted = await _guard(self.bot.store.delete(namespace, request.key, expected_version=expected))
         return storage_pb2.DeleteResponse(deleted=deleted)
 
     async def list(self, request: storage_pb2.ListRequest, info: CallInfo) -> storage_pb2.ListResponse:
@@ -274,7 +316,7 @@ class Services:
         namespace = await self._namespace(info)
         limit = min(request.limit or _LIST_DEFAULT, _LIST_MAX)
         items = await _guard(
-            self._store().list(
+            self.bot.store.list(
                 namespace, request.prefix, start_after=request.start_after, limit=limit, keys_only=request.keys_only
             )
         )
@@ -288,10 +330,10 @@ class Services:
     async def get_user(self, request: directory_pb2.GetUserRequest, info: CallInfo) -> core_pb2.User:
         """One known user."""
         await self._caller(info, "directory")
-        assert self.bot.directory is not None
-        user = self.bot.directory.users.get(request.id)
-        if user is None:
-            raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"unknown user {request.id!r}: the bot has not seen them")
+        try:
+            user = self.bot.directory.user(request.id)
+        except OcoError as exc:
+            raise _status(exc) from None
         return core_pb2.User(id=user.id, name=user.name, mention_name=user.mention_name)
 
     async def list_users(
@@ -300,7 +342,7 @@ class Services:
         """Known users, optionally of one room."""
         await self._caller(info, "directory")
         try:
-            users = self.bot.users(request.room_id)
+            users = self.bot.directory.list_users(request.room_id)
         except OcoError as exc:
             raise _status(exc) from None
         return directory_pb2.ListUsersResponse(
@@ -311,7 +353,7 @@ class Services:
         """One known room."""
         await self._caller(info, "directory")
         try:
-            room = self.bot.room(request.id)
+            room = self.bot.directory.room(request.id)
         except OcoError as exc:
             raise _status(exc) from None
         return core_pb2.Room(id=room.id, name=room.name, topic=room.topic)
@@ -321,8 +363,7 @@ class Services:
     ) -> directory_pb2.ListRoomsResponse:
         """Known rooms."""
         await self._caller(info, "directory")
-        assert self.bot.directory is not None
-        rooms = sorted(self.bot.directory.rooms.values(), key=lambda r: r.id)
+        rooms = self.bot.directory.list_rooms()
         return directory_pb2.ListRoomsResponse(
             rooms=[core_pb2.Room(id=r.id, name=r.name, topic=r.topic) for r in rooms]
         )
@@ -336,7 +377,6 @@ class Services:
         callback_id = await self._caller(info, "check_permission")
         if not request.user_id or not request.permission:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "CheckPermission needs both user_id and permission")
-        assert self.bot.auth is not None
         decision = self.bot.auth.check(self.bot.canonical_user(request.user_id), request.permission)
         self.bot.record(
             "check_permission",
@@ -407,13 +447,15 @@ class Services:
         }
 
 
-async def serve(bot: Bot, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    bot: EdgeHost,
+    settings: GrpcSettings,
+    tls: ServerTls | None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address."""
-    from ._tls import load_server_tls
-
-    settings = bot.config.grpc
-    tls = await trio.to_thread.run_sync(load_server_tls, bot.loaded)
-    services = Services(bot)
+    services = Services(bot, settings)
     options = [
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.so_reuseport", 0),

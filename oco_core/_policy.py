@@ -12,18 +12,28 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from ._audit import DENIED
-from ._config import CallbackSettings, Capabilities, RouteRule
+from ._audit import ALLOWED, DENIED
+from ._config import CallbackSettings, Capabilities, Config, RouteRule
 from ._errors import CapabilityError, RateLimitedError
 from ._proto import robot_pb2
 from ._router import Route
 from ._timing import TokenBucket
 
+if TYPE_CHECKING:
+    from ._auth import Authorization
+
 EVENT_NAMES: dict[int, str] = {robot_pb2.EVENT_KIND_MEMBERSHIP: "membership", robot_pb2.EVENT_KIND_TOPIC: "topic"}
 
 #: Capabilities a call may need, and the config key that grants each.
 CAPABILITIES = ("join", "storage", "directory", "check_permission")
+
+
+class Record(Protocol):
+    """The audit log's ``record``: one record of ``kind`` with ``decision`` and details."""
+
+    def __call__(self, kind: str, decision: str, **details: str) -> None: ...
 
 
 #: Where a route's room rules see a private message.
@@ -129,3 +139,108 @@ class CallbackPolicy:
             )
         self._record("rate_limit", DENIED, callback=self.callback_id, detail=message)
         raise RateLimitedError(message, retry_after=wait)
+
+
+class Policies:
+    """Every callback's policy, and the gate each incoming message passes: the operator's
+    room rules, the person's permissions and the person's rate limit."""
+
+    def __init__(self, config: Config, auth: Authorization, record: Record, bot_name: str) -> None:
+        self._auth = auth
+        self._record = record
+        self._rate_limit = config.auth.rate_limit
+        self._bot_name = bot_name
+        self._policies = {
+            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})", record)
+            for i, cb in enumerate(config.callbacks)
+        }
+
+    def policy(self, callback_id: str) -> CallbackPolicy:
+        """The callback's capabilities, route rules and rate limit (defaults when the
+        config does not name it)."""
+        policy = self._policies.get(callback_id)
+        if policy is None:
+            policy = self._policies[callback_id] = CallbackPolicy(callback_id, record=self._record)
+        return policy
+
+    def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:
+        """Whether a person may run a route in a room (without recording it), for help."""
+        access = self.policy(callback_id).access(route)
+        if not access.allows_room(room_id):
+            return False
+        return not access.permission or self._auth.check(user_id, access.permission).allowed
+
+    def gate(self, user_id: str, room_id: str, respond_text: str | None) -> MessageGate:
+        """The gate for one incoming message (``respond_text``: what was addressed to the
+        bot, None for a message it overheard)."""
+        return MessageGate(self, user_id, room_id, respond_text)
+
+
+class MessageGate:
+    """Decides, for one incoming message, which routes that matched may receive it; it
+    records every decision in the audit log and knows what to tell the person."""
+
+    def __init__(self, policies: Policies, user_id: str, room_id: str, respond_text: str | None) -> None:
+        self._policies = policies
+        self._auth = policies._auth
+        self._user = user_id
+        self._room = room_id
+        self._addressed = respond_text is not None
+        self._what = (respond_text or "")[:200]
+        self._wait: float | None = None
+        self.missing: list[str] = []
+        self.wrong_room = False
+
+    def _record(self, kind: str, decision: str, **details: str) -> None:
+        self._policies._record(
+            kind, decision, user=self._user, person=self._auth.person(self._user), room=self._room, **details
+        )
+
+    def _record_route(self, decision: str, callback_id: str, route: Route, **details: str) -> None:
+        self._record("route", decision, callback=callback_id, route=route.id, **details)
+
+    def __call__(self, callback_id: str, route: Route) -> bool:
+        access = self._policies.policy(callback_id).access(route)
+        permission = access.permission
+        if not access.allows_room(self._room):
+            where = self._room or PRIVATE_ROOM
+            self._record_route(DENIED, callback_id, route, detail=f"not allowed in {where}: {self._what}")
+            self.wrong_room = self.wrong_room or route.respond
+            return False
+        if permission:
+            decision = self._auth.check(self._user, permission)
+            if not decision.allowed:
+                self._record_route(
+                    DENIED, callback_id, route, permission=permission, detail=f"{decision.reason}: {self._what}"
+                )
+                if route.respond and permission not in self.missing:
+                    self.missing.append(permission)
+                return False
+        if self._wait is None:  # one command, however many routes it matches
+            self._wait = self._auth.take(self._user)
+            if self._wait:
+                limit = self._policies._rate_limit
+                self._record("rate_limit", DENIED, detail=f"over {limit} commands a minute: {self._what}")
+        if self._wait:
+            return False
+        if permission or route.respond:
+            self._record_route(ALLOWED, callback_id, route, permission=permission, detail=self._what)
+        return True
+
+    def refusal(self, delivered: bool) -> str:
+        """What to tell the person: one line, or "" when nothing was refused that they
+        asked for (overheard messages are refused silently, and recorded)."""
+        if self._wait and self._addressed and self._auth.should_warn(self._user, self._wait):
+            return (
+                f"slow down: you may run {self._policies._rate_limit} commands a minute; "
+                f"commands in the next {self._wait:.0f} s are ignored"
+            )
+        if delivered or not self._addressed:
+            return ""
+        if self.missing:
+            needed = " or ".join(f"`{p}`" for p in self.missing)
+            name = self._policies._bot_name
+            return f"you need the permission {needed} for that; `{name} who can {self.missing[0]}` says who has it"
+        if self.wrong_room:
+            return "that command is not available here"
+        return ""

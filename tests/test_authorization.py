@@ -4,10 +4,10 @@ and plain generated stubs), and the audit log read back from the store."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -15,12 +15,13 @@ import trio
 
 from oco_core import Callback, CapabilityError, Message, RateLimitedError
 from oco_core._audit import AuditQuery, AuditRecord, query
-from oco_core._bot import Bot
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
 from oco_core.testing import MemoryAdapter, RunningBot, open_bot
 
 SECRET = "secret-ops-0123456789abcdef"
 OTHER = "secret-other-0123456789abcd"
+
+T = TypeVar("T")
 
 
 def config(tmp_path: Path, auth: str = "", callback: str = "", adapters: str = "[{type: memory}]") -> str:
@@ -84,11 +85,9 @@ async def silence(adapter: MemoryAdapter, seconds: float = 0.5) -> None:
 
 
 async def audit(running: RunningBot, **filters: Any) -> list[AuditRecord]:
-    bot = cast(Bot, running.bot)
-    assert bot.audit is not None
-    assert bot.store is not None
-    await bot.audit.flush()
-    return await query(bot.store, AuditQuery(**filters), limit=1000)
+    core = running.bot.core
+    await core.audit.flush()
+    return await query(core.store, AuditQuery(**filters), limit=1000)
 
 
 async def test_a_route_permission_is_checked_before_delivery_and_roles_change_at_runtime(tmp_path: Path) -> None:
@@ -237,9 +236,8 @@ async def test_check_permission_answers_callbacks_and_is_audited(tmp_path: Path)
 async def test_linked_accounts_share_roles_once_both_sides_confirm(tmp_path: Path) -> None:
     adapters = "[{type: memory, name: irc}, {type: memory, name: matrix}]"
     async with open_bot(config(tmp_path, adapters=adapters).replace("memory/alice", "irc/alice")) as running:
-        bot = cast(Bot, running.bot)
-        irc = cast(MemoryAdapter, bot.links["irc"].adapter)
-        matrix = cast(MemoryAdapter, bot.links["matrix"].adapter)
+        irc = cast(MemoryAdapter, running.adapters["irc"])
+        matrix = cast(MemoryAdapter, running.adapters["matrix"])
         cb = Callback(id="ops", secret=SECRET, address=running.address)
         async with serving(cb):
             assert await say_on(irc, "oco grant bob deploy") == "irc/bob now has the role deploy"
@@ -265,8 +263,8 @@ async def test_linked_accounts_share_roles_once_both_sides_confirm(tmp_path: Pat
             assert (await cb.check_permission("irc/bob", "deploy")).allowed
 
 
-def _metadata(secret: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {secret}")]
+def _metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
 
 
 async def test_a_callback_without_a_capability_is_refused_naming_it(tmp_path: Path) -> None:
@@ -282,14 +280,14 @@ async def test_a_callback_without_a_capability_is_refused_naming_it(tmp_path: Pa
             storage = storage_pb2_grpc.StorageStub(channel)
             results: dict[str, tuple[grpc.StatusCode, str]] = {}
 
-            def attempt(name: str, call: Any) -> None:
+            def attempt(name: str, call: Callable[[], object]) -> None:
                 try:
                     call()
                     results[name] = (grpc.StatusCode.OK, "")
                 except grpc.RpcError as exc:
-                    results[name] = (exc.code(), exc.details())
+                    results[name] = (exc.code(), exc.details() or "")
 
-            def send(room: str, secret: str = SECRET) -> Any:
+            def send(room: str, secret: str = SECRET) -> Callable[[], object]:
                 message = core_pb2.Message(body="hi", source=core_pb2.Source(room=core_pb2.Room(id=room)))
                 request = robot_pb2.SendMessagesRequest(messages=[message])
                 return lambda: robot.SendMessages(request, metadata=_metadata(secret), timeout=10)
@@ -302,7 +300,7 @@ async def test_a_callback_without_a_capability_is_refused_naming_it(tmp_path: Pa
             get = storage_pb2.GetRequest(key="k")
             attempt("storage", lambda: storage.Get(get, metadata=_metadata(SECRET), timeout=10))
             listen = robot_pb2.ListenRequest(events=[robot_pb2.EVENT_KIND_MEMBERSHIP])
-            attempt("listen", lambda: next(robot.Listen(listen, metadata=_metadata(SECRET), timeout=10)))
+            attempt("listen", lambda: next(iter(robot.Listen(listen, metadata=_metadata(SECRET), timeout=10))))
             return results
 
         results = await trio.to_thread.run_sync(lambda: _with_channel(running.address, calls))
@@ -337,7 +335,7 @@ async def test_a_callback_without_a_capability_is_refused_naming_it(tmp_path: Pa
         assert all(r.callback == "ops" and r.decision == "denied" for r in refused)
 
 
-def _with_channel(address: str, work: Any) -> Any:
+def _with_channel(address: str, work: Callable[[grpc.Channel], T]) -> T:
     with grpc.insecure_channel(address) as channel:
         return work(channel)
 
@@ -408,7 +406,7 @@ async def test_refused_callers_are_audited_once_a_minute_per_host(tmp_path: Path
                     return exc.code()
                 return grpc.StatusCode.OK
 
-            return cast(grpc.StatusCode, _with_channel(running.address, work))
+            return _with_channel(running.address, work)
 
         for _ in range(3):
             assert await trio.to_thread.run_sync(get, "not-the-secret-0123456789") == grpc.StatusCode.UNAUTHENTICATED

@@ -358,7 +358,6 @@ async def test_an_adapter_failure_arrives_as_an_adapter_error(tmp_path: Path) ->
         assert metadata["oco-error-type"] == "AdapterError"
 
 
-@pytest.mark.xfail(strict=True, reason="the sending loop does not yet attach `sent` to the AdapterError it raises")
 async def test_a_send_that_fails_part_way_says_how_many_went_out(tmp_path: Path) -> None:
     extra, made = plugins()
     async with open_bot(config(tmp_path), plugins=extra) as running:

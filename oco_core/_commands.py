@@ -1,0 +1,162 @@
+"""The commands the bot answers itself, before any route: help, and managing roles and
+linked identities (``grant``, ``revoke``, ``roles``, ``who can``, ``link``, ``unlink``).
+
+They are answered in the room the person wrote in, and every change is recorded in the
+audit log. Routes declared by callbacks never see these messages, except ``link`` when
+it does not name an account on one of the bot's adapters (a link shortener's
+``oco link https://...`` is the callback's).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ._adapter import IncomingMessage
+from ._audit import ALLOWED, DENIED
+from ._errors import StoreError
+
+if TYPE_CHECKING:
+    from ._core import BotCore
+
+_HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
+_BUILTIN = re.compile(
+    r"(?P<cmd>grant|revoke|roles|who\s+can|link|unlink)(?:\s+(?P<args>.*))?", re.IGNORECASE | re.DOTALL
+)
+_BUILTIN_HELP = [
+    "roles [<user>] - the roles you (or, for admins, <user>) hold",
+    "who can <permission> - the roles and people that grant or hold <permission>",
+    "link <account> - link your account with <account> (say it from both accounts)",
+    "unlink [<account>] - detach an account from your linked accounts",
+    "grant <user> <role> - (admins) give <user> a role",
+    "revoke <user> <role> - (admins) take a role from <user>",
+]
+
+
+class ChatCommands:
+    """The bot's own chat commands, for one running bot."""
+
+    def __init__(self, core: BotCore) -> None:
+        self._core = core
+
+    def take(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, text: str) -> bool:
+        """Answer ``text`` (what a person addressed to the bot) if it is one of the bot's
+        own commands; True when the routes must not see it. Never waits: the answer is
+        sent in the background. ``help`` is answered and still goes to the routes."""
+        builtin = _BUILTIN.fullmatch(text)
+        if builtin and self._is_builtin(builtin.group("cmd"), builtin.group("args") or ""):
+            command = " ".join(builtin.group("cmd").lower().split())
+            self._core.spawn(partial(self._run, adapter, incoming, user_id, command, builtin.group("args") or ""))
+            return True
+        help_match = _HELP.fullmatch(text)
+        if help_match:
+            self._answer_help(adapter, incoming, user_id, room_id, help_match.group(1) or "")
+        return False
+
+    def _is_builtin(self, command: str, args: str) -> bool:
+        """Whether an addressed message is the bot's own command. `link` is a common
+        word for callbacks too ("oco link https://..."): it is ours only when it names
+        an account on one of the bot's adapters; otherwise it goes to the routes."""
+        if command.lower() != "link":
+            return True
+        words = args.split()
+        return len(words) == 1 and words[0].partition("/")[0] in self._core.links
+
+    def _answer_help(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, topic: str) -> None:
+        core = self._core
+        topic = topic.strip()
+        lines = core.router.help_lines(topic, lambda cb, route: core.policies.may_run(user_id, room_id, cb, route))
+        builtin = [line for line in _BUILTIN_HELP if topic and topic.lower() in line.lower()]
+        if lines or builtin:
+            body = "\n".join(lines + builtin)
+        elif topic:
+            body = f"no command matches {topic!r}; say `{core.router.bot_name} help` for all"
+        else:
+            body = "no callbacks with commands are connected"
+        if not topic:
+            body += f"\n(also: roles, who can, link; say `{core.router.bot_name} help roles` and so on)"
+        core.outgoing.reply(adapter, incoming, body)
+
+    async def _run(self, adapter: str, incoming: IncomingMessage, user_id: str, command: str, args: str) -> None:
+        core = self._core
+        auth = core.auth
+        words = args.split()
+        name = core.router.bot_name
+        room = f"{adapter}/{incoming.room.id}" if incoming.room else ""
+        audit = {"user": user_id, "person": auth.person(user_id), "room": room, "detail": f"{command} {args}"}
+        try:
+            if command in ("grant", "revoke"):
+                if len(words) != 2:
+                    answer = f"usage: {name} {command} <user> <role>"
+                elif not auth.is_admin(user_id):
+                    core.record("admin", DENIED, **audit)
+                    answer = f"only admins may {command} roles (admins are listed in auth.admins of the bot's config)"
+                else:
+                    target = self._user_ref(adapter, words[0])
+                    role = words[1]
+                    if command == "grant":
+                        changed = await auth.grant(target, role)
+                        answer = f"{target} now has the role {role}" if changed else f"{target} already has {role}"
+                    else:
+                        changed = await auth.revoke(target, role)
+                        answer = (
+                            f"{target} no longer has the role {role}" if changed else f"{target} did not have {role}"
+                        )
+                    core.record("admin", ALLOWED, **audit, permission=role)
+            elif command == "roles":
+                target = self._user_ref(adapter, words[0]) if words else user_id
+                if target != user_id and not auth.is_admin(user_id) and target not in auth.accounts(user_id):
+                    answer = "only admins may see another person's roles"
+                else:
+                    roles = auth.roles(target)
+                    admin = " (admin)" if auth.is_admin(target) else ""
+                    accounts = auth.accounts(target)
+                    linked = f"; linked accounts: {', '.join(accounts)}" if len(accounts) > 1 else ""
+                    answer = f"{target}{admin}: roles: {', '.join(roles) or 'none'}{linked}"
+            elif command == "who can":
+                if len(words) != 1:
+                    answer = f"usage: {name} who can <permission>"
+                else:
+                    granting, people = auth.who_can(words[0])
+                    answer = (
+                        f"{words[0]}: granted by role(s) {', '.join(granting) or 'none'}; "
+                        f"held by {'; '.join(people) or 'nobody yet'}"
+                    )
+            elif command == "link":  # _is_builtin saw one word naming an account on an adapter
+                other = self._user_ref(adapter, words[0])
+                if other == user_id:
+                    answer = f"{other} is this account: name the other one, from each of the two"
+                elif await auth.request_link(user_id, other):
+                    core.record("admin", ALLOWED, **audit)
+                    answer = f"linked: {user_id} and {other} are now one person; roles follow both"
+                else:
+                    minutes = core.config.auth.link_timeout / 60
+                    answer = f"to confirm, say `{name} link {user_id}` as {other} within {minutes:.0f} minutes"
+            else:  # unlink
+                target = self._user_ref(adapter, words[0]) if words else user_id
+                if target not in auth.accounts(user_id) and not auth.is_admin(user_id):
+                    answer = f"{target} is not one of your accounts"
+                elif await auth.unlink(target):
+                    core.record("admin", ALLOWED, **audit)
+                    answer = f"{target} is now linked to nobody"
+                else:
+                    answer = f"{target} is not linked to another account"
+        except StoreError as exc:
+            answer = f"could not save that: {exc}; try again later"
+        core.outgoing.reply(adapter, incoming, answer, mention=True)
+
+    def _user_ref(self, adapter: str, ref: str) -> str:
+        """A user named in a command: a full id (``irc/alice``), or a name on the
+        speaker's adapter (``alice``, ``@alice``, a display name the bot has seen)."""
+        core = self._core
+        prefix, sep, _ = ref.partition("/")
+        if sep and prefix in core.links:
+            return core.canonical_user(ref)
+        canonical = core.canonical_user(f"{adapter}/{ref}")
+        if canonical not in core.directory.users:
+            bare = ref.removeprefix("@").lower()
+            for user in core.directory.users.values():
+                if user.id.startswith(adapter + "/") and bare in (user.name.lower(), user.mention_name.lower()):
+                    return user.id
+        return canonical

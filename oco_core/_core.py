@@ -1,0 +1,170 @@
+"""The parts of a running bot, every one of them open: what :meth:`Bot.open` yields.
+
+:class:`BotCore` is where the other modules meet. The store, directory, authorization
+and audit log exist only while the bot runs; holding them here, built after each has
+opened, is what lets every other module use them without checking for None. It is also
+the object the gRPC edge sees through its narrow :class:`~._edge.EdgeHost` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from ._audit import AuditLog
+from ._auth import Authorization
+from ._commands import ChatCommands
+from ._config import Config
+from ._directory import Directory
+from ._incoming import AdapterLink, Incoming
+from ._outgoing import Outgoing
+from ._policy import CallbackPolicy, Policies
+from ._proto import core_pb2, robot_pb2
+from ._router import Route, Router
+from ._store import Store
+
+log = logging.getLogger(__name__)
+
+#: How many messages awaiting a reply are remembered before old ones are forgotten.
+_AWAITING_MAX = 10_000
+
+
+@dataclass(slots=True)
+class BotStatistics:
+    """What :meth:`Bot.statistics` returns."""
+
+    received: int = 0
+    matched: int = 0
+    sent: int = 0
+    dropped: int = 0
+    streams: int = 0
+
+
+@dataclass(slots=True)
+class CallbackState:
+    """What the bot knows of one configured callback."""
+
+    id: str
+    secret: str
+    routes: list[Route]
+    launched: bool
+    connected: trio.Event = field(default_factory=trio.Event)
+    #: Set when its process first exits (or fails to start): start-up stops waiting for it.
+    exited: trio.Event = field(default_factory=trio.Event)
+
+
+class Activity:
+    """When the bot last did something, and which routed messages still await a reply:
+    what :meth:`~._adapter.AdapterHost.wait_idle` waits on (the shell adapter, at the end
+    of piped input, waits for the replies to what it read)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self._awaiting: dict[str, float] = {}
+
+    def touch(self) -> None:
+        """Something happened just now."""
+        self.last = time.monotonic()
+
+    def expect_reply(self, message_id: str) -> None:
+        """A message matched a route: a callback will probably answer it."""
+        self._awaiting[message_id] = time.monotonic()
+
+    def replied(self, message_ids: list[str]) -> None:
+        """Callbacks answered these messages (``in_reply_to``)."""
+        self.touch()
+        for message_id in message_ids:
+            self._awaiting.pop(message_id, None)
+        if len(self._awaiting) > _AWAITING_MAX:
+            cutoff = time.monotonic() - 60
+            self._awaiting = {k: v for k, v in self._awaiting.items() if v > cutoff}
+
+    async def wait_idle(self, router: Router, *, quiet: float, max_wait: float) -> None:
+        """Replies are awaited for messages that matched a route, up to ``max_wait``;
+        then ``quiet`` seconds without activity end the wait."""
+        deadline = trio.current_time() + max_wait
+        while trio.current_time() < deadline:
+            now = time.monotonic()
+            waiting = any(now - t < max_wait for t in self._awaiting.values())
+            if not waiting and router.queued() == 0 and now - self.last >= quiet:
+                return
+            await trio.sleep(0.02)
+
+
+class BotCore:
+    """A running bot's parts. Built by :meth:`Bot.open` once the store, directory,
+    authorization and audit log are open, so none of them is ever None here."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        router: Router,
+        callbacks: dict[str, CallbackState],
+        store: Store,
+        directory: Directory,
+        auth: Authorization,
+        audit: AuditLog,
+        tasks: trio.Nursery,
+        stats: BotStatistics,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.callbacks = callbacks
+        self.store = store
+        self.directory = directory
+        self.auth = auth
+        self.audit = audit
+        self.stats = stats
+        self.activity = Activity()
+        self.policies = Policies(config, auth, self.record, router.bot_name)
+        #: The adapters by instance name, once they are created (after the callbacks connect).
+        self.links: dict[str, AdapterLink] = {}
+        self._tasks = tasks
+        self.outgoing = Outgoing(self)
+        self.commands = ChatCommands(self)
+        self.incoming = Incoming(self)
+        auth.canonical = self.canonical_user
+
+    def spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` in the background, in the bot's nursery (replies, chat commands)."""
+        self._tasks.start_soon(fn)
+
+    def record(self, kind: str, decision: str, **details: str) -> None:
+        """Add one record to the audit log (never waits)."""
+        self.audit.record(kind, decision, **details)
+
+    def policy(self, callback_id: str) -> CallbackPolicy:
+        """The callback's capabilities, route rules and rate limit."""
+        return self.policies.policy(callback_id)
+
+    def callback_state(self, callback_id: str) -> CallbackState:
+        """What the bot knows of a callback; one registered only in the store (with
+        `oco callbacks add`) gets an entry when it first calls."""
+        state = self.callbacks.get(callback_id)
+        if state is None:
+            state = self.callbacks[callback_id] = CallbackState(callback_id, "", [], launched=False)
+        return state
+
+    def secrets(self) -> Mapping[str, str]:
+        """The configured callbacks' secrets, by callback id ("" when the store keeps it)."""
+        return {cid: cb.secret for cid, cb in self.callbacks.items()}
+
+    def canonical_user(self, user_id: str) -> str:
+        """A user id as a person wrote it (``irc/Bob``) → the id messages carry
+        (``irc/bob``), as the adapter it names says."""
+        prefix, sep, native = user_id.partition("/")
+        link = self.links.get(prefix) if sep else None
+        return f"{prefix}/{link.adapter.user_id(native)}" if link is not None and native else user_id
+
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
+        """Send every message of ``request`` in order, after checking all of them."""
+        await self.outgoing.send_messages(callback_id, request)
+
+    async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
+        """Join (or part) a room through its adapter."""
+        await self.outgoing.join(room, leave)

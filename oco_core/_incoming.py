@@ -1,0 +1,133 @@
+"""Incoming: what adapters hear, turned into events on the callbacks' streams.
+
+An adapter talks to the bot through its :class:`AdapterLink` (the
+:class:`~._adapter.AdapterHost` it was given). A chat message becomes a protocol
+``Message`` with ids prefixed by the adapter's instance name, is remembered in the
+directory, goes to the bot's own commands if it is one, and otherwise to the router,
+whose matches pass the permission gate (:class:`~._policy.MessageGate`) before they
+are queued. Nothing here waits: a slow callback or database never slows an adapter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind
+from ._directory import UserRecord
+from ._proto import core_pb2, robot_pb2
+from ._store import NamespacedStore, Store
+
+if TYPE_CHECKING:
+    from ._core import BotCore
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLink:
+    """The bot as one adapter sees it (implements :class:`~._adapter.AdapterHost`)."""
+
+    def __init__(self, core: BotCore, name: str, adapter: Adapter, store: Store) -> None:
+        self._core = core
+        self.name = name
+        self.adapter = adapter
+        self.bot_name = core.router.bot_name
+        self.aliases: Sequence[str] = core.router.aliases
+        self.store = NamespacedStore(store, f"adapter:{name}")
+
+    async def receive(self, message: IncomingMessage) -> None:
+        self._core.incoming.message(self.name, message)
+
+    async def membership(self, event: MembershipEvent) -> None:
+        self._core.incoming.membership(self.name, event)
+
+    async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
+        self._core.incoming.topic(self.name, room, user)
+
+    def set_own_names(self, names: Sequence[str]) -> None:
+        self._core.router.set_own_names(self.name, names)
+
+    async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
+        await self._core.activity.wait_idle(self._core.router, quiet=quiet, max_wait=max_wait)
+
+
+class Incoming:
+    """Routes what every adapter of one running bot hears."""
+
+    def __init__(self, core: BotCore) -> None:
+        self._core = core
+        self._message_ids = itertools.count(1)
+
+    def message(self, adapter: str, incoming: IncomingMessage) -> None:
+        """Route one chat message; never waits."""
+        core = self._core
+        core.stats.received += 1
+        core.activity.touch()
+        if incoming.edit_of:
+            log.debug("not routing an edit of %s from %s", incoming.edit_of, adapter)
+            return
+        user = _user_pb(adapter, incoming.user)
+        room = _room_pb(adapter, incoming.room) if incoming.room is not None else None
+        room_id = room.id if room is not None else ""
+        message_id = f"{adapter}/{incoming.id}" if incoming.id else f"{adapter}/~{next(self._message_ids)}"
+        message = core_pb2.Message(
+            body=incoming.body,
+            source=core_pb2.Source(user=user, room=room),
+            id=message_id,
+            action=incoming.action,
+            private=incoming.direct,
+        )
+        core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+        if room is not None:
+            core.directory.see_room(room.id, room.name, member=user.id)
+        respond_text = core.router.address(adapter, incoming.body)
+        if incoming.direct and respond_text is None:  # in private, the bot's name is optional
+            respond_text = incoming.body.strip()
+        if respond_text is not None and core.commands.take(adapter, incoming, user.id, room_id, respond_text):
+            return
+        gate = core.policies.gate(user.id, room_id, respond_text)
+        matches = core.router.match(message, incoming.body, incoming.direct, respond_text, gate)
+        if matches:
+            core.stats.matched += len(matches)
+            core.activity.expect_reply(message_id)
+        refusal = gate.refusal(delivered=any(m.event.matched_message.direct for m in matches))
+        if refusal:
+            core.outgoing.reply(adapter, incoming, refusal, mention=True)
+
+    def membership(self, adapter: str, event: MembershipEvent) -> None:
+        """Pass a membership change to the callbacks that asked for them."""
+        directory = self._core.directory
+        self._core.activity.touch()
+        user = _user_pb(adapter, event.user)
+        room = _room_pb(adapter, event.room)
+        directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+        if event.kind is MembershipKind.JOINED:
+            directory.see_room(room.id, room.name, member=user.id)
+        elif event.kind in (MembershipKind.LEFT, MembershipKind.KICKED):
+            directory.see_room(room.id, room.name)
+            directory.leave_room(room.id, user.id)
+        change = core_pb2.MembershipChange(
+            kind=event.kind.value,  # type: ignore[arg-type]  # the enum values match the proto's
+            user=user,
+            room=room,
+            actor=_user_pb(adapter, event.actor) if event.actor else None,
+            reason=event.reason,
+        )
+        self._core.router.broadcast(robot_pb2.EVENT_KIND_MEMBERSHIP, core_pb2.Event(membership_change=change))
+
+    def topic(self, adapter: str, room: ChatRoom, user: ChatUser | None) -> None:
+        """Pass a topic change to the callbacks that asked for them."""
+        room_pb = _room_pb(adapter, room)
+        self._core.directory.see_room(room_pb.id, room.name, topic=room.topic)
+        change = core_pb2.TopicChange(room=room_pb, user=_user_pb(adapter, user) if user else None)
+        self._core.router.broadcast(robot_pb2.EVENT_KIND_TOPIC, core_pb2.Event(topic_change=change))
+
+
+def _user_pb(adapter: str, user: ChatUser) -> core_pb2.User:
+    return core_pb2.User(id=f"{adapter}/{user.id}", name=user.name, mention_name=user.mention_name)
+
+
+def _room_pb(adapter: str, room: ChatRoom) -> core_pb2.Room:
+    return core_pb2.Room(id=f"{adapter}/{room.id}", name=room.name, topic=room.topic)

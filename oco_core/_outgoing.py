@@ -1,0 +1,138 @@
+"""Outgoing: what callbacks (and the bot itself) say, checked and sent through the
+adapter that an id names.
+
+Ids callbacks see carry the adapter's instance name (``irc/#ops``, ``matrix/@a:b.org``);
+here they are split again into the adapter and its native id. A request is checked
+whole (size, target, capability, rate limit) before its first message goes out, so a
+bad message in the middle never leaves a conversation half-sent by a mistake the bot
+could have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ._adapter import ChatUser, IncomingMessage, OutgoingMessage
+from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
+from ._proto import core_pb2, robot_pb2
+
+if TYPE_CHECKING:
+    from ._core import BotCore
+    from ._incoming import AdapterLink
+
+log = logging.getLogger(__name__)
+
+
+class Outgoing:
+    """Resolves and sends outgoing messages, joins and parts, for one running bot."""
+
+    def __init__(self, core: BotCore) -> None:
+        self._core = core
+
+    def resolve(
+        self, message: core_pb2.Message, with_mention: bool, index: int = 0
+    ) -> tuple[AdapterLink, OutgoingMessage]:
+        """Check one outgoing message and find the adapter it goes through.
+
+        Raises InvalidRequestError, RequestTooLargeError or UnknownTargetError, naming
+        the message by its ``index`` in the request.
+        """
+        what = f"message {index}"
+        size = len(message.body.encode("utf-8"))
+        limit = self._core.config.bot.max_message_bytes
+        if size > limit:
+            raise RequestTooLargeError(
+                f"{what} is {size} bytes; the bot accepts at most {limit} (bot.max_message_bytes); split it"
+            )
+        room_id = message.source.room.id
+        user_id = message.source.user.id
+        if not room_id and not user_id:
+            raise InvalidRequestError(f"{what} has neither source.room.id nor source.user.id: say where it goes")
+        link, native_room = self._split(room_id, what) if room_id else (None, None)
+        user: ChatUser | None = None
+        if user_id:
+            user_link, native_user = self._split(user_id, what)
+            if link is not None and user_link is not link:
+                raise InvalidRequestError(f"{what}: user {user_id!r} and room {room_id!r} are on different adapters")
+            link = user_link
+            known = self._core.directory.users.get(user_link.name + "/" + native_user)
+            user = ChatUser(
+                id=native_user,
+                name=message.source.user.name or (known.name if known else ""),
+                mention_name=message.source.user.mention_name or (known.mention_name if known else "") or native_user,
+            )
+        assert link is not None  # a room or a user named it, or _split raised
+        in_reply_to = message.in_reply_to or ""
+        prefix = link.name + "/"
+        out = OutgoingMessage(
+            body=message.body,
+            room_id=native_room,
+            user=user,
+            mention=bool(with_mention and user is not None),
+            private=message.private or native_room is None,
+            format="markdown" if message.format == core_pb2.FORMAT_MARKDOWN else "plain",
+            action=message.action,
+            in_reply_to=in_reply_to.removeprefix(prefix) if in_reply_to.startswith(prefix) else "",
+        )
+        return link, out
+
+    def _split(self, ident: str, what: str) -> tuple[AdapterLink, str]:
+        links = self._core.links
+        name, sep, native = ident.partition("/")
+        link = links.get(name) if sep else None
+        if link is not None and native:
+            return link, native
+        if len(links) == 1 and not sep:  # one adapter: an id without prefix is that adapter's own
+            return next(iter(links.values())), ident
+        known = ", ".join(f"{n}/..." for n in links) or "none yet"
+        raise UnknownTargetError(f"{what}: unknown id {ident!r}; ids start with an adapter name ({known})")
+
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
+        """Send every message of ``request`` in order, after checking all of them."""
+        resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
+        policy = self._core.policy(callback_id)
+        for index, (link, out) in enumerate(resolved):
+            native = out.room_id or (out.user.id if out.user else "")
+            policy.require_send(f"{link.name}/{native}", f"message {index}")
+        policy.take_send(len(resolved))
+        for sent, (link, out) in enumerate(resolved):
+            try:
+                await link.adapter.send(out)
+            except AdapterError as exc:
+                exc.sent = sent  # a retry can skip the messages that already went out
+                raise
+            self._core.stats.sent += 1
+        self._core.activity.replied([m.in_reply_to for m in request.messages if m.in_reply_to])
+
+    async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
+        """Join (or part) a room through its adapter."""
+        ident = room.id or room.name
+        if not ident:
+            raise InvalidRequestError("the room has neither id nor name")
+        link, native = self._split(ident, "room")
+        if leave:
+            await link.adapter.part(native)
+        else:
+            await link.adapter.join(native)
+
+    def reply(self, adapter: str, incoming: IncomingMessage, body: str, *, mention: bool = False) -> None:
+        """The bot's own answer to a person, in the room (or private chat) they wrote
+        in; never waits, and a failure is logged, not raised."""
+        out = OutgoingMessage(
+            body=body,
+            room_id=incoming.room.id if incoming.room else None,
+            user=incoming.user,
+            mention=mention and incoming.room is not None,
+            private=incoming.room is None,
+            in_reply_to=incoming.id,
+        )
+        link = self._core.links[adapter]
+
+        async def send() -> None:
+            try:
+                await link.adapter.send(out)
+            except AdapterError as exc:
+                log.warning("could not send the bot's own reply through %s: %s", adapter, exc)
+
+        self._core.spawn(send)
