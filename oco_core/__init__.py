@@ -29,3 +29,33 @@ from ._sdk import Storage as Storage
 from ._sdk import User as User
 from ._store import Item as Item
 from ._version import __version__ as __version__
+
+__all__ = [
+    "AdapterError",
+    "Callback",
+    "CallbackError",
+    "CapabilityError",
+    "ConfigError",
+    "Directory",
+    "InvalidPatternError",
+    "InvalidRequestError",
+    "Item",
+    "Membership",
+    "Message",
+    "OcoError",
+    "PermissionCheck",
+    "PluginError",
+    "QuotaExceededError",
+    "RateLimitedError",
+    "RequestTooLargeError",
+    "Room",
+    "SecretRefusedError",
+    "Storage",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnknownTargetError",
+    "User",
+    "ValueTooLargeError",
+    "VersionConflictError",
+    "__version__",
+]
