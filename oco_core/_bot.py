@@ -17,8 +17,6 @@ the bot's own chat commands and help in :mod:`._commands`, the permission gate i
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -41,6 +39,7 @@ from ._router import InvalidPatternError, Route, Router, compile_pattern
 from ._secrets import check_store_secrets, expects_store_secret, generate_secret
 from ._store import Store
 from ._supervisor import supervise_callback
+from ._timing import Backoff
 from ._tls import load_server_tls
 
 log = logging.getLogger(__name__)
@@ -172,14 +171,14 @@ class Bot:
     async def _open_store(self, stack: AsyncExitStack) -> Store:
         # A database that is down at start-up is waited for, with one line a try, rather
         # than failing the bot: it usually comes up beside it (systemd, Kubernetes).
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0, jitter=0)  # no jitter: the log line names the next try
         while True:
             try:
                 return await stack.enter_async_context(self._store_type.open(self._store_options))
             except StoreUnavailableError as exc:
+                delay = backoff.next_delay()
                 log.error("store unavailable: %s; retrying in %.0f s", exc, delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
     # -- running -----------------------------------------------------------------------
 
@@ -255,9 +254,8 @@ class Bot:
     async def _supervise_adapter(self, link: AdapterLink, attempted: trio.Event) -> None:
         # The supervision boundary for adapters: a failure is logged and retried with
         # backoff; returning normally means the adapter is done (the shell at end of input).
-        backoff = 1.0
+        backoff = Backoff(1.0, 60.0, healthy_after=60.0)
         while True:
-            began = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(partial(link.adapter.run, link))
@@ -268,12 +266,9 @@ class Bot:
                 for exc in group.exceptions:
                     log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=exc)
             attempted.set()
-            if time.monotonic() - began > 60:
-                backoff = 1.0
-            delay = backoff * (0.5 + random.random())
+            delay = backoff.next_delay()
             log.info("restarting adapter %r in %.1f s", link.name, delay)
             await trio.sleep(delay)
-            backoff = min(backoff * 2, 60.0)
 
 
 async def _first(*events: trio.Event) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -268,13 +267,15 @@ class Storage:
 
     async def update(self, key: str, change: Callable[[bytes | None], bytes], *, attempts: int = 100) -> bytes:
         """Read-modify-write with compare-and-set, retried on conflict; returns the value written."""
+        # Full jitter: writers contending for one key spread out instead of colliding again.
+        backoff = Backoff(0.002, 0.1, jitter=1.0)
         for _ in range(attempts):
             item = await self.get_item(key)
             new = change(item.value if item else None)
             try:
                 await self.set(key, new, expected_version=item.version if item else 0)
             except VersionConflictError:
-                await trio.sleep(random.random() * 0.01)
+                await trio.sleep(backoff.next_delay())
                 continue
             return new
         raise VersionConflictError(f"gave up updating {key!r} after {attempts} conflicting attempts", -1)
