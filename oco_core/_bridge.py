@@ -14,9 +14,11 @@ each side call the other without ever blocking its own loop:
   queue without bound, and credits go back in batches so a busy stream costs few
   cross-thread wake-ups.
 
-Why a thread and not the other bridges ARCHITECTURE.md names: grpcio's threaded server
-ties one worker thread to every open Listen stream (an exhausted pool blocks unary calls),
-and trio-asyncio adds a dependency whose loop emulation must follow every trio release.
+Why a thread and not the other bridges (docs/architecture.md says what was measured):
+grpcio's threaded server ties one worker thread to every open Listen stream (an exhausted
+pool blocks unary calls); grpc.aio hosted by trio-asyncio in trio's own thread failed on
+grpc's Cython async generators, and adds a loop emulation that must follow every trio
+release.
 Here the loop is plain asyncio, as grpc.aio is tested against, and the only cost is two
 thread hops per call (measured in bench/bench_roundtrip.py).
 
