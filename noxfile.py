@@ -46,11 +46,15 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def types(session: nox.Session) -> None:
-    """mypy --strict on every distribution's shipped code."""
+    """mypy --strict on every distribution's shipped code and on its tests."""
     session.install("mypy>=1.15", "types-PyYAML", "types-protobuf", "grpc-stubs", *TEST_TOOLS)
     session.install(*_editable(".[postgresql]", *DISTRIBUTIONS))
     packages = ["oco_core"] + [str(p) for d in DISTRIBUTIONS for p in d.glob("oco_*") if p.is_dir()]
     session.run("mypy", *packages)
+    # One run per tests folder: each has a conftest module, and one mypy run cannot hold
+    # two modules of the same name.
+    for tests in [ROOT / "tests", *(d / "tests" for d in DISTRIBUTIONS if (d / "tests").is_dir())]:
+        session.run("mypy", str(tests.relative_to(ROOT)))
 
 
 @nox.session

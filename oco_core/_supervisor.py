@@ -126,11 +126,15 @@ async def _watch(process: trio.Process, output: logging.Logger, name: str) -> in
 async def _read_output(scope: trio.CancelScope, process: trio.Process, output: logging.Logger) -> None:
     assert process.stdout is not None
     assert process.stderr is not None
+
+    def forward(line: str) -> None:
+        # stderr is where most programs log, at every level: not a warning by itself.
+        output.info("%s", line)
+
     with scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_forward, process.stdout, output, logging.INFO)
-            # stderr is where most programs log, at every level: not a warning by itself.
-            nursery.start_soon(_forward, process.stderr, output, logging.INFO)
+            nursery.start_soon(read_lines, process.stdout, forward)
+            nursery.start_soon(read_lines, process.stderr, forward)
 
 
 def _signal_group(process: trio.Process, signum: int) -> None:
@@ -150,15 +154,32 @@ async def _stop(process: trio.Process, name: str) -> None:
     await process.wait()
 
 
-async def _forward(stream: trio.abc.ReceiveStream, output: logging.Logger, level: int) -> None:
+#: The longest line :func:`read_lines` holds back; a longer one comes in pieces this long.
+MAX_LINE = 65536
+
+
+async def read_lines(
+    stream: trio.abc.ReceiveStream, on_line: Callable[[str], object], max_line: int = MAX_LINE
+) -> None:
+    """Call ``on_line`` with each line of a process's output until ``stream`` ends: UTF-8
+    (undecodable bytes replaced), without its line ending (``\\n`` or ``\\r\\n``); an
+    unterminated last line counts. Once more than ``max_line`` bytes of a line wait for
+    its end, they are handed over in pieces of that size rather than held without bound
+    (a line that ends within the chunk at hand comes whole). The one reader of process
+    output: the supervisor logs callbacks' lines with it, :class:`oco_core.testing.Lines`
+    collects them for tests."""
+
+    def deliver(raw: bytes) -> None:
+        on_line(raw.removesuffix(b"\r").decode("utf-8", "replace"))
+
     buffer = b""
     async for chunk in stream:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
-            output.log(level, "%s", line.decode("utf-8", "replace").rstrip())
-        if len(buffer) > 65536:  # a line without end: show it in pieces rather than grow
-            output.log(level, "%s", buffer.decode("utf-8", "replace"))
-            buffer = b""
+            deliver(line)
+        while len(buffer) > max_line:
+            deliver(buffer[:max_line])
+            buffer = buffer[max_line:]
     if buffer:
-        output.log(level, "%s", buffer.decode("utf-8", "replace").rstrip())
+        deliver(buffer)

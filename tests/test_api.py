@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -17,13 +18,17 @@ import trio
 from oco_core import Callback, Membership, Message, RequestTooLargeError, UnknownTargetError, VersionConflictError
 from oco_core._adapter import MembershipKind
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
-from oco_core.testing import RunningBot, open_bot
+from oco_core.testing import RunningBot, free_port, open_bot
 
 SECRET_A = "secret-a-0123456789abcdef"
 SECRET_B = "secret-b-0123456789abcdef"
 
+T = TypeVar("T")
+#: gRPC call metadata, as grpcio's blocking client takes it.
+Metadata = tuple[tuple[str, str], ...]
 
-def config(tmp_path: Any, extra: str = "") -> str:
+
+def config(tmp_path: Path, extra: str = "") -> str:
     return f"""
 adapters: [{{type: memory}}]
 store: {{url: "sqlite:///{tmp_path}/oco.db"}}
@@ -48,27 +53,37 @@ def sdk(running: RunningBot, name: str = "alpha", **kwargs: Any) -> Callback:
     return Callback(id=name, secret=secret, address=running.address, **kwargs)
 
 
+def pinger(cb: Callback) -> Callback:
+    """``cb`` with the route ``ping``, answered ``PONG``."""
+
+    @cb.respond("^ping$")
+    async def ping(message: Message) -> None:
+        await message.send("PONG")
+
+    return cb
+
+
 async def reply_to(running: RunningBot, body: str, **kwargs: Any) -> str:
     await running.adapter.inject(body, **kwargs)
     with trio.fail_after(10):
         return (await running.adapter.next_sent()).body
 
 
-async def raw(running: RunningBot, call: Callable[[grpc.Channel], Any]) -> Any:
+async def raw(running: RunningBot, call: Callable[[grpc.Channel], T]) -> T:
     """Run ``call(channel)`` with a plain grpcio channel (a generated client's view)."""
 
-    def work() -> Any:
+    def work() -> T:
         with grpc.insecure_channel(running.address) as channel:
             return call(channel)
 
     return await trio.to_thread.run_sync(work)
 
 
-def auth(secret: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {secret}")]
+def auth(secret: str) -> Metadata:
+    return (("authorization", f"Bearer {secret}"),)
 
 
-async def test_respond_and_hear_routes_answer_through_the_sdk(tmp_path: Any) -> None:
+async def test_respond_and_hear_routes_answer_through_the_sdk(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = sdk(running)
 
@@ -88,11 +103,11 @@ async def test_respond_and_hear_routes_answer_through_the_sdk(tmp_path: Any) -> 
             help_text = await reply_to(running, "oco help")
             assert help_text.splitlines()[0] == "ping - replies PONG"
             assert "who can" in help_text.splitlines()[-1]  # the bot's own commands are mentioned
-            stats = running.bot.statistics()  # type: ignore[attr-defined]
+            stats = running.bot.statistics()
             assert (stats.received, stats.matched, stats.sent, stats.dropped, stats.streams) == (5, 4, 4, 0, 1)
 
 
-async def test_reply_mentions_the_sender_and_private_messages_stay_private(tmp_path: Any) -> None:
+async def test_reply_mentions_the_sender_and_private_messages_stay_private(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = sdk(running)
 
@@ -114,7 +129,7 @@ async def test_reply_mentions_the_sender_and_private_messages_stay_private(tmp_p
             assert (sent.room_id, sent.private, sent.mention, sent.user and sent.user.id) == (None, True, False, "bob")
 
 
-async def test_capture_groups_reach_the_handler(tmp_path: Any) -> None:
+async def test_capture_groups_reach_the_handler(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = sdk(running)
 
@@ -126,23 +141,23 @@ async def test_capture_groups_reach_the_handler(tmp_path: Any) -> None:
             assert await reply_to(running, "oco: deploy api to prod") == "api|prod|deploy api to prod|True"
 
 
-async def test_missing_wrong_and_borrowed_identities_are_refused(tmp_path: Any) -> None:
+async def test_missing_wrong_and_borrowed_identities_are_refused(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
 
-        def listen(metadata: list[tuple[str, str]], plugin_id: str = "alpha") -> grpc.StatusCode:
+        def listen(metadata: Metadata, plugin_id: str = "alpha") -> Callable[[grpc.Channel], grpc.StatusCode]:
             def call(channel: grpc.Channel) -> grpc.StatusCode:
                 stream = robot_pb2_grpc.RobotStub(channel).Listen(
                     robot_pb2.ListenRequest(plugin_id=plugin_id), metadata=metadata, timeout=5
                 )
                 try:
-                    next(stream)
+                    next(iter(stream))
                 except grpc.RpcError as exc:
-                    return exc.code()  # type: ignore[no-any-return]
+                    return exc.code()
                 return grpc.StatusCode.OK
 
-            return call  # type: ignore[return-value]
+            return call
 
-        assert await raw(running, listen([])) == grpc.StatusCode.UNAUTHENTICATED
+        assert await raw(running, listen(())) == grpc.StatusCode.UNAUTHENTICATED
         assert await raw(running, listen(auth("not-the-secret-at-all"))) == grpc.StatusCode.UNAUTHENTICATED
         assert await raw(running, listen(auth(SECRET_A), plugin_id="beta")) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -150,21 +165,21 @@ async def test_missing_wrong_and_borrowed_identities_are_refused(tmp_path: Any) 
             try:
                 storage_pb2_grpc.StorageStub(channel).Get(storage_pb2.GetRequest(key="k"), timeout=5)
             except grpc.RpcError as exc:
-                return exc.code()  # type: ignore[no-any-return]
+                return exc.code()
             return grpc.StatusCode.OK
 
         assert await raw(running, storage_without_secret) == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_an_invalid_pattern_is_refused_naming_it(tmp_path: Any) -> None:
+async def test_an_invalid_pattern_is_refused_naming_it(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
 
         def call(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
             request = robot_pb2.ListenRequest(routes=[robot_pb2.Route(id="bad", pattern="deploy (app")])
             try:
-                next(robot_pb2_grpc.RobotStub(channel).Listen(request, metadata=auth(SECRET_A), timeout=5))
+                next(iter(robot_pb2_grpc.RobotStub(channel).Listen(request, metadata=auth(SECRET_A), timeout=5)))
             except grpc.RpcError as exc:
-                return exc.code(), exc.details()  # type: ignore[no-any-return]
+                return exc.code(), exc.details() or ""
             return grpc.StatusCode.OK, ""
 
         code, details = await raw(running, call)
@@ -172,17 +187,11 @@ async def test_an_invalid_pattern_is_refused_naming_it(tmp_path: Any) -> None:
         assert "deploy (app" in details
         assert "missing )" in details
         # the bot is fine afterwards
-        cb = sdk(running)
-
-        @cb.respond("^ping$")
-        async def ping(message: Message) -> None:
-            await message.send("PONG")
-
-        async with callback(running, cb):
+        async with callback(running, pinger(sdk(running))):
             assert await reply_to(running, "oco ping") == "PONG"
 
 
-async def test_storage_is_private_to_each_callback_with_compare_and_set(tmp_path: Any) -> None:
+async def test_storage_is_private_to_each_callback_with_compare_and_set(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         async with callback(running, sdk(running, "alpha")) as alpha, callback(running, sdk(running, "beta")) as beta:
             version = await alpha.storage.set("shared-name", b"alpha's")
@@ -206,7 +215,7 @@ async def test_storage_is_private_to_each_callback_with_compare_and_set(tmp_path
             assert not await alpha.storage.delete("fresh")
 
 
-async def test_concurrent_compare_and_set_increments_lose_nothing(tmp_path: Any) -> None:
+async def test_concurrent_compare_and_set_increments_lose_nothing(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running, callback(running, sdk(running, "alpha")) as alpha:
 
         async def increment() -> None:
@@ -218,7 +227,7 @@ async def test_concurrent_compare_and_set_increments_lose_nothing(tmp_path: Any)
         assert await alpha.storage.get("counter") == b"40"
 
 
-async def test_bad_sends_get_clear_errors_and_the_bot_keeps_going(tmp_path: Any) -> None:
+async def test_bad_sends_get_clear_errors_and_the_bot_keeps_going(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running, callback(running, sdk(running)) as cb:
         with pytest.raises(RequestTooLargeError, match="1000"):
             await cb.send("x" * 1001, room="memory/general")
@@ -234,7 +243,7 @@ async def test_bad_sends_get_clear_errors_and_the_bot_keeps_going(tmp_path: Any)
         assert running.adapter.sent[0].body == "still here"  # nothing from the refused ones
 
 
-async def test_join_and_part_reach_the_adapter(tmp_path: Any) -> None:
+async def test_join_and_part_reach_the_adapter(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
 
         def call(channel: grpc.Channel) -> None:
@@ -248,25 +257,19 @@ async def test_join_and_part_reach_the_adapter(tmp_path: Any) -> None:
         assert running.adapter.rooms == {"ops"}
 
 
-async def test_routes_end_with_their_stream(tmp_path: Any) -> None:
+async def test_routes_end_with_their_stream(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
-        cb = sdk(running)
-
-        @cb.respond("^ping$")
-        async def ping(message: Message) -> None:
-            await message.send("PONG")
-
-        async with callback(running, cb):
+        async with callback(running, pinger(sdk(running))):
             assert await reply_to(running, "oco ping") == "PONG"
         with trio.fail_after(5):
-            while running.bot.router.subscriptions():  # type: ignore[attr-defined]
+            while running.bot.router.subscriptions():
                 await trio.sleep(0.01)
         await running.adapter.inject("oco ping")
         await trio.sleep(0.2)
         assert [m.body for m in running.adapter.sent] == ["PONG"]
 
 
-async def test_a_stuck_callback_never_delays_the_others(tmp_path: Any) -> None:
+async def test_a_stuck_callback_never_delays_the_others(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path, "grpc: {stream_queue: 4}")) as running:
         stuck = sdk(running, "alpha", concurrency=1)
         never = trio.Event()
@@ -288,12 +291,12 @@ async def test_a_stuck_callback_never_delays_the_others(tmp_path: Any) -> None:
             with trio.fail_after(30):
                 for n in range(50):
                     assert await reply_to(running, f"work {n}") == f"done work {n}"
-            (stuck_stream,) = running.bot.router.subscriptions("alpha")  # type: ignore[attr-defined]
+            (stuck_stream,) = running.bot.router.subscriptions("alpha")
             assert stuck_stream.delivered + stuck_stream.overflowed == 50
             never.set()
 
 
-async def test_membership_events_reach_callbacks_that_asked(tmp_path: Any) -> None:
+async def test_membership_events_reach_callbacks_that_asked(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = sdk(running)
         seen: list[Membership] = []
@@ -319,18 +322,10 @@ async def test_membership_events_reach_callbacks_that_asked(tmp_path: Any) -> No
                 await cb.directory.get_user("memory/nobody")
 
 
-async def test_the_sdk_reconnects_when_the_bot_restarts(tmp_path: Any) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+async def test_the_sdk_reconnects_when_the_bot_restarts(tmp_path: Path) -> None:
+    port = free_port()
     fixed = config(tmp_path, f"grpc: {{listen: '127.0.0.1:{port}'}}")
-    cb = Callback(id="alpha", secret=SECRET_A, address=f"127.0.0.1:{port}")
-
-    @cb.respond("^ping$")
-    async def ping(message: Message) -> None:
-        await message.send("PONG")
+    cb = pinger(Callback(id="alpha", secret=SECRET_A, address=f"127.0.0.1:{port}"))
 
     async with trio.open_nursery() as nursery:
         async with open_bot(fixed) as running:
@@ -339,13 +334,13 @@ async def test_the_sdk_reconnects_when_the_bot_restarts(tmp_path: Any) -> None:
         # the bot is gone; the callback keeps trying until it is back
         async with open_bot(fixed) as again:
             with trio.fail_after(20):
-                while not again.bot.router.subscriptions("alpha"):  # type: ignore[attr-defined]
+                while not again.bot.router.subscriptions("alpha"):
                     await trio.sleep(0.05)
             assert await reply_to(again, "oco ping") == "PONG"
         nursery.cancel_scope.cancel()
 
 
-async def test_storage_quotas_answer_resource_exhausted_naming_the_quota(tmp_path: Any) -> None:
+async def test_storage_quotas_answer_resource_exhausted_naming_the_quota(tmp_path: Path) -> None:
     from oco_core import QuotaExceededError
 
     text = f"""

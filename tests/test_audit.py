@@ -4,6 +4,8 @@ queued at shutdown reaching the store."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -16,15 +18,22 @@ def _config(tmp_path: Path) -> SqlStoreConfig:
     return SqlStoreConfig(url=f"sqlite:///{tmp_path / 'oco.db'}")
 
 
+@asynccontextmanager
+async def writing(log: AuditLog) -> AsyncIterator[AuditLog]:
+    """``log`` with its writer running until the block ends (then, as when the bot stops,
+    it writes what is still queued)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        yield log
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_burst_is_written_in_few_entries_and_read_back_in_order(tmp_path: Path) -> None:
     async with open_sql_store(_config(tmp_path)) as store:
-        log = AuditLog(store, retention_days=None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with writing(AuditLog(store, retention_days=None)) as log:
             for i in range(3000):
                 log.record("route", "allowed", user=f"memory/u{i % 3}", route="ping", detail=f"#{i}")
             await log.flush()
-            nursery.cancel_scope.cancel()
         entries = await store.list(NAMESPACE, limit=10_000, keys_only=True)
         assert 1 <= len(entries) < 100  # batched, not one write per record
         records = await query(store, AuditQuery(), limit=10_000)
@@ -35,16 +44,13 @@ async def test_a_burst_is_written_in_few_entries_and_read_back_in_order(tmp_path
 
 async def test_filters_match_every_field(tmp_path: Path) -> None:
     async with open_sql_store(_config(tmp_path)) as store:
-        log = AuditLog(store, retention_days=None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with writing(AuditLog(store, retention_days=None)) as log:
             log.record("route", "denied", user="irc/bob", person="irc/bob", room="irc/#ops", callback="ops",
                        route="deploy", permission="deploy", detail="missing permission")  # fmt: skip
             log.record("admin", "allowed", user="irc/alice", detail="grant bob deploy")
             log.record("check_permission", "allowed", user="matrix/@bob:x", person="irc/bob", callback="ops",
                        permission="deploy.prod")  # fmt: skip
             await log.flush()
-            nursery.cancel_scope.cancel()
 
         async def kinds(**filters: object) -> list[str]:
             return [r.kind for r in await query(store, AuditQuery(**filters))]  # type: ignore[arg-type]
@@ -61,12 +67,10 @@ async def test_filters_match_every_field(tmp_path: Path) -> None:
 
 async def test_records_queued_when_the_bot_stops_are_written(tmp_path: Path) -> None:
     async with open_sql_store(_config(tmp_path)) as store:
-        log = AuditLog(store, retention_days=None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with writing(AuditLog(store, retention_days=None)) as log:
+            # No flush: the writer's way out (the bot stopping) writes them.
             for i in range(500):
                 log.record("route", "allowed", detail=str(i))
-            nursery.cancel_scope.cancel()  # no flush: the writer's way out writes them
     async with open_sql_store(_config(tmp_path)) as store:
         assert len(await query(store, AuditQuery(), limit=1000)) == 500
 

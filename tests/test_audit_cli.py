@@ -8,10 +8,7 @@ Runs on SQLite, and on PostgreSQL too when ``OCO_TEST_POSTGRES_URL`` is set.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -28,9 +25,8 @@ from oco_core._audit import AuditLog
 from oco_core._cli import EXIT_OK, EXIT_STORE, EXIT_USAGE
 from oco_core._config import parse_config
 from oco_core._plugins import load_plugins
-from oco_core.testing import run_oco
+from oco_core.testing import free_port, oco_cli, run_oco
 
-NOW = time.time()
 #: (seconds ago, kind, decision, details), oldest first.
 RECORDS: list[tuple[float, str, str, dict[str, str]]] = [
     (
@@ -80,19 +76,8 @@ RECORDS: list[tuple[float, str, str, dict[str, str]]] = [
 
 
 def oco(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m oco_core ARGS`` in UTC (so local times are known) and collect its output."""
-    environment = {k: v for k, v in os.environ.items() if k != "OCO_CONFIG"}
-    environment["XDG_DATA_HOME"] = str(cwd / "xdg")
-    environment["TZ"] = "UTC"
-    return subprocess.run(
-        [sys.executable, "-m", "oco_core", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """``oco ARGS`` in UTC, so that the local times it prints are known."""
+    return oco_cli(*args, cwd=cwd, env={"TZ": "UTC"})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -109,9 +94,12 @@ def config_file(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path
     yield path
 
 
-async def write_records(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def write_records(config: Path, monkeypatch: pytest.MonkeyPatch) -> float:
     """Write RECORDS through AuditLog (its clock set to each record's time) into the
-    store the config names, opened as the CLI opens it."""
+    store the config names, opened as the CLI opens it; return the time they are
+    relative to: now (not when the module was imported: in a long run minutes apart,
+    and the filters the CLI is asked for are relative to now)."""
+    now = time.time()
     clock = [0.0]
     monkeypatch.setattr(_audit, "time", SimpleNamespace(time=lambda: clock[0]))
     loaded = parse_config(config.read_text(), str(config))
@@ -120,13 +108,14 @@ async def write_records(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(log.run)
             for ago, kind, decision, details in RECORDS:
-                clock[0] = NOW - ago
+                clock[0] = now - ago
                 log.record(kind, decision, **details)
                 # One batch each: a real batch holds what queued up within moments, and
                 # the scan counts on that (its key is its first record's time).
                 await log.flush()
             nursery.cancel_scope.cancel()
     assert log.lost == 0
+    return now
 
 
 def kinds(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -135,12 +124,12 @@ def kinds(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [json.loads(line)["kind"] for line in result.stdout.splitlines()]
 
 
-def utc(seconds_ago: float) -> str:
-    return datetime.fromtimestamp(NOW - seconds_ago, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def utc(now: float, seconds_ago: float) -> str:
+    return datetime.fromtimestamp(now - seconds_ago, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 async def test_filters_table_and_json(tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    await write_records(config_file, monkeypatch)
+    now = await write_records(config_file, monkeypatch)
     c = str(config_file)
 
     def audit(*args: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +144,7 @@ async def test_filters_table_and_json(tmp_path: Path, config_file: Path, monkeyp
     assert filtered("--since", "2d") == ["capability", "admin", "check_permission"]
     assert filtered("--since", "90m", "--until", "10m") == ["admin"]
     assert filtered("--until", "1h") == ["route", "capability"]
-    iso = datetime.fromtimestamp(NOW - 3 * 3600, UTC)
+    iso = datetime.fromtimestamp(now - 3 * 3600, UTC)
     assert filtered("--since", iso.isoformat()) == ["capability", "admin", "check_permission"]
     assert filtered("--since", iso.strftime("%Y-%m-%dT%H:%M:%SZ")) == ["capability", "admin", "check_permission"]
     # Without an offset, local time (UTC in these runs).
@@ -186,7 +175,7 @@ async def test_filters_table_and_json(tmp_path: Path, config_file: Path, monkeyp
     ]
     assert len(lines) == 5
     route, capability, admin, check = lines[1:]
-    assert route.startswith(utc(3 * 86400) + "  route ")
+    assert route.startswith(utc(now, 3 * 86400) + "  route ")
     assert route.split()[3:9] == ["denied", "irc/alice", "(p-alice)", "irc/#ops", "deploy/deploy_app", "deploy"]
     assert route.endswith("needs the permission deploy")
     assert capability.split()[3:8] == ["denied", "-", "-", "roamer", "join"]
@@ -202,8 +191,8 @@ async def test_filters_table_and_json(tmp_path: Path, config_file: Path, monkeyp
     lines = audit("--json", "--kind", "check_permission").stdout.splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert record["time"] == pytest.approx(NOW - 60, abs=1e-5)
-    assert record["time_iso"].startswith(datetime.fromtimestamp(NOW - 60, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    assert record["time"] == pytest.approx(now - 60, abs=1e-5)
+    assert record["time_iso"].startswith(datetime.fromtimestamp(now - 60, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     assert record["detail"] == "role deployer \x1b[31mred\x1b[0m"
     assert "\x1b" not in lines[0]  # escaped in the JSON text too
     assert record["user"] == "matrix/@carol:example.org"
@@ -238,9 +227,7 @@ def test_usage_errors_name_what_is_accepted(tmp_path: Path, args: list[str], pro
 
 
 def test_store_down_is_one_line_with_exit_5(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there: the store is down
     config = tmp_path / "oco.yaml"
     config.write_text(f'store: {{url: "postgresql+psycopg://oco:hunter2-secret@127.0.0.1:{port}/oco"}}\n')
     result = oco("audit", "--config", str(config), cwd=tmp_path)

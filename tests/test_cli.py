@@ -4,7 +4,6 @@ secrets never printed."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import socket
@@ -21,26 +20,10 @@ import trio
 from oco_core import __version__
 from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME
 from oco_core._proto import storage_pb2, storage_pb2_grpc
-from oco_core.testing import run_oco
+from oco_core.testing import free_port, oco_cli, run_oco
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOS = ["core.proto", "directory.proto", "robot.proto", "storage.proto"]
-
-
-def oco(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m oco_core ARGS`` and collect what it printed."""
-    environment = {k: v for k, v in os.environ.items() if k != "OCO_CONFIG"}
-    environment["XDG_DATA_HOME"] = str(cwd / "xdg")  # never touch the developer's own data
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "oco_core", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def config_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -59,8 +42,15 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def check_config_error(tmp_path: Path, text: str) -> tuple[Path, str]:
+    """Write ``text`` to bad.yaml and run ``oco check-config`` on it: the file, and the
+    one-line error the run must fail with."""
+    config = write(tmp_path / "bad.yaml", text)
+    return config, config_error(oco_cli("check-config", "--config", str(config), cwd=tmp_path))
+
+
 def test_version(tmp_path: Path) -> None:
-    result = oco("--version", cwd=tmp_path)
+    result = oco_cli("--version", cwd=tmp_path)
     assert result.returncode == EXIT_OK
     assert result.stdout.strip() == f"oco {__version__}"
 
@@ -82,7 +72,7 @@ callbacks:
     routes: [{{pattern: "deploy (\\\\w+)", respond: true, help: "deploy <app>"}}]
 """,
     )
-    result = oco("--debug", "check-config", "--config", str(config), cwd=tmp_path)
+    result = oco_cli("--debug", "check-config", "--config", str(config), cwd=tmp_path)
     assert result.returncode == EXIT_OK, result.stderr
     line = result.stdout.strip()
     assert line.startswith(f"{config}: OK"), line
@@ -93,7 +83,7 @@ callbacks:
 
 
 def test_check_config_without_a_file_checks_the_defaults(tmp_path: Path) -> None:
-    result = oco("check-config", cwd=tmp_path)
+    result = oco_cli("check-config", cwd=tmp_path)
     assert result.returncode == EXIT_OK, result.stderr
     assert "<defaults>: OK" in result.stdout
     assert "shell" in result.stdout
@@ -101,16 +91,14 @@ def test_check_config_without_a_file_checks_the_defaults(tmp_path: Path) -> None
 
 
 def test_malformed_yaml(tmp_path: Path) -> None:
-    config = write(tmp_path / "bad.yaml", 'bot:\n  name: oco\n  aliases: ["!"\n')
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, 'bot:\n  name: oco\n  aliases: ["!"\n')
     assert str(config) in error
     assert "not valid YAML" in error
     assert "line 4" in error
 
 
 def test_unknown_key_names_file_line_key_and_known_keys(tmp_path: Path) -> None:
-    config = write(tmp_path / "bad.yaml", "bot:\n  name: oco\n  colour: red\n")
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, "bot:\n  name: oco\n  colour: red\n")
     assert f"{config}, line 3" in error
     assert "bot.colour" in error
     assert "unknown key 'colour'" in error
@@ -118,19 +106,14 @@ def test_unknown_key_names_file_line_key_and_known_keys(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
-    config = write(tmp_path / "bad.yaml", "bot: {name: oco}\n\ncallback: []\n")
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, "bot: {name: oco}\n\ncallback: []\n")
     assert f"{config}, line 3" in error
     assert "unknown key 'callback'" in error
     assert "callbacks" in error
 
 
 def test_missing_environment_variable(tmp_path: Path) -> None:
-    config = write(
-        tmp_path / "bad.yaml",
-        "callbacks:\n  - id: deploy\n    secret: ${OCO_TEST_UNSET_SECRET}\n",
-    )
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, "callbacks:\n  - id: deploy\n    secret: ${OCO_TEST_UNSET_SECRET}\n")
     assert f"{config}, line 3" in error
     assert "callbacks[0].secret" in error
     assert "OCO_TEST_UNSET_SECRET is not set" in error
@@ -141,7 +124,7 @@ def test_environment_variable_and_default_are_substituted(tmp_path: Path) -> Non
         tmp_path / "oco.yaml",
         "bot: {name: '${OCO_TEST_BOT_NAME}'}\ngrpc: {listen: '127.0.0.1:${OCO_TEST_UNSET_PORT:-50998}'}\n",
     )
-    result = oco("check-config", "--config", str(config), cwd=tmp_path, env={"OCO_TEST_BOT_NAME": "robo"})
+    result = oco_cli("check-config", "--config", str(config), cwd=tmp_path, env={"OCO_TEST_BOT_NAME": "robo"})
     assert result.returncode == EXIT_OK, result.stderr
     assert "127.0.0.1:50998" in result.stdout
 
@@ -157,7 +140,7 @@ callbacks:
       - pattern: "deploy (\\\\w+"
 """,
     )
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    error = config_error(oco_cli("check-config", "--config", str(config), cwd=tmp_path))
     assert f"{config}, line 5" in error
     assert "callbacks[0].routes[0].pattern" in error
     assert "invalid pattern 'deploy (\\\\w+'" in error
@@ -173,8 +156,7 @@ callbacks:
     ids=["adapter", "store"],
 )
 def test_unknown_plugin_type(tmp_path: Path, text: str, kind: str, installed: list[str], where: str) -> None:
-    config = write(tmp_path / "bad.yaml", text)
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, text)
     assert f"unknown {kind} type 'xyz'" in error
     listed = error.split("installed: ", 1)[1]
     for name in installed:
@@ -185,28 +167,27 @@ def test_unknown_plugin_type(tmp_path: Path, text: str, kind: str, installed: li
 
 
 def test_adapter_options_are_validated_by_the_adapter(tmp_path: Path) -> None:
-    config = write(tmp_path / "bad.yaml", "adapters:\n  - type: shell\n    colour: red\n")
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    config, error = check_config_error(tmp_path, "adapters:\n  - type: shell\n    colour: red\n")
     assert f"{config}, line 3" in error
     assert "adapters[0].colour" in error
     assert "unknown key 'colour'" in error
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    error = config_error(oco("check-config", "--config", str(tmp_path / "nowhere.yaml"), cwd=tmp_path))
+    error = config_error(oco_cli("check-config", "--config", str(tmp_path / "nowhere.yaml"), cwd=tmp_path))
     assert "nowhere.yaml" in error
 
 
 def test_run_fails_on_a_bad_config_before_starting(tmp_path: Path) -> None:
     config = write(tmp_path / "bad.yaml", f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\nbot: {{colour: red}}\n')
-    error = config_error(oco("run", "--config", str(config), cwd=tmp_path))
+    error = config_error(oco_cli("run", "--config", str(config), cwd=tmp_path))
     assert "bot.colour" in error
     assert not (tmp_path / "oco.db").exists()
 
 
 def test_config_file_from_environment(tmp_path: Path) -> None:
     config = write(tmp_path / "bad.yaml", "bot: {colour: red}\n")
-    error = config_error(oco("check-config", cwd=tmp_path, env={"OCO_CONFIG": str(config)}))
+    error = config_error(oco_cli("check-config", cwd=tmp_path, env={"OCO_CONFIG": str(config)}))
     assert str(config) in error
 
 
@@ -231,7 +212,7 @@ grpc: {{listen: nonsense}}
 """,
     )
     # --debug adds the traceback to the message: whatever it shows, it shows no secret.
-    result = oco(
+    result = oco_cli(
         "--debug", "check-config", "--config", str(config), cwd=tmp_path, env={"OCO_TEST_AUDIT_SECRET": from_env}
     )
     assert result.returncode == EXIT_CONFIG, result.stderr
@@ -251,17 +232,9 @@ grpc: {{listen: nonsense}}
     ids=["too-short", "list", "mapping"],
 )
 def test_invalid_secret_is_not_echoed(tmp_path: Path, value: str, problem: str) -> None:
-    config = write(tmp_path / "bad.yaml", f"callbacks:\n  - id: deploy\n    secret: {value}\n")
-    error = config_error(oco("check-config", "--config", str(config), cwd=tmp_path))
+    _, error = check_config_error(tmp_path, f"callbacks:\n  - id: deploy\n    secret: {value}\n")
     assert problem in error
     assert "tiny-secret-42" not in error
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (taken and released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_store_down_at_start_is_one_line_with_the_password_masked_and_retried(tmp_path: Path) -> None:
@@ -314,7 +287,7 @@ def test_run_fails_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
             tmp_path / "oco.yaml",
             f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\ngrpc: {{listen: "{address}"}}\ncallbacks: []\n',
         )
-        result = oco("run", "--config", str(config), cwd=tmp_path)
+        result = oco_cli("run", "--config", str(config), cwd=tmp_path)
     assert result.returncode == EXIT_RUNTIME, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("oco: error: ")]
     assert len(error) == 1, result.stderr
@@ -350,7 +323,7 @@ callbacks:
         def call_storage(secret: str) -> grpc.StatusCode:
             with grpc.insecure_channel(bot.address) as channel:
                 stub = storage_pb2_grpc.StorageStub(channel)
-                metadata = [("authorization", f"Bearer {secret}")]
+                metadata = (("authorization", f"Bearer {secret}"),)
                 try:
                     stub.Set(storage_pb2.SetRequest(key="k", value=b"v"), metadata=metadata, timeout=30)
                 except grpc.RpcError as exc:
@@ -372,7 +345,7 @@ callbacks:
 
 def test_proto_writes_the_protocol_files(tmp_path: Path) -> None:
     out = tmp_path / "out" / "protos"
-    result = oco("proto", "--out", str(out), cwd=tmp_path)
+    result = oco_cli("proto", "--out", str(out), cwd=tmp_path)
     assert result.returncode == EXIT_OK, result.stderr
     shipped = sorted(p.name for p in (REPO / "proto" / "oco").glob("*.proto"))
     assert set(PROTOS) <= set(shipped)
@@ -383,6 +356,6 @@ def test_proto_writes_the_protocol_files(tmp_path: Path) -> None:
 
 
 def test_usage_errors(tmp_path: Path) -> None:
-    assert oco(cwd=tmp_path).returncode == 2
-    assert oco("proto", cwd=tmp_path).returncode == 2
-    assert oco("frobnicate", cwd=tmp_path).returncode == 2
+    assert oco_cli(cwd=tmp_path).returncode == 2
+    assert oco_cli("proto", cwd=tmp_path).returncode == 2
+    assert oco_cli("frobnicate", cwd=tmp_path).returncode == 2

@@ -8,16 +8,14 @@ its README says. Without node or npm the tests skip (fail where OCO_REQUIRE_SERV
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from oco_core.testing import run_oco
+from oco_core.testing import Lines, free_port, run_oco
 
 pytestmark = pytest.mark.server("node")
 
@@ -47,38 +45,8 @@ callbacks:
         await bot.expect(r"\[node-callback node\] connected to .*: 3 route\(s\) registered", stream="stderr")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class _Lines:
-    """The standard error of a process, line by line, waited on."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        buffer = b""
-        async for chunk in stream:
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            self.lines += [line.decode() for line in complete]
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_for(self, pattern: str, count: int = 1, timeout: float = 30.0) -> None:
-        with trio.move_on_after(timeout):
-            while sum(bool(re.search(pattern, line)) for line in self.lines) < count:
-                await self._changed.wait()
-            return
-        raise AssertionError(f"{pattern!r} seen fewer than {count} time(s) in {timeout} s: {self.lines[-20:]}")
-
-
 async def test_started_by_hand_reconnects_when_the_bot_restarts(node_example: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = f"""
 adapters: [{{type: shell, user: alice}}]
 store: {{url: "sqlite:///./oco.db"}}
@@ -88,7 +56,7 @@ callbacks:
 """
     env = {**os.environ, "OCO_ADDRESS": f"127.0.0.1:{port}", "OCO_CALLBACK_ID": "node", "OCO_SECRET": SECRET}
     registered = r"connected to .*: 3 route\(s\) registered"
-    stderr = _Lines()
+    stderr = Lines("the node callback's stderr")
     async with run_oco(config, tmp_path / "bot") as bot:
         callback = await trio.lowlevel.open_process(
             ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE

@@ -26,7 +26,7 @@ class Field:
 
     name: str
     number: int
-    type: int
+    type: F.Type.ValueType
     message: str = ""
     repeated: bool = False
     oneof: str = ""

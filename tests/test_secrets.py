@@ -9,12 +9,9 @@ callbacks over gRPC through the Python SDK or generated stubs, SQLite files on d
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
+import trio.testing
 from pydantic import BaseModel, ConfigDict
 
 from oco_core import Callback, Message, StoreUnavailableError
@@ -45,30 +43,14 @@ from oco_core._secrets import (
     rotate_secret,
 )
 from oco_core._store import Item, Store
-from oco_core.testing import MemoryStore, run_oco
+from oco_core.testing import MemoryStore, free_port, oco_cli, run_oco
 
 GENERATED = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
-def oco(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m oco_core ARGS`` and collect what it printed."""
-    environment = {k: v for k, v in os.environ.items() if k != "OCO_CONFIG"}
-    environment["XDG_DATA_HOME"] = str(cwd / "xdg")  # never touch the developer's own data
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "oco_core", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 async def aoco(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """:func:`oco` from a trio test, without blocking the bot's output pumps."""
-    return await trio.to_thread.run_sync(lambda: oco(*args, cwd=cwd))
+    """:func:`~oco_core.testing.oco_cli` from a trio test, without blocking the bot's output pumps."""
+    return await trio.to_thread.run_sync(lambda: oco_cli(*args, cwd=cwd))
 
 
 def one_error(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -90,6 +72,15 @@ def added(result: subprocess.CompletedProcess[str]) -> str:
     assert secret not in result.stderr
     assert "OCO_SECRET" in result.stderr
     return secret
+
+
+def bot_workdir(tmp_path: Path, config: str) -> tuple[Path, str]:
+    """The bot's folder under ``tmp_path`` holding ``config`` as oco.yaml, and the path of
+    that file, for ``oco callbacks --config`` before :func:`run_oco` starts the bot there."""
+    workdir = tmp_path / "bot"
+    workdir.mkdir()
+    (workdir / "oco.yaml").write_text(config)
+    return workdir, str(workdir / "oco.yaml")
 
 
 def store_bytes(db: Path) -> bytes:
@@ -116,23 +107,23 @@ def test_add_rotate_remove_list(tmp_path: Path, store_yaml: str) -> None:
     config.write_text(store_yaml + "callbacks:\n  - id: deploy\n  - id: waiting\n")
     c = str(config)
 
-    listed = oco("callbacks", "list", "--config", c, cwd=tmp_path)
+    listed = oco_cli("callbacks", "list", "--config", c, cwd=tmp_path)
     assert listed.returncode == EXIT_OK, listed.stderr
     assert re.search(r"^deploy\s+-\s+yes\s+no secret yet: oco callbacks add deploy$", listed.stdout, re.M)
 
-    first = added(oco("callbacks", "add", "deploy", "--config", c, cwd=tmp_path))
-    error = one_error(oco("callbacks", "add", "deploy", "--config", c, cwd=tmp_path), EXIT_ERROR)
+    first = added(oco_cli("callbacks", "add", "deploy", "--config", c, cwd=tmp_path))
+    error = one_error(oco_cli("callbacks", "add", "deploy", "--config", c, cwd=tmp_path), EXIT_ERROR)
     assert "already has a secret" in error
     assert "oco callbacks rotate deploy" in error
 
-    roamer = oco("callbacks", "add", "roamer", "--config", c, cwd=tmp_path)
+    roamer = oco_cli("callbacks", "add", "roamer", "--config", c, cwd=tmp_path)
     added(roamer)
     assert "default capabilities" in roamer.stderr  # not in the config: say what that means
 
-    second = added(oco("callbacks", "rotate", "deploy", "--config", c, cwd=tmp_path))
+    second = added(oco_cli("callbacks", "rotate", "deploy", "--config", c, cwd=tmp_path))
     assert second != first
 
-    listed = oco("callbacks", "list", "--config", c, cwd=tmp_path)
+    listed = oco_cli("callbacks", "list", "--config", c, cwd=tmp_path)
     assert listed.returncode == EXIT_OK, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert listed.stdout.split()[:4] == ["ID", "CREATED", "IN", "CONFIG"]
@@ -143,12 +134,13 @@ def test_add_rotate_remove_list(tmp_path: Path, store_yaml: str) -> None:
         assert secret not in listed.stdout + listed.stderr
         assert hashlib.sha256(secret.encode()).hexdigest() not in listed.stdout + listed.stderr
 
-    removed = oco("callbacks", "remove", "roamer", "--config", c, cwd=tmp_path)
+    removed = oco_cli("callbacks", "remove", "roamer", "--config", c, cwd=tmp_path)
     assert removed.returncode == EXIT_OK, removed.stderr
     assert "removed the secret of callback 'roamer'" in removed.stdout
-    assert "nothing to remove" in one_error(oco("callbacks", "remove", "roamer", "--config", c, cwd=tmp_path), 1)
-    assert "oco callbacks add ghost" in one_error(oco("callbacks", "rotate", "ghost", "--config", c, cwd=tmp_path), 1)
-    listed = oco("callbacks", "list", "--config", c, cwd=tmp_path)
+    assert "nothing to remove" in one_error(oco_cli("callbacks", "remove", "roamer", "--config", c, cwd=tmp_path), 1)
+    rotated = oco_cli("callbacks", "rotate", "ghost", "--config", c, cwd=tmp_path)
+    assert "oco callbacks add ghost" in one_error(rotated, 1)
+    listed = oco_cli("callbacks", "list", "--config", c, cwd=tmp_path)
     assert "roamer" not in listed.stdout
 
 
@@ -156,8 +148,8 @@ def test_the_database_never_holds_a_secret(tmp_path: Path) -> None:
     db = tmp_path / "oco.db"
     config = tmp_path / "oco.yaml"
     config.write_text(f'store: {{url: "sqlite:///{db}"}}\ncallbacks: []\n')
-    first = added(oco("callbacks", "add", "deploy", "--config", str(config), cwd=tmp_path))
-    second = added(oco("callbacks", "rotate", "deploy", "--config", str(config), cwd=tmp_path))
+    first = added(oco_cli("callbacks", "add", "deploy", "--config", str(config), cwd=tmp_path))
+    second = added(oco_cli("callbacks", "rotate", "deploy", "--config", str(config), cwd=tmp_path))
     data = store_bytes(db)
     for secret in (first, second):
         assert secret.encode() not in data
@@ -170,11 +162,11 @@ def test_the_database_never_holds_a_secret(tmp_path: Path) -> None:
 
 def test_defaults_without_a_config_use_the_bots_default_store(tmp_path: Path) -> None:
     """No --config: the same SQLite file under $XDG_DATA_HOME that `oco run` uses."""
-    secret = added(oco("callbacks", "add", "deploy", cwd=tmp_path))
+    secret = added(oco_cli("callbacks", "add", "deploy", cwd=tmp_path))
     db = tmp_path / "xdg" / "oco" / "oco.db"
     assert db.exists()
     assert secret.encode() not in store_bytes(db)
-    assert "deploy" in oco("callbacks", "list", cwd=tmp_path).stdout
+    assert "deploy" in oco_cli("callbacks", "list", cwd=tmp_path).stdout
 
 
 @pytest.mark.parametrize(
@@ -186,7 +178,7 @@ def test_refuses_a_callback_whose_config_sets_its_secret(tmp_path: Path, entry: 
     config = tmp_path / "oco.yaml"
     config.write_text(f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\ncallbacks:\n  - id: deploy\n    {entry}\n')
     for action in ("add", "rotate"):
-        error = one_error(oco("callbacks", action, "deploy", "--config", str(config), cwd=tmp_path), EXIT_CONFIG)
+        error = one_error(oco_cli("callbacks", action, "deploy", "--config", str(config), cwd=tmp_path), EXIT_CONFIG)
         assert f"{config}, line 4: callbacks[0].{key}" in error
         assert "wins over the store" in error
     assert "0123456789abcdef0123" not in error
@@ -194,7 +186,7 @@ def test_refuses_a_callback_whose_config_sets_its_secret(tmp_path: Path, entry: 
 
 @pytest.mark.parametrize("bad", ["", "_under", ".dot", "a/b", "x" * 65, "spa ce", "é"])
 def test_refuses_an_invalid_id(tmp_path: Path, bad: str) -> None:
-    result = oco("callbacks", "add", bad, cwd=tmp_path)
+    result = oco_cli("callbacks", "add", bad, cwd=tmp_path)
     assert result.returncode == EXIT_USAGE
     assert result.stdout == ""
     assert "invalid callback id" in result.stderr
@@ -205,12 +197,10 @@ def test_refuses_an_invalid_id(tmp_path: Path, bad: str) -> None:
 def test_store_down_is_one_line_with_exit_5(tmp_path: Path) -> None:
     password = "pw-" + uuid.uuid4().hex
     config = tmp_path / "oco.yaml"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there: the store is down
     config.write_text(f'store: {{url: "postgresql+psycopg://oco:{password}@127.0.0.1:{port}/oco"}}\n')
     for args in (("add", "deploy"), ("list",)):
-        error = one_error(oco("callbacks", *args, "--config", str(config), cwd=tmp_path), EXIT_STORE)
+        error = one_error(oco_cli("callbacks", *args, "--config", str(config), cwd=tmp_path), EXIT_STORE)
         assert "unavailable" in error
         assert password not in error
 
@@ -223,7 +213,7 @@ def storage_call(address: str, secret: str) -> tuple[grpc.StatusCode, str]:
     with grpc.insecure_channel(address) as channel:
         stub = storage_pb2_grpc.StorageStub(channel)
         try:
-            stub.Get(storage_pb2.GetRequest(key="k"), metadata=[("authorization", f"Bearer {secret}")], timeout=30)
+            stub.Get(storage_pb2.GetRequest(key="k"), metadata=(("authorization", f"Bearer {secret}"),), timeout=30)
         except grpc.RpcError as exc:
             return exc.code(), exc.details() or ""
         return grpc.StatusCode.OK, ""
@@ -248,10 +238,7 @@ async def test_a_store_secret_connects_rotates_and_is_removed_while_the_bot_runs
 ) -> None:
     db = tmp_path / "oco.db"
     config = bot_config("callbacks:\n  - id: deploy\n    routes: [{pattern: '^deploy (\\w+)$', respond: true}]\n")
-    workdir = tmp_path / "bot"
-    workdir.mkdir()
-    (workdir / "oco.yaml").write_text(config)
-    c = str(workdir / "oco.yaml")
+    workdir, c = bot_workdir(tmp_path, config)
     deploy = added(await aoco("callbacks", "add", "deploy", "--config", c, cwd=tmp_path))
     roamer = added(await aoco("callbacks", "add", "roamer", "--config", c, cwd=tmp_path))
 
@@ -317,7 +304,7 @@ def listen_until_ended(address: str, secret: str, ended: list[tuple[grpc.StatusC
     with grpc.insecure_channel(address) as channel:
         stream = robot_pb2_grpc.RobotStub(channel).Listen(
             robot_pb2.ListenRequest(routes=[robot_pb2.Route(id="x", pattern="^x$")]),
-            metadata=[("authorization", f"Bearer {secret}")],
+            metadata=(("authorization", f"Bearer {secret}"),),
             timeout=60,
         )
         try:
@@ -332,10 +319,7 @@ async def test_an_open_listen_stream_ends_when_its_secret_is_rotated(
     tmp_path: Path, bot_config: Callable[[str], str]
 ) -> None:
     config = bot_config("callbacks: []\n")
-    workdir = tmp_path / "bot"
-    workdir.mkdir()
-    (workdir / "oco.yaml").write_text(config)
-    c = str(workdir / "oco.yaml")
+    workdir, c = bot_workdir(tmp_path, config)
     secret = added(await aoco("callbacks", "add", "roamer", "--config", c, cwd=tmp_path))
     async with run_oco(config, workdir) as bot:
         ended: list[tuple[grpc.StatusCode, str, float]] = []
@@ -434,7 +418,7 @@ async def refusal(auth: Authenticator, secret: str) -> RpcAbort:
     return caught.value
 
 
-async def test_cache_holds_a_positive_answer_for_cache_seconds(autojump_clock: Any) -> None:
+async def test_cache_holds_a_positive_answer_for_cache_seconds(autojump_clock: trio.testing.MockClock) -> None:
     store = CountingStore()
     old = await add_secret(store, "roamer")
     auth = Authenticator({"fixed": "f" * 20, "waiting": ""}, store)
@@ -526,7 +510,7 @@ async def test_directory_call_with_a_store_secret(tmp_path: Path) -> None:
             with grpc.insecure_channel(running.address) as channel:
                 stub = directory_pb2_grpc.DirectoryStub(channel)
                 reply = stub.ListRooms(
-                    directory_pb2.ListRoomsRequest(), metadata=[("authorization", f"Bearer {secret}")], timeout=30
+                    directory_pb2.ListRoomsRequest(), metadata=(("authorization", f"Bearer {secret}"),), timeout=30
                 )
                 return [r.id for r in reply.rooms]
 

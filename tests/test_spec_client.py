@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 from google.protobuf import descriptor_pb2
-from grpc_tools import protoc
+from grpc_tools import protoc  # type: ignore[import-untyped]  # grpcio-tools ships no types
 
-from oco_core.testing import run_oco
+from oco_core.testing import Lines, run_oco
 
 SPEC = Path(__file__).resolve().parent / "spec_proto"
 OCO_PROTO = Path(__file__).resolve().parents[1] / "proto" / "oco"
@@ -45,37 +45,6 @@ def spec_stubs(tmp_path: Path) -> Path:
     out.mkdir()
     run_protoc(f"-I{SPEC}", f"--python_out={out}", f"--grpc_python_out={out}", *SPEC_FILES)
     return out
-
-
-class Lines:
-    """The lines a process prints, as they come."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        """Collect ``stream`` until it ends."""
-        buffer = b""
-        async for chunk in stream:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            self.lines += [line.decode() for line in complete]
-            self._changed.set()
-            self._changed = trio.Event()
-        if buffer:
-            self.lines.append(buffer.decode())
-        self._changed.set()
-
-    async def wait_for(self, prefix: str, timeout: float = 30.0) -> str:
-        """The first line starting with ``prefix``, once it is printed."""
-        with trio.move_on_after(timeout):
-            while True:
-                for line in self.lines:
-                    if line.startswith(prefix):
-                        return line
-                await self._changed.wait()
-        raise AssertionError(f"no line starting with {prefix!r} within {timeout} s: {self.lines!r}")
 
 
 async def test_spec_client_is_matched_and_replies(
@@ -113,7 +82,7 @@ callbacks:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        out, err = Lines(), Lines()
+        out, err = Lines("the client's stdout"), Lines("the client's stderr")
         try:
             async with trio.open_nursery() as nursery:
                 assert client.stdout is not None
@@ -121,13 +90,13 @@ callbacks:
                 nursery.start_soon(out.pump, client.stdout)
                 nursery.start_soon(err.pump, client.stderr)
                 try:
-                    await out.wait_for("listening")
+                    await out.wait_for("^listening")
                     # The help lists the operator's route while the client listens.
                     await bot.write("oco help deploy")
                     await bot.expect("^deploy <app>$")
                     await bot.write("oco deploy api")
                     await bot.expect("^alice: deploying api$")
-                    await out.wait_for("joined")
+                    await out.wait_for("^joined")
                     with trio.fail_after(30):
                         code = await client.wait()
                 except AssertionError as exc:
@@ -146,7 +115,7 @@ callbacks:
             "listen-other-plugin-id": "PERMISSION_DENIED",
             "send-wrong-secret": "UNAUTHENTICATED",
         }
-        matched = json.loads((await out.wait_for("matched ")).removeprefix("matched "))
+        matched = json.loads((await out.wait_for("^matched ")).string.removeprefix("matched "))
         assert matched["type"] == "matched_message"
         assert matched["pattern"] == r"deploy (\w+)"
         assert matched["body"] == "oco deploy api"
@@ -199,9 +168,14 @@ def test_oco_protocol_keeps_every_spec_name_number_and_type(tmp_path: Path) -> N
             assert service.name in our_services, f"{name}: service {service.name} is missing"
             our_methods = {m.name: m for m in our_services[service.name].method}
             for method in service.method:
-                theirs = our_methods.get(method.name)
-                assert theirs is not None, f"{name}: rpc {service.name}.{method.name} is missing"
-                assert (theirs.input_type, theirs.output_type, theirs.client_streaming, theirs.server_streaming) == (
+                our_method = our_methods.get(method.name)
+                assert our_method is not None, f"{name}: rpc {service.name}.{method.name} is missing"
+                assert (
+                    our_method.input_type,
+                    our_method.output_type,
+                    our_method.client_streaming,
+                    our_method.server_streaming,
+                ) == (
                     method.input_type,
                     method.output_type,
                     method.client_streaming,

@@ -25,7 +25,7 @@ from oco_core._sql_store import (
     open_sql_store,
 )
 from oco_core.testing.pytest_plugin import server_unavailable
-from oco_core.testing.store_contract import StoreContract
+from oco_core.testing.store_contract import StoreContract, unavailable_message
 
 
 class TestSqliteStore(StoreContract):
@@ -105,13 +105,9 @@ def test_password_is_masked_in_repr() -> None:
 async def test_unreachable_database_names_the_url_with_password_masked() -> None:
     # Port 1 on loopback: nothing listens, the connection is refused at once.
     config = SqlStoreConfig(url="postgresql+psycopg://oco:s3cret@127.0.0.1:1/oco", connect_timeout=2)
-    with pytest.raises(StoreUnavailableError) as info:
-        async with open_sql_store(config):
-            pass
-    message = str(info.value)
+    message = await unavailable_message(open_sql_store(config))
     assert "postgresql+psycopg://oco:***@127.0.0.1:1/oco" in message
     assert "s3cret" not in message
-    assert "\n" not in message
 
 
 async def test_unopenable_sqlite_file_is_unavailable(tmp_path: Path) -> None:

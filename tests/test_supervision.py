@@ -66,17 +66,9 @@ def started_pids(bot: OcoProcess, callback_id: str) -> list[int]:
 
 
 async def wait_for_lines(bot: OcoProcess, pattern: str, count: int, timeout: float = 60.0) -> list[re.Match[str]]:
-    """Wait until ``count`` stderr lines match ``pattern``."""
-    compiled = re.compile(pattern)
-    await bot.expect(pattern, stream="stderr", timeout=timeout)
-    with trio.move_on_after(timeout):
-        while True:
-            found = [m for line in bot.stderr_lines if (m := compiled.search(line))]
-            if len(found) >= count:
-                return found
-            # OcoProcess.expect finds the first match only; counting needs a poll.
-            await trio.sleep(0.05)
-    raise AssertionError(f"fewer than {count} lines matched {pattern!r} within {timeout} s: {bot.stderr_lines!r}")
+    """Wait until ``count`` stderr lines match ``pattern``; all that match."""
+    await bot.stderr.wait_for(pattern, count=count, timeout=timeout)
+    return bot.stderr.matches(pattern)
 
 
 def storage_call(address: str, secret: str) -> grpc.StatusCode:
@@ -86,7 +78,7 @@ def storage_call(address: str, secret: str) -> grpc.StatusCode:
         try:
             stub.Set(
                 storage_pb2.SetRequest(key="probe", value=b"1"),
-                metadata=[("authorization", f"Bearer {secret}")],
+                metadata=(("authorization", f"Bearer {secret}"),),
                 timeout=30,
             )
         except grpc.RpcError as exc:

@@ -38,7 +38,10 @@ from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
 from ._host import RecordingHost as RecordingHost
 from ._memory_store import MemoryStore as MemoryStore
+from ._process import Lines as Lines
 from ._process import OcoProcess as OcoProcess
+from ._process import free_port as free_port
+from ._process import oco_cli as oco_cli
 from ._process import run_oco as run_oco
 
 if TYPE_CHECKING:
@@ -195,12 +198,15 @@ def oco_adapter_types() -> list[AdapterType]:
 
 
 __all__: Sequence[str] = [
+    "Lines",
     "MemoryAdapter",
     "MemoryConfig",
     "MemoryStore",
     "OcoProcess",
     "RecordingHost",
     "RunningBot",
+    "free_port",
+    "oco_cli",
     "open_bot",
     "run_oco",
 ]

@@ -1,17 +1,131 @@
-"""A real ``oco run`` process, for end-to-end tests of the bot and of plugins."""
+"""Real processes for end-to-end tests of the bot and of plugins: ``oco run``
+(:func:`run_oco`), one-shot ``oco`` commands (:func:`oco_cli`), any process's output line
+by line (:class:`Lines`), and a free port to give a server (:func:`free_port`)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+
+from .._supervisor import read_lines
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on (bound, then released), for a
+    server a test starts. Another process may take it meanwhile; tests accept that
+    small race, as every test suite that starts servers on fixed ports does."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def oco_cli(
+    *args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m oco_core ARGS`` in ``cwd`` until it exits and collect what it
+    printed (as text; its exit code is the caller's to check).
+
+    The environment is this process's, without ``OCO_CONFIG`` (a developer's own config
+    must not leak in) and with ``XDG_DATA_HOME`` under ``cwd`` (nor their data), then
+    ``env`` on top: ``env={"TZ": "UTC"}`` pins the time zone of printed times, say.
+    Blocking: from a trio test call it with ``trio.to_thread.run_sync``."""
+    environment = {k: v for k, v in os.environ.items() if k != "OCO_CONFIG"}
+    environment["XDG_DATA_HOME"] = str(cwd / "xdg")
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "oco_core", *args],
+        cwd=cwd,
+        env=environment,
+        stdin=subprocess.DEVNULL,  # nothing to answer: a command that reads input sees its end
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Lines:
+    """One output stream of a process, line by line as it comes, to wait on.
+
+    Start :meth:`pump` in a nursery with the process's ``stdout`` or ``stderr``; then
+    :meth:`wait_for` a line. ``lines`` holds every line so far (decoded as
+    :func:`~oco_core._supervisor.read_lines` does: UTF-8, without line endings)."""
+
+    def __init__(self, name: str = "output") -> None:
+        #: What the stream is, for failure messages ("stderr", "the node callback's stderr").
+        self.name = name
+        self.lines: list[str] = []
+        #: Whether the stream has ended (the process closed it, usually by exiting).
+        self.ended = False
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        """Collect ``stream`` until it ends."""
+        try:
+            await read_lines(stream, self._add)
+        finally:
+            self.ended = True
+            self._wake()
+
+    def matches(self, pattern: str | re.Pattern[str]) -> list[re.Match[str]]:
+        """The lines so far that ``pattern`` matches (``re.search``), in order."""
+        compiled = re.compile(pattern)
+        return [m for line in self.lines if (m := compiled.search(line))]
+
+    async def match(
+        self, pattern: str | re.Pattern[str], *, count: int = 1, timeout: float = 30.0
+    ) -> re.Match[str] | None:
+        """The ``count``-th line ``pattern`` matches, once it is there; None when it is
+        not within ``timeout`` seconds or the stream ends without it."""
+        compiled = re.compile(pattern)
+        found = 0
+        seen = 0
+        with trio.move_on_after(timeout):
+            while True:
+                for line in self.lines[seen:]:
+                    seen += 1
+                    m = compiled.search(line)
+                    if m is not None:
+                        found += 1
+                        if found == count:
+                            return m
+                if self.ended:
+                    return None
+                await self._changed.wait()
+        return None
+
+    async def wait_for(self, pattern: str | re.Pattern[str], *, count: int = 1, timeout: float = 30.0) -> re.Match[str]:
+        """:meth:`match`, failing the test (AssertionError, with the last lines) when the
+        line does not come."""
+        found = await self.match(pattern, count=count, timeout=timeout)
+        if found is None:
+            why = "the stream ended" if self.ended else f"{timeout} s passed"
+            raise AssertionError(
+                f"{self.name}: {count} line(s) matching {_pattern(pattern)!r} expected, {why} with "
+                f"{len(self.matches(pattern))}; last lines: {self.lines[-30:]!r}"
+            )
+        return found
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+def _pattern(pattern: str | re.Pattern[str]) -> str:
+    return pattern if isinstance(pattern, str) else pattern.pattern
 
 
 class OcoProcess:
@@ -21,9 +135,19 @@ class OcoProcess:
         self.process = process
         self.address = address
         self.workdir = workdir
-        self.stdout_lines: list[str] = []
-        self.stderr_lines: list[str] = []
-        self._changed = trio.Event()
+        #: Its standard output (what the shell adapter says) and error (its log).
+        self.stdout = Lines("stdout")
+        self.stderr = Lines("stderr")
+
+    @property
+    def stdout_lines(self) -> list[str]:
+        """Its standard output so far, line by line."""
+        return self.stdout.lines
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        """Its standard error (its log) so far, line by line."""
+        return self.stderr.lines
 
     async def write(self, line: str) -> None:
         """Type a line into the bot's standard input (the shell adapter)."""
@@ -35,25 +159,19 @@ class OcoProcess:
         assert self.process.stdin is not None
         await self.process.stdin.aclose()
 
-    async def expect(self, pattern: str, *, stream: str = "stdout", timeout: float = 15.0) -> re.Match[str]:
-        """Wait until a line of ``stream`` matches ``pattern``; fail with what was seen."""
-        compiled = re.compile(pattern)
-        lines = self.stdout_lines if stream == "stdout" else self.stderr_lines
-        seen = 0
-        with trio.move_on_after(timeout):
-            while True:
-                for line in lines[seen:]:
-                    found = compiled.search(line)
-                    if found:
-                        return found
-                seen = len(lines)
-                if self.process.returncode is not None and seen == len(lines):
-                    break
-                await self._changed.wait()
-        raise AssertionError(
-            f"no {stream} line matched {pattern!r} within {timeout} s; "
-            f"stdout: {self.stdout_lines[-20:]!r}; stderr: {self.stderr_lines[-30:]!r}"
-        )
+    async def expect(
+        self, pattern: str, *, stream: str = "stdout", timeout: float = 15.0, count: int = 1
+    ) -> re.Match[str]:
+        """Wait until the ``count``-th line of ``stream`` ("stdout" or "stderr") matches
+        ``pattern``; fail with what was seen."""
+        lines = self.stdout if stream == "stdout" else self.stderr
+        found = await lines.match(pattern, count=count, timeout=timeout)
+        if found is None:
+            raise AssertionError(
+                f"no {stream} line matched {pattern!r}{f' {count} times' if count > 1 else ''} within {timeout} s; "
+                f"stdout: {self.stdout_lines[-20:]!r}; stderr: {self.stderr_lines[-30:]!r}"
+            )
+        return found
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send ``sig`` and wait for the process to exit; returns its exit code."""
@@ -61,22 +179,6 @@ class OcoProcess:
             self.process.send_signal(sig)
         with trio.fail_after(timeout):
             return await self.process.wait()
-
-    async def _pump(self, stream: trio.abc.ReceiveStream, lines: list[str]) -> None:
-        buffer = b""
-        async for chunk in stream:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                lines.append(line.decode("utf-8", "replace"))
-            self._signal()
-        if buffer:
-            lines.append(buffer.decode("utf-8", "replace"))
-        self._signal()
-
-    def _signal(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
 
 @asynccontextmanager
@@ -116,8 +218,8 @@ async def run_oco(
         async with trio.open_nursery() as nursery:
             assert process.stdout is not None
             assert process.stderr is not None
-            nursery.start_soon(running._pump, process.stdout, running.stdout_lines)
-            nursery.start_soon(running._pump, process.stderr, running.stderr_lines)
+            nursery.start_soon(running.stdout.pump, process.stdout)
+            nursery.start_soon(running.stderr.pump, process.stderr)
             with trio.move_on_after(ready_timeout):
                 while not address_file.exists() and process.returncode is None:
                     await trio.sleep(0.05)
