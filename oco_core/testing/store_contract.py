@@ -782,6 +782,22 @@ class StorageServiceContract:
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def _behind_proxy(
+    server: tuple[str, int, Callable[[str, int], str]], callback_id: str
+) -> AsyncIterator[tuple[TcpProxy, str, str]]:
+    """A running :class:`TcpProxy` in front of the store's ``server``; yields it, a bot
+    config whose store is reached through it with one callback, ``callback_id``, and that
+    callback's secret."""
+    host, port, section_at = server
+    secret = secrets.token_urlsafe(24)
+    proxy = TcpProxy(host, port)
+    async with trio.open_nursery() as proxying:
+        await proxying.start(proxy.run)
+        yield proxy, _config(section_at("127.0.0.1", proxy.port), [(callback_id, secret)]), secret
+        proxying.cancel_scope.cancel()
+
+
 class ServerOutageContract:
     """What a store with a database server must survive: the server going away while the
     bot runs, and being away when it starts. A serverless store (SQLite) has no server to
@@ -806,12 +822,7 @@ class ServerOutageContract:
         from .. import Callback, Message, StoreUnavailableError
         from . import open_bot
 
-        host, port, section_at = server
-        secret = secrets.token_urlsafe(24)
-        proxy = TcpProxy(host, port)
-        async with trio.open_nursery() as proxying:
-            await proxying.start(proxy.run)
-            config = _config(section_at("127.0.0.1", proxy.port), [("outage", secret)])
+        async with _behind_proxy(server, "outage") as (proxy, config, secret):
             async with open_bot(config) as running, trio.open_nursery() as nursery:
                 callback = Callback(id="outage", secret=secret, address=running.address)
 
@@ -847,20 +858,14 @@ class ServerOutageContract:
                 assert await callback.storage.get("k") == b"after"
                 # Stop the callback before the bot, so that it does not see the bot go.
                 nursery.cancel_scope.cancel()
-            proxying.cancel_scope.cancel()
 
     async def test_unreachable_at_start_is_one_line_then_retried(
         self, server: tuple[str, int, Callable[[str, int], str]], tmp_path: Path
     ) -> None:
         from .. import Callback
 
-        host, port, section_at = server
-        secret = secrets.token_urlsafe(24)
-        proxy = TcpProxy(host, port)
-        async with trio.open_nursery() as proxying:
-            await proxying.start(proxy.run)
+        async with _behind_proxy(server, "late") as (proxy, config, secret):
             proxy.cut()
-            config = _config(section_at("127.0.0.1", proxy.port), [("late", secret)])
             ready: list[str] = []
 
             async def run_bot() -> None:
@@ -890,4 +895,3 @@ class ServerOutageContract:
                     assert await callback.storage.set("k", b"v") == 1
                     client.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
-            proxying.cancel_scope.cancel()
