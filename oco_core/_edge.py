@@ -11,7 +11,8 @@ capabilities) is checked here, before the call does anything.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -22,8 +23,8 @@ from ._audit import ALLOWED, DENIED
 from ._auth import Authorization
 from ._bridge import CallInfo, Method, RpcAbort, ServerTls, StreamWriter, Undecodable, open_bridge
 from ._config import GrpcSettings
-from ._directory import Directory
-from ._errors import CapabilityError, InvalidPatternError, OcoError, to_status, to_wire
+from ._directory import Directory, RoomRecord, UserRecord
+from ._errors import OcoError, to_status, to_wire
 from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import Route, Router, Subscription
@@ -53,11 +54,18 @@ def _status(exc: OcoError) -> RpcAbort:
     return RpcAbort(*to_status(exc))
 
 
-async def _guard(call: Awaitable[R]) -> R:
+@contextmanager
+def _statuses() -> Iterator[None]:
+    """Errors raised on purpose inside the block end the RPC with their status."""
     try:
-        return await call
+        yield
     except OcoError as exc:
         raise _status(exc) from None
+
+
+async def _guard(call: Awaitable[R]) -> R:
+    with _statuses():
+        return await call
 
 
 class CallbackListening(Protocol):
@@ -148,10 +156,8 @@ class Services:
             self._refused(info, callback_id, details)
             raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, details)
         if capability is not None:
-            try:
+            with _statuses():
                 self.bot.policy(callback_id).require(capability)
-            except CapabilityError as exc:
-                raise _status(exc) from None
         return callback_id
 
     # -- oco.Robot -------------------------------------------------------------------
@@ -164,10 +170,8 @@ class Services:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
             )
-        try:
+        with _statuses():
             self.bot.policy(callback_id).require_events(set(request.events))
-        except CapabilityError as exc:
-            raise _status(exc) from None
         routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
@@ -182,10 +186,8 @@ class Services:
             events=frozenset(request.events),
             queue_size=self.settings.stream_queue,
         )
-        try:
+        with _statuses():
             self.bot.router.subscribe(subscription)
-        except InvalidPatternError as exc:
-            raise _status(exc) from None
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
         state.connected.set()
         revoked: list[RpcAbort] = []
@@ -330,33 +332,25 @@ class Services:
     async def get_user(self, request: directory_pb2.GetUserRequest, info: CallInfo) -> core_pb2.User:
         """One known user."""
         await self._caller(info, "directory")
-        try:
+        with _statuses():
             user = self.bot.directory.user(request.id)
-        except OcoError as exc:
-            raise _status(exc) from None
-        return core_pb2.User(id=user.id, name=user.name, mention_name=user.mention_name)
+        return _user_pb(user)
 
     async def list_users(
         self, request: directory_pb2.ListUsersRequest, info: CallInfo
     ) -> directory_pb2.ListUsersResponse:
         """Known users, optionally of one room."""
         await self._caller(info, "directory")
-        try:
+        with _statuses():
             users = self.bot.directory.list_users(request.room_id)
-        except OcoError as exc:
-            raise _status(exc) from None
-        return directory_pb2.ListUsersResponse(
-            users=[core_pb2.User(id=u.id, name=u.name, mention_name=u.mention_name) for u in users]
-        )
+        return directory_pb2.ListUsersResponse(users=[_user_pb(u) for u in users])
 
     async def get_room(self, request: directory_pb2.GetRoomRequest, info: CallInfo) -> core_pb2.Room:
         """One known room."""
         await self._caller(info, "directory")
-        try:
+        with _statuses():
             room = self.bot.directory.room(request.id)
-        except OcoError as exc:
-            raise _status(exc) from None
-        return core_pb2.Room(id=room.id, name=room.name, topic=room.topic)
+        return _room_pb(room)
 
     async def list_rooms(
         self, request: directory_pb2.ListRoomsRequest, info: CallInfo
@@ -364,9 +358,7 @@ class Services:
         """Known rooms."""
         await self._caller(info, "directory")
         rooms = self.bot.directory.list_rooms()
-        return directory_pb2.ListRoomsResponse(
-            rooms=[core_pb2.Room(id=r.id, name=r.name, topic=r.topic) for r in rooms]
-        )
+        return directory_pb2.ListRoomsResponse(rooms=[_room_pb(r) for r in rooms])
 
     # -- oco.Authorization -----------------------------------------------------------
 
@@ -494,6 +486,14 @@ async def serve(
                 subscription.close()
             with trio.CancelScope(shield=True):
                 await bridge.stop(server, settings.shutdown_grace)
+
+
+def _user_pb(user: UserRecord) -> core_pb2.User:
+    return core_pb2.User(id=user.id, name=user.name, mention_name=user.mention_name)
+
+
+def _room_pb(room: RoomRecord) -> core_pb2.Room:
+    return core_pb2.Room(id=room.id, name=room.name, topic=room.topic)
 
 
 def _write_address(path: Path, address: str) -> None:

@@ -18,7 +18,7 @@ import trio
 from oco_core import Callback, Membership, Message, RequestTooLargeError, UnknownTargetError, VersionConflictError
 from oco_core._adapter import MembershipKind
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
-from oco_core.testing import RunningBot, free_port, open_bot
+from oco_core.testing import RunningBot, free_port, open_bot, serving
 
 SECRET_A = "secret-a-0123456789abcdef"
 SECRET_B = "secret-b-0123456789abcdef"
@@ -42,10 +42,8 @@ callbacks:
 
 @asynccontextmanager
 async def callback(running: RunningBot, cb: Callback) -> AsyncIterator[Callback]:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cb.serve)
+    async with serving(cb):
         yield cb
-        nursery.cancel_scope.cancel()
 
 
 def sdk(running: RunningBot, name: str = "alpha", **kwargs: Any) -> Callback:

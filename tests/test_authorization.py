@@ -4,8 +4,7 @@ and plain generated stubs), and the audit log read back from the store."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -16,7 +15,7 @@ import trio
 from oco_core import Callback, CapabilityError, Message, RateLimitedError
 from oco_core._audit import AuditQuery, AuditRecord, query
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
-from oco_core.testing import MemoryAdapter, RunningBot, open_bot
+from oco_core.testing import MemoryAdapter, RunningBot, open_bot, serving
 
 SECRET = "secret-ops-0123456789abcdef"
 OTHER = "secret-other-0123456789abcd"
@@ -56,14 +55,6 @@ class Deployer:
         async def ping(message: Message) -> None:
             self.seen.append(f"ping by {message.user.id}")
             await message.reply("PONG")
-
-
-@asynccontextmanager
-async def serving(cb: Callback) -> AsyncIterator[Callback]:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cb.serve)
-        yield cb
-        nursery.cancel_scope.cancel()
 
 
 async def say(running: RunningBot, body: str, user: str = "alice", room: str | None = "general") -> str:

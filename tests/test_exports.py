@@ -94,6 +94,7 @@ PINNED: dict[str, frozenset[str]] = {
             "oco_cli",
             "open_bot",
             "run_oco",
+            "serving",
         }
     ),
 }

@@ -20,7 +20,7 @@ import trio
 from pydantic import BaseModel, ConfigDict
 
 import oco_core.testing
-from oco_core import ConfigError, Message, PluginError, StoreError, ValueTooLargeError
+from oco_core import Callback, ConfigError, Message, PluginError, StoreError, ValueTooLargeError
 from oco_core import _hookspecs as hookspecs
 from oco_core._admin import configured_store
 from oco_core._cli import _load_plugins
@@ -28,9 +28,14 @@ from oco_core._config import parse_config
 from oco_core._plugins import Plugins, load_plugins
 from oco_core._quota import measure_usage
 from oco_core.plugin import Store, StoreType, check_value, hookimpl, mask_url
-from oco_core.testing import MemoryAdapter, MemoryStore, open_bot
+from oco_core.testing import MemoryAdapter, MemoryStore, RunningBot, open_bot, serving
 
-from .test_api import SECRET_A, callback, sdk
+SECRET_A = "secret-plugins-0123456789abcdef"
+
+
+def sdk(running: RunningBot) -> Callback:
+    """The callback ``alpha`` that the configs below declare, dialling ``running``."""
+    return Callback(id="alpha", secret=SECRET_A, address=running.address)
 
 
 def manager_with(*plugins: object) -> pluggy.PluginManager:
@@ -127,7 +132,7 @@ callbacks: [{{id: alpha, secret: {SECRET_A}}}]
             assert message.room is not None
             await message.send(f"{message.user.id} in {message.room.id}")
 
-        async with callback(running, cb):
+        async with serving(cb):
             await right.inject("oco where", user="alice", room="lobby")
             with trio.fail_after(10):
                 sent = await right.next_sent()
@@ -171,7 +176,7 @@ async def test_hook_oco_adapter_types(tmp_path: Any) -> None:
         async def hello(message: Message) -> None:
             await message.reply("hello yourself")
 
-        async with callback(running, cb):
+        async with serving(cb):
             await parrot.inject("oco hello", room="perch")
             with trio.fail_after(10):
                 sent = await parrot.next_sent()
@@ -190,7 +195,8 @@ store: {{type: notebook, max_value_bytes: 16}}
 callbacks: [{{id: alpha, secret: {SECRET_A}}}]
 """
     async with open_bot(config, plugins=plugins) as running:
-        async with callback(running, sdk(running)) as cb:
+        cb = sdk(running)
+        async with serving(cb):
             await cb.storage.set("diary", b"dear diary")
             with pytest.raises(ValueTooLargeError):
                 await cb.storage.set("essay", b"x" * 17)
@@ -210,7 +216,8 @@ async def test_a_third_party_default_store_is_used_when_the_config_names_none() 
     store_type, _ = configured_store(parse_config(config), plugins)
     assert store_type.name == "notebook"
     async with open_bot(config, plugins=plugins) as running:
-        async with callback(running, sdk(running)) as cb:
+        cb = sdk(running)
+        async with serving(cb):
             await cb.storage.set("k", b"v")
     assert await notebook.store.get("cb:alpha", "k") is not None
 

@@ -41,7 +41,7 @@ from oco_core._adapter import AdapterType, OutgoingMessage
 from oco_core._errors import WIRE, from_status, from_wire, to_status, to_wire
 from oco_core._plugins import Plugins, load_plugins
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc, storage_pb2, storage_pb2_grpc
-from oco_core.testing import MemoryAdapter, MemoryConfig, RunningBot, open_bot
+from oco_core.testing import MemoryAdapter, MemoryConfig, RunningBot, open_bot, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "secret-wire-0123456789abcdef"
@@ -236,10 +236,8 @@ async def bot_and_callback(tmp_path: Path, secret: str = SECRET) -> AsyncIterato
     extra, _ = plugins()
     async with open_bot(config(tmp_path), plugins=extra) as running:
         cb = Callback(id="wire" if secret == SECRET else "narrow", secret=secret, address=running.address)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(cb.serve)
+        async with serving(cb):
             yield running, cb
-            nursery.cancel_scope.cancel()
 
 
 def _auth(secret: str = SECRET) -> tuple[tuple[str, str | bytes], ...]:

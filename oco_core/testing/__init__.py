@@ -46,6 +46,7 @@ from ._process import run_oco as run_oco
 
 if TYPE_CHECKING:
     from .._bot import Bot
+    from .._sdk import Callback
 
 
 class MemoryConfig(BaseModel):
@@ -184,6 +185,17 @@ async def open_bot(config_text: str, *, plugins: object | None = None) -> AsyncI
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def serving(*callbacks: Callback) -> AsyncIterator[None]:
+    """Serve SDK callbacks in this trio process for the block: entered once each has
+    opened its Listen stream (its routes are live), cancelled when the block ends."""
+    async with trio.open_nursery() as nursery:
+        for callback in callbacks:
+            await nursery.start(callback.serve)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 @hookimpl
 def oco_adapter_types() -> list[AdapterType]:
     """The memory adapter."""
@@ -209,4 +221,5 @@ __all__: Sequence[str] = [
     "oco_cli",
     "open_bot",
     "run_oco",
+    "serving",
 ]

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pytest
+import trio
 
 from .._adapter import Adapter, IncomingMessage, MembershipEvent, MembershipKind, OutgoingMessage
 from ._host import RecordingHost
 
-__all__ = ["AdapterContract", "ChatPerson", "LiveChat", "SeenMessage"]
+__all__ = ["AdapterContract", "ChatPerson", "LiveChat", "SeenByPerson", "SeenMessage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,31 @@ class ChatPerson(Protocol):
         """Bring the service back; return once the person is back in :attr:`room` and
         can see what the bot says (the adapter reconnects by itself)."""
         ...
+
+
+class SeenByPerson:
+    """What a person has seen the bot say, for a driver's
+    :meth:`ChatPerson.next_from_bot`: each message is returned once, the earliest
+    unreturned one that matches, by polling ``seen`` (the driver's reading of everything
+    the bot said, oldest first, as :class:`SeenMessage`)."""
+
+    def __init__(self, who: str, seen: Callable[[], list[SeenMessage]], poll: float = 0.02) -> None:
+        self._who = who
+        self._seen = seen
+        self._poll = poll
+        self._taken: set[int] = set()
+
+    async def next(self, predicate: Callable[[SeenMessage], bool], *, timeout: float) -> SeenMessage:
+        """The next matching message; an AssertionError naming the last ten seen when
+        none comes within ``timeout`` seconds."""
+        with trio.move_on_after(timeout):
+            while True:
+                for index, message in enumerate(self._seen()):
+                    if index not in self._taken and predicate(message):
+                        self._taken.add(index)
+                        return message
+                await trio.sleep(self._poll)
+        raise AssertionError(f"{self._who} saw no such message from the bot; it saw {self._seen()[-10:]!r}")
 
 
 @dataclass

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -29,17 +28,11 @@ import trio
 import trio.lowlevel
 from oco_adapter_irc import IrcAdapter, IrcConfig
 
-from oco_core.testing import RecordingHost
-from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenMessage
+from oco_core.testing import RecordingHost, free_port
+from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenByPerson, SeenMessage
 from oco_core.testing.pytest_plugin import server_unavailable
 
 CHANNEL = "#test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def find_ngircd() -> str | None:
@@ -406,7 +399,7 @@ class IrcPerson(ChatPerson):
         self.bot_nick = bot_nick
         self.adapter: IrcAdapter | None = None
         self.connections: list[Person] = []
-        self._taken: set[int] = set()
+        self._from_bot = SeenByPerson(self.name, self._seen, poll=0.02)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -453,14 +446,7 @@ class IrcPerson(ChatPerson):
         return seen
 
     async def next_from_bot(self, predicate: Callable[[SeenMessage], bool], *, timeout: float) -> SeenMessage:
-        with trio.move_on_after(timeout):
-            while True:
-                for index, message in enumerate(self._seen()):
-                    if index not in self._taken and predicate(message):
-                        self._taken.add(index)
-                        return message
-                await trio.sleep(0.02)
-        raise AssertionError(f"{self.name} saw no such message from the bot; it saw {self._seen()[-10:]!r}")
+        return await self._from_bot.next(predicate, timeout=timeout)
 
     async def interrupt(self) -> None:
         # SIGKILL, then wait until the adapter saw the connection end: IRC has no

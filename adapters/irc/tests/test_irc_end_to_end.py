@@ -5,6 +5,7 @@ the same bot run in the test's own process with ``open_bot``."""
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 from oco_adapter_irc import IrcAdapter
 
-from oco_core.testing import open_bot, run_oco
+from oco_core.testing import oco_cli, open_bot, run_oco
 
 pytestmark = pytest.mark.server("ngircd")
 
@@ -69,9 +70,8 @@ async def test_check_config_names_the_bad_irc_keys(tmp_path: Path) -> None:
         "    pasword: hunter2-secret\n"
         "callbacks: []\n"
     )
-    command = [sys.executable, "-m", "oco_core", "check-config", "--config", str(config)]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    errors = result.stderr.decode()
+    result = await trio.to_thread.run_sync(partial(oco_cli, "check-config", "--config", str(config), cwd=tmp_path))
+    errors = result.stderr
     assert "hunter2" not in errors
     assert result.returncode != 0
     assert "line 4: adapters[0].nick: '1oco' is not a valid IRC nick" in errors
@@ -80,10 +80,10 @@ async def test_check_config_names_the_bad_irc_keys(tmp_path: Path) -> None:
 
     fixed = config.read_text().replace("1oco", "oco").replace(', "nochan"', "")
     config.write_text(fixed.replace("pasword", "password"))
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    assert b"irc (irc)" in result.stdout
-    assert b"hunter2" not in result.stdout + result.stderr
+    result = await trio.to_thread.run_sync(partial(oco_cli, "check-config", "--config", str(config), cwd=tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "irc (irc)" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 async def test_open_bot_runs_a_real_bot_on_ngircd_in_process(kit: Any, tmp_path: Path) -> None:

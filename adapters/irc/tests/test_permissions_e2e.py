@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from oco_core import Callback, Message
-from oco_core.testing import OcoProcess, run_oco
+from oco_core.testing import OcoProcess, oco_cli, run_oco
 
 pytestmark = pytest.mark.server("ngircd")
 
@@ -75,10 +75,10 @@ async def _help(person: Any) -> list[str]:
 
 
 async def _oco_audit(bot: OcoProcess, *options: str) -> str:
-    command = [sys.executable, "-m", "oco_core", "audit", "--config", str(bot.workdir / "oco.yaml"), *options]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    return str(result.stdout.decode())
+    config = str(bot.workdir / "oco.yaml")
+    result = await trio.to_thread.run_sync(partial(oco_cli, "audit", "--config", config, *options, cwd=bot.workdir))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 async def test_a_permission_is_refused_then_granted_from_irc_and_audited(kit: Any, tmp_path: Path) -> None:

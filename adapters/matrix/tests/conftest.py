@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,8 +44,8 @@ import trio
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 
 from oco_core.plugin import IncomingMessage, MembershipKind, OutgoingMessage
-from oco_core.testing import RecordingHost
-from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenMessage
+from oco_core.testing import RecordingHost, free_port
+from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenByPerson, SeenMessage
 from oco_core.testing.pytest_plugin import server_unavailable
 
 
@@ -138,19 +137,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Synapse:
     """A Synapse homeserver on a free loopback port, with SQLite and open registration."""
 
     def __init__(self, python: Path, directory: Path) -> None:
         self.python = python
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server_name = "localhost"
         self.process: subprocess.Popen[bytes] | None = None
@@ -607,7 +600,7 @@ class MatrixPerson(ChatPerson):
         self.name = person.localpart
         self.room = room
         self._direct: set[str] = set()
-        self._taken: set[int] = set()
+        self._from_bot = SeenByPerson(self.user_id, self._seen, poll=0.05)
 
     async def say(self, room: str, text: str) -> None:
         await self.person.say(room, text)
@@ -646,14 +639,7 @@ class MatrixPerson(ChatPerson):
         return seen
 
     async def next_from_bot(self, predicate: Callable[[SeenMessage], bool], *, timeout: float) -> SeenMessage:
-        with trio.move_on_after(timeout):
-            while True:
-                for index, message in enumerate(self._seen()):
-                    if index not in self._taken and predicate(message):
-                        self._taken.add(index)
-                        return message
-                await trio.sleep(0.05)
-        raise AssertionError(f"{self.user_id} saw no such message from the bot; it saw {self._seen()[-10:]!r}")
+        return await self._from_bot.next(predicate, timeout=timeout)
 
     async def interrupt(self) -> None:
         # The adapter's requests fail from here on; it keeps what it is asked to send
