@@ -181,6 +181,10 @@ class AdapterType:
     ``noisy_loggers`` names loggers of the adapter's dependencies that log every request
     or frame at INFO (an HTTP client, a protocol library); ``oco`` raises them to
     WARNING unless it runs with ``--debug``, so they do not drown the bot's own lines.
+
+    ``default`` offers this adapter, with its default options, to a config that has no
+    ``adapters:`` key (the built-in ``shell`` adapter does). When no installed adapter
+    type says so, or more than one, such a config is an error that asks for ``adapters:``.
     """
 
     name: str
@@ -189,3 +193,4 @@ class AdapterType:
     package: str = "oco-core"
     description: str = ""
     noisy_loggers: tuple[str, ...] = ()
+    default: bool = False

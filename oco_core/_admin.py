@@ -24,7 +24,7 @@ from typing import TextIO
 from pydantic import BaseModel, ValidationError
 
 from ._audit import ALLOWED, DENIED, AuditQuery, AuditRecord, query
-from ._config import CallbackSettings, LoadedConfig, validate_section
+from ._config import AdapterEntry, CallbackSettings, LoadedConfig, validate_section
 from ._errors import ConfigError
 from ._plugins import Plugins
 from ._secrets import (
@@ -55,6 +55,17 @@ def configured_store(loaded: LoadedConfig, plugins: Plugins) -> tuple[StoreType,
         raise loaded.error(("store", "type"), str(exc)) from None
     options = {**(store_type.default_options() if store_type.default_options else {}), **config.store.options()}
     return store_type, validate_section(loaded, ("store",), store_type.config_model, options)
+
+
+def configured_adapters(loaded: LoadedConfig, plugins: Plugins) -> list[AdapterEntry]:
+    """The config's ``adapters:``, or, when it has none, the installed adapter type that
+    offers itself as the default. ConfigError when none (or several) does."""
+    if loaded.config.adapters is not None:
+        return list(loaded.config.adapters)
+    try:
+        return [AdapterEntry(type=plugins.default_adapter().name)]
+    except ConfigError as exc:
+        raise loaded.error(("adapters",), str(exc)) from None
 
 
 @asynccontextmanager

@@ -24,7 +24,7 @@ from functools import partial
 import trio
 
 from ._adapter import AdapterType
-from ._admin import configured_store
+from ._admin import configured_adapters, configured_store
 from ._audit import AuditLog
 from ._auth import Authorization
 from ._config import LoadedConfig, validate_section
@@ -71,8 +71,10 @@ class Bot:
             routes = [Route.declared(r) for r in cb.routes]
             self.callbacks[cb.id] = CallbackState(cb.id, secret, routes, launched=cb.command is not None)
         # Validate every plugin section now, so `oco check-config` and start-up fail early.
+        #: The adapters this bot runs: the config's, or the installed default.
+        self.adapter_entries = configured_adapters(loaded, plugins)
         self._adapter_specs: list[tuple[str, AdapterType, object]] = []
-        for index, entry in enumerate(config.adapters):
+        for index, entry in enumerate(self.adapter_entries):
             try:
                 kind = plugins.adapter(entry.type)
             except ConfigError as exc:
@@ -80,7 +82,7 @@ class Bot:
             options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
             self._adapter_specs.append((entry.instance_name, kind, options))
         self._store_type, self._store_options = configured_store(loaded, plugins)
-        adapter_names = [entry.instance_name for entry in config.adapters]
+        adapter_names = [entry.instance_name for entry in self.adapter_entries]
         for index, admin in enumerate(config.auth.admins):
             if admin.partition("/")[0] not in adapter_names:
                 raise loaded.error(

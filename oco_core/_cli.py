@@ -127,14 +127,15 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
     from ._tls import load_server_tls
 
     plugins = _load_plugins(debug)
-    Bot(loaded, plugins)
+    bot = Bot(loaded, plugins)
     store_type, _ = configured_store(loaded, plugins)
     load_server_tls(loaded)  # the certificate files, as `oco run` would read them
     config = loaded.config
     tls = config.grpc.tls
     transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca is not None else "TLS")
+    adapters = ", ".join(f"{a.instance_name} ({a.type})" for a in bot.adapter_entries)
     print(
-        f"{loaded.source}: OK — adapters: {', '.join(a.instance_name + ' (' + a.type + ')' for a in config.adapters)};"
+        f"{loaded.source}: OK — adapters: {adapters};"
         f" store: {store_type.name}; gRPC: {config.grpc.listen} ({transport});"
         f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'};"
         f" admins: {', '.join(config.auth.admins) or 'none'}"
@@ -152,7 +153,7 @@ def _run(loaded: LoadedConfig, debug: bool) -> int:
         store_type, options = configured_store(loaded, plugins)
         url = getattr(options, "url", None)  # where the data lives, when the store has a URL
         store = store_type.name + (f" ({mask_url(url)})" if isinstance(url, str) else "")
-        adapters = ", ".join(a.type for a in loaded.config.adapters)
+        adapters = ", ".join(a.type for a in bot.adapter_entries)
         log.info("no config file: adapter %s, store %s, gRPC on %s", adapters, store, loaded.config.grpc.listen)
 
     async def serve() -> None:

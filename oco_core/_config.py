@@ -285,7 +285,9 @@ class Config(_Strict):
     """The whole configuration file."""
 
     bot: BotSettings = Field(default_factory=BotSettings)
-    adapters: list[AdapterEntry] = Field(default_factory=lambda: [AdapterEntry(type="shell")])
+    #: None (no ``adapters:`` key): the installed adapter type that offers itself as the
+    #: default (``AdapterType.default``; the built-in ``shell`` does), with its defaults.
+    adapters: list[AdapterEntry] | None = None
     store: StoreSettings = Field(default_factory=StoreSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     callbacks: list[CallbackSettings] = Field(default_factory=lambda: [_bundled_example()])
@@ -295,7 +297,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
         seen: set[str] = set()
-        for entry in self.adapters:
+        for entry in self.adapters or []:
             if entry.instance_name in seen:
                 raise ValueError(
                     f"two adapters are named {entry.instance_name!r}; give one a distinct `name:` "

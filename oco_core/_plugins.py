@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pluggy
 
@@ -14,6 +16,8 @@ from ._errors import ConfigError, PluginError
 from ._store import StoreType
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T", AdapterType, StoreType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,20 +45,30 @@ class Plugins:
         """The one installed store type that offers itself as the default (see
         :attr:`StoreType.default`), for a config that names no store type; a ConfigError
         that asks for a ``type`` when no store type, or more than one, does."""
-        offered = sorted(name for name, store in self.stores.items() if store.default)
-        if len(offered) == 1:
-            return self.stores[offered[0]]
-        installed = ", ".join(sorted(self.stores)) or "none"
-        if not offered:
-            reason = "no installed store plugin offers a default"
-        else:
-            reason = f"several installed store plugins offer a default ({', '.join(offered)})"
-        raise ConfigError(f"no store type given and {reason}; set store: {{type: ...}} (installed: {installed})")
+        return _default(self.stores, "no store type given", "store", "store: {type: ...}")
+
+    def default_adapter(self) -> AdapterType:
+        """The one installed adapter type that offers itself as the default (see
+        :attr:`AdapterType.default`), for a config without ``adapters:``; a ConfigError
+        that asks for ``adapters:`` when no adapter type, or more than one, does."""
+        return _default(self.adapters, "no adapters: in the config", "adapter", "adapters: [{type: ...}]")
 
     def noisy_loggers(self) -> set[str]:
         """Loggers that installed adapter and store plugins ask to keep at WARNING."""
         names = {name for adapter in self.adapters.values() for name in adapter.noisy_loggers}
         return names | {name for store in self.stores.values() for name in store.noisy_loggers}
+
+
+def _default(types: Mapping[str, _T], missing: str, kind: str, setting: str) -> _T:
+    offered = sorted(name for name, offer in types.items() if offer.default)
+    if len(offered) == 1:
+        return types[offered[0]]
+    installed = ", ".join(sorted(types)) or "none"
+    if not offered:
+        reason = f"no installed {kind} plugin offers a default"
+    else:
+        reason = f"several installed {kind} plugins offer a default ({', '.join(offered)})"
+    raise ConfigError(f"{missing} and {reason}; set {setting} (installed: {installed})")
 
 
 def _unknown(kind: str, name: str, installed: list[str], prefix: str) -> str:

@@ -102,5 +102,6 @@ def oco_adapter_types() -> list[AdapterType]:
             create=ShellAdapter,
             config_model=ShellConfig,
             description="a terminal chat on standard input and output",
+            default=True,
         )
     ]

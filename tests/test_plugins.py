@@ -23,6 +23,7 @@ import oco_core.testing
 from oco_core import Callback, ConfigError, Message, PluginError, StoreError, ValueTooLargeError
 from oco_core import _hookspecs as hookspecs
 from oco_core._admin import configured_store
+from oco_core._bot import Bot
 from oco_core._cli import _load_plugins
 from oco_core._config import parse_config
 from oco_core._plugins import Plugins, load_plugins
@@ -152,12 +153,19 @@ class ParrotAdapter(MemoryAdapter):
 
 
 class ParrotPlugin:
+    def __init__(self, default: bool = False) -> None:
+        self.default = default
+
     @hookimpl
     def oco_adapter_types(self) -> list[Any]:
         [memory] = oco_core.testing.oco_adapter_types()
         return [
             type(memory)(
-                name="parrot", create=ParrotAdapter, config_model=memory.config_model, package="oco-adapter-parrot"
+                name="parrot",
+                create=ParrotAdapter,
+                config_model=memory.config_model,
+                package="oco-adapter-parrot",
+                default=self.default,
             )
         ]
 
@@ -243,6 +251,44 @@ def test_two_default_stores_are_an_error_that_asks_for_a_type() -> None:
     both = Plugins(plugins.adapters, {**plugins.stores, "sql": sql_default})
     with pytest.raises(ConfigError, match=r"several installed store plugins offer a default \(notebook, sql\)"):
         configured_store(parse_config("bot: {name: oco}\n"), both)
+
+
+async def test_a_third_party_default_adapter_runs_when_the_config_has_no_adapters() -> None:
+    plugins = load_plugins(manager_with(ParrotPlugin(default=True), MemoryPlugin(), NotebookPlugin(default=True)))
+    async with open_bot(f"callbacks: [{{id: alpha, secret: {SECRET_A}}}]\n", plugins=plugins) as running:
+        parrot = running.adapters["parrot"]
+        assert isinstance(parrot, ParrotAdapter)
+        cb = sdk(running)
+
+        @cb.respond("^hello$")
+        async def hello(message: Message) -> None:
+            await message.reply("hello yourself")
+
+        async with serving(cb):
+            await parrot.inject("oco hello")
+            with trio.fail_after(10):
+                assert (await parrot.next_sent()).body.endswith("hello yourself")
+
+
+def test_without_a_default_adapter_the_config_must_list_adapters() -> None:
+    plugins = load_plugins(manager_with(ParrotPlugin(), MemoryPlugin(), NotebookPlugin(default=True)))
+    with pytest.raises(ConfigError) as caught:
+        Bot(parse_config("bot: {name: oco}\n", "oco.yaml"), plugins)
+    message = str(caught.value)
+    assert "oco.yaml" in message
+    assert "no installed adapter plugin offers a default" in message
+    assert "set adapters: [{type: ...}] (installed: memory, parrot)" in message
+    two = load_plugins(manager_with(ParrotPlugin(default=True), NotebookPlugin(default=True)))
+    both = Plugins({**two.adapters, "shell": load_plugins().adapters["shell"]}, two.stores)
+    with pytest.raises(ConfigError, match=r"several installed adapter plugins offer a default \(parrot, shell\)"):
+        Bot(parse_config("bot: {name: oco}\n"), both)
+
+
+def test_the_built_in_shell_adapter_is_the_default_by_declaring_it() -> None:
+    plugins = load_plugins()
+    assert [name for name, kind in plugins.adapters.items() if kind.default] == ["shell"]
+    bot = Bot(parse_config("callbacks: []\n"), plugins)
+    assert [(a.instance_name, a.type) for a in bot.adapter_entries] == [("shell", "shell")]
 
 
 def test_the_built_in_sql_store_is_the_default_by_declaring_it(tmp_path: Any, monkeypatch: Any) -> None:
