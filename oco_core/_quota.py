@@ -163,11 +163,7 @@ class QuotaStore(Store):
                 usage = await self._current_usage(namespace)
                 old = await self.inner.get(namespace, key)
                 old_version = 0 if old is None else old.version
-                if expected_version is not None and expected_version != old_version:
-                    raise VersionConflictError(
-                        f"key {key!r}: expected version {expected_version}, but the stored version is {old_version}",
-                        old_version,
-                    )
+                _expect_version(key, expected_version, old_version)
                 added_keys = 0 if old is not None else 1
                 added_bytes = item_bytes(key, value) - (0 if old is None else item_bytes(key, old.value))
                 _check(namespace, quota, usage, added_keys, added_bytes)
@@ -199,11 +195,7 @@ class QuotaStore(Store):
                 usage = await self._current_usage(namespace)
                 old = await self.inner.get(namespace, key)
                 old_version = 0 if old is None else old.version
-                if expected_version is not None and expected_version != old_version:
-                    raise VersionConflictError(
-                        f"key {key!r}: expected version {expected_version}, but the stored version is {old_version}",
-                        old_version,
-                    )
+                _expect_version(key, expected_version, old_version)
                 if old is None:
                     return False
                 try:
@@ -218,6 +210,14 @@ class QuotaStore(Store):
                 usage.keys -= 1
                 usage.bytes -= item_bytes(key, old.value)
                 return True
+
+
+def _expect_version(key: str, expected: int | None, stored: int) -> None:
+    """VersionConflictError unless a compare-and-set expecting ``expected`` may proceed."""
+    if expected is not None and expected != stored:
+        raise VersionConflictError(
+            f"key {key!r}: expected version {expected}, but the stored version is {stored}", stored
+        )
 
 
 def _check(namespace: str, quota: QuotaConfig, usage: Usage, added_keys: int, added_bytes: int) -> None:

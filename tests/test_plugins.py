@@ -28,7 +28,7 @@ from oco_core._cli import _load_plugins
 from oco_core._config import parse_config
 from oco_core._plugins import Plugins, load_plugins
 from oco_core._quota import measure_usage
-from oco_core.plugin import Store, StoreType, check_value, hookimpl, mask_url
+from oco_core.plugin import OutgoingMessage, Store, StoreType, check_value, hookimpl, mask_url
 from oco_core.testing import MemoryAdapter, MemoryStore, RunningBot, open_bot, serving
 
 SECRET_A = "secret-plugins-0123456789abcdef"
@@ -170,24 +170,29 @@ class ParrotPlugin:
         ]
 
 
+async def hello_through_parrot(running: RunningBot, room: str = "general") -> OutgoingMessage:
+    """Say ``oco hello`` on the bot's parrot adapter, answered by a callback; what the bot sent back."""
+    parrot = running.adapters["parrot"]
+    assert isinstance(parrot, ParrotAdapter)
+    cb = sdk(running)
+
+    @cb.respond("^hello$")
+    async def hello(message: Message) -> None:
+        await message.reply("hello yourself")
+
+    async with serving(cb):
+        await parrot.inject("oco hello", room=room)
+        with trio.fail_after(10):
+            return await parrot.next_sent()
+
+
 async def test_hook_oco_adapter_types(tmp_path: Any) -> None:
     """An adapter type offered by a plugin is chosen by ``type:`` and carries chat."""
     plugins = load_plugins(manager_with(ParrotPlugin(), NotebookPlugin(default=True)))
     assert set(plugins.adapters) == {"parrot"}
     config = f"adapters: [{{type: parrot, rooms: [perch]}}]\ncallbacks: [{{id: alpha, secret: {SECRET_A}}}]\n"
     async with open_bot(config, plugins=plugins) as running:
-        parrot = running.adapters["parrot"]
-        assert isinstance(parrot, ParrotAdapter)
-        cb = sdk(running)
-
-        @cb.respond("^hello$")
-        async def hello(message: Message) -> None:
-            await message.reply("hello yourself")
-
-        async with serving(cb):
-            await parrot.inject("oco hello", room="perch")
-            with trio.fail_after(10):
-                sent = await parrot.next_sent()
+        sent = await hello_through_parrot(running, room="perch")
     assert sent.body.endswith("hello yourself")
     assert sent.room_id == "perch"
 
@@ -256,18 +261,7 @@ def test_two_default_stores_are_an_error_that_asks_for_a_type() -> None:
 async def test_a_third_party_default_adapter_runs_when_the_config_has_no_adapters() -> None:
     plugins = load_plugins(manager_with(ParrotPlugin(default=True), MemoryPlugin(), NotebookPlugin(default=True)))
     async with open_bot(f"callbacks: [{{id: alpha, secret: {SECRET_A}}}]\n", plugins=plugins) as running:
-        parrot = running.adapters["parrot"]
-        assert isinstance(parrot, ParrotAdapter)
-        cb = sdk(running)
-
-        @cb.respond("^hello$")
-        async def hello(message: Message) -> None:
-            await message.reply("hello yourself")
-
-        async with serving(cb):
-            await parrot.inject("oco hello")
-            with trio.fail_after(10):
-                assert (await parrot.next_sent()).body.endswith("hello yourself")
+        assert (await hello_through_parrot(running)).body.endswith("hello yourself")
 
 
 def test_without_a_default_adapter_the_config_must_list_adapters() -> None:
