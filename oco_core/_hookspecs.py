@@ -10,6 +10,7 @@ from __future__ import annotations
 import pluggy
 
 from ._adapter import AdapterType
+from ._datastore import DataStoreType
 from ._store import StoreType
 
 hookspec = pluggy.HookspecMarker("oco")
@@ -32,4 +33,14 @@ def oco_store_types() -> list[StoreType]:  # type: ignore[empty-body]
 
     Called once when the bot starts (and by ``oco check-config``). A
     :class:`StoreType` is chosen by its ``name`` in ``store: {type: ...}``.
+    """
+
+
+@hookspec
+def oco_datastore_types() -> list[DataStoreType]:  # type: ignore[empty-body]
+    """Return the specific data stores this plugin can provision for callbacks.
+
+    Called once when the bot starts (and by ``oco check-config`` and ``oco
+    datastores``). A :class:`DataStoreType` is chosen by its ``name`` in
+    ``datastores: [{type: ...}]``, and callbacks name it in ``requires``.
     """

@@ -5,13 +5,14 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pluggy
 
 from . import _hookspecs
 from ._adapter import AdapterType
+from ._datastore import DataStoreType
 from ._errors import ConfigError, PluginError
 from ._store import StoreType
 
@@ -26,6 +27,7 @@ class Plugins:
 
     adapters: dict[str, AdapterType]
     stores: dict[str, StoreType]
+    datastores: dict[str, DataStoreType] = field(default_factory=dict)
 
     def adapter(self, name: str) -> AdapterType:
         """The adapter type called ``name``, or a ConfigError that says how to get it."""
@@ -41,6 +43,13 @@ class Plugins:
             raise ConfigError(_unknown("store", name, sorted(self.stores), "oco-store"))
         return found
 
+    def datastore(self, name: str) -> DataStoreType:
+        """The data-store type called ``name``, or a ConfigError that says how to get it."""
+        found = self.datastores.get(name)
+        if found is None:
+            raise ConfigError(_unknown("data store", name, sorted(self.datastores), "oco-datastore"))
+        return found
+
     def default_store(self) -> StoreType:
         """The one installed store type that offers itself as the default (see
         :attr:`StoreType.default`), for a config that names no store type; a ConfigError
@@ -54,9 +63,13 @@ class Plugins:
         return _default(self.adapters, "no adapters: in the config", "adapter", "adapters: [{type: ...}]")
 
     def noisy_loggers(self) -> set[str]:
-        """Loggers that installed adapter and store plugins ask to keep at WARNING."""
-        names = {name for adapter in self.adapters.values() for name in adapter.noisy_loggers}
-        return names | {name for store in self.stores.values() for name in store.noisy_loggers}
+        """Loggers that installed plugins ask to keep at WARNING."""
+        offers: list[AdapterType | StoreType | DataStoreType] = [
+            *self.adapters.values(),
+            *self.stores.values(),
+            *self.datastores.values(),
+        ]
+        return {name for offer in offers for name in offer.noisy_loggers}
 
 
 def _default(types: Mapping[str, _T], missing: str, kind: str, setting: str) -> _T:
@@ -131,10 +144,13 @@ def load_plugins(manager: pluggy.PluginManager | None = None) -> Plugins:
     _check_hook_names(manager)
     adapters: dict[str, AdapterType] = {}
     stores: dict[str, StoreType] = {}
-    for kind, hook, target in (
+    datastores: dict[str, DataStoreType] = {}
+    offers: list[tuple[str, Any, dict[str, Any]]] = [
         ("adapter", manager.hook.oco_adapter_types, adapters),
         ("store", manager.hook.oco_store_types, stores),
-    ):
+        ("data store", manager.hook.oco_datastore_types, datastores),
+    ]
+    for kind, hook, target in offers:
         try:
             results = hook()
         except Exception as exc:
@@ -152,4 +168,4 @@ def load_plugins(manager: pluggy.PluginManager | None = None) -> Plugins:
                     )
                     continue
                 target[item.name] = item
-    return Plugins(adapters, stores)
+    return Plugins(adapters, stores, datastores)

@@ -26,6 +26,10 @@ from ._adapter import IncomingMessage as IncomingMessage
 from ._adapter import MembershipEvent as MembershipEvent
 from ._adapter import MembershipKind as MembershipKind
 from ._adapter import OutgoingMessage as OutgoingMessage
+from ._datastore import DataStoreAccess as DataStoreAccess
+from ._datastore import DataStoreProvider as DataStoreProvider
+from ._datastore import DataStoreType as DataStoreType
+from ._datastore import corner_name as corner_name
 from ._hookspecs import hookimpl as hookimpl
 from ._store import MAX_KEY_BYTES as MAX_KEY_BYTES
 from ._store import Item as Item
@@ -47,6 +51,9 @@ __all__ = [
     "Backoff",
     "ChatRoom",
     "ChatUser",
+    "DataStoreAccess",
+    "DataStoreProvider",
+    "DataStoreType",
     "IncomingMessage",
     "Item",
     "MembershipEvent",
@@ -57,6 +64,7 @@ __all__ = [
     "StoreType",
     "TokenBucket",
     "check_value",
+    "corner_name",
     "encode_key",
     "hookimpl",
     "mask_url",

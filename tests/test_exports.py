@@ -76,6 +76,11 @@ PINNED: dict[str, frozenset[str]] = {
             "encode_key",
             "mask_url",
             "prefix_end",
+            # data stores
+            "DataStoreAccess",
+            "DataStoreProvider",
+            "DataStoreType",
+            "corner_name",
             # shared helpers
             "Backoff",
             "TokenBucket",

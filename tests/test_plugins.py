@@ -28,7 +28,18 @@ from oco_core._cli import _load_plugins
 from oco_core._config import parse_config
 from oco_core._plugins import Plugins, load_plugins
 from oco_core._quota import measure_usage
-from oco_core.plugin import OutgoingMessage, Store, StoreType, check_value, hookimpl, mask_url
+from oco_core.plugin import (
+    DataStoreAccess,
+    DataStoreProvider,
+    DataStoreType,
+    OutgoingMessage,
+    Store,
+    StoreType,
+    check_value,
+    corner_name,
+    hookimpl,
+    mask_url,
+)
 from oco_core.testing import MemoryAdapter, MemoryStore, RunningBot, open_bot, serving
 
 SECRET_A = "secret-plugins-0123456789abcdef"
@@ -86,7 +97,7 @@ class MemoryPlugin:
 
 def test_every_hook_is_documented_and_named_for_the_host() -> None:
     hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("oco_")]
-    assert {h.__name__ for h in hooks} == {"oco_adapter_types", "oco_store_types"}
+    assert {h.__name__ for h in hooks} == {"oco_adapter_types", "oco_datastore_types", "oco_store_types"}
     for hook in hooks:
         assert hook.__doc__, f"{hook.__name__} needs a docstring"
         assert "Called" in hook.__doc__, f"{hook.__name__} must say when it is called"
@@ -195,6 +206,52 @@ async def test_hook_oco_adapter_types(tmp_path: Any) -> None:
         sent = await hello_through_parrot(running, room="perch")
     assert sent.body.endswith("hello yourself")
     assert sent.room_id == "perch"
+
+
+class CouchConfig(BaseModel):
+    admin_url: str = "http://couch.invalid"
+
+
+class CouchProvider(DataStoreProvider):
+    """A third party's data store that provisions in memory."""
+
+    def __init__(self) -> None:
+        self.granted: dict[str, str] = {}
+
+    async def provision(self, callback_id: str, password: str) -> DataStoreAccess:
+        self.granted[callback_id] = password
+        name = corner_name(callback_id)
+        return DataStoreAccess(url=f"couch://{name}:{password}@couch/{name}", namespace=name)
+
+    async def revoke(self, callback_id: str, *, drop_data: bool = False) -> None:
+        self.granted.pop(callback_id, None)
+
+
+class CouchPlugin:
+    def __init__(self) -> None:
+        self.provider = CouchProvider()
+
+    @hookimpl
+    def oco_datastore_types(self) -> list[DataStoreType]:
+        @asynccontextmanager
+        async def open_couch(config: CouchConfig) -> AsyncIterator[DataStoreProvider]:
+            yield self.provider
+
+        return [DataStoreType(name="couchdb", open=open_couch, config_model=CouchConfig, package="oco-datastore-couch")]
+
+
+async def test_hook_oco_datastore_types() -> None:
+    """A data-store type offered by a plugin is found by name and opens a provider."""
+    couch = CouchPlugin()
+    plugins = load_plugins(manager_with(MemoryPlugin(), couch))
+    offered = plugins.datastore("couchdb")
+    assert offered.package == "oco-datastore-couch"
+    async with offered.open(offered.config_model()) as provider:
+        access = await provider.provision("Deploy.bot", "pw")
+    assert access.namespace.startswith("oco_cb_deploy_bot_")
+    assert couch.provider.granted == {"Deploy.bot": "pw"}
+    with pytest.raises(ConfigError, match=r"unknown data store type 'mongo'.*pip install oco-datastore-mongo"):
+        plugins.datastore("mongo")
 
 
 async def test_hook_oco_store_types() -> None:
@@ -338,7 +395,10 @@ def test_a_misspelt_hook_fails_loudly() -> None:
     message = str(caught.value)
     assert "plugin 'MisspeltPlugin' implements 'oco_adapter_type', which is not an OCO hook" in message
     assert "(did you mean 'oco_adapter_types'?)" in message
-    assert "OCO's hooks are oco_adapter_types, oco_store_types: rename the @hookimpl function" in message
+    assert (
+        "OCO's hooks are oco_adapter_types, oco_datastore_types, oco_store_types: rename the @hookimpl function"
+        in message
+    )
 
 
 def test_an_optional_hook_of_another_version_is_allowed() -> None:
