@@ -55,14 +55,16 @@ class DataStoreProvider(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def provision(self, callback_id: str, password: str) -> DataStoreAccess:
+    async def provision(self, callback_id: str, password: str, *, rotated: bool = False) -> DataStoreAccess:
         """Make sure the callback has its own corner and that ``password`` is its
-        credential (and the only one: a password given before stops working), then
-        say how to reach it.
+        credential (and the only one: a password given before stops working for new
+        connections), then say how to reach it.
 
-        Idempotent: called when the bot first hands out access, again after a rotation
-        with a new password, and again with the same password when the bot restarts.
-        Data already in the corner is kept.
+        Idempotent: called when the bot first hands out access, when it restarts (with
+        the same password: sessions the callback has open must survive it), and when
+        the operator rotates the credentials, with a new password and ``rotated=True``:
+        then also end the sessions opened with the old one, where the database allows
+        it. Data already in the corner is kept.
         """
 
     @abc.abstractmethod

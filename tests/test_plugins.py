@@ -218,7 +218,7 @@ class CouchProvider(DataStoreProvider):
     def __init__(self) -> None:
         self.granted: dict[str, str] = {}
 
-    async def provision(self, callback_id: str, password: str) -> DataStoreAccess:
+    async def provision(self, callback_id: str, password: str, *, rotated: bool = False) -> DataStoreAccess:
         self.granted[callback_id] = password
         name = corner_name(callback_id)
         return DataStoreAccess(url=f"couch://{name}:{password}@couch/{name}", namespace=name)
