@@ -1,0 +1,483 @@
+"""Redis as a specific data store: an ACL user and a key prefix per callback.
+
+``datastores: [{type: redis, url: redis://oco_admin:${REDIS_ADMIN}@cache:6379/0}]`` in
+the bot's config offers it; a callback that declares ``requires: ["redis"]`` gets
+``redis://oco-cb-<id>:<password>@cache:6379/0`` and the key prefix ``oco:cb:<id>:``.
+
+Isolation is Redis's own (ACLs, Redis 7.0 or later), not a convention: each callback's
+user may touch only keys and Pub/Sub channels starting with its prefix (``~prefix*``,
+``&prefix*``), log in only with the one password the bot gave it, and run only the
+commands of :data:`DENIED_COMMANDS`'s complement. What that policy refuses, and why, is
+documented next to each entry; what Redis cannot enforce (memory, CPU) is in the README.
+
+Every change is one ``ACL SETUSER`` beginning with ``reset``: Redis applies all its
+rules at once or none, so a user is never seen half-configured. The password is sent
+as its SHA-256 (``#<hash>``), the form Redis stores, so it never crosses the admin
+connection; comparing that hash with ``ACL GETUSER``'s tells a rotation (open
+connections are then closed) from a re-provisioning with the same password (they are
+left alone, so a bot restart does not cut its callbacks off).
+
+Threads: as the core store, the synchronous redis-py client runs in worker threads
+(``trio.to_thread.run_sync``) behind a :class:`trio.CapacityLimiter` as large as its
+connection pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar, cast
+from urllib.parse import quote, urlsplit
+
+import redis
+import redis.exceptions
+import trio
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.backoff import NoBackoff
+from redis.connection import SSLConnection, UnixDomainSocketConnection
+from redis.connection import parse_url as _untyped_parse_url
+from redis.retry import Retry
+
+from oco_core import StoreError, StoreUnavailableError
+from oco_core.plugin import DataStoreAccess, DataStoreProvider, mask_url
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# redis-py's own URL parser (so that host, port, db and TLS are read exactly as the
+# callbacks' redis-py will read them), which it leaves unannotated.
+_parse_url = cast("Callable[[str], dict[str, Any]]", _untyped_parse_url)
+
+#: Commands refused to every callback user, on top of the categories ``@admin`` and
+#: ``@dangerous`` (which already hold most of them: they are listed anyway so that the
+#: policy does not depend on how a Redis version sorts commands into categories).
+DENIED_COMMANDS: tuple[str, ...] = (
+    # Whole-database destruction and server state.
+    "flushall",
+    "flushdb",
+    "swapdb",
+    "config",
+    "debug",
+    "module",
+    "shutdown",
+    "save",
+    "bgsave",
+    "bgrewriteaof",
+    "replicaof",
+    "slaveof",
+    "failover",
+    "sync",
+    "psync",
+    "monitor",  # would show every client's commands, passwords' hashes aside
+    "acl",
+    "info",
+    "latency",
+    "slowlog",  # holds other clients' command arguments
+    "lastsave",
+    "role",
+    # Key names are not filtered by ACLs: KEYS, SCAN and RANDOMKEY return every key of
+    # the database, other callbacks' included (checked on Redis 7.0), and DBSIZE counts
+    # them. A callback keeps its own index (a set or sorted set) if it needs to list keys.
+    "keys",
+    "scan",
+    "randomkey",
+    "dbsize",
+    # Other databases: SELECT is allowed for the callback's own database only (added
+    # back below as select|<db>); MOVE and COPY ... DB write into another database.
+    "select",
+    "move",
+    "copy",
+    # MIGRATE copies keys to another server; RESTORE loads an unchecked serialized
+    # payload; SORT's BY and GET read keys by pattern.
+    "migrate",
+    "restore",
+    "sort",
+    "sort_ro",
+    # Other clients: killing, pausing, unblocking or listing them. Broadcast client-side
+    # caching (CLIENT TRACKING ... BCAST) reports every modified key's name, other
+    # callbacks' included, so tracking is refused as a whole.
+    "client|kill",
+    "client|list",
+    "client|pause",
+    "client|unpause",
+    "client|unblock",
+    "client|no-evict",
+    "client|tracking",
+    "client|caching",
+    # PUBSUB CHANNELS / NUMSUB / SHARDCHANNELS list other callbacks' channels.
+    "pubsub",
+    # Scripts are shared by the whole server: killing or flushing them, or the Lua
+    # debugger (SCRIPT DEBUG SYNC blocks the server), would reach other clients.
+    # EVAL itself stays: Redis checks every key a script touches against the user.
+    "script|kill",
+    "script|flush",
+    "script|debug",
+    # Functions are server-wide libraries: a callback may not load, delete or flush them,
+    # and with none of its own it has nothing to FCALL.
+    "function",
+    "fcall",
+    "fcall_ro",
+    # Server-wide memory reports; MEMORY USAGE of its own keys is added back below.
+    "memory",
+)
+
+#: Rules added back after :data:`DENIED_COMMANDS` (``select|<db>`` is added too).
+_ALLOWED_BACK = ("+memory|usage",)
+
+# A command (``get``), a subcommand (``client|setname``) or a category (``@scripting``).
+_COMMAND = re.compile(r"@?[a-z][a-z0-9_-]*(\|[a-z0-9_-]+)?")
+# What ``DataStoreProvider`` promises about callback ids; checked again here because an
+# id with a glob character would widen the key pattern to other callbacks' keys.
+_CALLBACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Glob syntax of ACL key patterns and SCAN MATCH, and what would split an ACL rule.
+_GLOB_OR_SPACE = re.compile(r"[*?\[\]\\\s]")
+_NO_ACL_FILE = "not configured to use an acl file"
+# Suffix of the short-lived user the provider creates at start-up to check that its
+# rules and its admin account work; callback ids never start with "-", so no callback's
+# user can have this name.
+_PROBE_SUFFIX = "-probe"
+
+
+class RedisDataStoreConfig(BaseModel):
+    """Options of the ``redis`` data store (``datastores: [{type: redis, ...}]``).
+
+    ``url`` names an admin account that may run ``ACL SETUSER``, ``ACL GETUSER``,
+    ``ACL DELUSER``, ``ACL SAVE``, ``CLIENT KILL``, ``SCAN`` and ``UNLINK`` (on the
+    callbacks' keys) in its database; its password never appears in ``repr`` or in
+    error messages. Callbacks get that database, on ``callback_host``:``callback_port``
+    (the admin URL's host and port by default).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The admin account: ``redis://[user]:password@host[:port][/db]`` (``rediss://``
+    #: for TLS). Callbacks get the same database and scheme.
+    url: str
+    #: Every callback's keys and channels start with ``<key_prefix><callback id>:``.
+    key_prefix: str = Field(default="oco:cb:", max_length=200)
+    #: Every callback's ACL user is named ``<user_prefix><callback id>``.
+    user_prefix: str = Field(default="oco-cb-", max_length=100)
+    #: The host and port callbacks dial when they reach Redis by another address than
+    #: the bot (a container network, a proxy). Required when ``url`` is a unix socket.
+    callback_host: str | None = None
+    callback_port: int | None = Field(default=None, ge=1, le=65535)
+    #: Commands or categories added back to the callbacks' users after the built-in
+    #: policy (``["sort", "info"]``). Each weakens isolation the README describes.
+    allow_commands: tuple[str, ...] = ()
+    #: Commands or categories refused on top of the built-in policy
+    #: (``["@scripting"]`` to refuse Lua scripts, whose run time nothing limits).
+    deny_commands: tuple[str, ...] = ()
+    #: Connections to Redis the provider keeps (also worker threads in use at once).
+    max_connections: int = Field(default=4, ge=1, le=100)
+    #: Seconds to wait for Redis to connect or answer before failing as unavailable.
+    timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL of an admin account")
+        try:
+            _parse_url(value)
+        except ValueError as e:
+            raise ValueError(f"{mask_url(value)}: {e}") from None
+        return value
+
+    @field_validator("key_prefix", "user_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if _GLOB_OR_SPACE.search(value):
+            raise ValueError("must not contain spaces or the glob characters * ? [ ] \\ (it is used in ACL patterns)")
+        return value
+
+    @field_validator("user_prefix")
+    @classmethod
+    def _check_user_prefix(cls, value: str) -> str:
+        if ":" in value or "@" in value or "/" in value:
+            raise ValueError("must not contain ':', '@' or '/' (the user name goes into a URL)")
+        return value
+
+    @field_validator("allow_commands", "deny_commands")
+    @classmethod
+    def _check_commands(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _COMMAND.fullmatch(name):
+                raise ValueError(f"{name!r} is not a Redis command, command|subcommand or @category (lowercase)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_callback_host(self) -> RedisDataStoreConfig:
+        if urlsplit(self.url).scheme == "unix" and not self.callback_host:
+            raise ValueError(
+                "url is a unix socket: set callback_host (and callback_port) to the TCP address callbacks dial"
+            )
+        return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield (name, mask_url(value) if name == "url" else value)
+
+
+def _password_hash(password: str) -> str:
+    # The form in which Redis keeps passwords and ACL GETUSER reports them.
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisDataStore(DataStoreProvider):
+    """One Redis server offered to callbacks. Create it with :func:`open_redis_datastore`."""
+
+    def __init__(self, config: RedisDataStoreConfig) -> None:
+        self.config = config
+        self._masked_url = mask_url(config.url)
+        self._admin_password = urlsplit(config.url).password
+        parts = _parse_url(config.url)
+        self._db = int(parts.get("db", 0))
+        self._tls = parts.get("connection_class") is SSLConnection
+        if parts.get("connection_class") is UnixDomainSocketConnection:
+            self._host = ""
+            self._port = 6379
+        else:
+            self._host = str(parts.get("host", "localhost"))
+            self._port = int(parts.get("port", 6379))
+        self._host = config.callback_host or self._host
+        self._port = config.callback_port or self._port
+        self._pool = redis.BlockingConnectionPool.from_url(
+            config.url,
+            max_connections=config.max_connections,
+            timeout=config.timeout,
+            socket_timeout=config.timeout,
+            socket_connect_timeout=config.timeout,
+            # Every call here is idempotent, but one that failed is better reported
+            # than repeated behind the operator's back.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = redis.Redis(connection_pool=self._pool, decode_responses=False)
+        self._limiter = trio.CapacityLimiter(config.max_connections)
+        # None until ACL SAVE first answers: then whether this Redis has an ACL file.
+        self._acl_file: bool | None = None
+
+    # ---- names ----
+
+    def user_name(self, callback_id: str) -> str:
+        """The ACL user of ``callback_id``."""
+        return self.config.user_prefix + self._checked(callback_id)
+
+    def key_prefix(self, callback_id: str) -> str:
+        """The prefix of every key and channel of ``callback_id``."""
+        return f"{self.config.key_prefix}{self._checked(callback_id)}:"
+
+    @staticmethod
+    def _checked(callback_id: str) -> str:
+        if not _CALLBACK_ID.fullmatch(callback_id):
+            raise StoreError(
+                f"callback id {callback_id!r} cannot name a Redis user and key prefix: "
+                "expected letters, digits, '_', '.' or '-', starting with a letter or digit, at most 64 characters"
+            )
+        return callback_id
+
+    def _rules(self, prefix: str) -> list[str]:
+        return [
+            "reset",  # first: whatever the user had before is gone
+            "on",
+            f"~{prefix}*",
+            "resetchannels",
+            f"&{prefix}*",
+            "+@all",
+            "-@admin",
+            "-@dangerous",
+            *(f"-{name}" for name in DENIED_COMMANDS),
+            # Clients select the URL's database when they connect.
+            f"+select|{self._db}",
+            *_ALLOWED_BACK,
+            *(f"+{name}" for name in self.config.allow_commands),
+            *(f"-{name}" for name in self.config.deny_commands),
+        ]
+
+    # ---- talking to Redis ----
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            raise StoreUnavailableError(f"Redis {self._masked_url} is unavailable ({what}): {self._scrub(e)}") from e
+        except redis.exceptions.NoPermissionError as e:
+            raise StoreError(
+                f"Redis {self._masked_url} refused {what} to the admin account: {self._scrub(e)}; the account in url: "
+                "must be allowed ACL SETUSER, GETUSER, DELUSER and SAVE, CLIENT KILL, and SCAN and UNLINK on the "
+                f"keys {self.config.key_prefix}*"
+            ) from e
+        except redis.exceptions.RedisError as e:
+            raise StoreError(f"Redis {self._masked_url}: {what} failed: {self._scrub(e)}") from e
+
+    def _scrub(self, error: BaseException) -> str:
+        text = " ".join(str(error).split()) or type(error).__name__
+        if self._admin_password:
+            text = text.replace(self._admin_password, "***")
+        return text
+
+    def _command(self, *args: str) -> Any:
+        return self._client.execute_command(*args)  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    def _set_user(self, user: str, password_hash: str | None, prefix: str) -> None:
+        # Without a password hash the user exists but no password opens it (the probe).
+        secret = [f"#{password_hash}"] if password_hash else []
+        rules = self._rules(prefix)
+        self._command("ACL", "SETUSER", user, *rules[:2], *secret, *rules[2:])
+
+    def _password_hashes(self, user: str) -> list[str] | None:
+        """The user's password hashes, or None when the user does not exist or is off."""
+        info: dict[str, Any] | None = self._client.acl_getuser(user)
+        if not info or "on" not in info.get("flags", ()):
+            return None
+        return [_text(h) for h in info.get("passwords", ())]
+
+    async def _save_acl(self) -> None:
+        """Write the users to Redis's ACL file when it has one, so that they survive a
+        restart of Redis; without one they live in memory only (see the README)."""
+        if self._acl_file is False:
+            return
+        try:
+            await trio.to_thread.run_sync(self._client.acl_save, limiter=self._limiter)
+        except redis.exceptions.ResponseError as e:
+            if _NO_ACL_FILE in str(e).lower():
+                self._acl_file = False
+                logger.info(
+                    "Redis %s has no ACL file: callbacks' users are lost when Redis restarts, "
+                    "until the bot provisions them again",
+                    self._masked_url,
+                )
+                return
+            # The change is live; only its persistence failed. Say so, do not undo it.
+            logger.warning(
+                "Redis %s: ACL SAVE failed, users may not survive its restart: %s", self._masked_url, self._scrub(e)
+            )
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            raise StoreUnavailableError(f"Redis {self._masked_url} is unavailable (ACL SAVE): {self._scrub(e)}") from e
+        self._acl_file = True
+
+    async def _start(self) -> None:
+        """Check, once, that Redis answers and accepts this provider's rules from its
+        admin account, so that a misconfiguration fails when the bot starts rather
+        than at a callback's first request."""
+        await self._run("PING", self._client.ping)
+        probe = self.config.user_prefix + _PROBE_SUFFIX
+        prefix = f"{self.config.key_prefix}{_PROBE_SUFFIX}:"
+        try:
+            await self._run("ACL SETUSER (checking the command policy)", lambda: self._set_user(probe, None, prefix))
+        except StoreError as e:
+            if isinstance(e, StoreUnavailableError) or isinstance(e.__cause__, redis.exceptions.NoPermissionError):
+                raise
+            raise StoreError(
+                f"{e} (Redis 7.0 or later is needed; allow_commands and deny_commands must name existing commands)"
+            ) from e
+        finally:
+            # The SETUSER failure above, if any, is the one worth reporting.
+            with trio.CancelScope(shield=True), contextlib.suppress(StoreError):
+                await self._run("ACL DELUSER", partial(self._client.acl_deluser, probe))
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await trio.to_thread.run_sync(self._pool.disconnect)
+
+    # ---- the DataStoreProvider interface ----
+
+    async def provision(self, callback_id: str, password: str, *, rotated: bool = False) -> DataStoreAccess:
+        """Give ``callback_id`` its ACL user with ``password`` as its only password and
+        its key prefix, then return how to reach them. When the password changed, the
+        user's open connections are closed; with the same password they are kept."""
+        user = self.user_name(callback_id)
+        prefix = self.key_prefix(callback_id)
+        wanted = _password_hash(password)
+        had = await self._run(f"ACL GETUSER {user}", lambda: self._password_hashes(user))
+        await self._run(f"ACL SETUSER {user}", lambda: self._set_user(user, wanted, prefix))
+        if had is not None and (rotated or had != [wanted]):
+            # Redis keeps connections authenticated with an old password open: end them,
+            # so that a rotation takes effect now and not at the next reconnect.
+            killed = await self._run(f"CLIENT KILL USER {user}", partial(self._client.client_kill_filter, user=user))
+            logger.info("Redis data store: new password for %s, %s connection(s) closed", user, killed)
+        elif had is None:
+            logger.info("Redis data store: %s may use keys %s*", user, prefix)
+        await self._save_acl()
+        return self._access(user, password, prefix)
+
+    def _access(self, user: str, password: str, prefix: str) -> DataStoreAccess:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        scheme = "rediss" if self._tls else "redis"
+        url = f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{self._port}/{self._db}"
+        return DataStoreAccess(
+            url=url,
+            namespace=prefix,
+            details={
+                "host": self._host,
+                "port": str(self._port),
+                "user": user,
+                "password": password,
+                "db": str(self._db),
+                "key_prefix": prefix,
+                "tls": "true" if self._tls else "false",
+            },
+        )
+
+    async def revoke(self, callback_id: str, *, drop_data: bool = False) -> None:
+        """Delete ``callback_id``'s ACL user (Redis closes its connections); with
+        ``drop_data`` also delete every key under its prefix. Idempotent."""
+        user = self.user_name(callback_id)
+        prefix = self.key_prefix(callback_id)
+        deleted = await self._run(f"ACL DELUSER {user}", partial(self._client.acl_deluser, user))
+        if deleted:
+            logger.info("Redis data store: %s deleted", user)
+            await self._save_acl()
+        if drop_data:
+            count = await self._drop_keys(prefix)
+            logger.info("Redis data store: %d key(s) under %s deleted", count, prefix)
+
+    async def _drop_keys(self, prefix: str) -> int:
+        # A page at a time, each in its own thread call, so that dropping a large
+        # corner neither blocks Redis (UNLINK frees memory in the background) nor
+        # ignores cancellation. The prefix holds no glob characters (checked).
+        cursor = 0
+        count = 0
+        while True:
+            page: tuple[int, list[bytes | str]] = await self._run(
+                f"SCAN MATCH {prefix}*", partial(self._client.scan, cursor, match=f"{prefix}*", count=1000)
+            )
+            cursor, keys = page
+            if keys:
+                unlinked: int = await self._run(f"UNLINK {prefix}*", partial(self._client.unlink, *keys))
+                count += unlinked
+            if cursor == 0:
+                return count
+
+    def describe(self) -> str:
+        """The admin URL, password masked."""
+        return self._masked_url
+
+
+@asynccontextmanager
+async def open_redis_datastore(config: RedisDataStoreConfig) -> AsyncIterator[RedisDataStore]:
+    """Open the Redis data store described by ``config`` and close its connections on
+    exit.
+
+    Checks that Redis answers (else :class:`~oco_core.StoreUnavailableError`, the URL's
+    password masked) and that the admin account may create users with this provider's
+    command policy (else :class:`~oco_core.StoreError` saying what to fix).
+    """
+    store = RedisDataStore(config)
+    try:
+        await store._start()
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
