@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import trio
 from psycopg import errors, sql
 from pydantic import ValidationError
 
@@ -271,6 +272,36 @@ async def test_the_connection_limit_is_enforced_per_callback(pg: Pg) -> None:
             connect(access).close()
         with connect(other) as conn:  # the limit is per callback, not shared
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_concurrent_provisioning_of_several_callbacks(pg: Pg) -> None:
+    # GRANT ... ON DATABASE from concurrent transactions fails with "tuple concurrently
+    # updated" unless the provider serialises them.
+    names = [f"cb{i}" for i in range(6)]
+    accesses: dict[str, DataStoreAccess] = {}
+
+    async def provision(provider: PostgresDataStore, name: str) -> None:
+        accesses[name] = await provider.provision(name, "pw-" + uuid.uuid4().hex)
+
+    async with pg.provider() as provider, trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(provision, provider, name)
+    for name in names:
+        with connect(accesses[name]) as conn:
+            assert conn.execute("SELECT current_schema()").fetchone() == (f"{pg.prefix}{name}",)
+
+
+async def test_session_defaults_apply_to_the_callbacks_roles(pg: Pg) -> None:
+    async with pg.provider(statement_timeout_ms=200, idle_in_transaction_timeout_ms=60_000) as provider:
+        access = await provider.provision("alpha", "pw-" + uuid.uuid4().hex)
+    with connect(access) as conn:
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("1min",)
+        with pytest.raises(errors.QueryCanceled, match="statement timeout"):
+            conn.execute("SELECT pg_sleep(2)")
+    async with pg.provider() as provider:  # unset again: the server's defaults
+        await provider.provision("alpha", access.details["password"])
+    with connect(access) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
 
 
 async def test_a_least_privileged_admin_can_do_everything(pg: Pg) -> None:
