@@ -336,10 +336,14 @@ class RedisDataStore(DataStoreProvider):
         self._command("ACL", "SETUSER", user, *rules[:2], *secret, *rules[2:])
 
     def _password_hashes(self, user: str) -> list[str] | None:
-        """The user's password hashes, or None when the user does not exist or is off."""
+        """The hashes of the passwords that open the user now: None when it does not
+        exist, none when it is off (connections opened before it was switched off
+        survive that in Redis, so they count as opened with another password)."""
         info: dict[str, Any] | None = self._client.acl_getuser(user)
-        if not info or "on" not in info.get("flags", ()):
+        if not info:
             return None
+        if "on" not in info.get("flags", ()):
+            return []
         return [_text(h) for h in info.get("passwords", ())]
 
     async def _save_acl(self) -> None:

@@ -112,6 +112,25 @@ def send(client: redis.Redis, *args: str) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+class Held:
+    """One connection held open, as a long-running callback holds it. redis-py's pool
+    silently reconnects a connection the server closed, so closing is observed here, on
+    the connection itself."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.connection = client.connection_pool.get_connection()
+        assert self.alive()
+
+    def alive(self) -> bool:
+        """Whether the server still answers on this very connection."""
+        try:
+            self.connection.send_command("PING")  # type: ignore[no-untyped-call]  # untyped in redis-py
+            reply = self.connection.read_response()
+        except redis.exceptions.ConnectionError:
+            return False
+        return reply in (b"PONG", "PONG", True)
+
+
 def refused(call: Any, *args: Any) -> str:
     """Run ``call(*args)``, which Redis must refuse for lack of permission; return why."""
     with pytest.raises(redis.exceptions.NoPermissionError) as info:
@@ -289,15 +308,14 @@ async def test_rotation_refuses_the_old_password_and_closes_its_connections(
 ) -> None:
     callback = new_id()
     old = await provider.provision(callback, "old-password")
-    running = corner.connect(old)
-    running.set(old.namespace + "k", "v")
+    corner.connect(old).set(old.namespace + "k", "v")
+    running = Held(corner.connect(old))
 
     new = await provider.provision(callback, "new-password", rotated=True)
 
     assert new.namespace == old.namespace
     assert new.url != old.url
-    with pytest.raises(redis.exceptions.ConnectionError):
-        running.get(old.namespace + "k")  # the connection opened with the old password was closed
+    assert not running.alive()  # the connection opened with the old password was closed
     with pytest.raises(redis.exceptions.AuthenticationError):
         corner.connect(old).ping()
     assert corner.connect(new).get(new.namespace + "k") == b"v"
@@ -308,15 +326,15 @@ async def test_provisioning_again_with_the_same_password_changes_nothing(
 ) -> None:
     callback = new_id()
     first = await provider.provision(callback, "kept-password")
-    running = corner.connect(first)
-    running.set(first.namespace + "k", "v")
+    corner.connect(first).set(first.namespace + "k", "v")
+    running = Held(corner.connect(first))
     rules_before = corner.admin.acl_getuser(first.details["user"])
 
     again = await provider.provision(callback, "kept-password")  # as after a bot restart
 
     assert again == first
     assert corner.admin.acl_getuser(first.details["user"]) == rules_before
-    assert running.get(first.namespace + "k") == b"v"  # its open connection survived
+    assert running.alive()  # its open connection survived
     assert corner.connect(again).get(first.namespace + "k") == b"v"
 
 
@@ -325,26 +343,38 @@ async def test_a_changed_password_without_rotated_still_leaves_only_the_new_one(
 ) -> None:
     callback = new_id()
     old = await provider.provision(callback, "first")
-    running = corner.connect(old)
-    running.ping()
+    running = Held(corner.connect(old))
     new = await provider.provision(callback, "second")
-    with pytest.raises(redis.exceptions.ConnectionError):
-        running.ping()
+    assert not running.alive()
     with pytest.raises(redis.exceptions.AuthenticationError):
         corner.connect(old).ping()
     assert corner.connect(new).ping()
 
 
+async def test_a_user_switched_off_by_hand_loses_its_lingering_connections_when_provisioned(
+    corner: Corner, provider: RedisDataStore
+) -> None:
+    callback = new_id()
+    access = await provider.provision(callback, "password")
+    lingering = Held(corner.connect(access))
+    send(corner.admin, "ACL", "SETUSER", access.details["user"], "off")
+    assert lingering.alive()  # Redis keeps connections of a user switched off
+
+    again = await provider.provision(callback, "password")
+
+    assert not lingering.alive()
+    assert corner.connect(again).ping()
+
+
 async def test_revoke_refuses_login_and_keeps_the_data(corner: Corner, provider: RedisDataStore) -> None:
     callback = new_id()
     access = await provider.provision(callback, "password")
-    running = corner.connect(access)
-    running.zadd(access.namespace + "board", {"alice": 1})
+    corner.connect(access).zadd(access.namespace + "board", {"alice": 1})
+    running = Held(corner.connect(access))
 
     await provider.revoke(callback)
 
-    with pytest.raises(redis.exceptions.ConnectionError):
-        running.ping()  # Redis closed the deleted user's connection
+    assert not running.alive()  # Redis closed the deleted user's connection
     with pytest.raises(redis.exceptions.AuthenticationError):
         corner.connect(access).ping()
     assert corner.admin.acl_getuser(access.details["user"]) is None
