@@ -41,7 +41,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -133,6 +133,9 @@ class PostgresDataStoreConfig(BaseModel):
             )
         if not parts.path.strip("/"):
             raise ValueError("name the database: postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        if "password=" in parts.query:
+            # mask_url hides the password of the user part only.
+            raise ValueError("put the password in the URL's user part: postgresql://USER:PASSWORD@HOST/DATABASE")
         if "," in (parts.hostname or ""):
             raise ValueError("the URL names several hosts; name the one callbacks dial with callback_host")
         _load_psycopg_for_config()
@@ -193,7 +196,7 @@ class PostgresDataStore(DataStoreProvider):
         # libpq knows postgresql:// and postgres://, not SQLAlchemy's driver suffix.
         self._conninfo = f"postgresql{sep}{rest}" if scheme == "postgresql+psycopg" else raw
         self._masked = mask_url(self._conninfo)
-        self._admin_password = urlsplit(self._conninfo).password or ""
+        self._admin_password = unquote(urlsplit(self._conninfo).password or "")
         self._lock = trio.Lock()
         self._superuser = False
         self._server_version = 0
@@ -202,7 +205,10 @@ class PostgresDataStore(DataStoreProvider):
     def _callback_target(self) -> _Target:
         from psycopg.conninfo import conninfo_to_dict
 
-        params = conninfo_to_dict(self._conninfo)
+        try:
+            params = conninfo_to_dict(self._conninfo)
+        except self._pg.Error as e:
+            raise ConfigError(f"PostgreSQL data store {self._masked}: not a valid URL: {self._scrub(str(e))}") from None
         config = self.config
         host = config.callback_host or str(params.get("host") or "")
         if config.callback_port is not None:
@@ -221,7 +227,7 @@ class PostgresDataStore(DataStoreProvider):
     def _scrub(self, text: str, *secrets: str) -> str:
         for secret in (self._admin_password, *secrets):
             if secret:
-                text = text.replace(secret, "***")
+                text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
         return text
 
     async def _run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *secrets: str) -> T:

@@ -397,6 +397,8 @@ def test_the_config_checks_its_url_without_showing_it() -> None:
         PostgresDataStoreConfig(url="postgresql://admin:hunter2-secret@db:5432")  # type: ignore[arg-type]
     assert "name the database" in str(caught.value)
     assert "hunter2-secret" not in str(caught.value)
+    with pytest.raises(ValidationError, match="put the password in the URL's user part"):
+        PostgresDataStoreConfig(url="postgresql://admin@db/apps?password=hunter2-secret")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="unsupported scheme 'mysql'"):
         PostgresDataStoreConfig(url="mysql://admin@db/apps")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="PostgreSQL reserves role names starting with pg_"):
