@@ -309,6 +309,12 @@ class RedisDataStore(DataStoreProvider):
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except redis.exceptions.AuthenticationError as e:
+            # A ConnectionError to redis-py, but waiting will not fix a wrong password.
+            raise StoreError(
+                f"Redis {self._masked_url} refused the admin account's user name or password: {self._scrub(e)}; "
+                "check url:"
+            ) from e
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise StoreUnavailableError(f"Redis {self._masked_url} is unavailable ({what}): {self._scrub(e)}") from e
         except redis.exceptions.NoPermissionError as e:

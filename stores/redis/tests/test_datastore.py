@@ -439,6 +439,17 @@ async def test_an_admin_without_acl_rights_is_told_what_it_needs(corner: Corner)
     assert f"{weak}:***@" in str(info.value)
 
 
+async def test_a_wrong_admin_password_is_a_configuration_error_not_an_outage(corner: Corner) -> None:
+    admin = corner.user_prefix + "admin"
+    send(corner.admin, "ACL", "SETUSER", admin, "on", ">right-secret", "~*", "+@all")
+    url = corner.url.replace("redis://", f"redis://{admin}:wrong-secret@", 1)
+    with pytest.raises(StoreError, match="admin account's user name or password") as info:
+        async with open_redis_datastore(RedisDataStoreConfig(url=url, user_prefix=corner.user_prefix)):
+            pass
+    assert not isinstance(info.value, StoreUnavailableError)
+    assert "wrong-secret" not in str(info.value)
+
+
 async def test_unreachable_redis_names_the_url_with_password_masked() -> None:
     config = RedisDataStoreConfig(url="redis://admin:s3cret@127.0.0.1:1/0", timeout=2)
     message = await unavailable_message(open_redis_datastore(config))
