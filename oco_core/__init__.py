@@ -6,6 +6,7 @@ from ._errors import AdapterError as AdapterError
 from ._errors import CallbackError as CallbackError
 from ._errors import CapabilityError as CapabilityError
 from ._errors import ConfigError as ConfigError
+from ._errors import DataStoreUnavailableError as DataStoreUnavailableError
 from ._errors import InvalidPatternError as InvalidPatternError
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import OcoError as OcoError
@@ -20,6 +21,7 @@ from ._errors import UnknownTargetError as UnknownTargetError
 from ._errors import ValueTooLargeError as ValueTooLargeError
 from ._errors import VersionConflictError as VersionConflictError
 from ._sdk import Callback as Callback
+from ._sdk import DataStore as DataStore
 from ._sdk import Directory as Directory
 from ._sdk import Membership as Membership
 from ._sdk import Message as Message
@@ -36,6 +38,8 @@ __all__ = [
     "CallbackError",
     "CapabilityError",
     "ConfigError",
+    "DataStore",
+    "DataStoreUnavailableError",
     "Directory",
     "InvalidPatternError",
     "InvalidRequestError",

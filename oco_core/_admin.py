@@ -37,7 +37,7 @@ from ._secrets import (
 )
 from ._store import Store, StoreType
 
-_AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission")
+_AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission", "datastore", "authentication")
 
 
 # -- the store, as the bot opens it ---------------------------------------------------
@@ -80,7 +80,8 @@ async def open_configured_store(loaded: LoadedConfig, plugins: Plugins) -> Async
 # -- arguments ------------------------------------------------------------------------
 
 
-def _callback_id(value: str) -> str:
+def callback_id_argument(value: str) -> str:
+    """argparse type: a valid callback id, or an error saying what one looks like."""
     try:
         CallbackSettings.model_validate({"id": value})
     except ValidationError as exc:
@@ -139,7 +140,9 @@ def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser],
         ("remove", "delete a callback's secret: it can no longer connect"),
     ):
         action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        action.add_argument("id", type=_callback_id, help="the callback's id (as it calls itself: OCO_CALLBACK_ID)")
+        action.add_argument(
+            "id", type=callback_id_argument, help="the callback's id (as it calls itself: OCO_CALLBACK_ID)"
+        )
         config_option(action)
     listing = actions.add_parser("list", help="callbacks with a secret in the store (never the secrets)")
     config_option(listing)
@@ -254,18 +257,19 @@ async def _list(store: Store, loaded: LoadedConfig) -> None:
             note = "default capabilities"
         else:
             note = ""
-        created = _local_time(found.created) if found is not None else "-"
+        created = local_time(found.created) if found is not None else "-"
         rows.append((callback_id, created, "yes" if cb is not None else "no", note))
     if not rows:
         print("no callback secrets in the store; `oco callbacks add <id>` makes one", file=sys.stderr)
         return
-    _print_table(("ID", "CREATED", "IN CONFIG", "NOTE"), rows, sys.stdout)
+    print_table(("ID", "CREATED", "IN CONFIG", "NOTE"), rows, sys.stdout)
 
 
 # -- output ---------------------------------------------------------------------------
 
 
-def _local_time(when: float) -> str:
+def local_time(when: float) -> str:
+    """``when`` (Unix time) in the local time zone, to the second."""
     return datetime.fromtimestamp(when).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -274,7 +278,8 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Columns aligned, control characters made visible."""
     cells = [[_printable(c) or "-" for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     for row in (list(headers), *cells):
@@ -287,7 +292,7 @@ def _audit_row(entry: AuditRecord) -> tuple[str, ...]:
     if entry.user and entry.person and entry.person != entry.user:
         who = f"{entry.user} ({entry.person})"
     where = "/".join(p for p in (entry.callback, entry.route) if p)
-    return (_local_time(entry.time), entry.kind, entry.decision, who, entry.room, where, entry.permission, entry.detail)
+    return (local_time(entry.time), entry.kind, entry.decision, who, entry.room, where, entry.permission, entry.detail)
 
 
 def show_audit(records: Sequence[AuditRecord], *, json_lines: bool, more: bool, out: TextIO | None = None) -> None:
@@ -299,7 +304,7 @@ def show_audit(records: Sequence[AuditRecord], *, json_lines: bool, more: bool, 
             out.write(json.dumps({"time_iso": utc, **asdict(entry)}) + "\n")
     elif records:
         headers = ("TIME", "KIND", "DECISION", "USER", "ROOM", "CALLBACK/ROUTE", "PERMISSION", "DETAIL")
-        _print_table(headers, [_audit_row(r) for r in records], out)
+        print_table(headers, [_audit_row(r) for r in records], out)
     else:
         print("no audit records match", file=sys.stderr)
     if more:

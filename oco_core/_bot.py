@@ -29,11 +29,13 @@ from ._audit import AuditLog
 from ._auth import Authorization
 from ._config import LoadedConfig, validate_section
 from ._core import BotCore, BotStatistics, CallbackState
+from ._datastores import configured_datastores, missing_hint, open_datastores
 from ._directory import Directory
 from ._edge import serve
 from ._errors import ConfigError, StoreUnavailableError
 from ._incoming import AdapterLink
 from ._plugins import Plugins
+from ._policy import matches_any
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route, Router, compile_pattern
 from ._secrets import check_store_secrets, expects_store_secret, generate_secret
@@ -82,6 +84,19 @@ class Bot:
             options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
             self._adapter_specs.append((entry.instance_name, kind, options))
         self._store_type, self._store_options = configured_store(loaded, plugins)
+        offered = [kind.name for kind, _ in configured_datastores(loaded, plugins)]  # opened by open()
+        for cb_index, cb in enumerate(config.callbacks):
+            for r_index, datastore in enumerate(cb.requires):
+                where = ("callbacks", cb_index, "requires", r_index)
+                if datastore not in offered:
+                    raise loaded.error(where, missing_hint(datastore, offered))
+                if not matches_any(datastore, cb.capabilities.datastores):
+                    raise loaded.error(
+                        where,
+                        f"callback {cb.id!r} requires {datastore!r}, but its capabilities.datastores "
+                        f"({', '.join(cb.capabilities.datastores) or 'none'}) do not allow it",
+                    )
+        self._plugins = plugins
         adapter_names = [entry.instance_name for entry in self.adapter_entries]
         for index, admin in enumerate(config.auth.admins):
             if admin.partition("/")[0] not in adapter_names:
@@ -148,6 +163,9 @@ class Bot:
             auth = Authorization(store, config.auth)
             await auth.load()
             audit = AuditLog(store, config.auth.audit.retention_days)
+            datastores = await stack.enter_async_context(
+                open_datastores(self.loaded, self._plugins, store, audit.record)
+            )
             tasks = await stack.enter_async_context(trio.open_nursery())
             await tasks.start(directory.run)
             await tasks.start(audit.run)
@@ -160,6 +178,7 @@ class Bot:
                 directory=directory,
                 auth=auth,
                 audit=audit,
+                datastores=datastores,
                 tasks=tasks,
                 stats=self._stats,
             )

@@ -52,9 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
     from ._admin import add_arguments as admin_arguments
+    from ._admin import callback_id_argument
     from ._conformance import add_arguments as conformance_arguments
+    from ._datastores_cli import add_arguments as datastores_arguments
 
     admin_arguments(commands, config_help)
+
+    def config_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+
+    datastores_arguments(commands, config_option, callback_id_argument)
 
     conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
     return parser
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return conformance(options)
         loaded = load_config(options.config)
-        if options.command in ("callbacks", "audit"):
+        if options.command in ("callbacks", "audit", "datastores"):
             return _admin(options, loaded)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":
@@ -140,6 +147,11 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
         f" callbacks: {', '.join(c.id for c in config.callbacks) or 'none'};"
         f" admins: {', '.join(config.auth.admins) or 'none'}"
     )
+    if config.datastores:
+        print(f"data stores: {', '.join(d.type for d in config.datastores)}")
+    for cb in config.callbacks:
+        if cb.requires:  # Bot() above refused any that cannot be satisfied
+            print(f"callback {cb.id!r} requires {', '.join(cb.requires)}: offered")
     return EXIT_OK
 
 
@@ -176,10 +188,12 @@ def _run(loaded: LoadedConfig, debug: bool) -> int:
 
 def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
     from ._admin import run
+    from ._datastores_cli import run as run_datastores
 
     _setup_logging(loaded, options.debug, quiet=True)
     plugins = _load_plugins(options.debug)
-    return _trio_run(lambda: run(options, loaded, plugins))
+    command = run_datastores if options.command == "datastores" else run
+    return _trio_run(lambda: command(options, loaded, plugins))
 
 
 def _trio_run(main: Callable[[], Awaitable[T]]) -> T:

@@ -92,6 +92,19 @@ class AdapterEntry(BaseModel):
         return dict(self.model_extra or {})
 
 
+class DataStoreEntry(BaseModel):
+    """One entry of ``datastores:``: a specific data store the bot offers callbacks,
+    chosen by ``type``; every other key goes to that provider's own config model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str = Field(min_length=1)
+
+    def options(self) -> dict[str, Any]:
+        """The keys beside ``type``."""
+        return dict(self.model_extra or {})
+
+
 class StoreSettings(BaseModel):
     """``store:`` — ``type``; every other key goes to the store's model. Without a
     ``type`` the bot uses the installed store plugin that offers itself as the default
@@ -175,6 +188,8 @@ class Capabilities(_Strict):
     check_permission: bool = True
     #: Event kinds beyond chat messages it may ask for.
     events: list[str] = Field(default_factory=lambda: list(_EVENT_NAMES))
+    #: Specific data stores (types, shell-style patterns) it may get access to.
+    datastores: list[str] = Field(default_factory=lambda: ["*"])
 
     @field_validator("events")
     @classmethod
@@ -213,6 +228,9 @@ class CallbackSettings(_Strict):
     restart_backoff_max: float = Field(default=60.0, gt=0)
     #: This callback's storage quota, instead of ``store.quota``.
     quota: QuotaConfig | None = None
+    #: Specific data stores (types) it needs; `oco check-config` says whether the bot
+    #: offers them. A callback also declares them itself when it connects.
+    requires: list[str] = Field(default_factory=list)
     capabilities: Capabilities = Field(default_factory=Capabilities)
     route_rules: dict[str, RouteRule] = Field(default_factory=dict)
     #: Messages it may send per minute (bursts up to that many); null: unlimited.
@@ -289,6 +307,8 @@ class Config(_Strict):
     #: default (``AdapterType.default``; the built-in ``shell`` does), with its defaults.
     adapters: list[AdapterEntry] | None = None
     store: StoreSettings = Field(default_factory=StoreSettings)
+    #: Specific data stores offered to callbacks (one entry per type).
+    datastores: list[DataStoreEntry] = Field(default_factory=list)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     callbacks: list[CallbackSettings] = Field(default_factory=lambda: [_bundled_example()])
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -304,6 +324,10 @@ class Config(_Strict):
                     "(it prefixes that adapter's room and user ids)"
                 )
             seen.add(entry.instance_name)
+        types = [d.type for d in self.datastores]
+        for kind in types:
+            if types.count(kind) > 1:
+                raise ValueError(f"datastores: {kind!r} appears twice; offer each data-store type once")
         ids = [c.id for c in self.callbacks]
         for cid in ids:
             if ids.count(cid) > 1:

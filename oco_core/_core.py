@@ -19,6 +19,7 @@ from ._audit import AuditLog
 from ._auth import Authorization
 from ._commands import ChatCommands
 from ._config import Config
+from ._datastores import DataStores
 from ._directory import Directory
 from ._incoming import AdapterLink, Incoming
 from ._outgoing import Outgoing
@@ -109,6 +110,7 @@ class BotCore:
         directory: Directory,
         auth: Authorization,
         audit: AuditLog,
+        datastores: DataStores,
         tasks: trio.Nursery,
         stats: BotStatistics,
     ) -> None:
@@ -119,6 +121,7 @@ class BotCore:
         self.directory = directory
         self.auth = auth
         self.audit = audit
+        self.datastores = datastores
         self.stats = stats
         self.activity = Activity()
         self.policies = Policies(config, auth, self.record, router.bot_name)

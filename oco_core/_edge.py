@@ -23,10 +23,11 @@ from ._audit import ALLOWED, DENIED
 from ._auth import Authorization
 from ._bridge import CallInfo, Method, RpcAbort, ServerTls, StreamWriter, Undecodable, open_bridge
 from ._config import GrpcSettings
+from ._datastores import DataStores
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import OcoError, to_status, to_wire
 from ._policy import CallbackPolicy
-from ._proto import authorization_pb2, core_pb2, directory_pb2, robot_pb2, storage_pb2
+from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import Route, Router, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES, Store
@@ -39,6 +40,7 @@ ROBOT = "oco.Robot"
 STORAGE = "oco.Storage"
 DIRECTORY = "oco.Directory"
 AUTHORIZATION = "oco.Authorization"
+DATASTORES = "oco.DataStores"
 
 #: Refused callers are audited once per host per this many seconds.
 _REFUSAL_WINDOW = 60.0
@@ -89,6 +91,8 @@ class EdgeHost(Protocol):
     def auth(self) -> Authorization: ...
     @property
     def router(self) -> Router: ...
+    @property
+    def datastores(self) -> DataStores: ...
 
     def secrets(self) -> Mapping[str, str]:
         """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
@@ -171,7 +175,11 @@ class Services:
                 f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
             )
         with _statuses():
-            self.bot.policy(callback_id).require_events(set(request.events))
+            policy = self.bot.policy(callback_id)
+            policy.require_events(set(request.events))
+            for datastore in request.requires:
+                policy.require_datastore(datastore)
+            self.bot.datastores.require(callback_id, request.requires)
         routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
@@ -360,6 +368,33 @@ class Services:
         rooms = self.bot.directory.list_rooms()
         return directory_pb2.ListRoomsResponse(rooms=[_room_pb(r) for r in rooms])
 
+    # -- oco.DataStores --------------------------------------------------------------
+
+    async def list_datastores(
+        self, request: datastores_pb2.ListDataStoresRequest, info: CallInfo
+    ) -> datastores_pb2.ListDataStoresResponse:
+        """The data-store types this bot offers."""
+        await self._caller(info)
+        return datastores_pb2.ListDataStoresResponse(types=self.bot.datastores.offered())
+
+    async def get_datastore(
+        self, request: datastores_pb2.GetDataStoreRequest, info: CallInfo
+    ) -> datastores_pb2.DataStoreAccess:
+        """The caller's access to its own corner of one data store."""
+        callback_id = await self._caller(info)
+        if not request.type:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "GetDataStore needs the data-store type")
+        with _statuses():
+            self.bot.policy(callback_id).require_datastore(request.type)
+        access, generation = await _guard(self.bot.datastores.access(callback_id, request.type))
+        return datastores_pb2.DataStoreAccess(
+            type=request.type,
+            url=access.url,
+            namespace=access.namespace,
+            details=dict(access.details),
+            generation=generation,
+        )
+
     # -- oco.Authorization -----------------------------------------------------------
 
     async def check_permission(
@@ -426,6 +461,17 @@ class Services:
                     authorization_pb2.CheckPermissionResponse,
                 ),
             },
+            DATASTORES: {
+                "ListDataStores": m(
+                    "unary",
+                    self.list_datastores,
+                    datastores_pb2.ListDataStoresRequest,
+                    datastores_pb2.ListDataStoresResponse,
+                ),
+                "GetDataStore": m(
+                    "unary", self.get_datastore, datastores_pb2.GetDataStoreRequest, datastores_pb2.DataStoreAccess
+                ),
+            },
             DIRECTORY: {
                 "GetUser": m("unary", self.get_user, directory_pb2.GetUserRequest, core_pb2.User),
                 "ListUsers": m(
@@ -463,8 +509,8 @@ async def serve(
                 settings.listen,
                 services.table(),
                 options=options,
-                health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION],
-                reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION],
+                health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
+                reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
                 tls=tls,
             )
         except OSError as exc:

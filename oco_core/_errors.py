@@ -19,6 +19,7 @@
         │   └── InvalidPatternError   a route pattern is not RE2 (also a ValueError; ``pattern``, ``reason``)
         ├── RequestTooLargeError  a message is over the configured size (RESOURCE_EXHAUSTED)
         ├── CapabilityError       the callback lacks a capability (PERMISSION_DENIED; ``capability``)
+        ├── DataStoreUnavailableError  the bot offers no such data store (FAILED_PRECONDITION; ``datastore``)
         └── RateLimitedError      the callback sent more than its rate limit (RESOURCE_EXHAUSTED; ``retry_after``)
 
 Messages name the thing that was wrong and what to do about it. Only the CLI turns
@@ -161,6 +162,15 @@ class CapabilityError(CallbackError):
         self.capability = capability
 
 
+class DataStoreUnavailableError(CallbackError):
+    """A callback requires (or asked for) a specific data store that this bot does not
+    offer; ``datastore`` names its type. The gRPC edge answers FAILED_PRECONDITION."""
+
+    def __init__(self, message: str, *, datastore: str) -> None:
+        super().__init__(message)
+        self.datastore = datastore
+
+
 class RateLimitedError(CallbackError):
     """The callback sent more messages than its rate limit allows; ``retry_after`` is
     the seconds until the request would fit (``inf`` when it never can: split it). The
@@ -224,6 +234,7 @@ WIRE: tuple[WireType, ...] = (
     _entry(RequestTooLargeError, _C.RESOURCE_EXHAUSTED),
     _entry(RateLimitedError, _C.RESOURCE_EXHAUSTED, retry_after=float),
     _entry(CapabilityError, _C.PERMISSION_DENIED, capability=str),
+    _entry(DataStoreUnavailableError, _C.FAILED_PRECONDITION, datastore=str),
     _entry(CallbackError, _C.INTERNAL),
     _entry(ValueTooLargeError, _C.RESOURCE_EXHAUSTED),
     _entry(QuotaExceededError, _C.RESOURCE_EXHAUSTED, namespace=str, quota=str, limit=int),

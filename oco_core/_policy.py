@@ -10,7 +10,7 @@ them.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,7 +33,7 @@ CAPABILITIES = ("join", "storage", "directory", "check_permission")
 class Record(Protocol):
     """The audit log's ``record``: one record of ``kind`` with ``decision`` and details."""
 
-    def __call__(self, kind: str, decision: str, **details: str) -> None: ...
+    def __call__(self, kind: str, decision: str, **details: str) -> object: ...
 
 
 #: Where a route's room rules see a private message.
@@ -71,7 +71,7 @@ class CallbackPolicy:
         callback_id: str,
         settings: CallbackSettings | None = None,
         where: str = "",
-        record: Callable[..., None] | None = None,
+        record: Record | None = None,
     ) -> None:
         self.callback_id = callback_id
         self.capabilities = settings.capabilities if settings else Capabilities()
@@ -112,6 +112,12 @@ class CallbackPolicy:
         if not matches_any(target, self.capabilities.send):
             allowed = ", ".join(self.capabilities.send) or "nothing"
             raise self._refuse("send", f"{what} goes to {target!r}, and it may send to: {allowed}")
+
+    def require_datastore(self, datastore: str) -> None:
+        """Raise CapabilityError unless the callback may use the data store ``datastore``."""
+        if not matches_any(datastore, self.capabilities.datastores):
+            allowed = ", ".join(self.capabilities.datastores) or "none"
+            raise self._refuse("datastores", f"it asked for the data store {datastore!r}, and it may use: {allowed}")
 
     def require_events(self, kinds: set[int]) -> None:
         """Raise CapabilityError unless every event kind in ``kinds`` is allowed."""

@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +48,8 @@ from ._proto import (
     authorization_pb2,
     authorization_pb2_grpc,
     core_pb2,
+    datastores_pb2,
+    datastores_pb2_grpc,
     directory_pb2,
     directory_pb2_grpc,
     robot_pb2,
@@ -66,7 +68,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 T = TypeVar("T")
 
 #: gRPC status codes after which reconnecting cannot help: the configuration is wrong.
-_FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
+_FATAL = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,  # a required data store the bot does not offer
+}
 #: What a storage status that names no error means (a bot older than typed errors).
 _STORAGE_IMPLIED = {grpc.StatusCode.RESOURCE_EXHAUSTED: ValueTooLargeError}
 #: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
@@ -140,6 +147,27 @@ class PermissionCheck:
     roles: tuple[str, ...]
     #: The person the user id belongs to (linked accounts share one).
     person_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataStore:
+    """What :meth:`Callback.datastore` answers: how to reach this callback's own corner
+    of a specific data store."""
+
+    #: The data-store type ("postgresql", "redis", "sqlite").
+    type: str
+    #: A URL the ordinary client accepts as it is: ``psycopg.connect(url)``,
+    #: ``redis.Redis.from_url(url)``, ``sqlite3.connect(details["path"])``.
+    url: str
+    #: Where the data must live: the schema, the key prefix ("" where all is its own).
+    namespace: str
+    #: The URL's parts and what else the data store documents (host, port, user, ...).
+    details: Mapping[str, str]
+    #: Grows with each rotation of the credentials.
+    generation: int
+
+    def __repr__(self) -> str:
+        return f"<DataStore {self.type} namespace={self.namespace!r} generation={self.generation}>"  # no password
 
 
 class Message:
@@ -363,8 +391,11 @@ class Callback:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
+        requires: Sequence[str] = (),
     ) -> None:
         self.id = id or os.environ.get("OCO_CALLBACK_ID", "")
+        #: The specific data stores this callback needs; a bot that lacks one refuses it.
+        self.requires = list(requires)
         self._secret = secret or os.environ.get("OCO_SECRET", "")
         self.address = address or os.environ.get("OCO_ADDRESS", "127.0.0.1:50051")
         self._tls_ca = tls_ca or os.environ.get("OCO_TLS_CA") or None
@@ -443,6 +474,21 @@ class Callback:
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, service) from None
+
+    async def datastore(self, type: str) -> DataStore:
+        """Access to this callback's own corner of the data store ``type`` (provisioned
+        by the bot on first use). Ask again when a connection is refused: the operator
+        may have rotated the credentials. DataStoreUnavailableError when the bot offers
+        no such data store, CapabilityError when this callback may not use it."""
+        response = await self._unary("datastores", "GetDataStore", datastores_pb2.GetDataStoreRequest(type=type))
+        return DataStore(
+            response.type, response.url, response.namespace, dict(response.details), int(response.generation)
+        )
+
+    async def offered_datastores(self) -> list[str]:
+        """The data-store types the bot offers."""
+        response = await self._unary("datastores", "ListDataStores", datastores_pb2.ListDataStoresRequest())
+        return list(response.types)
 
     async def check_permission(self, user_id: str, permission: str, *, room_id: str = "") -> PermissionCheck:
         """Whether the user (``"irc/alice"``) holds ``permission``; the bot records the
@@ -542,6 +588,7 @@ class Callback:
                 "storage": storage_pb2_grpc.StorageStub(channel),
                 "directory": directory_pb2_grpc.DirectoryStub(channel),
                 "authorization": authorization_pb2_grpc.AuthorizationStub(channel),
+                "datastores": datastores_pb2_grpc.DataStoresStub(channel),
             }
             backoff = Backoff(0.2, 10.0)
             started = False
@@ -592,6 +639,7 @@ class Callback:
                 for r in self._routes
             ],
             events=[robot_pb2.EVENT_KIND_MEMBERSHIP] if self._membership else [],
+            requires=self.requires,
         )
         robot = connection.stubs["robot"]
         metadata = self._metadata()

@@ -29,6 +29,8 @@ PINNED: dict[str, frozenset[str]] = {
             "CallbackError",
             "CapabilityError",
             "ConfigError",
+            "DataStore",
+            "DataStoreUnavailableError",
             "InvalidPatternError",
             "InvalidRequestError",
             "PluginError",

@@ -25,6 +25,7 @@ from oco_core import (
     AdapterError,
     Callback,
     CapabilityError,
+    DataStoreUnavailableError,
     InvalidPatternError,
     InvalidRequestError,
     OcoError,
@@ -69,6 +70,7 @@ SAMPLES: dict[type[OcoError], OcoError] = {
         InvalidPatternError("ünï(", "missing ): ünï("),
         RequestTooLargeError("the message is 1001 bytes; the limit is 1000"),
         CapabilityError("callback 'ops' lacks the capability 'join'", capability="join"),
+        DataStoreUnavailableError("this bot offers no data store 'mongo'", datastore="mongo"),
         RateLimitedError("over the rate limit; retry in 1.2 s", retry_after=1.25),
     ]
 }

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import core_pb2 as core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brobot.proto\x12\x03oco\x1a\ncore.proto\"&\n\x0bJoinRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cJoinResponse\"^\n\rListenRequest\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x1a\n\x06routes\x18\x02 \x03(\x0b\x32\n.oco.Route\x12\x1e\n\x06\x65vents\x18\x03 \x03(\x0e\x32\x0e.oco.EventKind\"l\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0f\n\x07respond\x18\x03 \x01(\x08\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x12\n\npermission\x18\x05 \x01(\t\x12\x13\n\x0bignore_case\x18\x06 \x01(\x08\"&\n\x0bPartRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cPartResponse\"^\n\x13SendMessagesRequest\x12\x13\n\x0bWithMention\x18\x01 \x01(\x08\x12\x1e\n\x08messages\x18\x02 \x03(\x0b\x32\x0c.oco.Message\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\x16\n\x14SendMessagesResponse\"\xbd\x01\n\nSendResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x36\n\x0c\x65rror_fields\x18\x05 \x03(\x0b\x32 .oco.SendResult.ErrorFieldsEntry\x1a\x32\n\x10\x45rrorFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_KIND_MEMBERSHIP\x10\x01\x12\x14\n\x10\x45VENT_KIND_TOPIC\x10\x02\x32\x96\x02\n\x05Robot\x12+\n\x04Join\x12\x10.oco.JoinRequest\x1a\x11.oco.JoinResponse\x12*\n\x06Listen\x12\x12.oco.ListenRequest\x1a\n.oco.Event0\x01\x12+\n\x04Part\x12\x10.oco.PartRequest\x1a\x11.oco.PartResponse\x12\x43\n\x0cSendMessages\x12\x18.oco.SendMessagesRequest\x1a\x19.oco.SendMessagesResponse\x12\x42\n\x11SendMessageStream\x12\x18.oco.SendMessagesRequest\x1a\x0f.oco.SendResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brobot.proto\x12\x03oco\x1a\ncore.proto\"&\n\x0bJoinRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cJoinResponse\"p\n\rListenRequest\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x1a\n\x06routes\x18\x02 \x03(\x0b\x32\n.oco.Route\x12\x1e\n\x06\x65vents\x18\x03 \x03(\x0e\x32\x0e.oco.EventKind\x12\x10\n\x08requires\x18\x04 \x03(\t\"l\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0f\n\x07respond\x18\x03 \x01(\x08\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x12\n\npermission\x18\x05 \x01(\t\x12\x13\n\x0bignore_case\x18\x06 \x01(\x08\"&\n\x0bPartRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cPartResponse\"^\n\x13SendMessagesRequest\x12\x13\n\x0bWithMention\x18\x01 \x01(\x08\x12\x1e\n\x08messages\x18\x02 \x03(\x0b\x32\x0c.oco.Message\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\x16\n\x14SendMessagesResponse\"\xbd\x01\n\nSendResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x36\n\x0c\x65rror_fields\x18\x05 \x03(\x0b\x32 .oco.SendResult.ErrorFieldsEntry\x1a\x32\n\x10\x45rrorFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_KIND_MEMBERSHIP\x10\x01\x12\x14\n\x10\x45VENT_KIND_TOPIC\x10\x02\x32\x96\x02\n\x05Robot\x12+\n\x04Join\x12\x10.oco.JoinRequest\x1a\x11.oco.JoinResponse\x12*\n\x06Listen\x12\x12.oco.ListenRequest\x1a\n.oco.Event0\x01\x12+\n\x04Part\x12\x10.oco.PartRequest\x1a\x11.oco.PartResponse\x12\x43\n\x0cSendMessages\x12\x18.oco.SendMessagesRequest\x1a\x19.oco.SendMessagesResponse\x12\x42\n\x11SendMessageStream\x12\x18.oco.SendMessagesRequest\x1a\x0f.oco.SendResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDRESULT_ERRORFIELDSENTRY']._loaded_options = None
   _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTKIND']._serialized_start=662
-  _globals['_EVENTKIND']._serialized_end=750
+  _globals['_EVENTKIND']._serialized_start=680
+  _globals['_EVENTKIND']._serialized_end=768
   _globals['_JOINREQUEST']._serialized_start=32
   _globals['_JOINREQUEST']._serialized_end=70
   _globals['_JOINRESPONSE']._serialized_start=72
   _globals['_JOINRESPONSE']._serialized_end=86
   _globals['_LISTENREQUEST']._serialized_start=88
-  _globals['_LISTENREQUEST']._serialized_end=182
-  _globals['_ROUTE']._serialized_start=184
-  _globals['_ROUTE']._serialized_end=292
-  _globals['_PARTREQUEST']._serialized_start=294
-  _globals['_PARTREQUEST']._serialized_end=332
-  _globals['_PARTRESPONSE']._serialized_start=334
-  _globals['_PARTRESPONSE']._serialized_end=348
-  _globals['_SENDMESSAGESREQUEST']._serialized_start=350
-  _globals['_SENDMESSAGESREQUEST']._serialized_end=444
-  _globals['_SENDMESSAGESRESPONSE']._serialized_start=446
-  _globals['_SENDMESSAGESRESPONSE']._serialized_end=468
-  _globals['_SENDRESULT']._serialized_start=471
-  _globals['_SENDRESULT']._serialized_end=660
-  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_start=610
-  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_end=660
-  _globals['_ROBOT']._serialized_start=753
-  _globals['_ROBOT']._serialized_end=1031
+  _globals['_LISTENREQUEST']._serialized_end=200
+  _globals['_ROUTE']._serialized_start=202
+  _globals['_ROUTE']._serialized_end=310
+  _globals['_PARTREQUEST']._serialized_start=312
+  _globals['_PARTREQUEST']._serialized_end=350
+  _globals['_PARTRESPONSE']._serialized_start=352
+  _globals['_PARTRESPONSE']._serialized_end=366
+  _globals['_SENDMESSAGESREQUEST']._serialized_start=368
+  _globals['_SENDMESSAGESREQUEST']._serialized_end=462
+  _globals['_SENDMESSAGESRESPONSE']._serialized_start=464
+  _globals['_SENDMESSAGESRESPONSE']._serialized_end=486
+  _globals['_SENDRESULT']._serialized_start=489
+  _globals['_SENDRESULT']._serialized_end=678
+  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_start=628
+  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_end=678
+  _globals['_ROBOT']._serialized_start=771
+  _globals['_ROBOT']._serialized_end=1049
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ means what its code means; a name a client does not know reads as its code, too.
 | `RequestTooLargeError` | RESOURCE_EXHAUSTED | |
 | `RateLimitedError` | RESOURCE_EXHAUSTED | `retry-after`: seconds until the request fits (`inf`: never; split it) |
 | `CapabilityError` | PERMISSION_DENIED | `capability`: what the callback's configuration lacks |
+| `DataStoreUnavailableError` | FAILED_PRECONDITION | `datastore`: the data-store type the bot does not offer |
 | `CallbackError` | INTERNAL | |
 | `ValueTooLargeError` | RESOURCE_EXHAUSTED | |
 | `QuotaExceededError` | RESOURCE_EXHAUSTED | `namespace`; `quota`: `max_keys` or `max_bytes`; `limit`: its value |
@@ -134,6 +135,7 @@ class ListenRequest(_message.Message):
     PLUGIN_ID_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
     plugin_id: _builtins.str
     """Identifies the listening plugin."""
     @_builtins.property
@@ -146,16 +148,25 @@ class ListenRequest(_message.Message):
     def events(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
         """Extension: the kinds of events other than matched messages this stream wants."""
 
+    @_builtins.property
+    def requires(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extension: the specific data stores this callback needs (data-store types, see
+        datastores.proto). A bot that does not offer one of them refuses the stream with
+        FAILED_PRECONDITION (`oco-error-type: DataStoreUnavailableError`, `oco-error-datastore`
+        naming it), so a callback never runs half-able on a bot that cannot serve it.
+        """
+
     def __init__(
         self,
         *,
         plugin_id: _builtins.str = ...,
         routes: _abc.Iterable[Global___Route] | None = ...,
         events: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+        requires: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "plugin_id", b"plugin_id", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "plugin_id", b"plugin_id", "requires", b"requires", "routes", b"routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

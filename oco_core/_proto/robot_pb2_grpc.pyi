@@ -29,6 +29,7 @@ means what its code means; a name a client does not know reads as its code, too.
 | `RequestTooLargeError` | RESOURCE_EXHAUSTED | |
 | `RateLimitedError` | RESOURCE_EXHAUSTED | `retry-after`: seconds until the request fits (`inf`: never; split it) |
 | `CapabilityError` | PERMISSION_DENIED | `capability`: what the callback's configuration lacks |
+| `DataStoreUnavailableError` | FAILED_PRECONDITION | `datastore`: the data-store type the bot does not offer |
 | `CallbackError` | INTERNAL | |
 | `ValueTooLargeError` | RESOURCE_EXHAUSTED | |
 | `QuotaExceededError` | RESOURCE_EXHAUSTED | `namespace`; `quota`: `max_keys` or `max_bytes`; `limit`: its value |

@@ -1,0 +1,229 @@
+"""The bot's side of specific data stores: who gets which corner, and the credentials.
+
+Providers (:mod:`._datastore`) provision; this module decides. A callback's credentials
+for one data store are generated here on first use and kept in the core store (namespace
+``datastores``, one JSON record per data store and callback), so that replicas of a
+callback, a restarted bot and several bots sharing a store hand out the same ones; a
+compare-and-set on the record settles a race between two of them. ``oco datastores``
+rotates and revokes through the same class. Every hand-out, provisioning, rotation,
+revocation and refusal goes to the audit log.
+
+The record holds the password: the database needs it, and a replica must get the same
+one. Whoever can read the core store's ``datastores`` namespace can read them; the
+README's Security section says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from pydantic import BaseModel
+
+from ._audit import ALLOWED, DENIED
+from ._config import LoadedConfig, validate_section
+from ._datastore import DataStoreAccess, DataStoreProvider, DataStoreType
+from ._errors import ConfigError, DataStoreUnavailableError, StoreError, VersionConflictError
+from ._plugins import Plugins
+from ._policy import Record
+from ._store import Store
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "datastores"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One callback's credentials for one data store, as kept in the core store."""
+
+    datastore: str
+    callback_id: str
+    password: str
+    generation: int
+    granted: float
+
+    def to_json(self) -> bytes:
+        data = {"password": self.password, "generation": self.generation, "granted": self.granted}
+        return json.dumps(data).encode()
+
+    @classmethod
+    def from_json(cls, datastore: str, callback_id: str, raw: bytes) -> Grant:
+        data = json.loads(raw)
+        return cls(datastore, callback_id, str(data["password"]), int(data["generation"]), float(data["granted"]))
+
+
+def _key(datastore: str, callback_id: str) -> str:
+    return f"{datastore}/{callback_id}"
+
+
+def configured_datastores(loaded: LoadedConfig, plugins: Plugins) -> list[tuple[DataStoreType, BaseModel]]:
+    """Each ``datastores:`` entry's type and validated options; ConfigError naming the
+    file, line and key for an unknown type or bad options."""
+    found = []
+    for index, entry in enumerate(loaded.config.datastores):
+        try:
+            kind = plugins.datastore(entry.type)
+        except ConfigError as exc:
+            raise loaded.error(("datastores", index, "type"), str(exc)) from None
+        found.append((kind, validate_section(loaded, ("datastores", index), kind.config_model, entry.options())))
+    return found
+
+
+def missing_hint(datastore: str, offered: Sequence[str]) -> str:
+    """Why a data store is not there, and the config key that would provide it."""
+    have = ", ".join(offered) or "none"
+    return (
+        f"this bot offers no data store {datastore!r} (it offers: {have}); "
+        f"the operator adds it under datastores: [{{type: {datastore}, ...}}] in the bot's config"
+    )
+
+
+class DataStores:
+    """The open providers of one bot, and the credentials each callback holds."""
+
+    def __init__(self, store: Store, providers: Mapping[str, DataStoreProvider], record: Record) -> None:
+        self._store = store
+        self._providers = dict(providers)
+        self._record = record
+        #: What this process last provisioned, by (data store, callback): its generation
+        #: and the access it returned, so a hand-out of unchanged credentials costs one
+        #: read of the core store and no round trip to the database.
+        self._provisioned: dict[tuple[str, str], tuple[int, DataStoreAccess]] = {}
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._refused: set[tuple[str, str]] = set()
+
+    def offered(self) -> list[str]:
+        """The data-store types this bot offers, in name order."""
+        return sorted(self._providers)
+
+    def describe(self) -> dict[str, str]:
+        """Each provider's own one-line description (no passwords)."""
+        return {name: provider.describe() for name, provider in sorted(self._providers.items())}
+
+    def require(self, callback_id: str, datastores: Sequence[str]) -> None:
+        """DataStoreUnavailableError for the first of ``datastores`` this bot does not
+        offer (logged and audited once per callback and type)."""
+        for datastore in datastores:
+            if datastore not in self._providers:
+                raise self._unavailable(callback_id, datastore)
+
+    def _unavailable(self, callback_id: str, datastore: str) -> DataStoreUnavailableError:
+        error = DataStoreUnavailableError(missing_hint(datastore, self.offered()), datastore=datastore)
+        if (datastore, callback_id) not in self._refused:
+            self._refused.add((datastore, callback_id))
+            log.warning("callback %r requires the data store %r: %s", callback_id, datastore, error)
+            self._record("datastore", DENIED, callback=callback_id, permission=datastore, detail=str(error))
+        return error
+
+    def _provider(self, callback_id: str, datastore: str) -> DataStoreProvider:
+        provider = self._providers.get(datastore)
+        if provider is None:
+            raise self._unavailable(callback_id, datastore)
+        return provider
+
+    async def _read(self, datastore: str, callback_id: str) -> tuple[Grant | None, int]:
+        item = await self._store.get(NAMESPACE, _key(datastore, callback_id))
+        if item is None:
+            return None, 0
+        return Grant.from_json(datastore, callback_id, item.value), item.version
+
+    async def access(self, callback_id: str, datastore: str) -> tuple[DataStoreAccess, int]:
+        """The callback's access to its corner of ``datastore`` and the credentials'
+        generation, provisioning it on first use."""
+        provider = self._provider(callback_id, datastore)
+        slot = (datastore, callback_id)
+        lock = self._locks.setdefault(slot, trio.Lock())
+        async with lock:
+            grant, _ = await self._read(datastore, callback_id)
+            if grant is None:
+                grant = Grant(datastore, callback_id, secrets.token_urlsafe(24), 1, time.time())
+                access = await provider.provision(callback_id, grant.password)
+                try:
+                    await self._store.set(NAMESPACE, _key(datastore, callback_id), grant.to_json(), expected_version=0)
+                except VersionConflictError:
+                    # Another bot (or replica's bot) granted it meanwhile: theirs stands,
+                    # and the database must hold their password, not ours.
+                    grant, _ = await self._read(datastore, callback_id)
+                    assert grant is not None  # the conflict says a record exists
+                    access = await provider.provision(callback_id, grant.password)
+                else:
+                    log.info("provisioned the data store %r for callback %r", datastore, callback_id)
+                    self._record("datastore", ALLOWED, callback=callback_id, permission=datastore, detail="provisioned")
+                self._provisioned[slot] = (grant.generation, access)
+            else:
+                known = self._provisioned.get(slot)
+                if known is not None and known[0] == grant.generation:
+                    access = known[1]
+                else:
+                    # First hand-out since this bot started, or rotated by another process.
+                    access = await provider.provision(callback_id, grant.password)
+                    self._provisioned[slot] = (grant.generation, access)
+        self._record(
+            "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"access {grant.generation}"
+        )
+        return access, grant.generation
+
+    async def rotate(self, callback_id: str, datastore: str) -> int:
+        """New credentials for the callback (the old stop working and their sessions
+        end); returns the new generation. StoreError when it holds none."""
+        provider = self._provider(callback_id, datastore)
+        grant, version = await self._read(datastore, callback_id)
+        if grant is None:
+            raise StoreError(f"callback {callback_id!r} holds no access to the data store {datastore!r}")
+        new = Grant(datastore, callback_id, secrets.token_urlsafe(24), grant.generation + 1, time.time())
+        # The record first: a crash between the two leaves credentials that the next
+        # hand-out provisions again, never a database password that nobody knows.
+        await self._store.set(NAMESPACE, _key(datastore, callback_id), new.to_json(), expected_version=version)
+        access = await provider.provision(callback_id, new.password, rotated=True)
+        self._provisioned[(datastore, callback_id)] = (new.generation, access)
+        self._record(
+            "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"rotated {new.generation}"
+        )
+        return new.generation
+
+    async def revoke(self, callback_id: str, datastore: str, *, drop_data: bool = False) -> bool:
+        """Take the callback's access away (and, with ``drop_data``, its data); False
+        when it held none."""
+        provider = self._provider(callback_id, datastore)
+        grant, version = await self._read(datastore, callback_id)
+        await provider.revoke(callback_id, drop_data=drop_data)
+        self._provisioned.pop((datastore, callback_id), None)
+        if grant is None:
+            return False
+        await self._store.delete(NAMESPACE, _key(datastore, callback_id), expected_version=version)
+        what = "revoked and dropped its data" if drop_data else "revoked"
+        self._record("datastore", ALLOWED, callback=callback_id, permission=datastore, detail=what)
+        return True
+
+    async def grants(self) -> list[Grant]:
+        """Every grant kept in the core store, by data store and callback."""
+        found: list[Grant] = []
+        after = ""
+        while True:
+            items = await self._store.list(NAMESPACE, start_after=after, limit=500)
+            for item in items:
+                datastore, _, callback_id = item.key.partition("/")
+                found.append(Grant.from_json(datastore, callback_id, item.value))
+            if len(items) < 500:
+                return found
+            after = items[-1].key
+
+
+@asynccontextmanager
+async def open_datastores(
+    loaded: LoadedConfig, plugins: Plugins, store: Store, record: Record
+) -> AsyncIterator[DataStores]:
+    """Open every configured data-store provider (in the config's order), yield them as
+    :class:`DataStores`, and close them on exit."""
+    async with AsyncExitStack() as stack:
+        providers: dict[str, DataStoreProvider] = {}
+        for kind, options in configured_datastores(loaded, plugins):
+            providers[kind.name] = await stack.enter_async_context(kind.open(options))
+        yield DataStores(store, providers, record)
