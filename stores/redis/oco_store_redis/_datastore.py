@@ -234,6 +234,17 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _opening_hashes(info: dict[str, Any] | None) -> list[str] | None:
+    """The hashes of the passwords that open a user now: None when it does not exist,
+    none when it is off (connections opened before it was switched off survive that in
+    Redis, so they count as opened with another password)."""
+    if info is None:
+        return None
+    if "on" not in info.get("flags", ()):
+        return []
+    return [_text(h) for h in info.get("passwords", ())]
+
+
 class RedisDataStore(DataStoreProvider):
     """One Redis server offered to callbacks. Create it with :func:`open_redis_datastore`."""
 
@@ -341,16 +352,10 @@ class RedisDataStore(DataStoreProvider):
         rules = self._rules(prefix)
         self._command("ACL", "SETUSER", user, *rules[:2], *secret, *rules[2:])
 
-    def _password_hashes(self, user: str) -> list[str] | None:
-        """The hashes of the passwords that open the user now: None when it does not
-        exist, none when it is off (connections opened before it was switched off
-        survive that in Redis, so they count as opened with another password)."""
+    def _user(self, user: str) -> dict[str, Any] | None:
+        """``ACL GETUSER``: the user's flags, passwords and rules, None when there is none."""
         info: dict[str, Any] | None = self._client.acl_getuser(user)
-        if not info:
-            return None
-        if "on" not in info.get("flags", ()):
-            return []
-        return [_text(h) for h in info.get("passwords", ())]
+        return info or None
 
     async def _save_acl(self) -> None:
         """Write the users to Redis's ACL file when it has one, so that they survive a
@@ -410,8 +415,9 @@ class RedisDataStore(DataStoreProvider):
         user = self.user_name(callback_id)
         prefix = self.key_prefix(callback_id)
         wanted = _password_hash(password)
-        had = await self._run(f"ACL GETUSER {user}", lambda: self._password_hashes(user))
+        before = await self._run(f"ACL GETUSER {user}", partial(self._user, user))
         await self._run(f"ACL SETUSER {user}", lambda: self._set_user(user, wanted, prefix))
+        had = _opening_hashes(before)
         if had is not None and (rotated or had != [wanted]):
             # Redis keeps connections authenticated with an old password open: end them,
             # so that a rotation takes effect now and not at the next reconnect.
@@ -419,7 +425,10 @@ class RedisDataStore(DataStoreProvider):
             logger.info("Redis data store: new password for %s, %s connection(s) closed", user, killed)
         elif had is None:
             logger.info("Redis data store: %s may use keys %s*", user, prefix)
-        await self._save_acl()
+        # Re-provisioning an unchanged user (a bot restart, a replica asking) is common
+        # and should not rewrite the ACL file each time.
+        if await self._run(f"ACL GETUSER {user}", partial(self._user, user)) != before:
+            await self._save_acl()
         return self._access(user, password, prefix)
 
     def _access(self, user: str, password: str, prefix: str) -> DataStoreAccess:

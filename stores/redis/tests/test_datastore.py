@@ -9,8 +9,11 @@ a user-name and key prefix of its own and deletes its users and keys afterwards.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +33,7 @@ from redis.retry import Retry
 
 from oco_core import StoreError, StoreUnavailableError
 from oco_core.plugin import DataStoreAccess
+from oco_core.testing import free_port
 from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import TcpProxy, unavailable_message
 
@@ -515,3 +519,97 @@ async def test_redis_down_during_provision_is_unavailable_and_recovers(corner: C
             access = await provider.provision(new_id(), "password")
         nursery.cancel_scope.cancel()
     assert corner.connect(access).ping()
+
+
+# ---- a restart of Redis (a private redis-server of the test's own) ----
+
+
+class PrivateRedis:
+    """A redis-server started for one test, which it may restart; with ``aclfile`` its
+    users are kept in a file, as an operator would configure it."""
+
+    def __init__(self, folder: Path, *, aclfile: bool) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            server_unavailable("redis-server", "not installed (needed to restart a Redis of the test's own)")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.args += ["--dir", str(folder)]
+        self.aclfile = folder / "users.acl" if aclfile else None
+        if self.aclfile is not None:
+            self.aclfile.write_text("user default on nopass ~* &* +@all\n")
+            self.args += ["--aclfile", str(self.aclfile)]
+        self.process: trio.Process | None = None
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers."""
+        self.process = await trio.lowlevel.open_process(self.args, stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        if await trio.to_thread.run_sync(client.ping):
+                            return
+                    except redis.exceptions.ConnectionError:
+                        await trio.sleep(0.05)
+        finally:
+            client.close()
+
+    async def stop(self) -> None:
+        """Kill the server (no chance to save anything) and wait until it is gone."""
+        if self.process is not None:
+            self.process.kill()
+            await self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[PrivateRedis]:
+    """A redis-server of this test's own, killed afterwards."""
+    server = PrivateRedis(tmp_path, aclfile=request.param)
+    try:
+        await server.start()
+        yield server
+    finally:
+        with trio.CancelScope(shield=True):
+            await server.stop()
+
+
+@pytest.mark.parametrize("private_redis", [True], indirect=True)
+async def test_with_an_aclfile_users_survive_a_restart_of_redis(private_redis: PrivateRedis) -> None:
+    async with open_redis_datastore(RedisDataStoreConfig(url=private_redis.url)) as provider:
+        access = await provider.provision(new_id(), "password")
+    assert private_redis.aclfile is not None
+    assert access.details["user"] in private_redis.aclfile.read_text()  # ACL SAVE wrote it
+    await private_redis.stop()
+    await private_redis.start()
+    client = redis.Redis.from_url(access.url, socket_timeout=5)
+    try:
+        assert client.set(access.namespace + "k", "v")
+        refused(client.get, "elsewhere")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("private_redis", [False], indirect=True)
+async def test_without_an_aclfile_a_restart_of_redis_loses_users_until_provisioned_again(
+    private_redis: PrivateRedis,
+) -> None:
+    callback = new_id()
+    async with open_redis_datastore(RedisDataStoreConfig(url=private_redis.url)) as provider:
+        access = await provider.provision(callback, "password")
+        await private_redis.stop()
+        await private_redis.start()
+        client = redis.Redis.from_url(access.url, socket_timeout=5)
+        try:
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                client.ping()
+            # What the bot does with the kept password on the callback's next request
+            # after it restarts: the same access, working again.
+            assert await provider.provision(callback, "password") == access
+            assert client.ping()
+        finally:
+            client.close()
