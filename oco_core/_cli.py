@@ -21,6 +21,8 @@ from ._store import mask_url
 from ._version import __version__
 
 if TYPE_CHECKING:
+    import pluggy
+
     from ._plugins import Plugins
 
 log = logging.getLogger("oco")
@@ -115,11 +117,12 @@ def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) ->
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _load_plugins(debug: bool) -> Plugins:
-    """The installed plugins, with the loggers they call noisy quieted unless --debug."""
+def _load_plugins(debug: bool, manager: pluggy.PluginManager | None = None) -> Plugins:
+    """The installed plugins (or ``manager``'s), with the loggers they call noisy
+    quieted unless --debug."""
     from ._plugins import load_plugins
 
-    plugins = load_plugins()
+    plugins = load_plugins(manager)
     if not debug:
         # Libraries that log every request or frame at INFO drown the bot's own lines;
         # each plugin names its own (AdapterType/StoreType.noisy_loggers).

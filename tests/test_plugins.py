@@ -7,6 +7,7 @@ runs a bot with a third party's plugin implementing it (tests/test_docs.py check
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -363,21 +364,27 @@ def test_missing_plugin_hints_come_from_the_naming_convention_alone() -> None:
         nothing.store("mongo")
 
 
+class ChattyPlugin:
+    """An adapter whose library logs every frame at INFO, as nio and httpx do."""
+
+    @hookimpl
+    def oco_adapter_types(self) -> list[Any]:
+        [memory] = oco_core.testing.oco_adapter_types()
+        return [dataclasses.replace(memory, name="chatty", noisy_loggers=("oco-test.chatty-library",))]
+
+
 def test_plugins_name_their_own_noisy_loggers() -> None:
     """The CLI quiets the loggers installed plugins name, and only without --debug."""
-    nio = logging.getLogger("nio")
-    before = nio.level
+    chatty = logging.getLogger("oco-test.chatty-library")
     try:
-        nio.setLevel(logging.NOTSET)
-        plugins = _load_plugins(debug=True)
-        if "nio" not in plugins.noisy_loggers():
-            pytest.skip("oco-adapter-matrix (which names nio as noisy) is not installed")
-        assert nio.level == logging.NOTSET
-        _load_plugins(debug=False)
-        assert nio.level == logging.WARNING
+        plugins = _load_plugins(debug=True, manager=manager_with(ChattyPlugin()))
+        assert plugins.noisy_loggers() == {"oco-test.chatty-library"}
+        assert chatty.level == logging.NOTSET
+        _load_plugins(debug=False, manager=manager_with(ChattyPlugin()))
+        assert chatty.level == logging.WARNING
     finally:
-        nio.setLevel(before)
-    assert "nio" not in load_plugins(manager_with(MemoryPlugin(), NotebookPlugin())).noisy_loggers()
+        chatty.setLevel(logging.NOTSET)
+    assert load_plugins(manager_with(MemoryPlugin(), NotebookPlugin())).noisy_loggers() == set()
 
 
 # ---- plugin contracts enforced ----
