@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,3 +121,57 @@ def postgres_tables() -> Iterator[tuple[str, str]]:
                     conn.execute(sa.text(f'DROP TABLE "{name}"'))
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def password_postgres() -> Iterator[str]:
+    """A PostgreSQL cluster of the test session's own that checks passwords (SCRAM) for
+    every connection, unlike the machine's, which trusts loopback: what proves that
+    rotated or revoked credentials stop working. Its URL names a superuser with a
+    password. Built with the machine's initdb (the PostgreSQL server package), run as the
+    ``postgres`` account when the tests run as root, since PostgreSQL refuses root."""
+    from oco_core.testing import free_port
+
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    # Debian's server binaries, newest first; else whatever initdb is on PATH.
+    found = str(binaries[-1]) if binaries else shutil.which("initdb")
+    if found is None:
+        server_unavailable("PostgreSQL (initdb)", "install the PostgreSQL server package (apt-get install postgresql)")
+    bindir = Path(found).parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # Not under pytest's temporary folder: the postgres account cannot enter root's.
+    workdir = Path(tempfile.mkdtemp(prefix="oco-password-postgres-"))
+    data = workdir / "data"
+    password = uuid.uuid4().hex
+    (workdir / "pw").write_text(password + "\n")
+    if as_postgres:
+        shutil.chown(workdir, "postgres")
+        shutil.chown(workdir / "pw", "postgres")
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "oco_admin", "--auth=scram-sha-256"]
+    subprocess.run([*as_postgres, *initdb, f"--pwfile={workdir / 'pw'}"], check=True, capture_output=True, timeout=120)
+    port = free_port()
+    options = ["-p", str(port), "-k", str(workdir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+    log = (workdir / "server.log").open("w")
+    server = subprocess.Popen(
+        [*as_postgres, str(bindir / "postgres"), "-D", str(data), *options], stdout=subprocess.DEVNULL, stderr=log
+    )
+    try:
+        ready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]
+        for _ in range(300):
+            if subprocess.run(ready, check=False).returncode == 0:
+                break
+            if server.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited: {(workdir / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"PostgreSQL did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+        yield f"postgresql://oco_admin:{password}@127.0.0.1:{port}/postgres"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -226,3 +226,84 @@ async def test_an_unknown_data_store_type_says_how_to_get_it(tmp_path: Path) -> 
     assert result.returncode == 3
     assert "datastores[0].type" in result.stderr
     assert "pip install oco-datastore-couchdb" in result.stderr
+
+
+# ---- PostgreSQL and Redis, end to end through the bot ----
+
+
+def pg_config(tmp_path: Path, admin_url: str) -> str:
+    return config(tmp_path, f'[{{type: postgresql, url: "{admin_url}", connection_limit: 3}}]').replace(
+        "requires: [sqlite]", "requires: [postgresql]"
+    )
+
+
+def pg_notes(url: str, note: str | None = None) -> list[str]:
+    """Add ``note`` (if any) to the callback's own table through ``url``; all its notes."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5, autocommit=True) as db:
+        db.execute("create table if not exists notes (body text)")
+        if note is not None:
+            db.execute("insert into notes values (%s)", (note,))
+        return [row[0] for row in db.execute("select body from notes order by body")]
+
+
+async def test_postgresql_corners_are_private_and_rotation_locks_out_the_old_password(
+    tmp_path: Path, password_postgres: str
+) -> None:
+    import psycopg
+
+    (tmp_path / "oco.yaml").write_text(pg_config(tmp_path, password_postgres))
+    async with open_bot(pg_config(tmp_path, password_postgres)) as running:
+        alpha = callback(running, "alpha", ALPHA, ("postgresql",))
+        beta = callback(running, "beta", BETA)
+        async with serving(alpha, beta):
+            mine = await alpha.datastore("postgresql")
+            theirs = await beta.datastore("postgresql")
+            assert mine.url.startswith("postgresql://")
+            assert mine.namespace != theirs.namespace
+            assert await trio.to_thread.run_sync(pg_notes, mine.url, "alpha's") == ["alpha's"]
+            assert await trio.to_thread.run_sync(pg_notes, theirs.url, "beta's") == ["beta's"]
+
+            def peek(url: str, schema: str) -> None:
+                with psycopg.connect(url, connect_timeout=5) as db:
+                    db.execute(f'select * from "{schema}".notes')
+
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await trio.to_thread.run_sync(peek, theirs.url, mine.namespace)
+
+            def hold(url: str) -> psycopg.Connection[Any]:
+                return psycopg.connect(url, connect_timeout=5, autocommit=True)
+
+            held = await trio.to_thread.run_sync(hold, mine.url)
+            code, _, err = await trio.to_thread.run_sync(
+                lambda: oco(tmp_path, "datastores", "rotate", "alpha", "postgresql")
+            )
+            assert code == 0, err
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                await trio.to_thread.run_sync(pg_notes, mine.url)
+            with pytest.raises(psycopg.OperationalError):  # the session of the old password ended
+                await trio.to_thread.run_sync(lambda: held.execute("select 1"))
+            held.close()
+            rotated = await alpha.datastore("postgresql")
+            assert (rotated.generation, rotated.namespace) == (2, mine.namespace)
+            assert await trio.to_thread.run_sync(pg_notes, rotated.url) == ["alpha's"]
+            # Beta's credentials did not change.
+            assert await trio.to_thread.run_sync(pg_notes, theirs.url) == ["beta's"]
+
+            code, _, err = await trio.to_thread.run_sync(
+                lambda: oco(tmp_path, "datastores", "revoke", "alpha", "postgresql")
+            )
+            assert code == 0, err
+            with pytest.raises(psycopg.OperationalError):
+                await trio.to_thread.run_sync(pg_notes, rotated.url)
+
+            def as_admin() -> list[tuple[Any, ...]]:
+                with psycopg.connect(password_postgres) as db:
+                    return db.execute(f'select body from "{mine.namespace}".notes').fetchall()
+
+            assert await trio.to_thread.run_sync(as_admin) == [("alpha's",)]
+        for name in ("alpha", "beta"):
+            await trio.to_thread.run_sync(
+                partial(oco, tmp_path, "datastores", "revoke", name, "postgresql", "--drop-data")
+            )
