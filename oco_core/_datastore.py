@@ -42,6 +42,9 @@ class DataStoreAccess:
     namespace: str = ""
     details: Mapping[str, str] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"DataStoreAccess(namespace={self.namespace!r}, details={sorted(self.details)})"  # no password
+
 
 class DataStoreProvider(abc.ABC):
     """One configured data store, open. Methods may be called concurrently for

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from pydantic import BaseModel
@@ -45,7 +45,7 @@ class Grant:
 
     datastore: str
     callback_id: str
-    password: str
+    password: str = field(repr=False)
     generation: int
     granted: float
 
@@ -134,13 +134,16 @@ class DataStores:
             return None, 0
         return Grant.from_json(datastore, callback_id, item.value), item.version
 
-    async def access(self, callback_id: str, datastore: str) -> tuple[DataStoreAccess, int]:
+    async def access(self, callback_id: str, datastore: str, *, refresh: bool = False) -> tuple[DataStoreAccess, int]:
         """The callback's access to its corner of ``datastore`` and the credentials'
-        generation, provisioning it on first use."""
+        generation, provisioning it on first use (and, with ``refresh``, again: the
+        database refused the credentials, so make sure it holds them)."""
         provider = self._provider(callback_id, datastore)
         slot = (datastore, callback_id)
         lock = self._locks.setdefault(slot, trio.Lock())
         async with lock:
+            if refresh:
+                self._provisioned.pop(slot, None)
             grant, _ = await self._read(datastore, callback_id)
             if grant is None:
                 grant = Grant(datastore, callback_id, secrets.token_urlsafe(24), 1, time.time())

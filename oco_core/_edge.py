@@ -386,7 +386,9 @@ class Services:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "GetDataStore needs the data-store type")
         with _statuses():
             self.bot.policy(callback_id).require_datastore(request.type)
-        access, generation = await _guard(self.bot.datastores.access(callback_id, request.type))
+        access, generation = await _guard(
+            self.bot.datastores.access(callback_id, request.type, refresh=request.refresh)
+        )
         return datastores_pb2.DataStoreAccess(
             type=request.type,
             url=access.url,

@@ -475,12 +475,15 @@ class Callback:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, service) from None
 
-    async def datastore(self, type: str) -> DataStore:
+    async def datastore(self, type: str, *, refresh: bool = False) -> DataStore:
         """Access to this callback's own corner of the data store ``type`` (provisioned
-        by the bot on first use). Ask again when a connection is refused: the operator
-        may have rotated the credentials. DataStoreUnavailableError when the bot offers
-        no such data store, CapabilityError when this callback may not use it."""
-        response = await self._unary("datastores", "GetDataStore", datastores_pb2.GetDataStoreRequest(type=type))
+        by the bot on first use). When the database refuses what you were given, ask
+        again with ``refresh=True``: the operator may have rotated the credentials, or
+        the database forgotten them (a restarted Redis), and the bot provisions again.
+        DataStoreUnavailableError when the bot offers no such data store,
+        CapabilityError when this callback may not use it."""
+        request = datastores_pb2.GetDataStoreRequest(type=type, refresh=refresh)
+        response = await self._unary("datastores", "GetDataStore", request)
         return DataStore(
             response.type, response.url, response.namespace, dict(response.details), int(response.generation)
         )

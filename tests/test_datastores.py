@@ -68,6 +68,11 @@ async def test_each_callback_gets_a_database_of_its_own_that_survives_a_restart(
             assert Path(mine.details["path"]).parent == tmp_path / "corners"
             assert await trio.to_thread.run_sync(write_and_read, mine, "alpha's") == ["alpha's"]
             assert await trio.to_thread.run_sync(write_and_read, theirs, "beta's") == ["beta's"]
+            # A database that forgot the corner (a Redis restarted without an ACL file)
+            # gets it back when the callback asks with refresh=True.
+            Path(theirs.details["path"]).unlink()
+            assert await beta.datastore("sqlite", refresh=True) == theirs
+            assert Path(theirs.details["path"]).exists()
             # A replica (another stream with the same id) gets the same corner.
             replica = callback(running, "alpha", ALPHA, ("sqlite",))
             async with serving(replica):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64\x61tastores.proto\x12\x03oco\"\x17\n\x15ListDataStoresRequest\"\'\n\x16ListDataStoresResponse\x12\r\n\x05types\x18\x01 \x03(\t\"#\n\x13GetDataStoreRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\"\xb7\x01\n\x0f\x44\x61taStoreAccess\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x32\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32!.oco.DataStoreAccess.DetailsEntry\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x97\x01\n\nDataStores\x12I\n\x0eListDataStores\x12\x1a.oco.ListDataStoresRequest\x1a\x1b.oco.ListDataStoresResponse\x12>\n\x0cGetDataStore\x12\x18.oco.GetDataStoreRequest\x1a\x14.oco.DataStoreAccessb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64\x61tastores.proto\x12\x03oco\"\x17\n\x15ListDataStoresRequest\"\'\n\x16ListDataStoresResponse\x12\r\n\x05types\x18\x01 \x03(\t\"4\n\x13GetDataStoreRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07refresh\x18\x02 \x01(\x08\"\xb7\x01\n\x0f\x44\x61taStoreAccess\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x32\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32!.oco.DataStoreAccess.DetailsEntry\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x97\x01\n\nDataStores\x12I\n\x0eListDataStores\x12\x1a.oco.ListDataStoresRequest\x1a\x1b.oco.ListDataStoresResponse\x12>\n\x0cGetDataStore\x12\x18.oco.GetDataStoreRequest\x1a\x14.oco.DataStoreAccessb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDATASTORESRESPONSE']._serialized_start=50
   _globals['_LISTDATASTORESRESPONSE']._serialized_end=89
   _globals['_GETDATASTOREREQUEST']._serialized_start=91
-  _globals['_GETDATASTOREREQUEST']._serialized_end=126
-  _globals['_DATASTOREACCESS']._serialized_start=129
-  _globals['_DATASTOREACCESS']._serialized_end=312
-  _globals['_DATASTOREACCESS_DETAILSENTRY']._serialized_start=266
-  _globals['_DATASTOREACCESS_DETAILSENTRY']._serialized_end=312
-  _globals['_DATASTORES']._serialized_start=315
-  _globals['_DATASTORES']._serialized_end=466
+  _globals['_GETDATASTOREREQUEST']._serialized_end=143
+  _globals['_DATASTOREACCESS']._serialized_start=146
+  _globals['_DATASTOREACCESS']._serialized_end=329
+  _globals['_DATASTOREACCESS_DETAILSENTRY']._serialized_start=283
+  _globals['_DATASTOREACCESS_DETAILSENTRY']._serialized_end=329
+  _globals['_DATASTORES']._serialized_start=332
+  _globals['_DATASTORES']._serialized_end=483
 # @@protoc_insertion_point(module_scope)

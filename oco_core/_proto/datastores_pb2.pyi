@@ -83,16 +83,23 @@ class GetDataStoreRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TYPE_FIELD_NUMBER: _builtins.int
+    REFRESH_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """The data-store type, as in ListenRequest.requires ("postgresql")."""
+    refresh: _builtins.bool
+    """Provision again before answering: set it when the database refused what the bot
+    handed out before (a Redis restarted without an ACL file forgets its users). The
+    credentials stay the same unless they were rotated.
+    """
     def __init__(
         self,
         *,
         type: _builtins.str = ...,
+        refresh: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refresh", b"refresh", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
