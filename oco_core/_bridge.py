@@ -310,7 +310,9 @@ class _AsyncioToTrio(Generic[T]):
             self._bridge._call_trio_soon(self._send.close)
 
     def _send_error_and_close(self, error: BaseException) -> None:
-        with suppress(trio.WouldBlock, trio.ClosedResourceError):
+        # BrokenResourceError: the reader has left (a refused stream's headers already
+        # raised the error), and nobody is there to receive it again.
+        with suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(error)
         self._send.close()
 
@@ -684,7 +686,9 @@ class Bridge:
                 # A call that failed before the server answered gives empty headers
                 # rather than an error: look at how it ended.
                 if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
-                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details(), "")
+                    # With its trailers: they name the error's type (oco-error-*).
+                    trailers = await call.trailing_metadata()
+                    raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, await call.details(), "")
                 await headers.send(tuple(metadata or ()))
                 headers.close()
                 async for message in call:

@@ -9,9 +9,15 @@ It plays a callback program against any bot, ours or another implementation: the
 specification's four RPCs with the specification's messages, secrets, route
 registration, hear and respond semantics, capture groups, storage (compare-and-set,
 isolation between two callbacks), refusal of invalid patterns, errors named in trailing
-metadata, and what cancelling a Listen stream does. Each check prints one line
-(``PASS``, ``FAIL`` or ``SKIP``, its name, what it saw) and a summary line follows; the
-exit code is 0 only when every check passed.
+metadata, what cancelling a Listen stream does, and the specific data stores' API
+(``oco.DataStores``, ``ListenRequest.requires``). Each check prints one line (``PASS``,
+``FAIL`` or ``SKIP``, its name, what it saw) and a summary line follows.
+
+Two kinds of skip: a check the suite cannot run with the options given (no
+``--control``, no second callback) leaves the bot unproven, so the run does not pass;
+a check of an optional feature the bot does not offer (data stores: a bot may offer
+none) does not apply, and counts as not failed. The exit code is 0 when no check failed
+and every skip was of the second kind.
 
 To check what a callback receives, the suite has to write chat messages as a user
 would. It does that through the memory adapter's test-only control service
@@ -49,6 +55,8 @@ from ._proto import (
     control_pb2,
     control_pb2_grpc,
     core_pb2,
+    datastores_pb2,
+    datastores_pb2_grpc,
     robot_pb2,
     robot_pb2_grpc,
     storage_pb2,
@@ -73,6 +81,8 @@ class Target:
     other_id: str | None = None
     other_secret: str | None = field(default=None, repr=False)
     control: str | None = None
+    #: The data-store type the access checks ask for (default: the first the bot offers).
+    datastore: str | None = None
     bot_name: str = "oco"
     room: str = "general"
     user: str = "alice"
@@ -86,10 +96,18 @@ class Result:
     name: str
     status: Status
     detail: str
+    #: A skip because the bot does not offer an optional feature: not a failure.
+    not_offered: bool = False
 
     def line(self) -> str:
         """The line printed for this check."""
         return f"{self.status} {self.name}: {self.detail}"
+
+    @property
+    def counts_against(self) -> bool:
+        """Whether this result keeps the bot from conforming: a failure, or a skip for
+        want of an option (the suite could not check what it should have)."""
+        return self.status == "FAIL" or (self.status == "SKIP" and not self.not_offered)
 
 
 class CheckFailed(Exception):  # noqa: N818 - a verdict, not an error of the suite
@@ -98,6 +116,11 @@ class CheckFailed(Exception):  # noqa: N818 - a verdict, not an error of the sui
 
 class CheckSkipped(Exception):  # noqa: N818 - a verdict, not an error of the suite
     """A check cannot run with the options given."""
+
+
+class NotOffered(CheckSkipped):
+    """The bot does not offer an optional feature the check is about: the check does not
+    apply, and its skip does not count against the bot."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +188,13 @@ class Suite:
         self.timeout = target.timeout
         self.robot = robot_pb2_grpc.RobotStub(channel)
         self.storage = storage_pb2_grpc.StorageStub(channel)
+        self.datastores = datastores_pb2_grpc.DataStoresStub(channel)
         self.control: control_pb2_grpc.MemoryControlAsyncStub | None = None
         #: A token unique to this run, in every pattern and key.
         self.token = secrets.token_hex(4)
         self._sent_seen = 0
         self._source: core_pb2.Source | None = None
+        self._offered: tuple[str, ...] | None = None
 
     # -- calls -----------------------------------------------------------------------
 
@@ -183,12 +208,17 @@ class Suite:
 
     async def expect_code(self, what: str, code: grpc.StatusCode, fn: Callable[[], Awaitable[Any]]) -> str:
         """Run a unary call that must fail with ``code``; return its details."""
+        return (await self.refusal(what, code, fn)).details() or ""
+
+    async def refusal(self, what: str, code: grpc.StatusCode, fn: Callable[[], Awaitable[Any]]) -> grpc.aio.AioRpcError:
+        """Run a unary call that must fail with ``code``; return the error (its details
+        and trailing metadata)."""
         try:
             await self.call(fn)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != code:
                 raise CheckFailed(f"{what}: expected {code.name}, got {_code(exc)}") from None
-            return exc.details() or ""
+            return exc
         raise CheckFailed(f"{what}: expected {code.name}, but the call succeeded")
 
     def _listen_request(
@@ -235,6 +265,13 @@ class Suite:
         self, what: str, code: grpc.StatusCode, request: robot_pb2.ListenRequest, metadata: Metadata
     ) -> str:
         """Open a Listen stream that must fail with ``code``; return its details."""
+        return (await self.listen_refusal(what, code, request, metadata)).details() or ""
+
+    async def listen_refusal(
+        self, what: str, code: grpc.StatusCode, request: robot_pb2.ListenRequest, metadata: Metadata
+    ) -> grpc.aio.AioRpcError:
+        """Open a Listen stream that must fail with ``code``; return the error (its
+        details and trailing metadata)."""
         async with self.bridge.open_response_stream(lambda: self.robot.Listen(request, metadata=metadata)) as stream:
             with trio.move_on_after(self.timeout):
                 try:
@@ -247,7 +284,7 @@ class Suite:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != code:
                         raise CheckFailed(f"{what}: expected {code.name}, got {_code(exc)}") from None
-                    return exc.details() or ""
+                    return exc
         raise CheckFailed(f"{what}: expected {code.name}, but the stream stayed open for {self.timeout:g} s")
 
     # -- the chat side, through the control service ---------------------------------
@@ -337,6 +374,46 @@ class Suite:
         metadata = self.metadata()
         return await self.call(lambda: self.storage.List(request, metadata=metadata, timeout=self.timeout))
 
+    # -- specific data stores --------------------------------------------------------
+
+    async def offered(self) -> tuple[str, ...]:
+        """The data-store types the bot offers (ListDataStores, asked once a run)."""
+        if self._offered is None:
+            request = datastores_pb2.ListDataStoresRequest()
+            response = await self.call(
+                lambda: self.datastores.ListDataStores(request, metadata=self.metadata(), timeout=self.timeout)
+            )
+            self._offered = tuple(response.types)
+        return self._offered
+
+    async def offered_datastore(self) -> str:
+        """The type the access checks ask for: --datastore, else the first the bot
+        offers; NotOffered when it offers none."""
+        offered = await self.offered()
+        wanted = self.target.datastore
+        if wanted:
+            if wanted not in offered:
+                raise CheckSkipped(
+                    f"needs --datastore naming a type the bot offers (it offers: {', '.join(offered) or 'none'})"
+                )
+            return wanted
+        if not offered:
+            raise NotOffered("the bot offers no data store (ListDataStores is empty; offering none is allowed)")
+        return offered[0]
+
+    def absent_datastore(self) -> str:
+        """A data-store type no bot offers."""
+        return f"conformance-absent-{self.token}"
+
+    def get_datastore_call(self, type: str) -> Awaitable[datastores_pb2.DataStoreAccess]:
+        """A GetDataStore call, for :meth:`call` or :meth:`refusal`."""
+        request = datastores_pb2.GetDataStoreRequest(type=type)
+        return self.datastores.GetDataStore(request, metadata=self.metadata(), timeout=self.timeout)
+
+    async def get_datastore(self, type: str) -> datastores_pb2.DataStoreAccess:
+        """DataStores.GetDataStore."""
+        return await self.call(lambda: self.get_datastore_call(type))
+
     async def cleanup(self, secret: str | None = None) -> None:
         """Delete every key this run wrote with ``secret``."""
         prefix = f"conformance/{self.token}/"
@@ -353,6 +430,12 @@ class Suite:
 def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise CheckFailed(message)
+
+
+def _typed(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The `oco-error-*` entries of a failed call's trailing metadata."""
+    trailers: Any = exc.trailing_metadata()  # grpc.aio.Metadata: (key, value) pairs
+    return {k: v for k, v in trailers or () if isinstance(v, str) and k.startswith("oco-error-")}
 
 
 def _route(id: str, pattern: str, *, respond: bool = False, help: str = "", ignore_case: bool = False) -> Any:
@@ -976,8 +1059,7 @@ async def _errors_typed(s: Suite) -> str:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ABORTED:
                 raise CheckFailed(f"Set with expected_version {expected}: expected ABORTED, got {_code(exc)}") from None
-            trailers: Any = exc.trailing_metadata()  # grpc.aio.Metadata: (key, value) pairs
-            return {k: v for k, v in trailers or () if isinstance(v, str) and k.startswith("oco-error-")}
+            return _typed(exc)
         raise CheckFailed(f"Set with expected_version {expected} succeeded; expected ABORTED")
 
     try:
@@ -998,6 +1080,86 @@ async def _errors_typed(s: Suite) -> str:
     finally:
         await s.delete(key)
     return f"ABORTED with oco-error-type VersionConflictError, oco-error-current 0 and then {version}"
+
+
+# ---- specific data stores --------------------------------------------------------------
+
+
+def _expect_unavailable(what: str, exc: grpc.aio.AioRpcError, datastore: str) -> str:
+    typed = _typed(exc)
+    expected = {"oco-error-type": "DataStoreUnavailableError", "oco-error-datastore": datastore}
+    _expect(
+        {k: typed.get(k) for k in expected} == expected,
+        f"{what}: trailing metadata {typed}, expected oco-error-type: DataStoreUnavailableError and "
+        f"oco-error-datastore: {datastore}",
+    )
+    details = exc.details() or ""
+    _expect(datastore in details, f"{what}: the error does not name {datastore!r}: {details!r}")
+    return details
+
+
+@check("datastores/list")
+async def _datastores_list(s: Suite) -> str:
+    """ListDataStores answers the types the bot offers, each once and in name order (an
+    empty list is an answer: a bot may offer none)."""
+    offered = await s.offered()
+    _expect(list(offered) == sorted(set(offered)), f"types {list(offered)}: expected each once, in name order")
+    _expect(all(offered), f"types {list(offered)}: one is empty")
+    return f"offers {', '.join(offered)}" if offered else "offers none"
+
+
+@check("datastores/listen-requires-unoffered")
+async def _datastores_listen_unoffered(s: Suite) -> str:
+    """A Listen whose `requires` names a type the bot does not offer is refused with
+    FAILED_PRECONDITION, `oco-error-type: DataStoreUnavailableError` and
+    `oco-error-datastore` naming the type."""
+    absent = s.absent_datastore()
+    request = robot_pb2.ListenRequest(
+        plugin_id=s.target.id, routes=[_route("r", f"^requires-{s.token}$")], requires=[absent]
+    )
+    what = f"Listen requiring {absent!r}"
+    exc = await s.listen_refusal(what, grpc.StatusCode.FAILED_PRECONDITION, request, s.metadata())
+    return f"FAILED_PRECONDITION, DataStoreUnavailableError: {_expect_unavailable(what, exc, absent)}"
+
+
+@check("datastores/get-unoffered")
+async def _datastores_get_unoffered(s: Suite) -> str:
+    """GetDataStore for a type the bot does not offer is refused the same way:
+    FAILED_PRECONDITION, `oco-error-type: DataStoreUnavailableError`, `oco-error-datastore`."""
+    absent = s.absent_datastore()
+    what = f"GetDataStore({absent!r})"
+    exc = await s.refusal(what, grpc.StatusCode.FAILED_PRECONDITION, lambda: s.get_datastore_call(absent))
+    return f"FAILED_PRECONDITION, DataStoreUnavailableError: {_expect_unavailable(what, exc, absent)}"
+
+
+@check("datastores/access")
+async def _datastores_access(s: Suite) -> str:
+    """GetDataStore for a type the bot offers answers that type, a non-empty url and a
+    generation of at least 1 (skipped when the bot offers none)."""
+    datastore = await s.offered_datastore()
+    access = await s.get_datastore(datastore)
+    _expect(access.type == datastore, f"GetDataStore({datastore!r}) answered type {access.type!r}")
+    _expect(bool(access.url), f"GetDataStore({datastore!r}) answered an empty url")
+    _expect(access.generation >= 1, f"GetDataStore({datastore!r}) answered generation {access.generation}")
+    scheme = access.url.partition(":")[0]  # never the rest: it holds the password
+    return f"{datastore}: a {scheme}: url, namespace {access.namespace!r}, generation {access.generation}"
+
+
+@check("datastores/access-stable")
+async def _datastores_access_stable(s: Suite) -> str:
+    """Asking GetDataStore twice gives the same access (same url, same generation): the
+    bot keeps a callback's credentials, it does not make new ones each time (skipped when
+    the bot offers none)."""
+    datastore = await s.offered_datastore()
+    first = await s.get_datastore(datastore)
+    second = await s.get_datastore(datastore)
+    _expect(
+        first.generation == second.generation,
+        f"GetDataStore({datastore!r}) twice: generation {first.generation}, then {second.generation}",
+    )
+    # Compared, never shown: the url holds the callback's password.
+    _expect(first.url == second.url, f"GetDataStore({datastore!r}) twice answered two different urls")
+    return f"{datastore}: the same url and generation {first.generation} twice"
 
 
 # ---- running ---------------------------------------------------------------------------
@@ -1042,6 +1204,8 @@ async def _run_one(suite: Suite, item: Check) -> Result:
             detail = await item.run(suite)
     except CheckFailed as exc:
         return Result(item.name, "FAIL", str(exc))
+    except NotOffered as exc:
+        return Result(item.name, "SKIP", f"{exc} (an optional feature: not a failure)", not_offered=True)
     except CheckSkipped as exc:
         return Result(item.name, "SKIP", str(exc))
     except grpc.aio.AioRpcError as exc:
@@ -1051,16 +1215,28 @@ async def _run_one(suite: Suite, item: Check) -> Result:
     return Result(item.name, "PASS", f"{detail} ({time.monotonic() - began:.2f} s)")
 
 
+def conforms(results: Sequence[Result]) -> bool:
+    """Whether a run shows the bot conforming: some check ran, none failed, and every
+    skip was of a feature the bot does not offer."""
+    return bool(results) and not any(r.counts_against for r in results)
+
+
 def summary(results: Sequence[Result], target: Target) -> str:
     """The last line: how many checks passed, failed and were skipped."""
     counts = {status: sum(r.status == status for r in results) for status in ("PASS", "FAIL", "SKIP")}
-    verdict = "conforms" if counts["PASS"] == len(results) and results else "does NOT conform"
+    not_offered = sum(r.not_offered for r in results)
+    verdict = "conforms" if conforms(results) else "does NOT conform"
     line = (
         f"SUMMARY {target.address} {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, "
         f"{counts['SKIP']} skipped of {len(results)} checks"
     )
-    if counts["SKIP"]:
-        line += " (skipped checks count as not passed)"
+    notes = []
+    if not_offered:
+        notes.append(f"{not_offered} skipped for features the bot does not offer, which is not a failure")
+    if counts["SKIP"] > not_offered:
+        notes.append("skipped checks for want of an option count as not passed")
+    if notes:
+        line += f" ({'; '.join(notes)})"
     return line
 
 
@@ -1074,6 +1250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control", help="HOST:PORT of the memory adapter's control service (oco.MemoryControl), to write chat"
     )
+    parser.add_argument(
+        "--datastore", help="the data-store type the access checks ask for (default: the first the bot offers)"
+    )
     parser.add_argument("--bot-name", default="oco", help="how the bot is addressed in chat (default: oco)")
     parser.add_argument("--room", default="general", help="memory adapter room the suite writes in (default: general)")
     parser.add_argument("--user", default="alice", help="memory adapter user the suite writes as (default: alice)")
@@ -1083,7 +1262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Run ``oco conformance``; 0 when every check passed, else 1."""
+    """Run ``oco conformance``; 0 when no check failed and every skip was of a feature
+    the bot does not offer, else 1."""
     if options.list:
         for item in CHECKS:
             needs = f" [needs {', '.join(sorted(item.needs))}]" if item.needs else ""
@@ -1104,6 +1284,7 @@ def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         other_id=options.other_id,
         other_secret=options.other_secret,
         control=options.control,
+        datastore=options.datastore,
         bot_name=options.bot_name,
         room=options.room,
         user=options.user,
@@ -1111,4 +1292,4 @@ def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     )
     results = trio.run(run_checks, target, out, options.only)
     print(summary(results, target), file=out, flush=True)
-    return 0 if results and all(r.status == "PASS" for r in results) else 1
+    return 0 if conforms(results) else 1

@@ -26,6 +26,11 @@ callbacks:
 """
 
 
+def with_sqlite(workdir: Path) -> str:
+    """CONFIG, offering the built-in sqlite data store (files under ``workdir``)."""
+    return CONFIG + f"datastores: [{{type: sqlite, directory: '{workdir / 'corners'}'}}]\n"
+
+
 async def _control_address(workdir: Path) -> str:
     path = workdir / "control.address"
     with trio.fail_after(30):
@@ -41,7 +46,7 @@ async def _conformance(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 async def test_our_bot_conforms(tmp_path: Path) -> None:
-    async with run_oco(CONFIG, tmp_path) as bot:
+    async with run_oco(with_sqlite(tmp_path), tmp_path) as bot:
         control = await _control_address(tmp_path)
         done = await _conformance(
             "--address", bot.address,
@@ -58,6 +63,43 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert lines[-1].startswith(f"SUMMARY {bot.address} conforms: {len(checks)} passed, 0 failed, 0 skipped")
     for name in ("auth/wrong-secret", "routes/invalid-pattern", "storage/isolation", "stream/cancel-removes-routes"):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
+    assert "PASS datastores/list: offers sqlite " in out
+    assert "PASS datastores/access: sqlite: a sqlite: url, namespace '', generation 1 " in out
+    assert "PASS datastores/access-stable: sqlite: the same url and generation 1 twice " in out
+    # The access checks provisioned the suite's callback a file of its own.
+    [corner] = (tmp_path / "corners").iterdir()
+    assert corner.name.endswith("conformance.db")
+
+
+async def test_a_bot_without_data_stores_skips_the_access_checks_and_still_conforms(tmp_path: Path) -> None:
+    async with run_oco(CONFIG, tmp_path) as bot:
+        done = await _conformance(
+            "--address", bot.address, "--id", "conformance", "--secret", SECRET, "--only", "datastores/"
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "PASS datastores/list: offers none" or lines[0].startswith("PASS datastores/list: offers none ")
+    assert "PASS datastores/listen-requires-unoffered: FAILED_PRECONDITION, DataStoreUnavailableError:" in out
+    assert "PASS datastores/get-unoffered: FAILED_PRECONDITION, DataStoreUnavailableError:" in out
+    for name in ("datastores/access", "datastores/access-stable"):
+        assert f"SKIP {name}: the bot offers no data store (ListDataStores is empty; offering none is allowed) " in out
+    assert lines[-1] == (
+        f"SUMMARY {bot.address} conforms: 3 passed, 0 failed, 2 skipped of 5 checks "
+        "(2 skipped for features the bot does not offer, which is not a failure)"
+    )
+
+
+async def test_asking_for_a_data_store_the_bot_lacks_is_a_skip_that_counts(tmp_path: Path) -> None:
+    async with run_oco(with_sqlite(tmp_path), tmp_path) as bot:
+        done = await _conformance(
+            "--address", bot.address, "--id", "conformance", "--secret", SECRET,
+            "--only", "datastores/access", "--datastore", "postgresql",
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 1, out
+    assert "SKIP datastores/access: needs --datastore naming a type the bot offers (it offers: sqlite)" in out
+    assert out.splitlines()[-1].endswith("(skipped checks for want of an option count as not passed)")
 
 
 async def test_without_control_the_chat_checks_are_skipped_and_the_run_does_not_pass(tmp_path: Path) -> None:
@@ -70,7 +112,7 @@ async def test_without_control_the_chat_checks_are_skipped_and_the_run_does_not_
     assert "SKIP routes/hear: needs --control" in out
     assert "PASS routes/invalid-pattern:" in out
     assert "FAIL" not in out
-    assert out.splitlines()[-1].endswith("(skipped checks count as not passed)")
+    assert out.splitlines()[-1].endswith("(skipped checks for want of an option count as not passed)")
 
 
 async def test_a_wrong_secret_fails_the_checks_that_need_one(tmp_path: Path) -> None:
