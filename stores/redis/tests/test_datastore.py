@@ -8,7 +8,6 @@ a user-name and key prefix of its own and deletes its users and keys afterwards.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import uuid
@@ -36,23 +35,6 @@ from oco_core.plugin import DataStoreAccess
 from oco_core.testing import free_port
 from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import TcpProxy, unavailable_message
-
-REDIS_ENV = "OCO_TEST_REDIS_URL"
-
-
-def redis_url() -> str:
-    """The test Redis's URL, or skip (fail in CI) when it is not configured or down."""
-    url = os.environ.get(REDIS_ENV, "")
-    if not url:
-        server_unavailable("Redis", f"set {REDIS_ENV}, e.g. redis://127.0.0.1:6379/15")
-    client = redis.Redis.from_url(url, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError as e:
-        server_unavailable("Redis", str(e))
-    finally:
-        client.close()
-    return url
 
 
 class Corner:
@@ -92,9 +74,9 @@ class Corner:
 
 
 @pytest.fixture
-def corner() -> Iterator[Corner]:
+def corner(redis_url: str) -> Iterator[Corner]:
     """This test's prefixes on the test Redis, emptied afterwards."""
-    made = Corner(redis_url())
+    made = Corner(redis_url)
     yield made
     made.cleanup()
 

@@ -4,7 +4,6 @@ survive the bot's SIGKILL, 50 callbacks on one counter, and a Redis outage
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -12,25 +11,16 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
-from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import ServerOutageContract, StorageServiceContract
-
-REDIS_ENV = "OCO_TEST_REDIS_URL"
 
 
 class TestRedisService(StorageServiceContract, ServerOutageContract):
     """Redis behind a real bot, under a key prefix of the test's own."""
 
     @pytest.fixture
-    def target(self) -> Iterator[tuple[str, str]]:
-        url = os.environ.get(REDIS_ENV, "")
-        if not url:
-            server_unavailable("Redis", f"set {REDIS_ENV}, e.g. redis://127.0.0.1:6379/15")
+    def target(self, redis_url: str) -> Iterator[tuple[str, str]]:
+        url = redis_url
         client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        try:
-            client.ping()
-        except redis.exceptions.ConnectionError as e:
-            server_unavailable("Redis", str(e))
         prefix = f"test:{uuid.uuid4().hex[:12]}:"
         yield url, prefix
         keys = list(client.scan_iter(match=prefix + "*", count=1000))

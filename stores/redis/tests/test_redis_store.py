@@ -7,7 +7,6 @@ and deletes its keys afterwards.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,16 +19,6 @@ from oco_core import StoreUnavailableError
 from oco_core.plugin import mask_url
 from oco_core.testing.pytest_plugin import server_unavailable
 from oco_core.testing.store_contract import StoreContract, unavailable_message
-
-REDIS_ENV = "OCO_TEST_REDIS_URL"
-
-
-def redis_url() -> str:
-    """The test Redis's URL, or skip (fail in CI) when it is not configured."""
-    url = os.environ.get(REDIS_ENV, "")
-    if not url:
-        server_unavailable("Redis", f"set {REDIS_ENV}, e.g. redis://127.0.0.1:6379/15")
-    return url
 
 
 def delete_prefix(url: str, prefix: str) -> None:
@@ -44,9 +33,9 @@ def delete_prefix(url: str, prefix: str) -> None:
 
 
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own on the test Redis, emptied afterwards."""
-    url = redis_url()
+    url = redis_url
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     yield prefix
     await trio.to_thread.run_sync(delete_prefix, url, prefix)
@@ -56,8 +45,8 @@ class TestRedisStore(StoreContract):
     """The contract on the real Redis, under a key prefix of the test's own."""
 
     @pytest.fixture
-    async def store(self, redis_prefix: str, max_value_bytes: int) -> AsyncIterator[RedisStore]:
-        config = RedisStoreConfig(url=redis_url(), prefix=redis_prefix, max_value_bytes=max_value_bytes)
+    async def store(self, redis_url: str, redis_prefix: str, max_value_bytes: int) -> AsyncIterator[RedisStore]:
+        config = RedisStoreConfig(url=redis_url, prefix=redis_prefix, max_value_bytes=max_value_bytes)
         try:
             async with open_redis_store(config) as store:
                 yield store
@@ -96,8 +85,8 @@ async def test_unreachable_redis_names_the_url_with_password_masked() -> None:
     assert "s3cret" not in message
 
 
-async def test_keys_live_under_the_prefix(redis_prefix: str) -> None:
-    url = redis_url()
+async def test_keys_live_under_the_prefix(redis_url: str, redis_prefix: str) -> None:
+    url = redis_url
     async with open_redis_store(RedisStoreConfig(url=url, prefix=redis_prefix)) as store:
         await store.set("cb:a", "k", b"v")
         await store.set("bot", "k", b"v")
@@ -109,8 +98,8 @@ async def test_keys_live_under_the_prefix(redis_prefix: str) -> None:
     assert keys == sorted(f"{redis_prefix}{{{ns}}}:{kind}".encode() for ns in ("cb:a", "bot") for kind in "dz")
 
 
-async def test_two_prefixes_do_not_see_each_other(redis_prefix: str) -> None:
-    url = redis_url()
+async def test_two_prefixes_do_not_see_each_other(redis_url: str, redis_prefix: str) -> None:
+    url = redis_url
     first = RedisStoreConfig(url=url, prefix=redis_prefix + "one:")
     second = RedisStoreConfig(url=url, prefix=redis_prefix + "two:")
     async with open_redis_store(first) as one, open_redis_store(second) as two:
@@ -119,8 +108,8 @@ async def test_two_prefixes_do_not_see_each_other(redis_prefix: str) -> None:
         assert await two.list("ns") == []
 
 
-async def test_usage_counts_keys_and_bytes(redis_prefix: str) -> None:
-    async with open_redis_store(RedisStoreConfig(url=redis_url(), prefix=redis_prefix)) as store:
+async def test_usage_counts_keys_and_bytes(redis_url: str, redis_prefix: str) -> None:
+    async with open_redis_store(RedisStoreConfig(url=redis_url, prefix=redis_prefix)) as store:
         assert await store.usage("cb:q") == (0, 0)
         await store.set("cb:q", "ab", b"12345")
         await store.set("cb:q", "é", b"x:y")
