@@ -2,7 +2,8 @@
 
 Its npm dependencies are installed with `npm ci` from the committed package-lock.json
 into a copy of the example, and its .proto files are written by `oco proto --out`, as
-its README says. Without node or npm the tests skip (fail where OCO_REQUIRE_SERVERS=1).
+its README says. Without node or npm the tests skip (fail where OCO_REQUIRE_SERVERS=1);
+so does its notes test without the PostgreSQL at OCO_TEST_POSTGRES_URL.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import trio
+from psycopg import sql
 
-from oco_core.testing import Lines, free_port, run_oco
+from oco_core.testing import Lines, free_port, oco_cli, run_oco
+from oco_core.testing.pytest_plugin import server_unavailable
 
 pytestmark = pytest.mark.server("node")
 
@@ -42,7 +49,7 @@ callbacks:
         await bot.expect(r"^alice: node counter is 42$")
         await bot.write("oco help count")
         await bot.expect(r"^count \[n\] - adds n")
-        await bot.expect(r"\[node-callback node\] connected to .*: 3 route\(s\) registered", stream="stderr")
+        await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
 
 
 async def test_started_by_hand_reconnects_when_the_bot_restarts(node_example: Path, tmp_path: Path) -> None:
@@ -55,7 +62,7 @@ callbacks:
   - {{id: node, secret: "{SECRET}"}}
 """
     env = {**os.environ, "OCO_ADDRESS": f"127.0.0.1:{port}", "OCO_CALLBACK_ID": "node", "OCO_SECRET": SECRET}
-    registered = r"connected to .*: 3 route\(s\) registered"
+    registered = r"connected to .*: 5 route\(s\) registered"
     stderr = Lines("the node callback's stderr")
     async with run_oco(config, tmp_path / "bot") as bot:
         callback = await trio.lowlevel.open_process(
@@ -86,3 +93,164 @@ callbacks:
                 callback.kill()
                 with trio.CancelScope(shield=True):
                     await callback.wait()
+
+
+@pytest.fixture
+def postgres_admin() -> Iterator[tuple[str, str, psycopg.Connection[tuple[Any, ...]]]]:
+    """``(url, name_prefix, superuser connection)`` on the PostgreSQL at
+    OCO_TEST_POSTGRES_URL, with a prefix of this test's own for the data store's roles and
+    schemas; whatever the test leaves with that prefix is dropped afterwards."""
+    url = os.environ.get("OCO_TEST_POSTGRES_URL", "")
+    if not url:
+        server_unavailable(
+            "PostgreSQL", "set OCO_TEST_POSTGRES_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        )
+    libpq = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    try:
+        admin = psycopg.connect(libpq, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        server_unavailable("PostgreSQL", " ".join(str(exc).split()))
+    prefix = f"oco_node_{uuid.uuid4().hex[:8]}_"
+    try:
+        yield url, prefix, admin
+    finally:
+        roles = admin.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", [prefix]).fetchall()
+        admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE starts_with(usename, %s)", [prefix]
+        )
+        for (role,) in roles:
+            admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        admin.close()
+
+
+async def test_notes_in_a_postgresql_schema_of_its_own(
+    node_example: Path, tmp_path: Path, postgres_admin: tuple[str, str, psycopg.Connection[tuple[Any, ...]]]
+) -> None:
+    url, prefix, admin = postgres_admin
+    config = f"""
+adapters: [{{type: shell, user: alice}}]
+store: {{url: "sqlite:///./oco.db"}}
+grpc: {{listen: "127.0.0.1:0"}}
+datastores: [{{type: postgresql, url: "{url}", name_prefix: {prefix}}}]
+callbacks:
+  - id: node
+    command: ["node", "{node_example / "callback.js"}"]
+    env: {{OCO_REQUIRES: postgresql}}
+    requires: [postgresql]
+"""
+    async with run_oco(config, tmp_path) as bot:
+        await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
+        await bot.write("oco note hello")
+        await bot.expect(r"^alice: noted \(#1\)$")
+        await bot.write("oco note from Node.js, twice")
+        await bot.expect(r"^alice: noted \(#2\)$")
+        await bot.write("oco notes")
+        await bot.expect(r"^#1 hello \(shell/alice\)$")
+        await bot.expect(r"^#2 from Node\.js, twice \(shell/alice\)$")
+        await bot.expect(rf"PostgreSQL: schema {prefix}node, credentials generation 1", stream="stderr")
+
+    # The rows are in the callback's own schema, owned by its own role: what the bot
+    # handed it through GetDataStore, not the admin's.
+    schema = f"{prefix}node"
+    owner = admin.execute(
+        "SELECT tableowner FROM pg_tables WHERE schemaname = %s AND tablename = 'notes'", [schema]
+    ).fetchone()
+    assert owner == (schema,)
+    rows = admin.execute(sql.SQL("SELECT author, body FROM {}.notes ORDER BY id").format(sql.Identifier(schema)))
+    assert rows.fetchall() == [("shell/alice", "hello"), ("shell/alice", "from Node.js, twice")]
+
+    # The operator removes the callback's role and schema with its data.
+    revoked = await trio.to_thread.run_sync(
+        lambda: oco_cli(
+            "datastores", "revoke", "node", "postgresql", "--drop-data", "--config", "oco.yaml", cwd=tmp_path
+        )
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked the access of callback 'node' to postgresql and deleted its data" in revoked.stdout
+    assert admin.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is None
+    assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [schema]).fetchone() is None
+
+
+async def test_a_required_data_store_the_bot_lacks_stops_the_callback_naming_it(
+    node_example: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = f"""
+adapters: [{{type: shell, user: alice}}]
+store: {{url: "sqlite:///./oco.db"}}
+grpc: {{listen: "127.0.0.1:{port}"}}
+callbacks:
+  - {{id: node, secret: "{SECRET}"}}
+"""
+    env = {**os.environ, "OCO_ADDRESS": f"127.0.0.1:{port}", "OCO_CALLBACK_ID": "node", "OCO_SECRET": SECRET}
+    async with run_oco(config, tmp_path) as bot:
+        # Without OCO_REQUIRES it runs, and its notes say what is missing.
+        stderr = Lines("the node callback's stderr")
+        plain = await trio.lowlevel.open_process(
+            ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                assert plain.stderr is not None
+                nursery.start_soon(stderr.pump, plain.stderr)
+                await stderr.wait_for(r"connected to .*: 5 route\(s\) registered")
+                await bot.write("oco note hello")
+                await bot.expect(r"^alice: notes need PostgreSQL, and this bot offers no postgresql data store")
+                plain.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    assert await plain.wait() == 0
+        finally:
+            if plain.returncode is None:
+                plain.kill()
+                with trio.CancelScope(shield=True):
+                    await plain.wait()
+        # With it, the bot refuses the callback, which exits naming the data store.
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                ["node", str(node_example / "callback.js")],
+                env={**env, "OCO_REQUIRES": "postgresql"},
+                capture_stderr=True,
+                check=False,
+            )
+    assert done.returncode == 1
+    assert "FAILED_PRECONDITION): a data store this callback requires (OCO_REQUIRES), postgresql:" in (
+        done.stderr.decode()
+    )
+
+
+async def test_after_a_rotation_it_asks_the_bot_again_and_keeps_its_notes(
+    node_example: Path, tmp_path: Path, password_postgres: str
+) -> None:
+    # A cluster that checks passwords: on the machine's, which trusts loopback, the old
+    # password would still log in and the callback would never need to ask again.
+    prefix = f"oco_node_{uuid.uuid4().hex[:8]}_"
+    config = f"""
+adapters: [{{type: shell, user: alice}}]
+store: {{url: "sqlite:///./oco.db"}}
+grpc: {{listen: "127.0.0.1:0"}}
+datastores: [{{type: postgresql, url: "{password_postgres}", name_prefix: {prefix}}}]
+callbacks:
+  - id: node
+    command: ["node", "{node_example / "callback.js"}"]
+    env: {{OCO_REQUIRES: postgresql}}
+"""
+
+    def oco(*args: str) -> subprocess.CompletedProcess[str]:
+        return oco_cli("datastores", *args, "--config", "oco.yaml", cwd=tmp_path)
+
+    try:
+        async with run_oco(config, tmp_path) as bot:
+            await bot.write("oco note before")
+            await bot.expect(r"^alice: noted \(#1\)$")
+            rotated = await trio.to_thread.run_sync(oco, "rotate", "node", "postgresql")
+            assert rotated.returncode == 0, rotated.stderr
+            await bot.write("oco note after")
+            await bot.expect(r"^alice: noted \(#2\)$")
+            await bot.expect(r"PostgreSQL refused the credentials \(28P01: password authentication", stream="stderr")
+            await bot.expect(rf"PostgreSQL: schema {prefix}node, credentials generation 2", stream="stderr")
+            await bot.write("oco notes")
+            await bot.expect(r"^#1 before \(shell/alice\)$")
+            await bot.expect(r"^#2 after \(shell/alice\)$")
+    finally:
+        await trio.to_thread.run_sync(oco, "revoke", "node", "postgresql", "--drop-data")

@@ -2,15 +2,20 @@
 // An OCO callback program in Node.js, with @grpc/grpc-js and @grpc/proto-loader.
 //
 // It loads the .proto files that `oco proto --out DIR` writes (never a copy), declares
-// its routes in its Listen stream, replies with SendMessages, and keeps a counter in
-// the bot's Storage service with compare-and-set. When the bot goes away it reconnects
-// with backoff and declares its routes again. See README.md beside it.
+// its routes in its Listen stream, replies with SendMessages, keeps a counter in the
+// bot's Storage service with compare-and-set, and keeps notes in a PostgreSQL schema of
+// its own when the bot offers the `postgresql` data store (GetDataStore, then the `pg`
+// client). When the bot goes away it reconnects with backoff and declares its routes
+// again. See README.md beside it.
 //
 //   OCO_ADDRESS      host:port of the bot's gRPC API (default 127.0.0.1:50051)
 //   OCO_CALLBACK_ID  this callback's id in the bot's configuration
 //   OCO_SECRET       this callback's secret (the bot passes it to programs it launches)
 //   OCO_PROTO_DIR    where `oco proto --out` wrote the .proto files (default build/proto
 //                    beside this file; written by `oco proto` on first start if missing)
+//   OCO_REQUIRES     data-store types to declare as required, comma-separated (e.g.
+//                    `postgresql`): the bot then refuses this callback unless it offers
+//                    them. Unset, the notes routes answer that PostgreSQL is missing.
 //
 // Over TLS when any of these is set (the bot sets them for programs it launches when
 // its API uses TLS):
@@ -28,11 +33,16 @@ const path = require('node:path');
 
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const pg = require('pg');
 
 const ADDRESS = process.env.OCO_ADDRESS || '127.0.0.1:50051';
 const CALLBACK_ID = process.env.OCO_CALLBACK_ID || '';
 const SECRET = process.env.OCO_SECRET || '';
 const PROTO_DIR = process.env.OCO_PROTO_DIR || path.join(__dirname, 'build', 'proto');
+const REQUIRES = (process.env.OCO_REQUIRES || '')
+  .split(',')
+  .map((type) => type.trim())
+  .filter(Boolean);
 const TLS = {
   ca: process.env.OCO_TLS_CA || '',
   cert: process.env.OCO_TLS_CERT || '',
@@ -40,8 +50,14 @@ const TLS = {
   serverName: process.env.OCO_TLS_SERVER_NAME || '',
 };
 
-// Status codes after which reconnecting cannot help: the configuration is wrong.
-const FATAL = new Set([grpc.status.UNAUTHENTICATED, grpc.status.PERMISSION_DENIED, grpc.status.INVALID_ARGUMENT]);
+// Status codes after which reconnecting cannot help: the configuration is wrong (a
+// required data store the bot does not offer is FAILED_PRECONDITION).
+const FATAL = new Set([
+  grpc.status.UNAUTHENTICATED,
+  grpc.status.PERMISSION_DENIED,
+  grpc.status.INVALID_ARGUMENT,
+  grpc.status.FAILED_PRECONDITION,
+]);
 const UNARY_DEADLINE_MS = 30_000;
 const BACKOFF_MIN_MS = 200;
 const BACKOFF_MAX_MS = 10_000;
@@ -68,7 +84,7 @@ function ensureProtos(dir) {
 
 function loadProtocol(dir) {
   ensureProtos(dir);
-  const definition = protoLoader.loadSync(['robot.proto', 'storage.proto'], {
+  const definition = protoLoader.loadSync(['robot.proto', 'storage.proto', 'datastores.proto'], {
     includeDirs: [dir],
     keepCase: true, // the specification spells a field `WithMention`; keep every name as written
     longs: String, // uint64 versions arrive as decimal strings
@@ -127,6 +143,100 @@ function unary(client, method, request) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// The typed error a failed call names in its trailing metadata (`oco-error-type` and
+// `oco-error-<attribute>`, percent-encoded), or '' for a status without one.
+function errorMetadata(err, key) {
+  const values = err && err.metadata ? err.metadata.get(key) : [];
+  return values.length ? decodeURIComponent(String(values[0])) : '';
+}
+
+// ---- notes, in a PostgreSQL schema of this callback's own ---------------------------
+
+// PostgreSQL refusing the credentials: 28P01 a wrong password (rotated), 28000 a role
+// that may not log in (revoked). Asking the bot again gets the current ones.
+const PG_AUTH_FAILED = new Set(['28P01', '28000']);
+// The server ended the session (a rotation ends the old password's sessions): the pool
+// drops that client, and the next attempt connects anew.
+const PG_SESSION_ENDED = new Set(['57P01', '57P02', '57P03']);
+
+class Notes {
+  constructor(datastores) {
+    this.datastores = datastores;
+    this.pool = null; // a pg.Pool on the URL of the access below
+    this.access = null; // the last DataStoreAccess the bot answered
+  }
+
+  // GetDataStore("postgresql"): the URL (with this callback's own role and password) and
+  // the schema it owns. Provisioned by the bot on first use; the same every time until
+  // the operator rotates or revokes it.
+  async connect() {
+    const access = await unary(this.datastores, 'GetDataStore', { type: 'postgresql' });
+    await this.close();
+    this.access = access;
+    this.pool = new pg.Pool({ connectionString: access.url, max: 2, connectionTimeoutMillis: 10_000 });
+    // An idle session the server ends (a rotation) is reported here; the next query
+    // connects again. Without a listener, Node would exit on it.
+    this.pool.on('error', (err) => log(`PostgreSQL session ended: ${err.message}`));
+    log(`PostgreSQL: schema ${access.namespace}, credentials generation ${access.generation}`);
+    await this.pool.query(
+      `CREATE TABLE IF NOT EXISTS ${this.table()} (
+         id serial PRIMARY KEY, author text NOT NULL, body text NOT NULL, created timestamptz NOT NULL DEFAULT now())`,
+    );
+  }
+
+  // The table, qualified with the schema the bot named (the role's search_path is that
+  // schema too, so an unqualified name would land there as well).
+  table() {
+    const schema = this.access.namespace;
+    return schema ? `${pg.escapeIdentifier(schema)}.notes` : 'notes';
+  }
+
+  async query(text, values) {
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        if (!this.pool) await this.connect();
+        return await this.pool.query(text.replace('$TABLE', () => this.table()), values);
+      } catch (err) {
+        if (attempt >= 3) throw err;
+        if (PG_AUTH_FAILED.has(err.code)) {
+          log(`PostgreSQL refused the credentials (${err.code}: ${err.message}); asking the bot again`);
+          await this.close();
+        } else if (!(PG_SESSION_ENDED.has(err.code) || /Connection terminated/i.test(err.message))) {
+          throw err;
+        }
+      }
+    }
+  }
+
+  async add(author, body) {
+    const result = await this.query('INSERT INTO $TABLE (author, body) VALUES ($1, $2) RETURNING id', [author, body]);
+    return result.rows[0].id;
+  }
+
+  async list(limit = 10) {
+    const result = await this.query('SELECT id, author, body FROM $TABLE ORDER BY id DESC LIMIT $1', [limit]);
+    return result.rows.reverse();
+  }
+
+  async close() {
+    const pool = this.pool;
+    this.pool = null;
+    if (pool) await pool.end().catch((err) => log(`closing the PostgreSQL pool: ${err.message}`));
+  }
+}
+
+// What to tell the person when the notes cannot be reached; rethrows anything else.
+function notesUnavailable(err) {
+  if (err.code === grpc.status.FAILED_PRECONDITION && errorMetadata(err, 'oco-error-type') === 'DataStoreUnavailableError') {
+    return 'notes need PostgreSQL, and this bot offers no postgresql data store (its operator adds one under datastores:)';
+  }
+  if (err.code === grpc.status.PERMISSION_DENIED && errorMetadata(err, 'oco-error-capability') === 'datastores') {
+    return "notes need PostgreSQL, and this callback's capabilities do not include datastores";
+  }
+  if (err.code === grpc.status.UNAVAILABLE) return `PostgreSQL is unavailable right now (${err.details}); try again later`;
+  throw err;
+}
+
 // ---- what this callback does -------------------------------------------------------
 
 const ROUTES = [
@@ -137,6 +247,13 @@ const ROUTES = [
     respond: true,
     help: 'count [n] - adds n (default 1) to a counter kept in the bot, from Node.js',
   },
+  {
+    id: 'note',
+    pattern: '^note (?P<text>.+)$',
+    respond: true,
+    help: 'note <text> - keeps a note in PostgreSQL (when the bot offers it), from Node.js',
+  },
+  { id: 'notes', pattern: '^notes$', respond: true, help: 'notes - the last 10 notes, from Node.js' },
   {
     id: 'hello',
     pattern: '\\bhello,? node(?:js)?\\b',
@@ -160,6 +277,8 @@ class NodeCallback {
     };
     this.robot = new oco.Robot(ADDRESS, credentials, options);
     this.storage = new oco.Storage(ADDRESS, credentials, options);
+    this.datastores = new oco.DataStores(ADDRESS, credentials, options);
+    this.notes = new Notes(this.datastores);
     this.listening = null;
     this.stopped = false;
   }
@@ -221,6 +340,28 @@ class NodeCallback {
       case 'hello':
         await this.reply(matched, `hello ${user.name || user.id}, from Node.js ${process.version}`);
         break;
+      case 'note': {
+        let answer;
+        try {
+          const id = await this.notes.add(user.id, matched.named_groups.text);
+          answer = `noted (#${id})`;
+        } catch (err) {
+          answer = notesUnavailable(err);
+        }
+        await this.reply(matched, answer, true);
+        break;
+      }
+      case 'notes': {
+        let answer;
+        try {
+          const notes = await this.notes.list();
+          answer = notes.length ? notes.map((n) => `#${n.id} ${n.body} (${n.author})`).join('\n') : 'no notes yet';
+        } catch (err) {
+          answer = notesUnavailable(err);
+        }
+        await this.reply(matched, answer);
+        break;
+      }
       default:
         log(`no handler for route ${matched.route_id}`);
     }
@@ -229,7 +370,8 @@ class NodeCallback {
   // One Listen stream: resolves when it ends, with the status that ended it.
   listenOnce(onRegistered) {
     return new Promise((resolve) => {
-      const call = this.robot.Listen({ plugin_id: CALLBACK_ID, routes: ROUTES }, metadata());
+      const request = { plugin_id: CALLBACK_ID, routes: ROUTES, requires: REQUIRES };
+      const call = this.robot.Listen(request, metadata());
       this.listening = call;
       let settled = false;
       const finish = (status) => {
@@ -248,7 +390,7 @@ class NodeCallback {
       call.on('data', (event) => {
         this.handle(event).catch((err) => log(`handling ${event.matched_message?.route_id}: ${err.message}`));
       });
-      call.on('error', (err) => finish({ code: err.code, details: err.details || err.message }));
+      call.on('error', (err) => finish({ code: err.code, details: err.details || err.message, error: err }));
       call.on('status', (status) => finish(status));
       call.on('end', () => finish({ code: grpc.status.OK, details: 'the bot ended the stream' }));
     });
@@ -263,7 +405,9 @@ class NodeCallback {
       });
       if (this.stopped) break;
       if (FATAL.has(status.code)) {
-        throw new Error(`the bot refused this callback (${grpc.status[status.code]}): ${status.details}`);
+        const datastore = errorMetadata(status.error, 'oco-error-datastore');
+        const why = datastore ? ` a data store this callback requires (OCO_REQUIRES), ${datastore}:` : '';
+        throw new Error(`the bot refused this callback (${grpc.status[status.code]}):${why} ${status.details}`);
       }
       const delay = backoff * (0.5 + Math.random());
       log(`Listen stream ended (${grpc.status[status.code]}: ${status.details}); reconnecting in ${Math.round(delay)} ms`);
@@ -277,6 +421,8 @@ class NodeCallback {
     if (this.listening) this.listening.cancel();
     this.robot.close();
     this.storage.close();
+    this.datastores.close();
+    this.notes.close();
   }
 }
 
