@@ -83,7 +83,6 @@ class MatrixAdapter(Adapter):
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Log in, catch up from the stored sync token, then sync and send until cancelled."""
         self._host = host
-        _quiet_libraries()
         config = self.config
         encryption = config.encryption and ENCRYPTION_ENABLED
         if config.encryption and not ENCRYPTION_ENABLED:
@@ -653,18 +652,6 @@ class MatrixAdapter(Adapter):
         if self._host is None:
             raise AdapterError("the Matrix adapter is not running")
         return self._host
-
-
-def _quiet_libraries() -> None:
-    # httpx logs every request at INFO (one line per 30 s long-poll), nio every event it
-    # handles: a bot's log would drown. Only loggers nobody configured are changed, and
-    # not when the whole process logs at DEBUG.
-    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
-        return
-    for name in ("httpx", "nio"):
-        library = logging.getLogger(name)
-        if library.level == logging.NOTSET:
-            library.setLevel(logging.WARNING)
 
 
 async def _get(host: AdapterHost, key: str) -> str:
