@@ -518,7 +518,9 @@ class SqlStore(Store):
         def work(conn: Connection) -> bool:
             deleted = conn.execute(stmt, params).first() is not None
             if not deleted and expected_version is not None:
-                raise self._conflict(conn, params, key, expected_version)
+                conflict = self._conflict(conn, params, key, expected_version)
+                if conflict.current != expected_version:  # 0 and absent: nothing to delete
+                    raise conflict
             return deleted
 
         return await self._run(work, write=True)

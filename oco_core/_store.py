@@ -121,7 +121,8 @@ class Store(abc.ABC):
         """Delete ``key``; return False when it did not exist.
 
         With ``expected_version`` the delete happens only if the stored version equals
-        it; otherwise VersionConflictError is raised (also when the key does not exist).
+        it; otherwise VersionConflictError is raised (also when the key does not exist,
+        unless ``expected_version`` is 0, which means "absent": then it returns False).
         """
 
     @abc.abstractmethod

@@ -195,6 +195,11 @@ class StoreContract:
     async def test_delete_missing_with_expected_version_conflicts(self, store: Store) -> None:
         await _conflicts(store.delete("ns", "k", expected_version=1), current=0)
 
+    async def test_delete_missing_expecting_it_absent_is_false(self, store: Store) -> None:
+        assert await store.delete("ns", "k", expected_version=0) is False
+        await store.set("ns", "k", b"a")
+        await _conflicts(store.delete("ns", "k", expected_version=0), current=1)
+
     async def test_version_conflict_is_a_store_error(self, store: Store) -> None:
         await store.set("ns", "k", b"a")
         with pytest.raises(StoreError):
