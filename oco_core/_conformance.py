@@ -405,14 +405,14 @@ class Suite:
         """A data-store type no bot offers."""
         return f"conformance-absent-{self.token}"
 
-    def get_datastore_call(self, type: str) -> Awaitable[datastores_pb2.DataStoreAccess]:
+    def get_datastore_call(self, type: str, refresh: bool = False) -> Awaitable[datastores_pb2.DataStoreAccess]:
         """A GetDataStore call, for :meth:`call` or :meth:`refusal`."""
-        request = datastores_pb2.GetDataStoreRequest(type=type)
+        request = datastores_pb2.GetDataStoreRequest(type=type, refresh=refresh)
         return self.datastores.GetDataStore(request, metadata=self.metadata(), timeout=self.timeout)
 
-    async def get_datastore(self, type: str) -> datastores_pb2.DataStoreAccess:
+    async def get_datastore(self, type: str, refresh: bool = False) -> datastores_pb2.DataStoreAccess:
         """DataStores.GetDataStore."""
-        return await self.call(lambda: self.get_datastore_call(type))
+        return await self.call(lambda: self.get_datastore_call(type, refresh))
 
     async def cleanup(self, secret: str | None = None) -> None:
         """Delete every key this run wrote with ``secret``."""
@@ -1147,19 +1147,20 @@ async def _datastores_access(s: Suite) -> str:
 
 @check("datastores/access-stable")
 async def _datastores_access_stable(s: Suite) -> str:
-    """Asking GetDataStore twice gives the same access (same url, same generation): the
-    bot keeps a callback's credentials, it does not make new ones each time (skipped when
-    the bot offers none)."""
+    """Asking GetDataStore twice, and again with `refresh`, gives the same access (same
+    url, same generation): the bot keeps a callback's credentials, it does not make new
+    ones each time (skipped when the bot offers none)."""
     datastore = await s.offered_datastore()
     first = await s.get_datastore(datastore)
-    second = await s.get_datastore(datastore)
-    _expect(
-        first.generation == second.generation,
-        f"GetDataStore({datastore!r}) twice: generation {first.generation}, then {second.generation}",
-    )
-    # Compared, never shown: the url holds the callback's password.
-    _expect(first.url == second.url, f"GetDataStore({datastore!r}) twice answered two different urls")
-    return f"{datastore}: the same url and generation {first.generation} twice"
+    for how, refresh in (("asked again", False), ("asked with refresh", True)):
+        again = await s.get_datastore(datastore, refresh=refresh)
+        _expect(
+            first.generation == again.generation,
+            f"GetDataStore({datastore!r}) {how}: generation {first.generation}, then {again.generation}",
+        )
+        # Compared, never shown: the url holds the callback's password.
+        _expect(first.url == again.url, f"GetDataStore({datastore!r}) {how} answered another url")
+    return f"{datastore}: the same url and generation {first.generation} three times, once with refresh"
 
 
 # ---- running ---------------------------------------------------------------------------

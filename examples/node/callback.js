@@ -168,9 +168,10 @@ class Notes {
 
   // GetDataStore("postgresql"): the URL (with this callback's own role and password) and
   // the schema it owns. Provisioned by the bot on first use; the same every time until
-  // the operator rotates or revokes it.
-  async connect() {
-    const access = await unary(this.datastores, 'GetDataStore', { type: 'postgresql' });
+  // the operator rotates or revokes it. `refresh` after PostgreSQL refused the last
+  // ones: the bot then makes sure the database holds the credentials it answers.
+  async connect(refresh = false) {
+    const access = await unary(this.datastores, 'GetDataStore', { type: 'postgresql', refresh });
     await this.close();
     this.access = access;
     this.pool = new pg.Pool({ connectionString: access.url, max: 2, connectionTimeoutMillis: 10_000 });
@@ -192,15 +193,17 @@ class Notes {
   }
 
   async query(text, values) {
+    let refresh = false;
     for (let attempt = 1; ; attempt += 1) {
       try {
-        if (!this.pool) await this.connect();
+        if (!this.pool) await this.connect(refresh);
         return await this.pool.query(text.replace('$TABLE', () => this.table()), values);
       } catch (err) {
         if (attempt >= 3) throw err;
         if (PG_AUTH_FAILED.has(err.code)) {
           log(`PostgreSQL refused the credentials (${err.code}: ${err.message}); asking the bot again`);
           await this.close();
+          refresh = true;
         } else if (!(PG_SESSION_ENDED.has(err.code) || /Connection terminated/i.test(err.message))) {
           throw err;
         }
