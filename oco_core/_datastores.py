@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from ._audit import ALLOWED, DENIED
 from ._config import LoadedConfig, validate_section
 from ._datastore import DataStoreAccess, DataStoreProvider, DataStoreType
-from ._errors import ConfigError, DataStoreUnavailableError, StoreError, VersionConflictError
+from ._errors import CapabilityError, ConfigError, DataStoreUnavailableError, StoreError, VersionConflictError
 from ._plugins import Plugins
 from ._policy import Record
 from ._store import Store
@@ -37,6 +37,11 @@ from ._store import Store
 log = logging.getLogger(__name__)
 
 NAMESPACE = "datastores"
+#: How often one callback's refresh=true really provisions again (a loop of them must
+#: not keep the database's admin account busy for everyone else).
+REFRESH_SECONDS = 10.0
+#: Callbacks whose refusals are remembered (logged once each) before the memory is reset.
+_REFUSALS_REMEMBERED = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +53,38 @@ class Grant:
     password: str = field(repr=False)
     generation: int
     granted: float
+    #: The operator revoked it: no access until `oco datastores grant` (the record stays,
+    #: so the generation only grows and a callback that asks again is refused).
+    revoked: bool = False
 
     def to_json(self) -> bytes:
-        data = {"password": self.password, "generation": self.generation, "granted": self.granted}
+        data = {
+            "password": self.password,
+            "generation": self.generation,
+            "granted": self.granted,
+            "revoked": self.revoked,
+        }
         return json.dumps(data).encode()
 
     @classmethod
     def from_json(cls, datastore: str, callback_id: str, raw: bytes) -> Grant:
         data = json.loads(raw)
-        return cls(datastore, callback_id, str(data["password"]), int(data["generation"]), float(data["granted"]))
+        return cls(
+            datastore,
+            callback_id,
+            str(data["password"]),
+            int(data["generation"]),
+            float(data["granted"]),
+            bool(data.get("revoked", False)),
+        )
+
+    def renewed(self) -> Grant:
+        """New credentials, one generation on, not revoked."""
+        return Grant(self.datastore, self.callback_id, _password(), self.generation + 1, time.time())
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(24)
 
 
 def _key(datastore: str, callback_id: str) -> str:
@@ -97,6 +125,7 @@ class DataStores:
         #: read of the core store and no round trip to the database.
         self._provisioned: dict[tuple[str, str], tuple[int, DataStoreAccess]] = {}
         self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._refreshed: dict[tuple[str, str], float] = {}
         self._refused: set[tuple[str, str]] = set()
 
     def offered(self) -> list[str]:
@@ -117,6 +146,8 @@ class DataStores:
     def _unavailable(self, callback_id: str, datastore: str) -> DataStoreUnavailableError:
         error = DataStoreUnavailableError(missing_hint(datastore, self.offered()), datastore=datastore)
         if (datastore, callback_id) not in self._refused:
+            if len(self._refused) >= _REFUSALS_REMEMBERED:
+                self._refused.clear()
             self._refused.add((datastore, callback_id))
             log.warning("callback %r requires the data store %r: %s", callback_id, datastore, error)
             self._record("datastore", DENIED, callback=callback_id, permission=datastore, detail=str(error))
@@ -137,73 +168,99 @@ class DataStores:
     async def access(self, callback_id: str, datastore: str, *, refresh: bool = False) -> tuple[DataStoreAccess, int]:
         """The callback's access to its corner of ``datastore`` and the credentials'
         generation, provisioning it on first use (and, with ``refresh``, again: the
-        database refused the credentials, so make sure it holds them)."""
+        database refused the credentials, so make sure it holds them). CapabilityError
+        when the operator revoked it."""
         provider = self._provider(callback_id, datastore)
         slot = (datastore, callback_id)
-        lock = self._locks.setdefault(slot, trio.Lock())
-        async with lock:
-            if refresh:
+        async with self._locks.setdefault(slot, trio.Lock()):
+            now = trio.current_time()
+            if refresh and now - self._refreshed.get(slot, -REFRESH_SECONDS) >= REFRESH_SECONDS:
+                self._refreshed[slot] = now
                 self._provisioned.pop(slot, None)
-            grant, _ = await self._read(datastore, callback_id)
-            if grant is None:
-                grant = Grant(datastore, callback_id, secrets.token_urlsafe(24), 1, time.time())
-                access = await provider.provision(callback_id, grant.password)
+            for _ in range(5):  # settles a race with another bot or `oco datastores`
+                grant, _ = await self._read(datastore, callback_id)
+                if grant is not None and grant.revoked:
+                    raise self._revoked(callback_id, datastore)
+                if grant is not None:
+                    break
+                grant = Grant(datastore, callback_id, _password(), 1, time.time())
                 try:
                     await self._store.set(NAMESPACE, _key(datastore, callback_id), grant.to_json(), expected_version=0)
                 except VersionConflictError:
-                    # Another bot (or replica's bot) granted it meanwhile: theirs stands,
-                    # and the database must hold their password, not ours.
-                    grant, _ = await self._read(datastore, callback_id)
-                    assert grant is not None  # the conflict says a record exists
-                    access = await provider.provision(callback_id, grant.password)
-                else:
-                    log.info("provisioned the data store %r for callback %r", datastore, callback_id)
-                    self._record("datastore", ALLOWED, callback=callback_id, permission=datastore, detail="provisioned")
-                self._provisioned[slot] = (grant.generation, access)
+                    continue  # another bot granted it meanwhile: theirs stands
+                log.info("provisioning the data store %r for callback %r", datastore, callback_id)
+                self._record("datastore", ALLOWED, callback=callback_id, permission=datastore, detail="provisioned")
+                break
             else:
-                known = self._provisioned.get(slot)
-                if known is not None and known[0] == grant.generation:
-                    access = known[1]
-                else:
-                    # First hand-out since this bot started, or rotated by another process.
-                    access = await provider.provision(callback_id, grant.password)
-                    self._provisioned[slot] = (grant.generation, access)
+                raise StoreError(f"the grant of {datastore!r} to callback {callback_id!r} keeps changing; try again")
+            known = self._provisioned.get(slot)
+            if known is not None and known[0] == grant.generation:
+                access = known[1]
+            else:
+                # First hand-out since this bot started, new, or rotated elsewhere: the
+                # database is made to hold exactly the kept password.
+                access = await provider.provision(callback_id, grant.password)
+                self._provisioned[slot] = (grant.generation, access)
         self._record(
             "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"access {grant.generation}"
         )
         return access, grant.generation
+
+    def _revoked(self, callback_id: str, datastore: str) -> CapabilityError:
+        error = CapabilityError(
+            f"the operator revoked callback {callback_id!r}'s access to the data store {datastore!r}; "
+            f"`oco datastores grant {callback_id} {datastore}` gives it back",
+            capability="datastores",
+        )
+        self._record("datastore", DENIED, callback=callback_id, permission=datastore, detail=str(error))
+        return error
+
+    async def grant(self, callback_id: str, datastore: str) -> int:
+        """Give the callback access now (again, after a revocation: new credentials, one
+        generation on); returns the generation. Its existing grant is left as it is."""
+        provider = self._provider(callback_id, datastore)
+        grant, version = await self._read(datastore, callback_id)
+        if grant is not None and not grant.revoked:
+            return grant.generation
+        new = grant.renewed() if grant is not None else Grant(datastore, callback_id, _password(), 1, time.time())
+        await self._store.set(NAMESPACE, _key(datastore, callback_id), new.to_json(), expected_version=version)
+        await provider.provision(callback_id, new.password, rotated=True)
+        self._record(
+            "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"granted {new.generation}"
+        )
+        return new.generation
 
     async def rotate(self, callback_id: str, datastore: str) -> int:
         """New credentials for the callback (the old stop working and their sessions
         end); returns the new generation. StoreError when it holds none."""
         provider = self._provider(callback_id, datastore)
         grant, version = await self._read(datastore, callback_id)
-        if grant is None:
+        if grant is None or grant.revoked:
             raise StoreError(f"callback {callback_id!r} holds no access to the data store {datastore!r}")
-        new = Grant(datastore, callback_id, secrets.token_urlsafe(24), grant.generation + 1, time.time())
+        new = grant.renewed()
         # The record first: a crash between the two leaves credentials that the next
         # hand-out provisions again, never a database password that nobody knows.
         await self._store.set(NAMESPACE, _key(datastore, callback_id), new.to_json(), expected_version=version)
-        access = await provider.provision(callback_id, new.password, rotated=True)
-        self._provisioned[(datastore, callback_id)] = (new.generation, access)
+        await provider.provision(callback_id, new.password, rotated=True)
         self._record(
             "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"rotated {new.generation}"
         )
         return new.generation
 
     async def revoke(self, callback_id: str, datastore: str, *, drop_data: bool = False) -> bool:
-        """Take the callback's access away (and, with ``drop_data``, its data); False
-        when it held none."""
+        """Take the callback's access away (and, with ``drop_data``, its data) until
+        :meth:`grant`; False when it held none. The revocation is recorded before the
+        database is told, so no hand-out in between can switch the access back on."""
         provider = self._provider(callback_id, datastore)
         grant, version = await self._read(datastore, callback_id)
+        held = grant is not None and not grant.revoked
+        base = grant or Grant(datastore, callback_id, "", 0, time.time())
+        tombstone = Grant(datastore, callback_id, "", base.generation, time.time(), revoked=True)
+        await self._store.set(NAMESPACE, _key(datastore, callback_id), tombstone.to_json(), expected_version=version)
         await provider.revoke(callback_id, drop_data=drop_data)
-        self._provisioned.pop((datastore, callback_id), None)
-        if grant is None:
-            return False
-        await self._store.delete(NAMESPACE, _key(datastore, callback_id), expected_version=version)
         what = "revoked and dropped its data" if drop_data else "revoked"
         self._record("datastore", ALLOWED, callback=callback_id, permission=datastore, detail=what)
-        return True
+        return held
 
     async def grants(self) -> list[Grant]:
         """Every grant kept in the core store, by data store and callback."""

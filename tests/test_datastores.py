@@ -188,10 +188,20 @@ async def test_the_operator_lists_rotates_and_revokes(tmp_path: Path) -> None:
             ) == [("kept",)]
 
             code, out, err = await run(lambda: oco(tmp_path, "datastores", "list"))
-            assert "no callback holds a data store yet" in err
-            # Asked again, it starts afresh.
+            assert out.splitlines()[1].split()[:3] == ["sqlite", "alpha", "2"]
+            assert out.splitlines()[1].split()[-1] == "revoked"
+            # Asking again does not undo the revocation, refresh or not.
+            for refresh in (False, True):
+                with pytest.raises(CapabilityError, match="oco datastores grant alpha sqlite") as refused:
+                    await alpha.datastore("sqlite", refresh=refresh)
+                assert refused.value.capability == "datastores"
+            assert not Path(first.details["path"]).exists()
+
+            code, out, err = await run(lambda: oco(tmp_path, "datastores", "grant", "alpha", "sqlite"))
+            assert code == 0, err
+            assert "generation 3" in out  # generations only grow: new credentials are never old ones
             fresh = await alpha.datastore("sqlite")
-            assert fresh.generation == 1
+            assert fresh.generation == 3
             assert await trio.to_thread.run_sync(write_and_read, fresh, "new") == ["new"]
 
             code, out, err = await run(lambda: oco(tmp_path, "datastores", "revoke", "alpha", "sqlite", "--drop-data"))
@@ -199,7 +209,7 @@ async def test_the_operator_lists_rotates_and_revokes(tmp_path: Path) -> None:
             assert not Path(fresh.details["path"]).exists()
             assert len(list((tmp_path / "corners" / "revoked").glob("*.db"))) == 1
         details = [r.detail for r in await query(running.bot.core.store, AuditQuery(kind="datastore"), limit=100)]
-    for expected in ("provisioned", "rotated 2", "revoked", "revoked and dropped its data"):
+    for expected in ("provisioned", "rotated 2", "revoked", "granted 3", "revoked and dropped its data"):
         assert expected in details
 
 
