@@ -47,8 +47,10 @@ class DataStoreAccess:
 
 
 class DataStoreProvider(abc.ABC):
-    """One configured data store, open. Methods may be called concurrently for
-    different callbacks; the bot never calls them concurrently for one callback.
+    """One configured data store, open. Methods may be called concurrently, also for
+    one callback: a bot serializes its own calls per callback, but ``oco datastores``
+    runs in another process (and several bots may share a database), so a provider
+    must stay correct when two of them provision or revoke the same callback at once.
 
     ``callback_id`` is the callback's id as configured (``[A-Za-z0-9][A-Za-z0-9_.-]*``,
     at most 64 characters); :func:`corner_name` turns it into a safe identifier. A
@@ -108,12 +110,10 @@ _UNSAFE = re.compile(r"[^a-z0-9_]")
 
 def corner_name(callback_id: str, prefix: str = "oco_cb_") -> str:
     """A database identifier of the callback's own: ``prefix`` + the id lowercased with
-    every character outside ``[a-z0-9_]`` written ``_``, + a short hash of the exact id
-    when that changed anything (so ``Deploy.bot`` and ``deploy_bot`` never share a
-    corner). At most 63 bytes, PostgreSQL's identifier limit."""
+    every character outside ``[a-z0-9_]`` written ``_`` (cut to fit), + ``_`` and a short
+    hash of the exact id. The hash is always there, so no two ids share a name, not even
+    ``Deploy.bot`` and an id that spells out the first one's name. At most 63 bytes,
+    PostgreSQL's identifier limit."""
     folded = _UNSAFE.sub("_", callback_id.lower())
-    name = prefix + folded
-    if folded != callback_id or len(name) > 63:
-        digest = hashlib.sha256(callback_id.encode()).hexdigest()[:8]
-        name = f"{name[: 63 - 9]}_{digest}"
-    return name
+    digest = hashlib.sha256(callback_id.encode()).hexdigest()[:12]
+    return f"{(prefix + folded)[: 63 - 13]}_{digest}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,7 +75,8 @@ class SqliteDataStore(DataStoreProvider):
     async def revoke(self, callback_id: str, *, drop_data: bool = False) -> None:
         path = self.path(callback_id)
         aside = self.directory / "revoked"
-        stamp = time.strftime("%Y%m%dT%H%M%S")
+        # Unique, so a second revocation never overwrites the first one's copy.
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:8]}"
 
         def remove() -> None:
             for suffix in _SUFFIXES:

@@ -29,7 +29,14 @@ from pydantic import BaseModel
 from ._audit import ALLOWED, DENIED
 from ._config import LoadedConfig, validate_section
 from ._datastore import DataStoreAccess, DataStoreProvider, DataStoreType
-from ._errors import CapabilityError, ConfigError, DataStoreUnavailableError, StoreError, VersionConflictError
+from ._errors import (
+    CapabilityError,
+    ConfigError,
+    DataStoreUnavailableError,
+    StoreError,
+    StoreUnavailableError,
+    VersionConflictError,
+)
 from ._plugins import Plugins
 from ._policy import Record
 from ._store import Store
@@ -199,12 +206,31 @@ class DataStores:
             else:
                 # First hand-out since this bot started, new, or rotated elsewhere: the
                 # database is made to hold exactly the kept password.
-                access = await provider.provision(callback_id, grant.password)
+                access = await self._provision(provider, callback_id, datastore, grant.password)
                 self._provisioned[slot] = (grant.generation, access)
         self._record(
             "datastore", ALLOWED, callback=callback_id, permission=datastore, detail=f"access {grant.generation}"
         )
         return access, grant.generation
+
+    async def _provision(
+        self, provider: DataStoreProvider, callback_id: str, datastore: str, password: str
+    ) -> DataStoreAccess:
+        """Provision for a callback's request. What went wrong is logged in full for the
+        operator; the callback learns only that it did, since the provider's words name
+        the admin account, its host and the database's own messages."""
+        try:
+            return await provider.provision(callback_id, password)
+        except StoreUnavailableError as exc:
+            log.error("data store %r unavailable while provisioning callback %r: %s", datastore, callback_id, exc)
+            raise StoreUnavailableError(
+                f"the data store {datastore!r} cannot be reached now; try again later"
+            ) from None
+        except StoreError as exc:
+            log.error("data store %r could not provision callback %r: %s", datastore, callback_id, exc)
+            raise StoreError(
+                f"the bot could not provision the data store {datastore!r}; its operator's log says why"
+            ) from None
 
     def _revoked(self, callback_id: str, datastore: str) -> CapabilityError:
         error = CapabilityError(

@@ -519,7 +519,7 @@ class SqlStore(Store):
             deleted = conn.execute(stmt, params).first() is not None
             if not deleted and expected_version is not None:
                 conflict = self._conflict(conn, params, key, expected_version)
-                if conflict.current != expected_version:  # 0 and absent: nothing to delete
+                if not (expected_version == 0 and conflict.current == 0):  # expected absent, is absent
                     raise conflict
             return deleted
 

@@ -25,7 +25,7 @@ from oco_core import ConfigError, StoreError, StoreUnavailableError
 from oco_core._datastore_postgresql import PostgresDataStore, PostgresDataStoreConfig, open_postgres_datastore
 from oco_core._plugins import load_plugins
 from oco_core._sql_store import SqlStoreConfig, open_sql_store
-from oco_core.plugin import DataStoreAccess
+from oco_core.plugin import DataStoreAccess, corner_name
 from oco_core.testing import free_port
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -135,7 +135,7 @@ async def test_two_callbacks_use_their_own_schemas_and_postgresql_refuses_everyt
     sessions = {name: connect(access) for name, access in accesses.items()}
     try:
         for name, conn in sessions.items():
-            assert accesses[name].namespace == f"{pg.prefix}{name}"
+            assert accesses[name].namespace == corner_name(name, pg.prefix)
             assert conn.execute("SELECT current_user, current_schema()").fetchone() == (
                 accesses[name].details["user"],
                 accesses[name].namespace,
@@ -157,7 +157,8 @@ async def test_two_callbacks_use_their_own_schemas_and_postgresql_refuses_everyt
             refused(conn, f"DELETE FROM {core_table}", denied, f"permission denied for table {pg.prefix}kv")
             refused(conn, f"CREATE ROLE {pg.prefix}intruder", denied, "permission denied to create role")
             refused(conn, "CREATE SCHEMA elsewhere", denied, "permission denied for database")
-            refused(conn, f"SET ROLE {pg.prefix}{other}", denied, f'permission denied to set role "{pg.prefix}{other}"')
+            other_role = corner_name(other, pg.prefix)
+            refused(conn, f"SET ROLE {other_role}", denied, f'permission denied to set role "{other_role}"')
         # Each one's data is untouched by the other's attempts.
         for name, conn in sessions.items():
             assert conn.execute("SELECT body FROM notes").fetchall() == [(f"{name}'s note",)]
@@ -288,7 +289,7 @@ async def test_concurrent_provisioning_of_several_callbacks(pg: Pg) -> None:
             nursery.start_soon(provision, provider, name)
     for name in names:
         with connect(accesses[name]) as conn:
-            assert conn.execute("SELECT current_schema()").fetchone() == (f"{pg.prefix}{name}",)
+            assert conn.execute("SELECT current_schema()").fetchone() == (corner_name(name, pg.prefix),)
 
 
 async def test_session_defaults_apply_to_the_callbacks_roles(pg: Pg) -> None:
@@ -326,18 +327,21 @@ async def test_a_least_privileged_admin_can_do_everything(pg: Pg) -> None:
 
 
 async def test_a_role_or_schema_it_did_not_make_is_never_taken_over(pg: Pg) -> None:
-    squatter = sql.Identifier(f"{pg.prefix}alpha")
+    squatter = sql.Identifier(corner_name("alpha", pg.prefix))
     pg.admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(squatter))
-    pg.admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(f"{pg.prefix}beta")))
+    pg.admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(corner_name("beta", pg.prefix))))
     async with pg.provider() as provider:
-        with pytest.raises(StoreError, match=f"a role '{pg.prefix}alpha' exists that this provider did not make"):
+        made_by_someone = f"a role '{corner_name('alpha', pg.prefix)}' exists that this provider did not make"
+        with pytest.raises(StoreError, match=made_by_someone):
             await provider.provision("alpha", "pw-" + uuid.uuid4().hex)
         with pytest.raises(StoreError, match="did not make"):
             await provider.revoke("alpha", drop_data=True)
-        with pytest.raises(StoreError, match=f"schema '{pg.prefix}beta' exists and belongs to 'postgres'"):
+        with pytest.raises(
+            StoreError, match=f"schema '{corner_name('beta', pg.prefix)}' exists and belongs to 'postgres'"
+        ):
             await provider.provision("beta", "pw-" + uuid.uuid4().hex)
-    assert pg.scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [f"{pg.prefix}alpha"]) is True
-    pg.admin.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(f"{pg.prefix}beta")))
+    assert pg.scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [corner_name("alpha", pg.prefix)]) is True
+    pg.admin.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(corner_name("beta", pg.prefix))))
 
 
 async def test_public_schema_open_to_everyone_is_refused_unless_locked(pg: Pg) -> None:

@@ -250,6 +250,9 @@ async def test_hook_oco_datastore_types() -> None:
     async with offered.open(offered.config_model()) as provider:
         access = await provider.provision("Deploy.bot", "pw")
     assert access.namespace.startswith("oco_cb_deploy_bot_")
+    # An id that spells out another's corner name still gets a corner of its own.
+    assert corner_name(access.namespace.removeprefix("oco_cb_")) != access.namespace
+    assert len(corner_name("x" * 64)) <= 63
     assert couch.provider.granted == {"Deploy.bot": "pw"}
     with pytest.raises(ConfigError, match=r"unknown data store type 'mongo'.*pip install oco-datastore-mongo"):
         plugins.datastore("mongo")
