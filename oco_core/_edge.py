@@ -124,6 +124,20 @@ class Services:
         self.settings = settings
         self.auth = Authenticator(dict(bot.secrets()), bot.store)
         self._refusals: dict[str, tuple[float, int]] = {}
+        #: Set at shutdown: streams end (with OK) instead of waiting for more.
+        self._ending = False
+        #: The waits of open SendMessageStreams for their next request.
+        self._idle_streams: set[trio.CancelScope] = set()
+
+    def end_streams(self) -> None:
+        """At shutdown: end every open stream with OK. Listen streams send what is
+        already queued and end; SendMessageStreams end once the request being sent (if
+        any) is answered. Neither would end by itself: the client decides when."""
+        self._ending = True
+        for subscription in self.bot.router.subscriptions():
+            subscription.close()
+        for idle in self._idle_streams:
+            idle.cancel()
 
     def _refused(self, info: CallInfo, callback_id: str, details: str) -> None:
         """Audit a caller refused for who it is: the first refusal from a host in a minute,
@@ -248,7 +262,16 @@ class Services:
         """SendMessages over one stream; each request answered in order."""
         callback_id = await self._caller(info)
         await out.send_initial_metadata([])
-        async for request in requests:
+        while not self._ending:
+            request: robot_pb2.SendMessagesRequest | Undecodable | None = None
+            with trio.CancelScope() as idle:  # cancelled by end_streams: ends with OK
+                self._idle_streams.add(idle)
+                try:
+                    request = await anext(requests, None)
+                finally:
+                    self._idle_streams.discard(idle)
+            if request is None:  # the client half-closed, or the bot is shutting down
+                return
             if isinstance(request, Undecodable):
                 await out.write(
                     robot_pb2.SendResult(
@@ -494,8 +517,40 @@ async def serve(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address."""
+    """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address.
+
+    When cancelled, open Listen and SendMessageStream streams end at once with OK (the
+    protocol's promise: a callback tells a shutdown from a failure), calls in flight get
+    ``settings.shutdown_grace`` seconds, and only then is anything still running cancelled.
+    """
+    # Bind the address ourselves first: when it is taken, grpc's C core would print a
+    # log line of its own to stderr and splice advice into its error.
+    await _probe_listen(settings.listen)
     services = Services(bot, settings)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(_run_server, services, settings, tls, stop)
+        task_status.started(address)
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop.set()  # _run_server, shielded from our cancellation, shuts down in order
+
+
+async def _run_server(
+    services: Services,
+    settings: GrpcSettings,
+    tls: ServerTls | None,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    """Run the server until ``stop`` is set, then shut it down in order.
+
+    The handlers of every call run in the bridge's nursery, inside this task: were this
+    task cancelled with the bot, every call would be cancelled before its stream could end
+    cleanly, and the client would see UNAVAILABLE after the grace period instead of OK.
+    So once the server is up this task is shielded, and ``stop`` tells it to shut down."""
     options = [
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.so_reuseport", 0),
@@ -505,34 +560,39 @@ async def serve(
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    async with open_bridge() as bridge:
-        try:
-            server = await bridge.serve(
-                settings.listen,
-                services.table(),
-                options=options,
-                health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
-                reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
-                tls=tls,
-            )
-        except OSError as exc:
-            raise OcoError(
-                f"cannot serve gRPC on {settings.listen}: {exc}; is another bot running? "
-                "Change grpc.listen (port 0 picks a free port)"
-            ) from None
-        host = settings.listen.rpartition(":")[0]
-        address = f"{host}:{server.port}"
-        if settings.address_file is not None:
-            _write_address(settings.address_file, address)
-        try:
-            task_status.started(address)
-            await trio.sleep_forever()
-        finally:
-            # End the Listen streams first (they end only when told), so the grace
-            # period is for calls that are actually in flight.
-            for subscription in bot.router.subscriptions():
-                subscription.close()
-            with trio.CancelScope(shield=True):
+    with trio.CancelScope() as scope:
+        async with open_bridge() as bridge:
+            try:
+                server = await bridge.serve(
+                    settings.listen,
+                    services.table(),
+                    options=options,
+                    health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
+                    reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
+                    tls=tls,
+                )
+            except OSError as exc:
+                # Rare after the probe (the port taken in between); grpc's advice about
+                # GRPC_VERBOSITY is not for OCO's users.
+                reason = str(exc).partition("; set GRPC_VERBOSITY")[0]
+                raise OcoError(
+                    f"cannot serve gRPC on {settings.listen}: {reason}; is another bot running? "
+                    "Change grpc.listen (port 0 picks a free port)"
+                ) from None
+            try:
+                # Shielded from here on: a cancellation of the bot reaches this task only
+                # as `stop`, so that the shutdown below runs with every call still alive.
+                scope.shield = True
+                host = settings.listen.rpartition(":")[0]
+                address = f"{host}:{server.port}"
+                if settings.address_file is not None:
+                    _write_address(settings.address_file, address)
+                task_status.started(address)
+                await stop.wait()
+            finally:
+                # Streams end only when told: end them first, so that they finish with OK
+                # now and the grace period is for calls actually in flight.
+                services.end_streams()
                 await bridge.stop(server, settings.shutdown_grace)
 
 
@@ -549,3 +609,32 @@ def _write_address(path: Path, address: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(address + "\n")
     tmp.replace(path)
+
+
+async def _probe_listen(listen: str) -> None:
+    """OcoError when no address ``listen`` resolves to can be bound, bound as grpc binds
+    (SO_REUSEADDR: a port a stopped bot's connections still linger on counts as free)."""
+    host, _, port = listen.rpartition(":")
+    if int(port) == 0:
+        return
+    try:
+        found = await trio.socket.getaddrinfo(
+            host.strip("[]"), int(port), type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise OcoError(f"cannot serve gRPC on {listen}: cannot resolve {host!r} ({exc}); change grpc.listen") from None
+    failure: OSError | None = None
+    for family, kind, proto, _, address in found:
+        with trio.socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            try:
+                await probe.bind(address)
+            except OSError as exc:
+                failure = failure or exc
+            else:
+                return  # grpc serves when any of the addresses binds
+    if failure is not None:
+        raise OcoError(
+            f"cannot serve gRPC on {listen}: {failure.strerror or failure}; is another bot running? "
+            "Change grpc.listen (port 0 picks a free port)"
+        )
