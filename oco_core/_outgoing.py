@@ -92,15 +92,17 @@ class Outgoing:
         """Send every message of ``request`` in order, after checking all of them."""
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
         policy = self._core.policy(callback_id)
-        for index, (link, out) in enumerate(resolved):
-            native = out.room_id or (out.user.id if out.user else "")
-            policy.require_send(f"{link.name}/{native}", f"message {index}")
+        targets = [f"{link.name}/{out.room_id or (out.user.id if out.user else '')}" for link, out in resolved]
+        for index, target in enumerate(targets):
+            policy.require_send(target, f"message {index}")
         policy.take_send(len(resolved))
         for sent, (link, out) in enumerate(resolved):
             try:
                 await link.adapter.send(out)
             except AdapterError as exc:
                 exc.sent = sent  # a retry can skip the messages that already went out
+                # The adapter names its native id; the callback knows the full one.
+                exc.args = (f"message {sent} to {targets[sent]}: {exc}",)
                 raise
             self._core.stats.sent += 1
         self._core.activity.replied([m.in_reply_to for m in request.messages if m.in_reply_to])
@@ -111,10 +113,14 @@ class Outgoing:
         if not ident:
             raise InvalidRequestError("the room has neither id nor name")
         link, native = self._split(ident, "room")
-        if leave:
-            await link.adapter.part(native)
-        else:
-            await link.adapter.join(native)
+        try:
+            if leave:
+                await link.adapter.part(native)
+            else:
+                await link.adapter.join(native)
+        except AdapterError as exc:
+            exc.args = (f"room {link.name}/{native}: {exc}",)  # as in send_messages: the full id
+            raise
 
     def reply(self, adapter: str, incoming: IncomingMessage, body: str, *, mention: bool = False) -> None:
         """The bot's own answer to a person, in the room (or private chat) they wrote

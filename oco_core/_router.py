@@ -8,7 +8,8 @@ routes see only messages addressed to the bot, and match the text after the addr
 Each Listen stream is a :class:`Subscription` with a bounded queue of its own. Routing
 never waits: when a stream's queue is full the event goes to a replica of the same
 callback with room, or is dropped, counted and logged, so one slow callback never delays
-the adapter or the others.
+the adapter or the others. The next event the stream gets says how many it missed
+(``Event.dropped``), so the callback learns it fell behind.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ class Subscription:
     queue_size: int = 1000
     overflowed: int = 0
     delivered: int = 0
+    #: Events dropped since the last one queued; the next one queued carries the count.
+    unreported: int = 0
     _last_overflow_log: float = 0.0
     _send: trio.MemorySendChannel[core_pb2.Event] = field(init=False, repr=False)
     receive: trio.MemoryReceiveChannel[core_pb2.Event] = field(init=False, repr=False)
@@ -119,12 +122,20 @@ class Subscription:
         self._send, self.receive = trio.open_memory_channel[core_pb2.Event](self.queue_size)
 
     def offer(self, event: core_pb2.Event) -> bool:
-        """Queue ``event`` without waiting; False when the queue is full."""
+        """Queue ``event`` without waiting; False when the queue is full. After drops,
+        the event queued carries their count in ``dropped``."""
+        if self.unreported:
+            # A copy: one event object may be offered to several streams (a broadcast).
+            counted = core_pb2.Event()
+            counted.CopyFrom(event)
+            counted.dropped = self.unreported
+            event = counted
         try:
             self._send.send_nowait(event)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         self.delivered += 1
+        self.unreported = 0
         return True
 
     def queued(self) -> int:
@@ -345,6 +356,7 @@ class Router:
 
     def _overflow(self, sub: Subscription, event: core_pb2.Event) -> None:
         sub.overflowed += 1
+        sub.unreported += 1
         self.overflowed += 1
         now = time.monotonic()
         if now - sub._last_overflow_log >= _OVERFLOW_LOG_INTERVAL:

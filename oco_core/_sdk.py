@@ -38,6 +38,7 @@ import trio
 from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
     CallbackError,
+    InvalidPatternError,
     OcoError,
     ValueTooLargeError,
     VersionConflictError,
@@ -57,6 +58,7 @@ from ._proto import (
     storage_pb2,
     storage_pb2_grpc,
 )
+from ._router import compile_pattern
 from ._store import Item
 from ._timing import Backoff
 from ._tls import PemSource, load_client_tls
@@ -421,7 +423,8 @@ class Callback:
         self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False, permission: str = ""
     ) -> Callable[[F], F]:
         """Run the decorated handler for every message that matches ``pattern`` (RE2).
-        With ``permission``, only messages from people who hold it reach the handler."""
+        With ``permission``, only messages from people who hold it reach the handler.
+        A pattern that is not valid RE2 raises InvalidPatternError here, naming it."""
         return self._route(pattern, False, help, id, ignore_case, permission)
 
     def respond(
@@ -429,7 +432,8 @@ class Callback:
     ) -> Callable[[F], F]:
         """Run the decorated handler for messages addressed to the bot ("oco: deploy x")
         whose text after the address matches ``pattern`` (RE2). With ``permission``,
-        the bot checks it first and tells a person who lacks it; the handler never runs."""
+        the bot checks it first and tells a person who lacks it; the handler never runs.
+        A pattern that is not valid RE2 raises InvalidPatternError here, naming it."""
         return self._route(pattern, True, help, id, ignore_case, permission)
 
     def _route(
@@ -439,6 +443,13 @@ class Callback:
             route_id = id or handler.__name__
             if any(r.id == route_id for r in self._routes):
                 raise ValueError(f"two routes are called {route_id!r}; pass id=... to tell them apart")
+            try:
+                # The bot's own check, here: a bad pattern fails where it is written, not
+                # as a refusal after connecting.
+                compile_pattern(pattern, ignore_case)
+            except InvalidPatternError as exc:
+                exc.add_note(f"in route {route_id!r} of callback {self.id!r}")
+                raise
             self._routes.append(_Route(pattern, respond, help, route_id, ignore_case, handler, permission))
             return handler
 
@@ -668,6 +679,15 @@ class Callback:
                     handlers.start_soon(self._read_results, connection, results)
                     routes = {r.id: r for r in self._routes}
                     async for event in events:
+                        if event.dropped:
+                            log.warning(
+                                "callback %r fell behind: the bot dropped %d event(s) for it since the previous one, "
+                                "because its queue in the bot was full; handle events faster (or raise concurrency=, "
+                                "now %d), or ask the bot's operator for a longer grpc.stream_queue",
+                                self.id,
+                                event.dropped,
+                                int(self._limiter.total_tokens),
+                            )
                         token = object()  # protobuf messages are unhashable borrowers
                         await self._limiter.acquire_on_behalf_of(token)
                         handlers.start_soon(self._dispatch, routes, event, token)

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61uthorization.proto\x12\x03oco\"N\n\x16\x43heckPermissionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\x12\x0f\n\x07room_id\x18\x03 \x01(\t\"\\\n\x17\x43heckPermissionResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x11\n\tperson_id\x18\x04 \x01(\t2]\n\rAuthorization\x12L\n\x0f\x43heckPermission\x12\x1b.oco.CheckPermissionRequest\x1a\x1c.oco.CheckPermissionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61uthorization.proto\x12\x03oco\"N\n\x16\x43heckPermissionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\x12\x0f\n\x07room_id\x18\x03 \x01(\t\"\\\n\x17\x43heckPermissionResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x11\n\tperson_id\x18\x04 \x01(\t2]\n\rAuthorization\x12L\n\x0f\x43heckPermission\x12\x1b.oco.CheckPermissionRequest\x1a\x1c.oco.CheckPermissionResponseBm\n\x13org.openchatops.ocoB\x12\x41uthorizationProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authorization_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\022AuthorizationProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_CHECKPERMISSIONREQUEST']._serialized_start=28
   _globals['_CHECKPERMISSIONREQUEST']._serialized_end=106
   _globals['_CHECKPERMISSIONRESPONSE']._serialized_start=108

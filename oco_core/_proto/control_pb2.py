@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x03oco\"U\n\rInjectRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\n\n\x02id\x18\x05 \x01(\t\"\x10\n\x0eInjectResponse\"1\n\x0fListSentRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"6\n\x10ListSentResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.oco.SentMessage\"\x9d\x01\n\x0bSentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0f\n\x07mention\x18\x05 \x01(\x08\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\t\x12\x10\n\x08markdown\x18\x08 \x01(\x08\x12\x0e\n\x06\x61\x63tion\x18\t \x01(\x08\x32{\n\rMemoryControl\x12\x31\n\x06Inject\x12\x12.oco.InjectRequest\x1a\x13.oco.InjectResponse\x12\x37\n\x08ListSent\x12\x14.oco.ListSentRequest\x1a\x15.oco.ListSentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x03oco\"U\n\rInjectRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\n\n\x02id\x18\x05 \x01(\t\"\x10\n\x0eInjectResponse\"1\n\x0fListSentRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"6\n\x10ListSentResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.oco.SentMessage\"\x9d\x01\n\x0bSentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0f\n\x07mention\x18\x05 \x01(\x08\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\t\x12\x10\n\x08markdown\x18\x08 \x01(\x08\x12\x0e\n\x06\x61\x63tion\x18\t \x01(\x08\x32{\n\rMemoryControl\x12\x31\n\x06Inject\x12\x12.oco.InjectRequest\x1a\x13.oco.InjectResponse\x12\x37\n\x08ListSent\x12\x14.oco.ListSentRequest\x1a\x15.oco.ListSentResponseBg\n\x13org.openchatops.ocoB\x0c\x43ontrolProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\014ControlProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_INJECTREQUEST']._serialized_start=22
   _globals['_INJECTREQUEST']._serialized_end=107
   _globals['_INJECTRESPONSE']._serialized_start=109

@@ -24,35 +24,36 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncore.proto\x12\x03oco\"\x9d\x01\n\x05\x45vent\x12.\n\x0fmatched_message\x18\x01 \x01(\x0b\x32\x13.oco.MatchedMessageH\x00\x12\x32\n\x11membership_change\x18\x02 \x01(\x0b\x32\x15.oco.MembershipChangeH\x00\x12(\n\x0ctopic_change\x18\x03 \x01(\x0b\x32\x10.oco.TopicChangeH\x00\x42\x06\n\x04type\"\xf0\x01\n\x0eMatchedMessage\x12\x1d\n\x07message\x18\x01 \x01(\x0b\x32\x0c.oco.Message\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x10\n\x08route_id\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12:\n\x0cnamed_groups\x18\x05 \x03(\x0b\x32$.oco.MatchedMessage.NamedGroupsEntry\x12\x0e\n\x06\x64irect\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\x1a\x32\n\x10NamedGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x07Message\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x1b\n\x06source\x18\x02 \x01(\x0b\x32\x0b.oco.Source\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\x12\x1b\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x0b.oco.Format\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\x08\x12\x0f\n\x07private\x18\x07 \x01(\x08\"/\n\x04Room\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\":\n\x06Source\x12\x17\n\x04user\x18\x01 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x02 \x01(\x0b\x32\t.oco.Room\"6\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmention_name\x18\x03 \x01(\t\"\xf9\x01\n\x10MembershipChange\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.oco.MembershipChange.Kind\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x03 \x01(\x0b\x32\t.oco.Room\x12\x18\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\t.oco.User\x12\x0e\n\x06reason\x18\x05 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_JOINED\x10\x01\x12\r\n\tKIND_LEFT\x10\x02\x12\x0f\n\x0bKIND_KICKED\x10\x03\x12\x10\n\x0cKIND_INVITED\x10\x04\"?\n\x0bTopicChange\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User*/\n\x06\x46ormat\x12\x10\n\x0c\x46ORMAT_PLAIN\x10\x00\x12\x13\n\x0f\x46ORMAT_MARKDOWN\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncore.proto\x12\x03oco\"\xae\x01\n\x05\x45vent\x12.\n\x0fmatched_message\x18\x01 \x01(\x0b\x32\x13.oco.MatchedMessageH\x00\x12\x32\n\x11membership_change\x18\x02 \x01(\x0b\x32\x15.oco.MembershipChangeH\x00\x12(\n\x0ctopic_change\x18\x03 \x01(\x0b\x32\x10.oco.TopicChangeH\x00\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x42\x06\n\x04type\"\xf0\x01\n\x0eMatchedMessage\x12\x1d\n\x07message\x18\x01 \x01(\x0b\x32\x0c.oco.Message\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x10\n\x08route_id\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12:\n\x0cnamed_groups\x18\x05 \x03(\x0b\x32$.oco.MatchedMessage.NamedGroupsEntry\x12\x0e\n\x06\x64irect\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\x1a\x32\n\x10NamedGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x07Message\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x1b\n\x06source\x18\x02 \x01(\x0b\x32\x0b.oco.Source\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\x12\x1b\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x0b.oco.Format\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\x08\x12\x0f\n\x07private\x18\x07 \x01(\x08\"/\n\x04Room\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\":\n\x06Source\x12\x17\n\x04user\x18\x01 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x02 \x01(\x0b\x32\t.oco.Room\"6\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmention_name\x18\x03 \x01(\t\"\xf9\x01\n\x10MembershipChange\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.oco.MembershipChange.Kind\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x03 \x01(\x0b\x32\t.oco.Room\x12\x18\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\t.oco.User\x12\x0e\n\x06reason\x18\x05 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_JOINED\x10\x01\x12\r\n\tKIND_LEFT\x10\x02\x12\x0f\n\x0bKIND_KICKED\x10\x03\x12\x10\n\x0cKIND_INVITED\x10\x04\"?\n\x0bTopicChange\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User*/\n\x06\x46ormat\x12\x10\n\x0c\x46ORMAT_PLAIN\x10\x00\x12\x13\n\x0f\x46ORMAT_MARKDOWN\x10\x01\x42\x64\n\x13org.openchatops.ocoB\tCoreProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'core_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\tCoreProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._loaded_options = None
   _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_options = b'8\001'
-  _globals['_FORMAT']._serialized_start=1054
-  _globals['_FORMAT']._serialized_end=1101
+  _globals['_FORMAT']._serialized_start=1071
+  _globals['_FORMAT']._serialized_end=1118
   _globals['_EVENT']._serialized_start=20
-  _globals['_EVENT']._serialized_end=177
-  _globals['_MATCHEDMESSAGE']._serialized_start=180
-  _globals['_MATCHEDMESSAGE']._serialized_end=420
-  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_start=370
-  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_end=420
-  _globals['_MESSAGE']._serialized_start=423
-  _globals['_MESSAGE']._serialized_end=570
-  _globals['_ROOM']._serialized_start=572
-  _globals['_ROOM']._serialized_end=619
-  _globals['_SOURCE']._serialized_start=621
-  _globals['_SOURCE']._serialized_end=679
-  _globals['_USER']._serialized_start=681
-  _globals['_USER']._serialized_end=735
-  _globals['_MEMBERSHIPCHANGE']._serialized_start=738
-  _globals['_MEMBERSHIPCHANGE']._serialized_end=987
-  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_start=892
-  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_end=987
-  _globals['_TOPICCHANGE']._serialized_start=989
-  _globals['_TOPICCHANGE']._serialized_end=1052
+  _globals['_EVENT']._serialized_end=194
+  _globals['_MATCHEDMESSAGE']._serialized_start=197
+  _globals['_MATCHEDMESSAGE']._serialized_end=437
+  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_start=387
+  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_end=437
+  _globals['_MESSAGE']._serialized_start=440
+  _globals['_MESSAGE']._serialized_end=587
+  _globals['_ROOM']._serialized_start=589
+  _globals['_ROOM']._serialized_end=636
+  _globals['_SOURCE']._serialized_start=638
+  _globals['_SOURCE']._serialized_end=696
+  _globals['_USER']._serialized_start=698
+  _globals['_USER']._serialized_end=752
+  _globals['_MEMBERSHIPCHANGE']._serialized_start=755
+  _globals['_MEMBERSHIPCHANGE']._serialized_end=1004
+  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_start=909
+  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_end=1004
+  _globals['_TOPICCHANGE']._serialized_start=1006
+  _globals['_TOPICCHANGE']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

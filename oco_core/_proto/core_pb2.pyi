@@ -3,10 +3,18 @@
 isort:skip_file
 Core data types of the OpenChatOps protocol.
 
-Fields 1-3 of each message below are the OpenChatOps specification's own and are
-never renumbered, retyped or renamed. Everything else is an OCO extension added
-the way proto3 keeps compatible (new fields, new oneof members), so a program
-generated from the specification's core.proto still reads these messages.
+The OpenChatOps specification's own fields are these, and they are never renumbered,
+retyped or renamed: Event.matched_message (1); MatchedMessage.message (1) and
+pattern (2); Message.body (1) and source (2); Room.id (1) and name (2); Source.user (1)
+and room (2); User.id (1), name (2) and mention_name (3). Every other field and message
+is an OCO extension (marked "Extension" below), added the way proto3 keeps compatible
+(new fields with new numbers, new oneof members, new messages), so a program generated
+from the specification's core.proto still reads these messages.
+
+Ids. Every user, room and message id the bot sends has one form,
+`<adapter instance name>/<native id>`: `shell/alice`, `irc/#ops`, `matrix/@ann:example.org`
+(the instance name is the adapter's `name:` in the bot's config, by default its type).
+Requests name users and rooms the same way, and errors name them so.
 """
 
 from collections import abc as _abc
@@ -54,6 +62,14 @@ class Event(_message.Message):
     MATCHED_MESSAGE_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_CHANGE_FIELD_NUMBER: _builtins.int
     TOPIC_CHANGE_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    dropped: _builtins.int
+    """Extension: how many events for this stream the bot dropped since the previous event
+    it sent on it (0: none). The bot queues a bounded number of events per stream
+    (`grpc.stream_queue`) and drops new ones while the queue is full, so that a callback
+    that reads too slowly holds back neither the chat nor the other callbacks; this
+    tells the callback it fell behind and missed some.
+    """
     @_builtins.property
     def matched_message(self) -> Global___MatchedMessage:
         """An incoming message that matched a chat route."""
@@ -76,10 +92,11 @@ class Event(_message.Message):
         matched_message: Global___MatchedMessage | None = ...,
         membership_change: Global___MembershipChange | None = ...,
         topic_change: Global___TopicChange | None = ...,
+        dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["matched_message", b"matched_message", "membership_change", b"membership_change", "topic_change", b"topic_change", "type", b"type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["matched_message", b"matched_message", "membership_change", b"membership_change", "topic_change", b"topic_change", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "topic_change", b"topic_change", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
@@ -121,7 +138,11 @@ class MatchedMessage(_message.Message):
     DIRECT_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     pattern: _builtins.str
-    """The regular expression that matched."""
+    """The regular expression that matched, as the route declared it (RE2 syntax). A
+    respond route's pattern is matched against the text after the bot's address
+    ("oco: deploy api" is matched as "deploy api"), not against message.body; a hear
+    route's, against the whole body. `text` carries what it was matched against.
+    """
     route_id: _builtins.str
     """Extension: the id of the route that matched, as declared in the ListenRequest
     (or in the bot's configuration for operator-declared routes).
@@ -137,7 +158,7 @@ class MatchedMessage(_message.Message):
     """
     @_builtins.property
     def message(self) -> Global___Message:
-        """The message."""
+        """The message; its body is the whole message, the bot's address included."""
 
     @_builtins.property
     def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -184,7 +205,10 @@ class Message(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     PRIVATE_FIELD_NUMBER: _builtins.int
     body: _builtins.str
-    """The body of the message."""
+    """The body of the message. On an incoming message, the whole message as written,
+    including the bot's address when it was addressed to the bot ("oco: deploy api");
+    MatchedMessage.text has the text after the address.
+    """
     id: _builtins.str
     """Extension: the id the bot gave an incoming message; unique within one bot.
     On an outgoing message it may name the message being answered (see in_reply_to).
@@ -237,7 +261,7 @@ class Room(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TOPIC_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """A unique ID for the room."""
+    """A unique ID for the room: `<adapter instance name>/<native id>` (`irc/#ops`)."""
     name: _builtins.str
     """A human-readable name for the room."""
     topic: _builtins.str
@@ -297,7 +321,7 @@ class User(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     MENTION_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """A unique ID for the user."""
+    """A unique ID for the user: `<adapter instance name>/<native id>` (`shell/alice`)."""
     name: _builtins.str
     """A human-readable name for the user."""
     mention_name: _builtins.str

@@ -3,10 +3,18 @@
 isort:skip_file
 Core data types of the OpenChatOps protocol.
 
-Fields 1-3 of each message below are the OpenChatOps specification's own and are
-never renumbered, retyped or renamed. Everything else is an OCO extension added
-the way proto3 keeps compatible (new fields, new oneof members), so a program
-generated from the specification's core.proto still reads these messages.
+The OpenChatOps specification's own fields are these, and they are never renumbered,
+retyped or renamed: Event.matched_message (1); MatchedMessage.message (1) and
+pattern (2); Message.body (1) and source (2); Room.id (1) and name (2); Source.user (1)
+and room (2); User.id (1), name (2) and mention_name (3). Every other field and message
+is an OCO extension (marked "Extension" below), added the way proto3 keeps compatible
+(new fields with new numbers, new oneof members, new messages), so a program generated
+from the specification's core.proto still reads these messages.
+
+Ids. Every user, room and message id the bot sends has one form,
+`<adapter instance name>/<native id>`: `shell/alice`, `irc/#ops`, `matrix/@ann:example.org`
+(the instance name is the adapter's `name:` in the bot's config, by default its type).
+Requests name users and rooms the same way, and errors name them so.
 """
 
 from collections import abc as _abc

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64\x61tastores.proto\x12\x03oco\"\x17\n\x15ListDataStoresRequest\"\'\n\x16ListDataStoresResponse\x12\r\n\x05types\x18\x01 \x03(\t\"4\n\x13GetDataStoreRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07refresh\x18\x02 \x01(\x08\"\xb7\x01\n\x0f\x44\x61taStoreAccess\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x32\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32!.oco.DataStoreAccess.DetailsEntry\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x97\x01\n\nDataStores\x12I\n\x0eListDataStores\x12\x1a.oco.ListDataStoresRequest\x1a\x1b.oco.ListDataStoresResponse\x12>\n\x0cGetDataStore\x12\x18.oco.GetDataStoreRequest\x1a\x14.oco.DataStoreAccessb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x64\x61tastores.proto\x12\x03oco\"\x17\n\x15ListDataStoresRequest\"\'\n\x16ListDataStoresResponse\x12\r\n\x05types\x18\x01 \x03(\t\"4\n\x13GetDataStoreRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07refresh\x18\x02 \x01(\x08\"\xb7\x01\n\x0f\x44\x61taStoreAccess\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x32\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32!.oco.DataStoreAccess.DetailsEntry\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x97\x01\n\nDataStores\x12I\n\x0eListDataStores\x12\x1a.oco.ListDataStoresRequest\x1a\x1b.oco.ListDataStoresResponse\x12>\n\x0cGetDataStore\x12\x18.oco.GetDataStoreRequest\x1a\x14.oco.DataStoreAccessBj\n\x13org.openchatops.ocoB\x0f\x44\x61taStoresProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'datastores_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\017DataStoresProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_DATASTOREACCESS_DETAILSENTRY']._loaded_options = None
   _globals['_DATASTOREACCESS_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_LISTDATASTORESREQUEST']._serialized_start=25

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from . import core_pb2 as core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64irectory.proto\x12\x03oco\x1a\ncore.proto\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x10ListUsersRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\"-\n\x11ListUsersResponse\x12\x18\n\x05users\x18\x01 \x03(\x0b\x32\t.oco.User\"\x1c\n\x0eGetRoomRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x12\n\x10ListRoomsRequest\"-\n\x11ListRoomsResponse\x12\x18\n\x05rooms\x18\x01 \x03(\x0b\x32\t.oco.Room2\xd9\x01\n\tDirectory\x12)\n\x07GetUser\x12\x13.oco.GetUserRequest\x1a\t.oco.User\x12:\n\tListUsers\x12\x15.oco.ListUsersRequest\x1a\x16.oco.ListUsersResponse\x12)\n\x07GetRoom\x12\x13.oco.GetRoomRequest\x1a\t.oco.Room\x12:\n\tListRooms\x12\x15.oco.ListRoomsRequest\x1a\x16.oco.ListRoomsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x64irectory.proto\x12\x03oco\x1a\ncore.proto\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x10ListUsersRequest\x12\x0f\n\x07room_id\x18\x01 \x01(\t\"-\n\x11ListUsersResponse\x12\x18\n\x05users\x18\x01 \x03(\x0b\x32\t.oco.User\"\x1c\n\x0eGetRoomRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x12\n\x10ListRoomsRequest\"-\n\x11ListRoomsResponse\x12\x18\n\x05rooms\x18\x01 \x03(\x0b\x32\t.oco.Room2\xd9\x01\n\tDirectory\x12)\n\x07GetUser\x12\x13.oco.GetUserRequest\x1a\t.oco.User\x12:\n\tListUsers\x12\x15.oco.ListUsersRequest\x1a\x16.oco.ListUsersResponse\x12)\n\x07GetRoom\x12\x13.oco.GetRoomRequest\x1a\t.oco.Room\x12:\n\tListRooms\x12\x15.oco.ListRoomsRequest\x1a\x16.oco.ListRoomsResponseBi\n\x13org.openchatops.ocoB\x0e\x44irectoryProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\016DirectoryProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_GETUSERREQUEST']._serialized_start=36
   _globals['_GETUSERREQUEST']._serialized_end=64
   _globals['_LISTUSERSREQUEST']._serialized_start=66
