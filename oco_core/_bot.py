@@ -27,7 +27,7 @@ from ._adapter import AdapterType
 from ._admin import configured_adapters, configured_store
 from ._audit import AuditLog
 from ._auth import Authorization
-from ._config import LoadedConfig, validate_section
+from ._config import LoadedConfig, launch_problem, validate_section
 from ._core import BotCore, BotStatistics, CallbackState
 from ._datastores import configured_datastores, missing_hint, open_datastores
 from ._directory import Directory
@@ -110,6 +110,17 @@ class Bot:
                     compile_pattern(route.pattern, route.ignore_case)
                 except InvalidPatternError as exc:
                     raise loaded.error(("callbacks", cb_index, "routes", r_index, "pattern"), str(exc)) from None
+        #: Launched callbacks this machine could not start now (a program not found, a
+        #: missing cwd). Not a refusal: the bot's PATH when it runs as a service may
+        #: differ from the shell's, and a program may appear after start-up, so
+        #: `oco run` logs them and its supervisor keeps trying; `oco check-config`
+        #: refuses them.
+        self.launch_problems: list[ConfigError] = []
+        for cb_index, cb in enumerate(config.callbacks):
+            problem = launch_problem(cb)
+            if problem is not None:
+                key, message = problem
+                self.launch_problems.append(loaded.error(("callbacks", cb_index, key), message))
         self.address = ""
         self._core: BotCore | None = None
         self._shutdown: trio.CancelScope | None = None
@@ -164,7 +175,7 @@ class Bot:
             await auth.load()
             audit = AuditLog(store, config.auth.audit.retention_days)
             datastores = await stack.enter_async_context(
-                open_datastores(self.loaded, self._plugins, store, audit.record)
+                open_datastores(self.loaded, self._plugins, store, audit.record, wait_for_down=True)
             )
             tasks = await stack.enter_async_context(trio.open_nursery())
             await tasks.start(directory.run)

@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(exc: BaseException, debug: bool) -> int:
     if debug:
         logging.getLogger("oco").error("failed", exc_info=exc)
-    message = str(exc)
-    print(f"oco: error: {message}", file=sys.stderr)
+    # A config with several problems has one line each; each gets the prefix, so every
+    # line on stderr reads on its own (and greps as an error).
+    for line in str(exc).splitlines() or [""]:
+        print(f"oco: error: {line}", file=sys.stderr)
     if isinstance(exc, SecretRefusedError):
         return EXIT_ERROR
     if isinstance(exc, ConfigError):
@@ -140,6 +142,9 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
     bot = Bot(loaded, plugins)
     store_type, _ = configured_store(loaded, plugins)
     load_server_tls(loaded)  # the certificate files, as `oco run` would read them
+    if bot.launch_problems:
+        # `oco run` only logs these (see Bot.launch_problems); a check says them as errors.
+        raise ConfigError("\n".join(str(problem) for problem in bot.launch_problems))
     config = loaded.config
     tls = config.grpc.tls
     transport = "plaintext" if tls is None else ("mutual TLS" if tls.client_ca is not None else "TLS")
@@ -164,6 +169,8 @@ def _run(loaded: LoadedConfig, debug: bool) -> int:
 
     plugins = _load_plugins(debug)
     bot = Bot(loaded, plugins)
+    for problem in bot.launch_problems:
+        log.error("%s (the bot starts anyway and keeps trying to launch it)", problem)
     if loaded.source == "<defaults>":
         store_type, options = configured_store(loaded, plugins)
         url = getattr(options, "url", None)  # where the data lives, when the store has a URL

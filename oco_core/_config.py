@@ -9,15 +9,22 @@ logs or ``repr``.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from ._errors import ConfigError
 from ._quota import QuotaConfig
@@ -51,6 +58,16 @@ DEFAULT_INHERITED_ENV = (
 )
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CALLBACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _LocatedError(ValueError):
+    """A validator's complaint about a key below the model it validates (the second
+    ``id:`` of two, say), so the error points at that key's line, not the model's."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 def default_data_dir() -> Path:
@@ -67,7 +84,7 @@ class BotSettings(_Strict):
     """``bot:`` — who the bot is."""
 
     name: str = Field(default="oco", min_length=1, description="How people address the bot.")
-    aliases: list[str] = Field(default_factory=list, description='Extra prefixes, such as "!".')
+    aliases: list[str] = Field(default_factory=list, description='Extra prefixes, such as "!".', examples=[["!"]])
     max_message_bytes: int = Field(
         default=16384, gt=0, description="Largest message body a callback may send (RESOURCE_EXHAUSTED past it)."
     )
@@ -79,8 +96,15 @@ class AdapterEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str = Field(min_length=1)
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    type: str = Field(min_length=1, examples=["shell"])
+    name: str | None = Field(default=None, examples=["ops"])
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            raise ValueError("an adapter name is letters, digits, '_' or '-' (it prefixes room and user ids)")
+        return value
 
     @property
     def instance_name(self) -> str:
@@ -98,7 +122,7 @@ class DataStoreEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str = Field(min_length=1)
+    type: str = Field(min_length=1, examples=["postgresql"])
 
     def options(self) -> dict[str, Any]:
         """The keys beside ``type``."""
@@ -112,7 +136,7 @@ class StoreSettings(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str | None = Field(default=None, min_length=1)
+    type: str | None = Field(default=None, min_length=1, examples=["sql"])
     #: Default storage quota of every callback (``callbacks[].quota`` overrides it).
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
 
@@ -124,8 +148,8 @@ class StoreSettings(BaseModel):
 class TlsSettings(_Strict):
     """``grpc.tls:`` — serve the API over TLS, and optionally require client certificates."""
 
-    cert: Path = Field(description="The server's certificate chain (PEM).")
-    key: Path = Field(description="The server's private key (PEM).")
+    cert: Path = Field(description="The server's certificate chain (PEM).", examples=["bot.crt"])
+    key: Path = Field(description="The server's private key (PEM).", examples=["bot.key"])
     #: With a client CA, every caller must present a certificate it signed, whose
     #: common name or a subject alternative name is the callback's id (mutual TLS).
     client_ca: Path | None = None
@@ -155,13 +179,21 @@ class GrpcSettings(_Strict):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"expected host:port, such as 127.0.0.1:50051, not {value!r}")
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"port {port} is out of range: use 1-65535, or 0 to pick a free one")
+        bare = host.removeprefix("[").removesuffix("]")
+        if not bare or (":" in bare and bare == host):
+            # grpc would split "::1:50051" somewhere else than we do.
+            raise ValueError(f"write an IPv6 host in brackets, such as [::1]:{port}, not {value!r}")
+        if any(c.isspace() or c in "/@" for c in bare):
+            raise ValueError(f"{host!r} is not a host name or address; for example 127.0.0.1:{port}")
         return value
 
 
 class RouteSettings(_Strict):
     """A route the operator declares for a callback that cannot declare its own."""
 
-    pattern: str = Field(min_length=1)
+    pattern: str = Field(min_length=1, examples=["deploy (\\w+)"])
     respond: bool = False
     help: str = ""
     id: str | None = None
@@ -215,11 +247,13 @@ class RouteRule(_Strict):
 class CallbackSettings(_Strict):
     """One entry of ``callbacks:``."""
 
-    id: str
-    command: list[str] | None = Field(default=None, min_length=1)
-    secret: SecretStr | None = None
-    routes: list[RouteSettings] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    id: str = Field(examples=["weather"])
+    command: list[str] | None = Field(default=None, min_length=1, examples=[["python", "weather.py"]])
+    secret: SecretStr | None = Field(default=None, examples=["${WEATHER_SECRET}"])
+    routes: list[RouteSettings] = Field(
+        default_factory=list, examples=[[{"pattern": "weather (\\w+)", "respond": True}]]
+    )
+    env: dict[str, str] = Field(default_factory=dict, examples=[{"UNITS": "metric"}])
     #: Variables of the bot's own environment a launched callback gets (shell-style
     #: patterns; ["*"] for all). The default passes what programs need to run, and not
     #: the passwords the bot's config reads from its environment.
@@ -230,7 +264,7 @@ class CallbackSettings(_Strict):
     quota: QuotaConfig | None = None
     #: Specific data stores (types) it needs; `oco check-config` says whether the bot
     #: offers them. A callback also declares them itself when it connects.
-    requires: list[str] = Field(default_factory=list)
+    requires: list[str] = Field(default_factory=list, examples=[["postgresql"]])
     capabilities: Capabilities = Field(default_factory=Capabilities)
     route_rules: dict[str, RouteRule] = Field(default_factory=dict)
     #: Messages it may send per minute (bursts up to that many); null: unlimited.
@@ -254,6 +288,19 @@ class CallbackSettings(_Strict):
             raise ValueError(f"callback {self.id!r}: give both tls_cert and tls_key, or neither")
         if self.secret is not None and len(self.secret.get_secret_value()) < 16:
             raise ValueError(f"callback {self.id!r}: a secret must be at least 16 characters")
+        first: dict[str, int] = {}
+        for index, route in enumerate(self.routes):
+            # The router and route_rules know a route by its id, which defaults to its
+            # pattern: a second one would silently replace the first.
+            route_id = route.id or route.pattern
+            if route_id in first:
+                key = "id" if route.id else "pattern"
+                raise _LocatedError(
+                    ("routes", index, key),
+                    f"callback {self.id!r} declares route {route_id!r} twice (routes[{first[route_id]}] and "
+                    f"routes[{index}]); give one a distinct id:",
+                )
+            first[route_id] = index
         return self
 
 
@@ -276,12 +323,12 @@ class AuthSettings(_Strict):
 
     #: Adapter user ids ("irc/alice", "matrix/@alice:example.org") that hold every
     #: permission and may manage roles from chat.
-    admins: list[str] = Field(default_factory=list)
+    admins: list[str] = Field(default_factory=list, examples=[["irc/alice"]])
     #: Role name → permissions it grants ("deploy", "deploy.*", "*"). A role not named
     #: here grants the permission of its own name.
-    roles: dict[str, list[str]] = Field(default_factory=dict)
+    roles: dict[str, list[str]] = Field(default_factory=dict, examples=[{"deployers": ["deploy", "deploy.staging.*"]}])
     #: Roles every person holds.
-    default_roles: list[str] = Field(default_factory=list)
+    default_roles: list[str] = Field(default_factory=list, examples=[["deployers"]])
     #: Commands (messages that match a route) one person may trigger per minute; null: unlimited.
     rate_limit: int | None = Field(default=None, gt=0)
     #: Seconds an `oco link` request waits for confirmation from the other account.
@@ -305,33 +352,67 @@ class Config(_Strict):
     bot: BotSettings = Field(default_factory=BotSettings)
     #: None (no ``adapters:`` key): the installed adapter type that offers itself as the
     #: default (``AdapterType.default``; the built-in ``shell`` does), with its defaults.
-    adapters: list[AdapterEntry] | None = None
+    adapters: list[AdapterEntry] | None = Field(default=None, examples=[[{"type": "shell"}]])
     store: StoreSettings = Field(default_factory=StoreSettings)
     #: Specific data stores offered to callbacks (one entry per type).
-    datastores: list[DataStoreEntry] = Field(default_factory=list)
+    datastores: list[DataStoreEntry] = Field(default_factory=list, examples=[[{"type": "postgresql"}]])
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
-    callbacks: list[CallbackSettings] = Field(default_factory=lambda: [_bundled_example()])
+    callbacks: list[CallbackSettings] = Field(
+        default_factory=lambda: [_bundled_example()],
+        examples=[[{"id": "weather", "command": ["python", "weather.py"]}]],
+    )
     auth: AuthSettings = Field(default_factory=AuthSettings)
-    log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
+    log_level: str = Field(default="INFO", examples=["info"])
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in _LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)} (in any case), not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        seen: set[str] = set()
-        for entry in self.adapters or []:
+        # Each complaint points at the second occurrence: the first is fine on its own.
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.adapters or []):
             if entry.instance_name in seen:
-                raise ValueError(
-                    f"two adapters are named {entry.instance_name!r}; give one a distinct `name:` "
-                    "(it prefixes that adapter's room and user ids)"
+                raise _LocatedError(
+                    ("adapters", index, "name" if entry.name else "type"),
+                    f"adapters[{seen[entry.instance_name]}] is named {entry.instance_name!r} too; give one a "
+                    "distinct `name:` (it prefixes that adapter's room and user ids)",
                 )
-            seen.add(entry.instance_name)
-        types = [d.type for d in self.datastores]
-        for kind in types:
-            if types.count(kind) > 1:
-                raise ValueError(f"datastores: {kind!r} appears twice; offer each data-store type once")
-        ids = [c.id for c in self.callbacks]
-        for cid in ids:
-            if ids.count(cid) > 1:
-                raise ValueError(f"callback id {cid!r} appears twice")
+            seen[entry.instance_name] = index
+        kinds: dict[str, int] = {}
+        for index, datastore in enumerate(self.datastores):
+            if datastore.type in kinds:
+                raise _LocatedError(
+                    ("datastores", index, "type"),
+                    f"{datastore.type!r} is offered by datastores[{kinds[datastore.type]}] already; "
+                    "offer each data-store type once",
+                )
+            kinds[datastore.type] = index
+        ids: dict[str, int] = {}
+        secrets: dict[str, int] = {}
+        for index, cb in enumerate(self.callbacks):
+            if cb.id in ids:
+                raise _LocatedError(
+                    ("callbacks", index, "id"),
+                    f"callback id {cb.id!r} appears twice (callbacks[{ids[cb.id]}] has it too); give each its own id",
+                )
+            ids[cb.id] = index
+            if cb.secret is not None:
+                # The bot tells callers apart by their secret alone: a shared one would
+                # make every caller holding it the same callback.
+                secret = cb.secret.get_secret_value()
+                if secret in secrets:
+                    other = self.callbacks[secrets[secret]].id
+                    raise _LocatedError(
+                        ("callbacks", index, "secret"),
+                        f"callback {cb.id!r} has the same secret as callback {other!r}; give each callback its own "
+                        "(a caller is known by its secret alone)",
+                    )
+                secrets[secret] = index
         return self
 
 
@@ -377,6 +458,9 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: tuple[str | int, ..
             if key in result:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
             result[key] = _convert(value_node, loader, (*path, key), lines)
+            # A key's errors point at the key: a block value (the list under
+            # `callbacks:`) starts on a later line than the key it belongs to.
+            lines[(*path, key)] = key_node.start_mark.line + 1
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, loader, (*path, i), lines) for i, item in enumerate(node.value)]
@@ -420,7 +504,7 @@ def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the config must be a mapping of keys (bot:, adapters:, ...), not a {_kind(data)}")
+        raise ConfigError(f"{source}: the config must be a mapping of keys (bot:, adapters:, ...), not {_kind(data)}")
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -458,34 +542,238 @@ def _validation_message(
     model: type[BaseModel],
     prefix: tuple[str | int, ...] = (),
 ) -> str:
+    """One line per problem, in the file's order, each naming file, line and key and
+    saying what is expected; pydantic's own wording never reaches the user."""
     problems = []
-    for error in exc.errors(include_input=False, include_url=False):
-        loc = (*prefix, *(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-        message = error["msg"].removeprefix("Value error, ")
+    # The model holding a plugin's section (AdapterEntry, StoreSettings) owns the keys
+    # beside the plugin's own (type, name, quota): a misspelling may be near either.
+    beside = _model_at(Config, prefix) if prefix else None
+    for error in exc.errors(include_url=False):
+        inner = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _LocatedError):
+            inner = (*inner, *cause.loc)
+        loc = (*prefix, *inner)
         if error["type"] == "extra_forbidden":
-            known = _known_keys(model, tuple(error["loc"][:-1]))
-            message = f"unknown key {str(loc[-1])!r}" + (f" (known keys: {', '.join(known)})" if known else "")
-        problems.append(_describe(source, lines, loc, message))
-    return "\n".join(problems)
+            known = _keys_of(_model_at(model, inner[:-1]))
+            if beside is not None and len(inner) == 1:
+                known = sorted({*known, *_keys_of(beside)})
+            message = _unknown_key(str(loc[-1]), known)
+        else:
+            message = _explain(error, model, inner)
+        problems.append((_line_of(lines, loc), _describe(source, lines, loc, message)))
+    return "\n".join(text for _, text in sorted(problems, key=lambda p: p[0]))
 
 
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    current: Any = model
+def _unknown_key(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listing = f" (known keys: {', '.join(known)})" if known else ""
+    return f"unknown key {key!r}{hint}{listing}"
+
+
+def _line_of(lines: Mapping[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int:
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    return lines.get(loc, 0)
+
+
+#: What each kind of value is called in messages, by pydantic's error type.
+_EXPECTED = {
+    "string_type": "text",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "set_type": "a list",
+    "dict_type": "a mapping of keys",
+    "model_type": "a mapping of keys",
+    "model_attributes_type": "a mapping of keys",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "path_type": "a file path",
+    "none_required": "null",
+}
+
+
+def _explain(error: Any, model: type[BaseModel], loc: tuple[str | int, ...]) -> str:
+    """What a pydantic error means, in OCO's words: what is expected, what was given
+    (its kind, never its value: it may be a secret) and an example."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    name, field = _field_at(model, loc)
+    example = _example(name, field) if field is not None else ""
+    if kind == "value_error" or kind == "assertion_error":
+        return str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "missing":
+        return "required" + (f", for example {example}" if example else "")
+    if kind in _EXPECTED:
+        got = f", not {_kind(error['input'])}" if "input" in error and kind != "int_from_float" else ""
+        what = f"expected {_EXPECTED[kind]}{got}"
+        if kind in ("model_type", "model_attributes_type", "dict_type") and field is not None:
+            keys = _keys_of(_model_at(model, loc))
+            if keys:
+                what += f" (keys: {', '.join(keys)})"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {
+            "greater_than": "more than",
+            "greater_than_equal": "at least",
+            "less_than": "less than",
+            "less_than_equal": "at most",
+        }[kind]
+        limit = next(iter(ctx.values()), "")
+        what = f"must be {words} {limit}"
+    elif kind in ("too_short", "string_too_short"):
+        least = ctx.get("min_length", 1)
+        things = "character" if kind == "string_too_short" else "item"
+        what = "must not be empty" if least == 1 else f"needs at least {least} {things}s"
+    elif kind in ("too_long", "string_too_long"):
+        things = "characters" if kind == "string_too_long" else "items"
+        what = f"may have at most {ctx.get('max_length')} {things}"
+    elif kind in ("literal_error", "enum"):
+        what = f"expected {ctx.get('expected', 'one of the documented values')}"
+    elif kind == "string_pattern_mismatch":
+        what = "is not in the expected form"
+    elif kind in ("path_not_file", "path_not_directory", "path_not_exists"):
+        thing = {"path_not_file": "file", "path_not_directory": "directory"}.get(kind, "file or directory")
+        what = f"no such {thing}: expected the path of an existing {thing}"
+    else:
+        what = "is not a valid value here"
+    return what + (f"; for example {example}" if example else "")
+
+
+def _example(key: str, field: FieldInfo) -> str:
+    """``key: value`` from the field's first example, else its default when that says
+    something; "" when neither does."""
+    if field.examples:
+        value = field.examples[0]
+    elif isinstance(field.default, bool | int | float) or (isinstance(field.default, str | list) and field.default):
+        value = field.default  # an empty default (or None) shows nothing worth copying
+    else:
+        return ""
+    return f"`{key}: {_yaml_flow(value)}`"
+
+
+def _yaml_flow(value: Any) -> str:
+    """``value`` as YAML on one line (JSON is YAML; plain words need no quotes)."""
+    plain = isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*|\$\{[A-Z_]+\}", value)
+    if plain and value.lower() not in ("true", "false", "yes", "no", "on", "off", "null"):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types ``annotation`` allows (``X | None`` is X and None)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: str | int) -> tuple[Any, FieldInfo | None] | None:
+    for option in _unwrap(annotation):
+        origin = typing.get_origin(option)
+        if isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            return typing.get_args(option)[0], None
+        if isinstance(part, str) and origin is dict:
+            return typing.get_args(option)[1], None
+        if isinstance(part, str) and isinstance(option, type) and issubclass(option, BaseModel):
+            found = option.model_fields.get(part)
+            if found is not None:
+                return found.annotation, found
+    return None
+
+
+def _field_at(model: type[BaseModel], loc: Iterable[str | int]) -> tuple[str, FieldInfo | None]:
+    """The innermost field a model declares along ``loc``, and its key (for
+    ``auth.roles.ops``: ``roles``); ("", None) when none does."""
+    annotation: Any = model
+    named: tuple[str, FieldInfo | None] = ("", None)
     for part in loc:
-        if isinstance(part, int):
-            continue
-        field_info = getattr(current, "model_fields", {}).get(part)
-        if field_info is None:
-            return []
-        annotation = field_info.annotation
-        args = getattr(annotation, "__args__", ())
-        current = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if current is None:
-            return []
-    return sorted(getattr(current, "model_fields", {}))
+        found = _step(annotation, part)
+        if found is None:
+            break
+        annotation, latest = found
+        if latest is not None:
+            named = (str(part), latest)
+    return named
+
+
+def _model_at(model: type[BaseModel], loc: Iterable[str | int]) -> type[BaseModel] | None:
+    """The model that validates the mapping at ``loc``, if one does."""
+    annotation: Any = model
+    for part in loc:
+        found = _step(annotation, part)
+        if found is None:
+            return None
+        annotation = found[0]
+    return next((a for a in _unwrap(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _keys_of(model: type[BaseModel] | None) -> list[str]:
+    return sorted(model.model_fields) if model is not None else []
 
 
 def _kind(value: object) -> str:
+    if value is None:
+        return "an empty value"
     if isinstance(value, list):
-        return "list"
-    return "string" if isinstance(value, str) else type(value).__name__
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "text" if isinstance(value, str) else type(value).__name__
+
+
+# -- checks that need the machine, not just the file ------------------------------------
+
+
+def launch_problem(cb: CallbackSettings, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """Why the bot could not start launched callback ``cb`` on this machine: its
+    ``command``'s program is not found (on the PATH the callback gets, or at the path
+    given) or its ``cwd`` is not a directory. None when it could start, or when it is
+    not launched; else the config key at fault and the message.
+
+    A check of this machine as it is now, with ``environ`` (default: this process's
+    environment) as the bot's: `oco check-config` refuses on it, `oco run` logs it
+    and keeps retrying, since the bot's own PATH may differ from the shell's and a
+    program may be installed after the bot starts.
+    """
+    if cb.command is None:
+        return None
+    environ = os.environ if environ is None else environ
+    if cb.cwd is not None and not cb.cwd.is_dir():
+        return "cwd", f"{str(cb.cwd)!r} is not a directory; create it or change cwd:"
+    program = cb.command[0]
+    if "/" in program:
+        # As the process starts: relative to its cwd, without a PATH search.
+        path = Path(program) if cb.cwd is None else cb.cwd / program
+        if not path.is_file():
+            where = f" (relative to cwd {str(cb.cwd)!r})" if cb.cwd is not None and not path.is_absolute() else ""
+            return "command", f"program {program!r} does not exist{where}; fix the path in command:"
+        if not os.access(path, os.X_OK):
+            return (
+                "command",
+                f"program {program!r} is not executable; chmod +x {program}, or name its interpreter first",
+            )
+        return None
+    if "PATH" in cb.env:
+        search, origin = cb.env["PATH"], "the callback's env: PATH"
+    elif any(fnmatch.fnmatchcase("PATH", p) for p in cb.inherit_env) and "PATH" in environ:
+        search, origin = environ["PATH"], "the bot's PATH"
+    else:
+        search, origin = os.defpath, f"the system default PATH {os.defpath} (inherit_env: does not pass PATH)"
+    if shutil.which(program, path=search) is None:
+        elsewhere = shutil.which(program)
+        fix = f"give its full path ({elsewhere} here)" if elsewhere else "give its full path"
+        return "command", (
+            f"program {program!r} is not found on {origin}; install it, {fix}, or set PATH in the callback's env:"
+        )
+    return None

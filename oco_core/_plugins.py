@@ -87,6 +87,9 @@ def _default(types: Mapping[str, _T], missing: str, kind: str, setting: str) -> 
 def _unknown(kind: str, name: str, installed: list[str], prefix: str) -> str:
     # Only the naming convention, never a list of known plugins: a third party's
     # adapter gets the same hint as ours.
+    close = difflib.get_close_matches(name, installed, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {kind} type {name!r}; did you mean {close[0]!r}? (installed: {', '.join(installed)})"
     package = f"{prefix}-{name}"
     return (
         f"unknown {kind} type {name!r}; installed: {', '.join(installed) or 'none'}. "

@@ -226,8 +226,8 @@ grpc: {{listen: nonsense}}
     ("value", "problem"),
     [
         ('"tiny-secret-42"', "at least 16 characters"),
-        ("[tiny-secret-42]", "string"),
-        ("{tiny-secret-42: 1}", "string"),
+        ("[tiny-secret-42]", "expected text, not a list"),
+        ("{tiny-secret-42: 1}", "expected text, not a mapping"),
     ],
     ids=["too-short", "list", "mapping"],
 )
