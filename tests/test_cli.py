@@ -4,6 +4,7 @@ secrets never printed."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 import socket
@@ -291,8 +292,16 @@ def test_run_fails_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
     assert result.returncode == EXIT_RUNTIME, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("oco: error: ")]
     assert len(error) == 1, result.stderr
-    assert f"cannot serve gRPC on {address}" in error[0]
-    assert "grpc.listen" in error[0]
+    assert error[0] == (
+        f"oco: error: cannot serve gRPC on {address}: Address already in use; is another bot running? "
+        "Change grpc.listen (port 0 picks a free port)"
+    )
+    # Nothing of grpc's own: neither its C core's log line (E1130 ... add_port.cc] ...)
+    # nor its advice about GRPC_VERBOSITY.
+    assert "GRPC_VERBOSITY" not in result.stderr
+    assert not [line for line in result.stderr.splitlines() if re.match(r"[EWI]\d{4} |.*\.cc:\d+\]", line)], (
+        result.stderr
+    )
 
 
 async def test_secrets_never_in_run_logs(
