@@ -27,11 +27,12 @@ import grpc
 import pytest
 import trio
 
-from oco_core import Callback, InvalidPatternError, Message, UnknownTargetError
-from oco_core._adapter import ChatRoom, ChatUser, IncomingMessage
+from oco_core import AdapterError, Callback, InvalidPatternError, Message, UnknownTargetError
+from oco_core._adapter import AdapterType, ChatRoom, ChatUser, IncomingMessage, OutgoingMessage
+from oco_core._plugins import Plugins, load_plugins
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
 from oco_core._router import Route, Router, Subscription
-from oco_core.testing import Lines, oco_cli, open_bot, run_oco, serving
+from oco_core.testing import Lines, MemoryAdapter, MemoryConfig, oco_cli, open_bot, run_oco, serving
 from oco_core.testing.pytest_plugin import server_unavailable
 
 SECRET = "secret-promises-0123456789abcdef"
@@ -91,6 +92,36 @@ async def test_one_bad_room_after_a_good_one_posts_nothing(tmp_path: Path) -> No
         async with serving(cb):
             await cb.send("fine", room="memory/general")
             assert [m.body for m in running.adapter.sent] == ["fine"]
+
+
+class FlakyAdapter(MemoryAdapter):
+    """A memory adapter whose connection drops after ``allow`` messages."""
+
+    allow = 2
+
+    async def send(self, message: OutgoingMessage) -> None:
+        if len(self.sent) >= self.allow:
+            raise AdapterError("the connection dropped; the message was not sent")
+        await super().send(message)
+
+
+async def test_a_send_that_fails_part_way_tells_the_sdk_how_many_went_out(tmp_path: Path) -> None:
+    installed = load_plugins()
+    flaky = AdapterType("flaky", FlakyAdapter, MemoryConfig, description="drops its connection")
+    plugins = Plugins({**installed.adapters, "flaky": flaky}, installed.stores)
+    config = memory_config(tmp_path).replace("[{type: memory}]", "[{type: flaky}]")
+    async with open_bot(config, plugins=plugins) as running:
+        cb = Callback(id="promises", secret=SECRET, address=running.address)
+        async with serving(cb):
+            messages = [
+                core_pb2.Message(body=f"part {n}", source=core_pb2.Source(room=core_pb2.Room(id="flaky/general")))
+                for n in range(4)
+            ]
+            with pytest.raises(AdapterError) as caught:
+                await cb._send(messages, with_mention=False)
+        assert caught.value.sent == 2  # a retry can skip these
+        assert "message 2 to flaky/general" in str(caught.value)
+        assert [m.body for m in running.adapters["flaky"].sent] == ["part 0", "part 1"]  # type: ignore[attr-defined]
 
 
 # -- shutdown ends Listen streams with OK at once -------------------------------------------
