@@ -175,7 +175,7 @@ class Bot:
             await auth.load()
             audit = AuditLog(store, config.auth.audit.retention_days)
             datastores = await stack.enter_async_context(
-                open_datastores(self.loaded, self._plugins, store, audit.record, wait_for_down=True)
+                open_datastores(self.loaded, self._plugins, store, audit.record)
             )
             tasks = await stack.enter_async_context(trio.open_nursery())
             await tasks.start(directory.run)

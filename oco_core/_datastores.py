@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -123,9 +123,12 @@ def missing_hint(datastore: str, offered: Sequence[str]) -> str:
 class DataStores:
     """The open providers of one bot, and the credentials each callback holds."""
 
-    def __init__(self, store: Store, providers: Mapping[str, DataStoreProvider], record: Record) -> None:
+    def __init__(self, store: Store, offered: Sequence[str], record: Record) -> None:
         self._store = store
-        self._providers = dict(providers)
+        self._offered = sorted(offered)
+        #: The providers open now, by type (one whose database is down at start-up
+        #: joins when it comes up).
+        self._providers: dict[str, DataStoreProvider] = {}
         self._record = record
         #: What this process last provisioned, by (data store, callback): its generation
         #: and the access it returned, so a hand-out of unchanged credentials costs one
@@ -136,18 +139,25 @@ class DataStores:
         self._refused: set[tuple[str, str]] = set()
 
     def offered(self) -> list[str]:
-        """The data-store types this bot offers, in name order."""
-        return sorted(self._providers)
+        """The data-store types this bot offers, in name order (open or not yet)."""
+        return list(self._offered)
 
     def describe(self) -> dict[str, str]:
         """Each provider's own one-line description (no passwords)."""
         return {name: provider.describe() for name, provider in sorted(self._providers.items())}
 
+    def attach(self, name: str, provider: DataStoreProvider | None) -> None:
+        """The provider of ``name`` is open (None: no longer)."""
+        if provider is None:
+            self._providers.pop(name, None)
+        else:
+            self._providers[name] = provider
+
     def require(self, callback_id: str, datastores: Sequence[str]) -> None:
         """DataStoreUnavailableError for the first of ``datastores`` this bot does not
         offer (logged and audited once per callback and type)."""
         for datastore in datastores:
-            if datastore not in self._providers:
+            if datastore not in self._offered:
                 raise self._unavailable(callback_id, datastore)
 
     def _unavailable(self, callback_id: str, datastore: str) -> DataStoreUnavailableError:
@@ -161,9 +171,11 @@ class DataStores:
         return error
 
     def _provider(self, callback_id: str, datastore: str) -> DataStoreProvider:
+        if datastore not in self._offered:
+            raise self._unavailable(callback_id, datastore)
         provider = self._providers.get(datastore)
         if provider is None:
-            raise self._unavailable(callback_id, datastore)
+            raise StoreUnavailableError(f"the data store {datastore!r} cannot be reached yet; try again later")
         return provider
 
     async def _read(self, datastore: str, callback_id: str) -> tuple[Grant | None, int]:
@@ -307,9 +319,11 @@ async def open_datastores(
     loaded: LoadedConfig, plugins: Plugins, store: Store, record: Record
 ) -> AsyncIterator[DataStores]:
     """Open every configured data-store provider (in the config's order), yield them as
-    :class:`DataStores`, and close them on exit."""
+    :class:`DataStores`, and close them on exit. A data store that cannot be reached
+    fails the opening (StoreUnavailableError naming it)."""
+    kinds = configured_datastores(loaded, plugins)
+    datastores = DataStores(store, [kind.name for kind, _ in kinds], record)
     async with AsyncExitStack() as stack:
-        providers: dict[str, DataStoreProvider] = {}
-        for kind, options in configured_datastores(loaded, plugins):
-            providers[kind.name] = await stack.enter_async_context(kind.open(options))
-        yield DataStores(store, providers, record)
+        for kind, options in kinds:
+            datastores.attach(kind.name, await stack.enter_async_context(kind.open(options)))
+        yield datastores

@@ -11,6 +11,7 @@ capabilities) is checked here, before the call does anything.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,6 +193,7 @@ class Services:
             policy = self.bot.policy(callback_id)
             policy.require_events(set(request.events))
             for datastore in request.requires:
+                _check_datastore_type(datastore)
                 policy.require_datastore(datastore)
             self.bot.datastores.require(callback_id, request.requires)
         routes = [Route.declared(r) for r in request.routes]
@@ -405,8 +407,7 @@ class Services:
     ) -> datastores_pb2.DataStoreAccess:
         """The caller's access to its own corner of one data store."""
         callback_id = await self._caller(info)
-        if not request.type:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "GetDataStore needs the data-store type")
+        _check_datastore_type(request.type)
         with _statuses():
             self.bot.policy(callback_id).require_datastore(request.type)
         access, generation = await _guard(
@@ -594,6 +595,20 @@ async def _run_server(
                 # now and the grace period is for calls actually in flight.
                 services.end_streams()
                 await bridge.stop(server, settings.shutdown_grace)
+
+
+#: What a data-store type may look like (a plugin's name), so a caller cannot make the
+#: bot log and remember megabytes of whatever it sends as one.
+_DATASTORE_TYPE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def _check_datastore_type(name: str) -> None:
+    if not _DATASTORE_TYPE.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise RpcAbort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{shown!r} is not a data-store type: lowercase letters, digits, '_', '.' or '-', at most 64",
+        )
 
 
 def _user_pb(user: UserRecord) -> core_pb2.User:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from oco_core.plugin import corner_name
 from oco_core.testing import run_oco
 
 SECRET = "conformance-secret-0123456789"
@@ -68,7 +69,7 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert "PASS datastores/access-stable: sqlite: the same url and generation 1 three times, once with refresh " in out
     # The access checks provisioned the suite's callback a file of its own.
     [corner] = (tmp_path / "corners").iterdir()
-    assert corner.name.endswith("conformance.db")
+    assert corner.name == corner_name("conformance") + ".db"
 
 
 async def test_a_bot_without_data_stores_skips_the_access_checks_and_still_conforms(tmp_path: Path) -> None:

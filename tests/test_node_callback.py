@@ -9,6 +9,7 @@ so does its notes test without the PostgreSQL at OCO_TEST_POSTGRES_URL.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import uuid
@@ -21,6 +22,7 @@ import pytest
 import trio
 from psycopg import sql
 
+from oco_core.plugin import corner_name
 from oco_core.testing import Lines, free_port, oco_cli, run_oco
 from oco_core.testing.pytest_plugin import server_unavailable
 
@@ -148,11 +150,13 @@ callbacks:
         await bot.write("oco notes")
         await bot.expect(r"^#1 hello \(shell/alice\)$")
         await bot.expect(r"^#2 from Node\.js, twice \(shell/alice\)$")
-        await bot.expect(rf"PostgreSQL: schema {prefix}node, credentials generation 1", stream="stderr")
+        await bot.expect(
+            rf"PostgreSQL: schema {re.escape(corner_name('node', prefix))}, credentials generation 1", stream="stderr"
+        )
 
     # The rows are in the callback's own schema, owned by its own role: what the bot
     # handed it through GetDataStore, not the admin's.
-    schema = f"{prefix}node"
+    schema = corner_name("node", prefix)
     owner = admin.execute(
         "SELECT tableowner FROM pg_tables WHERE schemaname = %s AND tablename = 'notes'", [schema]
     ).fetchone()
@@ -248,7 +252,10 @@ callbacks:
             await bot.write("oco note after")
             await bot.expect(r"^alice: noted \(#2\)$")
             await bot.expect(r"PostgreSQL refused the credentials \(28P01: password authentication", stream="stderr")
-            await bot.expect(rf"PostgreSQL: schema {prefix}node, credentials generation 2", stream="stderr")
+            await bot.expect(
+                rf"PostgreSQL: schema {re.escape(corner_name('node', prefix))}, credentials generation 2",
+                stream="stderr",
+            )
             await bot.write("oco notes")
             await bot.expect(r"^#1 before \(shell/alice\)$")
             await bot.expect(r"^#2 after \(shell/alice\)$")

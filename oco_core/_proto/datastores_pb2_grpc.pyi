@@ -11,8 +11,10 @@ offers; for each, the bot gives every callback a corner of its own that nobody e
 credentials reach: a role and a schema in PostgreSQL, an ACL user limited to a key prefix
 in Redis, a file of its own for SQLite. The bot generates the credentials and keeps
 them, so replicas of one callback (streams with the same id) get the same ones; an
-operator rotates or revokes them (`oco datastores rotate|revoke`), after which the
-old credentials stop working and a callback calls GetDataStore again.
+operator rotates them (`oco datastores rotate`), after which the old credentials stop
+working and a callback calls GetDataStore again, or revokes them (`oco datastores
+revoke`): then GetDataStore is PERMISSION_DENIED (`CapabilityError`, capability
+`datastores`) until the operator grants them again.
 
 Errors: a type the bot does not offer is FAILED_PRECONDITION with `oco-error-type:
 DataStoreUnavailableError` and `oco-error-datastore` naming it; a type the callback's
