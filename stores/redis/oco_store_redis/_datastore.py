@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 import redis.exceptions
@@ -340,7 +340,9 @@ class RedisDataStore(DataStoreProvider):
     def _scrub(self, error: BaseException) -> str:
         text = " ".join(str(error).split()) or type(error).__name__
         if self._admin_password:
-            text = text.replace(self._admin_password, "***")
+            # As written in the URL (percent-encoded) and as redis-py sends it (decoded).
+            for form in {self._admin_password, unquote(self._admin_password)}:
+                text = text.replace(form, "***")
         return text
 
     def _command(self, *args: str) -> Any:
@@ -351,6 +353,20 @@ class RedisDataStore(DataStoreProvider):
         secret = [f"#{password_hash}"] if password_hash else []
         rules = self._rules(prefix)
         self._command("ACL", "SETUSER", user, *rules[:2], *secret, *rules[2:])
+
+    @staticmethod
+    def _refuse_foreign(user: str, prefix: str, info: dict[str, Any] | None) -> None:
+        """StoreError for an existing user that this provider did not make (its keys are
+        not exactly the callback's prefix): another application's user is never reset
+        or deleted, even when a careless user_prefix makes its name collide."""
+        if info is None:
+            return
+        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in info.get("keys") or []]
+        if keys and keys != [f"~{prefix}*"]:
+            raise StoreError(
+                f"Redis already has a user {user!r} that this data store did not make (its keys are "
+                f"{', '.join(keys)}); choose another user_prefix, or remove that user if it is stale"
+            )
 
     def _user(self, user: str) -> dict[str, Any] | None:
         """``ACL GETUSER``: the user's flags, passwords and rules, None when there is none."""
@@ -416,6 +432,7 @@ class RedisDataStore(DataStoreProvider):
         prefix = self.key_prefix(callback_id)
         wanted = _password_hash(password)
         before = await self._run(f"ACL GETUSER {user}", partial(self._user, user))
+        self._refuse_foreign(user, prefix, before)
         await self._run(f"ACL SETUSER {user}", lambda: self._set_user(user, wanted, prefix))
         had = _opening_hashes(before)
         if had is not None and (rotated or had != [wanted]):
@@ -454,6 +471,7 @@ class RedisDataStore(DataStoreProvider):
         ``drop_data`` also delete every key under its prefix. Idempotent."""
         user = self.user_name(callback_id)
         prefix = self.key_prefix(callback_id)
+        self._refuse_foreign(user, prefix, await self._run(f"ACL GETUSER {user}", partial(self._user, user)))
         deleted = await self._run(f"ACL DELUSER {user}", partial(self._client.acl_deluser, user))
         if deleted:
             logger.info("Redis data store: %s deleted", user)

@@ -595,3 +595,19 @@ async def test_without_an_aclfile_a_restart_of_redis_loses_users_until_provision
             assert client.ping()
         finally:
             client.close()
+
+
+async def test_a_user_it_did_not_make_is_never_reset_or_deleted(corner: Corner, provider: RedisDataStore) -> None:
+    callback_id = new_id()
+    user = provider.user_name(callback_id)
+    corner.admin.acl_setuser(user, enabled=True, keys=["someone-else:*"], commands=["+get"], reset=True)
+    try:
+        with pytest.raises(StoreError, match="did not make"):
+            await provider.provision(callback_id, "pw-" + uuid.uuid4().hex)
+        with pytest.raises(StoreError, match="did not make"):
+            await provider.revoke(callback_id, drop_data=True)
+        untouched = corner.admin.acl_getuser(user)
+        assert untouched is not None
+        assert untouched["keys"] == ["~someone-else:*"]
+    finally:
+        corner.admin.acl_deluser(user)
