@@ -13,7 +13,8 @@ import re
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,23 @@ callbacks:
         await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
 
 
+@asynccontextmanager
+async def node_by_hand(example: Path, env: dict[str, str], stderr: Lines) -> AsyncIterator[trio.Process]:
+    """The Node example started as an operator would, its stderr read into ``stderr``;
+    killed on the way out if the block left it running."""
+    process = await trio.lowlevel.open_process(["node", str(example / "callback.js")], env=env, stderr=subprocess.PIPE)
+    async with trio.open_nursery() as nursery:
+        assert process.stderr is not None
+        nursery.start_soon(stderr.pump, process.stderr)
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+
 async def test_started_by_hand_reconnects_when_the_bot_restarts(node_example: Path, tmp_path: Path) -> None:
     port = free_port()
     config = f"""
@@ -67,34 +85,23 @@ callbacks:
     registered = r"connected to .*: 5 route\(s\) registered"
     stderr = Lines("the node callback's stderr")
     async with run_oco(config, tmp_path / "bot") as bot:
-        callback = await trio.lowlevel.open_process(
-            ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                assert callback.stderr is not None
-                nursery.start_soon(stderr.pump, callback.stderr)
-                await stderr.wait_for(registered)
-                await bot.write("oco count")
-                await bot.expect(r"^alice: node counter is 1$")
-                await bot.stop()
-                await stderr.wait_for(r"Listen stream ended")
+        async with node_by_hand(node_example, env, stderr) as callback:
+            await stderr.wait_for(registered)
+            await bot.write("oco count")
+            await bot.expect(r"^alice: node counter is 1$")
+            await bot.stop()
+            await stderr.wait_for(r"Listen stream ended")
 
-                # The same bot again, on the same port and with the same store.
-                async with run_oco(config, tmp_path / "bot") as again:
-                    await stderr.wait_for(registered, count=2)
-                    await again.write("oco ping")
-                    await again.expect(r"^PONG from Node\.js$")
-                    await again.write("oco count")
-                    await again.expect(r"^alice: node counter is 2$")
-                callback.send_signal(signal.SIGTERM)
-                with trio.fail_after(10):
-                    assert await callback.wait() == 0
-        finally:
-            if callback.returncode is None:
-                callback.kill()
-                with trio.CancelScope(shield=True):
-                    await callback.wait()
+            # The same bot again, on the same port and with the same store.
+            async with run_oco(config, tmp_path / "bot") as again:
+                await stderr.wait_for(registered, count=2)
+                await again.write("oco ping")
+                await again.expect(r"^PONG from Node\.js$")
+                await again.write("oco count")
+                await again.expect(r"^alice: node counter is 2$")
+            callback.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await callback.wait() == 0
 
 
 @pytest.fixture
@@ -191,24 +198,13 @@ callbacks:
     async with run_oco(config, tmp_path) as bot:
         # Without OCO_REQUIRES it runs, and its notes say what is missing.
         stderr = Lines("the node callback's stderr")
-        plain = await trio.lowlevel.open_process(
-            ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                assert plain.stderr is not None
-                nursery.start_soon(stderr.pump, plain.stderr)
-                await stderr.wait_for(r"connected to .*: 5 route\(s\) registered")
-                await bot.write("oco note hello")
-                await bot.expect(r"^alice: notes need PostgreSQL, and this bot offers no postgresql data store")
-                plain.send_signal(signal.SIGTERM)
-                with trio.fail_after(10):
-                    assert await plain.wait() == 0
-        finally:
-            if plain.returncode is None:
-                plain.kill()
-                with trio.CancelScope(shield=True):
-                    await plain.wait()
+        async with node_by_hand(node_example, env, stderr) as plain:
+            await stderr.wait_for(r"connected to .*: 5 route\(s\) registered")
+            await bot.write("oco note hello")
+            await bot.expect(r"^alice: notes need PostgreSQL, and this bot offers no postgresql data store")
+            plain.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await plain.wait() == 0
         # With it, the bot refuses the callback, which exits naming the data store.
         with trio.fail_after(30):
             done = await trio.run_process(
