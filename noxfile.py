@@ -15,6 +15,8 @@ import nox
 ROOT = Path(__file__).parent
 DISTRIBUTIONS = sorted(p.parent for p in ROOT.glob("*/*/pyproject.toml") if p.parts[-3] in ("adapters", "stores"))
 # grpcio-tools: tests generate a client from the specification's own .proto files.
+# build and the build backend with its plugin: test_packaging builds every distribution
+# without isolation (no download per build).
 TEST_TOOLS = [
     "pytest>=8",
     "pytest-trio>=0.8",
@@ -22,6 +24,9 @@ TEST_TOOLS = [
     "hypothesis>=6.100",
     "trustme>=1.1",
     "grpcio-tools>=1.85.1",
+    "build>=1.2",
+    "hatchling>=1.27",
+    "hatch-fancy-pypi-readme>=24.1",
 ]
 
 nox.options.sessions = ["lint", "types", "proto", "docs", "tests", "distributions"]
