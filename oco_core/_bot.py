@@ -247,6 +247,7 @@ class Bot:
                                 cb.cwd,
                                 state.exited.set,
                                 self.config.grpc.tls,
+                                partial(setattr, state, "given_up"),
                             )
                     await self._wait_for_callbacks()
                     for name, kind, options in self._adapter_specs:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -260,6 +261,9 @@ class CallbackSettings(_Strict):
     inherit_env: list[str] = Field(default_factory=lambda: list(DEFAULT_INHERITED_ENV))
     cwd: Path | None = None
     restart_backoff_max: float = Field(default=60.0, gt=0)
+    #: Starts in a row that fail the same way (same exit status and last line of output,
+    #: each within a minute) after which the bot stops restarting it; 0: never stop.
+    give_up_after: int = Field(default=5, ge=0)
     #: This callback's storage quota, instead of ``store.quota``.
     quota: QuotaConfig | None = None
     #: Specific data stores (types) it needs; `oco check-config` says whether the bot
@@ -735,6 +739,31 @@ def _kind(value: object) -> str:
 # -- checks that need the machine, not just the file ------------------------------------
 
 
+def callback_search_path(cb: CallbackSettings, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The PATH a launched callback gets, and where it comes from (for messages).
+
+    The directory of the bot's own interpreter comes first, as ``npm run`` puts
+    node_modules/.bin first: ``command: ["python", "weather.py"]`` then runs the Python
+    that has oco_core installed, even when the bot was started as ``.venv/bin/oco run``
+    from a shell whose venv is not activated. The rest is the bot's PATH (when
+    ``inherit_env`` passes it) or the system default. A PATH in the callback's ``env:``
+    is used exactly as written.
+    """
+    environ = os.environ if environ is None else environ
+    if "PATH" in cb.env:
+        return cb.env["PATH"], "the callback's env: PATH"
+    if any(fnmatch.fnmatchcase("PATH", p) for p in cb.inherit_env) and "PATH" in environ:
+        rest, origin = environ["PATH"], "the bot's PATH"
+    else:
+        rest, origin = os.defpath, f"the system default PATH {os.defpath} (inherit_env: does not pass PATH)"
+    # Not resolved: a venv's python is a symlink to the base interpreter, whose
+    # directory has neither oco_core nor the venv's scripts.
+    interpreter_dir = os.path.dirname(sys.executable) if sys.executable else ""
+    if not interpreter_dir:
+        return rest, origin
+    return os.pathsep.join([interpreter_dir, rest]), f"{origin} after the bot's interpreter directory {interpreter_dir}"
+
+
 def launch_problem(cb: CallbackSettings, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """Why the bot could not start launched callback ``cb`` on this machine: its
     ``command``'s program is not found (on the PATH the callback gets, or at the path
@@ -742,9 +771,9 @@ def launch_problem(cb: CallbackSettings, environ: Mapping[str, str] | None = Non
     not launched; else the config key at fault and the message.
 
     A check of this machine as it is now, with ``environ`` (default: this process's
-    environment) as the bot's: `oco check-config` refuses on it, `oco run` logs it
-    and keeps retrying, since the bot's own PATH may differ from the shell's and a
-    program may be installed after the bot starts.
+    environment) as the bot's: `oco check-config` refuses on it; `oco run` logs it and
+    tries anyway, since the bot's own PATH may differ from the shell's (a start that
+    fails counts towards ``give_up_after`` like any failure).
     """
     if cb.command is None:
         return None
@@ -764,12 +793,7 @@ def launch_problem(cb: CallbackSettings, environ: Mapping[str, str] | None = Non
                 f"program {program!r} is not executable; chmod +x {program}, or name its interpreter first",
             )
         return None
-    if "PATH" in cb.env:
-        search, origin = cb.env["PATH"], "the callback's env: PATH"
-    elif any(fnmatch.fnmatchcase("PATH", p) for p in cb.inherit_env) and "PATH" in environ:
-        search, origin = environ["PATH"], "the bot's PATH"
-    else:
-        search, origin = os.defpath, f"the system default PATH {os.defpath} (inherit_env: does not pass PATH)"
+    search, origin = callback_search_path(cb, environ)
     if shutil.which(program, path=search) is None:
         elsewhere = shutil.which(program)
         fix = f"give its full path ({elsewhere} here)" if elsewhere else "give its full path"

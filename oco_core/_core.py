@@ -56,6 +56,8 @@ class CallbackState:
     connected: trio.Event = field(default_factory=trio.Event)
     #: Set when its process first exits (or fails to start): start-up stops waiting for it.
     exited: trio.Event = field(default_factory=trio.Event)
+    #: Why the bot stopped restarting it (a launched callback that cannot run), if it did.
+    given_up: str | None = None
 
 
 class Activity:

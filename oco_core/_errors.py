@@ -133,6 +133,12 @@ class CallbackError(OcoError):
     """A callback program misbehaved, or the bot refused what it asked."""
 
 
+#: The exit status of a launched callback that must not be restarted: the bot refused it
+#: (bad secret, bad pattern) and starting it again cannot help. EX_CONFIG of sysexits.h,
+#: as systemd's RestartPreventExitStatus= would be used; any language's callback may use it.
+EXIT_REFUSED = 78
+
+
 class InvalidRequestError(CallbackError):
     """A callback's request is malformed: a bad pattern, a message without a target."""
 

@@ -37,6 +37,7 @@ import trio
 
 from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
+    EXIT_REFUSED,
     CallbackError,
     InvalidPatternError,
     OcoError,
@@ -565,7 +566,9 @@ class Callback:
             refusal = _first_callback_error(exc)
             if refusal is None:
                 raise
-            raise SystemExit(f"callback {self.id!r}: {refusal}") from None
+            # The supervisor of a launched callback does not restart one that exits so.
+            log.error("callback %r: %s", self.id, refusal)
+            raise SystemExit(EXIT_REFUSED) from None
         except KeyboardInterrupt:
             pass
 

@@ -5,6 +5,11 @@ OCO_CALLBACK_ID, OCO_SECRET; with ``grpc.tls``, also OCO_TLS_CA, OCO_TLS_SERVER_
 its client certificate in OCO_TLS_CERT and OCO_TLS_KEY), its output forwarded to the
 bot's log under its id, restarted with exponential backoff when it exits, and stopped
 with SIGTERM, then SIGKILL after a grace period, when the bot shuts down.
+
+Its PATH starts with the bot's interpreter directory (see
+:func:`~._config.callback_search_path`). Restarting stops, with one ERROR line, when
+restarting cannot help: the callback exited with :data:`~._errors.EXIT_REFUSED` (the bot
+refused it for good), or it failed the same way ``give_up_after`` starts in a row.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import logging
 import os
 import signal
 import subprocess
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from ._config import CallbackSettings, TlsSettings
+from ._config import CallbackSettings, TlsSettings, callback_search_path
+from ._errors import EXIT_REFUSED
 from ._timing import Backoff
 
 log = logging.getLogger(__name__)
@@ -31,6 +39,26 @@ TERMINATE_GRACE = 5.0
 HEALTHY_RUN = 60.0
 #: Seconds the output of an exited callback is still read (its children may hold the pipes).
 DRAIN_AFTER_EXIT = 2.0
+#: Output lines of a run kept to say why it ended.
+_TAIL_LINES = 20
+
+
+@dataclass(slots=True)
+class _Run:
+    """How one start of a callback ended: what decides whether to start it again."""
+
+    #: Its exit status, or None when it could not be started.
+    code: int | None
+    #: The last non-blank line it printed (or why it could not start).
+    last_line: str
+    seconds: float
+
+    def same_failure(self, other: _Run | None) -> bool:
+        return other is not None and (self.code, self.last_line) == (other.code, other.last_line)
+
+    def describe(self) -> str:
+        what = "could not start" if self.code is None else f"exit code {self.code}"
+        return f"{what}: {self.last_line}" if self.last_line else what
 
 
 async def supervise_callback(
@@ -40,9 +68,11 @@ async def supervise_callback(
     cwd: Path | None = None,
     on_exit: Callable[[], object] | None = None,
     tls: TlsSettings | None = None,
+    on_give_up: Callable[[str], object] | None = None,
 ) -> None:
-    """Keep one callback program running until cancelled; ``on_exit`` is called each
-    time it exits (or cannot be started). ``tls`` is the API's ``grpc.tls``, if any."""
+    """Keep one callback program running until cancelled, or until restarting it cannot
+    help (then ``on_give_up`` gets the reason and this returns). ``on_exit`` is called
+    each time it exits (or cannot be started). ``tls`` is the API's ``grpc.tls``, if any."""
     assert settings.command is not None
     # A quarter of jitter at most: each restart's delay stays longer than the last (the
     # log shows the growth), while callbacks of bots restarted together still spread.
@@ -62,10 +92,16 @@ async def supervise_callback(
         "OCO_ADDRESS": address,
         "OCO_CALLBACK_ID": settings.id,
         "OCO_SECRET": secret,
+        "OCO_LOG_FORMAT": "bare",  # its log lines without the time and name this log adds
+        "PATH": callback_search_path(settings)[0],
         "PYTHONUNBUFFERED": "1",
         **_tls_env(settings, address, tls),
     }
+    previous: _Run | None = None
+    identical = 0
     while True:
+        started = trio.current_time()
+        tail: deque[str] = deque(maxlen=_TAIL_LINES)
         try:
             process = await trio.lowlevel.open_process(
                 settings.command,
@@ -77,18 +113,47 @@ async def supervise_callback(
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the bot only; it stops callbacks itself
             )
         except OSError as exc:
+            run = _Run(None, str(exc), 0.0)
             log.error("cannot start callback %r (%s): %s", settings.id, " ".join(settings.command), exc)
             if on_exit is not None:
                 on_exit()
         else:
             log.info("started callback %r (pid %d)", settings.id, process.pid)
-            code = await _watch(process, output, settings.id)
+            code = await _watch(process, output, settings.id, tail)
+            last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+            run = _Run(code, last, trio.current_time() - started)
             if on_exit is not None:
                 on_exit()
-            log.warning("callback %r exited with code %s", settings.id, code)
+            log.warning(
+                "callback %r exited with code %s after %.1f s%s",
+                settings.id,
+                code,
+                run.seconds,
+                f": {run.last_line}" if run.last_line else "",
+            )
+        identical = identical + 1 if run.seconds < HEALTHY_RUN and run.same_failure(previous) else 1
+        previous = run
+        reason = _why_not_restart(settings, run, identical)
+        if reason is not None:
+            log.error("callback %r %s; not restarting it: %s", settings.id, reason, _FIX)
+            if on_give_up is not None:
+                on_give_up(reason)
+            return
         delay = backoff.next_delay()
         log.info("restarting callback %r in %.1f s", settings.id, delay)
         await trio.sleep(delay)
+
+
+_FIX = "fix it, then restart the bot"
+
+
+def _why_not_restart(settings: CallbackSettings, run: _Run, identical: int) -> str | None:
+    """Why starting the callback again cannot help, or None to restart it."""
+    if run.code == EXIT_REFUSED:
+        return f"was refused by the bot for good ({run.describe()})"
+    if settings.give_up_after and identical >= settings.give_up_after:
+        return f"failed the same way {identical} times in a row ({run.describe()})"
+    return None
 
 
 def _tls_env(settings: CallbackSettings, address: str, tls: TlsSettings | None) -> dict[str, str]:
@@ -106,13 +171,13 @@ def _tls_env(settings: CallbackSettings, address: str, tls: TlsSettings | None) 
     return env
 
 
-async def _watch(process: trio.Process, output: logging.Logger, name: str) -> int:
+async def _watch(process: trio.Process, output: logging.Logger, name: str, tail: deque[str]) -> int:
     # The readers are shielded from the bot's shutdown: what a callback prints while it
     # stops still reaches the log, and a pipe nobody reads would block it mid-exit. They
     # get a bounded drain once it has exited (a child of it may hold the pipes open).
     readers_scope = trio.CancelScope(shield=True)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_output, readers_scope, process, output)
+        nursery.start_soon(_read_output, readers_scope, process, output, tail)
         try:
             return await process.wait()
         finally:
@@ -123,13 +188,21 @@ async def _watch(process: trio.Process, output: logging.Logger, name: str) -> in
                 readers_scope.deadline = trio.current_time() + DRAIN_AFTER_EXIT
 
 
-async def _read_output(scope: trio.CancelScope, process: trio.Process, output: logging.Logger) -> None:
+async def _read_output(
+    scope: trio.CancelScope, process: trio.Process, output: logging.Logger, tail: deque[str]
+) -> None:
     assert process.stdout is not None
     assert process.stderr is not None
 
     def forward(line: str) -> None:
-        # stderr is where most programs log, at every level: not a warning by itself.
-        output.info("%s", line)
+        # stderr is where most programs log, at every level: not a warning by itself. A
+        # line that starts with a level's name (OCO_LOG_FORMAT=bare) is at that level.
+        name, _, text = line.partition(" ")
+        if text and name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            output.log(logging.getLevelName(name), "%s", text)
+        else:
+            output.info("%s", line)
+        tail.append(line)
 
     with scope:
         async with trio.open_nursery() as nursery:

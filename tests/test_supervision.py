@@ -218,3 +218,69 @@ callbacks:
         for pid in children:  # whatever the bot left behind, the test does not
             if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# An SDK callback that dials with a secret of its own, not the one the bot gave it: the
+# bot refuses it, and no restart can change that.
+REFUSED = """\
+from oco_core import Callback, Message
+
+bot = Callback(secret="not-the-secret-the-bot-gave")
+
+
+@bot.respond("^anything$")
+async def never(message: Message) -> None:
+    pass
+
+
+bot.run()
+"""
+
+
+async def test_a_callback_failing_the_same_way_is_given_up_with_one_error(
+    tmp_path: Path, bot_config: Callable[[str], str], example_command: str
+) -> None:
+    """The README's newcomer runs a callback that cannot work (a missing module): it is
+    started give_up_after times, then one ERROR line says why and that it is not
+    restarted; the bot and its other callbacks carry on, and chat says it is not running."""
+    config = bot_config(
+        f"""\
+callbacks:
+  - id: example
+    command: {example_command}
+  - id: broken
+    command: [{PYTHON}, "-c", "import no_such_module_here"]
+    restart_backoff_max: 0.5
+    give_up_after: 3
+    routes: [{{pattern: "^weather", respond: true}}]
+"""
+    )
+    async with run_oco(config, tmp_path / "bot") as bot:
+        given_up = await bot.expect(r"ERROR .*callback 'broken' (.*)$", stream="stderr", timeout=60)
+        assert given_up.group(1) == (
+            "failed the same way 3 times in a row (exit code 1: ModuleNotFoundError: "
+            "No module named 'no_such_module_here'); not restarting it: fix it, then restart the bot"
+        )
+        # Exactly three starts, and the ERROR came in place of a third restart.
+        assert len(started_pids(bot, "broken")) == 3
+        assert len(bot.stderr.matches(r"restarting callback 'broken'")) == 2
+        assert [line for line in bot.stderr_lines if " ERROR " in line] == [given_up.string]
+        await bot.write("oco ping")
+        await bot.expect("^PONG$")
+        assert await bot.stop(signal.SIGTERM) == 0
+
+
+async def test_a_callback_the_bot_refuses_is_not_restarted(tmp_path: Path, bot_config: Callable[[str], str]) -> None:
+    """The SDK exits with EX_CONFIG (78) when the bot refuses it for good; the supervisor
+    then stops at the first exit, naming the refusal."""
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED)
+    config = bot_config(f'callbacks:\n  - id: refused\n    command: [{PYTHON}, "{script}"]\n')
+    async with run_oco(config, tmp_path / "bot") as bot:
+        given_up = await bot.expect(r"ERROR .*callback 'refused' (.*)$", stream="stderr", timeout=60)
+        assert given_up.group(1).startswith("was refused by the bot for good (exit code 78: callback 'refused': ")
+        assert given_up.group(1).endswith("); not restarting it: fix it, then restart the bot")
+        assert len(started_pids(bot, "refused")) == 1
+        assert not bot.stderr.matches(r"restarting callback 'refused'")
+        assert not bot.stderr.matches(r"Traceback")
+        assert await bot.stop(signal.SIGTERM) == 0
