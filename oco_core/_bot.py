@@ -32,7 +32,7 @@ from ._core import BotCore, BotStatistics, CallbackState
 from ._datastores import configured_datastores, missing_hint, open_datastores
 from ._directory import Directory
 from ._edge import serve
-from ._errors import ConfigError, StoreUnavailableError
+from ._errors import AdapterError, ConfigError, StoreUnavailableError
 from ._incoming import AdapterLink
 from ._plugins import Plugins
 from ._policy import matches_any
@@ -297,7 +297,10 @@ class Bot:
                 return
             except* Exception as group:
                 for exc in group.exceptions:
-                    log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=exc)
+                    # An AdapterError's message says what is wrong (it was raised on
+                    # purpose); a traceback is for the unexpected.
+                    trace = None if isinstance(exc, AdapterError) else exc
+                    log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=trace)
             attempted.set()
             delay = backoff.next_delay()
             log.info("restarting adapter %r in %.1f s", link.name, delay)

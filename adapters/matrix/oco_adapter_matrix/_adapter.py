@@ -20,6 +20,7 @@ from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import (
     Adapter,
     AdapterHost,
+    Backoff,
     ChatRoom,
     ChatUser,
     IncomingMessage,
@@ -30,7 +31,7 @@ from oco_core.plugin import (
 
 from ._config import MatrixConfig
 from ._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
-from ._transport import SYNC_GRACE, TokenRejectedError, Transport
+from ._transport import SYNC_GRACE, TokenRejectedError, Transport, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,9 @@ class MatrixAdapter(Adapter):
         )
         try:
             async with httpx.AsyncClient(base_url=config.homeserver) as http:
-                self._transport = Transport(http)
-                await self._log_in()
-                await self._catch_up()
-                await self._join_configured_rooms()
+                retry = config.reconnect
+                self._transport = Transport(http, Backoff(retry.initial_delay, retry.max_delay, jitter=0.2))
+                await self._connect(Backoff(retry.initial_delay, retry.max_delay, jitter=0.2))
                 self._synced = True
                 task_status.started()
                 async with trio.open_nursery() as nursery:
@@ -162,6 +162,21 @@ class MatrixAdapter(Adapter):
         if self._transport is None:
             raise AdapterError("the Matrix adapter is not connected")
         return await self._transport.request(response_class, method, path, data, **kw)
+
+    async def _connect(self, backoff: Backoff) -> None:
+        # A homeserver that is down at start-up is waited for here, one line a try,
+        # rather than failing the adapter (which the bot would log with a traceback and
+        # restart); refusals (a bad password or token) still fail it.
+        while True:
+            try:
+                await self._log_in()
+                await self._catch_up()
+                await self._join_configured_rooms()
+                return
+            except UnreachableError as error:
+                delay = backoff.next_delay()
+                log.warning("matrix: cannot connect: %s; retrying in %.1f s", error, delay)
+                await trio.sleep(delay)
 
     async def _log_in(self) -> None:
         host, config, client = self._require_host(), self.config, self._client

@@ -20,6 +20,24 @@ def _default_store_path() -> Path:
     return Path(base) / "oco" / "matrix"
 
 
+class ReconnectConfig(BaseModel):
+    """Exponential backoff while the homeserver cannot be reached (or answers 5xx), with
+    jitter: at start-up before the first sync, and for every request after it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Seconds before the first retry.
+    initial_delay: float = Field(default=0.5, gt=0)
+    #: The longest wait between retries, in seconds.
+    max_delay: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReconnectConfig:
+        if self.initial_delay > self.max_delay:
+            raise ValueError("reconnect.initial_delay must not exceed reconnect.max_delay")
+        return self
+
+
 class MatrixConfig(BaseModel):
     """Options of one Matrix connection.
 
@@ -55,6 +73,8 @@ class MatrixConfig(BaseModel):
     message_type: Literal["notice", "text"] = "notice"
     #: Seconds the homeserver may hold a sync request open.
     sync_timeout: float = Field(default=30.0, gt=0)
+    #: Waiting out a homeserver that is down.
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
 
     @field_validator("homeserver")
     @classmethod

@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -67,8 +69,15 @@ class Transport:
     or the caller is cancelled; otherwise they raise :class:`UnreachableError`.
     """
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, backoff: Backoff | None = None) -> None:
         self._http = http
+        # Copied per request: every request waits out an outage on its own schedule.
+        self._backoff = backoff or Backoff(0.5, 30.0, jitter=0.2)
+
+    @property
+    def homeserver(self) -> str:
+        """The homeserver's base URL, as log lines name it."""
+        return str(self._http.base_url).rstrip("/")
 
     async def request(
         self,
@@ -87,7 +96,8 @@ class Transport:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        backoff = Backoff(0.5, 30.0, jitter=0.2)
+        template = self._backoff
+        backoff = Backoff(template.initial, template.maximum, template.factor, jitter=template.jitter)
         while True:
             try:
                 answer = await self._http.request(
@@ -98,19 +108,40 @@ class Transport:
                     timeout=httpx.Timeout(http_timeout, connect=10.0),
                 )
             except httpx.TransportError as error:
+                # One line a try, naming the cause: httpx's own message is often empty or
+                # "all attempts to connect failed", and its traceback three chained ones.
+                cause = describe_failure(error, self.homeserver)
                 if not retry:
-                    raise UnreachableError(f"homeserver unreachable: {error!r}") from error
-                log.warning("matrix: %s %s failed (%r); retrying", method, _endpoint(path), error)
-                await backoff.sleep()
+                    raise UnreachableError(f"homeserver {self.homeserver}: {cause}") from None
+                delay = backoff.next_delay()
+                log.warning(
+                    "matrix: homeserver %s: %s; retrying %s %s in %.1f s",
+                    self.homeserver,
+                    cause,
+                    method,
+                    _endpoint(path),
+                    delay,
+                )
+                await trio.sleep(delay)
                 continue
             if answer.status_code == 429:
                 await _wait_out_rate_limit(answer, method, path)
                 continue
             if answer.status_code >= 500:
                 if not retry:
-                    raise UnreachableError(f"homeserver answered {answer.status_code} to {method} {_endpoint(path)}")
-                log.warning("matrix: %s %s answered %d; retrying", method, _endpoint(path), answer.status_code)
-                await backoff.sleep()
+                    raise UnreachableError(
+                        f"homeserver {self.homeserver} answered {answer.status_code} to {method} {_endpoint(path)}"
+                    )
+                delay = backoff.next_delay()
+                log.warning(
+                    "matrix: homeserver %s answered %d to %s %s; retrying in %.1f s",
+                    self.homeserver,
+                    answer.status_code,
+                    method,
+                    _endpoint(path),
+                    delay,
+                )
+                await trio.sleep(delay)
                 continue
             body = _json(answer)
             if answer.status_code == 401 and body.get("errcode") in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):
@@ -119,6 +150,59 @@ class Transport:
             if isinstance(response, ErrorResponse):
                 log.debug("matrix: %s %s: %s", method, _endpoint(path), response)
             return response
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and the members of exception groups among them
+    (trio reports every address it failed to connect to in a group)."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                todo.append(linked)
+
+
+def describe_failure(error: httpx.TransportError, homeserver: str) -> str:
+    """What went wrong reaching ``homeserver``, in words an operator can act on: a
+    refused connection, a name that does not resolve, a failed TLS handshake (with the
+    likely cause when the URL's scheme does not match the port), a timeout."""
+    chain = list(_chain(error))
+    host = httpx.URL(homeserver).host
+    for cause in chain:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"its TLS certificate failed verification ({cause.verify_message})"
+    for cause in chain:
+        if isinstance(cause, ssl.SSLError):
+            reason = cause.reason or str(cause)
+            if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"):
+                return (
+                    f"TLS handshake failed ({reason}) — if the homeserver serves plain HTTP on this port, "
+                    "use http:// in homeserver"
+                )
+            return f"TLS handshake failed ({reason})"
+    for cause in chain:
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve {host} (DNS: {cause.strerror})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is the homeserver running, and is the port right?)"
+    if isinstance(error, httpx.TimeoutException):
+        return f"no answer in time ({type(error).__name__})"
+    if isinstance(error, httpx.RemoteProtocolError) and homeserver.startswith("http://"):
+        return (
+            f"the server did not answer in HTTP ({error}) — if it serves HTTPS on this port, use https:// in homeserver"
+        )
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    return str(error) or type(error).__name__
 
 
 async def _wait_out_rate_limit(answer: httpx.Response, method: str, path: str) -> None:
