@@ -9,13 +9,16 @@ it does not name an account on one of the bot's adapters (a link shortener's
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
 from ._adapter import IncomingMessage
 from ._audit import ALLOWED, DENIED
 from ._errors import StoreError
+from ._router import Route, compile_pattern
 
 if TYPE_CHECKING:
     from ._core import BotCore
@@ -32,6 +35,15 @@ _BUILTIN_HELP = [
     "grant <user> <role> - (admins) give <user> a role",
     "revoke <user> <role> - (admins) take a role from <user>",
 ]
+
+
+def _command_word(text: str) -> str:
+    """The word that names a command in a usage or a request: ``weather`` of
+    ``weather <city>``, ``who can`` of ``who can <permission>``."""
+    words = text.lower().split()
+    if words[:2] == ["who", "can"]:
+        return "who can"
+    return words[0].strip("!?.,:;") if words and not words[0].startswith(("<", "[")) else ""
 
 
 class ChatCommands:
@@ -54,6 +66,66 @@ class ChatCommands:
             self._answer_help(adapter, incoming, user_id, room_id, help_match.group(1) or "")
         return False
 
+    def unmatched(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, text: str) -> None:
+        """Answer what a person addressed to the bot when no route matched it: the
+        callback that would have taken it is not running, or there is no such command
+        (with the closest one, unless ``bot.unknown_command_reply`` is off)."""
+        core = self._core
+        if not text.strip() or _HELP.fullmatch(text):
+            return
+        answer = self._not_running(user_id, room_id, text)
+        if answer is None and core.config.bot.unknown_command_reply:
+            answer = self._unknown(user_id, room_id, text)
+        if answer is not None:
+            core.outgoing.reply(adapter, incoming, answer, mention=True)
+
+    def _not_running(self, user_id: str, room_id: str, text: str) -> str | None:
+        """Whose respond route, among callbacks with no open stream, would take ``text``
+        (one the person may run): said so, with what the bot knows of why."""
+        core = self._core
+        for callback_id, state in core.callbacks.items():
+            if core.router.subscriptions(callback_id):
+                continue
+            departed = core.router.departed_routes(callback_id)
+            for route in state.routes if departed is None else departed:
+                if (
+                    route.respond
+                    and core.policies.may_run(user_id, room_id, callback_id, route)
+                    and compile_pattern(route.pattern, route.ignore_case).search(text)
+                ):
+                    if state.given_up:
+                        why = "it kept failing, so the bot stopped restarting it (the bot's log says why)"
+                    elif state.launched:
+                        why = "the bot is starting it again; try again in a moment"
+                    else:
+                        why = "it is not connected to the bot"
+                    return f"the {callback_id} callback is not running: {why}"
+        return None
+
+    def _visible(self, user_id: str, room_id: str) -> Callable[[str, Route], bool]:
+        """Which routes a person may run in a room: what help shows them."""
+        return lambda callback_id, route: self._core.policies.may_run(user_id, room_id, callback_id, route)
+
+    def _unknown(self, user_id: str, room_id: str, text: str) -> str:
+        core = self._core
+        name = core.router.bot_name
+        usages = [line.split(" - ", 1)[0].strip() for line in _BUILTIN_HELP] + ["help [<topic>]"]
+        visible = self._visible(user_id, room_id)
+        usages += [line.split(" - ", 1)[0].strip() for line in core.router.help_lines(visible=visible)]
+        by_word: dict[str, str] = {}
+        for usage in usages:
+            word = _command_word(usage)
+            if word:
+                by_word.setdefault(word, usage)
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        asked = _command_word(text)
+        closest = difflib.get_close_matches(asked, list(by_word), n=1, cutoff=0.6) if asked else []
+        if closest:
+            return (
+                f"no command matches {shown!r}; did you mean `{name} {by_word[closest[0]]}`? say `{name} help` for all"
+            )
+        return f"no command matches {shown!r}; say `{name} help` for what I can do"
+
     def _is_builtin(self, command: str, args: str) -> bool:
         """Whether an addressed message is the bot's own command. `link` is a common
         word for callbacks too ("oco link https://..."): it is ours only when it names
@@ -66,7 +138,7 @@ class ChatCommands:
     def _answer_help(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, topic: str) -> None:
         core = self._core
         topic = topic.strip()
-        lines = core.router.help_lines(topic, lambda cb, route: core.policies.may_run(user_id, room_id, cb, route))
+        lines = core.router.help_lines(topic, self._visible(user_id, room_id))
         builtin = [line for line in _BUILTIN_HELP if topic and topic.lower() in line.lower()]
         if lines or builtin:
             body = "\n".join(lines + builtin)

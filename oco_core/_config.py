@@ -89,6 +89,10 @@ class BotSettings(_Strict):
     max_message_bytes: int = Field(
         default=16384, gt=0, description="Largest message body a callback may send (RESOURCE_EXHAUSTED past it)."
     )
+    unknown_command_reply: bool = Field(
+        default=True,
+        description="Answer a command addressed to the bot that no route matches (with the closest known one).",
+    )
 
 
 class AdapterEntry(BaseModel):

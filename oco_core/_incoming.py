@@ -95,6 +95,8 @@ class Incoming:
         refusal = gate.refusal(delivered=any(m.event.matched_message.direct for m in matches))
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)
+        elif respond_text is not None and not gate.asked:
+            core.commands.unmatched(adapter, incoming, user.id, room_id, respond_text)
 
     def membership(self, adapter: str, event: MembershipEvent) -> None:
         """Pass a membership change to the callbacks that asked for them."""

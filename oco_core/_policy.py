@@ -196,6 +196,8 @@ class MessageGate:
         self._wait: float | None = None
         self.missing: list[str] = []
         self.wrong_room = False
+        #: Routes that matched and were asked about: none means no route matched at all.
+        self.asked = 0
 
     def _record(self, kind: str, decision: str, **details: str) -> None:
         self._policies._record(
@@ -206,6 +208,7 @@ class MessageGate:
         self._record("route", decision, callback=callback_id, route=route.id, **details)
 
     def __call__(self, callback_id: str, route: Route) -> bool:
+        self.asked += 1
         access = self._policies.policy(callback_id).access(route)
         permission = access.permission
         if not access.allows_room(self._room):

@@ -196,6 +196,8 @@ class Router:
         self._address_res: dict[str, re.Pattern[str]] = {}
         self.overflowed = 0
         self.routed = 0
+        #: The routes of callbacks whose last stream closed, until one opens again.
+        self._departed: dict[str, Sequence[Route]] = {}
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -204,6 +206,7 @@ class Router:
         for route in subscription.routes:
             compile_pattern(route.pattern, route.ignore_case)  # refuse before anything changes
         self._subscriptions.append(subscription)
+        self._departed.pop(subscription.callback_id, None)
         self._tables = None
 
     def unsubscribe(self, subscription: Subscription) -> int:
@@ -214,6 +217,8 @@ class Router:
             self._tables = None
         subscription.close()
         replicas = self.subscriptions(subscription.callback_id)
+        if not replicas:
+            self._departed[subscription.callback_id] = subscription.routes
         lost = 0
         turn = itertools.count()
         while True:
@@ -224,6 +229,11 @@ class Router:
             if not replicas or self._deliver(replicas, turn, event) is None:
                 lost += 1
         return lost
+
+    def departed_routes(self, callback_id: str) -> Sequence[Route] | None:
+        """The routes a callback had when its last stream closed; None while it has a
+        stream, or when it never had one."""
+        return self._departed.get(callback_id)
 
     def subscriptions(self, callback_id: str | None = None) -> list[Subscription]:
         """Live subscriptions, optionally of one callback."""

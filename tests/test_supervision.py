@@ -267,6 +267,11 @@ callbacks:
         assert [line for line in bot.stderr_lines if " ERROR " in line] == [given_up.string]
         await bot.write("oco ping")
         await bot.expect("^PONG$")
+        await bot.write("oco weather paris")
+        await bot.expect(
+            r"^alice: the broken callback is not running: it kept failing, so the bot stopped restarting it "
+            r"\(the bot's log says why\)$"
+        )
         assert await bot.stop(signal.SIGTERM) == 0
 
 
