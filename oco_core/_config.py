@@ -58,7 +58,7 @@ DEFAULT_INHERITED_ENV = (
     "GRPC_*",
 )
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_CALLBACK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CALLBACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -285,7 +285,7 @@ class CallbackSettings(_Strict):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        if not _CALLBACK_ID.match(value):
+        if not _CALLBACK_ID.fullmatch(value):
             raise ValueError("callback ids are 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
         return value
 

@@ -74,6 +74,12 @@ callbacks:
     assert "callbacks[0]" in error
 
 
+def test_a_callback_id_with_a_trailing_newline_is_refused() -> None:
+    # `$` would match before a final newline; the whole id must be valid.
+    error = error_of('callbacks:\n  - id: "weather\\n"\n    secret: "ssssssssssssssssssss"\n')
+    assert error.startswith("oco.yaml, line 2: callbacks[0].id: callback ids are 1-64 letters"), error
+
+
 def test_duplicate_adapter_names_are_reported_at_the_second() -> None:
     error = error_of("adapters:\n  - type: shell\n  - type: memory\n    name: shell\n")
     assert error.startswith("oco.yaml, line 4: adapters[1].name: adapters[0] is named 'shell' too"), error
