@@ -300,7 +300,13 @@ class _AsyncioToTrio(Generic[T]):
     async def send(self, item: T) -> None:
         """Queue ``item`` for trio; waits while ``window`` items are unread."""
         await self._credits.acquire()
-        self._bridge._call_trio_soon(self._send.send_nowait, item)
+        self._bridge._call_trio_soon(self._deliver, item)
+
+    def _deliver(self, item: T) -> None:
+        # The trio reader may have left (abandon) while items were crossing: a client
+        # that closed a stream mid-flow, a bot that went away. Nobody wants them.
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            self._send.send_nowait(item)
 
     def close(self, error: BaseException | None = None) -> None:
         """End the stream, optionally with an error the trio reader raises."""
@@ -597,10 +603,19 @@ class Bridge:
             task.add_done_callback(lambda _: pipe._queue.put_nowait(_END))
             try:
                 while not isinstance(item := await pipe.get(), _End):
-                    if isinstance(item, _InitialMetadata):
-                        await context.send_initial_metadata(item.metadata)
-                    else:
-                        await context.write(item)
+                    try:
+                        if isinstance(item, _InitialMetadata):
+                            await context.send_initial_metadata(item.metadata)
+                        else:
+                            await context.write(item)
+                    except (grpc.aio.InternalError, grpc.aio.UsageError) as exc:
+                        # The client left while we wrote to it: grpc fails the write
+                        # (ExecuteBatchError) before it cancels the call. Not our error,
+                        # and nobody is left to tell; the handler's own log line says
+                        # the stream ended.
+                        log.debug("%s: the client left during a write (%s)", context.peer(), type(exc).__name__)
+                        task.cancel()
+                        return
                 await task
             except asyncio.CancelledError:
                 task.cancel()

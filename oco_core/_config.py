@@ -173,6 +173,11 @@ class GrpcSettings(_Strict):
     max_receive_bytes: int = Field(default=4 << 20, gt=0, description="Largest request accepted.")
     stream_queue: int = Field(default=1000, gt=0, description="Events queued per Listen stream before dropping.")
     shutdown_grace: float = Field(default=5.0, ge=0, description="Seconds running calls get at shutdown.")
+    refusal_log_interval: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between log lines about refused callback connections of one callback and reason.",
+    )
     #: Where to write the actual address once listening (useful with port 0).
     address_file: Path | None = None
     #: TLS for the API; without it the API is plaintext (keep it on 127.0.0.1 then).

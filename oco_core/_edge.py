@@ -11,6 +11,7 @@ capabilities) is checked here, before the call does anything.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -125,6 +126,7 @@ class Services:
         self.settings = settings
         self.auth = Authenticator(dict(bot.secrets()), bot.store)
         self._refusals: dict[str, tuple[float, int]] = {}
+        self._logged_refusals: dict[tuple[str, str], tuple[float, int]] = {}
         #: Set at shutdown: streams end (with OK) instead of waiting for more.
         self._ending = False
         #: The waits of open SendMessageStreams for their next request.
@@ -140,9 +142,28 @@ class Services:
         for idle in self._idle_streams:
             idle.cancel()
 
-    def _refused(self, info: CallInfo, callback_id: str, details: str) -> None:
+    def _log_refusal(self, info: CallInfo, callback_id: str, reason: str, details: str) -> None:
+        """One WARNING line in the bot's log for a refused callback connection: the first
+        of each (callback, reason) in ``grpc.refusal_log_interval`` seconds, with the
+        count of those left out since, so an operator sees why a callback cannot connect
+        without reading the audit log, and a callback retrying in a loop cannot flood it."""
+        key = (callback_id, reason)
+        now = trio.current_time()
+        last, skipped = self._logged_refusals.get(key, (-math.inf, 0))
+        if now - last < self.settings.refusal_log_interval:
+            self._logged_refusals[key] = (last, skipped + 1)
+            return
+        if len(self._logged_refusals) > 10_000:
+            self._logged_refusals.clear()
+        self._logged_refusals[key] = (now, 0)
+        more = f" ({skipped} more since the last such line)" if skipped else ""
+        who = repr(callback_id) if callback_id else "unknown"
+        log.warning("refused callback %s from %s: %s%s", who, info.peer, details, more)
+
+    def _refused(self, info: CallInfo, callback_id: str, details: str, reason: str = "") -> None:
         """Audit a caller refused for who it is: the first refusal from a host in a minute,
         with a count of those left out since, so a flood of bad secrets cannot flood the log."""
+        self._log_refusal(info, callback_id, reason or details, details)
         host = info.peer.rpartition(":")[0] or info.peer
         now = trio.current_time()
         first, skipped = self._refusals.get(host, (-_REFUSAL_WINDOW, 0))
@@ -163,6 +184,8 @@ class Services:
         except RpcAbort as exc:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 self._refused(info, "", exc.details)
+            elif exc.code == grpc.StatusCode.UNAVAILABLE:  # the store could not be asked
+                self._log_refusal(info, "", "secrets unavailable", exc.details)
             raise
         tls = self.settings.tls
         if tls is not None and tls.client_ca is not None and callback_id not in info.peer_identities:
@@ -172,7 +195,7 @@ class Services:
                 f"the client certificate is not for callback {callback_id!r}: it names {named}; under mutual TLS "
                 "a callback's certificate needs its id as common name or subject alternative name"
             )
-            self._refused(info, callback_id, details)
+            self._refused(info, callback_id, details, "client certificate")
             raise RpcAbort(grpc.StatusCode.PERMISSION_DENIED, details)
         if capability is not None:
             with _statuses():
@@ -184,18 +207,23 @@ class Services:
     async def listen(self, request: robot_pb2.ListenRequest, info: CallInfo, out: StreamWriter[Any]) -> None:
         """Register the stream's routes, then forward its events until the client leaves."""
         callback_id = await self._caller(info)
-        if request.plugin_id and request.plugin_id != callback_id:
-            raise RpcAbort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
-            )
-        with _statuses():
-            policy = self.bot.policy(callback_id)
-            policy.require_events(set(request.events))
-            for datastore in request.requires:
-                _check_datastore_type(datastore)
-                policy.require_datastore(datastore)
-            self.bot.datastores.require(callback_id, request.requires)
+        try:
+            if request.plugin_id and request.plugin_id != callback_id:
+                raise RpcAbort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"plugin_id {request.plugin_id!r} is not the callback this secret belongs to ({callback_id!r})",
+                )
+            with _statuses():
+                policy = self.bot.policy(callback_id)
+                policy.require_events(set(request.events))
+                for datastore in request.requires:
+                    _check_datastore_type(datastore)
+                    policy.require_datastore(datastore)
+                self.bot.datastores.require(callback_id, request.requires)
+        except RpcAbort as exc:
+            # A callback the bot will not let listen is the operator's business too.
+            self._log_refusal(info, callback_id, exc.code.name, exc.details)
+            raise
         routes = [Route.declared(r) for r in request.routes]
         state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
@@ -228,7 +256,9 @@ class Services:
                             await self.auth.identify(info)
                         except RpcAbort as exc:
                             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
-                                self._refused(info, callback_id, f"Listen stream ended: {exc.details}")
+                                self._refused(
+                                    info, callback_id, f"Listen stream ended: {exc.details}", "secret no longer valid"
+                                )
                                 revoked.append(RpcAbort(exc.code, f"the secret is no longer valid: {exc.details}"))
                                 nursery.cancel_scope.cancel()
                                 return

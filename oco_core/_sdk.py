@@ -612,6 +612,7 @@ class Callback:
             try:
                 while True:
                     connection = _Connection(bridge, stubs)
+                    what = "the bot ended the Listen stream"
                     try:
                         async with trio.open_nursery() as nursery:
                             await nursery.start(self._listen, connection)
@@ -619,24 +620,22 @@ class Callback:
                                 started = True
                                 task_status.started()
                             backoff.reset()
-                        log.warning("the bot ended the Listen stream; reconnecting")
                     except* grpc.aio.AioRpcError as group:
                         error = _first_rpc_error(group)
                         if error.code() in _FATAL:
                             raise CallbackError(f"the bot refused this callback: {error.details()}") from None
                         # The details tell a bot that is down from a TLS handshake that fails.
-                        log.warning(
-                            "connection to the bot at %s lost (%s: %s); retrying",
-                            self.address,
-                            error.code().name,
-                            error.details(),
-                        )
+                        how = "lost" if connection.sender is not None else "failed"
+                        what = f"connection to the bot at {self.address} {how} ({error.code().name}: {error.details()})"
                     finally:
                         self._connection = None
                         self._connected = trio.Event()
                         for done, _ in connection.pending.values():
                             done.set()
-                    await backoff.sleep()
+                    # One line a try, saying what happened and when the next try is.
+                    delay = backoff.next_delay()
+                    log.warning("%s; reconnecting in %.1f s", what, delay)
+                    await trio.sleep(delay)
             finally:
                 with trio.CancelScope(shield=True):
                     await bridge.close_channel(channel)

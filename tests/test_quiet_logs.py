@@ -1,0 +1,156 @@
+"""Logs stay readable when something goes away or is refused (issue 18).
+
+- A client that leaves a stream while the bot (or the SDK) is still handing it messages
+  costs no traceback: what was still crossing the gRPC bridge is dropped quietly.
+- A refused callback connection is one WARNING line in the bot's own log, naming the
+  callback (or "unknown"), the peer and the reason, at most once a minute per callback
+  and reason, with the count of those left out when it speaks again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from oco_core._bridge import open_bridge
+from oco_core._proto import robot_pb2, robot_pb2_grpc
+from oco_core.testing import Lines, open_bot, run_oco
+
+SECRET = "quiet-logs-secret-0123456789abcdef"
+
+
+def memory_config(tmp_path: Path) -> str:
+    return f"""
+adapters: [{{type: memory}}]
+store: {{url: "sqlite:///{tmp_path}/oco.db"}}
+grpc: {{stream_queue: 10000}}
+callbacks:
+  - {{id: reader, secret: {SECRET}}}
+"""
+
+
+async def test_leaving_a_stream_while_events_cross_the_bridge_logs_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = robot_pb2.ListenRequest(routes=[robot_pb2.Route(id="all", pattern=".")])
+    metadata = (("authorization", f"Bearer {SECRET}"),)
+    async with open_bot(memory_config(tmp_path)) as running, open_bridge() as bridge:
+        channel = await bridge.open_channel(running.address)
+        robot = robot_pb2_grpc.RobotStub(channel)
+        try:
+            for attempt in range(20):
+                async with bridge.open_response_stream(lambda: robot.Listen(request, metadata=metadata)) as events:
+                    await events.initial_metadata()
+                    for n in range(300):
+                        await running.adapter.inject(f"event {attempt}.{n}")
+                    seen = 0
+                    async for _ in events:
+                        seen += 1
+                        if seen == 50 + attempt * 10:
+                            break  # leave while the rest is still crossing
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.close_channel(channel)
+    noisy = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info is not None]
+    assert not noisy, [f"{r.name}: {r.getMessage()}" for r in noisy]
+
+
+def refused_call(address: str, secret: str | None, request: robot_pb2.ListenRequest) -> grpc.StatusCode:
+    """Open a Listen stream with plain generated stubs; the status it ends with."""
+    metadata = (("authorization", f"Bearer {secret}"),) if secret is not None else ()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            next(iter(robot_pb2_grpc.RobotStub(channel).Listen(request, metadata=metadata, timeout=10)))
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_refused_connections_are_one_warning_line_each_rate_limited(tmp_path: Path) -> None:
+    config = f"""
+store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}
+grpc: {{listen: "127.0.0.1:0", refusal_log_interval: 1.5}}
+adapters: [{{type: shell, user: alice}}]
+callbacks:
+  - {{id: narrow, secret: {SECRET}, capabilities: {{events: []}}}}
+"""
+    plain = robot_pb2.ListenRequest()
+    membership = robot_pb2.ListenRequest(events=[robot_pb2.EVENT_KIND_MEMBERSHIP])
+
+    async def call(secret: str | None, request: robot_pb2.ListenRequest) -> grpc.StatusCode:
+        return await trio.to_thread.run_sync(refused_call, oco.address, secret, request)
+
+    async with run_oco(config, tmp_path / "bot") as oco:
+        for _ in range(5):
+            assert await call("not-the-secret-0123456789abcdef", plain) == grpc.StatusCode.UNAUTHENTICATED
+        assert await call(None, plain) == grpc.StatusCode.UNAUTHENTICATED
+        assert await call(SECRET, membership) == grpc.StatusCode.PERMISSION_DENIED
+        await oco.expect(r"refused callback 'narrow'", stream="stderr")
+        first = [line for line in oco.stderr_lines if "refused callback" in line]
+        # After the interval the next refusal speaks again, counting those left out.
+        await trio.sleep(1.6)
+        assert await call("not-the-secret-0123456789abcdef", plain) == grpc.StatusCode.UNAUTHENTICATED
+        again = await oco.expect(r"refused callback unknown .*unknown secret", stream="stderr", count=2)
+    peer = r"from ipv4:127\.0\.0\.1:\d+: "
+    assert len(first) == 3, first
+    assert re.search(r" WARNING oco_core\._edge: refused callback unknown " + peer + "unknown secret: ", first[0])
+    assert re.search(r"refused callback unknown " + peer + "missing secret: ", first[1])
+    assert re.search(r"refused callback 'narrow' " + peer + ".*membership events", first[2])
+    assert again.string.endswith("(4 more since the last such line)")
+    assert not [line for line in oco.stderr_lines if "Traceback" in line or " ERROR " in line]
+
+
+CALLBACK = f"""
+from oco_core import Callback
+
+cb = Callback(id="reader", secret="{SECRET}")
+
+@cb.hear(r".")
+async def answer(message):
+    await message.reply("seen")
+
+cb.run()
+"""
+
+
+async def test_an_sdk_callback_says_in_one_line_that_the_bot_went_away_and_it_reconnects(tmp_path: Path) -> None:
+    config = f"""
+store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}
+grpc: {{listen: "127.0.0.1:0"}}
+adapters: [{{type: shell, user: alice}}]
+callbacks:
+  - {{id: reader, secret: {SECRET}}}
+"""
+    output = Lines("the callback's stderr")
+    async with trio.open_nursery() as nursery:
+        async with run_oco(config, tmp_path / "bot") as oco:
+            callback = await trio.lowlevel.open_process(
+                [sys.executable, "-c", CALLBACK],
+                env={"OCO_ADDRESS": oco.address, "PATH": "/usr/bin:/bin"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            assert callback.stderr is not None
+            nursery.start_soon(output.pump, callback.stderr)
+            await output.wait_for(r"callback 'reader' connected")
+            for n in range(200):  # the bot stops while events and replies are crossing
+                await oco.write(f"message {n}")
+            await oco.expect("seen", timeout=30)
+            await oco.stop()
+        try:
+            await output.wait_for(r"the bot ended the Listen stream; reconnecting in \d+\.\d s")
+            await output.wait_for(r"connection to the bot at \S+ failed \(UNAVAILABLE: .*\); reconnecting in")
+        finally:
+            callback.terminate()
+            await callback.wait()
+    noisy = [line for line in output.lines if "Traceback" in line or "BrokenResourceError" in line or "ERROR" in line]
+    assert not noisy, output.lines
