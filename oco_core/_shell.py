@@ -3,20 +3,28 @@
 Each line typed (or piped in) is a message from the local user in the room ``shell``;
 the bot's messages are printed. At end of input it waits for replies still on their
 way, then ends, and with it the bot: ``echo "oco ping" | oco run`` prints ``PONG``.
+
+On a terminal (standard input and output both one, and the prompt not turned off) lines
+are edited with readline, with a history kept between runs, and replies and log lines
+appear above the prompt and what is being typed (see ``_terminal``). Piped, it reads
+and prints plain lines.
 """
 
 from __future__ import annotations
 
 import getpass
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._adapter import Adapter, AdapterHost, AdapterType, ChatRoom, ChatUser, IncomingMessage, OutgoingMessage
+from ._config import default_data_dir
 from ._errors import UnknownTargetError
 from ._hookspecs import hookimpl
+from ._terminal import Terminal, open_terminal
 
 ROOM = ChatRoom(id="shell", name="shell")
 
@@ -36,6 +44,11 @@ class ShellConfig(BaseModel):
     user: str = Field(default_factory=_local_user, description="The local user's name.")
     prompt: bool | None = Field(default=None, description="Show a prompt; by default only on a terminal.")
     eof_wait: float = Field(default=10.0, ge=0, description="Longest wait at end of input for pending replies.")
+    history_file: Path | None = Field(
+        default_factory=lambda: default_data_dir() / "shell_history",
+        description="Where the lines typed on a terminal are kept between runs (null: nowhere).",
+    )
+    history_size: int = Field(default=1000, ge=0, description="Most lines the history keeps.")
 
 
 class ShellAdapter(Adapter):
@@ -46,9 +59,29 @@ class ShellAdapter(Adapter):
         self._stdin = stdin or sys.stdin
         self._stdout = stdout or sys.stdout
         self._prompt = config.prompt if config.prompt is not None else self._stdin.isatty()
+        # Line editing only on the process's own terminal; injected streams are a test's.
+        self._edit = self._prompt and stdin is None and stdout is None and sys.stdin.isatty() and sys.stdout.isatty()
+        self._terminal: Terminal | None = None
         self.user = ChatUser(id=config.user, name=config.user, mention_name=config.user)
 
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._edit:
+            prompt = f"{self.config.user}> "
+            async with open_terminal(prompt, self.config.history_file, self.config.history_size) as terminal:
+                if terminal is not None:
+                    self._terminal = terminal
+                    task_status.started()
+                    try:
+                        while (line := await terminal.read_line()) is not None:
+                            if line.strip():
+                                await host.receive(IncomingMessage(body=line, user=self.user, room=ROOM))
+                    finally:
+                        # Replies after the end of input are printed plainly, with no prompt.
+                        self._terminal = None
+                        self._prompt = False
+            if terminal is not None:
+                await host.wait_idle(quiet=0.3, max_wait=self.config.eof_wait)
+                return
         task_status.started()
         self._show_prompt()
         while True:
@@ -74,6 +107,9 @@ class ShellAdapter(Adapter):
             body = f"* {body}"
         elif message.mention and message.user is not None:
             body = f"{message.user.mention_name or message.user.id}: {body}"
+        if self._terminal is not None:
+            self._terminal.write(body + "\n")
+            return
         if self._prompt:
             self._stdout.write("\r")
         self._stdout.write(body + "\n")

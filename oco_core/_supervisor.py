@@ -197,11 +197,11 @@ async def _read_output(
     def forward(line: str) -> None:
         # stderr is where most programs log, at every level: not a warning by itself. A
         # line that starts with a level's name (OCO_LOG_FORMAT=bare) is at that level.
+        level = logging.INFO
         name, _, text = line.partition(" ")
         if text and name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            output.log(logging.getLevelName(name), "%s", text)
-        else:
-            output.info("%s", line)
+            level, line = logging.getLevelName(name), text
+        output.log(level, "%s", line)
         tail.append(line)
 
     with scope:
