@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from oco_core.testing.pytest_plugin import server_unavailable
+from oco_core.testing.pytest_plugin import server_unavailable, server_url, server_used
 
 #: The bundled example callback, as a config's `command:` list (YAML flow style).
 EXAMPLE_COMMAND = f'["{sys.executable}", "-m", "oco_core.examples.ping"]'
@@ -71,6 +71,7 @@ def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         server_unavailable("node", "the Node.js example needs `node` and `npm` on PATH (Node.js 18 or later)")
+    server_used("node", node)
     workdir = tmp_path_factory.mktemp("node-example")
     for name in ("package.json", "package-lock.json", "callback.js"):
         shutil.copy(NODE_EXAMPLE / name, workdir / name)
@@ -92,17 +93,13 @@ def node_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def postgres_tables() -> Iterator[tuple[str, str]]:
     """``(url, table_prefix)``: tables of this test's own on the PostgreSQL at
-    ``OCO_TEST_POSTGRES_URL``, dropped afterwards; skipped (a failure where OCO_REQUIRE_SERVERS=1) when
-    the variable is unset or the server does not answer."""
+    ``OCO_TEST_POSTGRES_URL`` (else the local default, when it answers), dropped afterwards;
+    skipped (a failure where OCO_REQUIRE_SERVERS=1) when there is none or it does not answer."""
     import sqlalchemy as sa
 
     from oco_core._sql_store import SqlStoreConfig
 
-    url = os.environ.get("OCO_TEST_POSTGRES_URL", "")
-    if not url:
-        server_unavailable(
-            "PostgreSQL", "set OCO_TEST_POSTGRES_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        )
+    url = server_url("postgresql")
     engine = sa.create_engine(SqlStoreConfig(url=url).sqlalchemy_url(), connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as conn:
@@ -138,6 +135,7 @@ def password_postgres() -> Iterator[str]:
     if found is None:
         server_unavailable("PostgreSQL (initdb)", "install the PostgreSQL server package (apt-get install postgresql)")
     bindir = Path(found).parent
+    server_used("initdb", str(bindir))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     # Not under pytest's temporary folder: the postgres account cannot enter root's.
     workdir = Path(tempfile.mkdtemp(prefix="oco-password-postgres-"))

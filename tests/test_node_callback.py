@@ -25,7 +25,7 @@ from psycopg import sql
 
 from oco_core.plugin import corner_name
 from oco_core.testing import Lines, free_port, oco_cli, run_oco
-from oco_core.testing.pytest_plugin import server_unavailable
+from oco_core.testing.pytest_plugin import server_unavailable, server_url
 
 pytestmark = pytest.mark.server("node")
 
@@ -109,11 +109,7 @@ def postgres_admin() -> Iterator[tuple[str, str, psycopg.Connection[tuple[Any, .
     """``(url, name_prefix, superuser connection)`` on the PostgreSQL at
     OCO_TEST_POSTGRES_URL, with a prefix of this test's own for the data store's roles and
     schemas; whatever the test leaves with that prefix is dropped afterwards."""
-    url = os.environ.get("OCO_TEST_POSTGRES_URL", "")
-    if not url:
-        server_unavailable(
-            "PostgreSQL", "set OCO_TEST_POSTGRES_URL, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        )
+    url = server_url("postgresql")
     libpq = url.replace("postgresql+psycopg://", "postgresql://", 1)
     try:
         admin = psycopg.connect(libpq, autocommit=True, connect_timeout=5)

@@ -30,7 +30,7 @@ from oco_adapter_irc import IrcAdapter, IrcConfig
 
 from oco_core.testing import RecordingHost, free_port
 from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenByPerson, SeenMessage
-from oco_core.testing.pytest_plugin import server_unavailable
+from oco_core.testing.pytest_plugin import server_unavailable, server_used
 
 CHANNEL = "#test"
 
@@ -132,6 +132,7 @@ def ngircd_binary() -> str:
     binary = find_ngircd()
     if binary is None:
         server_unavailable("ngircd", "install it with `apt-get install ngircd`")
+    server_used("ngircd", binary)
     return binary
 
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import redis
 import redis.exceptions
 
-from oco_core.testing.pytest_plugin import server_unavailable
-
-REDIS_ENV = "OCO_TEST_REDIS_URL"
+from oco_core.testing.pytest_plugin import server_unavailable, server_url
 
 
 @pytest.fixture
 def redis_url() -> str:
-    """The test Redis's URL (an account allowed to manage ACL users), or skip (fail in CI)
-    when it is not configured or does not answer."""
-    url = os.environ.get(REDIS_ENV, "")
-    if not url:
-        server_unavailable("Redis", f"set {REDIS_ENV}, e.g. redis://127.0.0.1:6379/15")
+    """The test Redis's URL (an account allowed to manage ACL users): ``OCO_TEST_REDIS_URL``,
+    else the local default when it answers; skip (fail in CI) when there is none or it does
+    not answer."""
+    url = server_url("redis")
     client = redis.Redis.from_url(url, socket_connect_timeout=3)
     try:
         client.ping()
