@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,6 @@ def with_sqlite(workdir: Path) -> str:
     return CONFIG + f"datastores: [{{type: sqlite, directory: '{workdir / 'corners'}'}}]\n"
 
 
-async def _control_address(workdir: Path) -> str:
-    path = workdir / "control.address"
-    with trio.fail_after(30):
-        while not path.exists():
-            await trio.sleep(0.05)
-    return path.read_text().strip()
-
-
 async def _conformance(*args: str) -> subprocess.CompletedProcess[bytes]:
     command = [sys.executable, "-m", "oco_core", "conformance", *args]
     with trio.fail_after(300):
@@ -48,7 +41,7 @@ async def _conformance(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 async def test_our_bot_conforms(tmp_path: Path) -> None:
     async with run_oco(with_sqlite(tmp_path), tmp_path) as bot:
-        control = await _control_address(tmp_path)
+        control = await bot.written("control.address")
         done = await _conformance(
             "--address", bot.address,
             "--id", "conformance", "--secret", SECRET,
@@ -62,6 +55,11 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert len(checks) >= 30
     assert all(line.startswith("PASS ") for line in checks), out
     assert lines[-1].startswith(f"SUMMARY {bot.address} conforms: {len(checks)} passed, 0 failed, 0 skipped")
+    # The stream that read nothing got 1,000 (the bot's queue) and some the transport held;
+    # the rest were counted: none went missing.
+    dropped = re.search(r"^PASS stream/dropped-count: (\d+) arrived, (\d+) counted as dropped ", out, re.MULTILINE)
+    assert dropped, out
+    assert int(dropped.group(1)) >= 1000 and int(dropped.group(1)) + int(dropped.group(2)) == 3000, out
     for name in ("auth/wrong-secret", "routes/invalid-pattern", "storage/isolation", "stream/cancel-removes-routes"):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out

@@ -770,9 +770,9 @@ def all_items(channel: grpc.Channel, caller: Caller) -> list[tuple[str, bytes, i
         after = page.next_start_after
 
 
-def play_chat(workdir: Path) -> None:
-    """Let the bot meet users and rooms, so that Directory calls find some."""
-    address = (workdir / "control.address").read_text().strip()
+def play_chat(address: str) -> None:
+    """Let the bot meet users and rooms, so that Directory calls find some, through the
+    memory adapter's control service at ``address``."""
     with grpc.insecure_channel(address) as channel:
         control = control_pb2_grpc.MemoryControlStub(channel)
         control.Inject(control_pb2.InjectRequest(body="hello", user="alice", room="general"), timeout=30)
@@ -810,13 +810,13 @@ async def test_every_rpc_survives_hostile_callers_and_keeps_callbacks_apart(tmp_
     assert {r.service for r in rpcs} >= {"oco.Robot", "oco.Storage", "oco.Directory"}
     marker = f"beta-only-{uuid.uuid4().hex}"
 
-    def fuzz(process: OcoProcess) -> None:
+    def fuzz(process: OcoProcess, control: str) -> None:
         channel = open_channel(process.address)
         try:
             served = served_services(channel)
             unserved = {r.service for r in rpcs} - served
             assert unserved <= NOT_SERVED_YET, f"the bot does not serve {unserved}"
-            play_chat(tmp_path)
+            play_chat(control)
 
             # beta's data, under its own names and under every name alpha is going to try...
             storage = storage_pb2_grpc.StorageStub(channel)
@@ -849,10 +849,13 @@ async def test_every_rpc_survives_hostile_callers_and_keeps_callbacks_apart(tmp_
             channel.close()
 
     async with run_oco(bot_config(tmp_path), tmp_path) as process:
-        await trio.to_thread.run_sync(fuzz, process)
-        await trio.sleep(0.2)  # the last log lines
+        # The memory adapter writes its control address when it is up, which may be after
+        # the gRPC address run_oco waited for.
+        control = await process.written("control.address")
+        await trio.to_thread.run_sync(fuzz, process, control)
+        assert process.process.poll() is None, "the bot exited"
+        await process.stop()  # and its log read to the end
         assert not traceback_in(process), traceback_in(process)
-        assert process.process.poll() is None
 
 
 async def test_undecodable_requests_are_refused_without_a_traceback(tmp_path: Path) -> None:
@@ -893,7 +896,7 @@ async def test_undecodable_requests_are_refused_without_a_traceback(tmp_path: Pa
 
     async with run_oco(bot_config(tmp_path), tmp_path) as process:
         await trio.to_thread.run_sync(fuzz, process)
-        await trio.sleep(0.2)
+        await process.stop()  # and its log read to the end
         assert not traceback_in(process), traceback_in(process)
 
 
@@ -1009,7 +1012,7 @@ async def test_the_standard_services_refuse_undecodable_requests_too(tmp_path: P
 
     async with run_oco(bot_config(tmp_path), tmp_path) as process:
         codes = await trio.to_thread.run_sync(probe, process)
-        await trio.sleep(0.2)
+        await process.stop()  # and its log read to the end
         assert not traceback_in(process), traceback_in(process)
     assert codes == {
         "Check": grpc.StatusCode.INVALID_ARGUMENT,

@@ -299,8 +299,11 @@ async def test_a_store_secret_connects_rotates_and_is_removed_while_the_bot_runs
         assert secret.encode() not in data
 
 
-def listen_until_ended(address: str, secret: str, ended: list[tuple[grpc.StatusCode, str, float]]) -> None:
-    """Open a Listen stream and wait for it to end: its status, details, and when."""
+def listen_until_ended(
+    address: str, secret: str, opened: trio.Event, ended: list[tuple[grpc.StatusCode, str, float]]
+) -> None:
+    """Open a Listen stream (``opened`` is set once the bot has answered it) and wait for
+    it to end: its status, details, and when. Runs in a thread started by trio."""
     with grpc.insecure_channel(address) as channel:
         stream = robot_pb2_grpc.RobotStub(channel).Listen(
             robot_pb2.ListenRequest(routes=[robot_pb2.Route(id="x", pattern="^x$")]),
@@ -308,6 +311,8 @@ def listen_until_ended(address: str, secret: str, ended: list[tuple[grpc.StatusC
             timeout=60,
         )
         try:
+            stream.initial_metadata()  # the bot's answer: routes accepted, or the stream refused
+            trio.from_thread.run_sync(opened.set)
             for _ in stream:
                 pass
         except grpc.RpcError as exc:
@@ -323,9 +328,11 @@ async def test_an_open_listen_stream_ends_when_its_secret_is_rotated(
     secret = added(await aoco("callbacks", "add", "roamer", "--config", c, cwd=tmp_path))
     async with run_oco(config, workdir) as bot:
         ended: list[tuple[grpc.StatusCode, str, float]] = []
+        opened = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, listen_until_ended, bot.address, secret, ended)
-            await trio.sleep(1)
+            nursery.start_soon(trio.to_thread.run_sync, listen_until_ended, bot.address, secret, opened, ended)
+            with trio.fail_after(30):
+                await opened.wait()
             assert not ended, ended  # the stream is open
             rotated_at = time.monotonic()
             added(await aoco("callbacks", "rotate", "roamer", "--config", c, cwd=tmp_path))

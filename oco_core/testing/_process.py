@@ -115,6 +115,14 @@ class Lines:
             )
         return found
 
+    async def wait_ended(self, timeout: float = 10.0) -> bool:
+        """Wait until the stream has ended (every line is in ``lines``); False when it
+        has not within ``timeout`` seconds (a child of the process may hold it open)."""
+        with trio.move_on_after(timeout):
+            while not self.ended:
+                await self._changed.wait()
+        return self.ended
+
     def _add(self, line: str) -> None:
         self.lines.append(line)
         self._wake()
@@ -173,12 +181,54 @@ class OcoProcess:
             )
         return found
 
+    async def written(self, path: Path | str, *, timeout: float = 30.0) -> str:
+        """The text of the file ``path`` (relative to the working folder), stripped, once
+        the bot has written it, such as a memory adapter's ``control_address_file``
+        (written whole, by rename). Fails with the bot's output when the file is not there
+        within ``timeout`` seconds or the bot exits first."""
+        text = await _wait_for_file(self.workdir / path, self.process, timeout)
+        if text is None:
+            await self._collect_output()
+            raise AssertionError(
+                f"oco did not write {path} within {timeout} s (exit code {self.process.returncode}); "
+                f"stdout: {self.stdout_lines[-20:]!r}; stderr: {self.stderr_lines[-30:]!r}"
+            )
+        return text
+
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Send ``sig`` and wait for the process to exit; returns its exit code."""
+        """Send ``sig`` and wait for the process to exit; returns its exit code. Its output
+        is then read to the end, so ``stdout_lines`` and ``stderr_lines`` hold its last words."""
         if self.process.returncode is None:
             self.process.send_signal(sig)
         with trio.fail_after(timeout):
-            return await self.process.wait()
+            code = await self.process.wait()
+        await self._collect_output()
+        return code
+
+    async def _collect_output(self) -> None:
+        """Once the process has exited, wait (briefly) for the pumps to read what it wrote last."""
+        if self.process.returncode is not None:
+            await self.stdout.wait_ended(5)
+            await self.stderr.wait_ended(5)
+
+
+async def _wait_for_file(path: Path, process: trio.Process, timeout: float) -> str | None:
+    """The stripped text of ``path`` once it exists and is not empty; None when it does not
+    within ``timeout`` seconds or ``process`` exits first. Writers rename the file into
+    place, so a file that exists is whole; polling is all a file offers to wait on."""
+    with trio.move_on_after(timeout):
+        while True:
+            exited = process.returncode is not None  # before reading: it may write, then exit
+            try:
+                text = path.read_text().strip()
+            except FileNotFoundError:
+                text = ""
+            if text:
+                return text
+            if exited:
+                return None
+            await trio.sleep(0.02)
+    return None
 
 
 @asynccontextmanager
@@ -220,15 +270,14 @@ async def run_oco(
             assert process.stderr is not None
             nursery.start_soon(running.stdout.pump, process.stdout)
             nursery.start_soon(running.stderr.pump, process.stderr)
-            with trio.move_on_after(ready_timeout):
-                while not address_file.exists() and process.returncode is None:
-                    await trio.sleep(0.05)
-            if not address_file.exists():
-                await trio.sleep(0.2)  # let the pumps collect the last words
+            address = await _wait_for_file(address_file, process, ready_timeout)
+            if address is None:
+                await running._collect_output()
                 raise AssertionError(
-                    f"oco did not start (exit code {process.returncode}); stderr: {running.stderr_lines[-30:]!r}"
+                    f"oco did not start within {ready_timeout} s (exit code {process.returncode}); "
+                    f"stderr: {running.stderr_lines[-30:]!r}"
                 )
-            running.address = address_file.read_text().strip()
+            running.address = address
             yield running
             nursery.cancel_scope.cancel()
     finally:

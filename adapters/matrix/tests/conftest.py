@@ -46,7 +46,7 @@ from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_core.plugin import IncomingMessage, MembershipKind, OutgoingMessage
 from oco_core.testing import RecordingHost, free_port
 from oco_core.testing.adapter_contract import ChatPerson, LiveChat, SeenByPerson, SeenMessage
-from oco_core.testing.pytest_plugin import server_unavailable
+from oco_core.testing.pytest_plugin import server_unavailable, server_used
 
 
 def _thread_local_nio_store_models() -> None:
@@ -216,7 +216,7 @@ class Synapse:
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"synapse did not answer within {timeout} s")
+        raise RuntimeError(f"synapse did not answer within {timeout} s: {self._log_tail()}")
 
     async def restart(self, timeout: float = 60.0) -> None:
         """Start the stopped server again from a trio test, and wait until it answers.
@@ -225,9 +225,14 @@ class Synapse:
         thread that forked it, so a server spawned from a worker thread would be killed
         when trio retires that thread, some seconds later."""
         self._spawn()
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout):
             while not await trio.to_thread.run_sync(self._answers):
                 await trio.sleep(0.05)
+            return
+        raise RuntimeError(f"synapse did not answer again within {timeout} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return (self.directory / "stderr.log").read_text(errors="replace")[-2000:]
 
     def _spawn(self) -> None:
         with open(self.directory / "stderr.log", "ab") as errors:
@@ -243,8 +248,7 @@ class Synapse:
     def _answers(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            tail = (self.directory / "stderr.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"synapse exited with {self.process.returncode}: {tail}")
+            raise RuntimeError(f"synapse exited with {self.process.returncode}: {self._log_tail()}")
         try:
             with urllib.request.urlopen(f"{self.url}/_matrix/client/versions", timeout=1):
                 return True
@@ -305,6 +309,7 @@ def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
         server.start()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         server_unavailable("synapse", str(error))
+    server_used("synapse", f"{SYNAPSE_VERSION} ({python})")
     log.info("synapse ready: install/lookup %.1f s, startup %.2f s", installed, server.startup_seconds)
     print(f"\nsynapse {SYNAPSE_VERSION}: venv ready in {installed:.1f} s, answered in {server.startup_seconds:.2f} s")
     try:
