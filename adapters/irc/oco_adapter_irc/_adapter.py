@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -170,7 +171,11 @@ class IrcAdapter(Adapter):
                 ConnectionLostError,
             ) as group:
                 what = "lost" if connection.welcomed else "failed"
-                log.warning("IRC connection to %s %s: %s", where, what, _first(group))
+                cause = _first(group)
+                if connection.opened and not connection.heard and not cfg.tls:
+                    # A TLS port drops a client that speaks plaintext without a word.
+                    cause += " — the server closed it before a line of IRC; if this is a TLS port, set tls: true"
+                log.warning("IRC connection to %s %s: %s", where, what, cause)
             finally:
                 self._connection = None
             delay = backoff.next_delay()
@@ -306,6 +311,22 @@ def _first(group: BaseExceptionGroup[BaseException]) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _connect_failure(error: OSError, host: str, where: str) -> str:
+    """Why a TCP connection could not be made, with the likely fix."""
+    todo: list[BaseException] = [error]
+    while todo:
+        cause = todo.pop(0)
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection to {where} refused — is the IRC server running, and is the port right?"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve {host} (DNS: {cause.strerror}) — is the host right?"
+        if isinstance(cause, BaseExceptionGroup):
+            todo.extend(cause.exceptions)
+        if cause.__cause__ is not None:
+            todo.append(cause.__cause__)
+    return f"cannot connect to {where}: {error}"
+
+
 def _redact(line: str) -> str:
     """A line fit for the log: credentials replaced."""
     command = line.split(" ", 1)[0].upper()
@@ -337,6 +358,11 @@ class _Connection:
         self._cap_negotiating = False
         self._last_ctcp_reply = -_CTCP_REPLY_INTERVAL
         self._nursery: trio.Nursery | None = None
+        #: The TCP (and TLS) connection was made.
+        self.opened = False
+        #: The server sent a line of IRC on it (a TLS port answers plaintext with an
+        #: alert, never a line).
+        self.heard = False
 
     # ---- life cycle ----
 
@@ -344,6 +370,7 @@ class _Connection:
         cfg = self.config
         with trio.fail_after(cfg.connect_timeout):
             stream = await self._open()
+        self.opened = True
         self._stream = stream
         try:
             async with trio.open_nursery() as nursery:
@@ -361,26 +388,42 @@ class _Connection:
     async def _open(self) -> trio.abc.Stream:
         cfg = self.config
         port = cfg.effective_port
-        log.info("connecting to IRC server %s:%d%s", cfg.host, port, " (TLS)" if cfg.tls else "")
+        where = f"{cfg.host}:{port}"
+        log.info("connecting to IRC server %s%s", where, " (TLS)" if cfg.tls else "")
+        try:
+            tcp = await trio.open_tcp_stream(cfg.host, port)
+        except OSError as exc:
+            raise ConnectionLostError(_connect_failure(exc, cfg.host, where)) from None
         if not cfg.tls:
-            return await trio.open_tcp_stream(cfg.host, port)
+            return tcp
         context = ssl.create_default_context(cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None)
         if not cfg.tls_verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        ssl_stream = await trio.open_ssl_over_tcp_stream(cfg.host, port, ssl_context=context)
+        ssl_stream = trio.SSLStream(tcp, context, server_hostname=cfg.host, https_compatible=False)
+        plaintext = f"TLS handshake with {where} failed"
+        hint = "if this is a plaintext port, set tls: false"
         # Handshake now, so a certificate problem surfaces as such (not as a lost line).
         try:
-            await ssl_stream.do_handshake()
+            with trio.fail_after(cfg.tls_handshake_timeout):
+                await ssl_stream.do_handshake()
         except BaseException as exc:
             await trio.aclose_forcefully(ssl_stream)
+            if isinstance(exc, trio.TooSlowError):
+                # A plaintext IRC server waits for a line and never answers the hello.
+                raise ConnectionLostError(
+                    f"{plaintext}: no answer within {cfg.tls_handshake_timeout:g} s — {hint}"
+                ) from None
             if not isinstance(exc, trio.BrokenResourceError):
                 raise
             # trio wraps the ssl module's errors; a failed verification is worth its own
             # message (and is fatal before the first registration).
             if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
                 raise exc.__cause__ from None
-            raise
+            if isinstance(exc.__cause__, ssl.SSLError):
+                reason = exc.__cause__.reason or str(exc.__cause__)
+                raise ConnectionLostError(f"{plaintext} ({reason}) — {hint}") from None
+            raise ConnectionLostError(f"{plaintext}: the server closed the connection — {hint}") from None
         return ssl_stream
 
     async def _close(self, stream: trio.abc.Stream) -> None:
@@ -436,6 +479,7 @@ class _Connection:
                 self.adapter._skipped += 1
                 log.warning("skipped a malformed line from the IRC server: %s", exc)
             return
+        self.heard = True
         log.debug("<< %s", text if line.command not in ("AUTHENTICATE",) else "AUTHENTICATE <redacted>")
         try:
             await self._handle(line)

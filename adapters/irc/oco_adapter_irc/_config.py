@@ -156,6 +156,9 @@ class IrcConfig(_Model):
     ping_timeout: Annotated[float, Field(gt=0)] = 60.0
     #: Seconds to open the connection and complete registration before giving up on it.
     connect_timeout: Annotated[float, Field(gt=0)] = 60.0
+    #: Seconds the TLS handshake may take: a plaintext port never answers one, and
+    #: saying so soon (with the fix) beats waiting for ``connect_timeout``.
+    tls_handshake_timeout: Annotated[float, Field(gt=0)] = 10.0
     #: Outgoing lines kept while the connection is down (or the rate limit holds them);
     #: a message that does not fit is refused, never half sent.
     queue_size: Annotated[int, Field(ge=1)] = 1000
