@@ -189,8 +189,13 @@ class OcoProcess:
         text = await _wait_for_file(self.workdir / path, self.process, timeout)
         if text is None:
             await self._collect_output()
+            why = (
+                f"exited with {self.process.returncode}"
+                if self.process.returncode is not None
+                else f"{timeout} s passed"
+            )
             raise AssertionError(
-                f"oco did not write {path} within {timeout} s (exit code {self.process.returncode}); "
+                f"oco did not write {path} ({why}); "
                 f"stdout: {self.stdout_lines[-20:]!r}; stderr: {self.stderr_lines[-30:]!r}"
             )
         return text
@@ -273,10 +278,12 @@ async def run_oco(
             address = await _wait_for_file(address_file, process, ready_timeout)
             if address is None:
                 await running._collect_output()
-                raise AssertionError(
-                    f"oco did not start within {ready_timeout} s (exit code {process.returncode}); "
-                    f"stderr: {running.stderr_lines[-30:]!r}"
+                why = (
+                    f"exited with {process.returncode}"
+                    if process.returncode is not None
+                    else f"did not listen within {ready_timeout} s"
                 )
+                raise AssertionError(f"oco {why}; stderr: {running.stderr_lines[-30:]!r}")
             running.address = address
             yield running
             nursery.cancel_scope.cancel()

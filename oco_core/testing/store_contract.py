@@ -43,6 +43,7 @@ from .._errors import QuotaExceededError, StoreError, StoreUnavailableError, Val
 from .._quota import QuotaConfig, QuotaStore
 from .._store import MAX_KEY_BYTES, Item, Store
 from .._timing import Backoff
+from ._process import _wait_for_file
 
 __all__ = [
     "ServerOutageContract",
@@ -606,12 +607,14 @@ async def running_oco(config: str, workdir: Path) -> AsyncIterator[tuple[trio.Pr
         stderr=subprocess.STDOUT,
     )
     try:
-        with trio.fail_after(60):
-            while not address_file.exists():
-                if process.poll() is not None:
-                    raise RuntimeError(f"oco run exited with {process.returncode}; see {log.name}")
-                await trio.sleep(0.05)
-        yield process, address_file.read_text().strip()
+        address = await _wait_for_file(address_file, process, 60)
+        if address is None:
+            tail = Path(log.name).read_text(errors="replace")[-3000:]
+            why = (
+                f"exited with {process.returncode}" if process.returncode is not None else "did not listen within 60 s"
+            )
+            raise RuntimeError(f"oco run {why}; the end of {log.name}:\n{tail}")
+        yield process, address
     finally:
         try:
             # Shielded: the caller may be leaving because it was cancelled.
@@ -881,13 +884,15 @@ class ServerOutageContract:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_bot)
                 # Wait for the bot to say, in one line, which store it cannot reach.
-                with trio.fail_after(30):
+                lines: list[str] = []
+                with trio.move_on_after(30):
                     while True:
                         logs = [p.read_text(errors="replace") for p in tmp_path.glob("oco-*.log")]
                         lines = [line for text in logs for line in text.splitlines() if "unavailable" in line]
                         if lines:
                             break
                         await trio.sleep(0.1)
+                assert lines, f"no 'unavailable' line in the bot's log within 30 s: {logs}"
                 assert f"127.0.0.1:{proxy.port}" in lines[0]
                 assert not ready, "the bot said it was ready without its store"
                 proxy.restore()
