@@ -37,7 +37,7 @@ from ._incoming import AdapterLink
 from ._plugins import Plugins
 from ._policy import matches_any
 from ._quota import QuotaStore
-from ._router import InvalidPatternError, Route, Router, compile_pattern
+from ._router import InvalidPatternError, PatternLimits, Route, Router, compile_pattern
 from ._secrets import check_store_secrets, expects_store_secret, generate_secret
 from ._store import Store
 from ._supervisor import supervise_callback
@@ -61,7 +61,11 @@ class Bot:
         self.loaded = loaded
         config = loaded.config
         self.config = config
-        self.router = Router(config.bot.name, config.bot.aliases)
+        self.router = Router(
+            config.bot.name,
+            config.bot.aliases,
+            PatternLimits(config.grpc.max_pattern_length, config.grpc.max_pattern_program),
+        )
         self.callbacks: dict[str, CallbackState] = {}
         for cb in config.callbacks:
             if cb.secret is not None:
@@ -107,13 +111,13 @@ class Bot:
         for cb_index, cb in enumerate(config.callbacks):
             for r_index, route in enumerate(self.callbacks[cb.id].routes):
                 try:
-                    compile_pattern(route.pattern, route.ignore_case)
+                    compile_pattern(route.pattern, route.ignore_case, self.router.limits)
                 except InvalidPatternError as exc:
                     raise loaded.error(("callbacks", cb_index, "routes", r_index, "pattern"), str(exc)) from None
         #: Launched callbacks this machine could not start now (a program not found, a
         #: missing cwd). Not a refusal: the bot's PATH when it runs as a service may
         #: differ from the shell's, and a program may appear after start-up, so
-        #: `oco run` logs them and its supervisor keeps trying; `oco check-config`
+        #: `oco run` logs them and its supervisor tries anyway; `oco check-config`
         #: refuses them.
         self.launch_problems: list[ConfigError] = []
         for cb_index, cb in enumerate(config.callbacks):
@@ -181,6 +185,7 @@ class Bot:
             await tasks.start(directory.run)
             await tasks.start(audit.run)
             await tasks.start(auth.run)
+            await tasks.start(self.router.maintain)
             core = BotCore(
                 config=config,
                 router=self.router,

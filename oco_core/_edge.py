@@ -239,7 +239,7 @@ class Services:
             queue_size=self.settings.stream_queue,
         )
         with _statuses():
-            self.bot.router.subscribe(subscription)
+            await self.bot.router.register(subscription)
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
         state.connected.set()
         revoked: list[RpcAbort] = []

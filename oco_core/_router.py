@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Memory RE2 may use for the compiled set of all live patterns (10,000 patterns fit).
 _SET_MAX_MEM = 512 << 20
 _OVERFLOW_LOG_INTERVAL = 10.0
+#: Time the router rests after building its tables, as a multiple of the build's time.
+_REBUILD_REST = 4.0
 
 
 def _options(max_mem: int | None = None) -> Any:
@@ -43,17 +45,50 @@ def _options(max_mem: int | None = None) -> Any:
     return options
 
 
-def compile_pattern(pattern: str, ignore_case: bool = False) -> Any:
-    """Compile one route pattern, or raise InvalidPatternError naming it and why."""
+#: ``\C`` (any byte) preceded by an even number of backslashes: it is the escape itself.
+_ANY_BYTE = re.compile(r"(?<!\\)(?:\\\\)*\\C")
+
+
+@dataclass(frozen=True, slots=True)
+class PatternLimits:
+    """How costly one route pattern may be (``grpc.max_pattern_length`` and
+    ``grpc.max_pattern_program``): compiling and matching grow with RE2's program."""
+
+    #: Characters in a pattern.
+    length: int = 4096
+    #: Instructions of its compiled RE2 program (``\pL`` alone is about 1,200).
+    program: int = 20_000
+
+
+def compile_pattern(pattern: str, ignore_case: bool = False, limits: PatternLimits | None = None) -> Any:
+    """Compile one route pattern, or raise InvalidPatternError naming it and why; with
+    ``limits``, also when it is longer or its program larger than they allow."""
     if not pattern:
         raise InvalidPatternError(pattern, "a route needs a non-empty pattern")
+    if limits is not None and len(pattern) > limits.length:
+        raise InvalidPatternError(
+            pattern[:80] + "...",
+            f"a pattern of {len(pattern)} characters is over this bot's limit of {limits.length} "
+            "(grpc.max_pattern_length)",
+        )
+    if _ANY_BYTE.search(pattern):
+        # Matches could end inside a UTF-8 character, which no text can hold.
+        raise InvalidPatternError(pattern, "\\C (any byte) can split a UTF-8 character; use . (any character)")
     try:
-        return re2.compile(("(?i)" if ignore_case else "") + pattern, _options())
+        regex = re2.compile(("(?i)" if ignore_case else "") + pattern, _options())
     except re2.error as exc:
         reason = exc.args[0] if exc.args else str(exc)
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
         raise InvalidPatternError(pattern, str(reason)) from None
+    if limits is not None and regex.programsize > limits.program:
+        raise InvalidPatternError(
+            pattern,
+            f"too costly: its RE2 program has {regex.programsize} instructions, over this bot's limit of "
+            f"{limits.program} (grpc.max_pattern_program); repeat less (\\pL+ rather than \\pL{{300}}) "
+            "and check lengths in the callback",
+        )
+    return regex
 
 
 try:
@@ -115,6 +150,8 @@ class Subscription:
     #: Events dropped since the last one queued; the next one queued carries the count.
     unreported: int = 0
     _last_overflow_log: float = 0.0
+    #: Set when the stream ends: tables built before then skip it.
+    closed: bool = False
     _send: trio.MemorySendChannel[core_pb2.Event] = field(init=False, repr=False)
     receive: trio.MemoryReceiveChannel[core_pb2.Event] = field(init=False, repr=False)
 
@@ -144,6 +181,7 @@ class Subscription:
 
     def close(self) -> None:
         """End the stream's queue (the Listen call is ending)."""
+        self.closed = True
         self._send.close()
 
 
@@ -172,6 +210,32 @@ class _Table:
     set: Any
 
 
+def _build_tables(subscriptions: Sequence[Subscription], regexes: dict[tuple[str, bool], Any]) -> dict[bool, _Table]:
+    """The tables for these subscriptions, their patterns compiled already (``regexes``).
+    Reads nothing else: :meth:`Router.maintain` runs it in a worker thread."""
+    tables: dict[bool, _Table] = {}
+    for respond in (False, True):
+        by_key: dict[tuple[str, bool], _Pattern] = {}
+        for sub in subscriptions:
+            for route in sub.routes:
+                if route.respond != respond:
+                    continue
+                key = (route.pattern, route.ignore_case)
+                entry = by_key.get(key)
+                if entry is None:
+                    entry = by_key[key] = _Pattern(regexes[key], route.pattern, {})
+                target = entry.targets.get((sub.callback_id, route.id))
+                if target is None:
+                    target = entry.targets[(sub.callback_id, route.id)] = _Target(sub.callback_id, route, [])
+                target.subscriptions.append(sub)
+        regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
+        for pattern, ignore_case in by_key:
+            regex_set.Add(("(?i)" if ignore_case else "") + pattern)
+        regex_set.Compile()
+        tables[respond] = _Table(list(by_key.values()), regex_set)
+    return tables
+
+
 #: Decides, for one message, whether a (callback id, route) that matched may receive it.
 Gate = Callable[[str, Route], bool]
 
@@ -187,13 +251,27 @@ class Match:
 class Router:
     """Routes incoming messages to the subscriptions whose routes match them."""
 
-    def __init__(self, bot_name: str, aliases: Sequence[str] = ()) -> None:
+    def __init__(self, bot_name: str, aliases: Sequence[str] = (), limits: PatternLimits | None = None) -> None:
         self.bot_name = bot_name
         self.aliases = tuple(a for a in aliases if a)
-        self._subscriptions: list[Subscription] = []
-        self._tables: dict[bool, _Table] | None = None
+        self.limits = limits or PatternLimits()
+        # Insertion-ordered sets: a stream leaves in constant time, however many there are.
+        self._subscriptions: dict[Subscription, None] = {}
+        self._by_callback: dict[str, dict[Subscription, None]] = {}
+        #: Compiled patterns by (pattern, ignore_case), compiled once when first declared.
+        self._regexes: dict[tuple[str, bool], Any] = {}
+        self._tables: dict[bool, _Table] = _build_tables([], {})
+        #: Changes to the subscriptions so far, and how many of them the tables hold.
+        self._version = 0
+        self._built = 0
+        self._changed = trio.Event()
+        self._rebuilt = trio.Event()
+        #: Whether :meth:`maintain` builds the tables (off the trio thread); if not,
+        #: the first message after a change builds them, on the caller's thread.
+        self._maintained = False
         self._own_names: dict[str, tuple[str, ...]] = {}
         self._address_res: dict[str, re.Pattern[str]] = {}
+        self._failing: dict[str, float] = {}
         self.overflowed = 0
         self.routed = 0
         #: The routes of callbacks whose last stream closed, until one opens again.
@@ -201,21 +279,92 @@ class Router:
 
     # -- subscriptions ---------------------------------------------------------------
 
+    def compile_routes(self, routes: Sequence[Route]) -> dict[tuple[str, bool], Any]:
+        """Compile ``routes``' patterns within this router's limits, or raise
+        InvalidPatternError for the first that is invalid or too costly. Touches no
+        state of the router: safe to run in a worker thread."""
+        compiled: dict[tuple[str, bool], Any] = {}
+        for route in routes:
+            key = (route.pattern, route.ignore_case)
+            if key not in compiled:
+                compiled[key] = self._regexes.get(key) or compile_pattern(*key, limits=self.limits)
+        return compiled
+
     def subscribe(self, subscription: Subscription) -> None:
-        """Add a Listen stream; its routes match from the next message on."""
-        for route in subscription.routes:
-            compile_pattern(route.pattern, route.ignore_case)  # refuse before anything changes
-        self._subscriptions.append(subscription)
+        """Add a Listen stream, its patterns compiled here; its routes match from the
+        next message on. The bot uses :meth:`register`, which compiles and rebuilds
+        off the trio thread."""
+        self._add(subscription, self.compile_routes(subscription.routes))
+
+    async def register(self, subscription: Subscription) -> None:
+        """Add a Listen stream: its patterns are compiled in a worker thread, then this
+        waits until the tables that route messages hold its routes (built off the trio
+        thread by :meth:`maintain`, while routing goes on with the previous ones).
+        InvalidPatternError when a pattern is invalid or over the limits; then nothing
+        changed."""
+        compiled = await trio.to_thread.run_sync(self.compile_routes, subscription.routes)
+        self._add(subscription, compiled)
+        if not self._maintained:
+            return
+        wanted = self._version
+        try:
+            while self._built < wanted:
+                await self._rebuilt.wait()
+        except BaseException:
+            self.unsubscribe(subscription)  # cancelled while waiting: as if it never came
+            raise
+
+    def _add(self, subscription: Subscription, compiled: dict[tuple[str, bool], Any]) -> None:
+        self._regexes.update(compiled)
+        self._subscriptions[subscription] = None
+        self._by_callback.setdefault(subscription.callback_id, {})[subscription] = None
         self._departed.pop(subscription.callback_id, None)
-        self._tables = None
+        self._bump()
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.set()
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Rebuild the tables after every change, in a worker thread, and swap them in
+        (until cancelled). Changes made during a build are taken together by the next
+        one, so a callback reconnecting in a loop costs one build at a time, never a
+        stall of routing."""
+        self._maintained = True
+        task_status.started()
+        try:
+            while True:
+                if self._built == self._version:
+                    self._changed = trio.Event()
+                    await self._changed.wait()
+                version = self._version
+                subscriptions = list(self._subscriptions)
+                regexes = self._regexes
+                # Patterns no stream uses any more are forgotten.
+                used = {(r.pattern, r.ignore_case) for sub in subscriptions for r in sub.routes}
+                self._regexes = {key: regexes[key] for key in used if key in regexes}
+                began = time.perf_counter()
+                tables = await trio.to_thread.run_sync(_build_tables, subscriptions, dict(self._regexes))
+                self._tables, self._built = tables, version
+                rebuilt, self._rebuilt = self._rebuilt, trio.Event()
+                rebuilt.set()
+                # RE2 holds the GIL while it compiles: a build in a thread still slows
+                # routing. Resting a multiple of its time between builds keeps routing
+                # at most 1/(1 + _REBUILD_REST) slower under endless reconnects.
+                await trio.sleep((time.perf_counter() - began) * _REBUILD_REST)
+        finally:
+            self._maintained = False
 
     def unsubscribe(self, subscription: Subscription) -> int:
         """Remove a Listen stream and its routes. Events still queued for it go to live
         replicas of the same callback; returns how many could not (and are lost)."""
-        if subscription in self._subscriptions:
-            self._subscriptions.remove(subscription)
-            self._tables = None
         subscription.close()
+        if self._subscriptions.pop(subscription, 0) is None:
+            siblings = self._by_callback[subscription.callback_id]
+            del siblings[subscription]
+            if not siblings:
+                del self._by_callback[subscription.callback_id]
+            self._bump()
         replicas = self.subscriptions(subscription.callback_id)
         if not replicas:
             self._departed[subscription.callback_id] = subscription.routes
@@ -237,31 +386,9 @@ class Router:
 
     def subscriptions(self, callback_id: str | None = None) -> list[Subscription]:
         """Live subscriptions, optionally of one callback."""
-        return [s for s in self._subscriptions if callback_id is None or s.callback_id == callback_id]
-
-    def _build(self) -> dict[bool, _Table]:
-        tables: dict[bool, _Table] = {}
-        for respond in (False, True):
-            by_key: dict[tuple[str, bool], _Pattern] = {}
-            for sub in self._subscriptions:
-                for route in sub.routes:
-                    if route.respond != respond:
-                        continue
-                    key = (route.pattern, route.ignore_case)
-                    entry = by_key.get(key)
-                    if entry is None:
-                        entry = by_key[key] = _Pattern(compile_pattern(*key), route.pattern, {})
-                    target = entry.targets.get((sub.callback_id, route.id))
-                    if target is None:
-                        target = entry.targets[(sub.callback_id, route.id)] = _Target(sub.callback_id, route, [])
-                    target.subscriptions.append(sub)
-            patterns = list(by_key.values())
-            regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
-            for (pattern, ignore_case), _entry in by_key.items():
-                regex_set.Add(("(?i)" if ignore_case else "") + pattern)
-            regex_set.Compile()
-            tables[respond] = _Table(patterns, regex_set)
-        return tables
+        if callback_id is None:
+            return list(self._subscriptions)
+        return list(self._by_callback.get(callback_id, ()))
 
     # -- addressing ------------------------------------------------------------------
 
@@ -309,9 +436,9 @@ class Router:
         the message is not addressed to the bot. ``gate`` is asked about each route that
         matched; one it refuses is not delivered.
         """
+        if not self._maintained and self._built < self._version:
+            self._tables, self._built = _build_tables(list(self._subscriptions), self._regexes), self._version
         tables = self._tables
-        if tables is None:
-            tables = self._tables = self._build()
         matches: list[Match] = []
         # `direct` means addressed to the bot: by name or alias, or a private message.
         self._match_table(tables[False], message, text, direct or respond_text is not None, matches, gate)
@@ -328,12 +455,19 @@ class Router:
         data = text.encode("utf-8")
         for index in table.set.Match(data) or ():  # None when nothing matched
             entry = table.patterns[index]
-            spans = _spans(entry.regex, data)
-            if spans is None:  # cannot happen: the set said it matched
+            try:
+                spans = _spans(entry.regex, data)
+                if spans is None:  # cannot happen: the set said it matched
+                    continue
+                groups = [data[start:end].decode("utf-8") if start >= 0 else "" for start, end in spans]
+                named = {name: groups[i] for name, i in entry.regex.groupindex.items() if spans[i][0] >= 0}
+            except Exception:  # one route's failure must not cost the other routes their match
+                self._pattern_failed(entry)
                 continue
-            groups = [data[start:end].decode("utf-8") if start >= 0 else "" for start, end in spans]
-            named = {name: groups[i] for name, i in entry.regex.groupindex.items() if spans[i][0] >= 0}
             for target in entry.targets.values():
+                live = [sub for sub in target.subscriptions if not sub.closed]
+                if not live:  # its streams ended since these tables were built
+                    continue
                 if gate is not None and not gate(target.callback_id, target.route):
                     continue
                 event = core_pb2.Event(
@@ -347,9 +481,16 @@ class Router:
                         text=text,
                     )
                 )
-                sub = self._deliver(target.subscriptions, target.turn, event)
+                sub = self._deliver(live, target.turn, event)
                 if sub is not None:
                     out.append(Match(sub, event))
+
+    def _pattern_failed(self, entry: _Pattern) -> None:
+        now = time.monotonic()
+        if now - self._failing.get(entry.pattern, -_OVERFLOW_LOG_INTERVAL) >= _OVERFLOW_LOG_INTERVAL:
+            self._failing[entry.pattern] = now
+            callbacks = sorted({target.callback_id for target in entry.targets.values()})
+            log.exception("route pattern %r of %s failed on a message; skipped it", entry.pattern, ", ".join(callbacks))
 
     def _deliver(
         self, subscriptions: Sequence[Subscription], turn: itertools.count[int], event: core_pb2.Event

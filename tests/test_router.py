@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import re2
+import trio
 
 from oco_core._proto import core_pb2
-from oco_core._router import InvalidPatternError, Route, Router, Subscription
+from oco_core._router import InvalidPatternError, PatternLimits, Route, Router, Subscription
 
 
 def message(body: str) -> core_pb2.Message:
@@ -163,3 +167,78 @@ def test_events_queued_for_a_stream_that_ends_go_to_a_live_replica() -> None:
     router.subscribe(alone)
     route_all(router, "ping")
     assert router.unsubscribe(alone) == 1  # no replica: counted as lost
+
+
+# -- hardening: no callback's pattern can break or stall routing for the others ------------
+
+
+def test_a_pattern_that_can_split_a_utf8_character_is_refused() -> None:
+    router = Router("oco")
+    for pattern in (r"\C", r"caf\C", r"(?i)x\Cy"):
+        with pytest.raises(InvalidPatternError, match=r"\\C \(any byte\) can split a UTF-8 character"):
+            router.subscribe(Subscription("cb", [Route("bad", pattern)]))
+    router.subscribe(Subscription("cb", [Route("ok", r"back\\Cslash")]))  # an escaped backslash, then C
+    assert len(route_all(router, r"back\Cslash")) == 1
+
+
+def test_a_costly_or_long_pattern_is_refused_naming_the_limit() -> None:
+    router = Router("oco", limits=PatternLimits(length=100, program=20_000))
+    with pytest.raises(InvalidPatternError, match=r"over this bot's limit of 20000 \(grpc.max_pattern_program\)"):
+        router.subscribe(Subscription("cb", [Route("slow", r"\pL{300}")]))
+    with pytest.raises(InvalidPatternError, match=r"101 characters is over this bot's limit of 100"):
+        router.subscribe(Subscription("cb", [Route("long", "x" * 101)]))
+    router.subscribe(Subscription("cb", [Route("fine", r"\pL+ (\w+)")]))
+    assert router.subscriptions() != []
+
+
+def test_a_route_that_fails_while_matching_does_not_cost_the_others_their_match(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    router = Router("oco")
+    # No pattern the router accepts fails while matching any more; a \C compiled by RE2
+    # itself (bypassing the router's check) stands in for the next such surprise.
+    router._regexes[(r"^\C", False)] = re2.compile(r"^\C")
+    router.subscribe(Subscription("broken", [Route("b", r"^\C")]))
+    good = Subscription("good", [Route("g", "^é")])
+    router.subscribe(good)
+    with caplog.at_level(logging.ERROR, logger="oco_core._router"):
+        assert [e.matched_message.route_id for e in route_all(router, "été")] == ["g"]
+        assert [e.matched_message.route_id for e in route_all(router, "école")] == ["g"]
+    failures = [r for r in caplog.records if "failed on a message" in r.getMessage()]
+    assert len(failures) == 1  # logged once, not once per message
+    assert "of broken" in failures[0].getMessage()
+
+
+async def test_registered_routes_are_live_at_once_and_a_closed_stream_leaves_at_once() -> None:
+    router = Router("oco")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.maintain)
+        first = Subscription("a", [Route("p", "^ping$")])
+        await router.register(first)
+        assert len(route_all(router, "ping")) == 1  # live as soon as register returns
+        big = Subscription("b", [Route(f"r{i}", rf"^cmd{i} (\w+)$") for i in range(2000)])
+        await router.register(big)
+        assert [e.matched_message.route_id for e in route_all(router, "cmd1999 x")] == ["r1999"]
+        # A stream that ends stops getting messages at once, before the next build, and
+        # what it would have got is not counted as dropped.
+        router.unsubscribe(first)
+        assert route_all(router, "ping") == []
+        assert router.overflowed == 0
+        # An invalid pattern changes nothing.
+        with pytest.raises(InvalidPatternError):
+            await router.register(Subscription("c", [Route("bad", "(")]))
+        assert router.subscriptions("c") == []
+        nursery.cancel_scope.cancel()
+
+
+def test_many_streams_close_and_each_callback_is_remembered_as_departed() -> None:
+    # How long it takes is bench/bench_churn.py's: each close no longer scans every stream.
+    router = Router("oco")
+    subs = [Subscription(f"cb{i % 100}", [Route("p", "^ping$")], queue_size=1) for i in range(8000)]
+    for sub in subs:
+        router.subscribe(sub)
+    assert len(route_all(router, "ping")) == 100  # one stream of each callback
+    for sub in subs:
+        router.unsubscribe(sub)
+    assert router.subscriptions() == []
+    assert sorted(router._departed) == sorted({f"cb{i}" for i in range(100)})

@@ -1,0 +1,92 @@
+"""Issue 12: no callback can starve, freeze or mislead the bot. A bot in this process with
+the memory adapter; callbacks are plain generated gRPC clients, as an attacker's would be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import trio
+
+from oco_core import Callback, Message
+from oco_core._proto import robot_pb2, robot_pb2_grpc
+from oco_core.testing import RunningBot, open_bot, serving
+
+HOSTILE = "secret-hostile-0123456789abc"
+VICTIM = "secret-victim-0123456789abcd"
+
+
+def config(tmp_path: Path, grpc_settings: str = "") -> str:
+    return f"""
+adapters: [{{type: memory}}]
+store: {{url: "sqlite:///{tmp_path}/oco.db"}}
+grpc: {{listen: "127.0.0.1:0"{grpc_settings}}}
+callbacks:
+  - {{id: hostile, secret: {HOSTILE}}}
+  - {{id: victim, secret: {VICTIM}}}
+"""
+
+
+def listen_refusal(running: RunningBot, *patterns: str) -> grpc.RpcError:
+    """Open a Listen stream declaring ``patterns`` as a generated client would; the error
+    the bot ends it with (the test fails if it registers them)."""
+    request = robot_pb2.ListenRequest(routes=[robot_pb2.Route(id=f"r{i}", pattern=p) for i, p in enumerate(patterns)])
+    with grpc.insecure_channel(running.address) as channel:
+        stream = robot_pb2_grpc.RobotStub(channel).Listen(
+            request, metadata=(("authorization", f"Bearer {HOSTILE}"),), timeout=30
+        )
+        try:
+            next(iter(stream))
+        except grpc.RpcError as exc:
+            return exc
+    raise AssertionError(f"the bot registered {patterns!r}")
+
+
+def victim(running: RunningBot, seen: list[str]) -> Callback:
+    cb = Callback(id="victim", secret=VICTIM, address=running.address)
+
+    @cb.hear(r"^(.+)$")
+    async def everything(message: Message) -> None:
+        seen.append(message.body)
+        await message.send(f"seen {message.body}")
+
+    return cb
+
+
+async def test_a_pattern_that_splits_utf8_characters_is_refused_and_others_keep_their_messages(
+    tmp_path: Path,
+) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        seen: list[str] = []
+        async with serving(victim(running, seen)):
+            error = await trio.to_thread.run_sync(listen_refusal, running, r"^\C")
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert r"\C (any byte) can split a UTF-8 character" in (error.details() or "")
+            for body in ("été", "école", "plain"):
+                await running.adapter.inject(body)
+                with trio.fail_after(10):
+                    assert (await running.adapter.next_sent()).body == f"seen {body}"
+        assert seen == ["été", "école", "plain"]
+
+
+async def test_a_costly_pattern_is_refused_naming_the_limit_and_config_can_raise_it(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        error = await trio.to_thread.run_sync(listen_refusal, running, r"^ok$", r"\pL{300}")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = error.details() or ""
+        assert "too costly: its RE2 program has" in details, details
+        assert "pL{300}" in details
+        assert "grpc.max_pattern_program" in details
+        error = await trio.to_thread.run_sync(listen_refusal, running, "x" * 5000)
+        assert "5000 characters is over this bot's limit of 4096 (grpc.max_pattern_length)" in (error.details() or "")
+    async with open_bot(config(tmp_path, ", max_pattern_program: 400000")) as running:
+        cb = Callback(id="hostile", secret=HOSTILE, address=running.address)
+
+        @cb.hear(r"^\pL{300}$")
+        async def letters(message: Message) -> None:
+            await message.send("300 letters")
+
+        async with serving(cb):
+            await running.adapter.inject("é" * 300)
+            with trio.fail_after(10):
+                assert (await running.adapter.next_sent()).body == "300 letters"
