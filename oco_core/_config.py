@@ -172,6 +172,10 @@ class GrpcSettings(_Strict):
     listen: str = Field(default="127.0.0.1:50051", description="host:port; port 0 picks a free one.")
     max_receive_bytes: int = Field(default=4 << 20, gt=0, description="Largest request accepted.")
     stream_queue: int = Field(default=1000, gt=0, description="Events queued per Listen stream before dropping.")
+    max_routes: int = Field(default=1000, gt=0, description="Routes one Listen stream may declare.")
+    max_streams_per_callback: int = Field(
+        default=64, gt=0, description="Listen streams one callback may hold open at once (its replicas)."
+    )
     max_pattern_length: int = Field(default=4096, gt=0, description="Characters in one route pattern.")
     max_pattern_program: int = Field(
         default=20_000, gt=0, description="Instructions of one route pattern's compiled RE2 program (its cost)."

@@ -131,6 +131,8 @@ class Services:
         self._ending = False
         #: The waits of open SendMessageStreams for their next request.
         self._idle_streams: set[trio.CancelScope] = set()
+        #: Listen streams being registered, by callback: they count towards its limit.
+        self._opening: dict[str, int] = {}
 
     def end_streams(self) -> None:
         """At shutdown: end every open stream with OK. Listen streams send what is
@@ -228,18 +230,39 @@ class Services:
         state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
         routes += [r for r in state.routes if r.id not in declared]
-        ids = [r.id for r in routes]
-        duplicate = next((i for i in ids if ids.count(i) > 1), None)
-        if duplicate is not None:
-            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"route id {duplicate!r} is declared twice")
+        limit = self.settings.max_routes
+        if len(routes) > limit:
+            raise RpcAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(routes)} routes on one Listen stream; this bot's limit is {limit} (grpc.max_routes)",
+            )
+        ids: set[str] = set()
+        for route in routes:
+            if route.id in ids:
+                raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"route id {route.id!r} is declared twice")
+            ids.add(route.id)
+        # Streams being registered count too: two opened at once cannot both slip under it.
+        streams = len(self.bot.router.subscriptions(callback_id)) + self._opening.get(callback_id, 0)
+        if streams >= self.settings.max_streams_per_callback:
+            raise RpcAbort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"callback {callback_id!r} already has {streams} Listen streams open; this bot's limit is "
+                f"{self.settings.max_streams_per_callback} (grpc.max_streams_per_callback)",
+            )
         subscription = Subscription(
             callback_id,
             routes,
             events=frozenset(request.events),
             queue_size=self.settings.stream_queue,
         )
-        with _statuses():
-            await self.bot.router.register(subscription)
+        self._opening[callback_id] = self._opening.get(callback_id, 0) + 1
+        try:
+            with _statuses():
+                await self.bot.router.register(subscription)
+        finally:
+            self._opening[callback_id] -= 1
+            if not self._opening[callback_id]:
+                del self._opening[callback_id]
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
         state.connected.set()
         revoked: list[RpcAbort] = []

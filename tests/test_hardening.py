@@ -90,3 +90,32 @@ async def test_a_costly_pattern_is_refused_naming_the_limit_and_config_can_raise
             await running.adapter.inject("é" * 300)
             with trio.fail_after(10):
                 assert (await running.adapter.next_sent()).body == "300 letters"
+
+
+async def test_routes_per_stream_and_streams_per_callback_are_capped(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path, ", max_routes: 5, max_streams_per_callback: 2")) as running:
+        error = await trio.to_thread.run_sync(listen_refusal, running, *[f"^r{i}$" for i in range(6)])
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == "6 routes on one Listen stream; this bot's limit is 5 (grpc.max_routes)"
+
+        def replica() -> Callback:
+            cb = Callback(id="hostile", secret=HOSTILE, address=running.address)
+
+            @cb.hear("^x$")
+            async def x(message: Message) -> None: ...
+
+            return cb
+
+        async with serving(replica(), replica()):
+            error = await trio.to_thread.run_sync(listen_refusal, running, "^y$")
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details() == (
+                "callback 'hostile' already has 2 Listen streams open; this bot's limit is 2 "
+                "(grpc.max_streams_per_callback)"
+            )
+        # Once they are gone, it may open streams again.
+        with trio.fail_after(10):
+            while running.bot.core.router.subscriptions("hostile"):
+                await trio.sleep(0.01)
+        async with serving(replica()):
+            assert len(running.bot.core.router.subscriptions("hostile")) == 1
