@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
-from ._errors import AdapterError as AdapterError
-from ._errors import CallbackError as CallbackError
-from ._errors import CapabilityError as CapabilityError
-from ._errors import ConfigError as ConfigError
-from ._errors import DataStoreUnavailableError as DataStoreUnavailableError
-from ._errors import InvalidPatternError as InvalidPatternError
-from ._errors import InvalidRequestError as InvalidRequestError
-from ._errors import OcoError as OcoError
-from ._errors import PluginError as PluginError
-from ._errors import QuotaExceededError as QuotaExceededError
-from ._errors import RateLimitedError as RateLimitedError
-from ._errors import RequestTooLargeError as RequestTooLargeError
-from ._errors import SecretRefusedError as SecretRefusedError
-from ._errors import StoreError as StoreError
-from ._errors import StoreUnavailableError as StoreUnavailableError
-from ._errors import UnknownTargetError as UnknownTargetError
-from ._errors import ValueTooLargeError as ValueTooLargeError
-from ._errors import VersionConflictError as VersionConflictError
-from ._sdk import Callback as Callback
-from ._sdk import DataStore as DataStore
-from ._sdk import Directory as Directory
-from ._sdk import Membership as Membership
-from ._sdk import Message as Message
-from ._sdk import PermissionCheck as PermissionCheck
-from ._sdk import Room as Room
-from ._sdk import Storage as Storage
-from ._sdk import User as User
-from ._store import Item as Item
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from ._errors import AdapterError as AdapterError
+    from ._errors import CallbackError as CallbackError
+    from ._errors import CapabilityError as CapabilityError
+    from ._errors import ConfigError as ConfigError
+    from ._errors import DataStoreUnavailableError as DataStoreUnavailableError
+    from ._errors import InvalidPatternError as InvalidPatternError
+    from ._errors import InvalidRequestError as InvalidRequestError
+    from ._errors import OcoError as OcoError
+    from ._errors import PluginError as PluginError
+    from ._errors import QuotaExceededError as QuotaExceededError
+    from ._errors import RateLimitedError as RateLimitedError
+    from ._errors import RequestTooLargeError as RequestTooLargeError
+    from ._errors import SecretRefusedError as SecretRefusedError
+    from ._errors import StoreError as StoreError
+    from ._errors import StoreUnavailableError as StoreUnavailableError
+    from ._errors import UnknownTargetError as UnknownTargetError
+    from ._errors import ValueTooLargeError as ValueTooLargeError
+    from ._errors import VersionConflictError as VersionConflictError
+    from ._sdk import Callback as Callback
+    from ._sdk import DataStore as DataStore
+    from ._sdk import Directory as Directory
+    from ._sdk import Membership as Membership
+    from ._sdk import Message as Message
+    from ._sdk import PermissionCheck as PermissionCheck
+    from ._sdk import Room as Room
+    from ._sdk import Storage as Storage
+    from ._sdk import User as User
+    from ._store import Item as Item
 
 __all__ = [
     "AdapterError",
@@ -63,3 +68,28 @@ __all__ = [
     "VersionConflictError",
     "__version__",
 ]
+
+# Imported on first use: the SDK pulls in grpc, trio and protobuf (a quarter of a second
+# or more), which `oco --version`, `oco --help` and every `import oco_core._x` would
+# otherwise pay before doing anything.
+_LAZY = {
+    **{name: "._errors" for name in __all__ if name.endswith("Error")},
+    **dict.fromkeys(
+        ("Callback", "DataStore", "Directory", "Membership", "Message", "PermissionCheck", "Room", "Storage", "User"),
+        "._sdk",
+    ),
+    "Item": "._store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

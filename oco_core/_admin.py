@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -23,7 +20,7 @@ from typing import TextIO
 
 from pydantic import BaseModel, ValidationError
 
-from ._audit import ALLOWED, DENIED, AuditQuery, AuditRecord, query
+from ._audit import AuditQuery, AuditRecord, query
 from ._config import AdapterEntry, CallbackSettings, LoadedConfig, validate_section
 from ._errors import ConfigError
 from ._plugins import Plugins
@@ -36,9 +33,6 @@ from ._secrets import (
     rotate_secret,
 )
 from ._store import Store, StoreType
-
-_AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission", "datastore", "authentication")
-
 
 # -- the store, as the bot opens it ---------------------------------------------------
 
@@ -88,83 +82,6 @@ def callback_id_argument(value: str) -> str:
         problem = exc.errors(include_input=False, include_url=False)[0]["msg"].removeprefix("Value error, ")
         raise argparse.ArgumentTypeError(f"invalid callback id {value!r}: {problem}") from None
     return value
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-WHEN_FORMS = (
-    "a time back from now (30s, 15m, 1h, 2d, 1w) or an ISO 8601 date or time "
-    "(2024-05-01, 2024-05-01T14:30, 2024-05-01T14:30:00+02:00; local time without an offset)"
-)
-
-
-def parse_when(value: str, now: float | None = None) -> float:
-    """Unix time for ``--since``/``--until``: ``1h`` (that long ago) or an ISO time."""
-    text = value.strip()
-    duration = _DURATION.fullmatch(text)
-    if duration:
-        return (time.time() if now is None else now) - float(duration.group(1)) * _UNITS[duration.group(2)]
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a time: expected {WHEN_FORMS}") from None
-    return moment.astimezone().timestamp()  # a naive time is local time
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
-    return number
-
-
-def add_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser], config_help: str) -> None:
-    """Add ``oco callbacks`` and ``oco audit`` to the ``oco`` parser."""
-
-    def config_option(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
-
-    callbacks = commands.add_parser(
-        "callbacks",
-        help="manage the secrets of callbacks that dial in (the store keeps only their hashes)",
-        description="Secrets of callbacks that dial in, generated here and kept in the core store as SHA-256 "
-        "digests. A running bot sees a change within a few seconds.",
-    )
-    actions = callbacks.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, text in (
-        ("add", "generate a secret for a callback and print it once"),
-        ("rotate", "replace a callback's secret (the old one stops working) and print the new one once"),
-        ("remove", "delete a callback's secret: it can no longer connect"),
-    ):
-        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        action.add_argument(
-            "id", type=callback_id_argument, help="the callback's id (as it calls itself: OCO_CALLBACK_ID)"
-        )
-        config_option(action)
-    listing = actions.add_parser("list", help="callbacks with a secret in the store (never the secrets)")
-    config_option(listing)
-
-    audit = commands.add_parser(
-        "audit",
-        help="show the audit log, filtered",
-        description="Show the newest records of the audit log (permission decisions, admin commands, capability "
-        f"refusals, delivered matches), oldest first. --since and --until take {WHEN_FORMS}.",
-    )
-    config_option(audit)
-    audit.add_argument("--since", type=parse_when, metavar="WHEN", help="only records at or after this time")
-    audit.add_argument("--until", type=parse_when, metavar="WHEN", help="only records at or before this time")
-    audit.add_argument("--user", default="", help="a user id (irc/alice) or person id")
-    audit.add_argument("--callback", default="", help="a callback id")
-    audit.add_argument("--kind", default="", help=f"one kind of record ({', '.join(_AUDIT_KINDS)})")
-    audit.add_argument("--decision", default="", choices=(ALLOWED, DENIED))
-    audit.add_argument("--room", default="", help="a room id (irc/#ops)")
-    audit.add_argument("--permission", default="", help="a permission name")
-    audit.add_argument("--grep", default="", metavar="TEXT", help="records with TEXT in any field")
-    audit.add_argument("--limit", type=_positive, default=50, help="show at most this many, the newest (default 50)")
-    audit.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
 
 # -- running them ---------------------------------------------------------------------
@@ -315,10 +232,8 @@ def show_audit(records: Sequence[AuditRecord], *, json_lines: bool, more: bool, 
 
 
 __all__: Sequence[str] = [
-    "add_arguments",
     "configured_store",
     "open_configured_store",
-    "parse_when",
     "run",
     "show_audit",
 ]

@@ -1,31 +1,34 @@
-"""The ``oco`` command. The only place where errors become exit codes and one-line messages."""
+"""The ``oco`` command. The only place where errors become exit codes and one-line messages.
+
+Start-up cost matters here: ``oco --version``, ``oco --help`` (of any command) and
+``oco completion`` import nothing beyond the standard library's argparse. Every
+argument is declared in this module for that reason; the modules that do the work
+(pydantic, trio, grpc, SQLAlchemy behind them) are imported once a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from importlib import resources
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import trio
-
-from ._config import LoadedConfig, load_config
-from ._errors import ConfigError, OcoError, PluginError, StoreError
-from ._secrets import SecretRefusedError
-from ._store import mask_url
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     import pluggy
 
+    from ._config import LoadedConfig
+    from ._errors import OcoError
     from ._plugins import Plugins
-
-log = logging.getLogger("oco")
 
 T = TypeVar("T")
 
@@ -36,6 +39,59 @@ EXIT_CONFIG = 3
 EXIT_PLUGIN = 4
 EXIT_STORE = 5
 EXIT_RUNTIME = 6
+#: Ctrl-C before the bot's own shutdown took over: 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+# -- arguments ------------------------------------------------------------------------
+
+CONFIG_HELP = "YAML config file (default: $OCO_CONFIG, else built-in defaults)"
+#: The kinds of audit record, for ``oco audit --kind`` (the ``kind`` values _audit writes).
+AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission", "datastore", "authentication")
+#: ``oco audit --decision`` (``_audit.ALLOWED`` and ``_audit.DENIED``).
+AUDIT_DECISIONS = ("allowed", "denied")
+#: The shells ``oco completion`` writes a script for.
+SHELLS = ("bash", "zsh", "fish")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+WHEN_FORMS = (
+    "a time back from now (30s, 15m, 1h, 2d, 1w) or an ISO 8601 date or time "
+    "(2024-05-01, 2024-05-01T14:30, 2024-05-01T14:30:00+02:00; local time without an offset)"
+)
+
+
+def parse_when(value: str, now: float | None = None) -> float:
+    """Unix time for ``--since``/``--until``: ``1h`` (that long ago) or an ISO time."""
+    text = value.strip()
+    duration = _DURATION.fullmatch(text)
+    if duration:
+        return (time.time() if now is None else now) - float(duration.group(1)) * _UNITS[duration.group(2)]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time: expected {WHEN_FORMS}") from None
+    return moment.astimezone().timestamp()  # a naive time is local time
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {value!r}")
+    return number
+
+
+def callback_id(value: str) -> str:
+    """argparse type: a valid callback id, or an error saying what one looks like."""
+    from ._admin import callback_id_argument  # the config model's own check (pydantic): only for a given id
+
+    return callback_id_argument(value)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=CONFIG_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,40 +101,163 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oco {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    config_help = "YAML config file (default: $OCO_CONFIG, else built-in defaults)"
     run = commands.add_parser("run", help="run the bot")
-    run.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+    _config_option(run)
     run.add_argument("--address-file", type=Path, help="write the gRPC address here once listening (handy with port 0)")
     check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
-    check.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
+    _config_option(check)
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
-    from ._admin import add_arguments as admin_arguments
-    from ._admin import callback_id_argument
-    from ._conformance import add_arguments as conformance_arguments
-    from ._datastores_cli import add_arguments as datastores_arguments
-
-    admin_arguments(commands, config_help)
-
-    def config_option(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", "-c", default=os.environ.get("OCO_CONFIG"), help=config_help)
-
-    datastores_arguments(commands, config_option, callback_id_argument)
-
-    conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
+    _callbacks_arguments(commands)
+    _audit_arguments(commands)
+    _datastores_arguments(commands)
+    _conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh, fish)",
+        description='Print a script that completes oco\'s commands and options. bash: eval "$(oco completion bash)" '
+        'in ~/.bashrc; zsh: eval "$(oco completion zsh)" in ~/.zshrc; fish: oco completion fish > '
+        "~/.config/fish/completions/oco.fish",
+    )
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return parser
+
+
+def _callbacks_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    callbacks = commands.add_parser(
+        "callbacks",
+        help="manage the secrets of callbacks that dial in (the store keeps only their hashes)",
+        description="Secrets of callbacks that dial in, generated here and kept in the core store as SHA-256 "
+        "digests. A running bot sees a change within a few seconds.",
+    )
+    actions = callbacks.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("add", "generate a secret for a callback and print it once"),
+        ("rotate", "replace a callback's secret (the old one stops working) and print the new one once"),
+        ("remove", "delete a callback's secret: it can no longer connect"),
+    ):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("id", type=callback_id, help="the callback's id (as it calls itself: OCO_CALLBACK_ID)")
+        _config_option(action)
+    listing = actions.add_parser("list", help="callbacks with a secret in the store (never the secrets)")
+    _config_option(listing)
+
+
+def _audit_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="show the audit log, filtered",
+        description="Show the newest records of the audit log (permission decisions, admin commands, capability "
+        f"refusals, delivered matches), oldest first. --since and --until take {WHEN_FORMS}.",
+    )
+    _config_option(audit)
+    audit.add_argument("--since", type=parse_when, metavar="WHEN", help="only records at or after this time")
+    audit.add_argument("--until", type=parse_when, metavar="WHEN", help="only records at or before this time")
+    audit.add_argument("--user", default="", help="a user id (irc/alice) or person id")
+    audit.add_argument("--callback", default="", help="a callback id")
+    audit.add_argument("--kind", default="", help=f"one kind of record ({', '.join(AUDIT_KINDS)})")
+    audit.add_argument("--decision", default="", choices=AUDIT_DECISIONS)
+    audit.add_argument("--room", default="", help="a room id (irc/#ops)")
+    audit.add_argument("--permission", default="", help="a permission name")
+    audit.add_argument("--grep", default="", metavar="TEXT", help="records with TEXT in any field")
+    audit.add_argument("--limit", type=_positive, default=50, help="show at most this many, the newest (default 50)")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+
+def _datastores_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    datastores = commands.add_parser(
+        "datastores",
+        help="who holds which specific data store; grant, rotate or revoke their credentials",
+        description="Callbacks' access to the specific data stores under datastores: in the config. "
+        "Credentials are generated by the bot on first use and kept in the core store.",
+    )
+    actions = datastores.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every grant: data store, callback, generation, since when, state")
+    _config_option(listing)
+    for name, text in (
+        ("grant", "give a callback access to a data store now, or again after a revocation (new credentials)"),
+        ("rotate", "give a callback new credentials for a data store (the old stop working, its sessions end)"),
+        ("revoke", "take a callback's access to a data store away until granted again (data kept unless --drop-data)"),
+    ):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("callback", type=callback_id, help="the callback's id")
+        action.add_argument("datastore", help="the data-store type (postgresql, redis, sqlite, ...)")
+        _config_option(action)
+        if name == "revoke":
+            action.add_argument("--drop-data", action="store_true", help="also delete its schema, keys or file")
+
+
+def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="HOST:PORT of the bot's gRPC API (required)")
+    parser.add_argument("--id", help="the id of a callback in the bot's config, played by the suite (required)")
+    parser.add_argument("--secret", help="that callback's secret (required; or $OCO_SECRET)")
+    parser.add_argument("--other-id", help="a second callback's id, for isolation and fan-out checks")
+    parser.add_argument("--other-secret", help="the second callback's secret")
+    parser.add_argument(
+        "--control", help="HOST:PORT of the memory adapter's control service (oco.MemoryControl), to write chat"
+    )
+    parser.add_argument(
+        "--datastore", help="the data-store type the access checks ask for (default: the first the bot offers)"
+    )
+    parser.add_argument("--bot-name", default="oco", help="how the bot is addressed in chat (default: oco)")
+    parser.add_argument("--room", default="general", help="memory adapter room the suite writes in (default: general)")
+    parser.add_argument("--user", default="alice", help="memory adapter user the suite writes as (default: alice)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer (default: 10)")
+    parser.add_argument("--only", action="append", default=[], help="run only checks whose name starts with this")
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+
+
+# -- running them ---------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``oco`` command."""
+    # Until the bot handles SIGINT itself (trio's signal receiver in _run, which puts
+    # this handler back once the bot has stopped), Ctrl-C ends the process at once:
+    # importing, loading plugins and reading the config leave nothing to undo, and no
+    # callback runs yet. A KeyboardInterrupt would surface inside whatever import was
+    # running, with a traceback, and at times as another error (a RuntimeError, when
+    # it strikes in a class's __set_name__).
+    signal.signal(signal.SIGINT, _exit_at_once)
     options = _parser().parse_args(argv)
+    if options.command not in ("run", "check-config"):
+        # A one-shot command that may be changing the store unwinds instead (below).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if options.command == "proto":
-            return _write_protos(options.out)
+        return _main(options)
+    except KeyboardInterrupt:
+        # Quietly, as an interrupted shell command does, and never by returning: once
+        # a KeyboardInterrupt has passed through Python code that C code ran (grpc's
+        # Cython module does so while it is imported), CPython ends the process by
+        # SIGINT at exit whatever followed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _exit_at_once(signum: int, frame: FrameType | None) -> None:
+    # No flushing in a signal handler: a buffered writer it interrupted refuses the
+    # reentrant call. stderr is line-buffered, and nothing went to stdout yet.
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _main(options: argparse.Namespace) -> int:
+    if options.command == "completion":
+        from ._completion import script
+
+        sys.stdout.write(script(_parser(), options.shell))
+        return EXIT_OK
+    if options.command == "proto":
+        return _write_protos(options.out)
+    from ._errors import OcoError
+
+    try:
         if options.command == "conformance":
             from ._conformance import main as conformance
 
             return conformance(options)
+        from ._config import LoadedConfig, load_config
+
         loaded = load_config(options.config)
         if options.command in ("callbacks", "audit", "datastores"):
             return _admin(options, loaded)
@@ -95,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(exc: BaseException, debug: bool) -> int:
+    import logging
+
+    from ._errors import ConfigError, PluginError, SecretRefusedError, StoreError
+
     if debug:
         logging.getLogger("oco").error("failed", exc_info=exc)
     # A config with several problems has one line each; each gets the prefix, so every
@@ -113,6 +296,8 @@ def _fail(exc: BaseException, debug: bool) -> int:
 
 
 def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) -> None:
+    import logging
+
     level = logging.DEBUG if debug else getattr(logging, loaded.config.log_level.upper())
     if quiet and not debug:
         level = max(level, logging.WARNING)  # a command's output is what it prints, not the store's chatter
@@ -122,6 +307,8 @@ def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) ->
 def _load_plugins(debug: bool, manager: pluggy.PluginManager | None = None) -> Plugins:
     """The installed plugins (or ``manager``'s), with the loggers they call noisy
     quieted unless --debug."""
+    import logging
+
     from ._plugins import load_plugins
 
     plugins = load_plugins(manager)
@@ -136,6 +323,7 @@ def _load_plugins(debug: bool, manager: pluggy.PluginManager | None = None) -> P
 def _check(loaded: LoadedConfig, debug: bool) -> int:
     from ._admin import configured_store
     from ._bot import Bot
+    from ._errors import ConfigError
     from ._tls import load_server_tls
 
     plugins = _load_plugins(debug)
@@ -164,8 +352,15 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
 
 
 def _run(loaded: LoadedConfig, debug: bool) -> int:
+    import logging
+
+    import trio
+
     from ._admin import configured_store
     from ._bot import Bot
+    from ._store import mask_url
+
+    log = logging.getLogger("oco")
 
     plugins = _load_plugins(debug)
     bot = Bot(loaded, plugins)
@@ -207,17 +402,24 @@ def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def _trio_run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main`` under trio; an OcoError inside an exception group comes out alone."""
+    """Run ``main`` under trio; an OcoError (or, failing one, a KeyboardInterrupt)
+    inside an exception group comes out alone."""
+    import trio
+
     try:
         return trio.run(main)
     except BaseExceptionGroup as group:
         error = _first_oco_error(group)
-        if error is None:
-            raise
-        raise error from None
+        if error is not None:
+            raise error from None
+        if group.split(KeyboardInterrupt)[1] is None:
+            raise KeyboardInterrupt from None  # Ctrl-C reached several tasks at once
+        raise
 
 
 def _first_oco_error(error: BaseException) -> OcoError | None:
+    from ._errors import OcoError
+
     if isinstance(error, OcoError):
         return error
     if isinstance(error, BaseExceptionGroup):
@@ -229,6 +431,8 @@ def _first_oco_error(error: BaseException) -> OcoError | None:
 
 
 def _write_protos(out: Path) -> int:
+    from importlib import resources
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in sorted(resources.files("oco_core._proto").iterdir(), key=lambda e: e.name):

@@ -1241,27 +1241,6 @@ def summary(results: Sequence[Result], target: Target) -> str:
     return line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``oco conformance``."""
-    parser.add_argument("--address", help="HOST:PORT of the bot's gRPC API (required)")
-    parser.add_argument("--id", help="the id of a callback in the bot's config, played by the suite (required)")
-    parser.add_argument("--secret", help="that callback's secret (required; or $OCO_SECRET)")
-    parser.add_argument("--other-id", help="a second callback's id, for isolation and fan-out checks")
-    parser.add_argument("--other-secret", help="the second callback's secret")
-    parser.add_argument(
-        "--control", help="HOST:PORT of the memory adapter's control service (oco.MemoryControl), to write chat"
-    )
-    parser.add_argument(
-        "--datastore", help="the data-store type the access checks ask for (default: the first the bot offers)"
-    )
-    parser.add_argument("--bot-name", default="oco", help="how the bot is addressed in chat (default: oco)")
-    parser.add_argument("--room", default="general", help="memory adapter room the suite writes in (default: general)")
-    parser.add_argument("--user", default="alice", help="memory adapter user the suite writes as (default: alice)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer (default: 10)")
-    parser.add_argument("--only", action="append", default=[], help="run only checks whose name starts with this")
-    parser.add_argument("--list", action="store_true", help="list the checks and exit")
-
-
 def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Run ``oco conformance``; 0 when no check failed and every skip was of a feature
     the bot does not offer, else 1."""

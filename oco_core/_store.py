@@ -15,12 +15,13 @@ import abc
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel
-
 from ._errors import StoreError, ValueTooLargeError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel  # only named here; a callback's SDK never needs pydantic
 
 #: Largest key, in UTF-8 bytes, that every store must accept.
 MAX_KEY_BYTES = 1024

@@ -15,10 +15,12 @@ import os
 import re
 import ssl
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ._bridge import ClientTls, ServerTls
-from ._config import LoadedConfig
+
+if TYPE_CHECKING:
+    from ._config import LoadedConfig  # the bot's (pydantic, yaml); a callback's SDK needs neither
 
 log = logging.getLogger(__name__)
 

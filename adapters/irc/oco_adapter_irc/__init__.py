@@ -6,14 +6,18 @@ with ``type: irc`` under ``adapters:`` (see :class:`IrcConfig` for the keys).
 
 from __future__ import annotations
 
-from ._adapter import IrcAdapter as IrcAdapter
-from ._adapter import IrcStatistics as IrcStatistics
+from typing import TYPE_CHECKING, Any
+
 from ._config import ChannelConfig as ChannelConfig
 from ._config import IrcConfig as IrcConfig
 from ._config import RateLimitConfig as RateLimitConfig
 from ._config import ReconnectConfig as ReconnectConfig
 from ._config import SaslConfig as SaslConfig
 from ._plugin import oco_adapter_types as oco_adapter_types
+
+if TYPE_CHECKING:
+    from ._adapter import IrcAdapter as IrcAdapter
+    from ._adapter import IrcStatistics as IrcStatistics
 
 __version__ = "0.1.0"
 
@@ -27,3 +31,14 @@ __all__ = [
     "SaslConfig",
     "oco_adapter_types",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The irc library (and jaraco's, under it) takes a tenth of a second to import: every
+    # `oco run` finds this plugin through its entry point, so it waits until a bot
+    # actually creates an IRC adapter (or someone asks for these classes).
+    if name in ("IrcAdapter", "IrcStatistics"):
+        from . import _adapter
+
+        return getattr(_adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

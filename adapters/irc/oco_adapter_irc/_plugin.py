@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from oco_core.plugin import AdapterType, hookimpl
+from oco_core.plugin import Adapter, AdapterType, hookimpl
 
-from ._adapter import IrcAdapter
 from ._config import IrcConfig
+
+
+def _create(config: IrcConfig) -> Adapter:
+    from ._adapter import IrcAdapter  # the irc library, only for a bot that uses IRC
+
+    return IrcAdapter(config)
 
 
 @hookimpl
@@ -14,7 +19,7 @@ def oco_adapter_types() -> list[AdapterType]:
     return [
         AdapterType(
             name="irc",
-            create=IrcAdapter,
+            create=_create,
             config_model=IrcConfig,
             package="oco-adapter-irc",
             description="IRC (plain TCP or TLS; SASL PLAIN, NickServ, flood limiting, reconnect)",

@@ -6,12 +6,33 @@ the bot's config with ``type: matrix``; the package README lists the options.
 
 from __future__ import annotations
 
-from oco_core.plugin import AdapterType, hookimpl
+from typing import TYPE_CHECKING, Any
 
-from ._adapter import MatrixAdapter as MatrixAdapter
+from oco_core.plugin import Adapter, AdapterType, hookimpl
+
 from ._config import MatrixConfig as MatrixConfig
 
+if TYPE_CHECKING:
+    from ._adapter import MatrixAdapter as MatrixAdapter
+
 __all__ = ["MatrixAdapter", "MatrixConfig", "oco_adapter_types"]
+
+
+def __getattr__(name: str) -> Any:
+    # matrix-nio and its HTTP stack take a good third of a second to import: every
+    # `oco run` finds this plugin through its entry point, so they wait until a bot
+    # actually creates a Matrix adapter (or someone asks for the class).
+    if name == "MatrixAdapter":
+        from ._adapter import MatrixAdapter
+
+        return MatrixAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _create(config: MatrixConfig) -> Adapter:
+    from ._adapter import MatrixAdapter
+
+    return MatrixAdapter(config)
 
 
 @hookimpl
@@ -20,7 +41,7 @@ def oco_adapter_types() -> list[AdapterType]:
     return [
         AdapterType(
             name="matrix",
-            create=MatrixAdapter,
+            create=_create,
             config_model=MatrixConfig,
             package="oco-adapter-matrix",
             description="Matrix (matrix-nio; end-to-end encryption included)",
