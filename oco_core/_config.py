@@ -281,6 +281,9 @@ class CallbackSettings(_Strict):
     #: Starts in a row that fail the same way (same exit status and last line of output,
     #: each within a minute) after which the bot stops restarting it; 0: never stop.
     give_up_after: int = Field(default=5, ge=0)
+    #: Lines of its output the bot logs a second, after a burst of ten seconds' worth;
+    #: the rest are dropped and counted in one WARNING when logging resumes.
+    output_lines_per_second: float = Field(default=100.0, gt=0)
     #: This callback's storage quota, instead of ``store.quota``.
     quota: QuotaConfig | None = None
     #: Specific data stores (types) it needs; `oco check-config` says whether the bot

@@ -29,7 +29,7 @@ import trio
 
 from ._config import CallbackSettings, TlsSettings, callback_search_path
 from ._errors import EXIT_REFUSED
-from ._timing import Backoff
+from ._timing import Backoff, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ async def supervise_callback(
     }
     previous: _Run | None = None
     identical = 0
+    # Across restarts: a burst of ten seconds' worth (a long traceback), then the rate.
+    rate = settings.output_lines_per_second
+    pace = TokenBucket(max(1.0, rate * 10), rate)
     while True:
         started = trio.current_time()
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
@@ -119,7 +122,7 @@ async def supervise_callback(
                 on_exit()
         else:
             log.info("started callback %r (pid %d)", settings.id, process.pid)
-            code = await _watch(process, output, settings.id, tail)
+            code = await _watch(process, output, settings.id, tail, pace)
             last = next((line.strip() for line in reversed(tail) if line.strip()), "")
             run = _Run(code, last, trio.current_time() - started)
             if on_exit is not None:
@@ -171,13 +174,13 @@ def _tls_env(settings: CallbackSettings, address: str, tls: TlsSettings | None) 
     return env
 
 
-async def _watch(process: trio.Process, output: logging.Logger, name: str, tail: deque[str]) -> int:
+async def _watch(process: trio.Process, output: logging.Logger, name: str, tail: deque[str], pace: TokenBucket) -> int:
     # The readers are shielded from the bot's shutdown: what a callback prints while it
     # stops still reaches the log, and a pipe nobody reads would block it mid-exit. They
     # get a bounded drain once it has exited (a child of it may hold the pipes open).
     readers_scope = trio.CancelScope(shield=True)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_output, readers_scope, process, output, tail)
+        nursery.start_soon(_read_output, readers_scope, process, output, tail, pace)
         try:
             return await process.wait()
         finally:
@@ -189,25 +192,46 @@ async def _watch(process: trio.Process, output: logging.Logger, name: str, tail:
 
 
 async def _read_output(
-    scope: trio.CancelScope, process: trio.Process, output: logging.Logger, tail: deque[str]
+    scope: trio.CancelScope, process: trio.Process, output: logging.Logger, tail: deque[str], pace: TokenBucket
 ) -> None:
     assert process.stdout is not None
     assert process.stderr is not None
 
+    dropped = 0
+
+    def report_dropped() -> None:
+        nonlocal dropped
+        if dropped:
+            output.warning(
+                "%d line(s) of this callback's output dropped: over %g lines/s (callbacks[].output_lines_per_second)",
+                dropped,
+                pace.per_second,
+            )
+            dropped = 0
+
     def forward(line: str) -> None:
+        nonlocal dropped
         # stderr is where most programs log, at every level: not a warning by itself. A
         # line that starts with a level's name (OCO_LOG_FORMAT=bare) is at that level.
         level = logging.INFO
         name, _, text = line.partition(" ")
         if text and name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             level, line = logging.getLevelName(name), text
-        output.log(level, "%s", line)
         tail.append(line)
+        # A callback printing in a loop must not fill the disk or take the bot's CPU.
+        if pace.take():
+            dropped += 1
+            return
+        report_dropped()
+        output.log(level, "%s", line)
 
     with scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_lines, process.stdout, forward)
-            nursery.start_soon(read_lines, process.stderr, forward)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_lines, process.stdout, forward)
+                nursery.start_soon(read_lines, process.stderr, forward)
+        finally:
+            report_dropped()
 
 
 def _signal_group(process: trio.Process, signum: int) -> None:

@@ -289,3 +289,29 @@ async def test_a_callback_the_bot_refuses_is_not_restarted(tmp_path: Path, bot_c
         assert not bot.stderr.matches(r"restarting callback 'refused'")
         assert not bot.stderr.matches(r"Traceback")
         assert await bot.stop(signal.SIGTERM) == 0
+
+
+async def test_a_callback_printing_in_a_loop_is_logged_at_a_bounded_rate(
+    tmp_path: Path, bot_config: Callable[[str], str]
+) -> None:
+    config = bot_config(
+        f"""\
+callbacks:
+  - id: chatty
+    command: [{PYTHON}, "-c", "import itertools\\nfor n in itertools.count(): print(n, flush=True)"]
+    output_lines_per_second: 20
+"""
+    )
+    async with run_oco(config, tmp_path / "bot") as bot:
+        found = await bot.expect(
+            r"oco\.callback\.chatty: (\d+) line\(s\) of this callback's output dropped: over 20 lines/s "
+            r"\(callbacks\[\]\.output_lines_per_second\)$",
+            stream="stderr",
+            timeout=30,
+        )
+        dropped = int(found.group(1))
+        forwarded = [line for line in bot.stderr_lines if re.search(r"oco\.callback\.chatty: \d+$", line)]
+        # A burst of ten seconds' worth went through, then the rest was dropped and counted.
+        assert 200 <= len(forwarded) < 400, len(forwarded)
+        assert dropped >= 1
+        assert await bot.stop(signal.SIGTERM) == 0
