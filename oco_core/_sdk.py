@@ -626,7 +626,12 @@ class Callback:
                             raise CallbackError(f"the bot refused this callback: {error.details()}") from None
                         # The details tell a bot that is down from a TLS handshake that fails.
                         how = "lost" if connection.sender is not None else "failed"
-                        what = f"connection to the bot at {self.address} {how} ({error.code().name}: {error.details()})"
+                        why = f"{error.code().name}: {error.details()}"
+                        if error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core":
+                            # grpc's client says so of a write that raced the bot closing
+                            # the stream (grpc/grpc#36066): not an error in the bot.
+                            why = "the bot closed the stream while this callback was writing to it"
+                        what = f"connection to the bot at {self.address} {how} ({why})"
                     finally:
                         self._connection = None
                         self._connected = trio.Event()
