@@ -241,6 +241,13 @@ async def test_mtls_refuses_missing_foreign_and_borrowed_certificates(
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert "not for callback 'alpha'" in details
         assert "it names 'beta'" in details
+        # The bot's own log says so too, once per callback and reason (not only the audit log).
+        await bot.expect(
+            r" WARNING oco_core\._edge: refused callback 'alpha' from ipv4:127\.0\.0\.1:\d+: "
+            r"the client certificate is not for callback 'alpha'",
+            stream="stderr",
+        )
+        assert len([line for line in bot.stderr_lines if "refused callback 'example'" in line]) == 1
         # The bot serves the right certificate still.
         assert await by_hand(address, credentials(pki.ca_pem, pki.alpha), server_name=BOT_NAME) == (
             grpc.StatusCode.OK,
