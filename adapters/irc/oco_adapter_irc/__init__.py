@@ -6,7 +6,7 @@ with ``type: irc`` under ``adapters:`` (see :class:`IrcConfig` for the keys).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from ._config import ChannelConfig as ChannelConfig
 from ._config import IrcConfig as IrcConfig
@@ -15,7 +15,7 @@ from ._config import ReconnectConfig as ReconnectConfig
 from ._config import SaslConfig as SaslConfig
 from ._plugin import oco_adapter_types as oco_adapter_types
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._adapter import IrcAdapter as IrcAdapter
     from ._adapter import IrcStatistics as IrcStatistics
 
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     # The irc library (and jaraco's, under it) takes a tenth of a second to import: every
     # `oco run` finds this plugin through its entry point, so it waits until a bot
     # actually creates an IRC adapter (or someone asks for these classes).
@@ -42,3 +42,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(_adapter, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,19 +6,20 @@ the bot's config with ``type: matrix``; the package README lists the options.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
-from oco_core.plugin import Adapter, AdapterType, hookimpl
+from oco_core.plugin import Adapter as _Adapter
+from oco_core.plugin import AdapterType, hookimpl
 
 from ._config import MatrixConfig as MatrixConfig
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._adapter import MatrixAdapter as MatrixAdapter
 
 __all__ = ["MatrixAdapter", "MatrixConfig", "oco_adapter_types"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     # matrix-nio and its HTTP stack take a good third of a second to import: every
     # `oco run` finds this plugin through its entry point, so they wait until a bot
     # actually creates a Matrix adapter (or someone asks for the class).
@@ -29,7 +30,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _create(config: MatrixConfig) -> Adapter:
+def _create(config: MatrixConfig) -> _Adapter:
     from ._adapter import MatrixAdapter
 
     return MatrixAdapter(config)
@@ -50,3 +51,7 @@ def oco_adapter_types() -> list[AdapterType]:
             noisy_loggers=("nio", "httpx", "httpcore", "hpack", "peewee"),
         )
     ]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

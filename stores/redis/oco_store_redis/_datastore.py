@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -37,7 +37,6 @@ from urllib.parse import quote, unquote, urlsplit
 import redis
 import redis.exceptions
 import trio
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.backoff import NoBackoff
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 from redis.connection import parse_url as _untyped_parse_url
@@ -45,6 +44,8 @@ from redis.retry import Retry
 
 from oco_core import StoreError, StoreUnavailableError
 from oco_core.plugin import DataStoreAccess, DataStoreProvider, mask_url
+
+from ._config import RedisDataStoreConfig as RedisDataStoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -130,99 +131,14 @@ DENIED_COMMANDS: tuple[str, ...] = (
 #: Rules added back after :data:`DENIED_COMMANDS` (``select|<db>`` is added too).
 _ALLOWED_BACK = ("+memory|usage",)
 
-# A command (``get``), a subcommand (``client|setname``) or a category (``@scripting``).
-_COMMAND = re.compile(r"@?[a-z][a-z0-9_-]*(\|[a-z0-9_-]+)?")
 # What ``DataStoreProvider`` promises about callback ids; checked again here because an
 # id with a glob character would widen the key pattern to other callbacks' keys.
 _CALLBACK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Glob syntax of ACL key patterns and SCAN MATCH, and what would split an ACL rule.
-_GLOB_OR_SPACE = re.compile(r"[*?\[\]\\\s]")
 _NO_ACL_FILE = "not configured to use an acl file"
 # Suffix of the short-lived user the provider creates at start-up to check that its
 # rules and its admin account work; callback ids never start with "-", so no callback's
 # user can have this name.
 _PROBE_SUFFIX = "-probe"
-
-
-class RedisDataStoreConfig(BaseModel):
-    """Options of the ``redis`` data store (``datastores: [{type: redis, ...}]``).
-
-    ``url`` names an admin account that may run ``ACL SETUSER``, ``ACL GETUSER``,
-    ``ACL DELUSER``, ``ACL SAVE``, ``CLIENT KILL``, ``SCAN`` and ``UNLINK`` (on the
-    callbacks' keys) in its database; its password never appears in ``repr`` or in
-    error messages. Callbacks get that database, on ``callback_host``:``callback_port``
-    (the admin URL's host and port by default).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: The admin account: ``redis://[user]:password@host[:port][/db]`` (``rediss://``
-    #: for TLS). Callbacks get the same database and scheme.
-    url: str
-    #: Every callback's keys and channels start with ``<key_prefix><callback id>:``.
-    key_prefix: str = Field(default="oco:cb:", max_length=200)
-    #: Every callback's ACL user is named ``<user_prefix><callback id>``.
-    user_prefix: str = Field(default="oco-cb-", max_length=100)
-    #: The host and port callbacks dial when they reach Redis by another address than
-    #: the bot (a container network, a proxy). Required when ``url`` is a unix socket.
-    callback_host: str | None = None
-    callback_port: int | None = Field(default=None, ge=1, le=65535)
-    #: Commands or categories added back to the callbacks' users after the built-in
-    #: policy (``["sort", "info"]``). Each weakens isolation the README describes.
-    allow_commands: tuple[str, ...] = ()
-    #: Commands or categories refused on top of the built-in policy
-    #: (``["@scripting"]`` to refuse Lua scripts, whose run time nothing limits).
-    deny_commands: tuple[str, ...] = ()
-    #: Connections to Redis the provider keeps (also worker threads in use at once).
-    max_connections: int = Field(default=4, ge=1, le=100)
-    #: Seconds to wait for Redis to connect or answer before failing as unavailable.
-    timeout: float = Field(default=5.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL of an admin account")
-        try:
-            _parse_url(value)
-        except ValueError as e:
-            raise ValueError(f"{mask_url(value)}: {e}") from None
-        return value
-
-    @field_validator("key_prefix", "user_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if _GLOB_OR_SPACE.search(value):
-            raise ValueError("must not contain spaces or the glob characters * ? [ ] \\ (it is used in ACL patterns)")
-        return value
-
-    @field_validator("user_prefix")
-    @classmethod
-    def _check_user_prefix(cls, value: str) -> str:
-        if ":" in value or "@" in value or "/" in value:
-            raise ValueError("must not contain ':', '@' or '/' (the user name goes into a URL)")
-        return value
-
-    @field_validator("allow_commands", "deny_commands")
-    @classmethod
-    def _check_commands(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
-            if not _COMMAND.fullmatch(name):
-                raise ValueError(f"{name!r} is not a Redis command, command|subcommand or @category (lowercase)")
-        return value
-
-    @model_validator(mode="after")
-    def _check_callback_host(self) -> RedisDataStoreConfig:
-        if urlsplit(self.url).scheme == "unix" and not self.callback_host:
-            raise ValueError(
-                "url is a unix socket: set callback_host (and callback_port) to the TCP address callbacks dial"
-            )
-        return self
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            yield (name, mask_url(value) if name == "url" else value)
 
 
 def _password_hash(password: str) -> str:

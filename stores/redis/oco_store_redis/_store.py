@@ -28,15 +28,14 @@ always`` makes every acknowledged write survive a crash of Redis or of the machi
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import redis
 import redis.exceptions
 import trio
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -45,12 +44,12 @@ from oco_core.plugin import Item, Store, check_value, mask_url
 from oco_core.plugin import encode_key as _encode_key
 from oco_core.plugin import prefix_end as _prefix_end
 
+from ._config import DEFAULT_MAX_VALUE_BYTES as DEFAULT_MAX_VALUE_BYTES
+from ._config import RedisStoreConfig as RedisStoreConfig
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Default largest value, in bytes (as the SQL store's).
-DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 
 # KEYS: data hash, index. ARGV: key, value, expected version ('' for none).
 # Returns {1, new version} or {0, current version} on a conflict.
@@ -124,53 +123,6 @@ repeat
 until cursor == '0'
 return {count, total}
 """
-
-
-class RedisStoreConfig(BaseModel):
-    """Options of the ``redis`` store (``store: {type: redis, ...}`` in the bot's config).
-
-    ``url`` is a redis-py URL: ``redis://[[user]:password@]host[:port][/db]``,
-    ``rediss://`` for TLS, or ``unix:///path/to/redis.sock``. Its password never appears
-    in ``repr`` or in error messages.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = "redis://127.0.0.1:6379/0"
-    #: Every Redis key this store writes starts with this, so one Redis database can
-    #: hold several bots (or other applications) side by side.
-    prefix: str = Field(default="oco:", max_length=200)
-    #: Largest value accepted, in bytes; larger writes raise ValueTooLargeError.
-    max_value_bytes: int = Field(default=DEFAULT_MAX_VALUE_BYTES, ge=1, le=512 * 1024 * 1024)
-    #: Connections in the pool (also the number of worker threads in use at once).
-    max_connections: int = Field(default=10, ge=1, le=1000)
-    #: Seconds a call waits for a free connection before failing as unavailable.
-    pool_timeout: float = Field(default=30.0, gt=0)
-    #: Seconds to wait for Redis to answer (and to connect) before failing as unavailable.
-    socket_timeout: float = Field(default=5.0, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    #: A connection idle for longer than this many seconds is checked with PING before
-    #: use, so a Redis restart costs no failed call; 0 turns the check off.
-    health_check_interval: int = Field(default=2, ge=0)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL")
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if "{" in value or "}" in value:
-            raise ValueError("must not contain { or } (the store uses them as Redis Cluster hash tags)")
-        return value
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            yield (name, mask_url(value) if name == "url" else value)
 
 
 def _split(stored: bytes) -> tuple[int, bytes]:
