@@ -236,13 +236,17 @@ class Method:
     ``unary``: ``await impl(request, info) -> response``.
     ``server_stream``: ``await impl(request, info, out)`` writing to ``out``.
     ``bidi``: ``await impl(requests, info, out)``; ``requests`` is an async iterator.
-    A request that does not decode arrives as :class:`Undecodable`.
+    A request that does not decode arrives as :class:`Undecodable`. ``window``: how many
+    responses may wait between trio and the loop, when the server's is too many (a
+    stream with its own bounded queue in trio).
     """
 
     kind: Literal["unary", "server_stream", "bidi"]
     impl: Callable[..., Awaitable[Any]]
     request_deserializer: Callable[[bytes], Any]
     response_serializer: Callable[[Any], bytes]
+    #: Responses that may wait between trio and the loop (None: the server's window).
+    window: int | None = None
 
 
 class _TrioToAsyncio(Generic[T]):
@@ -598,7 +602,7 @@ class Bridge:
         async def pump(
             context: grpc.aio.ServicerContext[Any, Any], run: Callable[[StreamWriter[Any]], Awaitable[None]]
         ) -> None:
-            pipe: _TrioToAsyncio[Any] = _TrioToAsyncio(bridge, window)
+            pipe: _TrioToAsyncio[Any] = _TrioToAsyncio(bridge, method.window or window)
             task = asyncio.ensure_future(bridge.run_trio(run, StreamWriter(pipe)))
             task.add_done_callback(lambda _: pipe._queue.put_nowait(_END))
             try:

@@ -172,6 +172,9 @@ class GrpcSettings(_Strict):
     listen: str = Field(default="127.0.0.1:50051", description="host:port; port 0 picks a free one.")
     max_receive_bytes: int = Field(default=4 << 20, gt=0, description="Largest request accepted.")
     stream_queue: int = Field(default=1000, gt=0, description="Events queued per Listen stream before dropping.")
+    stream_queue_bytes: int = Field(
+        default=16 << 20, gt=0, description="Bytes of events queued per Listen stream before dropping."
+    )
     max_routes: int = Field(default=1000, gt=0, description="Routes one Listen stream may declare.")
     max_streams_per_callback: int = Field(
         default=64, gt=0, description="Listen streams one callback may hold open at once (its replicas)."

@@ -118,6 +118,10 @@ class EdgeHost(Protocol):
         """Join or part a room."""
 
 
+#: Events of a Listen stream that may wait between trio and the gRPC loop.
+_LISTEN_WINDOW = 8
+
+
 class Services:
     """The trio implementations of every RPC, for one bot."""
 
@@ -254,6 +258,7 @@ class Services:
             routes,
             events=frozenset(request.events),
             queue_size=self.settings.stream_queue,
+            queue_bytes=self.settings.stream_queue_bytes,
         )
         self._opening[callback_id] = self._opening.get(callback_id, 0) + 1
         try:
@@ -287,7 +292,7 @@ class Services:
                                 return
 
                 nursery.start_soon(recheck)
-                async for event in subscription.receive:
+                while (event := await subscription.next_event()) is not None:
                     await out.write(event)
                 nursery.cancel_scope.cancel()
             if revoked:
@@ -501,9 +506,11 @@ class Services:
     def table(self) -> dict[str, dict[str, Method]]:
         """Every method, by service and name, for the bridge."""
 
-        def m(kind: Any, impl: Callable[..., Awaitable[Any]], request: Any, response: Any) -> Method:
+        def m(
+            kind: Any, impl: Callable[..., Awaitable[Any]], request: Any, response: Any, window: int | None = None
+        ) -> Method:
             if kind == "bidi":  # each request of the stream is checked where it is read
-                return Method(kind, impl, request.FromString, response.SerializeToString)
+                return Method(kind, impl, request.FromString, response.SerializeToString, window)
             name = request.DESCRIPTOR.full_name
 
             async def checked(message: Any, info: CallInfo, *rest: Any) -> Any:
@@ -512,12 +519,14 @@ class Services:
                     raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}: {message.error}")
                 return await impl(message, info, *rest)
 
-            return Method(kind, checked, request.FromString, response.SerializeToString)
+            return Method(kind, checked, request.FromString, response.SerializeToString, window)
 
         return {
             ROBOT: {
                 "Join": m("unary", self.join, robot_pb2.JoinRequest, robot_pb2.JoinResponse),
-                "Listen": m("server_stream", self.listen, robot_pb2.ListenRequest, core_pb2.Event),
+                # The subscription's queue is the stream's buffer, bounded in events and
+                # bytes; the bridge's default window would hold 256 more events of any size.
+                "Listen": m("server_stream", self.listen, robot_pb2.ListenRequest, core_pb2.Event, _LISTEN_WINDOW),
                 "Part": m("unary", self.part, robot_pb2.PartRequest, robot_pb2.PartResponse),
                 "SendMessages": m(
                     "unary", self.send_messages, robot_pb2.SendMessagesRequest, robot_pb2.SendMessagesResponse

@@ -92,7 +92,7 @@ class Incoming:
         if matches:
             core.stats.matched += len(matches)
             core.activity.expect_reply(message_id)
-        refusal = gate.refusal(delivered=any(m.event.matched_message.direct for m in matches))
+        refusal = gate.refusal(delivered=any(m.direct for m in matches))
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)
         elif respond_text is not None and not gate.asked:

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import re2
@@ -137,43 +138,107 @@ class Route:
         )
 
 
+class Queued:
+    """An event waiting in a stream's queue. Its protobuf is built only when it is
+    written to the stream: until then a match holds references to the message and the
+    strings it shares with the other matches of that message (every route and replica
+    that matched it), so a message waiting in many queues is held once."""
+
+    __slots__ = ("_build", "dropped", "kind", "size")
+
+    def __init__(self, size: int, build: Callable[[], core_pb2.Event], kind: str = "matched_message") -> None:
+        #: Bytes it counts for in a queue: about its size on the wire.
+        self.size = size
+        self._build = build
+        #: The kind of event (``Event``'s oneof field), for log lines.
+        self.kind = kind
+        #: Events the stream lost just before this one (``Event.dropped``).
+        self.dropped = 0
+
+    def event(self) -> core_pb2.Event:
+        """The event, as the stream sends it (a new object each time)."""
+        event = self._build()
+        event.dropped = self.dropped
+        return event
+
+
+def _copy_event(event: core_pb2.Event) -> core_pb2.Event:
+    copy = core_pb2.Event()
+    copy.CopyFrom(event)
+    return copy
+
+
+def _matched_event(
+    message: core_pb2.Message,
+    pattern: str,
+    route_id: str,
+    groups: list[str],
+    named: dict[str, str],
+    direct: bool,
+    text: str,
+) -> core_pb2.Event:
+    matched = core_pb2.MatchedMessage(
+        message=message, pattern=pattern, route_id=route_id, groups=groups, named_groups=named, direct=direct, text=text
+    )
+    return core_pb2.Event(matched_message=matched)
+
+
 @dataclass(eq=False)
 class Subscription:
-    """One open Listen stream: the routes and event kinds it declared, and its queue."""
+    """One open Listen stream: the routes and event kinds it declared, and its queue,
+    bounded both in events (``queue_size``) and in bytes (``queue_bytes``)."""
 
     callback_id: str
     routes: Sequence[Route]
     events: frozenset[int] = frozenset()
     queue_size: int = 1000
+    queue_bytes: int = 16 << 20
     overflowed: int = 0
     delivered: int = 0
     #: Events dropped since the last one queued; the next one queued carries the count.
     unreported: int = 0
+    #: Bytes of the events waiting in its queue.
+    queued_bytes: int = 0
     _last_overflow_log: float = 0.0
     #: Set when the stream ends: tables built before then skip it.
     closed: bool = False
-    _send: trio.MemorySendChannel[core_pb2.Event] = field(init=False, repr=False)
-    receive: trio.MemoryReceiveChannel[core_pb2.Event] = field(init=False, repr=False)
+    _send: trio.MemorySendChannel[Queued] = field(init=False, repr=False)
+    _receive: trio.MemoryReceiveChannel[Queued] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._send, self.receive = trio.open_memory_channel[core_pb2.Event](self.queue_size)
+        self._send, self._receive = trio.open_memory_channel[Queued](self.queue_size)
 
-    def offer(self, event: core_pb2.Event) -> bool:
-        """Queue ``event`` without waiting; False when the queue is full. After drops,
-        the event queued carries their count in ``dropped``."""
-        if self.unreported:
-            # A copy: one event object may be offered to several streams (a broadcast).
-            counted = core_pb2.Event()
-            counted.CopyFrom(event)
-            counted.dropped = self.unreported
-            event = counted
+    def offer(self, queued: Queued) -> bool:
+        """Queue an event without waiting; False when the queue is full (in events, or
+        in bytes unless it is empty: one event larger than the bound still goes alone).
+        After drops, the event queued carries their count in ``dropped``."""
+        if self.queued_bytes and self.queued_bytes + queued.size > self.queue_bytes:
+            return False
+        queued.dropped = self.unreported
         try:
-            self._send.send_nowait(event)
+            self._send.send_nowait(queued)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
+        self.queued_bytes += queued.size
         self.delivered += 1
         self.unreported = 0
         return True
+
+    async def next_event(self) -> core_pb2.Event | None:
+        """Wait for the next event to send; None once the stream's queue has ended."""
+        try:
+            queued = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        self.queued_bytes -= queued.size
+        return queued.event()
+
+    def take_nowait(self) -> Queued:
+        """The next event waiting, without waiting (trio.WouldBlock when none is,
+        trio.EndOfChannel once it has ended and is empty)."""
+        queued = self._receive.receive_nowait()
+        self.queued_bytes -= queued.size
+        return queued
 
     def queued(self) -> int:
         """Events waiting in this stream's queue."""
@@ -242,10 +307,17 @@ Gate = Callable[[str, Route], bool]
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """One route that matched one message."""
+    """One route that matched one message, and the stream that will get it."""
 
     subscription: Subscription
-    event: core_pb2.Event
+    queued: Queued
+    #: Whether the message was addressed to the bot (``MatchedMessage.direct``).
+    direct: bool
+
+    @property
+    def event(self) -> core_pb2.Event:
+        """The event the stream gets (built anew: for tests and tools)."""
+        return self.queued.event()
 
 
 class Router:
@@ -372,10 +444,10 @@ class Router:
         turn = itertools.count()
         while True:
             try:
-                event = subscription.receive.receive_nowait()
+                queued = subscription.take_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if not replicas or self._deliver(replicas, turn, event) is None:
+            if not replicas or self._deliver(replicas, turn, queued) is None:
                 lost += 1
         return lost
 
@@ -453,7 +525,9 @@ class Router:
         if not table.patterns:
             return
         data = text.encode("utf-8")
+        message_size = 0
         for index in table.set.Match(data) or ():  # None when nothing matched
+            message_size = message_size or message.ByteSize()
             entry = table.patterns[index]
             try:
                 spans = _spans(entry.regex, data)
@@ -470,20 +544,11 @@ class Router:
                     continue
                 if gate is not None and not gate(target.callback_id, target.route):
                     continue
-                event = core_pb2.Event(
-                    matched_message=core_pb2.MatchedMessage(
-                        message=message,
-                        pattern=entry.pattern,
-                        route_id=target.route.id,
-                        groups=groups,
-                        named_groups=named,
-                        direct=direct,
-                        text=text,
-                    )
-                )
-                sub = self._deliver(live, target.turn, event)
+                build = partial(_matched_event, message, entry.pattern, target.route.id, groups, named, direct, text)
+                queued = Queued(message_size + len(text) + sum(map(len, groups)), build)
+                sub = self._deliver(live, target.turn, queued)
                 if sub is not None:
-                    out.append(Match(sub, event))
+                    out.append(Match(sub, queued, direct))
 
     def _pattern_failed(self, entry: _Pattern) -> None:
         now = time.monotonic()
@@ -493,19 +558,19 @@ class Router:
             log.exception("route pattern %r of %s failed on a message; skipped it", entry.pattern, ", ".join(callbacks))
 
     def _deliver(
-        self, subscriptions: Sequence[Subscription], turn: itertools.count[int], event: core_pb2.Event
+        self, subscriptions: Sequence[Subscription], turn: itertools.count[int], queued: Queued
     ) -> Subscription | None:
         # Replicas of one callback share its matches: round-robin, skipping full queues.
         start = next(turn)
         count = len(subscriptions)
         for step in range(count):
             sub = subscriptions[(start + step) % count]
-            if sub.offer(event):
+            if sub.offer(queued):
                 return sub
-        self._overflow(subscriptions[start % count], event)
+        self._overflow(subscriptions[start % count], queued)
         return None
 
-    def _overflow(self, sub: Subscription, event: core_pb2.Event) -> None:
+    def _overflow(self, sub: Subscription, queued: Queued) -> None:
         sub.overflowed += 1
         sub.unreported += 1
         self.overflowed += 1
@@ -513,12 +578,15 @@ class Router:
         if now - sub._last_overflow_log >= _OVERFLOW_LOG_INTERVAL:
             sub._last_overflow_log = now
             log.warning(
-                "callback %r is not keeping up: its queue of %d events is full; %d event(s) dropped so far "
-                "(latest: %s)",
+                "callback %r is not keeping up: its queue is full (%d events of %d, %d bytes of %d); "
+                "%d event(s) dropped so far (latest: %s)",
                 sub.callback_id,
+                sub.queued(),
                 sub.queue_size,
+                sub.queued_bytes,
+                sub.queue_bytes,
                 sub.overflowed,
-                event.WhichOneof("type"),
+                queued.kind,
             )
 
     def broadcast(self, kind: int, event: core_pb2.Event) -> int:
@@ -529,8 +597,10 @@ class Router:
             if kind in sub.events:
                 by_callback.setdefault(sub.callback_id, []).append(sub)
         delivered = 0
+        size = event.ByteSize()
+        name = event.WhichOneof("type") or ""
         for subs in by_callback.values():
-            if self._deliver(subs, itertools.count(), event) is not None:
+            if self._deliver(subs, itertools.count(), Queued(size, partial(_copy_event, event), name)) is not None:
                 delivered += 1
         return delivered
 

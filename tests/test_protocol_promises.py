@@ -210,11 +210,11 @@ def test_the_next_event_after_drops_carries_their_count() -> None:
 
     for n in range(5):  # two fit, three are dropped
         route(f"ping {n}")
-    first = [slow.receive.receive_nowait() for _ in range(2)]
+    first = [slow.take_nowait().event() for _ in range(2)]
     assert [e.dropped for e in first] == [0, 0]
     route("ping 5")
     route("ping 6")
-    later = [slow.receive.receive_nowait() for _ in range(2)]
+    later = [slow.take_nowait().event() for _ in range(2)]
     assert [(e.matched_message.message.body, e.dropped) for e in later] == [("ping 5", 3), ("ping 6", 0)]
 
     # A broadcast event is one object offered to every stream: the count is the stream's own.
@@ -225,10 +225,10 @@ def test_the_next_event_after_drops_carries_their_count() -> None:
     topic = core_pb2.Event(topic_change=core_pb2.TopicChange(room=core_pb2.Room(id="memory/general")))
     router.broadcast(robot_pb2.EVENT_KIND_TOPIC, topic)
     router.broadcast(robot_pb2.EVENT_KIND_TOPIC, topic)  # both full: one dropped each
-    other.receive.receive_nowait()
+    other.take_nowait().event()
     router.broadcast(robot_pb2.EVENT_KIND_TOPIC, topic)
-    assert other.receive.receive_nowait().dropped == 1
-    assert behind.receive.receive_nowait().dropped == 0  # its second is still dropped, not yet reported
+    assert other.take_nowait().event().dropped == 1
+    assert behind.take_nowait().event().dropped == 0  # its second is still dropped, not yet reported
     assert topic.dropped == 0
 
 

@@ -161,7 +161,7 @@ def test_events_queued_for_a_stream_that_ends_go_to_a_live_replica() -> None:
         route_all(router, f"ping {n}")
     router.subscribe(staying)
     assert router.unsubscribe(leaving) == 2  # the replica has room for one
-    assert staying.receive.receive_nowait().matched_message.message.body == "ping 0"  # the oldest first
+    assert staying.take_nowait().event().matched_message.message.body == "ping 0"  # the oldest first
     assert staying.queued() == 0
     alone = Subscription("b", [Route("p", "ping")])
     router.subscribe(alone)
@@ -242,3 +242,39 @@ def test_many_streams_close_and_each_callback_is_remembered_as_departed() -> Non
         router.unsubscribe(sub)
     assert router.subscriptions() == []
     assert sorted(router._departed) == sorted({f"cb{i}" for i in range(100)})
+
+
+def test_a_stream_queue_is_bounded_in_bytes_and_the_next_event_counts_what_it_lost() -> None:
+    router = Router("oco")
+    slow = Subscription("slow", [Route("all", "^big")], queue_size=1000, queue_bytes=5000)
+    router.subscribe(slow)
+    body = "big " + "x" * 1000  # each event counts its message, its text and its groups
+    for _ in range(5):
+        route_all(router, body)
+    assert slow.queued() == 2  # 1,000 events would fit; 5,000 bytes do not
+    assert slow.overflowed == 3
+    assert 4000 < slow.queued_bytes <= 5000
+    assert [slow.take_nowait().event().dropped for _ in range(2)] == [0, 0]
+    assert slow.queued_bytes == 0
+    route_all(router, body)
+    (event,) = [slow.take_nowait().event()]
+    assert event.dropped == 3
+    assert event.matched_message.message.body == body
+    # One event larger than the bound still goes, alone.
+    route_all(router, "big " + "y" * 10_000)
+    assert slow.queued() == 1
+
+
+def test_one_message_matched_by_many_routes_and_streams_is_held_once() -> None:
+    router = Router("oco")
+    streams = [Subscription(f"cb{i}", [Route(f"r{j}", f"^big{j}?") for j in range(5)]) for i in range(4)]
+    for stream in streams:
+        router.subscribe(stream)
+    body = "big" + "x" * 100_000
+    matches = router.match(message(body), body, False, None)
+    assert len(matches) == 20
+    # Until written, every queued match refers to the one message and text it was given.
+    held = {id(m.queued._build.args[0]) for m in matches}  # type: ignore[attr-defined]
+    texts = {id(m.queued._build.args[6]) for m in matches}  # type: ignore[attr-defined]
+    assert len(held) == 1
+    assert len(texts) == 1
