@@ -37,6 +37,7 @@ a long-lived bot never see each other's data; storage keys are deleted afterward
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import sys
@@ -50,7 +51,7 @@ import grpc
 import grpc.aio
 import trio
 
-from ._bridge import Bridge, ResponseStream, open_bridge
+from ._bridge import DEFAULT_WINDOW, Bridge, ResponseStream, open_bridge
 from ._proto import (
     control_pb2,
     control_pb2_grpc,
@@ -235,12 +236,23 @@ class Suite:
         *,
         secret: str | None = None,
         plugin_id: str | None = None,
+        unbuffered: bool = False,
     ) -> AsyncIterator[Listener]:
         """Open a Listen stream and wait for its response headers (the routes are then
-        registered); leaving the block cancels the stream."""
+        registered); leaving the block cancels the stream. ``unbuffered``: on a channel
+        of its own whose HTTP/2 window stays small, read one event at a time, so that
+        a stream not read holds events in the bot rather than in the transport."""
         request = self._listen_request(routes, plugin_id, secret)
         metadata = self.metadata(secret)
-        async with self.bridge.open_response_stream(lambda: self.robot.Listen(request, metadata=metadata)) as stream:
+        robot, window = self.robot, DEFAULT_WINDOW
+        async with contextlib.AsyncExitStack() as stack:
+            if unbuffered:
+                channel = await self.bridge.open_channel(self.target.address, _SMALL_WINDOW)
+                stack.push_async_callback(self.bridge.close_channel, channel)
+                robot, window = robot_pb2_grpc.RobotStub(channel), 1
+            stream = await stack.enter_async_context(
+                self.bridge.open_response_stream(lambda: robot.Listen(request, metadata=metadata), window)
+            )
             headers: dict[str, str] | None = None
             with trio.move_on_after(self.timeout):
                 headers = await stream.initial_metadata()
@@ -891,6 +903,59 @@ async def _help(s: Suite) -> str:
             raise CheckFailed(f"`help` still lists the route {s.timeout:g} s after its stream was cancelled")
         await trio.sleep(0.1)
     return f"listed while open; after: {after!r}"
+
+
+#: Messages written at a stream that is not read, to make the bot drop some.
+_FLOOD = 3000
+#: Channel options that keep a stream's HTTP/2 window at 16 KiB (no BDP probing, which
+#: grows it to megabytes): a stream not read then backs up into the bot's queue.
+_SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+
+
+@check("stream/dropped-count", needs=["control"])
+async def _dropped_count(s: Suite) -> str:
+    """A stream that falls behind loses events, and learns how many: the next event it
+    gets carries the count in `dropped`. Every message is thus either received or counted
+    (skipped when the bot dropped none: a bot may queue more than the suite writes)."""
+    flood = f"flood-{s.token}"
+    routes = [_route("flood", f"^{flood} \\d+$"), _route("last", f"^last-{s.token}$")]
+    async with s.listen(routes, unbuffered=True) as slow:
+        numbers = iter(range(_FLOOD))
+
+        async def writer() -> None:
+            for n in numbers:  # shared: the writers take turns on one sequence
+                await s.inject(f"{flood} {n}")
+
+        try:
+            async with trio.open_nursery() as nursery:  # nothing reads the stream meanwhile
+                for _ in range(8):
+                    nursery.start_soon(writer)
+        except BaseExceptionGroup as failed:  # the writers fail alike: report the first, as any check would
+            raise failed.exceptions[0] from None
+        received = dropped = 0
+        while True:
+            try:
+                event = await slow.event(within=1.0)
+            except CheckFailed:  # what was queued has all come
+                break
+            received += 1
+            dropped += event.dropped
+        # After the drops, one more message: it carries the count of those at the end.
+        await s.inject(f"last-{s.token}")
+        while True:
+            event = await slow.event()
+            dropped += event.dropped
+            if event.matched_message.message.body == f"last-{s.token}":
+                break
+            received += 1
+    if dropped == 0 and received == _FLOOD:
+        raise NotOffered(f"the bot queued all {_FLOOD} messages for a stream that did not read: none was dropped")
+    _expect(
+        received + dropped == _FLOOD,
+        f"of {_FLOOD} messages, {received} arrived and `dropped` counted {dropped}: "
+        f"{_FLOOD - received - dropped} went missing uncounted",
+    )
+    return f"{received} arrived, {dropped} counted as dropped"
 
 
 # ---- storage ---------------------------------------------------------------------------

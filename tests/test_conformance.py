@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,13 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert len(checks) >= 30
     assert all(line.startswith("PASS ") for line in checks), out
     assert lines[-1].startswith(f"SUMMARY {bot.address} conforms: {len(checks)} passed, 0 failed, 0 skipped")
+    # The stream that read nothing got 1,000 (the bot's queue) and some the transport held;
+    # the rest were counted: none went missing.
+    dropped = re.search(r"^PASS stream/dropped-count: (\d+) arrived, (\d+) counted as dropped ", out, re.MULTILINE)
+    assert dropped, out
+    arrived, counted = int(dropped.group(1)), int(dropped.group(2))
+    assert arrived >= 1000, out
+    assert arrived + counted == 3000, out
     for name in ("auth/wrong-secret", "routes/invalid-pattern", "storage/isolation", "stream/cancel-removes-routes"):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
