@@ -176,6 +176,10 @@ class GrpcSettings(_Strict):
         default=16 << 20, gt=0, description="Bytes of events queued per Listen stream before dropping."
     )
     max_routes: int = Field(default=1000, gt=0, description="Routes one Listen stream may declare.")
+    max_connections: int = Field(default=512, gt=0, description="Connections to the API at once; more are refused.")
+    max_connection_idle: float = Field(
+        default=300.0, gt=0, description="Seconds a connection holding no call stays open (idle clients, attackers)."
+    )
     max_streams_per_callback: int = Field(
         default=64, gt=0, description="Listen streams one callback may hold open at once (its replicas)."
     )

@@ -10,9 +10,11 @@ capabilities) is checked here, before the call does anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,6 +122,9 @@ class EdgeHost(Protocol):
 
 #: Events of a Listen stream that may wait between trio and the gRPC loop.
 _LISTEN_WINDOW = 8
+#: Seconds between counts of the API's connections, and between warnings about them.
+_CONNECTION_CHECK_INTERVAL = 5.0
+_CONNECTION_WARNING_INTERVAL = 60.0
 
 
 class Services:
@@ -589,15 +594,60 @@ async def serve(
     # Bind the address ourselves first: when it is taken, grpc's C core would print a
     # log line of its own to stderr and splice advice into its error.
     await _probe_listen(settings.listen)
+    _raise_open_files_limit()
     services = Services(bot, settings)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         address = await nursery.start(_run_server, services, settings, tls, stop)
+        nursery.start_soon(_watch_connections, int(address.rpartition(":")[2]), settings.max_connections)
         task_status.started(address)
         try:
             await trio.sleep_forever()
         finally:
             stop.set()  # _run_server, shielded from our cancellation, shuts down in order
+
+
+def _raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit (as Go's runtime
+    does): the default 1,024 is what idle connections exhausted, and the limit is the
+    operator's to set, with `ulimit -Hn` or systemd's LimitNOFILE=."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _established(port: int) -> int:
+    """TCP connections established to local ``port`` (Linux's /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines, None)
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                    count += 1
+    return count
+
+
+async def _watch_connections(port: int, limit: int) -> None:
+    """Say so in the log when the API's connections near their limit: new callbacks are
+    refused then, with nothing else to show for it."""
+    last_warning = -math.inf
+    while True:
+        await trio.sleep(_CONNECTION_CHECK_INTERVAL)
+        count = await trio.to_thread.run_sync(_established, port)
+        now = trio.current_time()
+        if count >= limit * 0.9 and now - last_warning >= _CONNECTION_WARNING_INTERVAL:
+            last_warning = now
+            log.warning(
+                "%d connections to the gRPC API on port %d, limit %d (grpc.max_connections): new callbacks are "
+                "refused at the limit; connections without calls close after grpc.max_connection_idle",
+                count,
+                port,
+                limit,
+            )
 
 
 async def _run_server(
@@ -622,6 +672,11 @@ async def _run_server(
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Connections that hold no call (an idle client, one that never sent a secret)
+        # are closed after a while, and there are never more than the limit: beyond it
+        # the bot could not open its store's or chat's connections.
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
     ]
     with trio.CancelScope() as scope:
         async with open_bridge() as bridge:

@@ -3,6 +3,7 @@ the memory adapter; callbacks are plain generated gRPC clients, as an attacker's
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import grpc
@@ -10,7 +11,7 @@ import trio
 
 from oco_core import Callback, Message
 from oco_core._proto import robot_pb2, robot_pb2_grpc
-from oco_core.testing import RunningBot, open_bot, serving
+from oco_core.testing import RunningBot, open_bot, run_oco, serving
 
 HOSTILE = "secret-hostile-0123456789abc"
 VICTIM = "secret-victim-0123456789abcd"
@@ -119,3 +120,46 @@ async def test_routes_per_stream_and_streams_per_callback_are_capped(tmp_path: P
                 await trio.sleep(0.01)
         async with serving(replica()):
             assert len(running.bot.core.router.subscriptions("hostile")) == 1
+
+
+async def test_idle_connections_cannot_take_the_bot_down_and_the_log_says_so(tmp_path: Path) -> None:
+    """Connections that never send a request are capped (grpc.max_connections): past the
+    cap they are closed at once, the log says so, the bot and its connected callbacks go
+    on, and a callback connects again once they are gone."""
+    secret = "secret-late-0123456789abcdef"
+    config = f"""
+store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}
+grpc: {{listen: "127.0.0.1:0", max_connections: 20}}
+adapters: [{{type: shell, user: alice}}]
+callbacks:
+  - id: example
+    command: ["{sys.executable}", "-m", "oco_core.examples.ping"]
+  - {{id: late, secret: {secret}}}
+"""
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(r"callback 'example' is listening", stream="stderr", timeout=60)
+        host, _, port = bot.address.rpartition(":")
+        idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(40)]
+        try:
+            await bot.expect(
+                r"WARNING oco_core\._edge: \d+ connections to the gRPC API on port \d+, limit 20 "
+                r"\(grpc\.max_connections\)",
+                stream="stderr",
+                timeout=30,
+            )
+            await bot.write("oco ping")  # the callback connected before still answers
+            await bot.expect("^PONG$")
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        late = Callback(id="late", secret=secret, address=bot.address)
+
+        @late.respond("^late$")
+        async def answer(message: Message) -> None:
+            await message.send("here now")
+
+        with trio.fail_after(30):
+            async with serving(late):
+                await bot.write("oco late")
+                await bot.expect("^here now$")
+        assert await bot.stop() == 0
