@@ -46,12 +46,6 @@ from ._tls import load_server_tls
 
 log = logging.getLogger(__name__)
 
-#: How long start-up waits for launched callbacks to open their Listen streams.
-CALLBACK_STARTUP_WAIT = 20.0
-#: How long start-up waits for every adapter's first connection attempt.
-ADAPTER_STARTUP_WAIT = 30.0
-
-
 class Bot:
     """One OCO bot. Create it from a loaded config and the installed plugins (which
     checks every section), then ``await bot.run()`` (or ``nursery.start(bot.run)``,
@@ -263,7 +257,7 @@ class Bot:
                         attempts = {name: trio.Event() for name in core.links}
                         for name, link in core.links.items():
                             adapters.start_soon(self._supervise_adapter, link, attempts[name])
-                        with trio.move_on_after(ADAPTER_STARTUP_WAIT):
+                        with trio.move_on_after(self.config.bot.adapter_startup_wait):
                             for attempt in attempts.values():
                                 await attempt.wait()
                         slow = [name for name, attempt in attempts.items() if not attempt.is_set()]
@@ -277,16 +271,17 @@ class Bot:
 
     async def _wait_for_callbacks(self) -> None:
         launched = [cb for cb in self.callbacks.values() if cb.launched]
-        with trio.move_on_after(CALLBACK_STARTUP_WAIT):
+        wait = self.config.bot.callback_startup_wait
+        with trio.move_on_after(wait):
             for cb in launched:
                 await _first(cb.connected, cb.exited)
         late = [cb.id for cb in launched if not cb.connected.is_set()]
         if late:
             log.warning(
-                "callback(s) %s did not open a Listen stream (exited, or not within %.0f s); "
-                "starting the adapters anyway",
+                "callback(s) %s did not open a Listen stream (exited, or not within %.0f s, "
+                "bot.callback_startup_wait); starting the adapters anyway",
                 ", ".join(late),
-                CALLBACK_STARTUP_WAIT,
+                wait,
             )
 
     async def _supervise_adapter(self, link: AdapterLink, attempted: trio.Event) -> None:

@@ -93,6 +93,12 @@ class BotSettings(_Strict):
         default=True,
         description="Answer a command addressed to the bot that no route matches (with the closest known one).",
     )
+    callback_startup_wait: float = Field(
+        default=20.0, ge=0, description="Seconds start-up waits for launched callbacks to open their Listen streams."
+    )
+    adapter_startup_wait: float = Field(
+        default=30.0, ge=0, description="Seconds start-up waits for every adapter's first connection attempt."
+    )
 
 
 class AdapterEntry(BaseModel):

@@ -315,3 +315,28 @@ callbacks:
         assert 200 <= len(forwarded) < 400, len(forwarded)
         assert dropped >= 1
         assert await bot.stop(signal.SIGTERM) == 0
+
+
+async def test_start_up_waits_for_a_silent_callback_only_as_long_as_configured(
+    tmp_path: Path, bot_config: Callable[[str], str], example_command: str
+) -> None:
+    config = bot_config(
+        f"""\
+bot: {{callback_startup_wait: 1}}
+callbacks:
+  - id: example
+    command: {example_command}
+  - id: silent
+    command: [{PYTHON}, "-c", "import time; time.sleep(120)"]
+"""
+    )
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(
+            r"callback\(s\) silent did not open a Listen stream \(exited, or not within 1 s, "
+            r"bot\.callback_startup_wait\); starting the adapters anyway",
+            stream="stderr",
+            timeout=30,
+        )
+        await bot.write("oco ping")
+        await bot.expect("^PONG$")
+        assert await bot.stop(signal.SIGTERM) == 0
