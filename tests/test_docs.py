@@ -90,3 +90,40 @@ def test_the_readme_links_the_plugin_guides() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "(docs/plugins.md)" in readme
     assert "(docs/writing-a-store.md)" in readme
+
+
+def _numeric_settings(model: type, prefix: str = "") -> list[str]:
+    """The config paths of every number in the config model (``grpc.max_routes``,
+    ``callbacks[].give_up_after``): each is a limit or a timing."""
+    import typing
+
+    from pydantic import BaseModel
+
+    found: list[str] = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        annotation = field.annotation
+        args = typing.get_args(annotation) or (annotation,)
+        if typing.get_origin(annotation) is list:
+            args = typing.get_args(annotation)
+            prefix_here = f"{prefix}{name}[]."
+        else:
+            prefix_here = f"{prefix}{name}."
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            found += _numeric_settings(models[0], prefix_here)
+        elif any(a in (int, float) for a in args):
+            found.append(prefix + name)
+    return found
+
+
+def test_every_numeric_setting_is_in_the_readme_limits_table() -> None:
+    from oco_core._config import Config
+
+    limits = sections(ROOT / "README.md", "###")["Limits"]
+    missing = [
+        path
+        for path in _numeric_settings(Config)
+        # A quota's fields are one row, under the quota's own key.
+        if f"`{path}`" not in limits and f"`{path.rpartition('.')[0]}`" not in limits
+    ]
+    assert not missing, f"README's Limits table lacks {missing}"
