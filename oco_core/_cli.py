@@ -218,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     # callback runs yet. A KeyboardInterrupt would surface inside whatever import was
     # running, with a traceback, and at times as another error (a RuntimeError, when
     # it strikes in a class's __set_name__).
-    signal.signal(signal.SIGINT, _exit_at_once)
+    in_charge = _handle_sigint(_exit_at_once)
     options = _parser().parse_args(argv)
-    if options.command not in ("run", "check-config"):
+    if in_charge and options.command not in ("run", "check-config"):
         # A one-shot command that may be changing the store unwinds instead (below).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _handle_sigint(signal.default_int_handler)
     try:
         return _main(options)
     except KeyboardInterrupt:
@@ -233,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
+
+
+def _handle_sigint(handler: Callable[[int, FrameType | None], object]) -> bool:
+    """Install ``handler`` for SIGINT; False when main() runs in another thread than
+    the main one (a program embedding it), where signals are not ours to handle."""
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return False
+    return True
 
 
 def _exit_at_once(signum: int, frame: FrameType | None) -> None:
