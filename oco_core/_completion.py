@@ -51,7 +51,7 @@ def _commands(parser: argparse.ArgumentParser, path: str = "", help: str = "") -
             elif action.type is Path:
                 value = "dir" if action.dest == "out" else "file"  # proto --out is a directory
             elif action.dest == "config":
-                value = "file"  # kept a str, so that $OCO_CONFIG's default reads as given
+                value = "file"  # a path, though declared without type=Path
             else:
                 value = "value"
             choices = [str(c) for c in action.choices] if action.choices is not None else []
