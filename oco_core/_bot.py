@@ -46,6 +46,7 @@ from ._tls import load_server_tls
 
 log = logging.getLogger(__name__)
 
+
 class Bot:
     """One OCO bot. Create it from a loaded config and the installed plugins (which
     checks every section), then ``await bot.run()`` (or ``nursery.start(bot.run)``,

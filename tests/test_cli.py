@@ -103,7 +103,10 @@ def test_unknown_key_names_file_line_key_and_known_keys(tmp_path: Path) -> None:
     assert f"{config}, line 3" in error
     assert "bot.colour" in error
     assert "unknown key 'colour'" in error
-    assert "known keys: aliases, max_message_bytes, name" in error
+    assert (
+        "known keys: adapter_startup_wait, aliases, callback_startup_wait, max_message_bytes, name, "
+        "unknown_command_reply"
+    ) in error
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
