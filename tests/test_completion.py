@@ -4,7 +4,7 @@ completes commands, subcommands, options, choices and file names.
 bash is driven through the completion function it registers (COMP_WORDS/COMP_CWORD
 set as readline would), zsh through its bashcompinit layer's ``compgen -F`` (which is
 what zsh calls on Tab), fish through ``complete -C``, which prints what Tab offers. A
-shell that is not installed is skipped, saying so.
+shell that is not installed is skipped, saying so (in CI, which installs them, it fails).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from oco_core.testing import oco_cli
+from oco_core.testing.pytest_plugin import server_unavailable
 
 #: (the command line, the cursor at its end; what completing the last word offers,
 #: help options aside). "{tmp}" is the test's directory, holding oco.yaml.
@@ -43,9 +44,10 @@ def script(shell: str, tmp_path: Path) -> Path:
 
 
 def shell_or_skip(name: str) -> str:
+    """The shell's path; skipped without it (failed in CI, which installs it)."""
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} is not installed (apt-get install {name})")
+        server_unavailable(name, f"it is not installed (apt-get install {name})")
     return found
 
 
