@@ -161,6 +161,15 @@ class Adapter(abc.ABC):
         (IRC folds case as its server does)."""
         return name
 
+    def room_id(self, name: str) -> str:
+        """The room id this adapter's messages carry for the room a human calls ``name``
+        (as written in ``route_rules`` or ``capabilities.send`` of the bot's config). The
+        default returns ``name``; override it where the service compares room names
+        loosely (IRC folds channel names as its server does), or a rule written ``#Ops``
+        would never match the ``#ops`` messages carry. Called with parts of a pattern
+        too (``#Ops-`` of ``#Ops-*``): fold characters, do not validate."""
+        return name
+
     async def join(self, room: str) -> None:
         """Join a room by the service's id or name."""
         raise AdapterError(f"the {type(self).__name__} adapter cannot join rooms")

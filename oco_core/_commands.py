@@ -216,19 +216,40 @@ class ChatCommands:
                     answer = f"{target} is not linked to another account"
         except StoreError as exc:
             answer = f"could not save that: {exc}; try again later"
+        except _AmbiguousUserError as exc:
+            answer = str(exc)
         core.outgoing.reply(adapter, incoming, answer, mention=True)
 
     def _user_ref(self, adapter: str, ref: str) -> str:
-        """A user named in a command: a full id (``irc/alice``), or a name on the
-        speaker's adapter (``alice``, ``@alice``, a display name the bot has seen)."""
+        """A user named in a command: a full id (``irc/alice``), or a user id on the
+        speaker's adapter (``alice``, ``@alice``), as the adapter folds it.
+
+        Display names are anyone's to choose, so they never pick an account: a bare name
+        that is no user id the bot has seen, but is someone's display name, is refused
+        (``_AmbiguousUserError``) with those accounts listed, since the person meant may be
+        either. One that is nobody's display name either is the id of a user not seen
+        yet (a grant ahead of their first message)."""
         core = self._core
         prefix, sep, _ = ref.partition("/")
         if sep and prefix in core.links:
             return core.canonical_user(ref)
         canonical = core.canonical_user(f"{adapter}/{ref}")
-        if canonical not in core.directory.users:
-            bare = ref.removeprefix("@").lower()
-            for user in core.directory.users.values():
-                if user.id.startswith(adapter + "/") and bare in (user.name.lower(), user.mention_name.lower()):
-                    return user.id
+        if canonical in core.directory.users:
+            return canonical
+        bare = ref.removeprefix("@").lower()
+        candidates = sorted(
+            f"{user.id} ({user.name or user.mention_name})"
+            for user in core.directory.users.values()
+            if user.id.startswith(adapter + "/") and bare in (user.name.lower(), user.mention_name.lower())
+        )
+        if candidates:
+            shown = ", ".join(candidates[:5]) + (f" and {len(candidates) - 5} more" if len(candidates) > 5 else "")
+            raise _AmbiguousUserError(
+                f"{ref!r} is not a user I have seen, but the display name of {shown}: "
+                f"say which by the full id ({canonical} for a user not seen yet)"
+            )
         return canonical
+
+
+class _AmbiguousUserError(Exception):
+    """A user named in a command could be more than one account; the message says which."""

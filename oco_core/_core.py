@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -23,7 +23,7 @@ from ._datastores import DataStores
 from ._directory import Directory
 from ._incoming import AdapterLink, Incoming
 from ._outgoing import Outgoing
-from ._policy import CallbackPolicy, Policies
+from ._policy import CallbackPolicy, Policies, fold_patterns
 from ._proto import core_pb2, robot_pb2
 from ._router import Route, Router
 from ._store import Store
@@ -126,9 +126,9 @@ class BotCore:
         self.datastores = datastores
         self.stats = stats
         self.activity = Activity()
-        self.policies = Policies(config, auth, self.record, router.bot_name)
         #: The adapters by instance name, once they are created (after the callbacks connect).
         self.links: dict[str, AdapterLink] = {}
+        self.policies = Policies(config, auth, self.record, router.bot_name, self.canonical_rooms)
         self._tasks = tasks
         self.outgoing = Outgoing(self)
         self.commands = ChatCommands(self)
@@ -165,6 +165,11 @@ class BotCore:
         prefix, sep, native = user_id.partition("/")
         link = self.links.get(prefix) if sep else None
         return f"{prefix}/{link.adapter.user_id(native)}" if link is not None and native else user_id
+
+    def canonical_rooms(self, patterns: Sequence[str]) -> Sequence[str]:
+        """Room patterns from the config (``irc/#Ops-*``) folded as their adapters fold
+        room ids (``irc/#ops-*``), for the checks in ``_policy``."""
+        return fold_patterns(patterns, {name: link.adapter.room_id for name, link in self.links.items()})
 
     async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
         """Send every message of ``request`` in order, after checking all of them."""

@@ -56,13 +56,22 @@ class Outgoing:
             if link is not None and user_link is not link:
                 raise InvalidRequestError(f"{what}: user {user_id!r} and room {room_id!r} are on different adapters")
             link = user_link
+            native_user = link.adapter.user_id(native_user)
             known = self._core.directory.users.get(user_link.name + "/" + native_user)
+            # Adapters may address a private message by the mention name (IRC sends to
+            # the nick): one the callback wrote counts only if it names this same user,
+            # or a callback allowed to send to irc/bob could reach #secret through it.
+            mention_name = message.source.user.mention_name
+            if mention_name and link.adapter.user_id(mention_name) != native_user:
+                mention_name = ""
             user = ChatUser(
                 id=native_user,
                 name=message.source.user.name or (known.name if known else ""),
-                mention_name=message.source.user.mention_name or (known.mention_name if known else "") or native_user,
+                mention_name=mention_name or (known.mention_name if known else "") or native_user,
             )
         assert link is not None  # a room or a user named it, or _split raised
+        if message.private and user is None:
+            raise InvalidRequestError(f"{what} is private but has no source.user.id: say whom it goes to")
         in_reply_to = message.in_reply_to or ""
         prefix = link.name + "/"
         out = OutgoingMessage(
@@ -76,6 +85,17 @@ class Outgoing:
             in_reply_to=in_reply_to.removeprefix(prefix) if in_reply_to.startswith(prefix) else "",
         )
         return link, out
+
+    @staticmethod
+    def target(link: AdapterLink, out: OutgoingMessage) -> str:
+        """Where ``out`` is delivered, as an id messages carry (``irc/#ops``,
+        ``irc/bob``): the room, or the user when it is private (with or without a room)
+        — what ``capabilities.send`` is checked against. A mention in a room reaches the
+        room only."""
+        if out.room_id and not out.private:
+            return f"{link.name}/{link.adapter.room_id(out.room_id)}"
+        assert out.user is not None  # resolve() refuses a private message without a user
+        return f"{link.name}/{out.user.id}"  # resolve() made it the id messages carry
 
     def _split(self, ident: str, what: str) -> tuple[AdapterLink, str]:
         links = self._core.links
@@ -92,7 +112,7 @@ class Outgoing:
         """Send every message of ``request`` in order, after checking all of them."""
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
         policy = self._core.policy(callback_id)
-        targets = [f"{link.name}/{out.room_id or (out.user.id if out.user else '')}" for link, out in resolved]
+        targets = [self.target(link, out) for link, out in resolved]
         for index, target in enumerate(targets):
             policy.require_send(target, f"message {index}")
         policy.take_send(len(resolved))

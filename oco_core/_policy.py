@@ -10,7 +10,9 @@ them.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +25,8 @@ from ._timing import TokenBucket
 
 if TYPE_CHECKING:
     from ._auth import Authorization
+
+log = logging.getLogger(__name__)
 
 EVENT_NAMES: dict[int, str] = {robot_pb2.EVENT_KIND_MEMBERSHIP: "membership", robot_pb2.EVENT_KIND_TOPIC: "topic"}
 
@@ -45,6 +49,100 @@ def matches_any(ident: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(ident, p) for p in patterns)
 
 
+#: Rewrites room patterns from the config into the ids messages carry (see fold_patterns).
+CanonicalRooms = Callable[[Sequence[str]], Sequence[str]]
+
+_WILDCARDS = frozenset("*?[")
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern_parts(pattern: str) -> tuple[tuple[bool, str], ...]:
+    """A shell-style pattern as (is_literal, text) parts: literal runs, and the ``*``,
+    ``?`` and ``[...]`` that fnmatch gives a meaning (a ``[`` without its ``]`` is
+    literal there, so it is here)."""
+    parts: list[tuple[bool, str]] = []
+    literal = ""
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c in "*?":
+            parts += [(True, literal)] if literal else []
+            parts.append((False, c))
+            literal = ""
+            i += 1
+            continue
+        if c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":  # a ] first in the set is a member
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j < n:
+                parts += [(True, literal)] if literal else []
+                parts.append((False, pattern[i : j + 1]))
+                literal = ""
+                i = j + 1
+                continue
+        literal += c
+        i += 1
+    if literal:
+        parts.append((True, literal))
+    return tuple(parts)
+
+
+def fold_pattern(pattern: str, fold: Callable[[str], str]) -> str:
+    """``pattern`` with its literal text folded by ``fold`` (an adapter's ``room_id``)
+    and its wildcards kept: ``#Ops-*`` → ``#ops-*`` on IRC. In a ``[...]`` set each
+    member character is folded alone (``[A-C]`` → ``[a-c]``)."""
+    out: list[str] = []
+    for literal, text in _pattern_parts(pattern):
+        if literal:
+            out.append(fold(text))
+        elif text.startswith("["):
+            start = 2 if text.startswith("[!") else 1
+            members = "".join(c if c in "-]" else _fold_char(c, fold) for c in text[start:-1])
+            out.append(text[:start] + members + "]")
+        else:
+            out.append(text)
+    return "".join(out)
+
+
+def _fold_char(c: str, fold: Callable[[str], str]) -> str:
+    folded = fold(c)
+    return folded if len(folded) == 1 else c
+
+
+def fold_patterns(patterns: Sequence[str], folds: Mapping[str, Callable[[str], str]]) -> list[str]:
+    """Room (or user) patterns as written in the config → patterns over the ids messages
+    carry, folded by the adapter each names before its ``/`` (``folds``: adapter name →
+    its ``room_id``). A wildcard adapter name (``*/#Ops``) becomes one pattern per
+    adapter it matches; patterns naming no known adapter are kept as written."""
+    out: list[str] = []
+    for pattern in patterns:
+        prefix, sep, rest = pattern.partition("/")
+        if not sep:
+            out.append(pattern)
+        elif not _WILDCARDS.intersection(prefix):
+            fold = folds.get(prefix)
+            out.append(f"{prefix}/{fold_pattern(rest, fold)}" if fold is not None else pattern)
+        else:
+            named = [(name, f) for name, f in folds.items() if fnmatch.fnmatchcase(name, prefix)]
+            out += [f"{name}/{fold_pattern(rest, f)}" for name, f in named] or [pattern]
+    return out
+
+
+def _as_written(patterns: Sequence[str]) -> Sequence[str]:
+    return patterns
+
+
+def _rule_names_route(name: str, route_id: str) -> bool:
+    """Whether the ``route_rules`` key ``name`` covers the route ``route_id``: the same
+    id, or a shell-style pattern matching it."""
+    return name == route_id or (bool(_WILDCARDS.intersection(name)) and fnmatch.fnmatchcase(route_id, name))
+
+
 @dataclass(frozen=True, slots=True)
 class RouteAccess:
     """Who may run one route, and where: the operator's ``route_rules`` over what the
@@ -56,7 +154,8 @@ class RouteAccess:
     deny_rooms: Sequence[str] = ()
 
     def allows_room(self, room_id: str) -> bool:
-        """Whether the route may match in ``room_id`` ("" for a private message)."""
+        """Whether the route may match in ``room_id`` ("" for a private message). The
+        patterns are over the ids messages carry (already folded by fold_patterns)."""
         where = room_id or PRIVATE_ROOM
         if matches_any(where, self.deny_rooms):
             return False
@@ -72,11 +171,17 @@ class CallbackPolicy:
         settings: CallbackSettings | None = None,
         where: str = "",
         record: Record | None = None,
+        canonical_rooms: CanonicalRooms = _as_written,
     ) -> None:
         self.callback_id = callback_id
         self.capabilities = settings.capabilities if settings else Capabilities()
         self.route_rules: dict[str, RouteRule] = dict(settings.route_rules) if settings else {}
         self._where = where or "its entry in callbacks:"
+        #: Folds room patterns as the adapters fold room ids (irc/#Ops → irc/#ops); asked
+        #: at each check, since an IRC server says how it folds only once connected.
+        self._canonical_rooms = canonical_rooms
+        #: Rules already warned about as naming no route the callback declared.
+        self._warned: set[str] = set()
         # rate_limit is per minute, and a whole minute's worth may come at once.
         self._bucket = (
             TokenBucket(settings.rate_limit, settings.rate_limit / 60) if settings and settings.rate_limit else None
@@ -84,13 +189,43 @@ class CallbackPolicy:
         #: The audit log's ``record`` (kind, decision, **details).
         self._record = record or (lambda *args, **details: None)
 
+    def rule(self, route_id: str) -> RouteRule | None:
+        """The operator's rule for a route: the one keyed by its id, else the first
+        pattern key (``deploy*``) that matches it, in the order the config lists them."""
+        rule = self.route_rules.get(route_id)
+        if rule is not None:
+            return rule
+        return next((r for name, r in self.route_rules.items() if _rule_names_route(name, route_id)), None)
+
     def access(self, route: Route) -> RouteAccess:
         """The permission ``route`` needs and the rooms it may match in."""
-        rule = self.route_rules.get(route.id)
+        rule = self.rule(route.id)
         if rule is None:
             return RouteAccess(route.permission)
         permission = route.permission if rule.permission is None else rule.permission
-        return RouteAccess(permission, rule.allow_rooms, rule.deny_rooms)
+        allow = None if rule.allow_rooms is None else self._canonical_rooms(rule.allow_rooms)
+        return RouteAccess(permission, allow, self._canonical_rooms(rule.deny_rooms))
+
+    def unmatched_rules(self, route_ids: Sequence[str]) -> list[str]:
+        """The ``route_rules`` keys that name none of ``route_ids``."""
+        return [name for name in self.route_rules if not any(_rule_names_route(name, r) for r in route_ids)]
+
+    def check_rules(self, routes: Sequence[Route]) -> None:
+        """Warn, once per rule, about ``route_rules`` that name none of the routes the
+        callback declared as it connected: such a rule protects nothing, and a typo in
+        a route id would otherwise leave the route open without a word."""
+        ids = [route.id for route in routes]
+        for name in self.unmatched_rules(ids):
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "%s: route_rules.%s names no route the callback declared as it connected, so it applies to "
+                    "nothing (its routes: %s); rules match a route's id (its pattern when it has none) exactly, or "
+                    "as a shell-style pattern such as 'deploy*'",
+                    self._where,
+                    name,
+                    ", ".join(repr(i) for i in ids) or "none",
+                )
 
     def _refuse(self, capability: str, what: str) -> CapabilityError:
         """The error for a missing capability, recorded in the audit log."""
@@ -108,8 +243,9 @@ class CallbackPolicy:
             raise self._refuse(capability, f"the call needs {capability}")
 
     def require_send(self, target: str, what: str) -> None:
-        """Raise CapabilityError unless the callback may send to ``target`` (a room or user id)."""
-        if not matches_any(target, self.capabilities.send):
+        """Raise CapabilityError unless the callback may send to ``target`` (a room or
+        user id as messages carry it: the one the adapter delivers to)."""
+        if not matches_any(target, self._canonical_rooms(self.capabilities.send)):
             allowed = ", ".join(self.capabilities.send) or "nothing"
             raise self._refuse("send", f"{what} goes to {target!r}, and it may send to: {allowed}")
 
@@ -151,22 +287,46 @@ class Policies:
     """Every callback's policy, and the gate each incoming message passes: the operator's
     room rules, the person's permissions and the person's rate limit."""
 
-    def __init__(self, config: Config, auth: Authorization, record: Record, bot_name: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        auth: Authorization,
+        record: Record,
+        bot_name: str,
+        canonical_rooms: CanonicalRooms = _as_written,
+    ) -> None:
         self._auth = auth
         self._record = record
         self._rate_limit = config.auth.rate_limit
         self._bot_name = bot_name
+        self._canonical_rooms = canonical_rooms
         self._policies = {
-            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})", record)
+            cb.id: CallbackPolicy(cb.id, cb, f"callbacks[{i}] ({cb.id})", record, canonical_rooms)
             for i, cb in enumerate(config.callbacks)
         }
+        for i, cb in enumerate(config.callbacks):
+            # Routes declared only as the callback connects are checked then (check_rules).
+            if cb.routes:
+                ids = [route.id or route.pattern for route in cb.routes]
+                for name in self._policies[cb.id].unmatched_rules(ids):
+                    log.warning(
+                        "callbacks[%d] (%s): route_rules.%s names none of the routes in its config (%s); it "
+                        "applies only if the callback declares such a route as it connects. Rules match a route's "
+                        "id (its pattern when it has none) exactly, or as a shell-style pattern such as 'deploy*'",
+                        i,
+                        cb.id,
+                        name,
+                        ", ".join(repr(r) for r in ids),
+                    )
 
     def policy(self, callback_id: str) -> CallbackPolicy:
         """The callback's capabilities, route rules and rate limit (defaults when the
         config does not name it)."""
         policy = self._policies.get(callback_id)
         if policy is None:
-            policy = self._policies[callback_id] = CallbackPolicy(callback_id, record=self._record)
+            policy = self._policies[callback_id] = CallbackPolicy(
+                callback_id, record=self._record, canonical_rooms=self._canonical_rooms
+            )
         return policy
 
     def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:

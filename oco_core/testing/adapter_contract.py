@@ -24,8 +24,9 @@ that the service cannot support is skipped only when the person's matching
 ``supports_*`` flag is False, and the flag's docstring in the driver must say why.
 
 What is checked: a room message reaches the host with the person's id, the room's id and
-the body; the bot's message reaches the room; a mention names the person; a message
-addressing the bot by its own name arrives intact; private messages both ways; a long
+the body, ids that ``user_id`` and ``room_id`` leave unchanged; the bot's message
+reaches the room; a mention names the person; a message addressing the bot by its own
+name arrives intact; private messages both ways (``private`` wins over a room); a long
 message is split within the service's limit with nothing lost and order kept; several
 lines arrive in order; the person leaving and joining is reported; and messages sent
 while the server is away arrive, in order, once it is back.
@@ -199,6 +200,10 @@ class AdapterContract:
         assert message.room is not None, "a room message must carry its room"
         assert message.room.id == person.room
         assert not message.direct
+        # The bot folds names in its config (auth.admins, route_rules, capabilities.send)
+        # with user_id and room_id: the ids messages carry must come out unchanged.
+        assert live_chat.adapter.user_id(message.user.id) == message.user.id
+        assert live_chat.adapter.room_id(message.room.id) == message.room.id
 
     async def test_room_message_from_the_bot_reaches_the_person(self, live_chat: LiveChat) -> None:
         person = live_chat.person
@@ -240,6 +245,10 @@ class AdapterContract:
         await live_chat.adapter.send(OutgoingMessage("and another", user=message.user))
         seen = await person.next_from_bot(lambda s: s.body == "and another", timeout=self.timeout)
         assert seen.room is None, f"a message without a room went to room {seen.room}"
+        # private wins over a room: the bot checked the send capability against the user.
+        await live_chat.adapter.send(OutgoingMessage("just you", room_id=person.room, user=message.user, private=True))
+        seen = await person.next_from_bot(lambda s: s.body == "just you", timeout=self.timeout)
+        assert seen.room is None, f"a private message naming a room went to room {seen.room}"
 
     # ---- long and multi-line messages ----
 

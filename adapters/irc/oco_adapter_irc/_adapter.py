@@ -259,6 +259,10 @@ class IrcAdapter(Adapter):
         """A nick as typed ("Bob", "@Bob") → the id messages carry (the folded nick)."""
         return self.fold(name.removeprefix("@"))
 
+    def room_id(self, name: str) -> str:
+        """A channel as written in the bot's config ("#Ops") → the id messages carry."""
+        return self.fold(name)
+
     def user(self, nick: str) -> ChatUser:
         """The ChatUser for ``nick``: its id is the case-folded nick (see the module's
         docstring for why)."""
