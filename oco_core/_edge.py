@@ -274,6 +274,7 @@ class Services:
             if not self._opening[callback_id]:
                 del self._opening[callback_id]
         log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
+        policy.check_rules(routes)
         state.connected.set()
         revoked: list[RpcAbort] = []
         try:

@@ -161,10 +161,6 @@ async def test_route_rules_naming_no_route_in_the_config_are_warned_about_at_sta
             assert await _say(running, "oco deploy web", user="bob") == "deploying web"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the edge to call policy.check_rules(routes) when a Listen stream registers (asked of the lead)",
-)
 async def test_route_rules_naming_no_route_a_callback_declares_are_warned_about_as_it_connects(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
