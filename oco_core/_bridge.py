@@ -735,8 +735,14 @@ class Bridge:
         """From trio: start a bidirectional call (``start(requests)`` runs on the loop)
         and yield a sender for requests and a stream of responses."""
         outgoing: _TrioToAsyncio[Any] = _TrioToAsyncio(self, window)
-        async with self.open_response_stream(lambda: start(_Requests(outgoing)), window) as responses:
-            yield DuplexSender(outgoing), responses
+        try:
+            async with self.open_response_stream(lambda: start(_Requests(outgoing)), window) as responses:
+                yield DuplexSender(outgoing), responses
+        finally:
+            # grpc's task that reads the requests waits for the next one until told
+            # there are none; left waiting after the call ended, it is destroyed pending
+            # and asyncio logs that as an ERROR in the callback's output.
+            outgoing.close()
 
 
 class _Requests:

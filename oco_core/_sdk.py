@@ -631,7 +631,9 @@ class Callback:
                             # grpc's client says so of a write that raced the bot closing
                             # the stream (grpc/grpc#36066): not an error in the bot.
                             why = "the bot closed the stream while this callback was writing to it"
-                        what = f"connection to the bot at {self.address} {how} ({why})"
+                        what = (
+                            f"connection to the bot at {self.address} {how} ({why}){self._hint(error.details() or '')}"
+                        )
                     finally:
                         self._connection = None
                         self._connected = trio.Event()
@@ -644,6 +646,19 @@ class Callback:
             finally:
                 with trio.CancelScope(shield=True):
                     await bridge.close_channel(channel)
+
+    def _hint(self, details: str) -> str:
+        """The likely fix for a connection that failed so, when the details tell."""
+        if "Connection refused" in details:
+            return " — is the bot running, and is its address (OCO_ADDRESS) right?"
+        if self._over_tls and "WRONG_VERSION_NUMBER" in details:
+            return " — if the bot serves plaintext gRPC, unset OCO_TLS_CA and OCO_TLS_SERVER_NAME"
+        if self._over_tls and "CERTIFICATE_VERIFY_FAILED" in details:
+            return " — is OCO_TLS_CA the CA that signed the bot's certificate, and does it name this host?"
+        if not self._over_tls and "Socket closed" in details:
+            # A TLS server closes a plaintext client's connection without a word.
+            return " — if the bot serves gRPC over TLS, set OCO_TLS_CA (or OCO_TLS_SERVER_NAME)"
+        return ""
 
     async def _listen(self, connection: _Connection, *, task_status: trio.TaskStatus[None]) -> None:
         request = robot_pb2.ListenRequest(
@@ -683,7 +698,7 @@ class Callback:
                 )
                 task_status.started()
                 async with trio.open_nursery() as handlers:
-                    handlers.start_soon(self._read_results, connection, results)
+                    handlers.start_soon(self._read_results, connection, results, handlers.cancel_scope)
                     routes = {r.id: r for r in self._routes}
                     async for event in events:
                         if event.dropped:
@@ -700,12 +715,16 @@ class Callback:
                         handlers.start_soon(self._dispatch, routes, event, token)
                     handlers.cancel_scope.cancel()
 
-    async def _read_results(self, connection: _Connection, results: ResponseStream) -> None:
+    async def _read_results(self, connection: _Connection, results: ResponseStream, scope: trio.CancelScope) -> None:
         async for result in results:
             entry = connection.pending.get(result.request_id)
             if entry is not None:
                 entry[1].append(result)
                 entry[0].set()
+        # The bot ended the stream of results (it is shutting down): no reply will be
+        # confirmed now, and handlers waiting for one hold the concurrency the events
+        # loop needs to notice that Listen ended too. This connection is over.
+        scope.cancel()
 
     async def _dispatch(self, routes: dict[str, _Route], event: core_pb2.Event, token: object) -> None:
         # The supervision boundary for handlers: one failing handler is logged, never
