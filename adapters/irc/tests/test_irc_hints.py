@@ -75,3 +75,11 @@ async def test_tls_to_a_server_that_speaks_first_fails_at_once(kit: Any, caplog:
         nursery.cancel_scope.cancel()
     assert f"TLS handshake with 127.0.0.1:{port} failed (" in line
     assert "if this is a plaintext port, set tls: false" in line
+
+
+async def test_a_host_that_does_not_resolve_says_dns(kit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # .invalid never resolves (RFC 6761), and resolvers answer so without asking anyone.
+    adapter = IrcAdapter(kit.config(host="irc.example.invalid"))
+    line = await first_failure(adapter, caplog, within=10)
+    assert "cannot resolve irc.example.invalid (DNS: " in line
+    assert "is the host right?" in line
