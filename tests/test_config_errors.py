@@ -118,7 +118,11 @@ def test_an_unknown_log_level_lists_the_levels() -> None:
             "bot: {max_message_bytes: lots}\n",
             "expected a whole number, not text; for example `max_message_bytes: 16384`",
         ),
-        ("bot: oco\n", "bot: expected a mapping of keys, not text (keys: aliases, max_message_bytes, name)"),
+        (
+            "bot: oco\n",
+            "bot: expected a mapping of keys, not text (keys: adapter_startup_wait, aliases, "
+            "callback_startup_wait, max_message_bytes, name, unknown_command_reply)",
+        ),
         ("callbacks: [{command: [python]}]\n", "callbacks[0].id: required, for example `id: weather`"),
         ("callbacks: [{id: w, command: []}]\n", "callbacks[0].command: must not be empty"),
         ("auth: {roles: {ops: deploy}}\n", "auth.roles.ops: expected a list, not text; for example `roles: "),
