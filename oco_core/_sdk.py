@@ -366,6 +366,24 @@ def _first_callback_error(error: BaseException) -> CallbackError | None:
     return None
 
 
+class _BareFormatter(logging.Formatter):
+    """Each line of a record (a traceback's too) as ``LEVEL text``: the bot that launched
+    the callback adds the time and ``oco.callback.<id>`` and logs it at that level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(f"{record.levelname} {line}" for line in super().format(record).splitlines() or [""])
+
+
+def _configure_logging() -> None:
+    # OCO_LOG_FORMAT=bare: the bot launched this program and prefixes its output itself.
+    if os.environ.get("OCO_LOG_FORMAT") == "bare":
+        handler = logging.StreamHandler()
+        handler.setFormatter(_BareFormatter("%(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 class Callback:
     """A callback program: declare routes with decorators, then :meth:`run`.
 
@@ -558,7 +576,7 @@ class Callback:
     def run(self) -> None:
         """Run until interrupted (SIGINT or SIGTERM); configure logging if nobody did."""
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            _configure_logging()
         try:
             trio.run(self._serve_until_signalled)
         except (CallbackError, BaseExceptionGroup) as exc:
