@@ -317,7 +317,7 @@ class Authenticator:
         try:
             callback_id = await find_callback(store, digest)
         except StoreError as exc:
-            log.warning("could not check a callback's secret: %s", exc)
+            # No log line here: the edge logs each refusal, at most once a minute per reason.
             raise RpcAbort(
                 grpc.StatusCode.UNAVAILABLE, f"the bot cannot check secrets now (its store failed: {exc}); retry later"
             ) from None
@@ -331,16 +331,12 @@ class Authenticator:
             self._cache.pop(digest, None)
             return None
         if callback_id in self._configured:
-            log.warning(
-                "refused callback %r's store secret: the config sets its secret (or launches it), which wins; "
-                "`oco callbacks remove %s` deletes the unused one",
-                callback_id,
-                callback_id,
-            )
+            # The edge logs the refusal (rate-limited), with these details.
             raise RpcAbort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"this secret is registered for {callback_id!r} in the bot's store, but the bot's configuration "
-                "sets that callback's secret, and the configuration wins: use the configured secret",
+                f"sets that callback's secret, and the configuration wins: use the configured secret "
+                f"(`oco callbacks remove {callback_id}` deletes the unused one)",
             )
         if len(self._cache) >= _CACHE_MAX:
             self._cache = {d: entry for d, entry in self._cache.items() if entry[1] > now}
