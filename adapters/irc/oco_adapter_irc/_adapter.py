@@ -12,6 +12,12 @@ Tasks, all in nurseries:
 The outbox belongs to the adapter, not to a connection: ``send`` appends whole messages
 (as lines) to it whatever the connection's state, and a line leaves it only after it was
 written, so what callbacks send during an outage goes out after the reconnect, in order.
+Written is not received: a dying server (or network) loses what sat in the socket
+buffers. IRC has no acknowledgements, but a server answers PINGs in order, so after a
+burst the writer sends a PING and holds the lines written before it until its PONG
+comes; lines still unconfirmed when the connection ends go back to the front of the
+outbox and out again after the reconnect (at least once: a line the server handled just
+before it died may appear twice).
 
 User ids: a user's id is their nick, case-folded by the server's CASEMAPPING (so
 ``Alice`` and ``alice``, who IRC says are the same user, get one id). ``nick!user@host``
@@ -91,6 +97,10 @@ class IrcStatistics:
     sent_lines: int
     #: Lines from the server that were malformed, oversized or failed to be handled.
     skipped_lines: int
+    #: Lines written that the server has not yet confirmed (by answering a later PING).
+    unconfirmed_lines: int = 0
+    #: Lines sent again after a reconnect because the server never confirmed them.
+    resent_lines: int = 0
 
 
 @dataclass(slots=True)
@@ -121,6 +131,7 @@ class IrcAdapter(Adapter):
         self._wakeup = trio.lowlevel.ParkingLot()
         self._registrations = 0
         self._sent = 0
+        self._resent = 0
         self._skipped = 0
 
     # ---- the Adapter interface ----
@@ -232,6 +243,8 @@ class IrcAdapter(Adapter):
             registrations=self._registrations,
             queued_lines=len(self._outbox),
             sent_lines=self._sent,
+            unconfirmed_lines=len(connection._unconfirmed) if connection is not None else 0,
+            resent_lines=self._resent,
             skipped_lines=self._skipped,
         )
 
@@ -339,6 +352,11 @@ def _redact(line: str) -> str:
     return line
 
 
+#: Lines written before the writer asks the server to confirm them (it also asks when the
+#: outbox empties): a PING per this many lines at most.
+_CONFIRM_EVERY = 20
+
+
 class _Connection:
     """One connection, from TCP connect to close."""
 
@@ -355,6 +373,11 @@ class _Connection:
         self.ready = False
         self.channels: dict[str, _Channel] = {}
         self._control: deque[str] = deque()
+        #: Outbox lines written on this connection and not yet confirmed by a PONG.
+        self._unconfirmed: deque[str] = deque()
+        #: The PING asking for that confirmation: its token and the lines it covers.
+        self._confirming: tuple[str, int] | None = None
+        self._confirmations = 0
         self._stream: trio.abc.Stream | None = None
         self._registered = trio.Event()
         self._last_rx = trio.current_time()
@@ -387,7 +410,21 @@ class _Connection:
                 self._register()
         finally:
             self.ready = False
+            self._requeue_unconfirmed()
             await self._close(stream)
+
+    def _requeue_unconfirmed(self) -> None:
+        if not self._unconfirmed:
+            return
+        count = len(self._unconfirmed)
+        self.adapter._outbox.extendleft(reversed(self._unconfirmed))
+        self.adapter._resent += count
+        self._unconfirmed.clear()
+        log.info(
+            "%d line(s) written to the IRC server were not confirmed before the connection ended; "
+            "they go out again after the reconnect",
+            count,
+        )
 
     async def _open(self) -> trio.abc.Stream:
         cfg = self.config
@@ -520,6 +557,24 @@ class _Connection:
                 # sent again after the reconnect.
                 outbox.popleft()
                 self.adapter._sent += 1
+                self._unconfirmed.append(line)
+                if not outbox or len(self._unconfirmed) >= _CONFIRM_EVERY:
+                    self._ask_confirmation()
+
+    def _ask_confirmation(self) -> None:
+        """PING after the lines written so far; its PONG confirms them."""
+        if self._confirming is None and self._unconfirmed:
+            self._confirmations += 1
+            token = f"oco-sent-{self._confirmations}"
+            self._confirming = (token, len(self._unconfirmed))
+            self._control_line("PING", token)
+
+    async def _on_pong(self, line: p.Line) -> None:
+        if self._confirming is not None and line.param(-1) == self._confirming[0]:
+            for _ in range(self._confirming[1]):
+                self._unconfirmed.popleft()
+            self._confirming = None
+            self._ask_confirmation()  # lines written since that PING
 
     async def _keepalive(self) -> None:
         interval, timeout = self.config.ping_interval, self.config.ping_timeout

@@ -285,7 +285,7 @@ class Gate:
         self.open = True
         self.frozen = False
         self.connections = 0
-        self._streams: list[trio.SocketStream] = []
+        self._links: set[trio.CancelScope] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -303,8 +303,16 @@ class Gate:
                 return
             self.connections += 1
             async with upstream, trio.open_nursery() as nursery:
+                self._links.add(nursery.cancel_scope)
                 nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
                 nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+            self._links.discard(nursery.cancel_scope)
+
+    def drop(self) -> None:
+        """Close every relayed connection now; what a frozen relay held is lost, as when
+        a server dies with data in its buffers. New connections are still relayed."""
+        for link in list(self._links):
+            link.cancel()
 
     async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
         try:

@@ -305,3 +305,27 @@ async def test_joins_a_channel_with_a_key(kit: Any) -> None:
         adapter = IrcAdapter(kit.config(channels=[{"name": "#secret", "key": "sesame"}]))
         async with kit.running(adapter, kit.host):
             await alice.expect(r":oco!\S+ JOIN :?#secret")
+
+
+async def test_lines_the_server_never_confirmed_go_out_again_after_a_reconnect(kit: Any, gate: Any) -> None:
+    """Lines written into a connection that dies with them in flight (here: held by a
+    frozen relay that then drops the connection, as a server that hangs with a backlog and
+    dies) are not lost: the server never answered the PING that followed them, so they
+    are sent again on the next connection."""
+    adapter = IrcAdapter(kit.config(port=gate.port, rate_limit={"burst": 50, "per_second": 200}))
+    async with kit.person("alice") as alice, kit.running(adapter, kit.host):
+        await alice.expect(r":oco!\S+ JOIN")
+        since = alice.mark()
+        gate.frozen = True
+        for n in range(30):
+            await adapter.send(OutgoingMessage(body=f"backlog {n}", room_id="#test"))
+        await kit.wait_for(lambda: adapter.statistics().queued_lines == 0, "every line to be written")
+        assert adapter.statistics().unconfirmed_lines == 30
+        gate.drop()
+        gate.frozen = False
+        await kit.wait_for(lambda: adapter.statistics().registrations == 2, "the bot to reconnect")
+        await alice.expect(r"PRIVMSG #test :backlog 29$", since=since)
+        seen = [int(m.group(1)) for m in alice.find(r"PRIVMSG #test :backlog (\d+)$", since)]
+        assert seen == list(range(30)), seen  # the relay lost them all: each came once, in order
+        assert adapter.statistics().resent_lines == 30
+        await kit.wait_for(lambda: adapter.statistics().unconfirmed_lines == 0, "the server to confirm them")
