@@ -100,6 +100,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: print numbers (never part of the test run)."""
     session.install(*_editable(".[postgresql]", *DISTRIBUTIONS))
     session.run("python", "bench/bench_router.py")
+    session.run("python", "bench/bench_churn.py")
+    session.run("python", "bench/bench_memory.py")
     session.run("python", "bench/bench_startup.py", *session.posargs)  # --quick: 3 runs each
     session.run("python", "bench/bench_roundtrip.py", *session.posargs)  # --quick for a smoke run
     # PostgreSQL and Redis rows need OCO_TEST_POSTGRES_URL and OCO_TEST_REDIS_URL.
