@@ -32,9 +32,14 @@ transactions on power loss, in exchange for fewer fsyncs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import math
+import os
 import re
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import outcome
 import sqlalchemy as sa
 import trio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -96,6 +102,12 @@ class SqlStoreConfig(BaseModel):
     pool_pre_ping: bool = False
     #: Seconds to wait when connecting to a server database before giving up.
     connect_timeout: int = Field(default=5, ge=1)
+    #: PostgreSQL: seconds one call may take on its connection. The server cancels a
+    #: statement that runs longer; a server that has not answered
+    #: ``statement_timeout + 1`` seconds after a call began (hung, or behind a network
+    #: that drops packets, where TCP keepalives still pass) has its connection closed
+    #: and the call fails as unavailable.
+    statement_timeout: float = Field(default=5.0, gt=0, le=3600)
     #: PostgreSQL: seconds after which a server that stopped answering (TCP keepalives
     #: unanswered, sent data unacknowledged) fails the call as unavailable.
     dead_server_timeout: int = Field(default=20, ge=2)
@@ -252,6 +264,64 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+#: Seconds a PostgreSQL server gets past ``statement_timeout`` to report its own
+#: cancellation before the client takes it for hung and closes the connection.
+_GRACE = 1.0
+
+
+class _Watch:
+    """The connection one PostgreSQL call is using, so that the trio side can cut it off
+    when the server stops answering.
+
+    libpq has no timeout for a reply: a server that hangs, or a network that drops
+    packets while the kernel at the far end still acknowledges them, leaves the worker
+    thread blocked for good (TCP keepalives and ``tcp_user_timeout`` need unacknowledged
+    data, and the server's statement_timeout never fires for a statement it never
+    received). Shutting the socket down wakes the thread with an error; the pool then
+    discards the connection. The socket is a duplicate of libpq's descriptor, so a
+    descriptor closed and reused meanwhile is never the one shut down.
+    """
+
+    __slots__ = ("_lock", "_since", "_socket", "cut")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._since = 0.0
+        self.cut = False
+
+    def begin(self, conn: Connection) -> None:
+        """In the worker thread: the call now runs on ``conn``."""
+        fileno = conn.connection.dbapi_connection.fileno()  # type: ignore[union-attr]
+        with self._lock:
+            if self.cut:
+                raise exc.TimeoutError("the call was cut off")
+            self._socket = socket.socket(fileno=os.dup(fileno))
+            self._since = time.monotonic()
+
+    def end(self) -> None:
+        """In the worker thread: the call is done with its connection."""
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+    def cut_if_late(self, limit: float) -> float | None:
+        """In the trio thread: cut the call off if it has run ``limit`` seconds on its
+        connection; else return the seconds until it will have (None once cut)."""
+        with self._lock:
+            if self._socket is None:
+                # Still connecting (bounded by connect_timeout), or done.
+                return limit
+            left = self._since + limit - time.monotonic()
+            if left > 0:
+                return left
+            self.cut = True
+            with contextlib.suppress(OSError):  # already closed by the far end
+                self._socket.shutdown(socket.SHUT_RDWR)
+            return None
+
+
 def _one_line(error: BaseException) -> str:
     text = str(getattr(error, "orig", None) or error)
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
@@ -271,7 +341,12 @@ class SqlStore(Store):
         # saves the BEGIN and COMMIT round trips (measured: 2x the gets per second).
         # SQLite keeps explicit transactions, which cost nothing there.
         self._autocommit = self._engine.dialect.name == "postgresql"
+        # Taken in trio before a call goes to its thread, so that waiting for a
+        # connection is bounded by pool_timeout; the thread itself never waits.
         self._limiter = trio.CapacityLimiter(1 if self._in_memory else config.pool_size + config.max_overflow)
+        self._threads = trio.CapacityLimiter(math.inf)
+        # SQLite is a local file with its own busy timeout; only a server can hang.
+        self._deadline = config.statement_timeout + _GRACE if self._autocommit else None
         self._prepare_statements()
 
     @property
@@ -326,7 +401,21 @@ class SqlStore(Store):
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", self._on_sqlite_connect)
             event.listen(engine, "begin", self._on_sqlite_begin)
+        else:
+            event.listen(engine, "connect", self._on_postgresql_connect)
         return engine
+
+    def _on_postgresql_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        # Set with SET rather than the `options` startup parameter, which PgBouncer
+        # refuses unless told to ignore it. Outside a transaction, so that the pool's
+        # rollback on return cannot undo it.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        try:
+            milliseconds = max(1, round(self.config.statement_timeout * 1000))
+            dbapi_connection.execute(f"SET statement_timeout = {milliseconds}")
+        finally:
+            dbapi_connection.autocommit = autocommit
 
     def _on_sqlite_connect(self, dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -412,16 +501,24 @@ class SqlStore(Store):
         """Run ``fn`` on a pooled connection in a worker thread, in a transaction (always
         on SQLite; on PostgreSQL only when asked), and map database errors."""
 
+        watch = _Watch() if self._deadline is not None else None
+
         def attempt() -> T:
             with self._engine.connect() as conn:
-                if self._autocommit and not transaction:
-                    return fn(conn)
-                if transaction and self._autocommit:
-                    conn = conn.execution_options(isolation_level="READ COMMITTED")
-                elif write:
-                    conn = conn.execution_options(oco_write=True)
-                with conn.begin():
-                    return fn(conn)
+                if watch is not None:
+                    watch.begin(conn)
+                try:
+                    if self._autocommit and not transaction:
+                        return fn(conn)
+                    if transaction and self._autocommit:
+                        conn = conn.execution_options(isolation_level="READ COMMITTED")
+                    elif write:
+                        conn = conn.execution_options(oco_write=True)
+                    with conn.begin():
+                        return fn(conn)
+                finally:
+                    if watch is not None:
+                        watch.end()
 
         def work() -> T:
             try:
@@ -430,22 +527,67 @@ class SqlStore(Store):
                 # A connection that died while idle in the pool (the database
                 # restarted): SQLAlchemy has now discarded every pooled connection. A
                 # read is safe to try once more; a write is not (it may have happened).
-                if write or not e.connection_invalidated:
+                if write or not e.connection_invalidated or (watch is not None and watch.cut):
                     raise
                 return attempt()
 
+        with trio.move_on_after(self.config.pool_timeout) as waiting:
+            await self._limiter.acquire()
+        if waiting.cancelled_caught:
+            raise StoreUnavailableError(
+                f"store database {self._masked_url} is unavailable: no connection free within "
+                f"pool_timeout ({self.config.pool_timeout:g} s)"
+            )
         try:
-            return await trio.to_thread.run_sync(work, limiter=self._limiter)
+            return await self._in_thread(work, watch)
         except StoreError:
             raise
-        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError) as e:
-            raise StoreUnavailableError(self._unavailable_message(e)) from e
-        except exc.DBAPIError as e:
-            if e.connection_invalidated:
-                raise StoreUnavailableError(self._unavailable_message(e)) from e
-            raise StoreError(f"store database {self._masked_url} failed: {self._scrub(_one_line(e))}") from e
         except exc.SQLAlchemyError as e:
-            raise StoreError(f"store database {self._masked_url} failed: {self._scrub(_one_line(e))}") from e
+            if watch is not None and watch.cut:
+                raise StoreUnavailableError(
+                    f"store database {self._masked_url} is unavailable: no answer within "
+                    f"{self._deadline:g} s (statement_timeout + {_GRACE:g} s); its connection was closed"
+                ) from e
+            raise self._mapped(e) from e
+        finally:
+            self._limiter.release()
+
+    async def _in_thread(self, work: Callable[[], T], watch: _Watch | None) -> T:
+        """Run ``work`` in a worker thread; with a ``watch``, cut its connection off once
+        it has waited ``statement_timeout + 1`` seconds for the server."""
+        if watch is None or self._deadline is None:
+            return await trio.to_thread.run_sync(work, limiter=self._threads)
+        # trio.to_thread cannot wake its caller before the thread ends, and the watch
+        # must act meanwhile: start the thread at the level below and wait for it here.
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[T]] = []
+
+        def deliver(got: outcome.Outcome[T]) -> None:
+            result.append(got)
+            token.run_sync_soon(done.set)
+
+        trio.lowlevel.start_thread_soon(work, deliver)
+        # Shielded: as trio.to_thread does by default, the thread is waited for even
+        # when the caller is cancelled (it holds a pooled connection); the watch bounds
+        # that wait.
+        with trio.CancelScope(shield=True):
+            wait: float | None = self._deadline
+            while wait is not None:
+                with trio.move_on_after(wait):
+                    await done.wait()
+                if done.is_set():
+                    break
+                wait = watch.cut_if_late(self._deadline)
+            await done.wait()
+        return result[0].unwrap()
+
+    def _mapped(self, e: exc.SQLAlchemyError) -> StoreError:
+        if isinstance(e, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError)):
+            return StoreUnavailableError(self._unavailable_message(e))
+        if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
+            return StoreUnavailableError(self._unavailable_message(e))
+        return StoreError(f"store database {self._masked_url} failed: {self._scrub(_one_line(e))}")
 
     def _scrub(self, text: str) -> str:
         if self._password:

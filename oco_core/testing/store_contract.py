@@ -44,6 +44,7 @@ from .._quota import QuotaConfig, QuotaStore
 from .._store import MAX_KEY_BYTES, Item, Store
 from .._timing import Backoff
 from ._process import _wait_for_file
+from ._proxy import TcpProxy as TcpProxy
 
 __all__ = [
     "ServerOutageContract",
@@ -536,59 +537,6 @@ class StoreContract:
 
 
 # ---- the store behind a real bot, through the Storage RPC ----
-
-
-class TcpProxy:
-    """A TCP proxy to a database server that a test can cut off and restore, to play a
-    network outage without touching the server itself (which other tests share)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self._cut = False
-        self._links: set[trio.CancelScope] = set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on a free loopback port (``self.port``) until cancelled."""
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    def cut(self) -> None:
-        """Drop every open connection and refuse new ones (accept, then close at once)."""
-        self._cut = True
-        for link in list(self._links):
-            link.cancel()
-
-    def restore(self) -> None:
-        """Let connections through again."""
-        self._cut = False
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        async with client:
-            if self._cut:
-                return
-            with trio.CancelScope() as link:
-                self._links.add(link)
-                try:
-                    server = await trio.open_tcp_stream(*self.target)
-                    async with server, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-                        nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
-                except (OSError, trio.BrokenResourceError):
-                    pass
-                finally:
-                    self._links.discard(link)
-
-    @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
-        try:
-            async for chunk in source:
-                await sink.send_all(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        both.cancel()
 
 
 @asynccontextmanager
