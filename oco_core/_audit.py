@@ -2,8 +2,11 @@
 delivered respond match, kept in the core store's ``audit`` namespace.
 
 Routing never waits for the store, so records are queued and written by one task in
-the bot's nursery; the queue is large, and if the store falls so far behind that it
-fills, the records that do not fit are counted and logged, never waited for. The task
+the bot's nursery. While the store is unavailable the task keeps the batch it holds and
+retries with backoff (up to 10 s apart) for as long as the outage lasts, and records
+wait in the queue, in memory: up to 100,000 of them (some tens of MB). Records that do
+not fit are counted, never waited for: the first one dropped logs one line, and the
+count is logged once, when a write succeeds again (or when the bot stops). The task
 writes what queued up in 0.1 s as one store entry (JSON lines), so a busy bot makes at
 most ten writes a second rather than one per message: with SQLite's synchronous=FULL a
 write per record halved the replies per second in bench/bench_roundtrip.py. Keys are the first
@@ -26,11 +29,20 @@ import trio
 
 from ._errors import StoreError
 from ._store import Store
+from ._timing import Backoff
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "audit"
+#: Records held in memory while the store is behind or away; more are dropped and counted.
 _QUEUE = 100_000
+#: Seconds between attempts at a write while the store is unavailable: first, at most.
+_RETRY_FIRST = 0.5
+_RETRY_MAX = 10.0
+#: With this many records waiting, the writer does not wait for more to gather.
+_BACKLOG = 1000
+#: Seconds the writer may go on writing what is queued once the bot stops.
+_STOP_WAIT = 5.0
 _PRUNE_EVERY = 3600.0
 _PAGE = 100
 #: Most bytes one store entry holds (stores accept 1 MiB values by default).
@@ -97,7 +109,11 @@ class AuditLog:
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
+        #: Records never written: dropped with the queue full, or left when the bot stopped.
         self.lost = 0
+        self._unreported = 0
+        #: The batch taken off the queue and not yet written (kept across an outage).
+        self._held: tuple[str, list[bytes]] | None = None
 
     def record(self, kind: str, decision: str, **details: str) -> AuditRecord:
         """Queue one record (never waits) and return it."""
@@ -106,15 +122,32 @@ class AuditLog:
         try:
             self._send.send_nowait((_key(entry.time, self._seq), entry))
         except (trio.WouldBlock, trio.ClosedResourceError):
-            self.lost += 1
-            log.error("audit log: the store is too far behind; %d record(s) not written: %s", self.lost, entry)
+            self._drop(1, entry)
             return entry
         self._pending += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         return entry
 
+    def _drop(self, count: int, entry: AuditRecord | None = None) -> None:
+        if not self._unreported:
+            # One line as dropping starts; the count follows once the store catches up.
+            log.error(
+                "audit log: the store is too far behind or unavailable and %d records wait in memory; "
+                "dropping records until it catches up, e.g. %s",
+                _QUEUE,
+                entry,
+            )
+        self.lost += count
+        self._unreported += count
+
+    def _report_dropped(self, why: str) -> None:
+        if self._unreported:
+            log.error("audit log: %d record(s) were dropped %s", self._unreported, why)
+            self._unreported = 0
+
     async def flush(self) -> None:
-        """Wait until every queued record is in the store (or failed)."""
+        """Wait until every queued record is in the store (through an outage, until the
+        store is back or the writer stops)."""
         await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -126,22 +159,36 @@ class AuditLog:
                     nursery.start_soon(self._prune_hourly)
                 async for first in self._receive:
                     try:
-                        # Let a burst gather: at a message a millisecond, one write per
-                        # message would be a disk sync per message, on routing's heels.
-                        await trio.sleep(_BATCH_WAIT)
+                        if self._receive.statistics().current_buffer_used < _BACKLOG:
+                            # Let a burst gather: at a message a millisecond, one write per
+                            # message would be a disk sync per message, on routing's heels.
+                            await trio.sleep(_BATCH_WAIT)
                     finally:
                         # Taken off the queue, a batch is written even if the bot is stopping.
-                        with trio.CancelScope(shield=True), trio.move_on_after(30):
-                            await self._write(self._batch(first))
+                        self._held = self._batch(first)
+                    await self._write_held()
         finally:
-            with trio.move_on_after(5) as scope:
+            with trio.move_on_after(_STOP_WAIT) as scope:
                 scope.shield = True
-                while self._pending:
+                while self._held is not None or self._pending:
+                    if self._held is None:
+                        try:
+                            self._held = self._batch(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                            break
+                    await self._write_held()
+            if self._held is not None or self._pending:
+                left = self._pending
+                self._held = None
+                while True:
                     try:
-                        first = self._receive.receive_nowait()
+                        self._receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
-                    await self._write(self._batch(first))
+                self._done(left)
+                self.lost += left
+                self._unreported += left
+            self._report_dropped("(the store was unavailable or behind when the bot stopped)")
 
     def _batch(self, first: tuple[str, AuditRecord]) -> tuple[str, list[bytes]]:
         """``first`` and whatever else is queued, up to _BATCH_BYTES."""
@@ -157,21 +204,38 @@ class AuditLog:
             size += len(lines[-1]) + 1
         return key, lines
 
-    async def _write(self, batch: tuple[str, list[bytes]]) -> None:
-        key, lines = batch
-        delay = 0.5
-        for attempt in range(5):
+    async def _write_held(self) -> None:
+        """Write the held batch, retrying for as long as the store is unavailable."""
+        assert self._held is not None
+        key, lines = self._held
+        backoff = Backoff(_RETRY_FIRST, _RETRY_MAX)
+        failing_since: float | None = None
+        while True:
             try:
                 await self._store.set(NAMESPACE, key, b"\n".join(lines))
                 break
             except StoreError as exc:
-                if attempt == 4:
-                    self.lost += len(lines)
-                    log.error("audit log: could not write %d record(s): %s", len(lines), exc)
-                    break
-                await trio.sleep(delay)
-                delay *= 2
-        self._pending -= len(lines)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "audit log: cannot write to the store (%s); keeping records in memory (up to %d) "
+                        "and retrying until it is back",
+                        exc,
+                        _QUEUE,
+                    )
+                await backoff.sleep()
+        self._held = None
+        self._done(len(lines))
+        if failing_since is not None:
+            log.warning(
+                "audit log: writing to the store again after %.0f s; %d record(s) waiting",
+                time.monotonic() - failing_since,
+                self._pending,
+            )
+        self._report_dropped("while the store was behind or unavailable")
+
+    def _done(self, count: int) -> None:
+        self._pending -= count
         if self._pending == 0:
             self._idle.set()
 
