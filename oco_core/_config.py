@@ -483,9 +483,74 @@ def _dotted(loc: Sequence[str | int]) -> str:
     return out
 
 
-def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: tuple[str | int, ...], lines: dict[Any, int]) -> Any:
+#: Deepest nesting of mappings and lists a config file may have (a real one has fewer
+#: than ten levels). Fixed, not a config key: a file cannot configure its own parser.
+MAX_YAML_DEPTH = 50
+#: Most values a config file may repeat through aliases (``*name`` of an ``&name``), all
+#: repetitions counted: nine nested aliases of nine items each ("billion laughs") would
+#: otherwise build 387 million values from 500 bytes. Fixed, as MAX_YAML_DEPTH.
+MAX_YAML_ALIAS_NODES = 10_000
+
+
+class _TooDeepError(Exception):
+    def __init__(self, line: int, column: int) -> None:
+        self.line, self.column = line, column
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing nesting past MAX_YAML_DEPTH while it composes (PyYAML
+    composes recursively: a few thousand ``[`` were a RecursionError traceback)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH + 1:  # the document's own node is not nesting
+                mark: yaml.Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooDeepError(mark.line + 1, mark.column + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+@dataclass
+class _Expansion:
+    """Nodes met so far while converting, to count what aliases repeat."""
+
+    seen: set[int]
+    repeated: int = 0
+
+
+def _convert(
+    node: yaml.Node,
+    loader: yaml.SafeLoader,
+    path: tuple[str | int, ...],
+    lines: dict[Any, int],
+    expansion: _Expansion | None = None,
+) -> Any:
     """Build plain data from a YAML node tree, substituting ${VAR} and noting lines."""
-    lines[path] = node.start_mark.line + 1
+    expansion = expansion or _Expansion(set())
+    line = node.start_mark.line + 1
+    if len(path) > MAX_YAML_DEPTH:
+        # Only aliases nest this deep here: the loader refused deeper text.
+        raise ConfigError(
+            f"line {line}: {_dotted(path[:2])}: nested deeper than {MAX_YAML_DEPTH} levels through aliases "
+            "(is an alias inside its own anchor?)"
+        )
+    if id(node) in expansion.seen:
+        # Met before: an alias repeats this node (and all below it, counted as met).
+        expansion.repeated += 1
+        if expansion.repeated > MAX_YAML_ALIAS_NODES:
+            raise ConfigError(
+                f"line {line}: {_dotted(path) or 'top level'}: aliases repeat more than {MAX_YAML_ALIAS_NODES:,} "
+                "values; refusing what may be an alias bomb (write the values out, or alias fewer)"
+            )
+    else:
+        expansion.seen.add(id(node))
+    lines[path] = line
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -494,13 +559,13 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: tuple[str | int, ..
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: keys must be text, not {key!r}")
             if key in result:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
-            result[key] = _convert(value_node, loader, (*path, key), lines)
+            result[key] = _convert(value_node, loader, (*path, key), lines, expansion)
             # A key's errors point at the key: a block value (the list under
             # `callbacks:`) starts on a later line than the key it belongs to.
             lines[(*path, key)] = key_node.start_mark.line + 1
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, loader, (*path, i), lines) for i, item in enumerate(node.value)]
+        return [_convert(item, loader, (*path, i), lines, expansion) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and "${" in node.value:
         return _substitute(node.value, node.start_mark.line + 1, path)
     return loader.construct_object(node, deep=True)
@@ -524,10 +589,15 @@ def _substitute(value: str, line: int, path: tuple[str | int, ...]) -> str:
 
 def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
     """Validate config ``text``; raise ConfigError naming file, line and key."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         try:
             node = loader.get_single_node()
+        except _TooDeepError as exc:
+            raise ConfigError(
+                f"{source}, line {exc.line}, column {exc.column}: "
+                f"nested deeper than {MAX_YAML_DEPTH} levels; refusing it"
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""

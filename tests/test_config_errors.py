@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -426,3 +427,80 @@ def test_run_logs_a_missing_program_and_starts_anyway(tmp_path: Path) -> None:
 def test_the_defaults_have_no_launch_problem() -> None:
     loaded = LoadedConfig(Config(), "<defaults>", {})
     assert Bot(loaded, load_plugins()).launch_problems == []
+
+
+# -- files built to hurt the parser ---------------------------------------------------
+
+
+def billion_laughs(levels: int, width: int = 9) -> str:
+    """``levels`` anchors, each a list of ``width`` aliases of the one before: about
+    width ** levels values once expanded, from a few hundred bytes."""
+    lines = ["x0: &x0 [" + ", ".join(["lol"] * width) + "]"]
+    for n in range(1, levels):
+        lines.append(f"x{n}: &x{n} [" + ", ".join([f"*x{n - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_in_one_line_at_once(tmp_path: Path) -> None:
+    # 387 million values expanded: check-config took 9.8 GB and 120 s.
+    text = billion_laughs(9)
+    assert len(text) < 500
+    started = time.monotonic()
+    result = check(tmp_path, text)
+    assert result.returncode == EXIT_CONFIG, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"oco: error: {tmp_path / 'oco.yaml'}, line "), line
+    assert "aliases repeat more than 10,000 values" in line, line
+    assert time.monotonic() - started < 30
+
+
+def test_an_alias_bomb_past_the_limit_is_refused_before_validation() -> None:
+    # 100,000 values under unknown keys: refused for its aliases, not after expanding them.
+    error = error_of(billion_laughs(5, width=10))
+    assert error.startswith("oco.yaml, line "), error
+    assert "aliases repeat more than 10,000 values" in error, error
+
+
+def test_aliases_that_reuse_a_block_still_work() -> None:
+    secret = "s" * 20
+    loaded = parse_config(
+        f"""\
+callbacks:
+  - id: weather
+    secret: "{secret}1"
+    env: &shared {{UNITS: metric, LANG: en}}
+  - id: deploy
+    secret: "{secret}2"
+    env: *shared
+"""
+    )
+    assert [cb.env for cb in loaded.config.callbacks] == [{"UNITS": "metric", "LANG": "en"}] * 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "bot: " + "[" * 5000 + "]" * 5000 + "\n",
+        "bot: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",
+        "".join(f"{'  ' * n}k{n}:\n" for n in range(2000)) + "  " * 2000 + "end: 1\n",
+    ],
+    ids=["flow lists", "flow mappings", "block mappings"],
+)
+def test_deep_nesting_is_refused_in_one_line(tmp_path: Path, text: str) -> None:
+    # It was a RecursionError traceback.
+    result = check(tmp_path, text)
+    assert result.returncode == EXIT_CONFIG, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert "nested deeper than 50 levels" in line, line
+    assert line.startswith(f"oco: error: {tmp_path / 'oco.yaml'}, line "), line
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    # Fifty levels below a key the config has no use for: refused for the key, not the depth.
+    error = error_of("x: " + "[" * 50 + "]" * 50 + "\n")
+    assert "unknown key 'x'" in error, error
+
+
+def test_an_alias_inside_its_own_anchor_is_refused() -> None:
+    error = error_of("bot: &a [*a]\n")
+    assert error.startswith("oco.yaml, line 1: bot[0]: nested deeper than 50 levels through aliases"), error
