@@ -59,7 +59,9 @@ class Bot:
         self.router = Router(
             config.bot.name,
             config.bot.aliases,
-            PatternLimits(config.grpc.max_pattern_length, config.grpc.max_pattern_program),
+            PatternLimits(
+                config.grpc.max_pattern_length, config.grpc.max_pattern_program, config.grpc.max_total_pattern_program
+            ),
         )
         self.callbacks: dict[str, CallbackState] = {}
         for cb in config.callbacks:

@@ -193,6 +193,9 @@ class GrpcSettings(_Strict):
     max_pattern_program: int = Field(
         default=20_000, gt=0, description="Instructions of one route pattern's compiled RE2 program (its cost)."
     )
+    max_total_pattern_program: int = Field(
+        default=1_000_000, gt=0, description="Instructions of all live route patterns together (one RE2 set)."
+    )
     shutdown_grace: float = Field(default=5.0, ge=0, description="Seconds running calls get at shutdown.")
     refusal_log_interval: float = Field(
         default=60.0,
@@ -845,10 +848,10 @@ def _kind(value: object) -> str:
 def callback_search_path(cb: CallbackSettings, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The PATH a launched callback gets, and where it comes from (for messages).
 
-    The directory of the bot's own interpreter comes first, as ``npm run`` puts
-    node_modules/.bin first: ``command: ["python", "weather.py"]`` then runs the Python
-    that has oco_core installed, even when the bot was started as ``.venv/bin/oco run``
-    from a shell whose venv is not activated. The rest is the bot's PATH (when
+    When the bot runs in a virtual environment, its bin directory comes first, as ``npm
+    run`` puts node_modules/.bin first: ``command: ["python", "weather.py"]`` then runs the
+    Python that has oco_core installed, even when the bot was started as
+    ``.venv/bin/oco run`` from a shell whose venv is not activated. The rest is the bot's PATH (when
     ``inherit_env`` passes it) or the system default. A PATH in the callback's ``env:``
     is used exactly as written.
     """
@@ -859,9 +862,12 @@ def callback_search_path(cb: CallbackSettings, environ: Mapping[str, str] | None
         rest, origin = environ["PATH"], "the bot's PATH"
     else:
         rest, origin = os.defpath, f"the system default PATH {os.defpath} (inherit_env: does not pass PATH)"
-    # Not resolved: a venv's python is a symlink to the base interpreter, whose
-    # directory has neither oco_core nor the venv's scripts.
-    interpreter_dir = os.path.dirname(sys.executable) if sys.executable else ""
+    # Only a virtual environment's (venv, pipx): a system Python's directory (/usr/bin)
+    # first would change which node or go a callback runs. Not resolved: a venv's python
+    # is a symlink to the base interpreter, whose directory has neither oco_core nor the
+    # venv's scripts.
+    in_venv = sys.prefix != sys.base_prefix
+    interpreter_dir = os.path.dirname(sys.executable) if sys.executable and in_venv else ""
     if not interpreter_dir:
         return rest, origin
     return os.pathsep.join([interpreter_dir, rest]), f"{origin} after the bot's interpreter directory {interpreter_dir}"

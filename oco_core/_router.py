@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 #: Memory RE2 may use for the compiled set of all live patterns (10,000 patterns fit).
 _SET_MAX_MEM = 512 << 20
 _OVERFLOW_LOG_INTERVAL = 10.0
-#: Time the router rests after building its tables, as a multiple of the build's time.
+#: Time the router rests after building its tables, as a multiple of the build's time,
+#: and at most this many seconds.
 _REBUILD_REST = 4.0
+_REBUILD_REST_MAX = 1.0
 
 
 def _options(max_mem: int | None = None) -> Any:
@@ -59,6 +61,9 @@ class PatternLimits:
     length: int = 4096
     #: Instructions of its compiled RE2 program (``\pL`` alone is about 1,200).
     program: int = 20_000
+    #: Instructions of all live patterns together (``grpc.max_total_pattern_program``):
+    #: what one RE2 set can hold and build in well under a second.
+    total: int = 1_000_000
 
 
 def compile_pattern(pattern: str, ignore_case: bool = False, limits: PatternLimits | None = None) -> Any:
@@ -273,11 +278,19 @@ class _Table:
 
     patterns: list[_Pattern]
     set: Any
+    #: The patterns of ``set``, in order: a build with the same reuses it.
+    keys: tuple[tuple[str, bool], ...] = ()
 
 
-def _build_tables(subscriptions: Sequence[Subscription], regexes: dict[tuple[str, bool], Any]) -> dict[bool, _Table]:
-    """The tables for these subscriptions, their patterns compiled already (``regexes``).
-    Reads nothing else: :meth:`Router.maintain` runs it in a worker thread."""
+def _build_tables(
+    subscriptions: Sequence[Subscription],
+    regexes: dict[tuple[str, bool], Any],
+    previous: dict[bool, _Table] | None = None,
+) -> dict[bool, _Table]:
+    """The tables for these subscriptions, their patterns compiled already (``regexes``);
+    an RE2 set of ``previous`` is reused when its patterns are the same (a replica that
+    connects changes who gets a match, not what matches). Reads nothing else:
+    :meth:`Router.maintain` runs it in a worker thread."""
     tables: dict[bool, _Table] = {}
     for respond in (False, True):
         by_key: dict[tuple[str, bool], _Pattern] = {}
@@ -293,11 +306,15 @@ def _build_tables(subscriptions: Sequence[Subscription], regexes: dict[tuple[str
                 if target is None:
                     target = entry.targets[(sub.callback_id, route.id)] = _Target(sub.callback_id, route, [])
                 target.subscriptions.append(sub)
-        regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
-        for pattern, ignore_case in by_key:
-            regex_set.Add(("(?i)" if ignore_case else "") + pattern)
-        regex_set.Compile()
-        tables[respond] = _Table(list(by_key.values()), regex_set)
+        keys = tuple(by_key)
+        if previous is not None and previous[respond].keys == keys:
+            regex_set = previous[respond].set
+        else:
+            regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
+            for pattern, ignore_case in keys:
+                regex_set.Add(("(?i)" if ignore_case else "") + pattern)
+            regex_set.Compile()
+        tables[respond] = _Table(list(by_key.values()), regex_set, keys)
     return tables
 
 
@@ -332,6 +349,9 @@ class Router:
         self._by_callback: dict[str, dict[Subscription, None]] = {}
         #: Compiled patterns by (pattern, ignore_case), compiled once when first declared.
         self._regexes: dict[tuple[str, bool], Any] = {}
+        #: Live patterns: how many streams declare each, and their RE2 instructions together.
+        self._live: dict[tuple[str, bool], int] = {}
+        self._program = 0
         self._tables: dict[bool, _Table] = _build_tables([], {})
         #: Changes to the subscriptions so far, and how many of them the tables hold.
         self._version = 0
@@ -341,6 +361,9 @@ class Router:
         #: Whether :meth:`maintain` builds the tables (off the trio thread); if not,
         #: the first message after a change builds them, on the caller's thread.
         self._maintained = False
+        #: Streams added since the last build that succeeded, and those a failed build refused.
+        self._pending: dict[Subscription, None] = {}
+        self._rejected: dict[Subscription, InvalidPatternError] = {}
         self._own_names: dict[str, tuple[str, ...]] = {}
         self._address_res: dict[str, re.Pattern[str]] = {}
         self._failing: dict[str, float] = {}
@@ -382,12 +405,29 @@ class Router:
         try:
             while self._built < wanted:
                 await self._rebuilt.wait()
+                failure = self._rejected.pop(subscription, None)
+                if failure is not None:
+                    raise failure
         except BaseException:
-            self.unsubscribe(subscription)  # cancelled while waiting: as if it never came
+            self.unsubscribe(subscription)  # cancelled while waiting, or refused: as if it never came
             raise
 
     def _add(self, subscription: Subscription, compiled: dict[tuple[str, bool], Any]) -> None:
+        new = [key for key in compiled if key not in self._live]
+        added = sum(compiled[key].programsize for key in new)
+        if new and self._program + added > self.limits.total:
+            costliest = max(new, key=lambda key: compiled[key].programsize)
+            raise InvalidPatternError(
+                costliest[0],
+                f"the bot's live routes would need {self._program + added} RE2 instructions together, over its "
+                f"limit of {self.limits.total} (grpc.max_total_pattern_program); this stream's new patterns take "
+                f"{added}, this one {compiled[costliest].programsize}",
+            )
         self._regexes.update(compiled)
+        for key in compiled:
+            self._live[key] = self._live.get(key, 0) + 1
+        self._program += added
+        self._pending[subscription] = None
         self._subscriptions[subscription] = None
         self._by_callback.setdefault(subscription.callback_id, {})[subscription] = None
         self._departed.pop(subscription.callback_id, None)
@@ -411,27 +451,55 @@ class Router:
                     await self._changed.wait()
                 version = self._version
                 subscriptions = list(self._subscriptions)
-                regexes = self._regexes
                 # Patterns no stream uses any more are forgotten.
-                used = {(r.pattern, r.ignore_case) for sub in subscriptions for r in sub.routes}
-                self._regexes = {key: regexes[key] for key in used if key in regexes}
+                self._regexes = {key: self._regexes[key] for key in self._live}
+                pending, self._pending = self._pending, {}
                 began = time.perf_counter()
-                tables = await trio.to_thread.run_sync(_build_tables, subscriptions, dict(self._regexes))
-                self._tables, self._built = tables, version
+                try:
+                    tables = await trio.to_thread.run_sync(
+                        _build_tables, subscriptions, dict(self._regexes), self._tables
+                    )
+                except Exception as exc:  # RE2 refused the set: the routing in place stays
+                    self._refuse(pending, exc)
+                else:
+                    self._tables, self._built = tables, version
                 rebuilt, self._rebuilt = self._rebuilt, trio.Event()
                 rebuilt.set()
                 # RE2 holds the GIL while it compiles: a build in a thread still slows
-                # routing. Resting a multiple of its time between builds keeps routing
-                # at most 1/(1 + _REBUILD_REST) slower under endless reconnects.
-                await trio.sleep((time.perf_counter() - began) * _REBUILD_REST)
+                # routing. Resting a multiple of its time between builds (at most a
+                # second) keeps routing at least 1/(1 + _REBUILD_REST) as fast under
+                # endless reconnects.
+                await trio.sleep(min((time.perf_counter() - began) * _REBUILD_REST, _REBUILD_REST_MAX))
         finally:
             self._maintained = False
+
+    def _refuse(self, pending: dict[Subscription, None], error: Exception) -> None:
+        """A build failed: the streams added since the last good one are taken out (their
+        registration fails with the reason), and the next build goes without them."""
+        reason = error.args[0] if error.args else str(error)
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        callbacks = sorted({sub.callback_id for sub in pending if sub in self._subscriptions})
+        log.error("could not build the routing tables (%s); refused the new streams of %s", reason, callbacks)
+        for sub in pending:
+            if sub in self._subscriptions:
+                pattern = next((route.pattern for route in sub.routes), "")
+                self._rejected[sub] = InvalidPatternError(
+                    pattern, f"RE2 could not build the bot's routes with this stream's ({reason}); declare fewer"
+                )
+                self.unsubscribe(sub)
 
     def unsubscribe(self, subscription: Subscription) -> int:
         """Remove a Listen stream and its routes. Events still queued for it go to live
         replicas of the same callback; returns how many could not (and are lost)."""
         subscription.close()
+        self._pending.pop(subscription, None)
         if self._subscriptions.pop(subscription, 0) is None:
+            for key in {(route.pattern, route.ignore_case) for route in subscription.routes}:
+                self._live[key] -= 1
+                if not self._live[key]:
+                    del self._live[key]
+                    self._program -= self._regexes[key].programsize
             siblings = self._by_callback[subscription.callback_id]
             del siblings[subscription]
             if not siblings:
@@ -447,8 +515,13 @@ class Router:
                 queued = subscription.take_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if not replicas or self._deliver(replicas, turn, queued) is None:
+            carried = queued.dropped  # what the leaving stream lost before this one
+            taker = self._deliver(replicas, turn, queued) if replicas else None
+            if taker is not None:
+                queued.dropped += carried
+            else:
                 lost += 1
+        self.overflowed += lost
         return lost
 
     def departed_routes(self, callback_id: str) -> Sequence[Route] | None:

@@ -220,10 +220,11 @@ async def test_registered_routes_are_live_at_once_and_a_closed_stream_leaves_at_
         await router.register(big)
         assert [e.matched_message.route_id for e in route_all(router, "cmd1999 x")] == ["r1999"]
         # A stream that ends stops getting messages at once, before the next build, and
-        # what it would have got is not counted as dropped.
-        router.unsubscribe(first)
+        # what it would have got after is not counted as dropped.
+        lost = router.unsubscribe(first)  # the ping it never read is lost with it, and counted
+        assert lost == 1
         assert route_all(router, "ping") == []
-        assert router.overflowed == 0
+        assert router.overflowed == lost
         # An invalid pattern changes nothing.
         with pytest.raises(InvalidPatternError):
             await router.register(Subscription("c", [Route("bad", "(")]))
@@ -278,3 +279,53 @@ def test_one_message_matched_by_many_routes_and_streams_is_held_once() -> None:
     texts = {id(m.queued._build.args[6]) for m in matches}  # type: ignore[attr-defined]
     assert len(held) == 1
     assert len(texts) == 1
+
+
+def test_all_live_patterns_together_have_a_budget() -> None:
+    router = Router("oco", limits=PatternLimits(program=20_000, total=40_000))
+    router.subscribe(Subscription("a", [Route(f"r{i}", rf"^x{i}\pL{{10}}") for i in range(3)]))  # 35,892
+    with pytest.raises(InvalidPatternError, match=r"over its limit of 40000 \(grpc.max_total_pattern_program\)"):
+        router.subscribe(Subscription("b", [Route("big", r"^y\pL{10}")]))
+    # A replica declaring the same patterns costs nothing more; leaving frees the budget.
+    replica = Subscription("a", [Route(f"r{i}", rf"^x{i}\pL{{10}}") for i in range(3)])
+    router.subscribe(replica)
+    for sub in router.subscriptions("a"):
+        router.unsubscribe(sub)
+    router.subscribe(Subscription("b", [Route("big", r"^y\pL{10}")]))
+    assert len(route_all(router, "yéééééééééé")) == 1
+
+
+async def test_a_build_that_fails_refuses_only_the_new_streams_and_routing_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    router = Router("oco")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.maintain)
+        await router.register(Subscription("a", [Route("p", "^ping$")]))
+        # RE2 refusing the set (its memory budget) is simulated by shrinking that budget:
+        # no set of real routes fails under the bot's own limits.
+        monkeypatch.setattr("oco_core._router._SET_MAX_MEM", 64)
+        with pytest.raises(InvalidPatternError, match="RE2 could not build the bot's routes"):
+            await router.register(Subscription("b", [Route(f"r{i}", rf"^cmd{i} (\w+)$") for i in range(200)]))
+        assert router.subscriptions("b") == []
+        assert len(route_all(router, "ping")) == 1
+        monkeypatch.setattr("oco_core._router._SET_MAX_MEM", 512 << 20)
+        await router.register(Subscription("b", [Route("q", "^pong$")]))
+        assert len(route_all(router, "pong")) == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_what_a_leaving_stream_lost_is_still_told_to_the_replica_that_takes_its_queue() -> None:
+    router = Router("oco")
+    leaving = Subscription("a", [Route("p", "^ping")], queue_size=1)
+    router.subscribe(leaving)
+    route_all(router, "ping 1")  # queued
+    route_all(router, "ping 2")  # dropped: the queue holds one
+    leaving.take_nowait()
+    route_all(router, "ping 3")  # queued, carrying dropped=1
+    staying = Subscription("a", [Route("p", "^ping")], queue_size=10)
+    router.subscribe(staying)
+    assert router.unsubscribe(leaving) == 0
+    event = staying.take_nowait().event()
+    assert event.matched_message.message.body == "ping 3"
+    assert event.dropped == 1
