@@ -322,6 +322,10 @@ class _Watch:
             return None
 
 
+class _StaleConnectionError(Exception):
+    """The pre-ping found a pooled connection dead (the pool is now renewed)."""
+
+
 def _one_line(error: BaseException) -> str:
     text = str(getattr(error, "orig", None) or error)
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
@@ -375,7 +379,6 @@ class SqlStore(Store):
             kwargs.update(
                 pool_size=config.pool_size,
                 max_overflow=config.max_overflow,
-                pool_pre_ping=config.pool_pre_ping,
                 isolation_level="AUTOCOMMIT",
                 connect_args={
                     "connect_timeout": config.connect_timeout,
@@ -508,6 +511,16 @@ class SqlStore(Store):
                 if watch is not None:
                     watch.begin(conn)
                 try:
+                    if watch is not None and self.config.pool_pre_ping:
+                        # SQLAlchemy's own pre-ping would run before the watch begins,
+                        # where a hung server holds it for good.
+                        try:
+                            conn.exec_driver_sql("SELECT 1")
+                            conn.rollback()  # ends SQLAlchemy's autobegin; no round trip in autocommit
+                        except exc.DBAPIError as e:
+                            if e.connection_invalidated and not watch.cut:
+                                raise _StaleConnectionError from e
+                            raise
                     if self._autocommit and not transaction:
                         return fn(conn)
                     if transaction and self._autocommit:
@@ -523,6 +536,12 @@ class SqlStore(Store):
         def work() -> T:
             try:
                 return attempt()
+            except _StaleConnectionError:
+                # Only the ping was sent: a write is as safe to try again as a read.
+                try:
+                    return attempt()
+                except _StaleConnectionError as again:
+                    raise again.__cause__ from None  # type: ignore[misc]
             except exc.DBAPIError as e:
                 # A connection that died while idle in the pool (the database
                 # restarted): SQLAlchemy has now discarded every pooled connection. A
