@@ -10,10 +10,13 @@ it does not name an account on one of the bot's adapters (a link shortener's
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import trio
 
 from ._adapter import IncomingMessage
 from ._audit import ALLOWED, DENIED
@@ -21,7 +24,7 @@ from ._errors import StoreError
 from ._router import Route, compile_pattern
 
 if TYPE_CHECKING:
-    from ._core import BotCore
+    from ._core import BotCore, CallbackState
 
 _HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
 _BUILTIN = re.compile(
@@ -35,6 +38,16 @@ _BUILTIN_HELP = [
     "grant <user> <role> - (admins) give <user> a role",
     "revoke <user> <role> - (admins) take a role from <user>",
 ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str, ignore_case: bool) -> Any:
+    return compile_pattern(pattern, ignore_case)
+
+
+def _first_match(routes: list[Route], text: str) -> int | None:
+    """The index of the first route whose pattern matches ``text`` (run in a thread)."""
+    return next((i for i, route in enumerate(routes) if _compiled(route.pattern, route.ignore_case).search(text)), None)
 
 
 def _command_word(text: str) -> str:
@@ -69,38 +82,49 @@ class ChatCommands:
     def unmatched(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, text: str) -> None:
         """Answer what a person addressed to the bot when no route matched it: the
         callback that would have taken it is not running, or there is no such command
-        (with the closest one, unless ``bot.unknown_command_reply`` is off)."""
+        (with the closest one, unless ``bot.unknown_command_reply`` is off). Never
+        waits: the answer is worked out and sent in the background."""
+        if text.strip() and not _HELP.fullmatch(text):
+            self._core.spawn(partial(self._answer_unmatched, adapter, incoming, user_id, room_id, text))
+
+    async def _answer_unmatched(
+        self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, text: str
+    ) -> None:
         core = self._core
-        if not text.strip() or _HELP.fullmatch(text):
-            return
-        answer = self._not_running(user_id, room_id, text)
+        answer = await self._not_running(user_id, room_id, text)
         if answer is None and core.config.bot.unknown_command_reply:
             answer = self._unknown(user_id, room_id, text)
         if answer is not None:
             core.outgoing.reply(adapter, incoming, answer, mention=True)
 
-    def _not_running(self, user_id: str, room_id: str, text: str) -> str | None:
+    async def _not_running(self, user_id: str, room_id: str, text: str) -> str | None:
         """Whose respond route, among callbacks with no open stream, would take ``text``
         (one the person may run): said so, with what the bot knows of why."""
         core = self._core
+        candidates: list[tuple[CallbackState, Route]] = []
         for callback_id, state in core.callbacks.items():
             if core.router.subscriptions(callback_id):
                 continue
             departed = core.router.departed_routes(callback_id)
-            for route in state.routes if departed is None else departed:
-                if (
-                    route.respond
-                    and core.policies.may_run(user_id, room_id, callback_id, route)
-                    and compile_pattern(route.pattern, route.ignore_case).search(text)
-                ):
-                    if state.given_up:
-                        why = "it kept failing, so the bot stopped restarting it (the bot's log says why)"
-                    elif state.launched:
-                        why = "the bot is starting it again; try again in a moment"
-                    else:
-                        why = "it is not connected to the bot"
-                    return f"the {callback_id} callback is not running: {why}"
-        return None
+            candidates += [
+                (state, route)
+                for route in (state.routes if departed is None else departed)
+                if route.respond and core.policies.may_run(user_id, room_id, callback_id, route)
+            ]
+        if not candidates:
+            return None
+        # Compiling a callback's patterns can take milliseconds each: not on the trio thread.
+        found = await trio.to_thread.run_sync(_first_match, [route for _, route in candidates], text)
+        if found is None:
+            return None
+        state = candidates[found][0]
+        if state.given_up:
+            why = "it kept failing, so the bot stopped restarting it (the bot's log says why)"
+        elif state.launched:
+            why = "the bot is starting it again; try again in a moment"
+        else:
+            why = "it is not connected to the bot"
+        return f"the {state.id} callback is not running: {why}"
 
     def _visible(self, user_id: str, room_id: str) -> Callable[[str, Route], bool]:
         """Which routes a person may run in a room: what help shows them."""

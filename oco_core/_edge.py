@@ -122,6 +122,8 @@ class EdgeHost(Protocol):
 
 #: Events of a Listen stream that may wait between trio and the gRPC loop.
 _LISTEN_WINDOW = 8
+#: Open files the bot needs besides the API's connections (store, chat, callbacks' pipes).
+_FILES_FOR_THE_REST = 256
 #: Seconds between counts of the API's connections, and between warnings about them.
 _CONNECTION_CHECK_INTERVAL = 5.0
 _CONNECTION_WARNING_INTERVAL = 60.0
@@ -141,7 +143,7 @@ class Services:
         #: The waits of open SendMessageStreams for their next request.
         self._idle_streams: set[trio.CancelScope] = set()
         #: Listen streams being registered, by callback: they count towards its limit.
-        self._opening: dict[str, int] = {}
+        self._opening: dict[str, set[Subscription]] = {}
 
     def end_streams(self) -> None:
         """At shutdown: end every open stream with OK. Listen streams send what is
@@ -250,8 +252,10 @@ class Services:
             if route.id in ids:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"route id {route.id!r} is declared twice")
             ids.add(route.id)
-        # Streams being registered count too: two opened at once cannot both slip under it.
-        streams = len(self.bot.router.subscriptions(callback_id)) + self._opening.get(callback_id, 0)
+        # Streams being registered count too (once: a registering stream joins the router's
+        # before its tables are built): two opened at once cannot both slip under it.
+        opening = self._opening.setdefault(callback_id, set())
+        streams = len(opening.union(self.bot.router.subscriptions(callback_id)))
         if streams >= self.settings.max_streams_per_callback:
             raise RpcAbort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -265,19 +269,21 @@ class Services:
             queue_size=self.settings.stream_queue,
             queue_bytes=self.settings.stream_queue_bytes,
         )
-        self._opening[callback_id] = self._opening.get(callback_id, 0) + 1
+        policy.check_rules(routes)  # before its routes go live: their ids are never rule patterns
+        opening.add(subscription)
         try:
             with _statuses():
                 await self.bot.router.register(subscription)
         finally:
-            self._opening[callback_id] -= 1
-            if not self._opening[callback_id]:
-                del self._opening[callback_id]
-        log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
-        policy.check_rules(routes)
-        state.connected.set()
+            opening.discard(subscription)
+            if not opening:
+                self._opening.pop(callback_id, None)
         revoked: list[RpcAbort] = []
         try:
+            if self._ending:  # registered as the bot began to shut down: end it like the others
+                subscription.close()
+            log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
+            state.connected.set()
             await out.send_initial_metadata([("oco-routes", str(len(routes)))])
             async with trio.open_nursery() as nursery:
 
@@ -595,7 +601,7 @@ async def serve(
     # Bind the address ourselves first: when it is taken, grpc's C core would print a
     # log line of its own to stderr and splice advice into its error.
     await _probe_listen(settings.listen)
-    _raise_open_files_limit()
+    _check_open_files_limit(settings.max_connections)
     services = Services(bot, settings)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -608,15 +614,20 @@ async def serve(
             stop.set()  # _run_server, shielded from our cancellation, shuts down in order
 
 
-def _raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit (as Go's runtime
-    does): the default 1,024 is what idle connections exhausted, and the limit is the
-    operator's to set, with `ulimit -Hn` or systemd's LimitNOFILE=."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+def _check_open_files_limit(max_connections: int) -> None:
+    """Warn when the API's connection limit leaves too few of the process's open files
+    for the rest (the store, chat, callbacks' pipes): at the limit new callbacks are only
+    refused, past the open-files limit the bot could not even reach its store. Not raised
+    here: launched callbacks would inherit it."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections > soft - _FILES_FOR_THE_REST:
+        log.warning(
+            "grpc.max_connections is %d but this process may open only %d files, and needs about %d for the rest: "
+            "raise the limit (ulimit -n, systemd's LimitNOFILE=) or lower grpc.max_connections",
+            max_connections,
+            soft,
+            _FILES_FOR_THE_REST,
+        )
 
 
 def _established(port: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -137,10 +137,13 @@ def _as_written(patterns: Sequence[str]) -> Sequence[str]:
     return patterns
 
 
-def _rule_names_route(name: str, route_id: str) -> bool:
+def _rule_names_route(name: str, route_id: str, declared: Collection[str] = ()) -> bool:
     """Whether the ``route_rules`` key ``name`` covers the route ``route_id``: the same
-    id, or a shell-style pattern matching it."""
-    return name == route_id or (bool(_WILDCARDS.intersection(name)) and fnmatch.fnmatchcase(route_id, name))
+    id, or a shell-style pattern matching it, unless ``name`` is itself the id of a
+    declared route (a route without an id has its regex for one: ``help.*``)."""
+    if name == route_id:
+        return True
+    return name not in declared and bool(_WILDCARDS.intersection(name)) and fnmatch.fnmatchcase(route_id, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,8 @@ class CallbackPolicy:
         self._canonical_rooms = canonical_rooms
         #: Rules already warned about as naming no route the callback declared.
         self._warned: set[str] = set()
+        #: The ids of every route it declared so far (in config, or as it connected).
+        self._declared: set[str] = {r.id or r.pattern for r in settings.routes} if settings else set()
         # rate_limit is per minute, and a whole minute's worth may come at once.
         self._bucket = (
             TokenBucket(settings.rate_limit, settings.rate_limit / 60) if settings and settings.rate_limit else None
@@ -195,7 +200,9 @@ class CallbackPolicy:
         rule = self.route_rules.get(route_id)
         if rule is not None:
             return rule
-        return next((r for name, r in self.route_rules.items() if _rule_names_route(name, route_id)), None)
+        return next(
+            (r for name, r in self.route_rules.items() if _rule_names_route(name, route_id, self._declared)), None
+        )
 
     def access(self, route: Route) -> RouteAccess:
         """The permission ``route`` needs and the rooms it may match in."""
@@ -208,13 +215,17 @@ class CallbackPolicy:
 
     def unmatched_rules(self, route_ids: Sequence[str]) -> list[str]:
         """The ``route_rules`` keys that name none of ``route_ids``."""
-        return [name for name in self.route_rules if not any(_rule_names_route(name, r) for r in route_ids)]
+        return [
+            name for name in self.route_rules if not any(_rule_names_route(name, r, self._declared) for r in route_ids)
+        ]
 
     def check_rules(self, routes: Sequence[Route]) -> None:
-        """Warn, once per rule, about ``route_rules`` that name none of the routes the
-        callback declared as it connected: such a rule protects nothing, and a typo in
-        a route id would otherwise leave the route open without a word."""
+        """Note the routes the callback declared as it connects (before they go live: a
+        key that is one of their ids is never a pattern), and warn, once per rule,
+        about ``route_rules`` that name none of them: such a rule protects nothing, and a
+        typo in a route id would otherwise leave the route open without a word."""
         ids = [route.id for route in routes]
+        self._declared.update(ids)
         for name in self.unmatched_rules(ids):
             if name not in self._warned:
                 self._warned.add(name)

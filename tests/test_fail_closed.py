@@ -15,7 +15,10 @@ import trio
 
 from oco_core import Callback, Message
 from oco_core._adapter import ChatRoom, ChatUser, IncomingMessage
+from oco_core._config import CallbackSettings
+from oco_core._policy import CallbackPolicy
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
+from oco_core._router import Route
 from oco_core.testing import MemoryAdapter, RunningBot, open_bot, serving
 
 SECRET = "secret-ops-0123456789abcdef"
@@ -220,3 +223,19 @@ async def test_a_bare_name_never_picks_an_account_by_its_display_name(tmp_path: 
             "say which by the full id (memory/BOB for a user not seen yet)"
         )
         assert await _say(running, "oco roles memory/mallory") == "memory/mallory: roles: none"
+
+
+def test_a_rule_key_that_is_a_declared_route_id_is_never_a_pattern() -> None:
+    """A route without an id is known by its regex, which may look like a shell pattern
+    (`help.*`): the rule written for it must not also lift another route's permission."""
+    settings = CallbackSettings.model_validate(
+        {"id": "cb", "secret": "s" * 16, "route_rules": {"help.*": {"permission": ""}}}
+    )
+    policy = CallbackPolicy("cb", settings)
+    routes = [
+        Route("help.*", "help.*", respond=True, permission="help"),
+        Route("help.admin", "^help admin$", respond=True, permission="admin"),
+    ]
+    policy.check_rules(routes)  # as the callback connects, before its routes go live
+    assert policy.access(routes[0]).permission == ""
+    assert policy.access(routes[1]).permission == "admin"
