@@ -4,7 +4,9 @@ SQLAlchemy's async layer is asyncio-only, so this module uses the synchronous en
 runs every database call in a worker thread (``trio.to_thread.run_sync``) behind a
 :class:`trio.CapacityLimiter` sized to the connection pool: no thread ever waits for a
 connection while holding a token another call could use. This is the one seam where the
-storage code touches threads.
+storage code touches threads. On PostgreSQL each call is watched from the trio side: one
+whose server has not answered within ``statement_timeout`` plus a second has its
+connection shut down (see :class:`_Watch`) and fails as unavailable.
 
 One table holds every namespace::
 
