@@ -34,8 +34,9 @@ from ._timing import Backoff
 log = logging.getLogger(__name__)
 
 NAMESPACE = "audit"
-#: Records held in memory while the store is behind or away; more are dropped and counted.
-_QUEUE = 100_000
+#: Records held in memory while the store is behind or away (``auth.audit.max_pending``);
+#: more are dropped and counted.
+DEFAULT_MAX_PENDING = 100_000
 #: Seconds between attempts at a write while the store is unavailable: first, at most.
 _RETRY_FIRST = 0.5
 _RETRY_MAX = 10.0
@@ -101,10 +102,11 @@ def _key(when: float, seq: int) -> str:
 class AuditLog:
     """Queues records and writes them to the store in the background."""
 
-    def __init__(self, store: Store, retention_days: float | None) -> None:
+    def __init__(self, store: Store, retention_days: float | None, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self._store = store
         self._retention = retention_days * 86400 if retention_days else None
-        self._send, self._receive = trio.open_memory_channel[tuple[str, AuditRecord]](_QUEUE)
+        self._max_pending = max_pending
+        self._send, self._receive = trio.open_memory_channel[tuple[str, AuditRecord]](max_pending)
         self._seq = 0
         self._pending = 0
         self._idle = trio.Event()
@@ -134,7 +136,7 @@ class AuditLog:
             log.error(
                 "audit log: the store is too far behind or unavailable and %d records wait in memory; "
                 "dropping records until it catches up, e.g. %s",
-                _QUEUE,
+                self._max_pending,
                 entry,
             )
         self.lost += count
@@ -221,7 +223,7 @@ class AuditLog:
                         "audit log: cannot write to the store (%s); keeping records in memory (up to %d) "
                         "and retrying until it is back",
                         exc,
-                        _QUEUE,
+                        self._max_pending,
                     )
                 await backoff.sleep()
         self._held = None

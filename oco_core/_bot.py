@@ -174,7 +174,7 @@ class Bot:
             await directory.load()
             auth = Authorization(store, config.auth)
             await auth.load()
-            audit = AuditLog(store, config.auth.audit.retention_days)
+            audit = AuditLog(store, config.auth.audit.retention_days, config.auth.audit.max_pending)
             datastores = await stack.enter_async_context(
                 open_datastores(self.loaded, self._plugins, store, audit.record)
             )

@@ -355,6 +355,8 @@ class AuditSettings(_Strict):
 
     #: Records older than this are deleted (checked hourly); null keeps them forever.
     retention_days: float | None = Field(default=90, gt=0)
+    #: Records held in memory while the store is behind or away; more are dropped and counted.
+    max_pending: int = Field(default=100_000, gt=0)
 
 
 class AuthSettings(_Strict):

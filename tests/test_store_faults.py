@@ -22,7 +22,7 @@ import trio
 from sqlalchemy.engine import make_url
 
 from oco_core import StoreUnavailableError
-from oco_core._audit import _QUEUE, AuditLog, AuditQuery, query
+from oco_core._audit import AuditLog, AuditQuery, query
 from oco_core._sql_store import SqlStore, SqlStoreConfig, open_sql_store
 from oco_core.testing._proxy import TcpProxy
 from oco_core.testing.store_contract import running_oco
@@ -190,10 +190,12 @@ async def test_a_bot_answers_unavailable_promptly_while_its_database_hangs(
 
 
 @asynccontextmanager
-async def audit_through(url: str, prefix: str) -> AsyncIterator[tuple[TcpProxy, SqlStore, AuditLog]]:
+async def audit_through(
+    url: str, prefix: str, max_pending: int = 100_000
+) -> AsyncIterator[tuple[TcpProxy, SqlStore, AuditLog]]:
     """An audit log writing to the PostgreSQL at ``url`` through a proxy, its writer running."""
     async with proxied(url) as (proxy, through), open_sql_store(store_config(through, prefix)) as store:
-        log = AuditLog(store, retention_days=None)
+        log = AuditLog(store, retention_days=None, max_pending=max_pending)
         async with trio.open_nursery() as nursery:
             await nursery.start(log.run)
             yield proxy, store, log
@@ -243,22 +245,23 @@ async def test_records_past_the_queue_are_dropped_counted_and_logged_once(
     postgres_tables: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     over = 500
+    held = 5000  # auth.audit.max_pending, lowered from 100,000 to keep the test short
     url, prefix = postgres_tables
-    async with audit_through(url, prefix) as (proxy, store, log):
+    async with audit_through(url, prefix, max_pending=held) as (proxy, store, log):
         proxy.freeze()
         log.record("admin", "allowed", detail="held")
         # The writer holds that record's batch and retries: the queue is all that is left.
         await wait_for_log(caplog, "cannot write to the store")
-        for n in range(_QUEUE + over):
+        for n in range(held + over):
             log.record("route", "allowed", detail=f"#{n}")
         assert log.lost == over
         proxy.restore()
         with trio.fail_after(120):
             await log.flush()
-        stored = await query(store, AuditQuery(), limit=_QUEUE + over + 10)
-    assert len(stored) == 1 + _QUEUE
+        stored = await query(store, AuditQuery(), limit=held + over + 10)
+    assert len(stored) == 1 + held
     assert [r.detail for r in stored[:2]] == ["held", "#0"]
-    assert stored[-1].detail == f"#{_QUEUE - 1}"
+    assert stored[-1].detail == f"#{held - 1}"
     assert len(lines_with(caplog, "dropping records until it catches up")) == 1
     assert lines_with(caplog, "dropped") == [
         f"audit log: {over} record(s) were dropped while the store was behind or unavailable"
