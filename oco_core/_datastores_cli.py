@@ -20,6 +20,9 @@ from ._config import LoadedConfig
 from ._datastores import open_datastores
 from ._plugins import Plugins
 
+#: Seconds a command waits for its audit record to reach the store before it gives up on it.
+_AUDIT_WAIT = 30.0
+
 
 async def run(options: argparse.Namespace, loaded: LoadedConfig, plugins: Plugins) -> int:
     """Run ``oco datastores ...``; returns the exit code."""
@@ -66,7 +69,15 @@ async def run(options: argparse.Namespace, loaded: LoadedConfig, plugins: Plugin
                         f"callback {options.callback!r} held no access to {options.datastore}; it gets none "
                         f"until granted {data}; {again}"
                     )
-        await audit.flush()
+        # The change is made; its audit record waits for the store only so long.
+        with trio.move_on_after(_AUDIT_WAIT) as waited:
+            await audit.flush()
+        if waited.cancelled_caught:
+            print(
+                f"warning: the audit record of this change was not written within {_AUDIT_WAIT:.0f} s "
+                "(the store is unavailable); the change itself was made",
+                file=sys.stderr,
+            )
         nursery.cancel_scope.cancel()
     return 0
 
