@@ -38,6 +38,9 @@ class TestSqliteNormalSyncService(StorageServiceContract):
 class TestPostgresService(StorageServiceContract, ServerOutageContract):
     """PostgreSQL behind a real bot, in tables of the test's own."""
 
+    hang_options = "statement_timeout: 1, connect_timeout: 1"
+    hang_within = 4.0  # the statement timeout, then a second for the server's own cancel
+
     @pytest.fixture
     def store_section(self, postgres_tables: tuple[str, str]) -> str:
         url, prefix = postgres_tables

@@ -815,6 +815,47 @@ class ServerOutageContract:
                 # Stop the callback before the bot, so that it does not see the bot go.
                 nursery.cancel_scope.cancel()
 
+    #: Options added to the ``store:`` section for the hang test: the store's own
+    #: timeouts, short (``"socket_timeout: 1"``); and the seconds past which a call to a
+    #: hung server counts as hanging. Subclasses set both.
+    hang_options: str = ""
+    hang_within: float = 0.0
+
+    async def test_a_hung_server_makes_calls_unavailable_promptly_and_the_store_heals(
+        self, server: tuple[str, int, Callable[[str, int], str]]
+    ) -> None:
+        """A server that accepts connections and never answers (a hang, a network that
+        drops packets; TCP keepalives do not notice) fails each call with UNAVAILABLE
+        within the store's timeouts, well before the SDK's own 30 s deadline."""
+        from .. import Callback, StoreUnavailableError
+        from . import open_bot
+
+        assert self.hang_options, f"{type(self).__name__} sets hang_options and hang_within"
+        host, port, section_at = server
+        hung = (host, port, lambda at, port: section_at(at, port).removesuffix("}") + f", {self.hang_options}}}")
+        async with _behind_proxy(hung, "hung") as (proxy, config, secret):
+            async with open_bot(config) as running, trio.open_nursery() as nursery:
+                callback = Callback(id="hung", secret=secret, address=running.address)
+                await nursery.start(callback.serve)
+                assert await callback.storage.set("k", b"v") == 1
+
+                proxy.freeze()
+                began = time.monotonic()
+                with pytest.raises(StoreUnavailableError):
+                    await callback.storage.get("k")
+                took = time.monotonic() - began
+                assert took < self.hang_within, f"a call to the hung server took {took:.1f} s"
+
+                proxy.restore()
+                with trio.fail_after(30):
+                    while True:
+                        try:
+                            assert await callback.storage.get("k") == b"v"
+                            break
+                        except StoreUnavailableError:
+                            await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+
     async def test_unreachable_at_start_is_one_line_then_retried(
         self, server: tuple[str, int, Callable[[str, int], str]], tmp_path: Path
     ) -> None:

@@ -17,6 +17,9 @@ from oco_core.testing.store_contract import ServerOutageContract, StorageService
 class TestRedisService(StorageServiceContract, ServerOutageContract):
     """Redis behind a real bot, under a key prefix of the test's own."""
 
+    hang_options = "socket_timeout: 1, connect_timeout: 1"
+    hang_within = 3.0
+
     @pytest.fixture
     def target(self, redis_url: str) -> Iterator[tuple[str, str]]:
         url = redis_url
