@@ -22,6 +22,13 @@ _COMMAND = re.compile(r"@?[a-z][a-z0-9_-]*(\|[a-z0-9_-]+)?")
 _GLOB_OR_SPACE = re.compile(r"[*?\[\]\\\s]")
 
 
+def _redis_url(value: str, whose: str) -> str:
+    """``value`` when its scheme is one redis-py reads, else the error saying which."""
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL{whose}")
+    return value
+
+
 class RedisStoreConfig(BaseModel):
     """Options of the ``redis`` store (``store: {type: redis, ...}`` in the bot's config).
 
@@ -52,10 +59,7 @@ class RedisStoreConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL")
-        return value
+        return _redis_url(value, "")
 
     @field_validator("prefix")
     @classmethod
@@ -106,9 +110,7 @@ class RedisDataStoreConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL of an admin account")
+        _redis_url(value, " of an admin account")
         from redis.connection import parse_url  # redis-py's own reading, as the callbacks' will be
 
         try:
