@@ -203,11 +203,26 @@ adapters: [{{type: shell, user: alice}}]
 callbacks:
   - {{id: reader, secret: {SECRET}}}
 """
-    output = Lines("the callback's stderr")
-    async with run_oco(config, tmp_path / "bot") as oco, trio.open_nursery() as nursery:
+    async with run_oco(config, tmp_path / "bot") as oco:
         env = {"OCO_ADDRESS": oco.address, "PATH": "/usr/bin:/bin"}
         if callback_tls:
             env["OCO_TLS_CA"] = str(ca_file)
+        found = await callback_says(env, r"connection to the bot at \S+ failed \(.*\) — .*; reconnecting in")
+    assert f" — {hint}; reconnecting in " in found
+
+
+async def test_an_sdk_callback_with_no_bot_asks_whether_it_runs(tmp_path: Path) -> None:
+    found = await callback_says(
+        {"OCO_ADDRESS": f"127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"}, r"connection to the bot at \S+ failed"
+    )
+    assert "Connection refused) — is the bot running, and is its address (OCO_ADDRESS) right?" in found
+
+
+async def callback_says(env: dict[str, str], pattern: str) -> str:
+    """Run the SDK callback CALLBACK with ``env`` until its stderr has a line matching
+    ``pattern``; that line."""
+    output = Lines("the callback's stderr")
+    async with trio.open_nursery() as nursery:
         callback = await trio.lowlevel.open_process(
             [sys.executable, "-c", CALLBACK],
             env=env,
@@ -218,28 +233,8 @@ callbacks:
         assert callback.stderr is not None
         nursery.start_soon(output.pump, callback.stderr)
         try:
-            found = await output.wait_for(r"connection to the bot at \S+ failed \(.*\) — .*; reconnecting in")
+            found = await output.wait_for(pattern)
         finally:
             callback.terminate()
             await callback.wait()
-    assert f" — {hint}; reconnecting in " in found.string
-
-
-async def test_an_sdk_callback_with_no_bot_asks_whether_it_runs(tmp_path: Path) -> None:
-    output = Lines("the callback's stderr")
-    async with trio.open_nursery() as nursery:
-        callback = await trio.lowlevel.open_process(
-            [sys.executable, "-c", CALLBACK],
-            env={"OCO_ADDRESS": f"127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        assert callback.stderr is not None
-        nursery.start_soon(output.pump, callback.stderr)
-        try:
-            found = await output.wait_for(r"connection to the bot at \S+ failed")
-        finally:
-            callback.terminate()
-            await callback.wait()
-    assert "Connection refused) — is the bot running, and is its address (OCO_ADDRESS) right?" in found.string
+    return found.string
