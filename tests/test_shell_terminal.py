@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from oco_core.testing import run_oco
+from oco_core.testing._process import end_process
 
 POKE = """
 import logging, sys, threading
@@ -207,13 +208,7 @@ async def run_oco_in_a_terminal(config: str, workdir: Path) -> AsyncIterator[Ter
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.terminate()
-                with trio.move_on_after(20):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+            await end_process(process)
             await bot._master.aclose()
             os.close(slave)
 

@@ -236,6 +236,18 @@ async def _wait_for_file(path: Path, process: trio.Process, timeout: float) -> s
     return None
 
 
+async def end_process(process: trio.Process, grace: float = 20.0) -> None:
+    """Stop ``process`` if it still runs: SIGTERM, then SIGKILL after ``grace`` seconds.
+    Call it shielded from cancellation, on the way out of a test."""
+    if process.returncode is None:
+        process.terminate()
+        with trio.move_on_after(grace):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 @asynccontextmanager
 async def run_oco(
     config: str, workdir: Path, *, env: dict[str, str] | None = None, ready_timeout: float = 60.0
@@ -289,10 +301,4 @@ async def run_oco(
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.terminate()
-                with trio.move_on_after(20):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+            await end_process(process)
