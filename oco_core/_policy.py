@@ -256,6 +256,8 @@ class CallbackPolicy:
     def require_send(self, target: str, what: str) -> None:
         """Raise CapabilityError unless the callback may send to ``target`` (a room or
         user id as messages carry it: the one the adapter delivers to)."""
+        if "*" in self.capabilities.send:  # the default: everywhere, nothing to fold or match
+            return
         if not matches_any(target, self._canonical_rooms(self.capabilities.send)):
             allowed = ", ".join(self.capabilities.send) or "nothing"
             raise self._refuse("send", f"{what} goes to {target!r}, and it may send to: {allowed}")
