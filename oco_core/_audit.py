@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from ._errors import StoreError
+from ._errors import StoreError, StoreUnavailableError
 from ._store import Store
 from ._timing import Backoff
 
@@ -216,7 +216,7 @@ class AuditLog:
             try:
                 await self._store.set(NAMESPACE, key, b"\n".join(lines))
                 break
-            except StoreError as exc:
+            except StoreUnavailableError as exc:
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning(
@@ -226,6 +226,12 @@ class AuditLog:
                         self._max_pending,
                     )
                 await backoff.sleep()
+            except StoreError as exc:
+                # The store refuses this batch itself (a value over its max_value_bytes, a
+                # quota): retrying cannot help, and would hold every later record back.
+                log.error("audit log: the store refused %d record(s): %s; they are dropped", len(lines), exc)
+                self.lost += len(lines)
+                break
         self._held = None
         self._done(len(lines))
         if failing_since is not None:

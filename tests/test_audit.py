@@ -87,3 +87,23 @@ async def test_retention_removes_old_batches_only(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
         assert [r.detail for r in await query(store, AuditQuery())] == ["new"]
         assert await prune(store, time.time() - 86400) == 0
+
+
+async def test_a_batch_the_store_refuses_is_dropped_and_counted_and_later_records_are_written(
+    tmp_path: Path,
+) -> None:
+    """A store whose max_value_bytes is below a burst's batch refuses it for good: the
+    writer must not retry it forever and hold every later record back."""
+    config = SqlStoreConfig(url=f"sqlite:///{tmp_path / 'oco.db'}", max_value_bytes=2000)
+    async with open_sql_store(config) as store:
+        async with writing(AuditLog(store, retention_days=None)) as log:
+            for n in range(50):  # one burst: one batch, far over 2,000 bytes
+                log.record("route", "allowed", user="shell/alice", detail=f"burst {n}")
+            with trio.fail_after(10):
+                await log.flush()
+            assert log.lost == 50
+            log.record("admin", "allowed", user="shell/alice", detail="after")
+            with trio.fail_after(10):
+                await log.flush()
+        records = await query(store, AuditQuery())
+    assert [r.detail for r in records] == ["after"]
