@@ -218,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     # callback runs yet. A KeyboardInterrupt would surface inside whatever import was
     # running, with a traceback, and at times as another error (a RuntimeError, when
     # it strikes in a class's __set_name__).
+    previous = signal.getsignal(signal.SIGINT)
     in_charge = _handle_sigint(_exit_at_once)
-    options = _parser().parse_args(argv)
-    if in_charge and options.command not in ("run", "check-config"):
-        # A one-shot command that may be changing the store unwinds instead (below).
-        _handle_sigint(signal.default_int_handler)
     try:
+        options = _parser().parse_args(argv)
+        if not in_charge and options.command == "run":
+            # trio's signal receiver, which stops the bot in order, needs the main thread.
+            print("oco: error: oco run must run in the main thread (it handles SIGINT and SIGTERM)", file=sys.stderr)
+            return EXIT_USAGE
+        if in_charge and options.command not in ("run", "check-config"):
+            # A one-shot command that may be changing the store unwinds instead (below).
+            _handle_sigint(signal.default_int_handler)
         return _main(options)
     except KeyboardInterrupt:
         # Quietly, as an interrupted shell command does, and never by returning: once
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
+    finally:
+        if in_charge:  # a program that called main() gets its own handler back
+            signal.signal(signal.SIGINT, previous)
 
 
 def _handle_sigint(handler: Callable[[int, FrameType | None], object]) -> bool:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import trio
 
 from oco_core import __version__
-from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME
+from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, main
 from oco_core._proto import storage_pb2, storage_pb2_grpc
 from oco_core.testing import free_port, oco_cli, run_oco
 
@@ -371,3 +372,24 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert oco_cli(cwd=tmp_path).returncode == 2
     assert oco_cli("proto", cwd=tmp_path).returncode == 2
     assert oco_cli("frobnicate", cwd=tmp_path).returncode == 2
+
+
+def test_main_called_in_process_gives_the_caller_its_sigint_handler_back(tmp_path: Path) -> None:
+    """A program (or a test) calling main() keeps its own Ctrl-C handling afterwards: the
+    exit-at-once handler main() installs for start-up must not outlive it."""
+    config = tmp_path / "oco.yaml"
+    config.write_text(f'store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}\ncallbacks: []\n')
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_oco_run_outside_the_main_thread_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(["run"])))
+    thread.start()
+    thread.join(30)
+    assert codes == [2]
+    assert capsys.readouterr().err == (
+        "oco: error: oco run must run in the main thread (it handles SIGINT and SIGTERM)\n"
+    )
