@@ -502,11 +502,14 @@ class SqlStore(Store):
 
     # ---- plumbing ----
 
-    async def _run(self, fn: Callable[[Connection], T], *, write: bool, transaction: bool = False) -> T:
+    async def _run(
+        self, fn: Callable[[Connection], T], *, write: bool, transaction: bool = False, unbounded: bool = False
+    ) -> T:
         """Run ``fn`` on a pooled connection in a worker thread, in a transaction (always
-        on SQLite; on PostgreSQL only when asked), and map database errors."""
+        on SQLite; on PostgreSQL only when asked), and map database errors. ``unbounded``:
+        no statement timeout and no watch (a migration may rightly take long)."""
 
-        watch = _Watch() if self._deadline is not None else None
+        watch = _Watch() if self._deadline is not None and not unbounded else None
 
         def attempt() -> T:
             with self._engine.connect() as conn:
@@ -534,6 +537,8 @@ class SqlStore(Store):
                 finally:
                     if watch is not None:
                         watch.end()
+                        if watch.cut:  # cut just as it finished: its socket is shut, not fit for the pool
+                            conn.invalidate()
 
         def work() -> T:
             try:
@@ -552,7 +557,8 @@ class SqlStore(Store):
                     raise
                 return attempt()
 
-        with trio.move_on_after(self.config.pool_timeout) as waiting:
+        # Only a server can hang; SQLite's calls wait their turn, however long, as before.
+        with trio.move_on_after(self.config.pool_timeout if self._deadline is not None else math.inf) as waiting:
             await self._limiter.acquire()
         if waiting.cancelled_caught:
             raise StoreUnavailableError(
@@ -625,9 +631,11 @@ class SqlStore(Store):
             Path(self._url.database or "").parent.mkdir(parents=True, exist_ok=True)
 
         def work(conn: Connection) -> int:
+            if self._deadline is not None:  # PostgreSQL: a migration may rightly outlast statement_timeout
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
             return migrate(conn, self.config.table_prefix)
 
-        before = await self._run(work, write=True, transaction=True)
+        before = await self._run(work, write=True, transaction=True, unbounded=True)
         if before != SCHEMA_VERSION:
             logger.info("store: schema at version %d (was %d) in %s", SCHEMA_VERSION, before, self._masked_url)
 
