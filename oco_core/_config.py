@@ -502,6 +502,9 @@ class _TooDeepError(Exception):
         self.line, self.column = line, column
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Loader(yaml.SafeLoader):
     """The safe loader, refusing nesting past MAX_YAML_DEPTH while it composes (PyYAML
     composes recursively: a few thousand ``[`` were a RecursionError traceback)."""
@@ -559,11 +562,26 @@ def _convert(
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                # `<<: *defaults` (or a list of them): their keys, which the mapping's own
+                # keys override, and the first of several sources wins, as YAML says.
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        raise ConfigError(f"line {key_node.start_mark.line + 1}: `<<` merges mappings only")
+                    for merged_key, merged_value in _convert(source, loader, path, lines, expansion).items():
+                        result.setdefault(merged_key, merged_value)
+                lines[path] = line
+        merged_keys = set(result)
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: keys must be text, not {key!r}")
-            if key in result:
+            if key in result and key not in merged_keys:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+            merged_keys.discard(key)
             result[key] = _convert(value_node, loader, (*path, key), lines, expansion)
             # A key's errors point at the key: a block value (the list under
             # `callbacks:`) starts on a later line than the key it belongs to.
@@ -613,10 +631,18 @@ def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
             data = {} if node is None else _convert(node, loader, (), lines)
         except ConfigError as exc:
             raise ConfigError(f"{source}, {exc}") from None
+        except yaml.YAMLError as exc:  # what the constructor refuses (a tag it does not know)
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys (bot:, adapters:, ...), not {_kind(data)}")
+    # Top-level keys starting with x- are the file's own (anchors for `<<: *defaults`,
+    # as in docker compose files): not the bot's.
+    data = {key: value for key, value in data.items() if not key.startswith("x-")}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

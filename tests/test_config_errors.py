@@ -504,3 +504,31 @@ def test_nesting_up_to_the_limit_is_read() -> None:
 def test_an_alias_inside_its_own_anchor_is_refused() -> None:
     error = error_of("bot: &a [*a]\n")
     assert error.startswith("oco.yaml, line 1: bot[0]: nested deeper than 50 levels through aliases"), error
+
+
+def test_merge_keys_and_x_anchors_share_settings_between_callbacks() -> None:
+    loaded = parse_config(
+        """\
+x-launched: &launched
+  inherit_env: ["*"]
+  restart_backoff_max: 10
+callbacks:
+  - <<: *launched
+    id: weather
+    command: ["python", "weather.py"]
+  - <<: *launched
+    id: deploy
+    command: ["python", "deploy.py"]
+    restart_backoff_max: 5
+""",
+        "oco.yaml",
+    )
+    weather, deploy = loaded.config.callbacks
+    assert (weather.inherit_env, weather.restart_backoff_max) == (["*"], 10)
+    assert (deploy.inherit_env, deploy.restart_backoff_max) == (["*"], 5)  # its own key wins
+
+
+def test_a_tag_the_loader_does_not_know_is_one_line_not_a_traceback() -> None:
+    error = error_of("bot: !!python/object:os.system x\n")
+    assert error.startswith("oco.yaml, line 1, column 6: not valid YAML: could not determine a constructor"), error
+    assert "\n" not in error
