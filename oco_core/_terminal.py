@@ -51,6 +51,11 @@ _FUNCTIONS = (
 )
 
 
+#: readline.h's RL_STATE_ISEARCH, _NSEARCH, _SEARCH, _NUMERICARG, _MOREINPUT: readline is
+#: showing a prompt of its own, or reading a key for a command.
+_OWN_PROMPT_STATES = 0x80 | 0x100 | 0x200 | 0x400 | 0x800
+
+
 class Terminal:
     """An open terminal: :meth:`read_line` for what the person types, :meth:`write` for
     anything to show (above the prompt and what is typed, which are then redrawn)."""
@@ -80,6 +85,10 @@ class Terminal:
         lib.rl_callback_handler_install.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
         lib.rl_replace_line.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._reset_screen_size = getattr(lib, "rl_reset_screen_size", None)
+        try:
+            self._state: ctypes.c_ulong | None = ctypes.c_ulong.in_dll(lib, "rl_readline_state")
+        except ValueError:
+            self._state = None
 
     async def read_line(self) -> str | None:
         """The next line typed (Enter), or None at end of input (Ctrl-D on an empty line)."""
@@ -136,6 +145,8 @@ class Terminal:
                 self._out.write(_whole_lines(self._pending.popleft()))
             self._out.flush()
             return
+        if self._busy():
+            return  # shown once readline is back at its own prompt (after the next key)
         if self._reset_screen_size is not None:
             self._reset_screen_size()
         self._erase()
@@ -143,6 +154,12 @@ class Terminal:
             self._out.write(_whole_lines(self._pending.popleft()))
         self._out.flush()
         self._redraw()
+
+    def _busy(self) -> bool:
+        """Whether readline shows a prompt of its own (an incremental search, a numeric
+        argument): it saved the line's prompt itself, and saving it again over that
+        would lose it. What is pending waits until it is back."""
+        return self._state is not None and bool(self._state.value & _OWN_PROMPT_STATES)
 
     def _erase(self) -> None:
         # readline's own way to clear its line (prompt and text, over as many rows as
@@ -173,6 +190,7 @@ class Terminal:
         self._erase()  # no prompt left behind for the log lines of the shutdown
         self._open = False
         self._lib.rl_callback_handler_remove()
+        self._show_pending()  # any held back while readline showed a prompt of its own
         self._out.flush()
 
 

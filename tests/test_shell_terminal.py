@@ -324,3 +324,68 @@ async def test_a_launched_callbacks_log_lines_carry_one_prefix_at_their_level(
     doubled = [line for line in bot.stderr_lines if re.search(r"oco\.callback\.\w+: (DEBUG|INFO|WARNING|ERROR) ", line)]
     assert not doubled, doubled
     assert any(line.endswith("INFO oco.callback.poke: received SIGTERM; stopping") for line in bot.stderr_lines)
+
+
+TICKING = """
+import sys, trio
+from oco_core._terminal import open_terminal
+
+async def main():
+    async with open_terminal("P> ", None, 100) as terminal:
+        async def tick():
+            for n in range(200):
+                await trio.sleep(0.2)
+                terminal.write(f"LOG{n}\\n")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            while (line := await terminal.read_line()) is not None:
+                terminal.write(f"GOT[{line}]\\n")
+            nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+def test_a_log_line_during_a_history_search_waits_and_the_prompt_survives() -> None:
+    """readline shows a prompt of its own while searching (Ctrl-R): a log line then
+    waits until the search ends, and the prompt comes back with what is typed."""
+    import select
+    import subprocess
+    import time
+
+    primary, secondary = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", TICKING], stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True
+    )
+    os.close(secondary)
+
+    def read_until(pattern: str, timeout: float = 10.0) -> str:
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([primary], [], [], 0.05)[0]:
+                try:
+                    seen += os.read(primary, 4096)
+                except OSError:
+                    break
+                if re.search(pattern, seen.decode(errors="replace")):
+                    return seen.decode(errors="replace")
+        raise AssertionError(f"no {pattern!r} in {seen!r}")
+
+    try:
+        read_until(r"LOG1\r\nP> ")
+        os.write(primary, b"\x12")  # Ctrl-R
+        searching = read_until(r"reverse-i-search")
+        time.sleep(0.6)  # log lines come meanwhile (every 0.2 s): they must wait
+        held = read_until(r"", 0.1) if select.select([primary], [], [], 0)[0] else ""
+        assert "LOG" not in searching + held, searching + held
+        os.write(primary, b"\x07")  # Ctrl-G: the search ends
+        read_until(r"LOG\d+\r\nP> ")
+        os.write(primary, b"abc")
+        assert re.search(r"P> abc", read_until(r"LOG\d+\r\nP> abc"))  # the prompt is still there
+        os.write(primary, b"\r")
+        read_until(r"GOT\[abc\]")
+    finally:
+        process.kill()
+        process.wait()
+        os.close(primary)
