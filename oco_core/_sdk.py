@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -357,12 +358,14 @@ def _first_rpc_error(group: BaseExceptionGroup[grpc.aio.AioRpcError]) -> grpc.ai
 
 
 def _first_callback_error(error: BaseException) -> CallbackError | None:
+    """The refusal ``error`` is made of, when it is nothing else: one CallbackError, or a
+    group (nurseries wrap errors) whose every member is one."""
     if isinstance(error, CallbackError):
         return error
     if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            if (found := _first_callback_error(inner)) is not None:
-                return found
+        found = [_first_callback_error(inner) for inner in error.exceptions]
+        if found and all(f is not None for f in found):
+            return found[0]
     return None
 
 
@@ -585,7 +588,10 @@ class Callback:
             if refusal is None:
                 raise
             # The supervisor of a launched callback does not restart one that exits so.
+            # Logged, and printed too when no handler would show it.
             log.error("callback %r: %s", self.id, refusal)
+            if not log.isEnabledFor(logging.ERROR) or not logging.getLogger().handlers:
+                print(f"callback {self.id!r}: {refusal}", file=sys.stderr)
             raise SystemExit(EXIT_REFUSED) from None
         except KeyboardInterrupt:
             pass
