@@ -610,6 +610,14 @@ def _substitute(value: str, line: int, path: tuple[str | int, ...]) -> str:
     return _VAR.sub(replace, value)
 
 
+def _yaml_error(source: str, exc: yaml.YAMLError) -> ConfigError:
+    """What the YAML parser or constructor refused, in one line with its place."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(f"{source}{where}: not valid YAML: {problem}")
+
+
 def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
     """Validate config ``text``; raise ConfigError naming file, line and key."""
     loader = _Loader(text)
@@ -622,20 +630,14 @@ def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
                 f"nested deeper than {MAX_YAML_DEPTH} levels; refusing it"
             ) from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
+            raise _yaml_error(source, exc) from None
         lines: dict[Any, int] = {}
         try:
             data = {} if node is None else _convert(node, loader, (), lines)
         except ConfigError as exc:
             raise ConfigError(f"{source}, {exc}") from None
         except yaml.YAMLError as exc:  # what the constructor refuses (a tag it does not know)
-            mark = getattr(exc, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
+            raise _yaml_error(source, exc) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

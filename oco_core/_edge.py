@@ -35,6 +35,7 @@ from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, 
 from ._router import Route, Router, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES, Store
+from ._timing import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ class Services:
         self.bot = bot
         self.settings = settings
         self.auth = Authenticator(dict(bot.secrets()), bot.store)
-        self._refusals: dict[str, tuple[float, int]] = {}
-        self._logged_refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusals = Throttle(_REFUSAL_WINDOW)
+        self._logged_refusals = Throttle(settings.refusal_log_interval)
         #: Set at shutdown: streams end (with OK) instead of waiting for more.
         self._ending = False
         #: The waits of open SendMessageStreams for their next request.
@@ -163,15 +164,9 @@ class Services:
         of each (callback, reason) in ``grpc.refusal_log_interval`` seconds, with the
         count of those left out since, so an operator sees why a callback cannot connect
         without reading the audit log, and a callback retrying in a loop cannot flood it."""
-        key = (callback_id, reason)
-        now = trio.current_time()
-        last, skipped = self._logged_refusals.get(key, (-math.inf, 0))
-        if now - last < self.settings.refusal_log_interval:
-            self._logged_refusals[key] = (last, skipped + 1)
+        skipped = self._logged_refusals.allow((callback_id, reason))
+        if skipped is None:
             return
-        if len(self._logged_refusals) > 10_000:
-            self._logged_refusals.clear()
-        self._logged_refusals[key] = (now, 0)
         more = f" ({skipped} more since the last such line)" if skipped else ""
         who = repr(callback_id) if callback_id else "unknown"
         log.warning("refused callback %s from %s: %s%s", who, info.peer, details, more)
@@ -181,14 +176,9 @@ class Services:
         with a count of those left out since, so a flood of bad secrets cannot flood the log."""
         self._log_refusal(info, callback_id, reason or details, details)
         host = info.peer.rpartition(":")[0] or info.peer
-        now = trio.current_time()
-        first, skipped = self._refusals.get(host, (-_REFUSAL_WINDOW, 0))
-        if now - first < _REFUSAL_WINDOW:
-            self._refusals[host] = (first, skipped + 1)
+        skipped = self._refusals.allow(host)
+        if skipped is None:
             return
-        if len(self._refusals) > 10_000:
-            self._refusals.clear()
-        self._refusals[host] = (now, 0)
         more = f" ({skipped} more from {host} in the minute before)" if skipped else ""
         self.bot.record("authentication", DENIED, callback=callback_id, detail=f"{details}; peer {info.peer}{more}")
 

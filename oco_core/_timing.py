@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Hashable
 
 import trio
 
@@ -147,3 +148,28 @@ class TokenBucket:
                 raise ValueError(f"{count} tokens can never fit a bucket of {self.capacity}")
             # A loop, not one sleep: the clock's float arithmetic may leave a sliver missing.
             await trio.sleep(delay)
+
+
+class Throttle:
+    """At most one of something (a log line, an audit record) per key every ``window``
+    seconds, counting what it held back meanwhile: a client failing in a loop cannot
+    flood the log. Remembers at most ``max_keys`` keys (then starts afresh)."""
+
+    def __init__(self, window: float, max_keys: int = 10_000) -> None:
+        self.window = window
+        self._max_keys = max_keys
+        #: By key: trio's clock when one was last let through, and how many were held since.
+        self._seen: dict[Hashable, tuple[float, int]] = {}
+
+    def allow(self, key: Hashable) -> int | None:
+        """None when this one is held back (and counted); else how many were held back
+        since the last one let through."""
+        now = trio.current_time()
+        last, held = self._seen.get(key, (-math.inf, 0))
+        if now - last < self.window:
+            self._seen[key] = (last, held + 1)
+            return None
+        if len(self._seen) >= self._max_keys:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return held

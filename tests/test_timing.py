@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from oco_core._timing import Throttle
 from oco_core.plugin import Backoff, TokenBucket
 
 # -- TokenBucket -------------------------------------------------------------------------
@@ -140,3 +141,15 @@ async def test_backoff_resets_after_a_healthy_run(autojump_clock: trio.testing.M
     await trio.sleep(60)  # a healthy run: from the end of the delay to this failure
     assert await backoff.sleep() == 1.0
     assert await backoff.sleep() == 2.0  # an attempt that failed at once
+
+
+async def test_a_throttle_lets_one_through_a_window_per_key_and_counts_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    throttle = Throttle(60.0)
+    assert throttle.allow("a") == 0
+    assert [throttle.allow("a") for _ in range(3)] == [None, None, None]
+    assert throttle.allow("b") == 0  # keys are apart
+    await trio.sleep(60)
+    assert throttle.allow("a") == 3  # the next one says how many were held back
+    assert throttle.allow("a") is None
