@@ -583,6 +583,7 @@ class Router:
         """
         if not self._maintained and self._built < self._version:
             self._tables, self._built = _build_tables(list(self._subscriptions), self._regexes), self._version
+            self._pending.clear()  # built: as maintain() does after a build
         tables = self._tables
         matches: list[Match] = []
         # `direct` means addressed to the bot: by name or alias, or a private message.
