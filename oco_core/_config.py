@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -172,6 +172,22 @@ class TlsSettings(_Strict):
     server_name: str | None = None
 
 
+def _host_port(value: str) -> str:
+    """``value`` if it is a host:port a server can listen on, else ValueError saying why."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, such as 127.0.0.1:50051, not {value!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range: use 1-65535, or 0 to pick a free one")
+    bare = host.removeprefix("[").removesuffix("]")
+    if not bare or (":" in bare and bare == host):
+        # grpc would split "::1:50051" somewhere else than we do.
+        raise ValueError(f"write an IPv6 host in brackets, such as [::1]:{port}, not {value!r}")
+    if any(c.isspace() or c in "/@" for c in bare):
+        raise ValueError(f"{host!r} is not a host name or address; for example 127.0.0.1:{port}")
+    return value
+
+
 class GrpcSettings(_Strict):
     """``grpc:`` — the API callback programs connect to."""
 
@@ -207,21 +223,7 @@ class GrpcSettings(_Strict):
     #: TLS for the API; without it the API is plaintext (keep it on 127.0.0.1 then).
     tls: TlsSettings | None = None
 
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected host:port, such as 127.0.0.1:50051, not {value!r}")
-        if not 0 <= int(port) <= 65535:
-            raise ValueError(f"port {port} is out of range: use 1-65535, or 0 to pick a free one")
-        bare = host.removeprefix("[").removesuffix("]")
-        if not bare or (":" in bare and bare == host):
-            # grpc would split "::1:50051" somewhere else than we do.
-            raise ValueError(f"write an IPv6 host in brackets, such as [::1]:{port}, not {value!r}")
-        if any(c.isspace() or c in "/@" for c in bare):
-            raise ValueError(f"{host!r} is not a host name or address; for example 127.0.0.1:{port}")
-        return value
+    _listen = field_validator("listen")(lambda value: _host_port(value))
 
 
 class RouteSettings(_Strict):
@@ -233,6 +235,98 @@ class RouteSettings(_Strict):
     id: str | None = None
     permission: str = ""
     ignore_case: bool = False
+    #: Keep its matches for the callback while it is not connected (see ``events:``).
+    durable: bool = False
+    #: Seconds a durable match may wait; null: ``events.chat_ttl``.
+    durable_ttl: float | None = Field(default=None, gt=0)
+
+
+class HttpSettings(_Strict):
+    """``http:`` — the bot's HTTP server: webhooks (``/hooks/<callback id>/...``); off
+    unless configured."""
+
+    listen: str = Field(description="host:port; port 0 picks a free one.", examples=["127.0.0.1:8080"])
+    #: TLS for the HTTP server (``cert`` and ``key``; ``client_ca`` requires client certificates).
+    tls: TlsSettings | None = None
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body accepted (413 beyond).")
+    webhook_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a synchronous webhook waits for the callback's answer (504 after)."
+    )
+    webhook_rate_limit: int = Field(
+        default=600, gt=0, description="Requests per minute one webhook route accepts (bursts up to that many; 429 beyond)."
+    )
+    max_pending_webhooks: int = Field(
+        default=1000, gt=0, description="Synchronous webhook requests waiting for callbacks at once (503 beyond)."
+    )
+    #: Where to write the actual address once listening (useful with port 0).
+    address_file: Path | None = None
+
+    _listen = field_validator("listen")(lambda value: _host_port(value))
+
+
+class EventSettings(_Strict):
+    """``events:`` — durable events (asynchronous webhooks, schedule firings, published
+    events, matches of durable routes), kept in the core store until acknowledged."""
+
+    ttl: float = Field(default=3600.0, gt=0, description="Seconds a durable event waits for its callback.")
+    chat_ttl: float = Field(default=30.0, gt=0, description="Seconds a match of a durable route waits, by default.")
+    max_pending: int = Field(default=10_000, gt=0, description="Durable events kept per callback (oldest dropped beyond).")
+    max_pending_bytes: int = Field(
+        default=64 << 20, gt=0, description="Bytes of durable events kept per callback (oldest dropped beyond)."
+    )
+    max_event_bytes: int = Field(default=1 << 20, gt=0, description="Largest payload Publish accepts.")
+    redeliver_after: float = Field(
+        default=300.0, gt=0, description="Seconds an unacknowledged event waits on a live stream before going to another."
+    )
+
+
+class HmacSettings(_Strict):
+    """``webhook_auth.hmac:`` — the body signed with a shared secret (GitHub's form by default)."""
+
+    secret: SecretStr = Field(examples=["${GITHUB_WEBHOOK_SECRET}"])
+    header: str = Field(default="X-Hub-Signature-256", min_length=1)
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    #: Text before the hex digest in the header ("sha256=" for GitHub); "" for none.
+    prefix: str = "sha256="
+
+
+class WebhookAuth(_Strict):
+    """``callbacks[].webhook_auth:`` — how the bot verifies requests to this callback's
+    webhooks before delivering them (401 and an audit record otherwise)."""
+
+    #: Requests must carry ``Authorization: Bearer <token>``.
+    bearer: SecretStr | None = Field(default=None, examples=["${ALERTMANAGER_TOKEN}"])
+    hmac: HmacSettings | None = None
+    #: Deliberately accept requests nobody signed (the bot logs a warning otherwise).
+    none: bool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> WebhookAuth:
+        chosen = [name for name, on in (("bearer", self.bearer), ("hmac", self.hmac), ("none", self.none)) if on]
+        if len(chosen) != 1:
+            raise ValueError(f"choose one of bearer, hmac or none, not {' and '.join(chosen) or 'none of them'}")
+        if self.bearer is not None and len(self.bearer.get_secret_value()) < 16:
+            raise ValueError("a bearer token must be at least 16 characters")
+        return self
+
+
+class ScheduleSettings(_Strict):
+    """``callbacks[].schedules[]:`` — a schedule the operator declares for a callback."""
+
+    id: str | None = None
+    cron: str | None = Field(default=None, examples=["0 9 * * mon-fri"])
+    #: IANA time zone the cron expression is read in.
+    time_zone: str = Field(default="UTC", examples=["Europe/Paris"])
+    #: Seconds between firings, instead of cron.
+    every: float | None = Field(default=None, gt=0, examples=[300])
+    #: A slot missed while no bot ran fires once, late, when at most this many seconds old.
+    catch_up: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _cron_or_every(self) -> ScheduleSettings:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give either cron (such as '*/5 * * * *') or every (seconds), not both or neither")
+        return self
 
 
 _EVENT_NAMES = ("membership", "topic")
@@ -256,6 +350,14 @@ class Capabilities(_Strict):
     events: list[str] = Field(default_factory=lambda: list(_EVENT_NAMES))
     #: Specific data stores (types, shell-style patterns) it may get access to.
     datastores: list[str] = Field(default_factory=lambda: ["*"])
+    #: Topics it may publish to (dot-separated; `*` matches one segment, a final `#` any).
+    publish: list[str] = Field(default_factory=lambda: ["#"])
+    #: Topics it may subscribe to (same syntax); the bot's own are under ``oco.``.
+    subscribe: list[str] = Field(default_factory=lambda: ["#"])
+    #: Declare webhook routes (served at /hooks/<callback id>/...).
+    webhooks: bool = True
+    #: Declare schedules.
+    schedules: bool = True
 
     @field_validator("events")
     @classmethod
@@ -313,6 +415,10 @@ class CallbackSettings(_Strict):
     #: (passed as OCO_TLS_CERT and OCO_TLS_KEY).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: How requests to its webhooks are verified.
+    webhook_auth: WebhookAuth | None = None
+    #: Schedules the operator declares for it, beside those it declares itself.
+    schedules: list[ScheduleSettings] = Field(default_factory=list)
 
     @field_validator("id")
     @classmethod
@@ -404,6 +510,9 @@ class Config(_Strict):
         examples=[[{"id": "weather", "command": ["python", "weather.py"]}]],
     )
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    #: The bot's HTTP server; none unless configured.
+    http: HttpSettings | None = None
+    events: EventSettings = Field(default_factory=EventSettings)
     log_level: str = Field(default="INFO", examples=["info"])
 
     @field_validator("log_level")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncore.proto\x12\x03oco\"\xae\x01\n\x05\x45vent\x12.\n\x0fmatched_message\x18\x01 \x01(\x0b\x32\x13.oco.MatchedMessageH\x00\x12\x32\n\x11membership_change\x18\x02 \x01(\x0b\x32\x15.oco.MembershipChangeH\x00\x12(\n\x0ctopic_change\x18\x03 \x01(\x0b\x32\x10.oco.TopicChangeH\x00\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x42\x06\n\x04type\"\xf0\x01\n\x0eMatchedMessage\x12\x1d\n\x07message\x18\x01 \x01(\x0b\x32\x0c.oco.Message\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x10\n\x08route_id\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12:\n\x0cnamed_groups\x18\x05 \x03(\x0b\x32$.oco.MatchedMessage.NamedGroupsEntry\x12\x0e\n\x06\x64irect\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\x1a\x32\n\x10NamedGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x07Message\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x1b\n\x06source\x18\x02 \x01(\x0b\x32\x0b.oco.Source\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\x12\x1b\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x0b.oco.Format\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\x08\x12\x0f\n\x07private\x18\x07 \x01(\x08\"/\n\x04Room\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\":\n\x06Source\x12\x17\n\x04user\x18\x01 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x02 \x01(\x0b\x32\t.oco.Room\"6\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmention_name\x18\x03 \x01(\t\"\xf9\x01\n\x10MembershipChange\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.oco.MembershipChange.Kind\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x03 \x01(\x0b\x32\t.oco.Room\x12\x18\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\t.oco.User\x12\x0e\n\x06reason\x18\x05 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_JOINED\x10\x01\x12\r\n\tKIND_LEFT\x10\x02\x12\x0f\n\x0bKIND_KICKED\x10\x03\x12\x10\n\x0cKIND_INVITED\x10\x04\"?\n\x0bTopicChange\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User*/\n\x06\x46ormat\x12\x10\n\x0c\x46ORMAT_PLAIN\x10\x00\x12\x13\n\x0f\x46ORMAT_MARKDOWN\x10\x01\x42\x64\n\x13org.openchatops.ocoB\tCoreProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\ncore.proto\x12\x03oco\"\xe8\x02\n\x05\x45vent\x12.\n\x0fmatched_message\x18\x01 \x01(\x0b\x32\x13.oco.MatchedMessageH\x00\x12\x32\n\x11membership_change\x18\x02 \x01(\x0b\x32\x15.oco.MembershipChangeH\x00\x12(\n\x0ctopic_change\x18\x03 \x01(\x0b\x32\x10.oco.TopicChangeH\x00\x12.\n\x0fwebhook_request\x18\x05 \x01(\x0b\x32\x13.oco.WebhookRequestH\x00\x12.\n\x0fschedule_firing\x18\x06 \x01(\x0b\x32\x13.oco.ScheduleFiringH\x00\x12.\n\x0fpublished_event\x18\x07 \x01(\x0b\x32\x13.oco.PublishedEventH\x00\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x12\x13\n\x0b\x64\x65livery_id\x18\x08 \x01(\t\x12\x13\n\x0bredelivered\x18\t \x01(\rB\x06\n\x04type\"\xf0\x01\n\x0eMatchedMessage\x12\x1d\n\x07message\x18\x01 \x01(\x0b\x32\x0c.oco.Message\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x10\n\x08route_id\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12:\n\x0cnamed_groups\x18\x05 \x03(\x0b\x32$.oco.MatchedMessage.NamedGroupsEntry\x12\x0e\n\x06\x64irect\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\x1a\x32\n\x10NamedGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x07Message\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x1b\n\x06source\x18\x02 \x01(\x0b\x32\x0b.oco.Source\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\x12\x1b\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x0b.oco.Format\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\x08\x12\x0f\n\x07private\x18\x07 \x01(\x08\"/\n\x04Room\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\":\n\x06Source\x12\x17\n\x04user\x18\x01 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x02 \x01(\x0b\x32\t.oco.Room\"6\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmention_name\x18\x03 \x01(\t\"\xf9\x01\n\x10MembershipChange\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.oco.MembershipChange.Kind\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User\x12\x17\n\x04room\x18\x03 \x01(\x0b\x32\t.oco.Room\x12\x18\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\t.oco.User\x12\x0e\n\x06reason\x18\x05 \x01(\t\"_\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_JOINED\x10\x01\x12\r\n\tKIND_LEFT\x10\x02\x12\x0f\n\x0bKIND_KICKED\x10\x03\x12\x10\n\x0cKIND_INVITED\x10\x04\"?\n\x0bTopicChange\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\x12\x17\n\x04user\x18\x02 \x01(\x0b\x32\t.oco.User\"\x94\x02\n\x0eWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\t\x12\x31\n\x07headers\x18\x06 \x03(\x0b\x32 .oco.WebhookRequest.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x16\n\x0eremote_address\x18\x08 \x01(\t\x12\x14\n\x0c\x61synchronous\x18\t \x01(\x08\x12\x18\n\x10received_unix_ms\x18\n \x01(\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0eScheduleFiring\x12\x13\n\x0bschedule_id\x18\x01 \x01(\t\x12\x19\n\x11scheduled_unix_ms\x18\x02 \x01(\x03\x12\x16\n\x0escheduled_time\x18\x03 \x01(\t\x12\x0c\n\x04late\x18\x04 \x01(\x08\"\xd6\x01\n\x0ePublishedEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x37\n\nattributes\x18\x04 \x03(\x0b\x32#.oco.PublishedEvent.AttributesEntry\x12\x11\n\tpublisher\x18\x05 \x01(\t\x12\x19\n\x11published_unix_ms\x18\x06 \x01(\x03\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*/\n\x06\x46ormat\x12\x10\n\x0c\x46ORMAT_PLAIN\x10\x00\x12\x13\n\x0f\x46ORMAT_MARKDOWN\x10\x01\x42\x64\n\x13org.openchatops.ocoB\tCoreProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\tCoreProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
   _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._loaded_options = None
   _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_options = b'8\001'
-  _globals['_FORMAT']._serialized_start=1071
-  _globals['_FORMAT']._serialized_end=1118
+  _globals['_WEBHOOKREQUEST_HEADERSENTRY']._loaded_options = None
+  _globals['_WEBHOOKREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_PUBLISHEDEVENT_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_PUBLISHEDEVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_FORMAT']._serialized_start=1857
+  _globals['_FORMAT']._serialized_end=1904
   _globals['_EVENT']._serialized_start=20
-  _globals['_EVENT']._serialized_end=194
-  _globals['_MATCHEDMESSAGE']._serialized_start=197
-  _globals['_MATCHEDMESSAGE']._serialized_end=437
-  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_start=387
-  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_end=437
-  _globals['_MESSAGE']._serialized_start=440
-  _globals['_MESSAGE']._serialized_end=587
-  _globals['_ROOM']._serialized_start=589
-  _globals['_ROOM']._serialized_end=636
-  _globals['_SOURCE']._serialized_start=638
-  _globals['_SOURCE']._serialized_end=696
-  _globals['_USER']._serialized_start=698
-  _globals['_USER']._serialized_end=752
-  _globals['_MEMBERSHIPCHANGE']._serialized_start=755
-  _globals['_MEMBERSHIPCHANGE']._serialized_end=1004
-  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_start=909
-  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_end=1004
-  _globals['_TOPICCHANGE']._serialized_start=1006
-  _globals['_TOPICCHANGE']._serialized_end=1069
+  _globals['_EVENT']._serialized_end=380
+  _globals['_MATCHEDMESSAGE']._serialized_start=383
+  _globals['_MATCHEDMESSAGE']._serialized_end=623
+  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_start=573
+  _globals['_MATCHEDMESSAGE_NAMEDGROUPSENTRY']._serialized_end=623
+  _globals['_MESSAGE']._serialized_start=626
+  _globals['_MESSAGE']._serialized_end=773
+  _globals['_ROOM']._serialized_start=775
+  _globals['_ROOM']._serialized_end=822
+  _globals['_SOURCE']._serialized_start=824
+  _globals['_SOURCE']._serialized_end=882
+  _globals['_USER']._serialized_start=884
+  _globals['_USER']._serialized_end=938
+  _globals['_MEMBERSHIPCHANGE']._serialized_start=941
+  _globals['_MEMBERSHIPCHANGE']._serialized_end=1190
+  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_start=1095
+  _globals['_MEMBERSHIPCHANGE_KIND']._serialized_end=1190
+  _globals['_TOPICCHANGE']._serialized_start=1192
+  _globals['_TOPICCHANGE']._serialized_end=1255
+  _globals['_WEBHOOKREQUEST']._serialized_start=1258
+  _globals['_WEBHOOKREQUEST']._serialized_end=1534
+  _globals['_WEBHOOKREQUEST_HEADERSENTRY']._serialized_start=1488
+  _globals['_WEBHOOKREQUEST_HEADERSENTRY']._serialized_end=1534
+  _globals['_SCHEDULEFIRING']._serialized_start=1536
+  _globals['_SCHEDULEFIRING']._serialized_end=1638
+  _globals['_PUBLISHEDEVENT']._serialized_start=1641
+  _globals['_PUBLISHEDEVENT']._serialized_end=1855
+  _globals['_PUBLISHEDEVENT_ATTRIBUTESENTRY']._serialized_start=1806
+  _globals['_PUBLISHEDEVENT_ATTRIBUTESENTRY']._serialized_end=1855
 # @@protoc_insertion_point(module_scope)

@@ -62,13 +62,33 @@ class Event(_message.Message):
     MATCHED_MESSAGE_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_CHANGE_FIELD_NUMBER: _builtins.int
     TOPIC_CHANGE_FIELD_NUMBER: _builtins.int
+    WEBHOOK_REQUEST_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIRING_FIELD_NUMBER: _builtins.int
+    PUBLISHED_EVENT_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    REDELIVERED_FIELD_NUMBER: _builtins.int
     dropped: _builtins.int
     """Extension: how many events for this stream the bot dropped since the previous event
     it sent on it (0: none). The bot queues a bounded number of events per stream
     (`grpc.stream_queue`) and drops new ones while the queue is full, so that a callback
     that reads too slowly holds back neither the chat nor the other callbacks; this
     tells the callback it fell behind and missed some.
+    """
+    delivery_id: _builtins.str
+    """Extension: set on an event the bot keeps in its store until the callback
+    acknowledges it (webhook requests of asynchronous routes, schedule firings,
+    published events, and matches of routes declared `durable`), when the stream asked
+    to acknowledge (ListenRequest.acknowledge). The callback passes it to
+    Robot.Acknowledge once it has handled the event; an event not acknowledged when its
+    stream ends goes to another stream of the callback, or waits for the next one.
+    Empty on every other event, and on every event of a stream that does not acknowledge
+    (for it, an event counts as delivered once written to the stream).
+    """
+    redelivered: _builtins.int
+    """Extension: how many times this event was written to a stream of this callback
+    before (0 the first time): a callback that acknowledges may see an event again after
+    its stream broke, and can tell.
     """
     @_builtins.property
     def matched_message(self) -> Global___MatchedMessage:
@@ -86,19 +106,43 @@ class Event(_message.Message):
         EVENT_KIND_TOPIC in their ListenRequest.
         """
 
+    @_builtins.property
+    def webhook_request(self) -> Global___WebhookRequest:
+        """Extension: an HTTP request to one of the callback's webhook routes (declared in
+        ListenRequest.webhooks). A synchronous route's request is answered with
+        Robot.RespondWebhook; an asynchronous one was already answered 202 by the bot.
+        """
+
+    @_builtins.property
+    def schedule_firing(self) -> Global___ScheduleFiring:
+        """Extension: one of the callback's schedules came due (ListenRequest.schedules, or
+        the operator's `callbacks[].schedules`).
+        """
+
+    @_builtins.property
+    def published_event(self) -> Global___PublishedEvent:
+        """Extension: an event published to a topic the stream subscribed to
+        (ListenRequest.topics), by a callback (Robot.Publish) or by the bot itself.
+        """
+
     def __init__(
         self,
         *,
         matched_message: Global___MatchedMessage | None = ...,
         membership_change: Global___MembershipChange | None = ...,
         topic_change: Global___TopicChange | None = ...,
+        webhook_request: Global___WebhookRequest | None = ...,
+        schedule_firing: Global___ScheduleFiring | None = ...,
+        published_event: Global___PublishedEvent | None = ...,
         dropped: _builtins.int = ...,
+        delivery_id: _builtins.str = ...,
+        redelivered: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["matched_message", b"matched_message", "membership_change", b"membership_change", "topic_change", b"topic_change", "type", b"type"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "topic_change", b"topic_change", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change"]  # noqa: Y015
+    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
 
@@ -445,3 +489,197 @@ class TopicChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TopicChange: _TypeAlias = TopicChange  # noqa: Y015
+
+@_typing.final
+class WebhookRequest(_message.Message):
+    """Extension: an HTTP request to a webhook route of the callback, served by the bot at
+    `/hooks/<callback id>/<path>` on its HTTP server (`http.listen`). The bot verified it
+    (the operator's `callbacks[].webhook_auth`) before delivering it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    ROUTE_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESS_FIELD_NUMBER: _builtins.int
+    ASYNCHRONOUS_FIELD_NUMBER: _builtins.int
+    RECEIVED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifies the request; Robot.RespondWebhook names it. Also set on asynchronous
+    routes' requests, which need no response.
+    """
+    route_id: _builtins.str
+    """The id of the webhook route, as declared."""
+    method: _builtins.str
+    """The HTTP method, upper case ("POST")."""
+    path: _builtins.str
+    """The path below the callback's prefix, starting with "/": "/ci" for a request to
+    `/hooks/builds/ci`.
+    """
+    query: _builtins.str
+    """The query string, undecoded, without "?" ("" for none)."""
+    body: _builtins.bytes
+    """The body, at most `http.max_body_bytes` long."""
+    remote_address: _builtins.str
+    """The client's address, "host:port"."""
+    asynchronous: _builtins.bool
+    """True for an asynchronous route: the caller was answered 202 and waits for nothing."""
+    received_unix_ms: _builtins.int
+    """When the bot received it, in milliseconds since the Unix epoch."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The request's headers, names in lower case; a header sent several times is one
+        entry, its values joined with ", ".
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        route_id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        query: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
+        remote_address: _builtins.str = ...,
+        asynchronous: _builtins.bool = ...,
+        received_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asynchronous", b"asynchronous", "body", b"body", "headers", b"headers", "id", b"id", "method", b"method", "path", b"path", "query", b"query", "received_unix_ms", b"received_unix_ms", "remote_address", b"remote_address", "route_id", b"route_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookRequest: _TypeAlias = WebhookRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleFiring(_message.Message):
+    """Extension: a schedule came due."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """The id of the schedule, as declared."""
+    scheduled_unix_ms: _builtins.int
+    """The slot that came due, in milliseconds since the Unix epoch: the time the cron
+    expression or interval named, not the time the event was sent.
+    """
+    scheduled_time: _builtins.str
+    """The same slot in RFC 3339, in the schedule's time zone ("2026-11-30T09:00:00+01:00")."""
+    late: _builtins.bool
+    """True when the slot came due while no bot was running, and fires late because it is
+    within the schedule's catch_up.
+    """
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+        scheduled_unix_ms: _builtins.int = ...,
+        scheduled_time: _builtins.str = ...,
+        late: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["late", b"late", "schedule_id", b"schedule_id", "scheduled_time", b"scheduled_time", "scheduled_unix_ms", b"scheduled_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleFiring: _TypeAlias = ScheduleFiring  # noqa: Y015
+
+@_typing.final
+class PublishedEvent(_message.Message):
+    """Extension: an event published to a topic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    PUBLISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Unique id of the event, set by the bot."""
+    topic: _builtins.str
+    """The topic, dot-separated segments ("deploys.finished")."""
+    payload: _builtins.bytes
+    """As published; the bot's own events carry JSON."""
+    publisher: _builtins.str
+    """Who published it: a callback's id, or "oco" for the bot's own topics
+    (`oco.callback.connected`, `oco.callback.disconnected`, `oco.membership`,
+    `oco.topic`).
+    """
+    published_unix_ms: _builtins.int
+    """When, in milliseconds since the Unix epoch."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """As published."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        topic: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        publisher: _builtins.str = ...,
+        published_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "payload", b"payload", "published_unix_ms", b"published_unix_ms", "publisher", b"publisher", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishedEvent: _TypeAlias = PublishedEvent  # noqa: Y015

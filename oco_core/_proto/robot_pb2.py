@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import core_pb2 as core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brobot.proto\x12\x03oco\x1a\ncore.proto\"&\n\x0bJoinRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cJoinResponse\"p\n\rListenRequest\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x1a\n\x06routes\x18\x02 \x03(\x0b\x32\n.oco.Route\x12\x1e\n\x06\x65vents\x18\x03 \x03(\x0e\x32\x0e.oco.EventKind\x12\x10\n\x08requires\x18\x04 \x03(\t\"l\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0f\n\x07respond\x18\x03 \x01(\x08\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x12\n\npermission\x18\x05 \x01(\t\x12\x13\n\x0bignore_case\x18\x06 \x01(\x08\"&\n\x0bPartRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cPartResponse\"^\n\x13SendMessagesRequest\x12\x13\n\x0bWithMention\x18\x01 \x01(\x08\x12\x1e\n\x08messages\x18\x02 \x03(\x0b\x32\x0c.oco.Message\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\x16\n\x14SendMessagesResponse\"\xbd\x01\n\nSendResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x36\n\x0c\x65rror_fields\x18\x05 \x03(\x0b\x32 .oco.SendResult.ErrorFieldsEntry\x1a\x32\n\x10\x45rrorFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_KIND_MEMBERSHIP\x10\x01\x12\x14\n\x10\x45VENT_KIND_TOPIC\x10\x02\x32\x96\x02\n\x05Robot\x12+\n\x04Join\x12\x10.oco.JoinRequest\x1a\x11.oco.JoinResponse\x12*\n\x06Listen\x12\x12.oco.ListenRequest\x1a\n.oco.Event0\x01\x12+\n\x04Part\x12\x10.oco.PartRequest\x1a\x11.oco.PartResponse\x12\x43\n\x0cSendMessages\x12\x18.oco.SendMessagesRequest\x1a\x19.oco.SendMessagesResponse\x12\x42\n\x11SendMessageStream\x12\x18.oco.SendMessagesRequest\x1a\x0f.oco.SendResult(\x01\x30\x01\x42\x65\n\x13org.openchatops.ocoB\nRobotProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brobot.proto\x12\x03oco\x1a\ncore.proto\"&\n\x0bJoinRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cJoinResponse\"\xdc\x01\n\rListenRequest\x12\x11\n\tplugin_id\x18\x01 \x01(\t\x12\x1a\n\x06routes\x18\x02 \x03(\x0b\x32\n.oco.Route\x12\x1e\n\x06\x65vents\x18\x03 \x03(\x0e\x32\x0e.oco.EventKind\x12\x10\n\x08requires\x18\x04 \x03(\t\x12#\n\x08webhooks\x18\x05 \x03(\x0b\x32\x11.oco.WebhookRoute\x12 \n\tschedules\x18\x06 \x03(\x0b\x32\r.oco.Schedule\x12\x0e\n\x06topics\x18\x07 \x03(\t\x12\x13\n\x0b\x61\x63knowledge\x18\x08 \x01(\x08\"\\\n\x0cWebhookRoute\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0c\x61synchronous\x18\x04 \x01(\x08\x12\x0c\n\x04help\x18\x05 \x01(\t\"h\n\x08Schedule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12\x15\n\revery_seconds\x18\x04 \x01(\r\x12\x18\n\x10\x63\x61tch_up_seconds\x18\x05 \x01(\r\"\xa7\x01\n\x0fWebhookResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.oco.WebhookResponse.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16RespondWebhookResponse\"*\n\x12\x41\x63knowledgeRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"\x15\n\x13\x41\x63knowledgeResponse\"\x9c\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.oco.PublishRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x0fPublishResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\"\x9a\x01\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0f\n\x07respond\x18\x03 \x01(\x08\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x12\n\npermission\x18\x05 \x01(\t\x12\x13\n\x0bignore_case\x18\x06 \x01(\x08\x12\x0f\n\x07\x64urable\x18\x07 \x01(\x08\x12\x1b\n\x13\x64urable_ttl_seconds\x18\x08 \x01(\r\"&\n\x0bPartRequest\x12\x17\n\x04room\x18\x01 \x01(\x0b\x32\t.oco.Room\"\x0e\n\x0cPartResponse\"^\n\x13SendMessagesRequest\x12\x13\n\x0bWithMention\x18\x01 \x01(\x08\x12\x1e\n\x08messages\x18\x02 \x03(\x0b\x32\x0c.oco.Message\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\x16\n\x14SendMessagesResponse\"\xbd\x01\n\nSendResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x36\n\x0c\x65rror_fields\x18\x05 \x03(\x0b\x32 .oco.SendResult.ErrorFieldsEntry\x1a\x32\n\x10\x45rrorFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*X\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_KIND_MEMBERSHIP\x10\x01\x12\x14\n\x10\x45VENT_KIND_TOPIC\x10\x02\x32\xd3\x03\n\x05Robot\x12+\n\x04Join\x12\x10.oco.JoinRequest\x1a\x11.oco.JoinResponse\x12*\n\x06Listen\x12\x12.oco.ListenRequest\x1a\n.oco.Event0\x01\x12+\n\x04Part\x12\x10.oco.PartRequest\x1a\x11.oco.PartResponse\x12\x43\n\x0cSendMessages\x12\x18.oco.SendMessagesRequest\x1a\x19.oco.SendMessagesResponse\x12\x42\n\x11SendMessageStream\x12\x18.oco.SendMessagesRequest\x1a\x0f.oco.SendResult(\x01\x30\x01\x12\x43\n\x0eRespondWebhook\x12\x14.oco.WebhookResponse\x1a\x1b.oco.RespondWebhookResponse\x12@\n\x0b\x41\x63knowledge\x12\x17.oco.AcknowledgeRequest\x1a\x18.oco.AcknowledgeResponse\x12\x34\n\x07Publish\x12\x13.oco.PublishRequest\x1a\x14.oco.PublishResponseBe\n\x13org.openchatops.ocoB\nRobotProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,54 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'robot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\nRobotProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
+  _globals['_WEBHOOKRESPONSE_HEADERSENTRY']._loaded_options = None
+  _globals['_WEBHOOKRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_PUBLISHREQUEST_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_PUBLISHREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_SENDRESULT_ERRORFIELDSENTRY']._loaded_options = None
   _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTKIND']._serialized_start=680
-  _globals['_EVENTKIND']._serialized_end=768
+  _globals['_EVENTKIND']._serialized_start=1510
+  _globals['_EVENTKIND']._serialized_end=1598
   _globals['_JOINREQUEST']._serialized_start=32
   _globals['_JOINREQUEST']._serialized_end=70
   _globals['_JOINRESPONSE']._serialized_start=72
   _globals['_JOINRESPONSE']._serialized_end=86
-  _globals['_LISTENREQUEST']._serialized_start=88
-  _globals['_LISTENREQUEST']._serialized_end=200
-  _globals['_ROUTE']._serialized_start=202
-  _globals['_ROUTE']._serialized_end=310
-  _globals['_PARTREQUEST']._serialized_start=312
-  _globals['_PARTREQUEST']._serialized_end=350
-  _globals['_PARTRESPONSE']._serialized_start=352
-  _globals['_PARTRESPONSE']._serialized_end=366
-  _globals['_SENDMESSAGESREQUEST']._serialized_start=368
-  _globals['_SENDMESSAGESREQUEST']._serialized_end=462
-  _globals['_SENDMESSAGESRESPONSE']._serialized_start=464
-  _globals['_SENDMESSAGESRESPONSE']._serialized_end=486
-  _globals['_SENDRESULT']._serialized_start=489
-  _globals['_SENDRESULT']._serialized_end=678
-  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_start=628
-  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_end=678
-  _globals['_ROBOT']._serialized_start=771
-  _globals['_ROBOT']._serialized_end=1049
+  _globals['_LISTENREQUEST']._serialized_start=89
+  _globals['_LISTENREQUEST']._serialized_end=309
+  _globals['_WEBHOOKROUTE']._serialized_start=311
+  _globals['_WEBHOOKROUTE']._serialized_end=403
+  _globals['_SCHEDULE']._serialized_start=405
+  _globals['_SCHEDULE']._serialized_end=509
+  _globals['_WEBHOOKRESPONSE']._serialized_start=512
+  _globals['_WEBHOOKRESPONSE']._serialized_end=679
+  _globals['_WEBHOOKRESPONSE_HEADERSENTRY']._serialized_start=633
+  _globals['_WEBHOOKRESPONSE_HEADERSENTRY']._serialized_end=679
+  _globals['_RESPONDWEBHOOKRESPONSE']._serialized_start=681
+  _globals['_RESPONDWEBHOOKRESPONSE']._serialized_end=705
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=707
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=749
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=751
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=772
+  _globals['_PUBLISHREQUEST']._serialized_start=775
+  _globals['_PUBLISHREQUEST']._serialized_end=931
+  _globals['_PUBLISHREQUEST_ATTRIBUTESENTRY']._serialized_start=882
+  _globals['_PUBLISHREQUEST_ATTRIBUTESENTRY']._serialized_end=931
+  _globals['_PUBLISHRESPONSE']._serialized_start=933
+  _globals['_PUBLISHRESPONSE']._serialized_end=983
+  _globals['_ROUTE']._serialized_start=986
+  _globals['_ROUTE']._serialized_end=1140
+  _globals['_PARTREQUEST']._serialized_start=1142
+  _globals['_PARTREQUEST']._serialized_end=1180
+  _globals['_PARTRESPONSE']._serialized_start=1182
+  _globals['_PARTRESPONSE']._serialized_end=1196
+  _globals['_SENDMESSAGESREQUEST']._serialized_start=1198
+  _globals['_SENDMESSAGESREQUEST']._serialized_end=1292
+  _globals['_SENDMESSAGESRESPONSE']._serialized_start=1294
+  _globals['_SENDMESSAGESRESPONSE']._serialized_end=1316
+  _globals['_SENDRESULT']._serialized_start=1319
+  _globals['_SENDRESULT']._serialized_end=1508
+  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_start=1458
+  _globals['_SENDRESULT_ERRORFIELDSENTRY']._serialized_end=1508
+  _globals['_ROBOT']._serialized_start=1601
+  _globals['_ROBOT']._serialized_end=2068
 # @@protoc_insertion_point(module_scope)

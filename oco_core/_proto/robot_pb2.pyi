@@ -136,8 +136,18 @@ class ListenRequest(_message.Message):
     ROUTES_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     REQUIRES_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGE_FIELD_NUMBER: _builtins.int
     plugin_id: _builtins.str
     """Identifies the listening plugin."""
+    acknowledge: _builtins.bool
+    """Extension: the callback acknowledges durable events (Robot.Acknowledge with
+    Event.delivery_id) after handling them; until then the bot keeps them, and
+    redelivers those of a stream that ends. Without it, a durable event counts as
+    delivered once written to the stream (at most once, as chat matches are).
+    """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]:
         """Extension: the chat routes this stream registers. Routes the operator declared in
@@ -156,6 +166,26 @@ class ListenRequest(_message.Message):
         naming it), so a callback never runs half-able on a bot that cannot serve it.
         """
 
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookRoute]:
+        """Extension: HTTP routes this stream serves, at `/hooks/<callback id>/<path>` on the
+        bot's HTTP server. Replicas of a callback share them.
+        """
+
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """Extension: schedules that fire events for this callback while it is connected (and,
+        kept in the bot's store, after it reconnects). Replicas share them: each firing
+        reaches one stream.
+        """
+
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extension: topics this stream subscribes to, dot-separated, `*` matching one
+        segment and a final `#` any number ("deploys.*", "oco.#"). Needs the capability
+        (`callbacks[].capabilities.subscribe`).
+        """
+
     def __init__(
         self,
         *,
@@ -163,14 +193,303 @@ class ListenRequest(_message.Message):
         routes: _abc.Iterable[Global___Route] | None = ...,
         events: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
         requires: _abc.Iterable[_builtins.str] | None = ...,
+        webhooks: _abc.Iterable[Global___WebhookRoute] | None = ...,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        topics: _abc.Iterable[_builtins.str] | None = ...,
+        acknowledge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "plugin_id", b"plugin_id", "requires", b"requires", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledge", b"acknowledge", "events", b"events", "plugin_id", b"plugin_id", "requires", b"requires", "routes", b"routes", "schedules", b"schedules", "topics", b"topics", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListenRequest: _TypeAlias = ListenRequest  # noqa: Y015
+
+@_typing.final
+class WebhookRoute(_message.Message):
+    """Extension: an HTTP route of a callback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    ASYNCHRONOUS_FIELD_NUMBER: _builtins.int
+    HELP_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifies the route within its callback; it comes back in WebhookRequest.route_id.
+    Defaults to "<METHOD> <path>".
+    """
+    method: _builtins.str
+    """The HTTP method ("POST", "GET", ...; case-insensitive), or "*" for any."""
+    path: _builtins.str
+    """The path below `/hooks/<callback id>`, starting with "/" ("/ci"). A last segment
+    `{rest}` matches any remainder ("/github/{rest}").
+    """
+    asynchronous: _builtins.bool
+    """False: the caller waits for the callback's Robot.RespondWebhook (504 after
+    `http.webhook_timeout`). True: the bot answers 202 at once and delivers the request
+    durably (kept until acknowledged, up to `events.ttl`).
+    """
+    help: _builtins.str
+    """One line describing the route, for operators."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        asynchronous: _builtins.bool = ...,
+        help: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asynchronous", b"asynchronous", "help", b"help", "id", b"id", "method", b"method", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookRoute: _TypeAlias = WebhookRoute  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """Extension: a schedule of a callback: a cron expression or a fixed interval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    EVERY_SECONDS_FIELD_NUMBER: _builtins.int
+    CATCH_UP_SECONDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Identifies the schedule within its callback; it comes back in
+    ScheduleFiring.schedule_id. Defaults to the cron expression or "every <n>s".
+    """
+    cron: _builtins.str
+    """A five-field cron expression ("*/5 * * * *", "0 9 * * mon-fri"); or empty, with
+    every_seconds set.
+    """
+    time_zone: _builtins.str
+    """The IANA time zone the cron expression is read in ("Europe/Paris"); UTC if empty."""
+    every_seconds: _builtins.int
+    """Fires every this many seconds (slots aligned to the Unix epoch), instead of cron."""
+    catch_up_seconds: _builtins.int
+    """A slot missed while no bot was running fires once, late, when it is at most this
+    many seconds old; 0 skips missed slots.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        every_seconds: _builtins.int = ...,
+        catch_up_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up_seconds", b"catch_up_seconds", "cron", b"cron", "every_seconds", b"every_seconds", "id", b"id", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class WebhookResponse(_message.Message):
+    """Extension: request message for the RespondWebhook method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """WebhookRequest.id of the request this answers."""
+    status: _builtins.int
+    """The HTTP status (100 to 599); 0 means 200."""
+    body: _builtins.bytes
+    """The response body."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Response headers."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        status: _builtins.int = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookResponse: _TypeAlias = WebhookResponse  # noqa: Y015
+
+@_typing.final
+class RespondWebhookResponse(_message.Message):
+    """Extension: response message for the RespondWebhook method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RespondWebhookResponse: _TypeAlias = RespondWebhookResponse  # noqa: Y015
+
+@_typing.final
+class AcknowledgeRequest(_message.Message):
+    """Extension: request message for the Acknowledge method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event.delivery_id of each event handled."""
+
+    def __init__(
+        self,
+        *,
+        delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeRequest: _TypeAlias = AcknowledgeRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgeResponse(_message.Message):
+    """Extension: response message for the Acknowledge method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeResponse: _TypeAlias = AcknowledgeResponse  # noqa: Y015
+
+@_typing.final
+class PublishRequest(_message.Message):
+    """Extension: request message for the Publish method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """The topic: dot-separated segments of letters, digits, `_` and `-` ("deploys.finished");
+    topics beginning with `oco.` are the bot's own.
+    """
+    payload: _builtins.bytes
+    """Anything; JSON is usual. At most `events.max_event_bytes`."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Small metadata, passed on as is."""
+
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "payload", b"payload", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
+
+@_typing.final
+class PublishResponse(_message.Message):
+    """Extension: response message for the Publish method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SUBSCRIBERS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """PublishedEvent.id of the event."""
+    subscribers: _builtins.int
+    """How many callbacks subscribe to the topic and were handed the event (connected or
+    not: it waits for those away).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        subscribers: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "subscribers", b"subscribers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
 
 @_typing.final
 class Route(_message.Message):
@@ -184,6 +503,8 @@ class Route(_message.Message):
     HELP_FIELD_NUMBER: _builtins.int
     PERMISSION_FIELD_NUMBER: _builtins.int
     IGNORE_CASE_FIELD_NUMBER: _builtins.int
+    DURABLE_FIELD_NUMBER: _builtins.int
+    DURABLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifies the route within its callback; it comes back in MatchedMessage.route_id.
     Defaults to the pattern when empty.
@@ -202,6 +523,14 @@ class Route(_message.Message):
     """The permission a person needs for this route; empty for none."""
     ignore_case: _builtins.bool
     """Matches case-insensitively when true."""
+    durable: _builtins.bool
+    """Matches of this route are kept for the callback while it is not connected and
+    delivered when a stream of it comes back (kept until acknowledged, like other
+    durable events), for at most durable_ttl_seconds. False: a match reaches only
+    streams open at that moment.
+    """
+    durable_ttl_seconds: _builtins.int
+    """How long a durable match may wait, in seconds; 0 for the bot's `events.chat_ttl`."""
     def __init__(
         self,
         *,
@@ -211,10 +540,12 @@ class Route(_message.Message):
         help: _builtins.str = ...,
         permission: _builtins.str = ...,
         ignore_case: _builtins.bool = ...,
+        durable: _builtins.bool = ...,
+        durable_ttl_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["help", b"help", "id", b"id", "ignore_case", b"ignore_case", "pattern", b"pattern", "permission", b"permission", "respond", b"respond"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "durable_ttl_seconds", b"durable_ttl_seconds", "help", b"help", "id", b"id", "ignore_case", b"ignore_case", "pattern", b"pattern", "permission", b"permission", "respond", b"respond"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

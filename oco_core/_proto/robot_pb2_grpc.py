@@ -61,6 +61,21 @@ class RobotStub:
                 request_serializer=robot__pb2.SendMessagesRequest.SerializeToString,
                 response_deserializer=robot__pb2.SendResult.FromString,
                 _registered_method=True)
+        self.RespondWebhook = channel.unary_unary(
+                '/oco.Robot/RespondWebhook',
+                request_serializer=robot__pb2.WebhookResponse.SerializeToString,
+                response_deserializer=robot__pb2.RespondWebhookResponse.FromString,
+                _registered_method=True)
+        self.Acknowledge = channel.unary_unary(
+                '/oco.Robot/Acknowledge',
+                request_serializer=robot__pb2.AcknowledgeRequest.SerializeToString,
+                response_deserializer=robot__pb2.AcknowledgeResponse.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/oco.Robot/Publish',
+                request_serializer=robot__pb2.PublishRequest.SerializeToString,
+                response_deserializer=robot__pb2.PublishResponse.FromString,
+                _registered_method=True)
 
 
 class RobotServicer:
@@ -109,6 +124,32 @@ class RobotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondWebhook(self, request, context):
+        """Extension: answers a WebhookRequest of a synchronous webhook route. The first answer
+        for a request wins; a request already answered, timed out (504) or unknown fails
+        with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acknowledge(self, request, context):
+        """Extension: acknowledges events by Event.delivery_id, once handled: the bot forgets
+        them. Unknown or already acknowledged ids are ignored (acknowledging is idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Publish(self, request, context):
+        """Extension: publishes an event to a topic. Needs the capability
+        (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
+        gets it once, on one of its streams, kept until acknowledged like any durable event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +177,21 @@ def add_RobotServicer_to_server(servicer, server):
                     servicer.SendMessageStream,
                     request_deserializer=robot__pb2.SendMessagesRequest.FromString,
                     response_serializer=robot__pb2.SendResult.SerializeToString,
+            ),
+            'RespondWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondWebhook,
+                    request_deserializer=robot__pb2.WebhookResponse.FromString,
+                    response_serializer=robot__pb2.RespondWebhookResponse.SerializeToString,
+            ),
+            'Acknowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acknowledge,
+                    request_deserializer=robot__pb2.AcknowledgeRequest.FromString,
+                    response_serializer=robot__pb2.AcknowledgeResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=robot__pb2.PublishRequest.FromString,
+                    response_serializer=robot__pb2.PublishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +330,87 @@ class Robot:
             '/oco.Robot/SendMessageStream',
             robot__pb2.SendMessagesRequest.SerializeToString,
             robot__pb2.SendResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/RespondWebhook',
+            robot__pb2.WebhookResponse.SerializeToString,
+            robot__pb2.RespondWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acknowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/Acknowledge',
+            robot__pb2.AcknowledgeRequest.SerializeToString,
+            robot__pb2.AcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/Publish',
+            robot__pb2.PublishRequest.SerializeToString,
+            robot__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,

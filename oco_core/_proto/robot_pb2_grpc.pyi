@@ -94,6 +94,20 @@ class RobotStub:
     replies in flight. Each request is answered, in order, by one SendResult with the
     same request_id; a bad request fails alone and the stream stays open.
     """
+    RespondWebhook: _grpc.UnaryUnaryMultiCallable[_robot_pb2.WebhookResponse, _robot_pb2.RespondWebhookResponse]
+    """Extension: answers a WebhookRequest of a synchronous webhook route. The first answer
+    for a request wins; a request already answered, timed out (504) or unknown fails
+    with NOT_FOUND.
+    """
+    Acknowledge: _grpc.UnaryUnaryMultiCallable[_robot_pb2.AcknowledgeRequest, _robot_pb2.AcknowledgeResponse]
+    """Extension: acknowledges events by Event.delivery_id, once handled: the bot forgets
+    them. Unknown or already acknowledged ids are ignored (acknowledging is idempotent).
+    """
+    Publish: _grpc.UnaryUnaryMultiCallable[_robot_pb2.PublishRequest, _robot_pb2.PublishResponse]
+    """Extension: publishes an event to a topic. Needs the capability
+    (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
+    gets it once, on one of its streams, kept until acknowledged like any durable event.
+    """
 
 @_typing.type_check_only
 class RobotAsyncStub(RobotStub):
@@ -118,6 +132,20 @@ class RobotAsyncStub(RobotStub):
     """Extension: sends messages over one long-lived stream, for callbacks with many
     replies in flight. Each request is answered, in order, by one SendResult with the
     same request_id; a bad request fails alone and the stream stays open.
+    """
+    RespondWebhook: _aio.UnaryUnaryMultiCallable[_robot_pb2.WebhookResponse, _robot_pb2.RespondWebhookResponse]  # type: ignore[assignment]
+    """Extension: answers a WebhookRequest of a synchronous webhook route. The first answer
+    for a request wins; a request already answered, timed out (504) or unknown fails
+    with NOT_FOUND.
+    """
+    Acknowledge: _aio.UnaryUnaryMultiCallable[_robot_pb2.AcknowledgeRequest, _robot_pb2.AcknowledgeResponse]  # type: ignore[assignment]
+    """Extension: acknowledges events by Event.delivery_id, once handled: the bot forgets
+    them. Unknown or already acknowledged ids are ignored (acknowledging is idempotent).
+    """
+    Publish: _aio.UnaryUnaryMultiCallable[_robot_pb2.PublishRequest, _robot_pb2.PublishResponse]  # type: ignore[assignment]
+    """Extension: publishes an event to a topic. Needs the capability
+    (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
+    gets it once, on one of its streams, kept until acknowledged like any durable event.
     """
 
 class RobotServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +198,38 @@ class RobotServicer(metaclass=_abc_1.ABCMeta):
         """Extension: sends messages over one long-lived stream, for callbacks with many
         replies in flight. Each request is answered, in order, by one SendResult with the
         same request_id; a bad request fails alone and the stream stays open.
+        """
+
+    @_abc_1.abstractmethod
+    def RespondWebhook(
+        self,
+        request: _robot_pb2.WebhookResponse,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.RespondWebhookResponse, _abc.Awaitable[_robot_pb2.RespondWebhookResponse]]:
+        """Extension: answers a WebhookRequest of a synchronous webhook route. The first answer
+        for a request wins; a request already answered, timed out (504) or unknown fails
+        with NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Acknowledge(
+        self,
+        request: _robot_pb2.AcknowledgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.AcknowledgeResponse, _abc.Awaitable[_robot_pb2.AcknowledgeResponse]]:
+        """Extension: acknowledges events by Event.delivery_id, once handled: the bot forgets
+        them. Unknown or already acknowledged ids are ignored (acknowledging is idempotent).
+        """
+
+    @_abc_1.abstractmethod
+    def Publish(
+        self,
+        request: _robot_pb2.PublishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.PublishResponse, _abc.Awaitable[_robot_pb2.PublishResponse]]:
+        """Extension: publishes an event to a topic. Needs the capability
+        (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
+        gets it once, on one of its streams, kept until acknowledged like any durable event.
         """
 
 def add_RobotServicer_to_server(servicer: RobotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
