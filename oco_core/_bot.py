@@ -33,6 +33,7 @@ from ._datastores import configured_datastores, missing_hint, open_datastores
 from ._directory import Directory
 from ._edge import serve
 from ._errors import AdapterError, ConfigError, StoreUnavailableError
+from ._events import EventHub
 from ._incoming import AdapterLink
 from ._plugins import Plugins
 from ._policy import matches_any
@@ -183,6 +184,8 @@ class Bot:
             await tasks.start(audit.run)
             await tasks.start(auth.run)
             await tasks.start(self.router.maintain)
+            events = EventHub(config, store, self.router, tasks.start_soon)
+            await tasks.start(events.run)
             core = BotCore(
                 config=config,
                 router=self.router,
@@ -194,6 +197,7 @@ class Bot:
                 datastores=datastores,
                 tasks=tasks,
                 stats=self._stats,
+                events=events,
             )
             self._core = core
             try:

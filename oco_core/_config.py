@@ -253,7 +253,9 @@ class HttpSettings(_Strict):
         default=10.0, gt=0, description="Seconds a synchronous webhook waits for the callback's answer (504 after)."
     )
     webhook_rate_limit: int = Field(
-        default=600, gt=0, description="Requests per minute one webhook route accepts (bursts up to that many; 429 beyond)."
+        default=600,
+        gt=0,
+        description="Requests per minute one webhook route accepts (bursts up to that many; 429 beyond).",
     )
     max_pending_webhooks: int = Field(
         default=1000, gt=0, description="Synchronous webhook requests waiting for callbacks at once (503 beyond)."
@@ -270,13 +272,20 @@ class EventSettings(_Strict):
 
     ttl: float = Field(default=3600.0, gt=0, description="Seconds a durable event waits for its callback.")
     chat_ttl: float = Field(default=30.0, gt=0, description="Seconds a match of a durable route waits, by default.")
-    max_pending: int = Field(default=10_000, gt=0, description="Durable events kept per callback (oldest dropped beyond).")
+    max_pending: int = Field(
+        default=10_000, gt=0, description="Durable events kept per callback (oldest dropped beyond)."
+    )
     max_pending_bytes: int = Field(
         default=64 << 20, gt=0, description="Bytes of durable events kept per callback (oldest dropped beyond)."
     )
     max_event_bytes: int = Field(default=1 << 20, gt=0, description="Largest payload Publish accepts.")
     redeliver_after: float = Field(
-        default=300.0, gt=0, description="Seconds an unacknowledged event waits on a live stream before going to another."
+        default=300.0,
+        gt=0,
+        description="Seconds an unacknowledged event waits on a live stream before going to another.",
+    )
+    max_unacknowledged: int = Field(
+        default=100, gt=0, description="Durable events one stream may hold unacknowledged before it gets more."
     )
 
 

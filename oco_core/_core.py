@@ -21,6 +21,7 @@ from ._commands import ChatCommands
 from ._config import Config
 from ._datastores import DataStores
 from ._directory import Directory
+from ._events import EventHub
 from ._incoming import AdapterLink, Incoming
 from ._outgoing import Outgoing
 from ._policy import CallbackPolicy, Policies, fold_patterns
@@ -115,6 +116,7 @@ class BotCore:
         datastores: DataStores,
         tasks: trio.Nursery,
         stats: BotStatistics,
+        events: EventHub,
     ) -> None:
         self.config = config
         self.router = router
@@ -125,6 +127,8 @@ class BotCore:
         self.audit = audit
         self.datastores = datastores
         self.stats = stats
+        #: Events beyond chat matches, and durable delivery.
+        self.events = events
         self.activity = Activity()
         #: The adapters by instance name, once they are created (after the callbacks connect).
         self.links: dict[str, AdapterLink] = {}

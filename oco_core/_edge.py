@@ -29,7 +29,8 @@ from ._bridge import CallInfo, Method, RpcAbort, ServerTls, StreamWriter, Undeco
 from ._config import GrpcSettings
 from ._datastores import DataStores
 from ._directory import Directory, RoomRecord, UserRecord
-from ._errors import OcoError, to_status, to_wire
+from ._errors import InvalidRequestError, OcoError, RequestTooLargeError, to_status, to_wire
+from ._events import EventHub, topic_pattern_problem, topic_problem
 from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import Route, Router, Subscription
@@ -96,6 +97,8 @@ class EdgeHost(Protocol):
     def auth(self) -> Authorization: ...
     @property
     def router(self) -> Router: ...
+    @property
+    def events(self) -> EventHub: ...
     @property
     def datastores(self) -> DataStores: ...
 
@@ -226,11 +229,13 @@ class Services:
                     _check_datastore_type(datastore)
                     policy.require_datastore(datastore)
                 self.bot.datastores.require(callback_id, request.requires)
+                self._check_event_declarations(policy, request)
         except RpcAbort as exc:
             # A callback the bot will not let listen is the operator's business too.
             self._log_refusal(info, callback_id, exc.code.name, exc.details)
             raise
-        routes = [Route.declared(r) for r in request.routes]
+        chat_ttl = self.bot.events.settings.chat_ttl
+        routes = [Route.declared(r, chat_ttl) for r in request.routes]
         state = self.bot.callback_state(callback_id)
         declared = {r.id for r in routes}
         routes += [r for r in state.routes if r.id not in declared]
@@ -261,6 +266,7 @@ class Services:
             events=frozenset(request.events),
             queue_size=self.settings.stream_queue,
             queue_bytes=self.settings.stream_queue_bytes,
+            acknowledge=request.acknowledge,
         )
         policy.check_rules(routes)  # before its routes go live: their ids are never rule patterns
         opening.add(subscription)
@@ -277,6 +283,7 @@ class Services:
                 subscription.close()
             log.info("callback %r is listening (%d routes) from %s", callback_id, len(routes), info.peer)
             state.connected.set()
+            self.bot.events.stream_opened(subscription, request)
             await out.send_initial_metadata([("oco-routes", str(len(routes)))])
             async with trio.open_nursery() as nursery:
 
@@ -297,18 +304,95 @@ class Services:
                                 return
 
                 nursery.start_soon(recheck)
-                while (event := await subscription.next_event()) is not None:
-                    await out.write(event)
+                while (queued := await subscription.next_queued()) is not None:
+                    await out.write(queued.event())
+                    if queued.on_written is not None:
+                        queued.on_written()
                 nursery.cancel_scope.cancel()
             if revoked:
                 raise revoked[0]
         finally:
             lost = self.bot.router.unsubscribe(subscription)
+            self.bot.events.stream_closed(subscription)
             if lost:
                 log.warning(
                     "callback %r left with %d undelivered event(s) and no replica to take them", callback_id, lost
                 )
             log.info("callback %r stopped listening", callback_id)
+
+    def _check_event_declarations(self, policy: CallbackPolicy, request: robot_pb2.ListenRequest) -> None:
+        """Refuse a Listen stream whose webhooks, schedules or topics are malformed, or
+        that its configuration does not allow."""
+        if request.webhooks:
+            policy.require("webhooks")
+        if request.schedules:
+            policy.require("schedules")
+        for topic in request.topics:
+            problem = topic_pattern_problem(topic)
+            if problem is not None:
+                raise InvalidRequestError(problem)
+            policy.require_topic("subscribe", topic)
+        seen: set[str] = set()
+        if request.webhooks:
+            from ._webhooks import webhook_route_problem  # the HTTP side loads only when used
+        for webhook in request.webhooks:
+            problem = webhook_route_problem(webhook)
+            if problem is not None:
+                raise InvalidRequestError(problem)
+            key = f"{webhook.method.upper()} {webhook.path}"
+            if key in seen:
+                raise InvalidRequestError(f"webhook route {key!r} is declared twice")
+            seen.add(key)
+        if request.schedules:
+            from ._schedules import schedule_problem
+        for schedule in request.schedules:
+            problem = schedule_problem(schedule)
+            if problem is not None:
+                raise InvalidRequestError(problem)
+
+    async def respond_webhook(
+        self, request: robot_pb2.WebhookResponse, info: CallInfo
+    ) -> robot_pb2.RespondWebhookResponse:
+        """Pass a callback's answer to the HTTP client waiting for it."""
+        callback_id = await self._caller(info)
+        if request.status and not 100 <= request.status <= 599:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"HTTP status {request.status} is not between 100 and 599")
+        if not self.bot.events.respond_webhook(callback_id, request):
+            raise RpcAbort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no webhook request {request.request_id!r} of callback {callback_id!r} waits for an answer: it was "
+                "answered already, timed out (http.webhook_timeout) or its client went away",
+            )
+        return robot_pb2.RespondWebhookResponse()
+
+    async def acknowledge(self, request: robot_pb2.AcknowledgeRequest, info: CallInfo) -> robot_pb2.AcknowledgeResponse:
+        """Forget durable events the callback has handled."""
+        callback_id = await self._caller(info)
+        self.bot.events.acknowledge(callback_id, list(request.delivery_ids))
+        return robot_pb2.AcknowledgeResponse()
+
+    async def publish(self, request: robot_pb2.PublishRequest, info: CallInfo) -> robot_pb2.PublishResponse:
+        """Hand an event to every callback subscribed to its topic."""
+        callback_id = await self._caller(info)
+        with _statuses():
+            problem = topic_problem(request.topic)
+            if problem is not None:
+                raise InvalidRequestError(problem)
+            if request.topic.split(".")[0] == "oco":
+                raise InvalidRequestError(
+                    f"topic {request.topic!r} is under 'oco.', which only the bot publishes; choose another"
+                )
+            limit = self.bot.events.settings.max_event_bytes
+            if len(request.payload) > limit:
+                raise RequestTooLargeError(
+                    f"a payload of {len(request.payload)} bytes is over this bot's limit of {limit} "
+                    "(events.max_event_bytes)"
+                )
+            self.bot.policy(callback_id).require_topic("publish", request.topic)
+        event_id, count = await _guard(
+            self.bot.events.publish(callback_id, request.topic, request.payload, dict(request.attributes))
+        )
+        return robot_pb2.PublishResponse(id=event_id, subscribers=count)
 
     async def send_messages(
         self, request: robot_pb2.SendMessagesRequest, info: CallInfo
@@ -539,6 +623,13 @@ class Services:
                 "SendMessageStream": m(
                     "bidi", self.send_message_stream, robot_pb2.SendMessagesRequest, robot_pb2.SendResult
                 ),
+                "RespondWebhook": m(
+                    "unary", self.respond_webhook, robot_pb2.WebhookResponse, robot_pb2.RespondWebhookResponse
+                ),
+                "Acknowledge": m(
+                    "unary", self.acknowledge, robot_pb2.AcknowledgeRequest, robot_pb2.AcknowledgeResponse
+                ),
+                "Publish": m("unary", self.publish, robot_pb2.PublishRequest, robot_pb2.PublishResponse),
             },
             STORAGE: {
                 "Get": m("unary", self.get, storage_pb2.GetRequest, storage_pb2.GetResponse),

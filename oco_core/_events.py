@@ -21,15 +21,97 @@ as routes do; after a callback's last stream leaves, the hub remembers them for
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
-from dataclasses import dataclass
+import math
+import os
+import re
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
+import trio
+
+from ._config import Config, ScheduleSettings
+from ._errors import StoreError
 from ._proto import core_pb2, robot_pb2
+from ._router import Queued, Router, Subscription
+from ._store import Store
+from ._timing import Backoff, Throttle
 
 log = logging.getLogger(__name__)
 
-#: The core store's namespace for durable events: key ``<callback id>/<time>-<n>``.
+#: The core store's namespace for durable events: key ``<callback id>/<time>-<bot>-<n>``.
 NAMESPACE = "events"
+#: Seconds between sweeps for expired events and streams that sit on theirs.
+_SWEEP_INTERVAL = 0.5
+_LOG_INTERVAL = 10.0
+_PAGE = 500
+#: The value of a stored event: its expiry (ms since the epoch), then the Event.
+_HEADER = struct.Struct(">q")
+#: Who publishes the bot's own topics.
+BOT_PUBLISHER = "oco"
+
+_TOPIC = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_TOPIC_PATTERN_SEGMENT = re.compile(r"[A-Za-z0-9_-]+|\*|#")
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be published to, or None."""
+    if not topic:
+        return "a topic cannot be empty"
+    if len(topic) > 255:
+        return f"topic {topic[:40]!r}... is longer than 255 characters"
+    if not _TOPIC.fullmatch(topic):
+        return (
+            f"topic {topic!r} is not dot-separated segments of letters, digits, '_' and '-' (such as "
+            "'deploys.finished')"
+        )
+    return None
+
+
+def topic_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be subscribed to, or None."""
+    segments = pattern.split(".")
+    if len(pattern) > 255 or not all(_TOPIC_PATTERN_SEGMENT.fullmatch(s) for s in segments):
+        return (
+            f"topic pattern {pattern!r} is not dot-separated segments of letters, digits, '_' and '-', or '*' "
+            "(one segment), with an optional final '#' (any number): such as 'deploys.*' or 'oco.#'"
+        )
+    if "#" in segments[:-1]:
+        return f"topic pattern {pattern!r} has '#' before its last segment; '#' may only end a pattern"
+    return None
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """Whether ``topic`` is one ``pattern`` names: ``*`` is one segment, a final ``#``
+    any number of them (none included)."""
+    want = pattern.split(".")
+    have = topic.split(".")
+    for index, segment in enumerate(want):
+        if segment == "#":
+            return True
+        if index >= len(have) or (segment != "*" and segment != have[index]):
+            return False
+    return len(want) == len(have)
+
+
+def topic_covers(allowed: str, pattern: str) -> bool:
+    """Whether every topic ``pattern`` names is one ``allowed`` names (for capabilities)."""
+    grant = allowed.split(".")
+    want = pattern.split(".")
+    for index, segment in enumerate(grant):
+        if segment == "#":
+            return True
+        if index >= len(want) or want[index] == "#":
+            return False
+        if segment != "*" and (want[index] == "*" or segment != want[index]):
+            return False
+    return len(grant) == len(want)
 
 
 class NotConnectedError(Exception):
@@ -56,4 +138,587 @@ class DeclaredSchedule:
     configured: bool
 
 
-__all__ = ["NAMESPACE", "DeclaredSchedule", "NotConnectedError", "WebhookTarget", "core_pb2"]
+def schedule_id(schedule: robot_pb2.Schedule) -> str:
+    """A schedule's id, defaulted as the protocol says."""
+    if schedule.id:
+        return schedule.id
+    return schedule.cron if schedule.cron else f"every {schedule.every_seconds}s"
+
+
+def configured_schedule(settings: ScheduleSettings) -> robot_pb2.Schedule:
+    """One of the operator's ``callbacks[].schedules`` as the protocol's Schedule."""
+    schedule = robot_pb2.Schedule(
+        cron=settings.cron or "",
+        time_zone=settings.time_zone,
+        every_seconds=math.ceil(settings.every) if settings.every is not None else 0,
+        catch_up_seconds=math.ceil(settings.catch_up),
+    )
+    schedule.id = settings.id or schedule_id(schedule)
+    return schedule
+
+
+def webhook_route_id(route: robot_pb2.WebhookRoute) -> str:
+    """A webhook route's id, defaulted as the protocol says."""
+    return route.id or f"{route.method.upper()} {route.path}"
+
+
+def _route_takes(route: robot_pb2.WebhookRoute, method: str, path: str) -> bool:
+    if route.method != "*" and route.method.upper() != method.upper():
+        return False
+    if route.path.endswith("/{rest}"):
+        return path.startswith(route.path[: -len("{rest}")])
+    return route.path == path
+
+
+@dataclass(slots=True)
+class _Declared:
+    """What a callback's streams declared beyond routes: live while a stream is open,
+    remembered for ``events.ttl`` once the last one left (``left`` is then set)."""
+
+    webhooks: list[robot_pb2.WebhookRoute] = field(default_factory=list)
+    schedules: dict[str, robot_pb2.Schedule] = field(default_factory=dict)
+    topics: set[str] = field(default_factory=set)
+    left: float | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A durable event kept for a callback, in the store and here."""
+
+    key: str
+    data: bytes
+    kind: str
+    #: When it expires, in seconds since the epoch.
+    expires: float
+    #: Set once it is in the store.
+    stored: trio.Event = field(default_factory=trio.Event)
+    #: Handled (or dropped) before it was stored: the write that stores it deletes it.
+    forgotten: bool = False
+    #: The stream it is on (queued, or written and not yet acknowledged).
+    holder: Subscription | None = None
+    written: bool = False
+    sent_at: float = 0.0
+    redelivered: int = 0
+
+
+@dataclass(slots=True)
+class _Outbox:
+    """A callback's durable events, oldest first."""
+
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    bytes: int = 0
+    turn: itertools.count[int] = field(default_factory=itertools.count)
+    expired: int = 0
+    evicted: int = 0
+
+
+@dataclass(slots=True)
+class EventStatistics:
+    """Counts since the bot started, for logs and metrics."""
+
+    kept: int = 0
+    delivered: int = 0
+    acknowledged: int = 0
+    redelivered: int = 0
+    expired: int = 0
+    evicted: int = 0
+    published: int = 0
+
+
+@dataclass(slots=True)
+class _Waiting:
+    callback_id: str
+    done: trio.Event = field(default_factory=trio.Event)
+    response: robot_pb2.WebhookResponse | None = None
+    holder: Subscription | None = None
+
+
+class EventHub:
+    """Declarations of event interest, and the delivery of every event that is not a
+    plain chat match."""
+
+    def __init__(self, config: Config, store: Store, router: Router, spawn: Callable[..., object]) -> None:
+        self.settings = config.events
+        self.store = store
+        self.router = router
+        self._spawn = spawn
+        router.keep_durable = self.keep_nowait
+        self.stats = EventStatistics()
+        self._declared: dict[str, _Declared] = {}
+        self._configured = {
+            cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in config.callbacks if cb.schedules
+        }
+        self._outboxes: dict[str, _Outbox] = {}
+        self._in_flight: dict[Subscription, int] = {}
+        self._webhooks: dict[str, _Waiting] = {}
+        self._deletes: list[_Pending] = []
+        self._wake = trio.Event()
+        self._deleted = trio.Event()
+        self._logs = Throttle(_LOG_INTERVAL)
+        self._bot = os.urandom(3).hex()
+        self._count = itertools.count()
+        self.schedules_version = 0
+        self._schedules_changed = trio.Event()
+
+    # -- start-up and background work -------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the events kept in the store, then deliver, sweep and delete until cancelled."""
+        await self._load()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._delete_acknowledged)
+            task_status.started()
+            while True:
+                with trio.move_on_after(_SWEEP_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                self._sweep()
+                self.router.expire_ghosts()
+                for callback_id in list(self._outboxes):
+                    self._pump(callback_id)
+
+    async def _load(self) -> None:
+        backoff = Backoff(0.5, 10.0)
+        after = ""
+        kept = 0
+        while True:
+            try:
+                items = await self.store.list(NAMESPACE, start_after=after, limit=_PAGE)
+            except StoreError as exc:
+                delay = backoff.next_delay()
+                log.warning("could not read the durable events from the store (%s); retrying in %.1f s", exc, delay)
+                await trio.sleep(delay)
+                continue
+            for item in items:
+                callback_id = item.key.partition("/")[0]
+                (expires_ms,) = _HEADER.unpack_from(item.value)
+                pending = _Pending(item.key, item.value[_HEADER.size :], "", expires_ms / 1000)
+                pending.stored.set()
+                outbox = self._outboxes.setdefault(callback_id, _Outbox())
+                outbox.pending[item.key] = pending
+                outbox.bytes += len(pending.data)
+                kept += 1
+            if len(items) < _PAGE:
+                break
+            after = items[-1].key
+        if kept:
+            log.info("%d durable event(s) kept in the store wait for %d callback(s)", kept, len(self._outboxes))
+
+    async def _delete_acknowledged(self) -> None:
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            if not self._deletes:
+                self._deleted = trio.Event()
+                await self._deleted.wait()
+            pending = self._deletes[0]
+            try:
+                await self.store.delete(NAMESPACE, pending.key)
+            except StoreError as exc:
+                delay = backoff.next_delay()
+                if self._logs.allow("delete") is not None:
+                    log.warning("could not delete handled events from the store (%s); retrying", exc)
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            self._deletes.pop(0)
+
+    def _forget(self, callback_id: str, pending: _Pending) -> None:
+        outbox = self._outboxes.get(callback_id)
+        if outbox is None or outbox.pending.pop(pending.key, None) is None:
+            return
+        outbox.bytes -= len(pending.data)
+        if pending.holder is not None:
+            self._in_flight[pending.holder] -= 1
+            pending.holder = None
+            self._wake.set()
+        if pending.stored.is_set():
+            self._deletes.append(pending)
+            self._deleted.set()
+        else:
+            pending.forgotten = True
+
+    def _sweep(self) -> None:
+        now = time.time()
+        stale = time.monotonic() - self.settings.redeliver_after
+        for callback_id, outbox in self._outboxes.items():
+            expired = []
+            for pending in outbox.pending.values():
+                if pending.holder is None and pending.expires <= now:
+                    expired.append(pending)
+                elif pending.holder is not None and pending.written and pending.sent_at < stale:
+                    log.warning(
+                        "callback %r has not acknowledged event %s in %.0f s (events.redeliver_after); offering it "
+                        "again",
+                        callback_id,
+                        pending.key,
+                        self.settings.redeliver_after,
+                    )
+                    self._release(pending)
+            for pending in expired:
+                self._forget(callback_id, pending)
+            if expired:
+                outbox.expired += len(expired)
+                self.stats.expired += len(expired)
+                self._log_loss(callback_id, "expired", len(expired), outbox.expired)
+
+    def _log_loss(self, callback_id: str, how: str, count: int, total: int) -> None:
+        if self._logs.allow((callback_id, how)) is None:
+            return
+        why = (
+            f"waited longer than their time to live (events.ttl {self.settings.ttl:g} s)"
+            if how == "expired"
+            else (
+                f"were the oldest beyond events.max_pending ({self.settings.max_pending}) or "
+                f"events.max_pending_bytes ({self.settings.max_pending_bytes})"
+            )
+        )
+        log.warning(
+            "%d durable event(s) for callback %r %s: they %s and were dropped undelivered (%d so far)",
+            count,
+            callback_id,
+            how,
+            why,
+            total,
+        )
+
+    # -- declarations -----------------------------------------------------------------
+
+    def stream_opened(self, subscription: Subscription, request: robot_pb2.ListenRequest) -> None:
+        """A Listen stream is live: its declarations join the callback's, and waiting
+        events start flowing to it."""
+        callback_id = subscription.callback_id
+        declared = self._declared.get(callback_id)
+        if declared is None or declared.left is not None:
+            declared = self._declared[callback_id] = _Declared()
+        ids = {webhook_route_id(w) for w in declared.webhooks}
+        for webhook in request.webhooks:
+            if webhook_route_id(webhook) not in ids:
+                declared.webhooks.append(webhook)
+        before = set(declared.schedules)
+        for schedule in request.schedules:
+            declared.schedules.setdefault(schedule_id(schedule), schedule)
+        if set(declared.schedules) != before:
+            self._bump_schedules()
+        declared.topics.update(request.topics)
+        self._in_flight[subscription] = 0
+        self._wake.set()
+        if len(self.router.subscriptions(callback_id)) == 1:
+            self._announce("oco.callback.connected", callback=callback_id)
+
+    def stream_closed(self, subscription: Subscription) -> None:
+        """A Listen stream ended: the durable events it held and had not acknowledged go
+        back to the callback's queue; when it was the last, its declarations are kept for
+        ``events.ttl``."""
+        callback_id = subscription.callback_id
+        self._in_flight.pop(subscription, None)
+        outbox = self._outboxes.get(callback_id)
+        if outbox is not None:
+            for pending in outbox.pending.values():
+                if pending.holder is subscription:
+                    pending.holder = None
+                    if pending.written:
+                        pending.redelivered += 1
+                        self.stats.redelivered += 1
+                    pending.written = False
+        for waiting in self._webhooks.values():
+            if waiting.holder is subscription:
+                waiting.done.set()  # its caller answers 503 now rather than 504 later
+        if not self.router.subscriptions(callback_id):
+            declared = self._declared.get(callback_id)
+            if declared is not None:
+                declared.left = time.monotonic()
+            self._announce("oco.callback.disconnected", callback=callback_id)
+        self._wake.set()
+
+    def _announce(self, topic: str, **fields: object) -> None:
+        """Publish one of the bot's own topics (JSON), in the background."""
+        if self.subscribers(topic):
+            self._spawn(partial(self.publish_own, topic, json.dumps(fields).encode()))
+
+    def _live_declared(self) -> Iterable[tuple[str, _Declared]]:
+        horizon = time.monotonic() - self.settings.ttl
+        for callback_id, declared in list(self._declared.items()):
+            if declared.left is not None and declared.left < horizon:
+                del self._declared[callback_id]
+                if declared.schedules:
+                    self._bump_schedules()
+                continue
+            yield callback_id, declared
+
+    def webhook_target(self, callback_id: str, method: str, path: str) -> WebhookTarget | None:
+        """The callback's webhook route for ``method`` and ``path`` (below its prefix)."""
+        declared = self._declared.get(callback_id)
+        if declared is None or (declared.left is not None and declared.left < time.monotonic() - self.settings.ttl):
+            return None
+        for route in declared.webhooks:
+            if _route_takes(route, method, path):
+                return WebhookTarget(callback_id, route, declared.left is None)
+        return None
+
+    def webhooks(self) -> dict[str, list[robot_pb2.WebhookRoute]]:
+        """Every callback's webhook routes, live or remembered."""
+        return {cid: list(d.webhooks) for cid, d in self._live_declared() if d.webhooks}
+
+    def schedules(self) -> list[DeclaredSchedule]:
+        """Every schedule now: the operator's, then those streams declared."""
+        found = [
+            DeclaredSchedule(callback_id, schedule, True)
+            for callback_id, schedules in self._configured.items()
+            for schedule in schedules.values()
+        ]
+        for callback_id, declared in self._live_declared():
+            configured = self._configured.get(callback_id, {})
+            found += [
+                DeclaredSchedule(callback_id, schedule, False)
+                for sid, schedule in declared.schedules.items()
+                if sid not in configured
+            ]
+        return found
+
+    def _bump_schedules(self) -> None:
+        self.schedules_version += 1
+        self._schedules_changed.set()
+        self._schedules_changed = trio.Event()
+
+    async def wait_schedules_changed(self, seen: int) -> int:
+        """Wait until :meth:`schedules` differs from version ``seen``; the new version."""
+        while self.schedules_version == seen:
+            await self._schedules_changed.wait()
+        return self.schedules_version
+
+    def subscribers(self, topic: str) -> list[str]:
+        """Callbacks subscribed to ``topic`` (connected, or away for less than events.ttl)."""
+        return [
+            callback_id
+            for callback_id, declared in self._live_declared()
+            if any(topic_matches(pattern, topic) for pattern in declared.topics)
+        ]
+
+    # -- durable delivery ------------------------------------------------------------
+
+    def _key(self, callback_id: str) -> str:
+        return f"{callback_id}/{time.time_ns():020d}-{self._bot}-{next(self._count) % 1_000_000:06d}"
+
+    def keep(self, callback_id: str, event: core_pb2.Event, *, ttl: float | None = None) -> _Pending:
+        """Queue a durable event for the callback now, and return it; the caller stores
+        it (:meth:`deliver` waits for that, :meth:`keep_nowait` lets it happen)."""
+        data = event.SerializeToString()
+        expires = time.time() + (self.settings.ttl if ttl is None else ttl)
+        pending = _Pending(self._key(callback_id), data, event.WhichOneof("type") or "", expires)
+        outbox = self._outboxes.setdefault(callback_id, _Outbox())
+        evicted = 0
+        while outbox.pending and (
+            len(outbox.pending) >= self.settings.max_pending
+            or outbox.bytes + len(data) > self.settings.max_pending_bytes
+        ):
+            oldest = next((p for p in outbox.pending.values() if p.holder is None), None)
+            if oldest is None:
+                break
+            self._forget(callback_id, oldest)
+            evicted += 1
+        if evicted:
+            outbox.evicted += evicted
+            self.stats.evicted += evicted
+            self._log_loss(callback_id, "evicted", evicted, outbox.evicted)
+        outbox.pending[pending.key] = pending
+        outbox.bytes += len(data)
+        self.stats.kept += 1
+        return pending
+
+    async def deliver(self, callback_id: str, event: core_pb2.Event, *, ttl: float | None = None) -> None:
+        """Keep ``event`` for the callback until it has it; returns once it is in the
+        store (StoreError when it cannot be: then it is not kept)."""
+        pending = self.keep(callback_id, event, ttl=ttl)
+        try:
+            await self._store(pending)
+        except BaseException:
+            outbox = self._outboxes[callback_id]
+            if outbox.pending.pop(pending.key, None) is not None:
+                outbox.bytes -= len(pending.data)
+                if pending.holder is not None:
+                    self._in_flight[pending.holder] -= 1
+            raise
+        self._pump(callback_id)
+
+    def keep_nowait(self, callback_id: str, event: core_pb2.Event, ttl: float) -> None:
+        """Keep ``event`` (a match of a durable route, from the router, which cannot
+        wait); it is delivered at once and stored in the background."""
+        pending = self.keep(callback_id, event, ttl=ttl)
+        self._spawn(partial(self._store_quietly, pending))
+        self._pump(callback_id)
+
+    async def _store(self, pending: _Pending) -> None:
+        if pending.forgotten:  # handled before it could be stored: nothing to keep
+            return
+        value = _HEADER.pack(int(pending.expires * 1000)) + pending.data
+        await self.store.set(NAMESPACE, pending.key, value)
+        pending.stored.set()
+        self._delete_if_forgotten(pending)
+
+    def _delete_if_forgotten(self, pending: _Pending) -> None:
+        # Handled while it was being stored: delete what was just written.
+        if pending.forgotten:
+            self._deletes.append(pending)
+            self._deleted.set()
+
+    async def _store_quietly(self, pending: _Pending) -> None:
+        backoff = Backoff(0.5, 10.0)
+        while not pending.stored.is_set() and not pending.forgotten:
+            try:
+                await self._store(pending)
+                return
+            except StoreError as exc:
+                if self._logs.allow("store") is not None:
+                    log.warning("could not keep a durable event in the store (%s); it waits in memory", exc)
+                await trio.sleep(backoff.next_delay())
+
+    def _pump(self, callback_id: str) -> None:
+        """Hand the callback's waiting events, oldest first, to its streams with room."""
+        outbox = self._outboxes.get(callback_id)
+        if outbox is None or not outbox.pending:
+            return
+        streams = [s for s in self.router.subscriptions(callback_id) if s in self._in_flight and not s.closed]
+        if not streams:
+            return
+        window = self.settings.max_unacknowledged
+        for pending in list(outbox.pending.values()):
+            if pending.holder is not None:
+                continue
+            start = next(outbox.turn)
+            for step in range(len(streams)):
+                stream = streams[(start + step) % len(streams)]
+                if self._in_flight[stream] >= window:
+                    continue
+                if stream.offer(self._queued(callback_id, pending, stream)):
+                    pending.holder = stream
+                    self._in_flight[stream] += 1
+                    break
+            else:
+                return  # every stream is full: the next sweep or acknowledgement tries again
+
+    def _queued(self, callback_id: str, pending: _Pending, stream: Subscription) -> Queued:
+        acknowledging = stream.acknowledge
+
+        def build() -> core_pb2.Event:
+            event = core_pb2.Event.FromString(pending.data)
+            if acknowledging:
+                event.delivery_id = pending.key
+            event.redelivered = pending.redelivered
+            return event
+
+        def written() -> None:
+            if pending.holder is not stream:
+                return
+            self.stats.delivered += 1
+            pending.written = True
+            pending.sent_at = time.monotonic()
+            if not acknowledging:  # at most once: written is delivered
+                self._forget(callback_id, pending)
+
+        queued = Queued(len(pending.data) + 40, build, pending.kind)
+        queued.on_written = written
+        return queued
+
+    def _release(self, pending: _Pending) -> None:
+        if pending.holder is not None:
+            self._in_flight[pending.holder] -= 1
+            pending.holder = None
+        pending.written = False
+        pending.redelivered += 1
+        self.stats.redelivered += 1
+        self._wake.set()
+
+    def acknowledge(self, callback_id: str, delivery_ids: Sequence[str]) -> int:
+        """The callback handled these events: forget them. Returns how many it still had."""
+        outbox = self._outboxes.get(callback_id)
+        if outbox is None:
+            return 0
+        done = 0
+        for delivery_id in delivery_ids:
+            pending = outbox.pending.get(delivery_id)
+            if pending is not None:
+                self._forget(callback_id, pending)
+                done += 1
+        self.stats.acknowledged += done
+        if done:
+            self._pump(callback_id)
+        return done
+
+    def waiting(self, callback_id: str) -> int:
+        """Durable events kept for the callback, on a stream or not."""
+        outbox = self._outboxes.get(callback_id)
+        return len(outbox.pending) if outbox is not None else 0
+
+    # -- synchronous webhooks ---------------------------------------------------------
+
+    async def call_webhook(self, callback_id: str, request: core_pb2.WebhookRequest) -> robot_pb2.WebhookResponse:
+        """Hand a synchronous webhook request to one stream of the callback and wait for
+        its answer (the caller bounds the wait). NotConnectedError when no stream takes it."""
+        streams = [s for s in self.router.subscriptions(callback_id) if not s.closed]
+        if not streams:
+            raise NotConnectedError(f"callback {callback_id!r} is not connected")
+        event = core_pb2.Event(webhook_request=request)
+        size = event.ByteSize()
+        waiting = self._webhooks[request.id] = _Waiting(callback_id)
+        try:
+            start = hash(request.id)
+            for step in range(len(streams)):
+                stream = streams[(start + step) % len(streams)]
+                if stream.offer(Queued(size, partial(_copy, event), "webhook_request")):
+                    waiting.holder = stream
+                    break
+            else:
+                raise NotConnectedError(f"every stream of callback {callback_id!r} is full")
+            await waiting.done.wait()
+            if waiting.response is None:
+                raise NotConnectedError(f"the stream of callback {callback_id!r} ended before it answered")
+            return waiting.response
+        finally:
+            del self._webhooks[request.id]
+
+    def respond_webhook(self, callback_id: str, response: robot_pb2.WebhookResponse) -> bool:
+        """A callback's answer to a synchronous webhook request; False when no request
+        of this callback by that id waits (answered, timed out, or never sent)."""
+        waiting = self._webhooks.get(response.request_id)
+        if waiting is None or waiting.callback_id != callback_id or waiting.done.is_set():
+            return False
+        waiting.response = response
+        waiting.done.set()
+        return True
+
+    # -- publish / subscribe ----------------------------------------------------------
+
+    async def publish(
+        self, publisher: str, topic: str, payload: bytes, attributes: dict[str, str] | None = None
+    ) -> tuple[str, int]:
+        """Hand an event to every callback subscribed to ``topic``; its id and how many."""
+        published = core_pb2.PublishedEvent(
+            id=uuid.uuid4().hex,
+            topic=topic,
+            payload=payload,
+            attributes=attributes or {},
+            publisher=publisher,
+            published_unix_ms=int(time.time() * 1000),
+        )
+        event = core_pb2.Event(published_event=published)
+        subscribers = self.subscribers(topic)
+        for callback_id in subscribers:
+            await self.deliver(callback_id, event)
+        self.stats.published += 1
+        return published.id, len(subscribers)
+
+    async def publish_own(self, topic: str, payload: bytes) -> None:
+        """Publish one of the bot's own topics; a store failure is logged, not raised."""
+        if not self.subscribers(topic):
+            return
+        try:
+            await self.publish(BOT_PUBLISHER, topic, payload)
+        except StoreError as exc:
+            if self._logs.allow(("own", topic)) is not None:
+                log.warning("could not publish %s (%s)", topic, exc)
+
+
+def _copy(event: core_pb2.Event) -> core_pb2.Event:
+    copy = core_pb2.Event()
+    copy.CopyFrom(event)
+    return copy

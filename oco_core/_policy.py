@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ._audit import ALLOWED, DENIED
 from ._config import CallbackSettings, Capabilities, Config, RouteRule
@@ -267,6 +267,18 @@ class CallbackPolicy:
         if not matches_any(datastore, self.capabilities.datastores):
             allowed = ", ".join(self.capabilities.datastores) or "none"
             raise self._refuse("datastores", f"it asked for the data store {datastore!r}, and it may use: {allowed}")
+
+    def require_topic(self, capability: Literal["publish", "subscribe"], topic: str) -> None:
+        """Raise CapabilityError unless the callback may publish to ``topic``, or
+        subscribe to every topic the pattern ``topic`` names."""
+        from ._events import topic_covers
+
+        allowed: list[str] = getattr(self.capabilities, capability)
+        if not any(topic_covers(grant, topic) for grant in allowed):
+            raise self._refuse(
+                capability,
+                f"it asked to {capability} {topic!r}, and it may {capability}: {', '.join(allowed) or 'none'}",
+            )
 
     def require_events(self, kinds: set[int]) -> None:
         """Raise CapabilityError unless every event kind in ``kinds`` is allowed."""

@@ -128,11 +128,15 @@ class Route:
     help: str = ""
     permission: str = ""
     ignore_case: bool = False
+    #: Seconds a match may wait for the callback, kept by the event hub (0: not durable).
+    durable_ttl: float = 0.0
 
     @classmethod
-    def declared(cls, declaration: Any) -> Route:
+    def declared(cls, declaration: Any, chat_ttl: float = 30.0) -> Route:
         """A route from its declaration: a ``Route`` of a ListenRequest, or one the
-        operator wrote in config (both have the same fields). The id defaults to the pattern."""
+        operator wrote in config (both have the same fields but for the durable TTL).
+        The id defaults to the pattern; a durable route's TTL to ``chat_ttl``."""
+        ttl = getattr(declaration, "durable_ttl_seconds", None) or getattr(declaration, "durable_ttl", None)
         return cls(
             id=declaration.id or declaration.pattern,
             pattern=declaration.pattern,
@@ -140,6 +144,7 @@ class Route:
             help=declaration.help,
             permission=declaration.permission,
             ignore_case=declaration.ignore_case,
+            durable_ttl=float(ttl or chat_ttl) if declaration.durable else 0.0,
         )
 
 
@@ -149,7 +154,7 @@ class Queued:
     strings it shares with the other matches of that message (every route and replica
     that matched it), so a message waiting in many queues is held once."""
 
-    __slots__ = ("_build", "dropped", "kind", "size")
+    __slots__ = ("_build", "dropped", "kind", "on_written", "size")
 
     def __init__(self, size: int, build: Callable[[], core_pb2.Event], kind: str = "matched_message") -> None:
         #: Bytes it counts for in a queue: about its size on the wire.
@@ -159,6 +164,9 @@ class Queued:
         self.kind = kind
         #: Events the stream lost just before this one (``Event.dropped``).
         self.dropped = 0
+        #: Called once it is written to the stream. Set on durable events, whose
+        #: delivery the event hub tracks: the router never moves them between streams.
+        self.on_written: Callable[[], None] | None = None
 
     def event(self) -> core_pb2.Event:
         """The event, as the stream sends it (a new object each time)."""
@@ -207,6 +215,8 @@ class Subscription:
     _last_overflow_log: float = 0.0
     #: Set when the stream ends: tables built before then skip it.
     closed: bool = False
+    #: The stream acknowledges durable events (``ListenRequest.acknowledge``).
+    acknowledge: bool = False
     _send: trio.MemorySendChannel[Queued] = field(init=False, repr=False)
     _receive: trio.MemoryReceiveChannel[Queued] = field(init=False, repr=False)
 
@@ -231,12 +241,17 @@ class Subscription:
 
     async def next_event(self) -> core_pb2.Event | None:
         """Wait for the next event to send; None once the stream's queue has ended."""
+        queued = await self.next_queued()
+        return None if queued is None else queued.event()
+
+    async def next_queued(self) -> Queued | None:
+        """Wait for the next event to send, unbuilt; None once the queue has ended."""
         try:
             queued = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
         self.queued_bytes -= queued.size
-        return queued.event()
+        return queued
 
     def take_nowait(self) -> Queued:
         """The next event waiting, without waiting (trio.WouldBlock when none is,
@@ -326,7 +341,8 @@ Gate = Callable[[str, Route], bool]
 class Match:
     """One route that matched one message, and the stream that will get it."""
 
-    subscription: Subscription
+    #: None for a durable route's match, which the event hub keeps for the callback.
+    subscription: Subscription | None
     queued: Queued
     #: Whether the message was addressed to the bot (``MatchedMessage.direct``).
     direct: bool
@@ -371,6 +387,11 @@ class Router:
         self.routed = 0
         #: The routes of callbacks whose last stream closed, until one opens again.
         self._departed: dict[str, Sequence[Route]] = {}
+        #: Where matches of durable routes go (the event hub): (callback id, event, TTL).
+        self.keep_durable: Callable[[str, core_pb2.Event, float], None] | None = None
+        #: By callback whose last stream left: a stream that is not one, holding its
+        #: durable routes until their TTL, so their matches are kept for it meanwhile.
+        self._ghosts: dict[str, tuple[Subscription, float]] = {}
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -431,6 +452,41 @@ class Router:
         self._subscriptions[subscription] = None
         self._by_callback.setdefault(subscription.callback_id, {})[subscription] = None
         self._departed.pop(subscription.callback_id, None)
+        self.drop_ghost(subscription.callback_id)
+        self._bump()
+
+    def _forget_patterns(self, subscription: Subscription) -> None:
+        for key in {(route.pattern, route.ignore_case) for route in subscription.routes}:
+            self._live[key] -= 1
+            if not self._live[key]:
+                del self._live[key]
+                self._program -= self._regexes[key].programsize
+
+    def drop_ghost(self, callback_id: str) -> None:
+        """The callback is back (or its durable routes' time is up): its ghost goes."""
+        ghost = self._ghosts.pop(callback_id, None)
+        if ghost is not None and self._subscriptions.pop(ghost[0], 0) is None:
+            ghost[0].close()
+            self._forget_patterns(ghost[0])
+            self._bump()
+
+    def expire_ghosts(self) -> None:
+        """Drop the ghosts of callbacks away for longer than their durable routes' TTL."""
+        now = time.monotonic()
+        for callback_id in [cid for cid, (_, until) in self._ghosts.items() if until <= now]:
+            self.drop_ghost(callback_id)
+
+    def _haunt(self, callback_id: str, routes: Sequence[Route]) -> None:
+        durable = [route for route in routes if route.durable_ttl]
+        if not durable or self.keep_durable is None:
+            return
+        ghost = Subscription(callback_id, durable, queue_size=1)
+        for key in {(route.pattern, route.ignore_case) for route in durable}:
+            self._live[key] = self._live.get(key, 0) + 1
+            if self._live[key] == 1:
+                self._program += self._regexes[key].programsize
+        self._subscriptions[ghost] = None
+        self._ghosts[callback_id] = (ghost, time.monotonic() + max(route.durable_ttl for route in durable))
         self._bump()
 
     def _bump(self) -> None:
@@ -495,19 +551,16 @@ class Router:
         subscription.close()
         self._pending.pop(subscription, None)
         if self._subscriptions.pop(subscription, 0) is None:
-            for key in {(route.pattern, route.ignore_case) for route in subscription.routes}:
-                self._live[key] -= 1
-                if not self._live[key]:
-                    del self._live[key]
-                    self._program -= self._regexes[key].programsize
+            self._forget_patterns(subscription)
             siblings = self._by_callback[subscription.callback_id]
             del siblings[subscription]
             if not siblings:
                 del self._by_callback[subscription.callback_id]
             self._bump()
         replicas = self.subscriptions(subscription.callback_id)
-        if not replicas:
+        if not replicas and subscription.callback_id not in self._departed:
             self._departed[subscription.callback_id] = subscription.routes
+            self._haunt(subscription.callback_id, subscription.routes)
         lost = 0
         turn = itertools.count()
         while True:
@@ -515,6 +568,8 @@ class Router:
                 queued = subscription.take_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+            if queued.on_written is not None:  # durable: the event hub offers it again
+                continue
             carried = queued.dropped  # what the leaving stream lost before this one
             taker = self._deliver(replicas, turn, queued) if replicas else None
             if taker is not None:
@@ -532,7 +587,10 @@ class Router:
     def subscriptions(self, callback_id: str | None = None) -> list[Subscription]:
         """Live subscriptions, optionally of one callback."""
         if callback_id is None:
-            return list(self._subscriptions)
+            if not self._ghosts:
+                return list(self._subscriptions)
+            ghosts = {ghost for ghost, _ in self._ghosts.values()}
+            return [sub for sub in self._subscriptions if sub not in ghosts]
         return list(self._by_callback.get(callback_id, ()))
 
     # -- addressing ------------------------------------------------------------------
@@ -620,6 +678,10 @@ class Router:
                     continue
                 build = partial(_matched_event, message, entry.pattern, target.route.id, groups, named, direct, text)
                 queued = Queued(message_size + len(text) + sum(map(len, groups)), build)
+                if target.route.durable_ttl and self.keep_durable is not None:
+                    self.keep_durable(target.callback_id, build(), target.route.durable_ttl)
+                    out.append(Match(None, queued, direct))
+                    continue
                 sub = self._deliver(live, target.turn, queued)
                 if sub is not None:
                     out.append(Match(sub, queued, direct))
