@@ -403,7 +403,7 @@ class EventHub:
         self._in_flight[subscription] = 0
         self._wake.set()
         if len(self.router.subscriptions(callback_id)) == 1:
-            self._announce("oco.callback.connected", callback=callback_id)
+            self.announce("oco.callback.connected", callback=callback_id)
 
     def stream_closed(self, subscription: Subscription) -> None:
         """A Listen stream ended: the durable events it held and had not acknowledged go
@@ -427,11 +427,12 @@ class EventHub:
             declared = self._declared.get(callback_id)
             if declared is not None:
                 declared.left = time.monotonic()
-            self._announce("oco.callback.disconnected", callback=callback_id)
+            self.announce("oco.callback.disconnected", callback=callback_id)
         self._wake.set()
 
-    def _announce(self, topic: str, **fields: object) -> None:
-        """Publish one of the bot's own topics (JSON), in the background."""
+    def announce(self, topic: str, **fields: object) -> None:
+        """Publish one of the bot's own topics, its fields as a JSON object, in the
+        background (when a callback subscribes to it)."""
         if self.subscribers(topic):
             self._spawn(partial(self.publish_own, topic, json.dumps(fields).encode()))
 

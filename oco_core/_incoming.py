@@ -118,6 +118,14 @@ class Incoming:
             reason=event.reason,
         )
         self._core.router.broadcast(robot_pb2.EVENT_KIND_MEMBERSHIP, core_pb2.Event(membership_change=change))
+        self._core.events.announce(
+            "oco.membership",
+            kind=event.kind.name.lower(),
+            user=user.id,
+            room=room.id,
+            actor=change.actor.id if event.actor else "",
+            reason=event.reason,
+        )
 
     def topic(self, adapter: str, room: ChatRoom, user: ChatUser | None) -> None:
         """Pass a topic change to the callbacks that asked for them."""
@@ -125,6 +133,7 @@ class Incoming:
         self._core.directory.see_room(room_pb.id, room.name, topic=room.topic)
         change = core_pb2.TopicChange(room=room_pb, user=_user_pb(adapter, user) if user else None)
         self._core.router.broadcast(robot_pb2.EVENT_KIND_TOPIC, core_pb2.Event(topic_change=change))
+        self._core.events.announce("oco.topic", room=room_pb.id, topic=room.topic, user=change.user.id if user else "")
 
 
 def _user_pb(adapter: str, user: ChatUser) -> core_pb2.User:

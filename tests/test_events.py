@@ -278,3 +278,20 @@ async def test_matches_of_a_durable_route_wait_for_a_callback_that_is_away(tmp_p
             await back.nothing()  # the plain route's match was not kept
         finally:
             back.close()
+
+
+async def test_membership_changes_are_published_for_callbacks_that_watch_them(tmp_path: Path) -> None:
+    from oco_core._adapter import MembershipKind
+
+    async with open_bot(config(tmp_path)) as running:
+        watcher = await opened(running.address, "other", topics=["oco.membership"])
+        try:
+            await running.adapter.member(MembershipKind.JOINED, "bob", "ops")
+            event = await watcher.next()
+            assert event.published_event.topic == "oco.membership"
+            fields = json.loads(event.published_event.payload)
+            assert fields["kind"] == "joined"
+            assert fields["user"] == "memory/bob"
+            assert fields["room"] == "memory/ops"
+        finally:
+            watcher.close()
