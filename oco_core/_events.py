@@ -430,7 +430,7 @@ class EventHub:
             self.announce("oco.callback.disconnected", callback=callback_id)
         self._wake.set()
 
-    def announce(self, topic: str, **fields: object) -> None:
+    def announce(self, topic: str, /, **fields: object) -> None:
         """Publish one of the bot's own topics, its fields as a JSON object, in the
         background (when a callback subscribes to it)."""
         if self.subscribers(topic):

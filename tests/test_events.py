@@ -295,3 +295,17 @@ async def test_membership_changes_are_published_for_callbacks_that_watch_them(tm
             assert fields["room"] == "memory/ops"
         finally:
             watcher.close()
+
+
+async def test_topic_changes_are_published_with_the_new_topic(tmp_path: Path) -> None:
+    from oco_core._adapter import ChatRoom
+
+    async with open_bot(config(tmp_path)) as running:
+        watcher = await opened(running.address, "other", topics=["oco.topic"])
+        try:
+            assert running.adapter.host is not None
+            await running.adapter.host.topic(ChatRoom("ops", "ops", topic="deploy freeze"))
+            fields = json.loads((await watcher.next()).published_event.payload)
+            assert fields == {"room": "memory/ops", "topic": "deploy freeze", "user": ""}
+        finally:
+            watcher.close()
