@@ -111,6 +111,27 @@ async def run(options: argparse.Namespace, loaded: LoadedConfig, plugins: Plugin
             found = await query(store, filters, options.limit + 1)
         show_audit(found[-options.limit :], json_lines=options.json, more=len(found) > options.limit)
         return 0
+    if options.command == "events":
+        from ._events import waiting_events
+
+        async with open_configured_store(loaded, plugins) as store:
+            waiting = await waiting_events(store, options.callback or "")
+        if not waiting:
+            print("no durable events are waiting" + (f" for callback {options.callback!r}" if options.callback else ""))
+            return 0
+        rows = [
+            (
+                entry.callback_id,
+                str(entry.count),
+                str(entry.bytes),
+                local_time(entry.oldest),
+                local_time(entry.next_expiry),
+                ", ".join(f"{kind} {count}" for kind, count in sorted(entry.kinds.items())),
+            )
+            for entry in waiting
+        ]
+        print_table(("CALLBACK", "EVENTS", "BYTES", "OLDEST", "NEXT EXPIRY", "KINDS"), rows, sys.stdout)
+        return 0
     if options.action in ("add", "rotate"):
         _refuse_if_configured(loaded, options.id)
     async with open_configured_store(loaded, plugins) as store:

@@ -110,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
     _callbacks_arguments(commands)
     _audit_arguments(commands)
+    events = commands.add_parser(
+        "events",
+        help="show the durable events waiting for callbacks",
+        description="Show, by callback, the durable events the core store keeps until a callback takes them "
+        "(asynchronous webhooks, schedule firings, published events, matches of durable routes): how many, how "
+        "large, the oldest, and the next to expire.",
+    )
+    _config_option(events)
+    events.add_argument("--callback", type=callback_id, help="only this callback")
     _datastores_arguments(commands)
     _conformance_arguments(commands.add_parser("conformance", help="check any OCO bot as a callback sees it"))
     completion = commands.add_parser(
@@ -277,7 +286,7 @@ def _main(options: argparse.Namespace) -> int:
         from ._config import LoadedConfig, load_config
 
         loaded = load_config(options.config)
-        if options.command in ("callbacks", "audit", "datastores"):
+        if options.command in ("callbacks", "audit", "datastores", "events"):
             return _admin(options, loaded)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":

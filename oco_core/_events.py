@@ -719,6 +719,43 @@ class EventHub:
                 log.warning("could not publish %s (%s)", topic, exc)
 
 
+@dataclass(slots=True)
+class WaitingEvents:
+    """What ``oco events`` shows for one callback: the durable events kept for it."""
+
+    callback_id: str
+    count: int = 0
+    bytes: int = 0
+    #: When the oldest was kept, and when the first to expire does (seconds since the epoch).
+    oldest: float = math.inf
+    next_expiry: float = math.inf
+    #: How many of each kind (``webhook_request``, ``published_event``...).
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+async def waiting_events(store: Store, callback_id: str = "") -> list[WaitingEvents]:
+    """The durable events kept in ``store``, by callback (read by ``oco events``, with
+    or without a bot running)."""
+    found: dict[str, WaitingEvents] = {}
+    after = ""
+    prefix = f"{callback_id}/" if callback_id else ""
+    while True:
+        items = await store.list(NAMESPACE, prefix, start_after=after, limit=_PAGE)
+        for item in items:
+            owner, _, rest = item.key.partition("/")
+            entry = found.setdefault(owner, WaitingEvents(owner))
+            (expires_ms,) = _HEADER.unpack_from(item.value)
+            entry.count += 1
+            entry.bytes += len(item.value) - _HEADER.size
+            entry.oldest = min(entry.oldest, int(rest.partition("-")[0] or 0) / 1e9)
+            entry.next_expiry = min(entry.next_expiry, expires_ms / 1000)
+            kind = core_pb2.Event.FromString(item.value[_HEADER.size :]).WhichOneof("type") or "unknown"
+            entry.kinds[kind] = entry.kinds.get(kind, 0) + 1
+        if len(items) < _PAGE:
+            return sorted(found.values(), key=lambda e: e.callback_id)
+        after = items[-1].key
+
+
 def _copy(event: core_pb2.Event) -> core_pb2.Event:
     copy = core_pb2.Event()
     copy.CopyFrom(event)

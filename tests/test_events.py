@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pytest
 import trio
 
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
-from oco_core.testing import open_bot
+from oco_core.testing import oco_cli, open_bot
 
 SECRETS = {name: f"secret-{name}-0123456789abcdef" for name in ("pub", "sub1", "sub2", "other", "narrow")}
 
@@ -201,6 +202,26 @@ async def test_a_stream_that_does_not_acknowledge_gets_each_event_once(tmp_path:
         await again.nothing()
         again.close()
         assert running.bot.core.events.waiting("sub1") == 0
+
+
+async def test_oco_events_shows_what_waits_for_each_callback(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        stream = await opened(running.address, "sub1", topics=["jobs.*"], acknowledge=True)
+        stream.close()
+        await trio.sleep(0.2)
+        await publish(running.address, "pub", "jobs.a", b"x" * 100)
+        await publish(running.address, "pub", "jobs.b")
+    (tmp_path / "oco.yaml").write_text(config(tmp_path))
+    shown = await trio.to_thread.run_sync(partial(oco_cli, "events", "-c", "oco.yaml", cwd=tmp_path))
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()
+    assert header.split()[:3] == ["CALLBACK", "EVENTS", "BYTES"]
+    assert row.split()[:2] == ["sub1", "2"]
+    assert row.endswith("published_event 2")
+    other = await trio.to_thread.run_sync(
+        partial(oco_cli, "events", "--callback", "sub2", "-c", "oco.yaml", cwd=tmp_path)
+    )
+    assert other.stdout.strip() == "no durable events are waiting for callback 'sub2'"
 
 
 async def test_expired_events_are_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
