@@ -30,6 +30,7 @@ import re
 import struct
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -251,7 +252,7 @@ class EventHub:
         self._outboxes: dict[str, _Outbox] = {}
         self._in_flight: dict[Subscription, int] = {}
         self._webhooks: dict[str, _Waiting] = {}
-        self._deletes: list[_Pending] = []
+        self._deletes: deque[_Pending] = deque()
         self._wake = trio.Event()
         self._deleted = trio.Event()
         self._logs = Throttle(_LOG_INTERVAL)
@@ -320,7 +321,7 @@ class EventHub:
                 await trio.sleep(delay)
                 continue
             backoff.reset()
-            self._deletes.pop(0)
+            self._deletes.popleft()
 
     def _forget(self, callback_id: str, pending: _Pending) -> None:
         outbox = self._outboxes.get(callback_id)
