@@ -278,7 +278,9 @@ class EventSettings(_Strict):
     max_pending_bytes: int = Field(
         default=64 << 20, gt=0, description="Bytes of durable events kept per callback (oldest dropped beyond)."
     )
-    max_event_bytes: int = Field(default=1 << 20, gt=0, description="Largest payload Publish accepts.")
+    max_event_bytes: int = Field(
+        default=256 << 10, gt=0, description="Largest payload Publish accepts (SNS and SQS allow as much)."
+    )
     redeliver_after: float = Field(
         default=300.0,
         gt=0,

@@ -254,6 +254,10 @@ async def test_capabilities_bound_publish_and_subscribe(tmp_path: Path) -> None:
         stream = await opened(running.address, "narrow", topics=["deploys.eu.*"])
         stream.close()
 
+        with pytest.raises(grpc.RpcError) as large:
+            await publish(running.address, "pub", "deploys.big", b"x" * (256 * 1024 + 1))
+        assert large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "events.max_event_bytes" in str(large.value.details())
         with pytest.raises(grpc.RpcError) as own:
             await publish(running.address, "pub", "oco.callback.connected")
         assert own.value.code() == grpc.StatusCode.INVALID_ARGUMENT
