@@ -27,6 +27,7 @@ TEST_TOOLS = [
     "build>=1.2",
     "hatchling>=1.27",
     "hatch-fancy-pypi-readme>=24.1",
+    "httpx>=0.27",
 ]
 
 nox.options.sessions = ["lint", "types", "proto", "docs", "tests", "distributions"]

@@ -2,7 +2,8 @@
 
 Start-up order, each step ready before the next: the store opens; the directory,
 authorization and audit log load (:meth:`Bot.open` yields them as a
-:class:`~._core.BotCore`); the gRPC server binds; launched callbacks start and the bot
+:class:`~._core.BotCore`); the gRPC server binds, then the HTTP server (with
+``http:``); launched callbacks start and the bot
 waits (a bounded time) for each to open its Listen stream, so that the first chat
 message finds their routes; then the adapters connect. Shutdown (SIGINT, SIGTERM, or
 every adapter ending) runs the other way, in the one nursery: adapters stop, callbacks
@@ -20,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -44,6 +46,9 @@ from ._store import Store
 from ._supervisor import supervise_callback
 from ._timing import Backoff
 from ._tls import load_server_tls
+
+if TYPE_CHECKING:
+    from ._http import HttpApp
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,10 @@ class Bot:
                 key, message = problem
                 self.launch_problems.append(loaded.error(("callbacks", cb_index, key), message))
         self.address = ""
+        #: The HTTP server's address once it listens ("" without ``http:``), and the
+        #: application it serves (mount more on it with ``http_app.mount``).
+        self.http_address = ""
+        self.http_app: HttpApp | None = None
         self._core: BotCore | None = None
         self._shutdown: trio.CancelScope | None = None
         self._starting: trio.CancelScope | None = None
@@ -240,6 +249,8 @@ class Bot:
         tls = await trio.to_thread.run_sync(load_server_tls, self.loaded)
         async with trio.open_nursery() as nursery:
             self.address = await nursery.start(partial(serve, core, self.config.grpc, tls))
+            if self.config.http is not None:
+                self.http_address = await nursery.start(self._serve_http, core)
             with trio.CancelScope() as self._shutdown:
                 async with trio.open_nursery() as workers:
                     for cb in self.config.callbacks:
@@ -275,6 +286,23 @@ class Bot:
                     log.info("every adapter has ended; shutting down")
                     workers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+    async def _serve_http(self, core: BotCore, *, task_status: trio.TaskStatus[str]) -> None:
+        # Imported here: a bot without http: never loads Hypercorn.
+        from ._http import HttpApp, load_http_tls, serve_http
+        from ._webhooks import PREFIX, Webhooks
+
+        settings = self.config.http
+        assert settings is not None
+        tls = await trio.to_thread.run_sync(load_http_tls, self.loaded)
+        self.http_app = HttpApp()
+        webhooks = Webhooks(core)
+        self.http_app.mount(PREFIX, webhooks)
+        webhooks.warn_unverified()
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(serve_http, self.http_app, settings, tls)
+            log.info("HTTP on %s://%s (webhooks at %s/<callback id>/...)", "https" if tls else "http", address, PREFIX)
+            task_status.started(address)
 
     async def _wait_for_callbacks(self) -> None:
         launched = [cb for cb in self.callbacks.values() if cb.launched]
