@@ -41,6 +41,7 @@ from ._plugins import Plugins
 from ._policy import matches_any
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, PatternLimits, Route, Router, compile_pattern
+from ._schedules import run_schedules
 from ._secrets import check_store_secrets, expects_store_secret, generate_secret
 from ._store import Store
 from ._supervisor import supervise_callback
@@ -249,6 +250,8 @@ class Bot:
         tls = await trio.to_thread.run_sync(load_server_tls, self.loaded)
         async with trio.open_nursery() as nursery:
             self.address = await nursery.start(partial(serve, core, self.config.grpc, tls))
+            # Schedules fire through the hub into the store; callbacks get them once connected.
+            await nursery.start(run_schedules, core.events, core.store)
             if self.config.http is not None:
                 self.http_address = await nursery.start(self._serve_http, core)
             with trio.CancelScope() as self._shutdown:

@@ -333,6 +333,26 @@ class ScheduleSettings(_Strict):
     #: A slot missed while no bot ran fires once, late, when at most this many seconds old.
     catch_up: float = Field(default=0.0, ge=0)
 
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from ._schedules import cron_problem  # cronsim loads only for a config with schedules
+
+        problem = None if value is None else cron_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        from ._schedules import time_zone_problem
+
+        problem = time_zone_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _cron_or_every(self) -> ScheduleSettings:
         if (self.cron is None) == (self.every is None):
