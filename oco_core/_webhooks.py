@@ -375,12 +375,7 @@ class Webhooks:
 
     async def _too_large(self, send: Send, callback_id: str, limit: int) -> None:
         log.debug("webhook of callback %r refused: body over %d bytes", callback_id, limit)
-        await respond(
-            send,
-            413,
-            f"the body is larger than {limit} bytes (http.max_body_bytes)\n".encode(),
-            [("connection", "close")],
-        )
+        await respond(send, 413, f"the body is larger than {limit} bytes (http.max_body_bytes)\n".encode())
 
     async def _refuse(self, send: Send, callback_id: str, route_id: str, peer: str, reason: str) -> None:
         host = peer.rpartition(":")[0] or peer
