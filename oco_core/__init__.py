@@ -35,6 +35,10 @@ if _typing.TYPE_CHECKING:
     from ._sdk import Room as Room
     from ._sdk import Storage as Storage
     from ._sdk import User as User
+    from ._sdk_events import PublishedEvent as PublishedEvent
+    from ._sdk_events import Response as Response
+    from ._sdk_events import ScheduleFiring as ScheduleFiring
+    from ._sdk_events import WebhookRequest as WebhookRequest
     from ._store import Item as Item
 
 __all__ = [
@@ -54,10 +58,13 @@ __all__ = [
     "OcoError",
     "PermissionCheck",
     "PluginError",
+    "PublishedEvent",
     "QuotaExceededError",
     "RateLimitedError",
     "RequestTooLargeError",
+    "Response",
     "Room",
+    "ScheduleFiring",
     "SecretRefusedError",
     "Storage",
     "StoreError",
@@ -66,6 +73,7 @@ __all__ = [
     "User",
     "ValueTooLargeError",
     "VersionConflictError",
+    "WebhookRequest",
     "__version__",
 ]
 
@@ -78,6 +86,7 @@ _LAZY = {
         ("Callback", "DataStore", "Directory", "Membership", "Message", "PermissionCheck", "Room", "Storage", "User"),
         "._sdk",
     ),
+    **dict.fromkeys(("PublishedEvent", "Response", "ScheduleFiring", "WebhookRequest"), "._sdk_events"),
     "Item": "._store",
 }
 

@@ -26,10 +26,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
+import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -61,6 +64,16 @@ from ._proto import (
     storage_pb2_grpc,
 )
 from ._router import compile_pattern
+from ._sdk_events import (
+    FAILED_BODY,
+    InvalidBodyError,
+    PublishedEvent,
+    Response,
+    ScheduleFiring,
+    WebhookRequest,
+    encode_payload,
+    whole_seconds,
+)
 from ._store import Item
 from ._timing import Backoff
 from ._tls import PemSource, load_client_tls
@@ -68,7 +81,13 @@ from ._tls import PemSource, load_client_tls
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Message"], Awaitable[None]]
+WebhookHandler = Callable[[WebhookRequest], Awaitable[Response | None]]
+ScheduleHandler = Callable[[ScheduleFiring], Awaitable[None]]
+EventHandler = Callable[[PublishedEvent], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+W = TypeVar("W", bound=WebhookHandler)
+S = TypeVar("S", bound=ScheduleHandler)
+E = TypeVar("E", bound=EventHandler)
 T = TypeVar("T")
 
 #: gRPC status codes after which reconnecting cannot help: the configuration is wrong.
@@ -138,6 +157,26 @@ class _Route:
     ignore_case: bool
     handler: Handler
     permission: str = ""
+    durable: bool = False
+    durable_ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Webhook:
+    route: robot_pb2.WebhookRoute
+    handler: WebhookHandler
+
+
+@dataclass(frozen=True, slots=True)
+class _Scheduled:
+    schedule: robot_pb2.Schedule
+    handler: ScheduleHandler
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscribed:
+    pattern: str
+    handler: EventHandler
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +236,12 @@ class Message:
         self.id: str = matched.message.id
         self.user = _user(matched.message.source.user)
         self.room = _room(matched.message.source.room) if matched.message.source.room.id else None
+        #: Set for a match of a ``durable`` route, which the bot keeps until the callback
+        #: has handled it; the SDK acknowledges it after the handler.
+        self.delivery_id: str = ""
+        #: How many times this match was delivered before (durable routes only: after a
+        #: callback stopped before it had handled it).
+        self.redelivered: int = 0
 
     def __repr__(self) -> str:
         return f"<Message {self.id} from {self.user.id} in {self.room.id if self.room else 'private'}: {self.body!r}>"
@@ -346,6 +391,10 @@ class _Connection:
     stubs: dict[str, Any]
     sender: DuplexSender | None = None
     pending: dict[int, tuple[trio.Event, list[robot_pb2.SendResult]]] = field(default_factory=dict)
+    #: Delivery ids of events handled and not yet acknowledged, and what wakes the task
+    #: that acknowledges them.
+    acks: list[str] = field(default_factory=list)
+    acks_ready: trio.Event = field(default_factory=trio.Event)
 
 
 def _first_rpc_error(group: BaseExceptionGroup[grpc.aio.AioRpcError]) -> grpc.aio.AioRpcError:
@@ -429,6 +478,9 @@ class Callback:
         self._over_tls = False
         self._routes: list[_Route] = []
         self._membership: list[Callable[[Membership], Awaitable[None]]] = []
+        self._webhooks: list[_Webhook] = []
+        self._schedules: list[_Scheduled] = []
+        self._subscribed: list[_Subscribed] = []
         self._limiter = trio.CapacityLimiter(concurrency)
         self._connection: _Connection | None = None
         self._connected = trio.Event()
@@ -442,25 +494,59 @@ class Callback:
     # -- declaring -------------------------------------------------------------------
 
     def hear(
-        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False, permission: str = ""
+        self,
+        pattern: str,
+        *,
+        help: str = "",
+        id: str | None = None,
+        ignore_case: bool = False,
+        permission: str = "",
+        durable: bool = False,
+        durable_ttl: float | None = None,
     ) -> Callable[[F], F]:
         """Run the decorated handler for every message that matches ``pattern`` (RE2).
         With ``permission``, only messages from people who hold it reach the handler.
-        A pattern that is not valid RE2 raises InvalidPatternError here, naming it."""
-        return self._route(pattern, False, help, id, ignore_case, permission)
+        A pattern that is not valid RE2 raises InvalidPatternError here, naming it.
+        ``durable``: see :meth:`respond`."""
+        return self._route(pattern, False, help, id, ignore_case, permission, durable, durable_ttl)
 
     def respond(
-        self, pattern: str, *, help: str = "", id: str | None = None, ignore_case: bool = False, permission: str = ""
+        self,
+        pattern: str,
+        *,
+        help: str = "",
+        id: str | None = None,
+        ignore_case: bool = False,
+        permission: str = "",
+        durable: bool = False,
+        durable_ttl: float | None = None,
     ) -> Callable[[F], F]:
         """Run the decorated handler for messages addressed to the bot ("oco: deploy x")
         whose text after the address matches ``pattern`` (RE2). With ``permission``,
         the bot checks it first and tells a person who lacks it; the handler never runs.
-        A pattern that is not valid RE2 raises InvalidPatternError here, naming it."""
-        return self._route(pattern, True, help, id, ignore_case, permission)
+        A pattern that is not valid RE2 raises InvalidPatternError here, naming it.
+
+        ``durable``: a match that comes while this callback is not connected (restarting
+        for a deploy) waits in the bot, for ``durable_ttl`` seconds (default: the bot's
+        ``events.chat_ttl``, 30 s), and a match whose handler was cut short is delivered
+        again; the SDK acknowledges each after its handler."""
+        return self._route(pattern, True, help, id, ignore_case, permission, durable, durable_ttl)
 
     def _route(
-        self, pattern: str, respond: bool, help: str, id: str | None, ignore_case: bool, permission: str
+        self,
+        pattern: str,
+        respond: bool,
+        help: str,
+        id: str | None,
+        ignore_case: bool,
+        permission: str,
+        durable: bool,
+        durable_ttl: float | None,
     ) -> Callable[[F], F]:
+        if durable_ttl is not None and not durable:
+            raise ValueError("durable_ttl is for durable routes; pass durable=True too")
+        ttl = whole_seconds(durable_ttl, "durable_ttl") if durable_ttl is not None else 0
+
         def decorate(handler: F) -> F:
             route_id = id or handler.__name__
             if any(r.id == route_id for r in self._routes):
@@ -472,7 +558,134 @@ class Callback:
             except InvalidPatternError as exc:
                 exc.add_note(f"in route {route_id!r} of callback {self.id!r}")
                 raise
-            self._routes.append(_Route(pattern, respond, help, route_id, ignore_case, handler, permission))
+            self._routes.append(
+                _Route(pattern, respond, help, route_id, ignore_case, handler, permission, durable, ttl)
+            )
+            return handler
+
+        return decorate
+
+    def webhook(
+        self, method: str, path: str, *, asynchronous: bool = False, id: str | None = None, help: str = ""
+    ) -> Callable[[W], W]:
+        """Serve the decorated handler at ``/hooks/<callback id><path>`` on the bot's HTTP
+        server (``method``: "POST", "GET"..., or "*" for any; a last path segment
+        ``{rest}`` takes any remainder: "/github/{rest}")::
+
+            @bot.webhook("POST", "/ci")
+            async def ci(request: WebhookRequest) -> Response | None:
+                build = request.json()
+                await bot.send(f"build {build['id']}: {build['status']}", room="irc/#ops")
+                return Response.json({"ok": True})
+
+        The caller waits for the handler's :class:`Response` (None answers 204; a handler
+        that raises answers 500, its traceback in this callback's log) for at most the
+        bot's ``http.webhook_timeout`` (504 after). ``asynchronous=True``: the bot answers
+        202 at once and keeps the request until the handler has run, even across a
+        restart of this callback; what the handler returns is ignored.
+        """
+        method = method.strip().upper()
+        if method != "*" and not re.fullmatch(r"[A-Z]+", method):
+            raise ValueError(f"webhook method {method!r} is not an HTTP method such as 'POST', or '*' for any")
+        if not path.startswith("/"):
+            raise ValueError(f"webhook path {path!r} must start with '/' (it goes after /hooks/<callback id>)")
+        if "{" in path.removesuffix("/{rest}") or "?" in path or "#" in path:
+            raise ValueError(f"webhook path {path!r} may end in '/{{rest}}', and holds no other '{{', '?' or '#'")
+        route = robot_pb2.WebhookRoute(
+            id=id or f"{method} {path}", method=method, path=path, asynchronous=asynchronous, help=help
+        )
+
+        def decorate(handler: W) -> W:
+            for known in self._webhooks:
+                if known.route.id == route.id:
+                    raise ValueError(f"two webhook routes are called {route.id!r}; pass id=... to tell them apart")
+                if (known.route.method, known.route.path) == (method, path):
+                    raise ValueError(f"webhook route {method} {path} is declared twice")
+            self._webhooks.append(_Webhook(route, handler))
+            return handler
+
+        return decorate
+
+    def schedule(self, cron: str, *, tz: str = "", id: str | None = None, catch_up: float = 0) -> Callable[[S], S]:
+        """Run the decorated handler whenever the five-field cron expression ``cron``
+        comes due ("*/5 * * * *", "0 9 * * mon-fri"), read in the IANA time zone ``tz``
+        ("Europe/Paris"; UTC by default)::
+
+            @bot.schedule("0 9 * * mon-fri", tz="Europe/Paris")
+            async def standup(firing: ScheduleFiring) -> None:
+                await bot.send("stand-up time", room="irc/#team")
+
+        Each slot fires once, for one replica of this callback, and is delivered again if
+        its handler was cut short. A slot missed while no bot ran fires late when it is at
+        most ``catch_up`` seconds old (0: skipped). ``id`` defaults to ``cron``.
+        """
+        fields = cron.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"cron expression {cron!r} has {len(fields)} field(s); it needs five: "
+                "minute hour day-of-month month day-of-week ('*/5 * * * *')"
+            )
+        if tz:
+            try:
+                zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"time zone {tz!r} is not an IANA time zone such as 'Europe/Paris'") from None
+        schedule = robot_pb2.Schedule(
+            id=id or " ".join(fields),
+            cron=" ".join(fields),
+            time_zone=tz,
+            catch_up_seconds=whole_seconds(catch_up, "catch_up"),
+        )
+        return self._schedule(schedule)
+
+    def every(
+        self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, id: str | None = None, catch_up: float = 0
+    ) -> Callable[[S], S]:
+        """Run the decorated handler every so long (slots aligned to the Unix epoch, so
+        ``every(minutes=5)`` fires at :00, :05...; rounded up to whole seconds)::
+
+            @bot.every(seconds=30)
+            async def heartbeat(firing: ScheduleFiring) -> None: ...
+
+        ``id`` defaults to "every <n>s"; ``catch_up`` as for :meth:`schedule`."""
+        total = whole_seconds(seconds + 60 * minutes + 3600 * hours, "every")
+        if total < 1:
+            raise ValueError("every needs a positive interval: every(seconds=30), every(minutes=5)...")
+        schedule = robot_pb2.Schedule(
+            id=id or f"every {total}s", every_seconds=total, catch_up_seconds=whole_seconds(catch_up, "catch_up")
+        )
+        return self._schedule(schedule)
+
+    def _schedule(self, schedule: robot_pb2.Schedule) -> Callable[[S], S]:
+        def decorate(handler: S) -> S:
+            if any(s.schedule.id == schedule.id for s in self._schedules):
+                raise ValueError(f"two schedules are called {schedule.id!r}; pass id=... to tell them apart")
+            self._schedules.append(_Scheduled(schedule, handler))
+            return handler
+
+        return decorate
+
+    def on_event(self, topic: str) -> Callable[[E], E]:
+        """Run the decorated handler for every event published to a topic ``topic``
+        names: dot-separated segments, ``*`` matching one segment and a final ``#`` any
+        number ("deploys.*", "oco.#"). Each event reaches one replica of this callback,
+        and is delivered again if its handler was cut short::
+
+            @bot.on_event("deploys.*")
+            async def on_deploy(event: PublishedEvent) -> None:
+                deploy = event.json()
+
+        The bot's own topics: ``oco.callback.connected``, ``oco.callback.disconnected``,
+        ``oco.membership``, ``oco.topic`` (JSON payloads). Needs the capability
+        (``callbacks[].capabilities.subscribe``), as :meth:`publish` does ``publish``."""
+        from ._events import topic_pattern_problem  # pulls in the config models: only when used
+
+        problem = topic_pattern_problem(topic)
+        if problem is not None:
+            raise ValueError(problem)
+
+        def decorate(handler: E) -> E:
+            self._subscribed.append(_Subscribed(topic, handler))
             return handler
 
         return decorate
@@ -525,6 +738,27 @@ class Callback:
         """The data-store types the bot offers."""
         response = await self._unary("datastores", "ListDataStores", datastores_pb2.ListDataStoresRequest())
         return list(response.types)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str | Mapping[str, Any] | list[Any] = b"",
+        *,
+        attributes: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish an event to ``topic`` ("deploys.finished"): every callback that
+        subscribes to it (:meth:`on_event`) gets it once, even one not connected now
+        (the bot keeps it for ``events.ttl``). ``payload``: bytes as they are, text in
+        UTF-8, anything else as JSON. Returns the event's id.
+
+        CapabilityError when this callback's ``capabilities.publish`` does not name the
+        topic; InvalidRequestError for a malformed topic or one under ``oco.``;
+        RequestTooLargeError beyond the bot's ``events.max_event_bytes``."""
+        request = robot_pb2.PublishRequest(
+            topic=topic, payload=encode_payload(topic, payload), attributes=dict(attributes or {})
+        )
+        response = await self._unary("robot", "Publish", request)
+        return str(response.id)
 
     async def check_permission(self, user_id: str, permission: str, *, room_id: str = "") -> PermissionCheck:
         """Whether the user (``"irc/alice"``) holds ``permission``; the bot records the
@@ -695,11 +929,19 @@ class Callback:
                     help=r.help,
                     ignore_case=r.ignore_case,
                     permission=r.permission,
+                    durable=r.durable,
+                    durable_ttl_seconds=r.durable_ttl,
                 )
                 for r in self._routes
             ],
             events=[robot_pb2.EVENT_KIND_MEMBERSHIP] if self._membership else [],
             requires=self.requires,
+            webhooks=[w.route for w in self._webhooks],
+            schedules=[s.schedule for s in self._schedules],
+            topics=list(dict.fromkeys(s.pattern for s in self._subscribed)),
+            # Durable events (asynchronous webhooks, firings, published events, matches
+            # of durable routes) are acknowledged after their handler: at least once.
+            acknowledge=True,
         )
         robot = connection.stubs["robot"]
         metadata = self._metadata()
@@ -714,15 +956,17 @@ class Callback:
                 self._connection = connection
                 self._connected.set()
                 log.info(
-                    "callback %r connected to %s%s with %d route(s)",
+                    "callback %r connected to %s%s with %d route(s)%s",
                     self.id,
                     self.address,
                     " over TLS" if self._over_tls else "",
                     len(self._routes),
+                    self._declared(),
                 )
                 task_status.started()
                 async with trio.open_nursery() as handlers:
                     handlers.start_soon(self._read_results, connection, results, handlers.cancel_scope)
+                    handlers.start_soon(self._acknowledge, connection)
                     routes = {r.id: r for r in self._routes}
                     async for event in events:
                         if event.dropped:
@@ -736,7 +980,7 @@ class Callback:
                             )
                         token = object()  # protobuf messages are unhashable borrowers
                         await self._limiter.acquire_on_behalf_of(token)
-                        handlers.start_soon(self._dispatch, routes, event, token)
+                        handlers.start_soon(self._dispatch, connection, routes, event, token)
                     handlers.cancel_scope.cancel()
 
     async def _read_results(self, connection: _Connection, results: ResponseStream, scope: trio.CancelScope) -> None:
@@ -750,29 +994,157 @@ class Callback:
         # loop needs to notice that Listen ended too. This connection is over.
         scope.cancel()
 
-    async def _dispatch(self, routes: dict[str, _Route], event: core_pb2.Event, token: object) -> None:
-        # The supervision boundary for handlers: one failing handler is logged, never
-        # takes the callback down.
-        try:
-            kind = event.WhichOneof("type")
-            if kind == "matched_message":
-                route = routes.get(event.matched_message.route_id)
-                if route is None:
-                    log.debug("no handler for route %r", event.matched_message.route_id)
-                    return
-                await route.handler(Message(self, event.matched_message))
-            elif kind == "membership_change":
-                change = event.membership_change
-                membership = Membership(
-                    kind=core_pb2.MembershipChange.Kind.Name(change.kind).removeprefix("KIND_").lower(),
-                    user=_user(change.user),
-                    room=_room(change.room),
-                    actor=_user(change.actor) if change.HasField("actor") else None,
-                    reason=change.reason,
+    def _declared(self) -> str:
+        """The webhooks, schedules and topics declared, for the log line on connecting."""
+        parts = [
+            f"{len(items)} {name}" for items, name in ((self._webhooks, "webhook(s)"), (self._schedules, "schedule(s)"))
+        ]
+        parts.append(f"{len(self._subscribed)} event handler(s)")
+        declared = [p for p in parts if not p.startswith("0 ")]
+        return f", {', '.join(declared)}" if declared else ""
+
+    async def _acknowledge(self, connection: _Connection) -> None:
+        """Acknowledge handled events, in batches: whatever is ready when a call can go
+        goes in one call, and a lone acknowledgement goes at once."""
+        robot = connection.stubs["robot"]
+        while True:
+            await connection.acks_ready.wait()
+            # Handlers finishing in this same moment join the batch: one pass of trio's
+            # scheduler, no wait.
+            await trio.lowlevel.checkpoint()
+            connection.acks_ready = trio.Event()
+            ids, connection.acks = connection.acks, []
+            request = robot_pb2.AcknowledgeRequest(delivery_ids=ids)
+            try:
+                await connection.bridge.run_asyncio(
+                    partial(robot.Acknowledge, request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
                 )
-                for handler in self._membership:
-                    await handler(membership)
-        except Exception:
-            log.exception("handler failed for %s", event.WhichOneof("type"))
+            except grpc.aio.AioRpcError as exc:
+                # Not the end of the connection: the bot delivers these again (at least once).
+                log.warning(
+                    "could not acknowledge %d event(s) (%s: %s); the bot will deliver them again",
+                    len(ids),
+                    exc.code().name,
+                    exc.details(),
+                )
+
+    def _acknowledged(self, connection: _Connection, delivery_id: str) -> None:
+        connection.acks.append(delivery_id)
+        connection.acks_ready.set()
+
+    async def _dispatch(
+        self, connection: _Connection, routes: dict[str, _Route], event: core_pb2.Event, token: object
+    ) -> None:
+        # The supervision boundary for handlers: one failing handler is logged, never
+        # takes the callback down. An event kept for acknowledgement is acknowledged
+        # after its handler returned or raised (else it would come back forever), not
+        # when it was cancelled (the connection ended: the bot delivers it again).
+        kind = event.WhichOneof("type")
+        try:
+            try:
+                await self._handle(connection, routes, kind, event)
+            except Exception:
+                log.exception(
+                    "handler failed for %s%s", kind, " (acknowledged all the same)" if event.delivery_id else ""
+                )
+            if event.delivery_id:
+                self._acknowledged(connection, event.delivery_id)
         finally:
             self._limiter.release_on_behalf_of(token)
+
+    async def _handle(
+        self, connection: _Connection, routes: dict[str, _Route], kind: str | None, event: core_pb2.Event
+    ) -> None:
+        if kind == "matched_message":
+            route = routes.get(event.matched_message.route_id)
+            if route is None:
+                log.debug("no handler for route %r", event.matched_message.route_id)
+                return
+            message = Message(self, event.matched_message)
+            message.delivery_id = event.delivery_id
+            message.redelivered = event.redelivered
+            await route.handler(message)
+        elif kind == "membership_change":
+            change = event.membership_change
+            membership = Membership(
+                kind=core_pb2.MembershipChange.Kind.Name(change.kind).removeprefix("KIND_").lower(),
+                user=_user(change.user),
+                room=_room(change.room),
+                actor=_user(change.actor) if change.HasField("actor") else None,
+                reason=change.reason,
+            )
+            for handler in self._membership:
+                await handler(membership)
+        elif kind == "webhook_request":
+            await self._handle_webhook(connection, event)
+        elif kind == "schedule_firing":
+            firing = ScheduleFiring(event)
+            scheduled = next((s for s in self._schedules if s.schedule.id == firing.schedule_id), None)
+            if scheduled is None:
+                # The operator's callbacks[].schedules fire for this callback too.
+                log.warning(
+                    "schedule %r fired, and this callback has no handler for it (declare one with "
+                    "@bot.schedule(..., id=%r) or @bot.every(..., id=%r))",
+                    firing.schedule_id,
+                    firing.schedule_id,
+                    firing.schedule_id,
+                )
+                return
+            await scheduled.handler(firing)
+        elif kind == "published_event":
+            from ._events import topic_matches
+
+            published = PublishedEvent(event)
+            handlers = [s.handler for s in self._subscribed if topic_matches(s.pattern, published.topic)]
+            if not handlers:
+                log.debug("no handler for topic %r", published.topic)
+            # Every handler runs even when one fails; the first failure is logged after.
+            failed: BaseException | None = None
+            for on_event in handlers:
+                try:
+                    await on_event(published)
+                except Exception as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
+
+    async def _handle_webhook(self, connection: _Connection, event: core_pb2.Event) -> None:
+        request = WebhookRequest(event)
+        webhook = next((w for w in self._webhooks if w.route.id == request.route_id), None)
+        response: Response | None
+        try:
+            if webhook is None:
+                raise LookupError(f"no handler for webhook route {request.route_id!r}")
+            response = await webhook.handler(request)
+            if response is not None and not isinstance(response, Response):
+                raise TypeError(
+                    f"webhook handler {webhook.handler.__name__!r} returned a {type(response).__name__}; return a "
+                    "Response (Response.json(...), Response.text(...)) or None"
+                )
+        except InvalidBodyError as exc:
+            if request.asynchronous:
+                raise
+            log.warning("webhook %s %s: %s; answered 400", request.method, request.path, exc)
+            response = Response.text(f"{exc}\n", status=400)
+        except Exception:
+            if request.asynchronous:
+                raise
+            log.exception("webhook handler for %s %s failed; answered 500", request.method, request.path)
+            response = Response(FAILED_BODY, 500, {"content-type": "text/plain; charset=utf-8"})
+        if request.asynchronous:
+            return  # answered 202 by the bot already
+        answer = (response or Response(status=204)).to_pb(request.id)
+        robot = connection.stubs["robot"]
+        try:
+            await connection.bridge.run_asyncio(
+                lambda: robot.RespondWebhook(answer, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning(
+                "webhook %s %s: the bot no longer waits for this answer (its http.webhook_timeout passed, or its "
+                "caller went away); answer faster, or declare the route asynchronous=True",
+                request.method,
+                request.path,
+            )

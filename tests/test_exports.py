@@ -53,6 +53,11 @@ PINNED: dict[str, frozenset[str]] = {
             "Room",
             "Storage",
             "User",
+            # events beyond chat
+            "PublishedEvent",
+            "Response",
+            "ScheduleFiring",
+            "WebhookRequest",
         }
     ),
     "oco_core.plugin": frozenset(
