@@ -69,7 +69,9 @@ class AuditRecord:
     - ``capability``: a callback's call needed a capability it lacks (denied);
     - ``check_permission``: a callback asked CheckPermission;
     - ``authentication``: a caller was refused for who it is (an unknown secret, a
-      client certificate for another callback), once per host a minute.
+      client certificate for another callback), once per host a minute;
+    - ``webhook``: a webhook request failed its callback's ``webhook_auth`` (denied),
+      once per client host a minute.
     """
 
     time: float

@@ -46,7 +46,16 @@ EXIT_INTERRUPTED = 130
 
 CONFIG_HELP = "YAML config file (default: $OCO_CONFIG, else built-in defaults)"
 #: The kinds of audit record, for ``oco audit --kind`` (the ``kind`` values _audit writes).
-AUDIT_KINDS = ("route", "rate_limit", "admin", "capability", "check_permission", "datastore", "authentication")
+AUDIT_KINDS = (
+    "route",
+    "rate_limit",
+    "admin",
+    "capability",
+    "check_permission",
+    "datastore",
+    "authentication",
+    "webhook",
+)
 #: ``oco audit --decision`` (``_audit.ALLOWED`` and ``_audit.DENIED``).
 AUDIT_DECISIONS = ("allowed", "denied")
 #: The shells ``oco completion`` writes a script for.
