@@ -53,7 +53,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Protocol
@@ -199,7 +199,8 @@ def firing(schedule: robot_pb2.Schedule, slot_ms: int, *, late: bool) -> core_pb
     )
 
 
-def _now_ms() -> int:
+def wall_clock_ms() -> int:
+    """Milliseconds since the Unix epoch, now: the clock slots are read on."""
     return time.time_ns() // 1_000_000
 
 
@@ -236,18 +237,24 @@ class ScheduleHub(Protocol):
 
 
 async def run_schedules(
-    hub: ScheduleHub, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    hub: ScheduleHub,
+    store: Store,
+    *,
+    clock: Callable[[], int] = wall_clock_ms,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Fire every schedule of ``hub`` until cancelled: one task per schedule, started,
     restarted (when its declaration changes) and stopped as :meth:`hub.schedules`
-    changes, leaving the others be."""
-    await _Scheduler(hub, store).run(task_status)
+    changes, leaving the others be. ``clock`` (ms since the epoch) is for tests that
+    run on trio's autojump clock."""
+    await _Scheduler(hub, store, clock).run(task_status)
 
 
 class _Scheduler:
-    def __init__(self, hub: ScheduleHub, store: Store) -> None:
+    def __init__(self, hub: ScheduleHub, store: Store, clock: Callable[[], int]) -> None:
         self.hub = hub
         self.store = store
+        self.clock = clock
         self._run = uuid.uuid4().hex[:12]
         self._claims = itertools.count()
         self._outage = False
@@ -290,7 +297,7 @@ class _Scheduler:
             schedule = declared.schedule
             key = f"{declared.callback_id}/{schedule_id(schedule)}"
             last = await self._last_slot(key)
-            now = _now_ms()
+            now = self.clock()
             late = catch_up_slot(schedule, last, now)
             if late is not None:
                 log.info(
@@ -308,10 +315,10 @@ class _Scheduler:
                         "schedule %r of callback %r never comes due again", schedule_id(schedule), declared.callback_id
                     )
                     return
-                await _sleep_until(slot)
+                await self._sleep_until(slot)
                 # Slept through more than one slot (a suspended machine, a slow store):
                 # only the most recent fires, as after a restart.
-                newest = latest_slot(schedule, _now_ms())
+                newest = latest_slot(schedule, self.clock())
                 if newest is not None and newest > slot:
                     log.warning(
                         "schedule %r of callback %r fell behind; skipping to slot %s",
@@ -340,7 +347,7 @@ class _Scheduler:
         schedule's next slot."""
         schedule = declared.schedule
         following = next_slot(schedule, slot)
-        deadline = math.inf if following is None else trio.current_time() + (following - _now_ms()) / 1000
+        deadline = math.inf if following is None else trio.current_time() + (following - self.clock()) / 1000
         claimed = False
         with trio.move_on_at(deadline):
             claimed = await self._claim(key, slot)
@@ -402,6 +409,14 @@ class _Scheduler:
             self._available()
             return
 
+    async def _sleep_until(self, slot_ms: int) -> None:
+        """Sleep until the clock reaches ``slot_ms``, in steps, as the wall clock may jump."""
+        while True:
+            delay = (slot_ms - self.clock()) / 1000
+            if delay <= 0:
+                return
+            await trio.sleep(min(delay, _MAX_SLEEP))
+
     def _unavailable(self, exc: StoreError) -> None:
         # One line an outage, however many schedules meet it.
         if not self._outage:
@@ -412,12 +427,3 @@ class _Scheduler:
         if self._outage:
             self._outage = False
             log.info("schedules: the store answers again")
-
-
-async def _sleep_until(slot_ms: int) -> None:
-    """Sleep until the wall clock reaches ``slot_ms``, in steps, as it may jump."""
-    while True:
-        delay = (slot_ms - _now_ms()) / 1000
-        if delay <= 0:
-            return
-        await trio.sleep(min(delay, _MAX_SLEEP))
