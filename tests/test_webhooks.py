@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import queue
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -29,12 +30,13 @@ import grpc
 import httpx
 import pytest
 import trio
+import trustme
 from pydantic import SecretStr
 
 from oco_core._audit import AuditQuery, AuditRecord, query
-from oco_core._config import HmacSettings, HttpSettings, WebhookAuth
-from oco_core._errors import OcoError
-from oco_core._http import HttpApp, Receive, Scope, Send, respond, serve_http
+from oco_core._config import HmacSettings, HttpSettings, WebhookAuth, parse_config
+from oco_core._errors import ConfigError, OcoError
+from oco_core._http import HttpApp, HttpTls, Receive, Scope, Send, load_http_tls, respond, serve_http
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
 from oco_core._webhooks import (
     bearer_problem,
@@ -510,3 +512,55 @@ async def test_oco_run_serves_a_github_webhook(tmp_path: Path) -> None:
         assert ran.returncode != 0
         assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use; is another bot running?" in ran.stderr
         assert "Traceback" not in ran.stderr
+
+
+async def test_https_and_client_certificates(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("alertmanager")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "bot.crt"))
+    server.private_key_pem.write_to_path(str(tmp_path / "bot.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    app = HttpApp()
+    app.mount("/hooks", _answering("hooks"))
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    for client_ca in (None, tmp_path / "ca.crt"):
+        tls = HttpTls(tmp_path / "bot.crt", tmp_path / "bot.key", client_ca)
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(serve_http, app, HttpSettings(listen="127.0.0.1:0"), tls)
+            async with httpx.AsyncClient(base_url=f"https://{address}", verify=trusting) as http:
+                if client_ca is None:
+                    assert (await http.get("/hooks/x")).text == "hooks /hooks /hooks/x"
+                else:
+                    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+                        await http.get("/hooks/x")
+            if client_ca is not None:
+                presenting = ssl.create_default_context()
+                ca.configure_trust(presenting)
+                client_cert.configure_cert(presenting)
+                async with httpx.AsyncClient(base_url=f"https://{address}", verify=presenting) as http:
+                    assert (await http.get("/hooks/x")).status_code == 200
+            nursery.cancel_scope.cancel()
+
+
+def test_tls_files_are_checked_with_the_key_named(tmp_path: Path) -> None:
+    (tmp_path / "bot.crt").write_text("not a certificate")
+    loaded = parse_config(
+        f"http: {{listen: 127.0.0.1:0, tls: {{cert: {tmp_path}/bot.crt, key: {tmp_path}/bot.key}}}}\n", "oco.yaml"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_http_tls(loaded)
+    assert "http.tls.cert" in str(caught.value)
+    assert "holds no PEM certificate" in str(caught.value)
+
+
+async def test_unverified_webhooks_are_warned_about(bot: RunningBot, caplog: pytest.LogCaptureFixture) -> None:
+    with _closing(await hooked(bot, "open", [route("POST", "/ci")])):
+        async with await client(bot) as http:
+            for _ in range(2):
+                assert (await http.post("/hooks/open/ci")).status_code == 201
+    warnings = [r.getMessage() for r in caplog.records if "called without verification" in r.getMessage()]
+    assert warnings == [
+        "webhook 'POST /ci' of callback 'open' called without verification (no webhook_auth for it in the config)"
+    ]
