@@ -35,7 +35,7 @@ from oco_core._schedules import (
 )
 from oco_core._sql_store import SqlStoreConfig, open_sql_store
 from oco_core._store import Item, Store
-from oco_core.testing import MemoryStore
+from oco_core.testing import MemoryStore, open_bot
 from oco_core.testing._process import run_oco
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -422,12 +422,13 @@ callbacks:
 class Firings:
     """A Listen stream of ``ticker``, read in a thread: the slots it was sent."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, request: robot_pb2.ListenRequest | None = None, schedule_id: str = "tick") -> None:
         self.slots: queue.Queue[int] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.schedule_id = schedule_id
         self._channel = grpc.insecure_channel(address)
-        request = robot_pb2.ListenRequest()
         self._call = robot_pb2_grpc.RobotStub(self._channel).Listen(
-            request, metadata=(("authorization", f"Bearer {SECRET}"),)
+            request or robot_pb2.ListenRequest(), metadata=(("authorization", f"Bearer {SECRET}"),)
         )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -436,10 +437,10 @@ class Firings:
         try:
             for event in self._call:
                 if event.WhichOneof("type") == "schedule_firing":
-                    assert event.schedule_firing.schedule_id == "tick"
+                    assert event.schedule_firing.schedule_id == self.schedule_id
                     self.slots.put(event.schedule_firing.scheduled_unix_ms)
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as exc:
+            self.error = exc
 
     def drain(self) -> list[int]:
         found = []
@@ -454,8 +455,10 @@ class Firings:
 
 
 @asynccontextmanager
-async def listening(address: str) -> AsyncIterator[Firings]:
-    firings = Firings(address)
+async def listening(
+    address: str, request: robot_pb2.ListenRequest | None = None, schedule_id: str = "tick"
+) -> AsyncIterator[Firings]:
+    firings = Firings(address, request, schedule_id)
     try:
         yield firings
     finally:
@@ -500,3 +503,25 @@ async def test_two_oco_run_on_one_postgresql_store_fire_each_slot_once(
         await trio.sleep(10)
         fired = first.drain() + second.drain()
     assert_each_slot_once(fired, 10)
+
+
+async def test_a_schedule_a_stream_declares_fires_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    config = f"""
+store: {{url: "sqlite:///{tmp_path / "oco.db"}"}}
+adapters: [{{type: memory}}]
+callbacks: [{{id: ticker, secret: {SECRET}}}]
+"""
+    async with open_bot(config) as running:
+        fast = robot_pb2.ListenRequest(schedules=[robot_pb2.Schedule(id="fast", every_seconds=1)])
+        async with listening(running.address, fast, "fast") as stream:
+            await trio.sleep(2.5)
+            assert 2 <= len(stream.drain()) <= 3
+        bad = robot_pb2.ListenRequest(schedules=[robot_pb2.Schedule(id="report", cron="0 25 * * *")])
+        async with listening(running.address, bad) as refused:
+            with trio.fail_after(10):
+                while refused.error is None:
+                    await trio.sleep(0.05)
+        assert refused.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "schedule 'report': cron expression '0 25 * * *' is not valid: Bad hour" in (
+            refused.error.details() or ""
+        )
