@@ -172,6 +172,13 @@ class Listener:
             return event
         raise CheckFailed(f"no event within {wait:g} s")
 
+    async def published(self, within: float | None = None) -> core_pb2.Event:
+        """The next event that is a published event."""
+        while True:
+            event = await self.event(within)
+            if event.WhichOneof("type") == "published_event":
+                return event
+
     async def matched(self, within: float | None = None) -> core_pb2.MatchedMessage:
         """The next matched message (other kinds of events are skipped)."""
         while True:
@@ -223,11 +230,21 @@ class Suite:
         raise CheckFailed(f"{what}: expected {code.name}, but the call succeeded")
 
     def _listen_request(
-        self, routes: Sequence[robot_pb2.Route], plugin_id: str | None, secret: str | None
+        self,
+        routes: Sequence[robot_pb2.Route],
+        plugin_id: str | None,
+        secret: str | None,
+        topics: Sequence[str] = (),
+        acknowledge: bool = False,
     ) -> robot_pb2.ListenRequest:
         if plugin_id is None:
             plugin_id = self.target.other_id if secret is not None and secret == self.target.other_secret else None
-        return robot_pb2.ListenRequest(plugin_id=self.target.id if plugin_id is None else plugin_id, routes=routes)
+        return robot_pb2.ListenRequest(
+            plugin_id=self.target.id if plugin_id is None else plugin_id,
+            routes=routes,
+            topics=topics,
+            acknowledge=acknowledge,
+        )
 
     @asynccontextmanager
     async def listen(
@@ -237,12 +254,15 @@ class Suite:
         secret: str | None = None,
         plugin_id: str | None = None,
         unbuffered: bool = False,
+        topics: Sequence[str] = (),
+        acknowledge: bool = False,
     ) -> AsyncIterator[Listener]:
         """Open a Listen stream and wait for its response headers (the routes are then
         registered); leaving the block cancels the stream. ``unbuffered``: on a channel
         of its own whose HTTP/2 window stays small, read one event at a time, so that
-        a stream not read holds events in the bot rather than in the transport."""
-        request = self._listen_request(routes, plugin_id, secret)
+        a stream not read holds events in the bot rather than in the transport.
+        ``topics`` and ``acknowledge`` as in ListenRequest."""
+        request = self._listen_request(routes, plugin_id, secret, topics, acknowledge)
         metadata = self.metadata(secret)
         robot, window = self.robot, DEFAULT_WINDOW
         async with contextlib.AsyncExitStack() as stack:
@@ -425,6 +445,31 @@ class Suite:
     async def get_datastore(self, type: str, refresh: bool = False) -> datastores_pb2.DataStoreAccess:
         """DataStores.GetDataStore."""
         return await self.call(lambda: self.get_datastore_call(type, refresh))
+
+    # -- events beyond chat ----------------------------------------------------------
+
+    def topic(self, *segments: str) -> str:
+        """A topic private to this run: ``conformance.<token>.<segments>``."""
+        return ".".join(("conformance", self.token, *segments))
+
+    async def publish(
+        self, topic: str, payload: bytes = b"", *, attributes: dict[str, str] | None = None, secret: str | None = None
+    ) -> robot_pb2.PublishResponse:
+        """Robot.Publish; NotOffered when the bot does not implement it (an extension)."""
+        request = robot_pb2.PublishRequest(topic=topic, payload=payload, attributes=attributes or {})
+        metadata = self.metadata(secret)
+        try:
+            return await self.call(lambda: self.robot.Publish(request, metadata=metadata, timeout=self.timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise NotOffered("the bot does not implement Robot.Publish (events are an extension)") from None
+            raise
+
+    async def acknowledge(self, *events: core_pb2.Event, secret: str | None = None) -> None:
+        """Robot.Acknowledge the events' delivery ids."""
+        request = robot_pb2.AcknowledgeRequest(delivery_ids=[e.delivery_id for e in events])
+        metadata = self.metadata(secret)
+        await self.call(lambda: self.robot.Acknowledge(request, metadata=metadata, timeout=self.timeout))
 
     async def cleanup(self, secret: str | None = None) -> None:
         """Delete every key this run wrote with ``secret``."""
@@ -1226,6 +1271,157 @@ async def _datastores_access_stable(s: Suite) -> str:
         # Compared, never shown: the url holds the callback's password.
         _expect(first.url == again.url, f"GetDataStore({datastore!r}) {how} answered another url")
     return f"{datastore}: the same url and generation {first.generation} three times, once with refresh"
+
+
+# ---- events beyond chat ----------------------------------------------------------------
+
+#: Topics the suite's callback must not be allowed to publish or subscribe to.
+DENIED_TOPIC = "conformance-denied"
+
+
+def _expect_published(
+    what: str, event: core_pb2.Event, sent: robot_pb2.PublishResponse, topic: str, publisher: str, acknowledged: bool
+) -> None:
+    got = event.published_event
+    _expect(got.id == sent.id, f"{what}: event id {got.id!r}, but Publish answered {sent.id!r}")
+    _expect(got.topic == topic, f"{what}: topic {got.topic!r}, expected {topic!r}")
+    _expect(got.publisher == publisher, f"{what}: publisher {got.publisher!r}, expected {publisher!r}")
+    if acknowledged:
+        _expect(bool(event.delivery_id), f"{what}: no delivery_id on a stream that acknowledges")
+    else:
+        _expect(
+            not event.delivery_id, f"{what}: delivery_id {event.delivery_id!r} on a stream that does not acknowledge"
+        )
+
+
+@check("events/publish-subscribe", needs=["other"])
+async def _events_publish_subscribe(s: Suite) -> str:
+    """Robot.Publish hands an event to each callback subscribed to its topic, once, and
+    to no other: with the suite's callback subscribed to `conformance.<token>.*` and the
+    other to `conformance.<token>.#`, an event on `.a` reaches both (id, topic, payload,
+    attributes and publisher as published); one on `.a.b` only the other (the next the
+    suite's callback gets is the one after it, on `.c`). Skipped when the bot does not
+    implement Publish (an extension)."""
+    other = s.target.other_secret
+    assert other is not None
+    mine_pattern, theirs_pattern = s.topic("*"), s.topic("#")
+    async with (
+        s.listen(topics=[mine_pattern], acknowledge=True) as mine,
+        s.listen(topics=[theirs_pattern], acknowledge=True, secret=other) as theirs,
+    ):
+        first = await s.publish(s.topic("a"), b'{"n": 1}', attributes={"n": "1"})
+        _expect(bool(first.id), "Publish answered no event id")
+        _expect(first.subscribers >= 2, f"Publish counted {first.subscribers} subscriber(s); expected at least 2")
+        for name, listener, secret in (("suite's", mine, None), ("other", theirs, other)):
+            event = await listener.published()
+            _expect_published(f"the {name} callback", event, first, s.topic("a"), s.target.id, True)
+            got = event.published_event
+            _expect(got.payload == b'{"n": 1}', f"the {name} callback: payload {got.payload!r}")
+            _expect(dict(got.attributes) == {"n": "1"}, f"the {name} callback: attributes {dict(got.attributes)}")
+            await s.acknowledge(event, secret=secret)
+        deeper = await s.publish(s.topic("a", "b"))
+        event = await theirs.published()
+        _expect_published("the other callback, on .a.b", event, deeper, s.topic("a", "b"), s.target.id, True)
+        await s.acknowledge(event, secret=other)
+        last = await s.publish(s.topic("c"))
+        for name, listener, secret in (("suite's", mine, None), ("other", theirs, other)):
+            event = await listener.published()
+            if event.published_event.id == deeper.id:
+                raise CheckFailed(f"the {name} callback got the event on .a.b, which {mine_pattern!r} does not name")
+            _expect_published(f"the {name} callback, on .c", event, last, s.topic("c"), s.target.id, True)
+            await s.acknowledge(event, secret=secret)
+    return f"{mine_pattern!r} got .a and .c, {theirs_pattern!r} .a, .a.b and .c, each once"
+
+
+@check("events/acknowledge-redelivers")
+async def _events_acknowledge(s: Suite) -> str:
+    """On a stream that acknowledges (ListenRequest.acknowledge), a published event
+    carries a delivery_id; when the stream ends before Robot.Acknowledge names it, the
+    next stream of the callback gets it again with `redelivered` ≥ 1; once acknowledged
+    it never comes again (a later event comes next). Skipped when the bot does not
+    implement Publish."""
+    topics = [s.topic("ack", "*")]
+    async with s.listen(topics=topics, acknowledge=True) as first:
+        sent = await s.publish(s.topic("ack", "x"), b"x")
+        event = await first.published()
+        _expect_published("the first stream", event, sent, s.topic("ack", "x"), s.target.id, True)
+        _expect(event.redelivered == 0, f"the first delivery has redelivered={event.redelivered}, expected 0")
+    # That stream ended without acknowledging: the event must come again.
+    async with s.listen(topics=topics, acknowledge=True) as second:
+        again = await second.published()
+        _expect(
+            again.published_event.id == sent.id,
+            f"the next stream got event {again.published_event.id!r} first, expected {sent.id!r} again",
+        )
+        _expect(again.redelivered >= 1, f"the event came again with redelivered={again.redelivered}, expected ≥ 1")
+        _expect(bool(again.delivery_id), "the event came again without a delivery_id")
+        await s.acknowledge(again)
+        redelivered = again.redelivered
+    async with s.listen(topics=topics, acknowledge=True) as third:
+        later = await s.publish(s.topic("ack", "y"))
+        event = await third.published()
+        if event.published_event.id == sent.id:
+            raise CheckFailed("an acknowledged event came a third time")
+        _expect_published("the stream after the acknowledgement", event, later, s.topic("ack", "y"), s.target.id, True)
+        await s.acknowledge(event)
+    return f"redelivered (redelivered={redelivered}) after its stream ended unacknowledged, never after Acknowledge"
+
+
+@check("events/without-acknowledge")
+async def _events_without_acknowledge(s: Suite) -> str:
+    """A stream that does not acknowledge (a client generated from the specification)
+    gets published events without a delivery_id, once: the event counts as delivered when
+    written, and a later stream does not get it again. Skipped when the bot does not
+    implement Publish."""
+    topics = [s.topic("plain", "*")]
+    async with s.listen(topics=topics) as first:
+        sent = await s.publish(s.topic("plain", "x"))
+        _expect_published("the stream", await first.published(), sent, s.topic("plain", "x"), s.target.id, False)
+    async with s.listen(topics=topics) as second:
+        later = await s.publish(s.topic("plain", "y"))
+        event = await second.published()
+        if event.published_event.id == sent.id:
+            raise CheckFailed("an event written to a stream that does not acknowledge came again")
+        _expect_published("the next stream", event, later, s.topic("plain", "y"), s.target.id, False)
+    return "no delivery_id, delivered once"
+
+
+@check("events/capability-refusals")
+async def _events_capabilities(s: Suite) -> str:
+    """Publishing to a topic outside the callback's `capabilities.publish` fails with
+    PERMISSION_DENIED, `oco-error-type: CapabilityError` and `oco-error-capability:
+    publish`; a Listen subscribing outside `capabilities.subscribe` likewise (`subscribe`).
+    Needs the suite's callback configured without `conformance-denied.#` in either (such
+    as `capabilities: {publish: ["conformance.#"], subscribe: ["conformance.#"]}`); skipped
+    when the bot does not implement Publish."""
+    topic = f"{DENIED_TOPIC}.{s.token}"
+    request = robot_pb2.PublishRequest(topic=topic, payload=b"")
+    try:
+        await s.call(lambda: s.robot.Publish(request, metadata=s.metadata(), timeout=s.timeout))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise NotOffered("the bot does not implement Robot.Publish (events are an extension)") from None
+        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+            raise CheckFailed(f"Publish to {topic!r}: expected PERMISSION_DENIED, got {_code(exc)}") from None
+        published = exc
+    else:
+        raise CheckSkipped(
+            f"needs the suite's callback (--id) not allowed to publish to {DENIED_TOPIC}.# (the bot published to "
+            f"{topic!r}): configure it with capabilities: {{publish: ['conformance.#'], subscribe: ['conformance.#']}}"
+        )
+    listen = robot_pb2.ListenRequest(plugin_id=s.target.id, topics=[f"{DENIED_TOPIC}.#"])
+    subscribed = await s.listen_refusal(
+        f"Listen subscribing to {DENIED_TOPIC}.#", grpc.StatusCode.PERMISSION_DENIED, listen, s.metadata()
+    )
+    for what, refusal, capability in (("Publish", published, "publish"), ("Listen", subscribed, "subscribe")):
+        typed = _typed(refusal)
+        expected = {"oco-error-type": "CapabilityError", "oco-error-capability": capability}
+        _expect(
+            {k: typed.get(k) for k in expected} == expected,
+            f"{what}: trailing metadata {typed}, expected oco-error-type: CapabilityError and "
+            f"oco-error-capability: {capability}",
+        )
+    return "Publish and Listen refused with PERMISSION_DENIED, CapabilityError (publish, subscribe)"
 
 
 # ---- running ---------------------------------------------------------------------------

@@ -23,7 +23,10 @@ adapters:
 store: {{url: "sqlite:///./oco.db"}}
 grpc: {{listen: "127.0.0.1:0"}}
 callbacks:
-  - {{id: conformance, secret: "{SECRET}"}}
+  - id: conformance
+    secret: "{SECRET}"
+    # events/capability-refusals needs topics it may not use.
+    capabilities: {{publish: ["conformance.#"], subscribe: ["conformance.#"]}}
   - {{id: other, secret: "{OTHER_SECRET}"}}
 """
 
@@ -63,6 +66,8 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert arrived >= 1000, out
     assert arrived + counted == 3000, out
     for name in ("auth/wrong-secret", "routes/invalid-pattern", "storage/isolation", "stream/cancel-removes-routes"):
+        assert any(line.startswith(f"PASS {name}:") for line in checks), name
+    for name in ("events/publish-subscribe", "events/acknowledge-redelivers", "events/capability-refusals"):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
     assert "PASS datastores/access: sqlite: a sqlite: url, namespace '', generation 1 " in out
@@ -114,6 +119,17 @@ async def test_without_control_the_chat_checks_are_skipped_and_the_run_does_not_
     assert "PASS routes/invalid-pattern:" in out
     assert "FAIL" not in out
     assert out.splitlines()[-1].endswith("(skipped checks for want of an option count as not passed)")
+
+
+async def test_a_callback_allowed_every_topic_skips_the_capability_check_and_does_not_pass(tmp_path: Path) -> None:
+    async with run_oco(CONFIG, tmp_path) as bot:
+        done = await _conformance(
+            "--address", bot.address, "--id", "other", "--secret", OTHER_SECRET,
+            "--only", "events/capability-refusals",
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 1, out
+    assert "SKIP events/capability-refusals: needs the suite's callback (--id) not allowed to publish" in out
 
 
 async def test_a_wrong_secret_fails_the_checks_that_need_one(tmp_path: Path) -> None:
