@@ -105,5 +105,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_memory.py")
     session.run("python", "bench/bench_startup.py", *session.posargs)  # --quick: 3 runs each
     session.run("python", "bench/bench_roundtrip.py", *session.posargs)  # --quick for a smoke run
+    session.run("python", "bench/bench_webhooks.py", *session.posargs)  # --quick for a smoke run
     # PostgreSQL and Redis rows need OCO_TEST_POSTGRES_URL and OCO_TEST_REDIS_URL.
     session.run("python", "bench/bench_store.py", "--rpc", *session.posargs)
