@@ -293,42 +293,54 @@ class _Scheduler:
     # -- one schedule ---------------------------------------------------------------
 
     async def _schedule(self, declared: DeclaredSchedule, scope: trio.CancelScope) -> None:
-        with scope:
-            schedule = declared.schedule
-            key = f"{declared.callback_id}/{schedule_id(schedule)}"
-            last = await self._last_slot(key)
-            now = self.clock()
-            late = catch_up_slot(schedule, last, now)
-            if late is not None:
-                log.info(
-                    "schedule %r of callback %r: slot %s came due while no bot ran; firing it late (catch_up)",
+        try:
+            with scope:
+                await self._run_schedule(declared)
+        except Exception:
+            # A bug around one schedule (a cron corner cronsim trips on) stops that one,
+            # not the others and not the bot.
+            log.exception(
+                "schedule %r of callback %r stopped after an unexpected error; it fires again after a restart",
+                schedule_id(declared.schedule),
+                declared.callback_id,
+            )
+
+    async def _run_schedule(self, declared: DeclaredSchedule) -> None:
+        schedule = declared.schedule
+        key = f"{declared.callback_id}/{schedule_id(schedule)}"
+        last = await self._last_slot(key)
+        now = self.clock()
+        late = catch_up_slot(schedule, last, now)
+        if late is not None:
+            log.info(
+                "schedule %r of callback %r: slot %s came due while no bot ran; firing it late (catch_up)",
+                schedule_id(schedule),
+                declared.callback_id,
+                scheduled_time(schedule, late),
+            )
+            await self._fire(declared, key, late, late=True)
+        cursor = max(now, last or 0)
+        while True:
+            slot = next_slot(schedule, cursor)
+            if slot is None:
+                log.warning(
+                    "schedule %r of callback %r never comes due again", schedule_id(schedule), declared.callback_id
+                )
+                return
+            await self._sleep_until(slot)
+            # Slept through more than one slot (a suspended machine, a slow store):
+            # only the most recent fires, as after a restart.
+            newest = latest_slot(schedule, self.clock())
+            if newest is not None and newest > slot:
+                log.warning(
+                    "schedule %r of callback %r fell behind; skipping to slot %s",
                     schedule_id(schedule),
                     declared.callback_id,
-                    scheduled_time(schedule, late),
+                    scheduled_time(schedule, newest),
                 )
-                await self._fire(declared, key, late, late=True)
-            cursor = max(now, last or 0)
-            while True:
-                slot = next_slot(schedule, cursor)
-                if slot is None:
-                    log.warning(
-                        "schedule %r of callback %r never comes due again", schedule_id(schedule), declared.callback_id
-                    )
-                    return
-                await self._sleep_until(slot)
-                # Slept through more than one slot (a suspended machine, a slow store):
-                # only the most recent fires, as after a restart.
-                newest = latest_slot(schedule, self.clock())
-                if newest is not None and newest > slot:
-                    log.warning(
-                        "schedule %r of callback %r fell behind; skipping to slot %s",
-                        schedule_id(schedule),
-                        declared.callback_id,
-                        scheduled_time(schedule, newest),
-                    )
-                    slot = newest
-                await self._fire(declared, key, slot, late=False)
-                cursor = slot
+                slot = newest
+            await self._fire(declared, key, slot, late=False)
+            cursor = slot
 
     async def _last_slot(self, key: str) -> int | None:
         backoff = Backoff(0.2, 5.0)

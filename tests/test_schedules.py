@@ -322,6 +322,23 @@ async def test_schedules_come_and_go_without_restarting_the_others(autojump_cloc
     assert len(hub.slots("often")) == 6
 
 
+class BrokenHub(RecordingHub):
+    async def deliver(self, callback_id: str, event: core_pb2.Event, *, ttl: float | None = None) -> None:
+        if event.schedule_firing.schedule_id == "broken":
+            raise RuntimeError("a bug")
+        await super().deliver(callback_id, event, ttl=ttl)
+
+
+async def test_an_unexpected_error_stops_only_its_own_schedule(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = BrokenHub(declared(every(60, id="broken")), declared(every(60, id="fine")))
+    async with scheduler(hub, MemoryStore(), virtual_clock()):
+        await trio.sleep(3 * 60)
+    assert len(hub.slots("fine")) == 3
+    assert "schedule 'broken' of callback 'reports' stopped after an unexpected error" in caplog.text
+
+
 async def test_a_claim_whose_write_outcome_was_unknown_fires_once(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
