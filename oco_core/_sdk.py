@@ -26,10 +26,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import signal
 import sys
-import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -584,16 +582,16 @@ class Callback:
         202 at once and keeps the request until the handler has run, even across a
         restart of this callback; what the handler returns is ignored.
         """
+        from ._webhooks import webhook_route_problem  # the bot's own check: only when used
+
         method = method.strip().upper()
-        if method != "*" and not re.fullmatch(r"[A-Z]+", method):
-            raise ValueError(f"webhook method {method!r} is not an HTTP method such as 'POST', or '*' for any")
-        if not path.startswith("/"):
-            raise ValueError(f"webhook path {path!r} must start with '/' (it goes after /hooks/<callback id>)")
-        if "{" in path.removesuffix("/{rest}") or "?" in path or "#" in path:
-            raise ValueError(f"webhook path {path!r} may end in '/{{rest}}', and holds no other '{{', '?' or '#'")
         route = robot_pb2.WebhookRoute(
             id=id or f"{method} {path}", method=method, path=path, asynchronous=asynchronous, help=help
         )
+        # A bad route fails where it is written, not as a refusal after connecting.
+        problem = webhook_route_problem(route)
+        if problem is not None:
+            raise ValueError(problem)
 
         def decorate(handler: W) -> W:
             for known in self._webhooks:
@@ -619,22 +617,9 @@ class Callback:
         its handler was cut short. A slot missed while no bot ran fires late when it is at
         most ``catch_up`` seconds old (0: skipped). ``id`` defaults to ``cron``.
         """
-        fields = cron.split()
-        if len(fields) != 5:
-            raise ValueError(
-                f"cron expression {cron!r} has {len(fields)} field(s); it needs five: "
-                "minute hour day-of-month month day-of-week ('*/5 * * * *')"
-            )
-        if tz:
-            try:
-                zoneinfo.ZoneInfo(tz)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"time zone {tz!r} is not an IANA time zone such as 'Europe/Paris'") from None
+        cron = " ".join(cron.split())
         schedule = robot_pb2.Schedule(
-            id=id or " ".join(fields),
-            cron=" ".join(fields),
-            time_zone=tz,
-            catch_up_seconds=whole_seconds(catch_up, "catch_up"),
+            id=id or cron, cron=cron, time_zone=tz, catch_up_seconds=whole_seconds(catch_up, "catch_up")
         )
         return self._schedule(schedule)
 
@@ -657,6 +642,12 @@ class Callback:
         return self._schedule(schedule)
 
     def _schedule(self, schedule: robot_pb2.Schedule) -> Callable[[S], S]:
+        from ._schedules import schedule_problem  # the bot's own check: only when used
+
+        problem = schedule_problem(schedule)
+        if problem is not None:
+            raise ValueError(problem)
+
         def decorate(handler: S) -> S:
             if any(s.schedule.id == schedule.id for s in self._schedules):
                 raise ValueError(f"two schedules are called {schedule.id!r}; pass id=... to tell them apart")

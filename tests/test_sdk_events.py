@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -165,21 +166,25 @@ def test_declarations_are_checked_where_they_are_written() -> None:
         bot.webhook("POST", "/ci", id="other")(hook)
     with pytest.raises(ValueError, match=r"two webhook routes are called 'POST /ci'"):
         bot.webhook("GET", "/ci", id="POST /ci")(hook)
-    with pytest.raises(ValueError, match=r"webhook path 'ci' must start with '/'"):
+    with pytest.raises(ValueError, match=r"webhook route POST 'ci': the path must start with '/'"):
         bot.webhook("POST", "ci")
-    with pytest.raises(ValueError, match=r"not an HTTP method"):
+    with pytest.raises(ValueError, match=r"the method must be an HTTP method"):
         bot.webhook("PO ST", "/x")
     bot.webhook("*", "/github/{rest}")(hook)
     assert [w.route.id for w in bot._webhooks] == ["POST /ci", "* /github/{rest}"]
 
-    with pytest.raises(ValueError, match=r"cron expression '\*/5 \* \*' has 3 field\(s\); it needs five"):
+    with pytest.raises(
+        ValueError, match=r"schedule '\*/5 \* \*': cron expression '\*/5 \* \*' has 3 field\(s\); it needs five"
+    ):
         bot.schedule("*/5 * *")
-    with pytest.raises(ValueError, match=r"time zone 'Mars/Olympus' is not an IANA time zone"):
+    with pytest.raises(ValueError, match=r"schedule '0 9 \* \* \*': unknown time zone 'Mars/Olympus'"):
         bot.schedule("0 9 * * *", tz="Mars/Olympus")
     bot.schedule("0  9 * * mon-fri", tz="Europe/Paris", catch_up=90.5)(tick)
     bot.every(minutes=1, seconds=0.5)(tick)
     with pytest.raises(ValueError, match=r"two schedules are called 'every 61s'"):
         bot.every(seconds=61)(tick)
+    with pytest.raises(ValueError, match=r"cron expression '61 \* \* \* \*' is not valid"):
+        bot.schedule("61 * * * *")
     with pytest.raises(ValueError, match=r"every needs a positive interval"):
         bot.every()
     declared = [
@@ -377,6 +382,106 @@ async def test_durable_chat_routes_wait_for_the_callback_and_are_acknowledged(tm
                 assert (await running.adapter.next_sent()).body == "deploying web"
             await settled(running, "deploy")
         assert [m.match(1) for m in seen] == ["api", "web"]
+
+
+async def test_webhooks_answered_by_handlers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    extra = 'http: {listen: "127.0.0.1:0"}'
+    async with open_bot(events_config(tmp_path, ["builds"], extra)) as running:
+        cb = callback(running, "builds")
+        seen: list[WebhookRequest] = []
+        handled = trio.Event()
+
+        @cb.webhook("POST", "/ci", help="CI results")
+        async def ci(request: WebhookRequest) -> Response | None:
+            seen.append(request)
+            build = request.json()
+            return Response.json(
+                {"build": build["id"], "ref": request.params.get("ref"), "event": request.headers["X-Event"]},
+                status=201,
+            )
+
+        @cb.webhook("GET", "/quiet")
+        async def quiet(request: WebhookRequest) -> Response | None:
+            return None
+
+        @cb.webhook("POST", "/broken")
+        async def broken(request: WebhookRequest) -> Response | None:
+            raise RuntimeError("secret internals")
+
+        @cb.webhook("*", "/files/{rest}")
+        async def files(request: WebhookRequest) -> Response | None:
+            return Response.text(f"{request.method} {request.path}", headers={"x-route": request.route_id})
+
+        @cb.webhook("POST", "/later", asynchronous=True)
+        async def later(request: WebhookRequest) -> Response | None:
+            seen.append(request)
+            handled.set()
+            return None
+
+        async with serving(cb), httpx.AsyncClient(base_url=f"http://{running.bot.http_address}/hooks/builds") as http:
+            answer = await http.post("/ci?ref=main", json={"id": 7}, headers={"x-event": "push"})
+            assert (answer.status_code, answer.json()) == (201, {"build": 7, "ref": "main", "event": "push"})
+            assert answer.headers["content-type"] == "application/json"
+            assert seen[0].remote_address.startswith("127.0.0.1:")
+            assert not seen[0].delivery_id  # a synchronous request is not kept: nothing to acknowledge
+
+            answer = await http.post("/ci", content=b"{not json")
+            assert answer.status_code == 400
+            assert answer.text == (
+                "the request's body is not valid JSON: Expecting property name enclosed in double quotes "
+                "at line 1, column 2\n"
+            )
+
+            answer = await http.get("/quiet")
+            assert (answer.status_code, answer.content) == (204, b"")
+
+            answer = await http.post("/broken")
+            assert answer.status_code == 500
+            assert answer.text == "the callback failed to handle this request\n"  # nothing of the exception
+            assert "RuntimeError: secret internals" in caplog.text
+
+            answer = await http.delete("/files/a/b.txt")
+            assert (answer.status_code, answer.text) == (200, "DELETE /files/a/b.txt")
+            assert answer.headers["x-route"] == "* /files/{rest}"
+
+            answer = await http.post("/later", content=b"x")
+            assert answer.status_code == 202
+            with trio.fail_after(10):
+                await handled.wait()
+            assert seen[-1].asynchronous
+            assert seen[-1].delivery_id
+            await settled(running, "builds")
+
+
+async def test_schedules_fire_their_handlers(tmp_path: Path) -> None:
+    async with open_bot(events_config(tmp_path, ["clock"])) as running:
+        cb = callback(running, "clock")
+        firings: list[ScheduleFiring] = []
+        enough = trio.Event()
+
+        @cb.every(seconds=1)
+        async def tick(firing: ScheduleFiring) -> None:
+            firings.append(firing)
+            if len(firings) >= 2:
+                enough.set()
+
+        @cb.schedule("0 0 1 1 *", tz="Europe/Paris", id="new-year")
+        async def new_year(firing: ScheduleFiring) -> None:
+            raise AssertionError("it is not new year")
+
+        async with serving(cb):
+            with trio.fail_after(10):
+                await enough.wait()
+            await settled(running, "clock")
+        first, second = firings[:2]
+        assert first.schedule_id == second.schedule_id == "every 1s"
+        assert second.scheduled_time - first.scheduled_time == timedelta(seconds=1)
+        assert first.scheduled_time.tzinfo is not None
+        assert first.scheduled_time.timestamp() % 1 == 0  # slots aligned to the epoch
+        assert not first.late
+        assert datetime.now(UTC) - second.scheduled_time < timedelta(seconds=5)
+        ids = {d.schedule.id for d in running.bot.core.events.schedules() if d.callback_id == "clock"}
+        assert ids == {"every 1s", "new-year"}
 
 
 # -- a callback killed mid-handler ----------------------------------------------------
