@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import trio
@@ -37,9 +38,11 @@ async def test_launched_by_the_bot(node_example: Path, tmp_path: Path) -> None:
 adapters: [{{type: shell, user: alice}}]
 store: {{url: "sqlite:///./oco.db"}}
 grpc: {{listen: "127.0.0.1:0"}}
+http: {{listen: "127.0.0.1:0", address_file: http.address}}
 callbacks:
   - id: node
     command: ["node", "{node_example / "callback.js"}"]
+    webhook_auth: {{bearer: "{SECRET}"}}
 """
     async with run_oco(config, tmp_path) as bot:
         await bot.write("oco ping")
@@ -53,6 +56,35 @@ callbacks:
         await bot.write("oco help count")
         await bot.expect(r"^count \[n\] - adds n")
         await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
+
+        # Its webhooks, over HTTP: one answered at once, one asynchronous and acknowledged.
+        address = await bot.written("http.address")
+        headers = {"authorization": f"Bearer {SECRET}"}
+        async with httpx.AsyncClient(base_url=f"http://{address}/hooks/node", headers=headers, timeout=10) as http:
+            answer = await http.post("/hello", json={"name": "alice"})
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["content-type"] == "application/json"
+            assert re.fullmatch(r"hello alice, from Node\.js v[\d.]+", answer.json()["greeting"])
+            answer = await http.post("/hello", content=b"{oops")
+            assert answer.status_code == 400
+            assert answer.text.startswith("not JSON: ")
+            answer = await http.post("/count", content=b"8")
+            assert answer.status_code == 202
+            await bot.expect(r"\[node-callback node\] webhook count: added 8, counter is 50$", stream="stderr")
+            refused = await http.post("/hello", json={}, headers={"authorization": "Bearer not-the-token"})
+            assert refused.status_code == 401
+        await bot.write("oco count")
+        await bot.expect(r"^alice: node counter is 51$")
+        # Acknowledged: soon nothing waits for it in the bot's store.
+        with trio.fail_after(10):
+            while True:
+                waiting = await trio.to_thread.run_sync(
+                    lambda: oco_cli("events", "--callback", "node", "--config", "oco.yaml", cwd=tmp_path)
+                )
+                assert waiting.returncode == 0, waiting.stderr
+                if "webhook_request" not in waiting.stdout:
+                    break
+                await trio.sleep(0.1)
 
 
 @asynccontextmanager

@@ -5,8 +5,11 @@
 // its routes in its Listen stream, replies with SendMessages, keeps a counter in the
 // bot's Storage service with compare-and-set, and keeps notes in a PostgreSQL schema of
 // its own when the bot offers the `postgresql` data store (GetDataStore, then the `pg`
-// client). When the bot goes away it reconnects with backoff and declares its routes
-// again. See README.md beside it.
+// client). It serves two webhooks on the bot's HTTP server (when the bot has one):
+// POST /hooks/<id>/hello answers JSON at once; POST /hooks/<id>/count is asynchronous,
+// kept by the bot until this program acknowledges it (Robot.Acknowledge) after adding
+// to the counter. When the bot goes away it reconnects with backoff and declares its
+// routes again. See README.md beside it.
 //
 //   OCO_ADDRESS      host:port of the bot's gRPC API (default 127.0.0.1:50051)
 //   OCO_CALLBACK_ID  this callback's id in the bot's configuration
@@ -266,6 +269,21 @@ const ROUTES = [
   },
 ];
 
+// Served at /hooks/<callback id><path> on the bot's HTTP server (`http:` in its config).
+const WEBHOOKS = [
+  { id: 'hello', method: 'POST', path: '/hello', help: 'POST {"name": ...} - a JSON greeting from Node.js' },
+  {
+    id: 'count',
+    method: 'POST',
+    path: '/count',
+    // Answered 202 by the bot at once, and kept until acknowledged: a request that comes
+    // while this program restarts is not lost, and one it was handling when it died
+    // comes again.
+    asynchronous: true,
+    help: 'POST <n> - adds n to the counter, later',
+  },
+];
+
 class NodeCallback {
   constructor(oco) {
     const { credentials, options: tlsOptions, secure } = transport();
@@ -284,6 +302,71 @@ class NodeCallback {
     this.notes = new Notes(this.datastores);
     this.listening = null;
     this.stopped = false;
+    this.acks = []; // delivery ids of events handled, not yet acknowledged
+  }
+
+  // Acknowledge a handled durable event. Ids handled in the same turn of the event loop
+  // go in one call; a lone one goes at once (on the next turn).
+  acknowledge(deliveryId) {
+    this.acks.push(deliveryId);
+    if (this.acks.length > 1) return; // a flush is already scheduled
+    setImmediate(() => {
+      const ids = this.acks;
+      this.acks = [];
+      unary(this.robot, 'Acknowledge', { delivery_ids: ids }).catch((err) =>
+        // Not fatal: the bot delivers them again (at least once).
+        log(`could not acknowledge ${ids.length} event(s) (${err.details || err.message}); they will come again`),
+      );
+    });
+  }
+
+  // A request to one of WEBHOOKS. A synchronous one is answered with RespondWebhook.
+  async handleWebhook(request) {
+    const body = request.body.toString('utf8');
+    switch (request.route_id) {
+      case 'hello': {
+        let name;
+        try {
+          name = body ? JSON.parse(body).name : undefined;
+        } catch (err) {
+          return { status: 400, headers: { 'content-type': 'text/plain' }, body: `not JSON: ${err.message}\n` };
+        }
+        const greeting = { greeting: `hello ${name || 'stranger'}, from Node.js ${process.version}` };
+        return { status: 200, headers: { 'content-type': 'application/json' }, body: JSON.stringify(greeting) };
+      }
+      case 'count': {
+        const step = Number.parseInt(body, 10) || 1;
+        const value = await this.addToCounter(step);
+        log(`webhook count: added ${step}, counter is ${value}${request.redelivered ? ' (delivered again)' : ''}`);
+        return null; // asynchronous: the caller had its 202
+      }
+      default:
+        return { status: 404, headers: {}, body: 'no such webhook here\n' };
+    }
+  }
+
+  async respondWebhook(request) {
+    let response;
+    try {
+      response = await this.handleWebhook(request);
+    } catch (err) {
+      log(`webhook ${request.route_id} failed: ${err.stack || err.message}`);
+      response = { status: 500, headers: {}, body: 'the callback failed to handle this request\n' };
+    }
+    if (request.asynchronous) return;
+    const { status, headers, body } = response || { status: 204, headers: {}, body: '' };
+    await unary(this.robot, 'RespondWebhook', { request_id: request.id, status, headers, body: Buffer.from(body) });
+  }
+
+  async dispatch(event) {
+    try {
+      if (event.type === 'webhook_request') await this.respondWebhook(event.webhook_request);
+      else await this.handle(event);
+    } finally {
+      // A durable event is acknowledged once handled, even when the handler failed
+      // (else it would come back forever); one this program dies handling comes again.
+      if (event.delivery_id) this.acknowledge(event.delivery_id);
+    }
   }
 
   // Reply where the match came from: its room, or privately to its user.
@@ -373,7 +456,13 @@ class NodeCallback {
   // One Listen stream: resolves when it ends, with the status that ended it.
   listenOnce(onRegistered) {
     return new Promise((resolve) => {
-      const request = { plugin_id: CALLBACK_ID, routes: ROUTES, requires: REQUIRES };
+      const request = {
+        plugin_id: CALLBACK_ID,
+        routes: ROUTES,
+        requires: REQUIRES,
+        webhooks: WEBHOOKS,
+        acknowledge: true, // durable events carry a delivery_id to acknowledge
+      };
       const call = this.robot.Listen(request, metadata());
       this.listening = call;
       let settled = false;
@@ -391,7 +480,7 @@ class NodeCallback {
         onRegistered(count === undefined ? ROUTES.length : Number(count));
       });
       call.on('data', (event) => {
-        this.handle(event).catch((err) => log(`handling ${event.matched_message?.route_id}: ${err.message}`));
+        this.dispatch(event).catch((err) => log(`handling ${event.type}: ${err.message}`));
       });
       call.on('error', (err) => finish({ code: err.code, details: err.details || err.message, error: err }));
       call.on('status', (status) => finish(status));
@@ -404,7 +493,7 @@ class NodeCallback {
     while (!this.stopped) {
       const status = await this.listenOnce((routes) => {
         backoff = BACKOFF_MIN_MS;
-        log(`connected to ${ADDRESS}${this.over}: ${routes} route(s) registered`);
+        log(`connected to ${ADDRESS}${this.over}: ${routes} route(s) registered, ${WEBHOOKS.length} webhook(s)`);
       });
       if (this.stopped) break;
       if (FATAL.has(status.code)) {
