@@ -512,6 +512,9 @@ async def test_oco_run_serves_a_github_webhook(tmp_path: Path) -> None:
         assert ran.returncode != 0
         assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use; is another bot running?" in ran.stderr
         assert "Traceback" not in ran.stderr
+        # SIGTERM stops the first one in order, its HTTP server with it.
+        assert await oco.stop() == 0
+        assert not [line for line in oco.stderr_lines if "Traceback" in line or "ERROR" in line]
 
 
 async def test_https_and_client_certificates(tmp_path: Path) -> None:
