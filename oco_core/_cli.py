@@ -366,6 +366,10 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
     bot = Bot(loaded, plugins)
     store_type, _ = configured_store(loaded, plugins)
     load_server_tls(loaded)  # the certificate files, as `oco run` would read them
+    if loaded.config.http is not None:
+        from ._http import load_http_tls
+
+        load_http_tls(loaded)
     if bot.launch_problems:
         # `oco run` only logs these (see Bot.launch_problems); a check says them as errors.
         raise ConfigError("\n".join(str(problem) for problem in bot.launch_problems))
