@@ -41,7 +41,7 @@ import trio
 
 from ._audit import DENIED
 from ._config import WebhookAuth
-from ._errors import StoreError
+from ._errors import StoreError, ValueTooLargeError
 from ._events import NotConnectedError, webhook_route_id
 from ._http import Receive, Scope, Send, respond
 from ._proto import core_pb2, robot_pb2
@@ -318,6 +318,17 @@ class Webhooks:
     async def _deliver(self, send: Send, callback_id: str, request: core_pb2.WebhookRequest) -> None:
         try:
             await self.core.events.deliver(callback_id, core_pb2.Event(webhook_request=request))
+        except ValueTooLargeError as exc:
+            # Within http.max_body_bytes, yet over what the store keeps in one value.
+            log.warning(
+                "could not keep webhook %s for callback %r: %s; raise the store's max_value_bytes above "
+                "http.max_body_bytes, or lower http.max_body_bytes",
+                request.route_id,
+                callback_id,
+                exc,
+            )
+            await respond(send, 413, b"the request is too large for this bot to keep\n")
+            return
         except StoreError as exc:
             log.warning("could not keep webhook %s for callback %r: %s", request.route_id, callback_id, exc)
             await respond(

@@ -451,6 +451,20 @@ async def test_an_asynchronous_route_answers_202_and_delivers_when_the_callback_
         assert (event.webhook_request.id, event.webhook_request.body) == (later.json()["id"], b"second")
 
 
+async def test_an_asynchronous_request_the_store_cannot_keep_is_413(tmp_path: Path) -> None:
+    # Within http.max_body_bytes (1024) but over the store's largest value: the caller
+    # hears it is too large (not that the bot is down), the operator what to change.
+    text = config(tmp_path).replace('oco.db"}', 'oco.db", max_value_bytes: 900}')
+    async with open_bot(text) as running:
+        with _closing(await hooked(running, "open", [route("POST", "/queue", asynchronous=True)])) as cb:
+            async with await client(running) as http:
+                refused = await http.post("/hooks/open/queue", content=b"x" * 1000)
+                assert (refused.status_code, refused.text) == (413, "the request is too large for this bot to keep\n")
+                assert (await http.post("/hooks/open/queue", content=b"x" * 10)).status_code == 202
+            assert (await cb.next()).webhook_request.body == b"x" * 10
+            assert cb.requests.empty()
+
+
 async def test_rate_limit_and_pending_limit(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path, ", webhook_rate_limit: 2, max_pending_webhooks: 1")) as running:
         routes = [route("POST", "/fast"), route("POST", "/slow")]
