@@ -218,6 +218,10 @@ def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
         "--datastore", help="the data-store type the access checks ask for (default: the first the bot offers)"
     )
     parser.add_argument("--bot-name", default="oco", help="how the bot is addressed in chat (default: oco)")
+    parser.add_argument("--http", help="URL of the bot's HTTP server (http://HOST:PORT), for the webhook checks")
+    parser.add_argument(
+        "--webhook-token", help="the bearer token of the callback's webhook_auth, if any (or $OCO_WEBHOOK_TOKEN)"
+    )
     parser.add_argument("--room", default="general", help="memory adapter room the suite writes in (default: general)")
     parser.add_argument("--user", default="alice", help="memory adapter user the suite writes as (default: alice)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer (default: 10)")

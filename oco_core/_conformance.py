@@ -9,8 +9,9 @@ It plays a callback program against any bot, ours or another implementation: the
 specification's four RPCs with the specification's messages, secrets, route
 registration, hear and respond semantics, capture groups, storage (compare-and-set,
 isolation between two callbacks), refusal of invalid patterns, errors named in trailing
-metadata, what cancelling a Listen stream does, and the specific data stores' API
-(``oco.DataStores``, ``ListenRequest.requires``). Each check prints one line (``PASS``,
+metadata, what cancelling a Listen stream does, the specific data stores' API
+(``oco.DataStores``, ``ListenRequest.requires``), and events beyond chat: publish and
+subscribe, acknowledgement and redelivery, and webhooks (with ``--http``). Each check prints one line (``PASS``,
 ``FAIL`` or ``SKIP``, its name, what it saw) and a summary line follows.
 
 Two kinds of skip: a check the suite cannot run with the options given (no
@@ -40,8 +41,10 @@ import argparse
 import contextlib
 import os
 import secrets
+import ssl
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,6 +88,10 @@ class Target:
     #: The data-store type the access checks ask for (default: the first the bot offers).
     datastore: str | None = None
     bot_name: str = "oco"
+    #: The bot's HTTP server ("http://127.0.0.1:8080"), for the webhook checks.
+    http: str | None = None
+    #: The bearer token the suite's callback's webhook_auth asks for, if any.
+    webhook_token: str | None = field(default=None, repr=False)
     room: str = "general"
     user: str = "alice"
     timeout: float = 10.0
@@ -256,13 +263,15 @@ class Suite:
         unbuffered: bool = False,
         topics: Sequence[str] = (),
         acknowledge: bool = False,
+        request: robot_pb2.ListenRequest | None = None,
     ) -> AsyncIterator[Listener]:
         """Open a Listen stream and wait for its response headers (the routes are then
         registered); leaving the block cancels the stream. ``unbuffered``: on a channel
         of its own whose HTTP/2 window stays small, read one event at a time, so that
         a stream not read holds events in the bot rather than in the transport.
-        ``topics`` and ``acknowledge`` as in ListenRequest."""
-        request = self._listen_request(routes, plugin_id, secret, topics, acknowledge)
+        ``topics`` and ``acknowledge`` as in ListenRequest; ``request``: this one instead."""
+        if request is None:
+            request = self._listen_request(routes, plugin_id, secret, topics, acknowledge)
         metadata = self.metadata(secret)
         robot, window = self.robot, DEFAULT_WINDOW
         async with contextlib.AsyncExitStack() as stack:
@@ -1424,6 +1433,190 @@ async def _events_capabilities(s: Suite) -> str:
     return "Publish and Listen refused with PERMISSION_DENIED, CapabilityError (publish, subscribe)"
 
 
+# ---- webhooks --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What the bot's HTTP server answered."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+async def http_request(
+    base: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> HttpAnswer:
+    """One HTTP/1.1 request to the bot's HTTP server at ``base`` ("http://host:port"; https
+    with the system's roots), ``Connection: close``: enough for the webhook checks
+    without an HTTP client among oco-core's dependencies."""
+    url = urllib.parse.urlsplit(base)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise CheckSkipped(f"--http {base!r} is not an http:// or https:// URL such as http://127.0.0.1:8080")
+    https = url.scheme == "https"
+    stream: trio.abc.Stream = await trio.open_tcp_stream(url.hostname, url.port or (443 if https else 80))
+    async with stream:
+        if https:
+            stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=url.hostname)
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {url.netloc}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise CheckFailed(f"{method} {path}: the HTTP server answered {status_line[:80]!r}, not an HTTP status line")
+    answer_headers: dict[str, str] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        answer_headers[name.strip().lower()] = value.strip()
+    if answer_headers.get("transfer-encoding", "").lower() == "chunked":
+        decoded = bytearray()
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            decoded += rest[:size]
+            rest = rest[size + 2 :]
+        rest = bytes(decoded)
+    elif "content-length" in answer_headers:
+        rest = rest[: int(answer_headers["content-length"])]
+    return HttpAnswer(int(parts[1]), answer_headers, rest)
+
+
+@contextlib.asynccontextmanager
+async def _first_failure() -> AsyncIterator[None]:
+    """A verdict raised inside a nursery, as itself rather than in a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        failed = group.subgroup(CheckFailed)
+        first: BaseException | None = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        if first is None:
+            raise
+        raise first from None
+
+
+def _answered_itself(answer: HttpAnswer) -> CheckFailed:
+    hint = " (is --webhook-token the callback's webhook_auth bearer token?)" if answer.status == 401 else ""
+    return CheckFailed(
+        f"the bot answered {answer.status} {answer.body[:200]!r} without delivering the request to the callback{hint}"
+    )
+
+
+def _hook_path(s: Suite, path: str) -> str:
+    return f"/hooks/{s.target.id}{path}"
+
+
+def _hook_headers(s: Suite, **more: str) -> dict[str, str]:
+    headers = dict(more)
+    if s.target.webhook_token:
+        headers["Authorization"] = f"Bearer {s.target.webhook_token}"
+    return headers
+
+
+async def _webhook_event(listener: Listener) -> core_pb2.Event:
+    while True:
+        event = await listener.event()
+        if event.WhichOneof("type") == "webhook_request":
+            return event
+
+
+@check("webhooks/synchronous", needs=["http"])
+async def _webhooks_synchronous(s: Suite) -> str:
+    """A request to a synchronous webhook route (ListenRequest.webhooks) at
+    `/hooks/<id><path>` reaches the callback as a WebhookRequest (route id, method, path,
+    query, lower-case headers, body; no delivery_id: it is not kept), and the HTTP client
+    gets what Robot.RespondWebhook answers (status, headers, body); a second answer to the
+    same request fails with NOT_FOUND."""
+    path = f"/conformance-{s.token}/echo"
+    route = robot_pb2.WebhookRoute(id="echo", method="POST", path=path)
+    answers: list[HttpAnswer] = []
+    async with s.listen(request=robot_pb2.ListenRequest(plugin_id=s.target.id, webhooks=[route])) as listener:
+        async with _first_failure(), trio.open_nursery() as nursery:
+            waiting = trio.CancelScope()
+
+            async def call() -> None:
+                headers = _hook_headers(s, **{"X-Conformance": s.token, "Content-Type": "text/plain"})
+                url = _hook_path(s, path) + "?x=1"
+                answers.append(await http_request(s.target.http or "", "POST", url, b"ping", headers))
+                waiting.cancel()  # answered before the callback was asked: the bot answered itself
+
+            nursery.start_soon(call)
+            with waiting:
+                event = await _webhook_event(listener)
+            if waiting.cancelled_caught:
+                raise _answered_itself(answers[0])
+            got = event.webhook_request
+            _expect(bool(got.id), "the WebhookRequest has no id")
+            _expect(got.route_id == "echo", f"route_id {got.route_id!r}, expected 'echo'")
+            _expect(
+                (got.method, got.path, got.query) == ("POST", path, "x=1"),
+                f"method, path, query: {got.method} {got.path} {got.query!r}",
+            )
+            _expect(
+                got.headers.get("x-conformance") == s.token,
+                f"headers {dict(got.headers)} lack x-conformance: {s.token}",
+            )
+            _expect(got.body == b"ping", f"body {got.body!r}, expected b'ping'")
+            _expect(not got.asynchronous, "a synchronous route's request says asynchronous")
+            _expect(not event.delivery_id, f"a synchronous request carries delivery_id {event.delivery_id!r}")
+            response = robot_pb2.WebhookResponse(
+                request_id=got.id, status=201, headers={"x-answer": s.token}, body=b"pong"
+            )
+            await s.call(lambda: s.robot.RespondWebhook(response, metadata=s.metadata(), timeout=s.timeout))
+        # The client has its answer now.
+        answer = answers[0]
+        _expect(answer.status == 201, f"the HTTP client got {answer.status}, expected the callback's 201")
+        _expect(answer.headers.get("x-answer") == s.token, f"the HTTP client got headers {answer.headers}")
+        _expect(answer.body == b"pong", f"the HTTP client got body {answer.body!r}, expected b'pong'")
+        await s.expect_code(
+            "a second RespondWebhook for the same request",
+            grpc.StatusCode.NOT_FOUND,
+            lambda: s.robot.RespondWebhook(response, metadata=s.metadata(), timeout=s.timeout),
+        )
+    return "the request reached the callback, its answer the client (201, header, body); a second answer NOT_FOUND"
+
+
+@check("webhooks/asynchronous", needs=["http"])
+async def _webhooks_asynchronous(s: Suite) -> str:
+    """A request to an asynchronous route is answered 202 by the bot at once and reaches
+    the callback as a durable event (asynchronous, with a delivery_id on a stream that
+    acknowledges); a request to a path no route declares is answered 404."""
+    path = f"/conformance-{s.token}/later"
+    route = robot_pb2.WebhookRoute(id="later", method="POST", path=path, asynchronous=True)
+    request = robot_pb2.ListenRequest(plugin_id=s.target.id, webhooks=[route], acknowledge=True)
+    async with s.listen(request=request) as listener:
+        answer = await http_request(s.target.http or "", "POST", _hook_path(s, path), b"later", _hook_headers(s))
+        if answer.status != 202:
+            raise (
+                _answered_itself(answer) if answer.status >= 400 else CheckFailed(f"answered {answer.status}, not 202")
+            )
+        event = await _webhook_event(listener)
+        got = event.webhook_request
+        _expect(got.asynchronous, "an asynchronous route's request does not say asynchronous")
+        _expect(got.body == b"later" and got.route_id == "later", f"route {got.route_id!r}, body {got.body!r}")
+        _expect(bool(event.delivery_id), "an asynchronous request carries no delivery_id on a stream that acknowledges")
+        await s.acknowledge(event)
+        missing = await http_request(
+            s.target.http or "", "POST", _hook_path(s, f"/conformance-{s.token}/nothing-here"), b"", _hook_headers(s)
+        )
+        _expect(missing.status == 404, f"a path no route declares: {missing.status}, expected 404")
+    return "202 at once, then delivered with a delivery_id and acknowledged; 404 for an undeclared path"
+
+
 # ---- running ---------------------------------------------------------------------------
 
 
@@ -1458,6 +1651,8 @@ async def _run_one(suite: Suite, item: Check) -> Result:
         missing.append("--control")
     if "other" in item.needs and not (suite.target.other_id and suite.target.other_secret):
         missing.append("--other-id and --other-secret")
+    if "http" in item.needs and not suite.target.http:
+        missing.append("--http")
     if missing:
         return Result(item.name, "SKIP", f"needs {' and '.join(missing)}: {item.doc}")
     began = time.monotonic()
@@ -1527,6 +1722,8 @@ def main(options: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         control=options.control,
         datastore=options.datastore,
         bot_name=options.bot_name,
+        http=options.http,
+        webhook_token=options.webhook_token or os.environ.get("OCO_WEBHOOK_TOKEN"),
         room=options.room,
         user=options.user,
         timeout=options.timeout,

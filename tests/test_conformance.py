@@ -13,6 +13,7 @@ from oco_core.plugin import corner_name
 from oco_core.testing import run_oco
 
 SECRET = "conformance-secret-0123456789"
+WEBHOOK_TOKEN = "conformance-webhook-token-0123456789"
 OTHER_SECRET = "other-callback-secret-0123456789"
 
 CONFIG = f"""
@@ -22,9 +23,11 @@ adapters:
     control_address_file: control.address
 store: {{url: "sqlite:///./oco.db"}}
 grpc: {{listen: "127.0.0.1:0"}}
+http: {{listen: "127.0.0.1:0", address_file: http.address}}
 callbacks:
   - id: conformance
     secret: "{SECRET}"
+    webhook_auth: {{bearer: "{WEBHOOK_TOKEN}"}}
     # events/capability-refusals needs topics it may not use.
     capabilities: {{publish: ["conformance.#"], subscribe: ["conformance.#"]}}
   - {{id: other, secret: "{OTHER_SECRET}"}}
@@ -45,11 +48,13 @@ async def _conformance(*args: str) -> subprocess.CompletedProcess[bytes]:
 async def test_our_bot_conforms(tmp_path: Path) -> None:
     async with run_oco(with_sqlite(tmp_path), tmp_path) as bot:
         control = await bot.written("control.address")
+        http = await bot.written("http.address")
         done = await _conformance(
             "--address", bot.address,
             "--id", "conformance", "--secret", SECRET,
             "--other-id", "other", "--other-secret", OTHER_SECRET,
             "--control", control,
+            "--http", f"http://{http}", "--webhook-token", WEBHOOK_TOKEN,
         )  # fmt: skip
     out = done.stdout.decode()
     lines = out.splitlines()
@@ -67,7 +72,13 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
     assert arrived + counted == 3000, out
     for name in ("auth/wrong-secret", "routes/invalid-pattern", "storage/isolation", "stream/cancel-removes-routes"):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
-    for name in ("events/publish-subscribe", "events/acknowledge-redelivers", "events/capability-refusals"):
+    for name in (
+        "events/publish-subscribe",
+        "events/acknowledge-redelivers",
+        "events/capability-refusals",
+        "webhooks/synchronous",
+        "webhooks/asynchronous",
+    ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
     assert "PASS datastores/access: sqlite: a sqlite: url, namespace '', generation 1 " in out
@@ -130,6 +141,21 @@ async def test_a_callback_allowed_every_topic_skips_the_capability_check_and_doe
     out = done.stdout.decode()
     assert done.returncode == 1, out
     assert "SKIP events/capability-refusals: needs the suite's callback (--id) not allowed to publish" in out
+
+
+async def test_webhooks_without_the_token_fail_saying_the_bot_answered_itself(tmp_path: Path) -> None:
+    async with run_oco(CONFIG, tmp_path) as bot:
+        http = await bot.written("http.address")
+        done = await _conformance(
+            "--address", bot.address, "--id", "conformance", "--secret", SECRET,
+            "--http", f"http://{http}", "--only", "webhooks/",
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 1, out
+    assert (
+        "FAIL webhooks/synchronous: the bot answered 401 b'unauthorized' without delivering the request to the "
+        "callback (is --webhook-token the callback's webhook_auth bearer token?)"
+    ) in out
 
 
 async def test_a_wrong_secret_fails_the_checks_that_need_one(tmp_path: Path) -> None:
