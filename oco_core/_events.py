@@ -31,7 +31,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -182,6 +182,44 @@ class _Declared:
     left: float | None = None
 
 
+def _wanted_by(event: core_pb2.Event) -> tuple[str, str]:
+    """What a stream must have declared to be given ``event``: (kind, what)."""
+    kind = event.WhichOneof("type")
+    if kind == "published_event":
+        return ("topic", event.published_event.topic)
+    if kind == "webhook_request":
+        return ("webhook", event.webhook_request.route_id)
+    if kind == "schedule_firing":
+        return ("schedule", event.schedule_firing.schedule_id)
+    if kind == "matched_message":
+        return ("route", event.matched_message.route_id)
+    return ("", "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Interest:
+    """What one open stream declared."""
+
+    topics: tuple[str, ...]
+    webhooks: frozenset[str]
+    schedules: frozenset[str]
+    routes: frozenset[str]
+
+    def wants(self, wanted: tuple[str, str], configured: Mapping[str, object]) -> bool:
+        """Whether this stream should get an event that ``wanted`` describes; the
+        operator's schedules (``configured``) go to any stream of their callback."""
+        kind, what = wanted
+        if kind == "topic":
+            return any(topic_matches(pattern, what) for pattern in self.topics)
+        if kind == "webhook":
+            return what in self.webhooks
+        if kind == "schedule":
+            return what in self.schedules or what in configured
+        if kind == "route":
+            return what in self.routes
+        return True
+
+
 @dataclass(eq=False, slots=True)
 class _Pending:
     """A durable event kept for a callback, in the store and here."""
@@ -191,6 +229,8 @@ class _Pending:
     kind: str
     #: When it expires, in seconds since the epoch.
     expires: float
+    #: Which streams of the callback want it (:func:`_wanted_by`).
+    wanted: tuple[str, str] = ("", "")
     #: Set once it is in the store.
     stored: trio.Event = field(default_factory=trio.Event)
     #: Handled (or dropped) before it was stored: the write that stores it deletes it.
@@ -251,6 +291,8 @@ class EventHub:
         }
         self._outboxes: dict[str, _Outbox] = {}
         self._in_flight: dict[Subscription, int] = {}
+        #: What each open stream declared: an event goes only to a stream that wants it.
+        self._interest: dict[Subscription, _Interest] = {}
         self._webhooks: dict[str, _Waiting] = {}
         self._deletes: deque[_Pending] = deque()
         self._wake = trio.Event()
@@ -293,7 +335,10 @@ class EventHub:
             for item in items:
                 callback_id = item.key.partition("/")[0]
                 (expires_ms,) = _HEADER.unpack_from(item.value)
-                pending = _Pending(item.key, item.value[_HEADER.size :], "", expires_ms / 1000)
+                data = item.value[_HEADER.size :]
+                event = core_pb2.Event.FromString(data)
+                kind = event.WhichOneof("type") or ""
+                pending = _Pending(item.key, data, kind, expires_ms / 1000, _wanted_by(event))
                 pending.stored.set()
                 outbox = self._outboxes.setdefault(callback_id, _Outbox())
                 outbox.pending[item.key] = pending
@@ -402,6 +447,12 @@ class EventHub:
             self._bump_schedules()
         declared.topics.update(request.topics)
         self._in_flight[subscription] = 0
+        self._interest[subscription] = _Interest(
+            topics=tuple(request.topics),
+            webhooks=frozenset(map(webhook_route_id, request.webhooks)),
+            schedules=frozenset(map(schedule_id, request.schedules)),
+            routes=frozenset(route.id for route in subscription.routes),
+        )
         self._wake.set()
         if len(self.router.subscriptions(callback_id)) == 1:
             self.announce("oco.callback.connected", callback=callback_id)
@@ -412,6 +463,7 @@ class EventHub:
         ``events.ttl``."""
         callback_id = subscription.callback_id
         self._in_flight.pop(subscription, None)
+        self._interest.pop(subscription, None)
         outbox = self._outboxes.get(callback_id)
         if outbox is not None:
             for pending in outbox.pending.values():
@@ -506,7 +558,7 @@ class EventHub:
         it (:meth:`deliver` waits for that, :meth:`keep_nowait` lets it happen)."""
         data = event.SerializeToString()
         expires = time.time() + (self.settings.ttl if ttl is None else ttl)
-        pending = _Pending(self._key(callback_id), data, event.WhichOneof("type") or "", expires)
+        pending = _Pending(self._key(callback_id), data, event.WhichOneof("type") or "", expires, _wanted_by(event))
         outbox = self._outboxes.setdefault(callback_id, _Outbox())
         evicted = 0
         while outbox.pending and (
@@ -579,24 +631,31 @@ class EventHub:
         outbox = self._outboxes.get(callback_id)
         if outbox is None or not outbox.pending:
             return
-        streams = [s for s in self.router.subscriptions(callback_id) if s in self._in_flight and not s.closed]
-        if not streams:
-            return
         window = self.settings.max_unacknowledged
+        # Streams with room; one that fills up leaves the list, and when none is left the
+        # rest waits for the next acknowledgement or sweep.
+        streams = [
+            s
+            for s in self.router.subscriptions(callback_id)
+            if s in self._interest and not s.closed and self._in_flight[s] < window
+        ]
+        configured = self._configured.get(callback_id, {})
         for pending in list(outbox.pending.values()):
+            if not streams:
+                return
             if pending.holder is not None:
                 continue
+            wanting = [s for s in streams if self._interest[s].wants(pending.wanted, configured)]
             start = next(outbox.turn)
-            for step in range(len(streams)):
-                stream = streams[(start + step) % len(streams)]
-                if self._in_flight[stream] >= window:
-                    continue
+            for step in range(len(wanting)):
+                stream = wanting[(start + step) % len(wanting)]
                 if stream.offer(self._queued(callback_id, pending, stream)):
                     pending.holder = stream
                     self._in_flight[stream] += 1
+                    if self._in_flight[stream] >= window:
+                        streams.remove(stream)
                     break
-            else:
-                return  # every stream is full: the next sweep or acknowledgement tries again
+                streams.remove(stream)  # its queue is full
 
     def _queued(self, callback_id: str, pending: _Pending, stream: Subscription) -> Queued:
         acknowledging = stream.acknowledge
@@ -656,7 +715,12 @@ class EventHub:
     async def call_webhook(self, callback_id: str, request: core_pb2.WebhookRequest) -> robot_pb2.WebhookResponse:
         """Hand a synchronous webhook request to one stream of the callback and wait for
         its answer (the caller bounds the wait). NotConnectedError when no stream takes it."""
-        streams = [s for s in self.router.subscriptions(callback_id) if not s.closed]
+        wanted = ("webhook", request.route_id)
+        streams = [
+            s
+            for s in self.router.subscriptions(callback_id)
+            if not s.closed and s in self._interest and self._interest[s].wants(wanted, {})
+        ]
         if not streams:
             raise NotConnectedError(f"callback {callback_id!r} is not connected")
         event = core_pb2.Event(webhook_request=request)

@@ -334,3 +334,18 @@ async def test_topic_changes_are_published_with_the_new_topic(tmp_path: Path) ->
             assert fields == {"room": "memory/ops", "topic": "deploy freeze", "user": ""}
         finally:
             watcher.close()
+
+
+async def test_an_event_goes_only_to_a_stream_of_the_callback_that_asked_for_it(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        builds = await opened(running.address, "sub1", topics=["builds.*"], acknowledge=True)
+        plain = await opened(running.address, "sub1", acknowledge=True)  # same callback, no topics
+        try:
+            for n in range(4):  # round robin would hand some to the plain stream
+                await publish(running.address, "pub", f"builds.b{n}")
+            topics = [(await builds.next()).published_event.topic for _ in range(4)]
+            assert topics == [f"builds.b{n}" for n in range(4)]
+            await plain.nothing()
+        finally:
+            builds.close()
+            plain.close()
