@@ -18,7 +18,7 @@ the bot's own chat commands and help in :mod:`._commands`, the permission gate i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
@@ -29,11 +29,11 @@ from ._adapter import AdapterType
 from ._admin import configured_adapters, configured_store
 from ._audit import AuditLog
 from ._auth import Authorization
-from ._config import LoadedConfig, launch_problem, validate_section
+from ._config import CallbackSettings, LoadedConfig, launch_problem, validate_section
 from ._core import BotCore, BotStatistics, CallbackState
 from ._datastores import configured_datastores, missing_hint, open_datastores
 from ._directory import Directory
-from ._edge import serve
+from ._edge import Services, serve
 from ._errors import AdapterError, ConfigError, StoreUnavailableError
 from ._events import EventHub
 from ._incoming import AdapterLink
@@ -50,6 +50,7 @@ from ._tls import load_server_tls
 
 if TYPE_CHECKING:
     from ._http import HttpApp
+    from ._webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,16 @@ class Bot:
         self._shutdown: trio.CancelScope | None = None
         self._starting: trio.CancelScope | None = None
         self._stats = BotStatistics()
+        # What a reload (_reload.py) reaches into: the gRPC services (their
+        # Authenticator), the webhooks, and each launched callback and adapter as a task
+        # it can stop alone, in the nurseries that run them.
+        self.up = trio.Event()
+        self.services: Services | None = None
+        self.webhooks: Webhooks | None = None
+        self.launched: dict[str, StoppableTask] = {}
+        self.adapter_tasks: dict[str, StoppableTask] = {}
+        self._workers: trio.Nursery | None = None
+        self._adapters: trio.Nursery | None = None
 
     @property
     def core(self) -> BotCore:
@@ -249,35 +260,27 @@ class Bot:
     async def _serve(self, core: BotCore, task_status: trio.TaskStatus[str]) -> None:
         tls = await trio.to_thread.run_sync(load_server_tls, self.loaded)
         async with trio.open_nursery() as nursery:
-            self.address = await nursery.start(partial(serve, core, self.config.grpc, tls))
+            self.services = Services(core, self.config.grpc)
+            self.address = await nursery.start(partial(serve, core, self.config.grpc, tls, services=self.services))
             # Schedules fire through the hub into the store; callbacks get them once connected.
             await nursery.start(run_schedules, core.events, core.store)
             if self.config.http is not None:
                 self.http_address = await nursery.start(self._serve_http, core)
             with trio.CancelScope() as self._shutdown:
                 async with trio.open_nursery() as workers:
+                    self._workers = workers
                     for cb in self.config.callbacks:
                         if cb.command is not None:
-                            state = self.callbacks[cb.id]
-                            workers.start_soon(
-                                supervise_callback,
-                                cb,
-                                self.address,
-                                state.secret,
-                                cb.cwd,
-                                state.exited.set,
-                                self.config.grpc.tls,
-                                partial(setattr, state, "given_up"),
-                            )
+                            self.start_callback(cb)
                     await self._wait_for_callbacks()
-                    for name, kind, options in self._adapter_specs:
-                        core.links[name] = AdapterLink(core, name, kind.create(options), core.store)
                     async with trio.open_nursery() as adapters:
+                        self._adapters = adapters
                         # Adapters connect side by side; one whose server is down holds
                         # back neither the others nor start-up for longer than the wait.
-                        attempts = {name: trio.Event() for name in core.links}
-                        for name, link in core.links.items():
-                            adapters.start_soon(self._supervise_adapter, link, attempts[name])
+                        attempts = {
+                            name: self.start_adapter(core, name, kind, options)
+                            for name, kind, options in self._adapter_specs
+                        }
                         with trio.move_on_after(self.config.bot.adapter_startup_wait):
                             for attempt in attempts.values():
                                 await attempt.wait()
@@ -285,7 +288,9 @@ class Bot:
                         if slow:
                             log.warning("adapter(s) %s still connecting; the bot is up meanwhile", ", ".join(slow))
                         log.info("bot %r is up: gRPC on %s", self.config.bot.name, self.address)
+                        self.up.set()
                         task_status.started(self.address)
+                    self._adapters = None
                     log.info("every adapter has ended; shutting down")
                     workers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
@@ -299,13 +304,61 @@ class Bot:
         assert settings is not None
         tls = await trio.to_thread.run_sync(load_http_tls, self.loaded)
         self.http_app = HttpApp()
-        webhooks = Webhooks(core)
+        webhooks = self.webhooks = Webhooks(core)
         self.http_app.mount(PREFIX, webhooks)
         webhooks.warn_unverified()
         async with trio.open_nursery() as nursery:
             address = await nursery.start(serve_http, self.http_app, settings, tls)
             log.info("HTTP on %s://%s (webhooks at %s/<callback id>/...)", "https" if tls else "http", address, PREFIX)
             task_status.started(address)
+
+    def start_callback(self, cb: CallbackSettings) -> None:
+        """Launch and supervise the configured callback ``cb`` (one with ``command:``),
+        as a task :attr:`launched` can stop alone: at start-up, and when a reload adds or
+        changes it."""
+        assert self._workers is not None
+        assert cb.command is not None
+        state = self.callbacks[cb.id]
+        task = self.launched[cb.id] = StoppableTask()
+        self._workers.start_soon(
+            task.run,
+            partial(
+                supervise_callback,
+                cb,
+                self.address,
+                state.secret,
+                cb.cwd,
+                state.exited.set,
+                self.config.grpc.tls,
+                partial(setattr, state, "given_up"),
+            ),
+        )
+
+    def start_adapter(self, core: BotCore, name: str, kind: AdapterType, options: object) -> trio.Event:
+        """Create adapter ``name`` and supervise it as a task :attr:`adapter_tasks` can
+        stop alone; the event is set once its first connection attempt is over."""
+        assert self._adapters is not None
+        link = core.links[name] = AdapterLink(core, name, kind.create(options), core.store)
+        attempted = trio.Event()
+        task = self.adapter_tasks[name] = StoppableTask()
+        self._adapters.start_soon(task.run, partial(self._supervise_adapter, link, attempted))
+        return attempted
+
+    @asynccontextmanager
+    async def holding_adapters(self) -> AsyncIterator[bool]:
+        """While a reload stops and starts adapters: the adapters' nursery stays open
+        even when the last one stops (ending it ends the bot). Yields False when the
+        adapters are not running (still starting, or every one has ended)."""
+        adapters = self._adapters
+        if adapters is None:
+            yield False
+            return
+        release = trio.Event()
+        adapters.start_soon(release.wait)
+        try:
+            yield True
+        finally:
+            release.set()
 
     async def _wait_for_callbacks(self) -> None:
         launched = [cb for cb in self.callbacks.values() if cb.launched]
@@ -343,6 +396,28 @@ class Bot:
             delay = backoff.next_delay()
             log.info("restarting adapter %r in %.1f s", link.name, delay)
             await trio.sleep(delay)
+
+
+class StoppableTask:
+    """A task in a nursery that can be stopped alone, waiting until it has ended (its
+    cancellation, such as a callback's TERM then KILL, done)."""
+
+    def __init__(self) -> None:
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+
+    async def run(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` until it returns or :meth:`stop` is called."""
+        try:
+            with self._scope:
+                await fn()
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Cancel it and wait until it has ended."""
+        self._scope.cancel()
+        await self._done.wait()
 
 
 async def _first(*events: trio.Event) -> None:

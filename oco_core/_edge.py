@@ -674,9 +674,12 @@ async def serve(
     settings: GrpcSettings,
     tls: ServerTls | None,
     *,
+    services: Services | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the bot's gRPC API until cancelled; ``task_status`` gets the bound address.
+    ``services``: the RPCs' implementations, when the caller keeps them (a reload
+    replaces their Authenticator); default: new ones.
 
     When cancelled, open Listen and SendMessageStream streams end at once with OK (the
     protocol's promise: a callback tells a shutdown from a failure), calls in flight get
@@ -686,7 +689,7 @@ async def serve(
     # log line of its own to stderr and splice advice into its error.
     await _probe_listen(settings.listen)
     _check_open_files_limit(settings.max_connections)
-    services = Services(bot, settings)
+    services = services or Services(bot, settings)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         address = await nursery.start(_run_server, services, settings, tls, stop)
