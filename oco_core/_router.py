@@ -455,6 +455,33 @@ class Router:
         self.drop_ghost(subscription.callback_id)
         self._bump()
 
+    def reroute(self, subscription: Subscription, routes: Sequence[Route]) -> None:
+        """Replace the routes of a live stream, which stays open (a reload changed the
+        routes the config declares for its callback); they match once the tables are
+        rebuilt. InvalidPatternError, changing nothing, when the bot's live patterns
+        would exceed the limit."""
+        compiled = self.compile_routes(routes)
+        if subscription not in self._subscriptions:
+            subscription.routes = routes
+            return
+        self._forget_patterns(subscription)
+        new = [key for key in compiled if key not in self._live]
+        added = sum(compiled[key].programsize for key in new)
+        if new and self._program + added > self.limits.total:
+            for key in {(route.pattern, route.ignore_case) for route in subscription.routes}:  # as it was
+                self._live[key] = self._live.get(key, 0) + 1
+                if self._live[key] == 1:
+                    self._program += self._regexes[key].programsize
+            raise InvalidPatternError(
+                new[0][0], f"the bot's live routes would exceed {self.limits.total} RE2 instructions together"
+            )
+        self._regexes.update(compiled)
+        for key in compiled:
+            self._live[key] = self._live.get(key, 0) + 1
+        self._program += added
+        subscription.routes = routes
+        self._bump()
+
     def _forget_patterns(self, subscription: Subscription) -> None:
         for key in {(route.pattern, route.ignore_case) for route in subscription.routes}:
             self._live[key] -= 1
