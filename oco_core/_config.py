@@ -545,6 +545,9 @@ class Config(_Strict):
     http: HttpSettings | None = None
     events: EventSettings = Field(default_factory=EventSettings)
     log_level: str = Field(default="INFO", examples=["info"])
+    #: Where `oco run` writes its process id (and, beside it, how the last reload went)
+    #: for `oco reload`; default: beside ``grpc.address_file`` when that is set.
+    pid_file: Path | None = Field(default=None, examples=["/run/oco/oco.pid"])
 
     @field_validator("log_level")
     @classmethod
