@@ -115,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address-file", type=Path, help="write the gRPC address here once listening (handy with port 0)")
     check = commands.add_parser("check-config", help="validate a config file and the plugins it names")
     _config_option(check)
+    reload = commands.add_parser(
+        "reload",
+        help="make a running bot read its config again (SIGHUP to the pid in its pid file)",
+        description="Send SIGHUP to the running bot whose pid is in the pid file (pid_file in the config, by "
+        "default beside grpc.address_file) and print how the reload went: exit 0 when the bot took the new "
+        "config, 3 when it refused it (it runs on with the old one), another non-zero status when it could not "
+        "be reached.",
+    )
+    _config_option(reload)
+    reload.add_argument("--pid-file", type=Path, help="the bot's pid file (default: as the config says)")
+    reload.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the bot's answer (default: 60)"
+    )
     proto = commands.add_parser("proto", help="write the .proto files, to generate clients in other languages")
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
     _callbacks_arguments(commands)
@@ -296,21 +309,42 @@ def _main(options: argparse.Namespace) -> int:
             from ._conformance import main as conformance
 
             return conformance(options)
-        from ._config import LoadedConfig, load_config
+        from ._config import load_config
 
+        if options.command == "reload":
+            return _reload(options)
         loaded = load_config(options.config)
         if options.command in ("callbacks", "audit", "datastores", "events"):
             return _admin(options, loaded)
         _setup_logging(loaded, options.debug)
         if options.command == "check-config":
             return _check(loaded, options.debug)
-        if options.address_file is not None:
-            config = loaded.config
-            grpc_settings = config.grpc.model_copy(update={"address_file": options.address_file})
-            loaded = LoadedConfig(config.model_copy(update={"grpc": grpc_settings}), loaded.source, loaded.lines)
-        return _run(loaded, options.debug)
+        loaded = _overridden(loaded, options)
+        return _run(loaded, options.debug, lambda: _overridden(load_config(options.config), options))
     except OcoError as exc:
         return _fail(exc, options.debug)
+
+
+def _overridden(loaded: LoadedConfig, options: argparse.Namespace) -> LoadedConfig:
+    """The config with what ``oco run``'s options override (--address-file)."""
+    from ._config import LoadedConfig
+
+    if options.address_file is None:
+        return loaded
+    config = loaded.config
+    grpc_settings = config.grpc.model_copy(update={"address_file": options.address_file})
+    return LoadedConfig(config.model_copy(update={"grpc": grpc_settings}), loaded.source, loaded.lines)
+
+
+def _reload(options: argparse.Namespace) -> int:
+    from ._reload import main, pid_path
+
+    path = options.pid_file
+    if path is None:
+        from ._config import load_config
+
+        path = pid_path(load_config(options.config).config)  # a config the bot would refuse stops here
+    return main(path, options.timeout)
 
 
 def _fail(exc: BaseException, debug: bool) -> int:
@@ -395,7 +429,7 @@ def _check(loaded: LoadedConfig, debug: bool) -> int:
     return EXIT_OK
 
 
-def _run(loaded: LoadedConfig, debug: bool) -> int:
+def _run(loaded: LoadedConfig, debug: bool, read: Callable[[], LoadedConfig] | None = None) -> int:
     import logging
 
     import trio
@@ -417,12 +451,30 @@ def _run(loaded: LoadedConfig, debug: bool) -> int:
         adapters = ", ".join(a.type for a in bot.adapter_entries)
         log.info("no config file: adapter %s, store %s, gRPC on %s", adapters, store, loaded.config.grpc.listen)
 
+    from ._reload import Reloader, pid_file, pid_path, status_path
+
+    pid_at = pid_path(loaded.config)
+    reloader = Reloader(
+        bot,
+        read or (lambda: loaded),
+        lambda: _load_plugins(debug),
+        debug=debug,
+        status_file=None if pid_at is None else status_path(pid_at),
+    )
+
     async def serve() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP reloads the config (_reload.py); the pid file, written once the
+        # signals are ours, is how `oco reload` finds the process.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals, pid_file(pid_at):
+            reloader.started()
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            log.info("received SIGHUP; reloading %s", loaded.source)
+                            nursery.start_soon(reloader.reload)
+                            continue
                         log.info("received %s; shutting down", signal.Signals(signum).name)
                         bot.shutdown()
                         nursery.cancel_scope.deadline = trio.current_time() + 30  # never hang forever
