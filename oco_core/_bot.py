@@ -414,6 +414,11 @@ class StoppableTask:
         finally:
             self._done.set()
 
+    @property
+    def ended(self) -> bool:
+        """Whether it has ended (stopped, or returned: a callback given up on)."""
+        return self._done.is_set()
+
     async def stop(self) -> None:
         """Cancel it and wait until it has ended."""
         self._scope.cancel()

@@ -255,10 +255,10 @@ class Reloader:
                 "reload: %s cannot change while the bot runs; each keeps its running value until a restart applies it",
                 ", ".join(change.restart_only),
             )
+        # Adapters not running (a standby under ha:): the new ones are those it connects
+        # when it becomes the active bot.
         async with bot.holding_adapters() as running:
-            if not running:
-                raise ConfigError("the bot is stopping (its adapters have ended); nothing reloaded")
-            await _apply(bot, candidate, effective(bot.config, loaded.config), loaded, change, self._debug)
+            await _apply(bot, candidate, effective(bot.config, loaded.config), loaded, change, self._debug, running)
         summary = change.summary()
         log.info("reloaded: %s", summary)
         return Outcome(True, summary)
@@ -273,7 +273,9 @@ class Reloader:
             log.warning("could not write the reload status file %s: %s", self._status_file, exc)
 
 
-async def _apply(bot: Bot, candidate: Bot, config: Config, loaded: LoadedConfig, change: Change, debug: bool) -> None:
+async def _apply(
+    bot: Bot, candidate: Bot, config: Config, loaded: LoadedConfig, change: Change, debug: bool, adapters_running: bool
+) -> None:
     """Make the running bot run ``config`` (checked as ``candidate``)."""
     core = bot.core
     old = bot.config
@@ -290,7 +292,7 @@ async def _apply(bot: Bot, candidate: Bot, config: Config, loaded: LoadedConfig,
     if touched:
         await _apply_callbacks(bot, core, candidate, old, config, change)
     if change.adapters_added or change.adapters_removed or change.adapters_changed:
-        await _apply_adapters(bot, core, candidate, change)
+        await _apply_adapters(bot, core, candidate, change, adapters_running)
 
 
 async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config, new: Config, change: Change) -> None:
@@ -351,7 +353,10 @@ async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config,
         if after[cid].command is not None:
             bot.start_callback(after[cid])
     for cid in change.callbacks_changed:
-        if after[cid].command is not None and cid not in bot.launched:  # newly launched
+        task = bot.launched.get(cid)
+        # Newly launched, or given up on (a reload that changes it is the fix the
+        # supervisor's ERROR line asked for).
+        if after[cid].command is not None and (task is None or task.ended):
             bot.start_callback(after[cid])
 
 
@@ -392,7 +397,11 @@ def _quota_store(store: object) -> QuotaStore | None:
     return None
 
 
-async def _apply_adapters(bot: Bot, core: BotCore, candidate: Bot, change: Change) -> None:
+async def _apply_adapters(bot: Bot, core: BotCore, candidate: Bot, change: Change, running: bool) -> None:
+    bot.adapter_entries = candidate.adapter_entries
+    bot._adapter_specs = candidate._adapter_specs
+    if not running or bot._adapters is None:  # a standby: it connects these once active
+        return
     async with trio.open_nursery() as nursery:
         for name in change.adapters_removed + change.adapters_changed:
             task = bot.adapter_tasks.pop(name, None)
@@ -405,8 +414,6 @@ async def _apply_adapters(bot: Bot, core: BotCore, candidate: Bot, change: Chang
     for name in change.adapters_added + change.adapters_changed:
         kind, options = specs[name]
         bot.start_adapter(core, name, kind, options)
-    bot.adapter_entries = candidate.adapter_entries
-    bot._adapter_specs = candidate._adapter_specs
 
 
 # -- the pid file, the status file, and `oco reload` ---------------------------------------

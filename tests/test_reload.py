@@ -301,3 +301,13 @@ def test_the_pid_file_goes_beside_the_address_file_by_default(tmp_path: Path) ->
     named = parse_config(f"pid_file: {tmp_path / 'x.pid'}").config
     assert pid_path(named) == tmp_path / "x.pid"
     assert status_path(tmp_path / "x.pid") == tmp_path / "x.pid.reload"
+
+
+async def test_a_callback_given_up_on_starts_again_once_a_reload_fixes_it(tmp_path: Path) -> None:
+    broken = '[{id: example, command: [python, -c, "raise SystemExit(1)"], give_up_after: 1}]'
+    async with run_oco(config(tmp_path, broken), tmp_path) as bot:
+        chat = Chat(await bot.written("control.address"))
+        await bot.expect(r"callback 'example' .*not restarting it", stream="stderr")
+        out = await reload(bot, config(tmp_path, f"[{{id: example, command: {PING}, give_up_after: 1}}]"))
+        assert out == "reloaded: callbacks ~example; restarted example\n"
+        assert await chat.say("oco ping") == "PONG"
