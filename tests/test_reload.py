@@ -310,4 +310,5 @@ async def test_a_callback_given_up_on_starts_again_once_a_reload_fixes_it(tmp_pa
         await bot.expect(r"callback 'example' .*not restarting it", stream="stderr")
         out = await reload(bot, config(tmp_path, f"[{{id: example, command: {PING}, give_up_after: 1}}]"))
         assert out == "reloaded: callbacks ~example; restarted example\n"
+        await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert await chat.say("oco ping") == "PONG"
