@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -27,7 +28,7 @@ from typing import Any
 
 import trio
 
-from ._errors import StoreError, StoreUnavailableError
+from ._errors import StoreError, StoreUnavailableError, VersionConflictError
 from ._store import Store
 from ._timing import Backoff
 
@@ -65,7 +66,8 @@ class AuditRecord:
     - ``route``: a person's message matched a route that needs a permission or is
       limited to some rooms (denied), or a respond route delivered its match (allowed);
     - ``rate_limit``: a person or a callback went over its rate limit (denied);
-    - ``admin``: an admin command from chat (grant, revoke, link, ...);
+    - ``admin``: an admin command from chat (grant, revoke, link, rule, ...), or an
+      operator's ``oco roles``/``oco rules`` change (user ``cli/<name>``);
     - ``capability``: a callback's call needed a capability it lacks (denied);
     - ``check_permission``: a callback asked CheckPermission;
     - ``authentication``: a caller was refused for who it is (an unknown secret, a
@@ -259,6 +261,21 @@ class AuditLog:
             except StoreError as exc:
                 log.warning("audit log: pruning failed (will retry): %s", exc)
             await trio.sleep(_PRUNE_EVERY)
+
+
+async def write_now(store: Store, kind: str, decision: str, **details: str) -> AuditRecord:
+    """Write one record at once, not through an AuditLog: for a one-shot command (``oco
+    roles``, ``oco rules``) that has no writer task. Its key is made unique by a random
+    sequence number and written only if absent, so it never replaces a bot's batch."""
+    entry = AuditRecord(time=time.time(), kind=kind, decision=decision, **details)
+    while True:
+        try:
+            await store.set(
+                NAMESPACE, _key(entry.time, secrets.randbelow(100_000_000)), entry.to_json(), expected_version=0
+            )
+            return entry
+        except VersionConflictError:
+            continue
 
 
 async def prune(store: Store, before: float) -> int:

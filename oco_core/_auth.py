@@ -12,7 +12,8 @@ and may grant and revoke roles from chat.
 Everything lives in memory for checks that never wait, and is written through to the
 core store's ``auth`` namespace (one JSON record per person) when it changes, so a
 restarted bot keeps what admins granted; it is read again every few seconds, so bots
-sharing one store see each other's grants.
+sharing one store see each other's grants. The route rules admins set at runtime
+(:mod:`._rules`) are kept and read again the same way, as :attr:`Authorization.rules`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import trio
 
 from ._config import AuthSettings
 from ._errors import StoreError
+from ._rules import RouteRules
 from ._store import Store
 from ._timing import TokenBucket
 
@@ -72,6 +74,8 @@ class Authorization:
     def __init__(self, store: Store, settings: AuthSettings) -> None:
         self._store = store
         self.settings = settings
+        #: The route rules in the store (the config's are in each callback's policy).
+        self.rules = RouteRules(store)
         self._people: dict[str, _Person] = {}
         self._person_of: dict[str, str] = {}
         self._pending_links: dict[tuple[str, str], float] = {}
@@ -115,6 +119,7 @@ class Authorization:
             start = page[-1].key
         if quiet and self._writing == 0 and writes == self._writes:
             self._people, self._person_of = people, person_of
+        await self.rules.load()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read the store again every RELOAD_SECONDS until cancelled."""
@@ -124,7 +129,7 @@ class Authorization:
             try:
                 await self.load()
             except StoreError as exc:
-                log.warning("could not read roles from the store (keeping those in memory): %s", exc)
+                log.warning("could not read roles and rules from the store (keeping those in memory): %s", exc)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     proto.add_argument("--out", "-o", required=True, type=Path, help="directory to write them to")
     _callbacks_arguments(commands)
     _audit_arguments(commands)
+    _roles_arguments(commands)
+    _rules_arguments(commands)
     events = commands.add_parser(
         "events",
         help="show the durable events waiting for callbacks",
@@ -193,6 +195,77 @@ def _audit_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParse
     audit.add_argument("--grep", default="", metavar="TEXT", help="records with TEXT in any field")
     audit.add_argument("--limit", type=_positive, default=50, help="show at most this many, the newest (default 50)")
     audit.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+
+def _operator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="who makes the change, for the audit log (recorded as cli/NAME; default: your login name)",
+    )
+
+
+def _roles_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    roles = commands.add_parser(
+        "roles",
+        help="grant, revoke and list people's roles (kept in the core store)",
+        description="People's roles in the core store, as admins manage them from chat with grant and revoke. "
+        "Works whether a bot runs or not; a running bot applies a change within 5 s. Every change is audited as "
+        "cli/NAME (--as NAME, or your login name).",
+    )
+    actions = roles.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (("grant", "give an account a role"), ("revoke", "take a role from an account")):
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("user", help="the account, as messages carry it: <adapter>/<user id> (irc/bob)")
+        action.add_argument("role", help="the role (auth.roles in the config says what it grants)")
+        _config_option(action)
+        _operator_option(action)
+    listing = actions.add_parser("list", help="who holds which role, and where it comes from (store or config)")
+    listing.add_argument("user", nargs="?", default="", help="only this account: its roles and what they grant")
+    _config_option(listing)
+
+
+def _rules_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rules = commands.add_parser(
+        "rules",
+        help="set, unset and list route rules: who may run a callback's route, and where",
+        description="Route rules: the permission a route needs and the rooms it may match in. The config seeds "
+        "them (callbacks[].route_rules); rules set here or from chat (rule set) are kept in the core store and "
+        "replace the config's rule of the same route; unset brings the config's back. Works whether a bot runs "
+        "or not; a running bot applies a change within 5 s. Every change is audited as cli/NAME.",
+    )
+    actions = rules.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every rule in force and where it comes from (config or store)")
+    listing.add_argument("--callback", type=callback_id, help="only this callback's rules")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    _config_option(listing)
+    text = "change a route's rule (kept in the store); options not given keep the rule's current value"
+    change = actions.add_parser("set", help=text, description=text[0].upper() + text[1:] + ".")
+    unset = actions.add_parser(
+        "unset", help="remove a rule set at runtime: the config's rule for that route (if any) applies again"
+    )
+    for action in (change, unset):
+        action.add_argument("callback", type=callback_id, help="the callback's id")
+        action.add_argument(
+            "route", help="the route's id (its pattern when it has none), or a shell-style pattern of ids (deploy*)"
+        )
+        _config_option(action)
+        _operator_option(action)
+    permission = change.add_mutually_exclusive_group()
+    permission.add_argument("--permission", metavar="PERMISSION", help="the permission a person needs")
+    permission.add_argument("--no-permission", action="store_true", help="anyone may run it")
+    permission.add_argument(
+        "--declared-permission", action="store_true", help="the permission the callback declared for the route"
+    )
+    allow = change.add_mutually_exclusive_group()
+    allow.add_argument(
+        "--allow", action="append", metavar="ROOM", help="only in these rooms (repeat; patterns: irc/#ops-*, private)"
+    )
+    allow.add_argument("--any-room", action="store_true", help="in any room not denied")
+    deny = change.add_mutually_exclusive_group()
+    deny.add_argument("--deny", action="append", metavar="ROOM", help="never in these rooms (repeat; patterns)")
+    deny.add_argument("--no-deny", action="store_true", help="deny no room")
 
 
 def _datastores_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -314,9 +387,9 @@ def _main(options: argparse.Namespace) -> int:
         if options.command == "reload":
             return _reload(options)
         loaded = load_config(options.config)
-        if options.command in ("callbacks", "audit", "datastores", "events"):
+        if options.command in ("callbacks", "audit", "datastores", "events", "roles", "rules"):
             return _admin(options, loaded)
-        _setup_logging(loaded, options.debug)
+        _setup_logging(loaded, options.debug, service=options.command == "run")
         if options.command == "check-config":
             return _check(loaded, options.debug)
         loaded = _overridden(loaded, options)
@@ -369,10 +442,15 @@ def _fail(exc: BaseException, debug: bool) -> int:
     return EXIT_RUNTIME
 
 
-def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False) -> None:
+def _setup_logging(loaded: LoadedConfig, debug: bool, *, quiet: bool = False, service: bool = False) -> None:
     import logging
 
     level = logging.DEBUG if debug else getattr(logging, loaded.config.log_level.upper())
+    if service:  # oco run: log_format and log_file apply (one-shot commands log to stderr)
+        from ._logs import configure
+
+        configure(loaded, level)
+        return
     if quiet and not debug:
         level = max(level, logging.WARNING)  # a command's output is what it prints, not the store's chatter
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -494,6 +572,8 @@ def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
     _setup_logging(loaded, options.debug, quiet=True)
     plugins = _load_plugins(options.debug)
     command = run_datastores if options.command == "datastores" else run
+    if options.command in ("roles", "rules"):
+        from ._auth_cli import run as command
     return _trio_run(lambda: command(options, loaded, plugins))
 
 

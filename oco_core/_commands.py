@@ -24,11 +24,12 @@ from ._errors import StoreError
 from ._router import Route, compile_pattern
 
 if TYPE_CHECKING:
+    from ._config import RouteRule
     from ._core import BotCore, CallbackState
 
 _HELP = re.compile(r"help(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
 _BUILTIN = re.compile(
-    r"(?P<cmd>grant|revoke|roles|who\s+can|link|unlink)(?:\s+(?P<args>.*))?", re.IGNORECASE | re.DOTALL
+    r"(?P<cmd>grant|revoke|roles|who\s+can|link|unlink|rules?)(?:\s+(?P<args>.*))?", re.IGNORECASE | re.DOTALL
 )
 _BUILTIN_HELP = [
     "roles [<user>] - the roles you (or, for admins, <user>) hold",
@@ -37,7 +38,13 @@ _BUILTIN_HELP = [
     "unlink [<account>] - detach an account from your linked accounts",
     "grant <user> <role> - (admins) give <user> a role",
     "revoke <user> <role> - (admins) take a role from <user>",
+    "rule list [<callback>] - (admins) the route rules in force and where each comes from",
+    "rule set <callback> <route> [permission=<p>|no-permission|declared-permission] [allow=<room>,...|any-room] "
+    "[deny=<room>,...|no-deny] - (admins) change who may run a route, and where",
+    "rule unset <callback> <route> - (admins) drop a rule set at runtime (the config's applies again)",
 ]
+#: The words after ``rule`` that make it the bot's own command (else it goes to the routes).
+_RULE_ACTIONS = ("list", "set", "unset")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -154,9 +161,11 @@ class ChatCommands:
         """Whether an addressed message is the bot's own command. `link` is a common
         word for callbacks too ("oco link https://..."): it is ours only when it names
         an account on one of the bot's adapters; otherwise it goes to the routes."""
+        words = args.split()
+        if command.lower() in ("rule", "rules"):  # a common word too: ours only as `rule set|unset|list`
+            return bool(words) and words[0].lower() in _RULE_ACTIONS
         if command.lower() != "link":
             return True
-        words = args.split()
         return len(words) == 1 and words[0].partition("/")[0] in self._core.links
 
     def _answer_help(self, adapter: str, incoming: IncomingMessage, user_id: str, room_id: str, topic: str) -> None:
@@ -200,6 +209,8 @@ class ChatCommands:
                             f"{target} no longer has the role {role}" if changed else f"{target} did not have {role}"
                         )
                     core.record("admin", ALLOWED, **audit, permission=role)
+            elif command in ("rule", "rules"):
+                answer = await self._rule(adapter, incoming, user_id, words, audit)
             elif command == "roles":
                 target = self._user_ref(adapter, words[0]) if words else user_id
                 if target != user_id and not auth.is_admin(user_id) and target not in auth.accounts(user_id):
@@ -244,6 +255,65 @@ class ChatCommands:
             answer = str(exc)
         core.outgoing.reply(adapter, incoming, answer, mention=True)
 
+    async def _rule(
+        self, adapter: str, incoming: IncomingMessage, user_id: str, words: list[str], audit: dict[str, str]
+    ) -> str:
+        """``rule list|set|unset ...``, for admins: the route rules kept in the store."""
+        from ._rules import callback_id_problem, describe, listing
+
+        core = self._core
+        name = core.router.bot_name
+        action = words[0].lower()
+        if not core.auth.is_admin(user_id):
+            core.record("admin", DENIED, **audit)
+            return f"only admins may {'see' if action == 'list' else 'change'} route rules (auth.admins of the config)"
+        rules = core.auth.rules
+        if action == "list":
+            rows = listing(core.config, rules, words[1] if len(words) > 1 else "")
+            if not rows:
+                return "no route rules" + (f" for callback {words[1]}" if len(words) > 1 else "")
+            lines = []
+            for row in rows:
+                permission, allow, deny = describe(row.rule)
+                origin = f"store, set by {row.source}" if row.origin == "store" else f"config, {row.source}"
+                if row.overridden:
+                    origin += ", overridden by the store"
+                lines.append(
+                    f"{row.callback} {row.key}: permission {permission}; rooms {allow}; not in {deny} ({origin})"
+                )
+            return "\n".join(lines)
+        if len(words) < 3:
+            return f"usage: {name} rule {action} <callback> <route>" + (" <change>..." if action == "set" else "")
+        callback_id, key = words[1], words[2]
+        audit = {**audit, "callback": callback_id, "route": key}
+        if action == "unset":
+            if len(words) != 3:
+                return f"usage: {name} rule unset <callback> <route>"
+            removed = await rules.unset(callback_id, key)
+            if not removed:
+                return f"no rule for {callback_id} {key} was set at runtime (`{name} rule list` shows the rules)"
+            core.record("admin", ALLOWED, **audit)
+            back = core_config_rule(core, callback_id, key)
+            return f"removed the rule for {callback_id} {key}" + (
+                "; the config's rule applies again" if back is not None else ""
+            )
+        problem = callback_id_problem(callback_id)
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            current = rules.get(callback_id, key)
+            base = current.rule if current is not None else core_config_rule(core, callback_id, key)
+            rule = _changed_by_words(base, words[3:])
+        except ValueError as exc:
+            return (
+                f"{exc}; usage: {name} rule set <callback> <route> [permission=<p>|no-permission|"
+                "declared-permission] [allow=<room>,...|any-room] [deny=<room>,...|no-deny]"
+            )
+        await rules.set(callback_id, key, rule, user_id)
+        core.record("admin", ALLOWED, **audit, permission=rule.permission or "")
+        permission, allow, deny = describe(rule)
+        return f"{callback_id} {key}: permission {permission}; rooms {allow}; not in {deny} (kept in the store)"
+
     def _user_ref(self, adapter: str, ref: str) -> str:
         """A user named in a command: a full id (``irc/alice``), or a user id on the
         speaker's adapter (``alice``, ``@alice``), as the adapter folds it.
@@ -277,3 +347,49 @@ class ChatCommands:
 
 class _AmbiguousUserError(Exception):
     """A user named in a command could be more than one account; the message says which."""
+
+
+def core_config_rule(core: BotCore, callback_id: str, key: str) -> RouteRule | None:
+    """The config's rule for exactly ``key`` of a callback, if any."""
+    for cb in core.config.callbacks:
+        if cb.id == callback_id:
+            return cb.route_rules.get(key)
+    return None
+
+
+def _changed_by_words(base: RouteRule | None, words: list[str]) -> RouteRule:
+    """``base`` changed by ``permission=deploy allow=irc/#ops,private no-deny`` and the
+    like (see changed_rule); ValueError naming a word it does not know."""
+    from ._rules import changed_rule
+
+    permission: str | None = None
+    allow: list[str] | None = None
+    deny: list[str] | None = None
+    declared = any_room = no_deny = False
+    for word in words:
+        field, sep, value = word.partition("=")
+        field = field.lower()
+        if not sep and field == "no-permission":
+            permission = ""
+        elif not sep and field == "declared-permission":
+            declared = True
+        elif not sep and field == "any-room":
+            any_room = True
+        elif not sep and field == "no-deny":
+            no_deny = True
+        elif sep and field == "permission" and value:
+            permission = value
+        elif sep and field in ("allow", "deny") and value:
+            rooms = [room for room in value.split(",") if room]
+            allow, deny = (rooms, deny) if field == "allow" else (allow, rooms)
+        else:
+            raise ValueError(f"{word!r} is no change a rule knows")
+    return changed_rule(
+        base,
+        permission=permission,
+        declared_permission=declared,
+        allow=allow,
+        any_room=any_room,
+        deny=deny,
+        no_deny=no_deny,
+    )

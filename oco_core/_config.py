@@ -545,6 +545,15 @@ class Config(_Strict):
     http: HttpSettings | None = None
     events: EventSettings = Field(default_factory=EventSettings)
     log_level: str = Field(default="INFO", examples=["info"])
+    #: How `oco run` writes its log: ``text`` lines, or ``json``, one object a line
+    #: (time, level, logger, message, exception), for a log shipper.
+    log_format: Literal["text", "json"] = "text"
+    #: A file `oco run` logs to instead of standard error, rotated by size.
+    log_file: Path | None = Field(default=None, examples=["/var/log/oco/oco.log"])
+    #: Size at which the log file is rotated (renamed to ``.1``, and so on).
+    log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    #: Rotated log files kept beside the current one; the oldest goes.
+    log_backups: int = Field(default=5, ge=1)
     #: Where `oco run` writes its process id (and, beside it, how the last reload went)
     #: for `oco reload`; default: beside ``grpc.address_file`` when that is set.
     pid_file: Path | None = Field(default=None, examples=["/run/oco/oco.pid"])

@@ -194,19 +194,21 @@ class CallbackPolicy:
         #: The audit log's ``record`` (kind, decision, **details).
         self._record = record or (lambda *args, **details: None)
 
-    def rule(self, route_id: str) -> RouteRule | None:
+    def rule(self, route_id: str, stored: Mapping[str, RouteRule] | None = None) -> RouteRule | None:
         """The operator's rule for a route: the one keyed by its id, else the first
-        pattern key (``deploy*``) that matches it, in the order the config lists them."""
-        rule = self.route_rules.get(route_id)
+        pattern key (``deploy*``) that matches it, in the order the config lists them.
+        ``stored``: the rules admins set at runtime (``_rules``), which replace the
+        config's of the same key; keys only they have are tried after the config's."""
+        rules = {**self.route_rules, **stored} if stored else self.route_rules
+        rule = rules.get(route_id)
         if rule is not None:
             return rule
-        return next(
-            (r for name, r in self.route_rules.items() if _rule_names_route(name, route_id, self._declared)), None
-        )
+        return next((r for name, r in rules.items() if _rule_names_route(name, route_id, self._declared)), None)
 
-    def access(self, route: Route) -> RouteAccess:
-        """The permission ``route`` needs and the rooms it may match in."""
-        rule = self.rule(route.id)
+    def access(self, route: Route, stored: Mapping[str, RouteRule] | None = None) -> RouteAccess:
+        """The permission ``route`` needs and the rooms it may match in (``stored``: as
+        for :meth:`rule`)."""
+        rule = self.rule(route.id, stored)
         if rule is None:
             return RouteAccess(route.permission)
         permission = route.permission if rule.permission is None else rule.permission
@@ -354,9 +356,14 @@ class Policies:
             )
         return policy
 
+    def access(self, callback_id: str, route: Route) -> RouteAccess:
+        """Who may run ``route`` of a callback, and where: the rules admins set at
+        runtime (kept in the store) over the config's, over what the callback declared."""
+        return self.policy(callback_id).access(route, self._auth.rules.for_callback(callback_id))
+
     def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:
         """Whether a person may run a route in a room (without recording it), for help."""
-        access = self.policy(callback_id).access(route)
+        access = self.access(callback_id, route)
         if not access.allows_room(room_id):
             return False
         return not access.permission or self._auth.check(user_id, access.permission).allowed
@@ -394,7 +401,7 @@ class MessageGate:
 
     def __call__(self, callback_id: str, route: Route) -> bool:
         self.asked += 1
-        access = self._policies.policy(callback_id).access(route)
+        access = self._policies.access(callback_id, route)
         permission = access.permission
         if not access.allows_room(self._room):
             where = self._room or PRIVATE_ROOM

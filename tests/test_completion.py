@@ -22,7 +22,9 @@ from oco_core.testing.pytest_plugin import server_unavailable
 #: (the command line, the cursor at its end; what completing the last word offers,
 #: help options aside). "{tmp}" is the test's directory, holding oco.yaml.
 CASES: list[tuple[list[str], set[str]]] = [
-    (["oco", "ru"], {"run"}),
+    (["oco", "ru"], {"rules", "run"}),
+    (["oco", "rules", "set", "--n"], {"--no-deny", "--no-permission"}),
+    (["oco", "roles", ""], {"grant", "list", "revoke"}),
     (["oco", "callbacks", ""], {"add", "list", "remove", "rotate"}),
     (["oco", "datastores", "re"], {"revoke"}),
     (["oco", "audit", "--decision", ""], {"allowed", "denied"}),
