@@ -21,6 +21,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import RateLimitedError as RateLimitedError
     from ._errors import RequestTooLargeError as RequestTooLargeError
     from ._errors import SecretRefusedError as SecretRefusedError
+    from ._errors import StandbyError as StandbyError
     from ._errors import StoreError as StoreError
     from ._errors import StoreUnavailableError as StoreUnavailableError
     from ._errors import UnknownTargetError as UnknownTargetError
@@ -66,6 +67,7 @@ __all__ = [
     "Room",
     "ScheduleFiring",
     "SecretRefusedError",
+    "StandbyError",
     "Storage",
     "StoreError",
     "StoreUnavailableError",

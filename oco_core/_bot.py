@@ -37,6 +37,7 @@ from ._edge import Services, serve
 from ._errors import AdapterError, ConfigError, StoreUnavailableError
 from ._events import EventHub
 from ._incoming import AdapterLink
+from ._leader import Leader, Solo, advertised, unshared_store_problem
 from ._plugins import Plugins
 from ._policy import matches_any
 from ._quota import QuotaStore
@@ -93,6 +94,12 @@ class Bot:
             options = validate_section(loaded, ("adapters", index), kind.config_model, entry.options())
             self._adapter_specs.append((entry.instance_name, kind, options))
         self._store_type, self._store_options = configured_store(loaded, plugins)
+        if config.ha is not None:
+            unshared = unshared_store_problem(self._store_type.name, self._store_options)
+            if unshared is not None:
+                raise loaded.error(("ha",), unshared)
+        #: Whether this bot is the active one (``ha:``; without it, always).
+        self.leader: Leader | Solo = Solo()
         offered = [kind.name for kind, _ in configured_datastores(loaded, plugins)]  # opened by open()
         for cb_index, cb in enumerate(config.callbacks):
             for r_index, datastore in enumerate(cb.requires):
@@ -200,12 +207,15 @@ class Bot:
             datastores = await stack.enter_async_context(
                 open_datastores(self.loaded, self._plugins, store, audit.record)
             )
+            if config.ha is not None:
+                self.leader = Leader(store, config.ha)  # runs once the servers listen (_serve)
             tasks = await stack.enter_async_context(trio.open_nursery())
             await tasks.start(directory.run)
             await tasks.start(audit.run)
             await tasks.start(auth.run)
             await tasks.start(self.router.maintain)
             events = EventHub(config, store, self.router, tasks.start_soon)
+            events.leader = self.leader
             await tasks.start(events.run)
             core = BotCore(
                 config=config,
@@ -220,6 +230,7 @@ class Bot:
                 stats=self._stats,
                 events=events,
             )
+            core.leader = self.leader
             self._core = core
             try:
                 yield core
@@ -263,9 +274,14 @@ class Bot:
             self.services = Services(core, self.config.grpc)
             self.address = await nursery.start(partial(serve, core, self.config.grpc, tls, services=self.services))
             # Schedules fire through the hub into the store; callbacks get them once connected.
-            await nursery.start(run_schedules, core.events, core.store)
+            await nursery.start(self._while_active, partial(run_schedules, core.events, core.store))
             if self.config.http is not None:
                 self.http_address = await nursery.start(self._serve_http, core)
+            if isinstance(self.leader, Leader):
+                assert self.config.ha is not None
+                self.leader.grpc_address = advertised(self.address, self.config.ha.advertise_grpc)
+                if self.http_address:
+                    self.leader.http_address = advertised(self.http_address, self.config.ha.advertise_http)
             with trio.CancelScope() as self._shutdown:
                 async with trio.open_nursery() as workers:
                     self._workers = workers
@@ -273,6 +289,30 @@ class Bot:
                         if cb.command is not None:
                             self.start_callback(cb)
                     await self._wait_for_callbacks()
+                    if isinstance(self.leader, Leader):
+                        # Only now: a standby that took over before its callbacks are
+                        # connected would answer nothing.
+                        await nursery.start(self.leader.run)
+                    await self._run_adapters(core, task_status)
+                    log.info("every adapter has ended; shutting down")
+                    workers.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+    async def _run_adapters(self, core: BotCore, task_status: trio.TaskStatus[str]) -> None:
+        # Only the active bot connects to chat (ha:): a standby waits here, up and serving
+        # gRPC; an active bot that steps down disconnects its adapters and waits again.
+        started = False
+        while True:
+            if not self.leader.acting():
+                if not started:
+                    started = True
+                    log.info("bot %r is up as a standby (ha:): gRPC on %s", self.config.bot.name, self.address)
+                    self.up.set()
+                    task_status.started(self.address)
+                await self.leader.wait_active()
+            with trio.CancelScope() as standing_down:
+                async with trio.open_nursery() as guard:
+                    guard.start_soon(self._stand_down_on, standing_down)
                     async with trio.open_nursery() as adapters:
                         self._adapters = adapters
                         # Adapters connect side by side; one whose server is down holds
@@ -287,13 +327,36 @@ class Bot:
                         slow = [name for name, attempt in attempts.items() if not attempt.is_set()]
                         if slow:
                             log.warning("adapter(s) %s still connecting; the bot is up meanwhile", ", ".join(slow))
-                        log.info("bot %r is up: gRPC on %s", self.config.bot.name, self.address)
-                        self.up.set()
-                        task_status.started(self.address)
+                        if not started:
+                            started = True
+                            log.info("bot %r is up: gRPC on %s", self.config.bot.name, self.address)
+                            self.up.set()
+                            task_status.started(self.address)
                     self._adapters = None
-                    log.info("every adapter has ended; shutting down")
-                    workers.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+                    guard.cancel_scope.cancel()
+            if not standing_down.cancelled_caught:
+                return  # every adapter ended: the bot stops
+            self._adapters = None
+            self.adapter_tasks.clear()
+            core.links.clear()
+            log.info("adapters disconnected: this bot stands by")
+
+    async def _stand_down_on(self, scope: trio.CancelScope) -> None:
+        await self.leader.wait_stepped_down()
+        scope.cancel()
+
+    async def _while_active(
+        self, fn: Callable[..., Awaitable[object]], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``fn`` (started with ``task_status``) whenever this bot is the active one
+        (always, without ``ha:``), cancelling it when the bot steps down."""
+        task_status.started()
+        while True:
+            await self.leader.wait_active()
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stand_down_on, scope)
+                    await nursery.start(fn)
 
     async def _serve_http(self, core: BotCore, *, task_status: trio.TaskStatus[str]) -> None:
         # Imported here: a bot without http: never loads Hypercorn.

@@ -291,6 +291,41 @@ class EventSettings(_Strict):
     )
 
 
+class HaSettings(_Strict):
+    """``ha:`` — high availability: several ``oco run`` with this config and one shared
+    core store (PostgreSQL or Redis) elect one active bot through a lease in that store;
+    the others stand by (see README, "Running two bots")."""
+
+    lease: float = Field(
+        default=3.0,
+        gt=0,
+        description="Seconds a lease record may stay unrenewed before a standby takes over (its own clock).",
+    )
+    renew_interval: float = Field(
+        default=0.5, gt=0, description="Seconds between the active bot's renewals and the standbys' looks."
+    )
+    fence_margin: float = Field(
+        default=0.5,
+        ge=0,
+        description="The active bot stops acting this many seconds before a standby may take over.",
+    )
+    #: The gRPC address callbacks reach this bot at, put in its lease record (default:
+    #: the address it listens on, with this host's name for a wildcard host).
+    advertise_grpc: str | None = Field(default=None, examples=["oco-1.internal:50051"])
+    #: The same for its HTTP server (named in a standby's 503 to webhook callers).
+    advertise_http: str | None = Field(default=None, examples=["oco-1.internal:8080"])
+
+    @model_validator(mode="after")
+    def _renewals_fit(self) -> HaSettings:
+        # Two renewals must fit before the bot fences itself, or one slow write stops it.
+        if self.fence_margin >= self.lease or 2 * self.renew_interval > self.lease - self.fence_margin:
+            raise ValueError(
+                f"ha.lease ({self.lease:g} s) must exceed ha.fence_margin ({self.fence_margin:g} s) by at least two "
+                f"ha.renew_interval ({self.renew_interval:g} s); lengthen the lease or renew more often"
+            )
+        return self
+
+
 class HmacSettings(_Strict):
     """``webhook_auth.hmac:`` — the body signed with a shared secret (GitHub's form by default)."""
 
@@ -544,6 +579,8 @@ class Config(_Strict):
     #: The bot's HTTP server; none unless configured.
     http: HttpSettings | None = None
     events: EventSettings = Field(default_factory=EventSettings)
+    #: High availability (one active bot, any number of standbys); off unless configured.
+    ha: HaSettings | None = None
     log_level: str = Field(default="INFO", examples=["info"])
     #: How `oco run` writes its log: ``text`` lines, or ``json``, one object a line
     #: (time, level, logger, message, exception), for a log shipper.

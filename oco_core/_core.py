@@ -23,6 +23,7 @@ from ._datastores import DataStores
 from ._directory import Directory
 from ._events import EventHub
 from ._incoming import AdapterLink, Incoming
+from ._leader import Leader, Solo
 from ._outgoing import Outgoing
 from ._policy import CallbackPolicy, Policies, fold_patterns
 from ._proto import core_pb2, robot_pb2
@@ -132,6 +133,8 @@ class BotCore:
         self.activity = Activity()
         #: The adapters by instance name, once they are created (after the callbacks connect).
         self.links: dict[str, AdapterLink] = {}
+        #: Whether this bot is the active one (``ha:``): asked before anything reaches chat.
+        self.leader: Leader | Solo = Solo()
         self.policies = Policies(config, auth, self.record, router.bot_name, self.canonical_rooms)
         self._tasks = tasks
         self.outgoing = Outgoing(self)

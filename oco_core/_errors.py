@@ -6,6 +6,7 @@
     ├── ConfigError           the configuration is malformed or names something unknown
     ├── PluginError           a plugin is missing, broken or misdeclared
     ├── SecretRefusedError    `oco callbacks add/rotate/remove` refused (secret present, absent, configured)
+    ├── StandbyError          this bot is a standby (or fenced): ask the active one (UNAVAILABLE; ``active_address``)
     ├── AdapterError          a chat adapter cannot do what was asked (UNAVAILABLE; ``sent``)
     │   └── UnknownTargetError    no such room or user on that adapter (NOT_FOUND)
     ├── StoreError            the core store failed
@@ -88,6 +89,20 @@ class AdapterError(OcoError):
 class UnknownTargetError(AdapterError):
     """The room or user a message or request names does not exist on its adapter.
     The gRPC edge answers NOT_FOUND."""
+
+
+class StandbyError(OcoError):
+    """This bot is a standby (``ha:``), or an active one that could not renew its lease
+    and stopped acting: only the active bot sends to chat, publishes and takes webhooks.
+
+    ``active_address`` is the active bot's gRPC address as its lease record says ("" when
+    none is known); the gRPC edge answers UNAVAILABLE with it in trailing metadata
+    (``oco-error-active-address``), and the SDK retries there.
+    """
+
+    def __init__(self, message: str, *, active_address: str = "") -> None:
+        super().__init__(message)
+        self.active_address = active_address
 
 
 class StoreError(OcoError):
@@ -250,6 +265,7 @@ WIRE: tuple[WireType, ...] = (
     _entry(UnknownTargetError, _C.NOT_FOUND, optional=["sent"], sent=int),
     _entry(AdapterError, _C.UNAVAILABLE, optional=["sent"], sent=int),
     _entry(SecretRefusedError, _C.INTERNAL),
+    _entry(StandbyError, _C.UNAVAILABLE, active_address=str),
     _entry(ConfigError, _C.INTERNAL),
     _entry(PluginError, _C.INTERNAL),
     _entry(OcoError, _C.INTERNAL),

@@ -31,7 +31,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -39,6 +39,7 @@ import trio
 
 from ._config import Config, ScheduleSettings
 from ._errors import StoreError
+from ._leader import Leader, Solo
 from ._proto import core_pb2, robot_pb2
 from ._router import Queued, Router, Subscription
 from ._store import Store
@@ -302,12 +303,30 @@ class EventHub:
         self._count = itertools.count()
         self.schedules_version = 0
         self._schedules_changed = trio.Event()
+        #: Only the active bot (``ha:``) hands events out; a standby keeps none in memory.
+        self.leader: Leader | Solo = Solo()
 
     # -- start-up and background work -------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load the events kept in the store, then deliver, sweep and delete until cancelled."""
-        await self._load()
+        """Load the events kept in the store, then deliver, sweep and delete until cancelled;
+        with ``ha:`` only while this bot is the active one (loading again each time)."""
+        if not self.leader.acting():
+            task_status.started()  # a standby is ready without them
+            task_status = trio.TASK_STATUS_IGNORED
+        while True:
+            await self.leader.wait_active()
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as guard:
+                    guard.start_soon(_cancel_when, self.leader.wait_stepped_down, scope)
+                    await self._load()
+                    await self._deliver(task_status)
+            task_status = trio.TASK_STATUS_IGNORED
+            # Stepped down: what it held is in the store, for the active bot to hand out.
+            self._outboxes.clear()
+            self._in_flight = dict.fromkeys(self._in_flight, 0)
+
+    async def _deliver(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._delete_acknowledged)
             task_status.started()
@@ -629,7 +648,7 @@ class EventHub:
     def _pump(self, callback_id: str) -> None:
         """Hand the callback's waiting events, oldest first, to its streams with room."""
         outbox = self._outboxes.get(callback_id)
-        if outbox is None or not outbox.pending:
+        if outbox is None or not outbox.pending or not self.leader.acting():
             return
         window = self.settings.max_unacknowledged
         # Streams with room; one that fills up leaves the list, and when none is left the
@@ -758,6 +777,7 @@ class EventHub:
         self, publisher: str, topic: str, payload: bytes, attributes: dict[str, str] | None = None
     ) -> tuple[str, int]:
         """Hand an event to every callback subscribed to ``topic``; its id and how many."""
+        self.leader.check()  # a standby would keep it where the active bot never looks
         published = core_pb2.PublishedEvent(
             id=uuid.uuid4().hex,
             topic=topic,
@@ -775,7 +795,7 @@ class EventHub:
 
     async def publish_own(self, topic: str, payload: bytes) -> None:
         """Publish one of the bot's own topics; a store failure is logged, not raised."""
-        if not self.subscribers(topic):
+        if not self.subscribers(topic) or not self.leader.acting():
             return
         try:
             await self.publish(BOT_PUBLISHER, topic, payload)
@@ -825,3 +845,8 @@ def _copy(event: core_pb2.Event) -> core_pb2.Event:
     copy = core_pb2.Event()
     copy.CopyFrom(event)
     return copy
+
+
+async def _cancel_when(event: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await event()
+    scope.cancel()

@@ -63,6 +63,8 @@ class Incoming:
     def message(self, adapter: str, incoming: IncomingMessage) -> None:
         """Route one chat message; never waits."""
         core = self._core
+        if not core.leader.acting():
+            return  # fenced (ha:): what the adapter still delivers is the new active bot's to answer
         core.stats.received += 1
         core.activity.touch()
         if incoming.edit_of:

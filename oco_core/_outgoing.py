@@ -110,6 +110,8 @@ class Outgoing:
 
     async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
         """Send every message of ``request`` in order, after checking all of them."""
+        leader = self._core.leader
+        leader.check()  # a standby's adapters are not connected: say where the active one is
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
         policy = self._core.policy(callback_id)
         targets = [self.target(link, out) for link, out in resolved]
@@ -117,6 +119,7 @@ class Outgoing:
             policy.require_send(target, f"message {index}")
         policy.take_send(len(resolved))
         for sent, (link, out) in enumerate(resolved):
+            leader.check()  # the fence, right before it goes out (ha:)
             try:
                 await link.adapter.send(out)
             except AdapterError as exc:
@@ -132,6 +135,7 @@ class Outgoing:
         ident = room.id or room.name
         if not ident:
             raise InvalidRequestError("the room has neither id nor name")
+        self._core.leader.check()
         link, native = self._split(ident, "room")
         try:
             if leave:
@@ -156,6 +160,8 @@ class Outgoing:
         link = self._core.links[adapter]
 
         async def send() -> None:
+            if not self._core.leader.acting():  # fenced meanwhile (ha:): say nothing
+                return
             try:
                 await link.adapter.send(out)
             except AdapterError as exc:

@@ -255,6 +255,13 @@ class Webhooks:
             log.debug("webhook client %s went away before its request was read", _peer(scope))
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        leader = self.core.leader
+        if not leader.acting():  # a standby (ha:): the load balancer or caller goes to the active bot
+            active = leader.active_http_address
+            where = f"the active bot serves HTTP at {active}" if active else "no active bot is known yet"
+            extra = [("retry-after", "1")] + ([("oco-active-address", active)] if active else [])
+            await respond(send, 503, f"this bot is a standby; {where}\n".encode(), extra)
+            return
         received = time.time()
         callback_id, slash, rest = scope["path"][len(PREFIX) + 1 :].partition("/")
         method: str = scope["method"]

@@ -38,6 +38,7 @@ PINNED: dict[str, frozenset[str]] = {
             "RateLimitedError",
             "RequestTooLargeError",
             "SecretRefusedError",
+            "StandbyError",
             "StoreError",
             "StoreUnavailableError",
             "UnknownTargetError",

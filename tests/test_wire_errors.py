@@ -58,6 +58,7 @@ SAMPLES: dict[type[OcoError], OcoError] = {
         _errors.ConfigError("bot.name: must not be empty"),
         _errors.PluginError("no adapter type 'slack': pip install oco-adapter-slack"),
         _errors.SecretRefusedError("callback 'ops' already has a secret; rotate it instead"),
+        _errors.StandbyError("this bot is a standby", active_address="oco-2.internal:50051"),
         AdapterError("the IRC connection is down", sent=2),
         UnknownTargetError("no room 'nowhere'"),
         _errors.StoreError("store database failed: disk full"),

@@ -1,0 +1,232 @@
+"""High availability (``ha:``): two real ``oco run`` processes share the local PostgreSQL;
+one is active (its memory adapter connects, its control service answers), the other
+stands by; killing, pausing and stopping the active one hands chat to the standby.
+
+ngircd-based failover (one shared channel, duplicates counted) lives with the IRC
+adapter's tests; the Redis store's own tests run the same election on Redis."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import trio
+
+from oco_core._proto import control_pb2, control_pb2_grpc, core_pb2, robot_pb2, robot_pb2_grpc
+from oco_core.testing import OcoProcess, oco_cli, run_oco
+
+PING = '["python", "-m", "oco_core.examples.ping"]'
+SECRET = "h" * 32
+AUTH = (("authorization", f"Bearer {SECRET}"),)
+
+
+def ha_config(url: str, prefix: str, *, ha: str = "{}") -> str:
+    """Two bots with this config and one store elect one active bot."""
+    return (
+        "adapters:\n"
+        '  - {type: memory, control: "127.0.0.1:0", control_address_file: control.address}\n'
+        "grpc: {listen: '127.0.0.1:0'}\n"
+        "http: {listen: '127.0.0.1:0', address_file: http.address}\n"
+        f"store: {{url: '{url}', table_prefix: '{prefix}'}}\n"
+        f"ha: {ha}\n"
+        "callbacks:\n"
+        f"  - {{id: ping, command: {PING}}}\n"
+        f"  - {{id: hold, secret: {SECRET}}}\n"
+    )
+
+
+class Chat:
+    """Plays a chat user through one bot's memory adapter (its control service)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.seen = 0
+
+    def _say(self, body: str, wait: float) -> list[core_pb2.Message | control_pb2.SentMessage]:
+        with grpc.insecure_channel(self.address) as channel:
+            control = control_pb2_grpc.MemoryControlStub(channel)
+            if body:
+                control.Inject(control_pb2.InjectRequest(body=body, user="alice", room="general"), timeout=10)
+            sent = control.ListSent(
+                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
+            )
+        if sent.messages:
+            self.seen = sent.messages[-1].seq
+        return list(sent.messages)
+
+    async def say(self, body: str, *, wait: float = 10.0) -> str:
+        """Write ``body``; the bot's first answer ("" when none within ``wait``)."""
+        answers = await trio.to_thread.run_sync(self._say, body, wait)
+        return answers[0].body if answers else ""
+
+
+async def active_chat(bot: OcoProcess, timeout: float = 30.0) -> Chat:
+    """The chat of ``bot`` once it is active (its memory adapter writes its control
+    address only when it connects, which only the active bot does)."""
+    return Chat(await bot.written("control.address", timeout=timeout))
+
+
+async def test_sigkill_of_the_active_bot_hands_chat_to_the_standby_within_5_s(
+    tmp_path: Path, postgres_tables: tuple[str, str]
+) -> None:
+    config = ha_config(*postgres_tables)
+    async with run_oco(config, tmp_path / "a") as a:
+        chat_a = await active_chat(a)
+        assert await chat_a.say("oco ping") == "PONG"
+        async with run_oco(config, tmp_path / "b") as b:
+            await b.expect(r"up as a standby", stream="stderr")
+            # A standby connects no adapter, answers webhooks 503 naming the active one,
+            # and refuses sends with UNAVAILABLE naming the active one's gRPC address.
+            assert not (b.workdir / "control.address").exists()
+            http_a = await a.written("http.address")
+            http_b = await b.written("http.address")
+            async with httpx.AsyncClient() as client:
+                answer = await client.post(f"http://{http_b}/hooks/ping/x", content=b"{}")
+            assert answer.status_code == 503
+            assert http_a in answer.text
+            assert answer.headers["oco-active-address"] == http_a
+            refused = await send(b.address, "general", "hello")
+            assert refused is not None
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE
+            trailers = trailing(refused)
+            assert trailers["oco-error-type"] == "StandbyError"
+            assert trailers["oco-error-active-address"] == a.address
+
+            killed = trio.current_time()
+            a.process.send_signal(signal.SIGKILL)
+            chat_b = await active_chat(b, timeout=10)
+            assert await chat_b.say("oco ping", wait=5) == "PONG"
+            took = trio.current_time() - killed
+            assert took < 5.0, f"the standby answered {took:.2f} s after the kill"
+            assert await send(b.address, "general", "hello from the new active bot") is None
+            await b.expect(r"ha: this bot is now active \(fencing token 2\)", stream="stderr")
+
+
+async def test_a_paused_active_bot_resumes_sending_nothing_and_steps_down(
+    tmp_path: Path, postgres_tables: tuple[str, str]
+) -> None:
+    config = ha_config(*postgres_tables)
+    async with run_oco(config, tmp_path / "a") as a, trio.open_nursery() as nursery:
+        chat_a = await active_chat(a)
+        async with run_oco(config, tmp_path / "b") as b:
+            await b.expect(r"up as a standby", stream="stderr")
+            # A callback of the active bot holds a message it will answer late.
+            events: trio.MemorySendChannel[core_pb2.Event]
+            events, received = trio.open_memory_channel[core_pb2.Event](10)
+            nursery.start_soon(listen, a.address, events)
+            await trio.sleep(0.5)  # the stream's routes are live
+            assert await chat_a.say("hold this", wait=0.5) == ""
+            with trio.fail_after(10):
+                held = (await received.receive()).matched_message.message
+            assert held.body == "hold this"
+
+            a.process.send_signal(signal.SIGSTOP)
+            try:
+                chat_b = await active_chat(b, timeout=10)
+                assert await chat_b.say("oco ping") == "PONG"
+            finally:
+                a.process.send_signal(signal.SIGCONT)
+            # The resumed bot's lease is stale: it sends nothing, and says where to (once
+            # it has looked at the lease again: until then, that it does not know).
+            with trio.fail_after(5):
+                while True:
+                    refused = await send(a.address, held.source.room.id, "late answer", in_reply_to=held.id)
+                    assert refused is not None
+                    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+                    trailers = trailing(refused)
+                    if trailers["oco-error-active-address"] == b.address:
+                        break
+                    assert trailers["oco-error-active-address"] == "", trailers
+                    await trio.sleep(0.1)
+            await a.expect(r"WARNING .*ha: this bot stopped acting and stands by", stream="stderr")
+            await a.expect(r"adapters disconnected: this bot stands by", stream="stderr")
+            # Sent where it said: the new active bot delivers it, once.
+            assert await send(b.address, held.source.room.id, "late answer", in_reply_to=held.id) is None
+            assert await chat_b.say("", wait=5) == "late answer"
+            await trio.sleep(1.0)  # a bot that steps down warns once, not on every look
+            assert len(a.stderr.matches(r"ha: this bot stopped acting")) == 1
+            assert not a.stderr.matches(r"ha: this bot is now active \(fencing token 3\)")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopping_active_bot_hands_over_at_once(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
+    # A lease of 20 s: only the release at shutdown explains a takeover within 3 s.
+    config = ha_config(*postgres_tables, ha="{lease: 20, renew_interval: 0.5}")
+    async with run_oco(config, tmp_path / "a") as a:
+        await active_chat(a)
+        async with run_oco(config, tmp_path / "b") as b:
+            await b.expect(r"up as a standby", stream="stderr")
+            stopped = trio.current_time()
+            assert await a.stop() == 0
+            await a.expect(r"ha: released the lease", stream="stderr")
+            chat_b = await active_chat(b, timeout=5)
+            assert trio.current_time() - stopped < 3.0
+            assert await chat_b.say("oco ping") == "PONG"
+            await b.expect(r"the active bot released the lease", stream="stderr")
+
+
+@pytest.mark.parametrize("store", ["store: {url: 'sqlite:///oco.db'}\n", ""], ids=["sqlite", "default"])
+def test_ha_needs_a_store_bots_share(tmp_path: Path, store: str) -> None:
+    (tmp_path / "oco.yaml").write_text(f"adapters: [{{type: memory}}]\n{store}ha: {{}}\ncallbacks: []\n")
+    for command in ("check-config", "run"):
+        done = oco_cli(command, "--config", str(tmp_path / "oco.yaml"), cwd=tmp_path, timeout=60)
+        assert done.returncode != 0, (command, done.stdout, done.stderr)
+        assert "ha needs a store several bots share: PostgreSQL or Redis" in done.stdout + done.stderr
+
+
+def test_a_lease_too_short_for_two_renewals_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "oco.yaml").write_text("ha: {lease: 1, renew_interval: 0.5}\ncallbacks: []\n")
+    done = oco_cli("check-config", "--config", str(tmp_path / "oco.yaml"), cwd=tmp_path, timeout=60)
+    assert done.returncode != 0
+    assert "by at least two ha.renew_interval" in done.stdout + done.stderr
+
+
+def trailing(error: grpc.RpcError) -> dict[str, str]:
+    """The trailing metadata of a failed call."""
+    pairs: Any = error.trailing_metadata() or ()  # a grpc.Call's
+    return {str(key): str(value) for key, value in pairs}
+
+
+async def send(address: str, room: str, body: str, *, in_reply_to: str = "") -> grpc.RpcError | None:
+    """SendMessages as the dial-in callback; the error, or None when it was sent."""
+
+    def work() -> grpc.RpcError | None:
+        with grpc.insecure_channel(address) as channel:
+            message = core_pb2.Message(body=body, source=core_pb2.Source(room=core_pb2.Room(id=room)))
+            message.in_reply_to = in_reply_to
+            try:
+                robot_pb2_grpc.RobotStub(channel).SendMessages(
+                    robot_pb2.SendMessagesRequest(messages=[message]), metadata=AUTH, timeout=10
+                )
+            except grpc.RpcError as exc:
+                return exc
+        return None
+
+    return await trio.to_thread.run_sync(work)
+
+
+async def listen(address: str, events: trio.MemorySendChannel[core_pb2.Event]) -> None:
+    """A dial-in callback's Listen stream with one route, its events into ``events``."""
+    token = trio.lowlevel.current_trio_token()
+
+    def work(cancelled: list[grpc.Future]) -> None:  # type: ignore[type-arg]
+        with grpc.insecure_channel(address) as channel:
+            request = robot_pb2.ListenRequest(routes=[robot_pb2.Route(pattern=r"^hold")])
+            stream = robot_pb2_grpc.RobotStub(channel).Listen(request, metadata=AUTH)
+            cancelled.append(stream)  # type: ignore[arg-type]
+            try:
+                for event in stream:
+                    trio.from_thread.run(events.send, event, trio_token=token)
+            except grpc.RpcError:
+                return
+
+    calls: list[grpc.Future] = []  # type: ignore[type-arg]
+    try:
+        await trio.to_thread.run_sync(work, calls, abandon_on_cancel=True)
+    finally:
+        for call in calls:
+            call.cancel()
