@@ -228,6 +228,14 @@ async def _rules(options: argparse.Namespace, loaded: LoadedConfig, store: Store
         f"{options.callback} {key}: permission {permission}; rooms: {allow}; not in: {deny} "
         f"(kept in the store{', over the config' if from_config is not None else ''}; {_WITHIN})"
     )
+    rooms = (*(rule.allow_rooms or []), *rule.deny_rooms)
+    bare = [room for room in rooms if "/" not in room and room != "private" and not set("*?[") & set(room)]
+    if bare:
+        print(
+            f"note: {', '.join(repr(room) for room in bare)} match no room: room ids start with their adapter "
+            "(irc/#ops), and a private message is the room 'private'",
+            file=sys.stderr,
+        )
     if configured is None:
         print(
             f"note: {loaded.source} has no callback {options.callback!r}: the rule applies once a callback "

@@ -21,6 +21,7 @@ import trio
 from ._adapter import IncomingMessage
 from ._audit import ALLOWED, DENIED
 from ._errors import StoreError
+from ._policy import PRIVATE_ROOM
 from ._router import Route, compile_pattern
 
 if TYPE_CHECKING:
@@ -303,7 +304,7 @@ class ChatCommands:
                 raise ValueError(problem)
             current = rules.get(callback_id, key)
             base = current.rule if current is not None else core_config_rule(core, callback_id, key)
-            rule = _changed_by_words(base, words[3:])
+            rule = _changed_by_words(base, words[3:], adapter)
         except ValueError as exc:
             return (
                 f"{exc}; usage: {name} rule set <callback> <route> [permission=<p>|no-permission|"
@@ -357,9 +358,10 @@ def core_config_rule(core: BotCore, callback_id: str, key: str) -> RouteRule | N
     return None
 
 
-def _changed_by_words(base: RouteRule | None, words: list[str]) -> RouteRule:
+def _changed_by_words(base: RouteRule | None, words: list[str], adapter: str) -> RouteRule:
     """``base`` changed by ``permission=deploy allow=irc/#ops,private no-deny`` and the
-    like (see changed_rule); ValueError naming a word it does not know."""
+    like (see changed_rule); ValueError naming a word it does not know. A room without
+    an adapter (``#ops``) is one on the speaker's ``adapter``, as users are."""
     from ._rules import changed_rule
 
     permission: str | None = None
@@ -380,7 +382,11 @@ def _changed_by_words(base: RouteRule | None, words: list[str]) -> RouteRule:
         elif sep and field == "permission" and value:
             permission = value
         elif sep and field in ("allow", "deny") and value:
-            rooms = [room for room in value.split(",") if room]
+            rooms = [
+                room if "/" in room or room == PRIVATE_ROOM else f"{adapter}/{room}"
+                for room in value.split(",")
+                if room
+            ]
             allow, deny = (rooms, deny) if field == "allow" else (allow, rooms)
         else:
             raise ValueError(f"{word!r} is no change a rule knows")

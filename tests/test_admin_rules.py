@@ -176,7 +176,8 @@ async def test_admins_change_rules_from_chat(tmp_path: Path) -> None:
         assert await chat.say("oco rule set example echo deny=memory/general") == (
             "only admins may change route rules (auth.admins of the config)"
         )
-        answer = await chat.say("oco rule set example echo deny=memory/general,private", user="alice")
+        # A room without its adapter is on the speaker's: general is memory/general.
+        answer = await chat.say("oco rule set example echo deny=general,private", user="alice")
         assert answer == (
             "example echo: permission (the callback's); rooms any; not in memory/general, private (kept in the store)"
         )
@@ -233,6 +234,9 @@ async def test_cli_errors_name_what_was_wrong_and_what_to_do(tmp_path: Path) -> 
     bad_id = await oco("rules", "set", "no/such", "ping", "--no-permission", cwd=tmp_path)
     assert bad_id.returncode == EXIT_USAGE
     assert "invalid callback id" in bad_id.stderr
+    bare = await oco("rules", "set", "example", "ping", "--allow", "#ops", "--as", "x", cwd=tmp_path)
+    assert bare.returncode == EXIT_OK
+    assert "'#ops' match no room: room ids start with their adapter" in bare.stderr
     unknown = await oco("rules", "set", "other", "go", "--permission", "go", "--as", "x", cwd=tmp_path)
     assert "has no callback 'other'" in unknown.stderr
     assert rows(await oco("rules", "list", "--callback", "other", "--json", cwd=tmp_path))[0]["permission"] == "go"
