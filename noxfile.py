@@ -106,5 +106,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_startup.py", *session.posargs)  # --quick: 3 runs each
     session.run("python", "bench/bench_roundtrip.py", *session.posargs)  # --quick for a smoke run
     session.run("python", "bench/bench_webhooks.py", *session.posargs)  # --quick for a smoke run
+    # ngircd, PostgreSQL and Redis: 20 SIGKILL failovers of two ha: bots (--quick: 3).
+    session.run("python", "bench/bench_failover.py", *session.posargs)
     # PostgreSQL and Redis rows need OCO_TEST_POSTGRES_URL and OCO_TEST_REDIS_URL.
     session.run("python", "bench/bench_store.py", "--rpc", *session.posargs)
