@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import trio
+from google.protobuf.message import DecodeError
 
 from ._config import Config, ScheduleSettings
 from ._errors import StoreError
@@ -177,7 +178,7 @@ class _Declared:
     """What a callback's streams declared beyond routes: live while a stream is open,
     remembered for ``events.ttl`` once the last one left (``left`` is then set)."""
 
-    webhooks: list[robot_pb2.WebhookRoute] = field(default_factory=list)
+    webhooks: dict[str, robot_pb2.WebhookRoute] = field(default_factory=dict)
     schedules: dict[str, robot_pb2.Schedule] = field(default_factory=dict)
     topics: set[str] = field(default_factory=set)
     left: float | None = None
@@ -202,8 +203,8 @@ class _Interest:
     """What one open stream declared."""
 
     topics: tuple[str, ...]
-    webhooks: frozenset[str]
-    schedules: frozenset[str]
+    webhooks: dict[str, robot_pb2.WebhookRoute]
+    schedules: dict[str, robot_pb2.Schedule]
     routes: frozenset[str]
 
     def wants(self, wanted: tuple[str, str], configured: Mapping[str, object]) -> bool:
@@ -236,6 +237,8 @@ class _Pending:
     stored: trio.Event = field(default_factory=trio.Event)
     #: Handled (or dropped) before it was stored: the write that stores it deletes it.
     forgotten: bool = False
+    #: May go to a stream before it is stored (a match of a durable route, best effort).
+    early: bool = False
     #: The stream it is on (queued, or written and not yet acknowledged).
     holder: Subscription | None = None
     written: bool = False
@@ -353,11 +356,12 @@ class EventHub:
                 continue
             for item in items:
                 callback_id = item.key.partition("/")[0]
-                (expires_ms,) = _HEADER.unpack_from(item.value)
+                decoded = _decode(item.key, item.value)
+                if decoded is None:
+                    continue
+                expires, event = decoded
                 data = item.value[_HEADER.size :]
-                event = core_pb2.Event.FromString(data)
-                kind = event.WhichOneof("type") or ""
-                pending = _Pending(item.key, data, kind, expires_ms / 1000, _wanted_by(event))
+                pending = _Pending(item.key, data, event.WhichOneof("type") or "", expires, _wanted_by(event))
                 pending.stored.set()
                 outbox = self._outboxes.setdefault(callback_id, _Outbox())
                 outbox.pending[item.key] = pending
@@ -396,6 +400,7 @@ class EventHub:
             self._in_flight[pending.holder] -= 1
             pending.holder = None
             self._wake.set()
+        pending.data = b""  # handled: only its key is needed, to delete it
         if pending.stored.is_set():
             self._deletes.append(pending)
             self._deleted.set()
@@ -408,7 +413,9 @@ class EventHub:
         for callback_id, outbox in self._outboxes.items():
             expired = []
             for pending in outbox.pending.values():
-                if pending.holder is None and pending.expires <= now:
+                if pending.expires <= now and (pending.holder is None or pending.written):
+                    # One written and never acknowledged expires too, or it would go
+                    # round the callback's streams forever.
                     expired.append(pending)
                 elif pending.holder is not None and pending.written and pending.sent_at < stale:
                     log.warning(
@@ -452,26 +459,14 @@ class EventHub:
         """A Listen stream is live: its declarations join the callback's, and waiting
         events start flowing to it."""
         callback_id = subscription.callback_id
-        declared = self._declared.get(callback_id)
-        if declared is None or declared.left is not None:
-            declared = self._declared[callback_id] = _Declared()
-        ids = {webhook_route_id(w) for w in declared.webhooks}
-        for webhook in request.webhooks:
-            if webhook_route_id(webhook) not in ids:
-                declared.webhooks.append(webhook)
-        before = set(declared.schedules)
-        for schedule in request.schedules:
-            declared.schedules.setdefault(schedule_id(schedule), schedule)
-        if set(declared.schedules) != before:
-            self._bump_schedules()
-        declared.topics.update(request.topics)
         self._in_flight[subscription] = 0
         self._interest[subscription] = _Interest(
             topics=tuple(request.topics),
-            webhooks=frozenset(map(webhook_route_id, request.webhooks)),
-            schedules=frozenset(map(schedule_id, request.schedules)),
+            webhooks={webhook_route_id(w): w for w in request.webhooks},
+            schedules={schedule_id(s): s for s in request.schedules},
             routes=frozenset(route.id for route in subscription.routes),
         )
+        self._redeclare(callback_id)
         self._wake.set()
         if len(self.router.subscriptions(callback_id)) == 1:
             self.announce("oco.callback.connected", callback=callback_id)
@@ -482,7 +477,8 @@ class EventHub:
         ``events.ttl``."""
         callback_id = subscription.callback_id
         self._in_flight.pop(subscription, None)
-        self._interest.pop(subscription, None)
+        if self._interest.pop(subscription, None) is not None and self.router.subscriptions(callback_id):
+            self._redeclare(callback_id)  # what only this stream declared goes with it
         outbox = self._outboxes.get(callback_id)
         if outbox is not None:
             for pending in outbox.pending.values():
@@ -501,6 +497,24 @@ class EventHub:
                 declared.left = time.monotonic()
             self.announce("oco.callback.disconnected", callback=callback_id)
         self._wake.set()
+
+    def _redeclare(self, callback_id: str) -> None:
+        """The callback's declarations: those of its open streams together (the first
+        stream's wins where two declare one id differently)."""
+        declared = _Declared()
+        for stream in self.router.subscriptions(callback_id):
+            interest = self._interest.get(stream)
+            if interest is None:
+                continue
+            for route_id, webhook in interest.webhooks.items():
+                declared.webhooks.setdefault(route_id, webhook)
+            for sid, schedule in interest.schedules.items():
+                declared.schedules.setdefault(sid, schedule)
+            declared.topics.update(interest.topics)
+        before = self._declared.get(callback_id)
+        self._declared[callback_id] = declared
+        if before is None or set(before.schedules) != set(declared.schedules):
+            self._bump_schedules()
 
     def announce(self, topic: str, /, **fields: object) -> None:
         """Publish one of the bot's own topics, its fields as a JSON object, in the
@@ -523,14 +537,14 @@ class EventHub:
         declared = self._declared.get(callback_id)
         if declared is None or (declared.left is not None and declared.left < time.monotonic() - self.settings.ttl):
             return None
-        for route in declared.webhooks:
+        for route in declared.webhooks.values():
             if _route_takes(route, method, path):
                 return WebhookTarget(callback_id, route, declared.left is None)
         return None
 
     def webhooks(self) -> dict[str, list[robot_pb2.WebhookRoute]]:
         """Every callback's webhook routes, live or remembered."""
-        return {cid: list(d.webhooks) for cid, d in self._live_declared() if d.webhooks}
+        return {cid: list(d.webhooks.values()) for cid, d in self._live_declared() if d.webhooks}
 
     def schedules(self) -> list[DeclaredSchedule]:
         """Every schedule now: the operator's, then those streams declared."""
@@ -605,11 +619,7 @@ class EventHub:
         try:
             await self._store(pending)
         except BaseException:
-            outbox = self._outboxes[callback_id]
-            if outbox.pending.pop(pending.key, None) is not None:
-                outbox.bytes -= len(pending.data)
-                if pending.holder is not None:
-                    self._in_flight[pending.holder] -= 1
+            self._forget(callback_id, pending)  # never handed out: it was not stored
             raise
         self._pump(callback_id)
 
@@ -617,6 +627,7 @@ class EventHub:
         """Keep ``event`` (a match of a durable route, from the router, which cannot
         wait); it is delivered at once and stored in the background."""
         pending = self.keep(callback_id, event, ttl=ttl)
+        pending.early = True
         self._spawn(partial(self._store_quietly, pending))
         self._pump(callback_id)
 
@@ -662,8 +673,8 @@ class EventHub:
         for pending in list(outbox.pending.values()):
             if not streams:
                 return
-            if pending.holder is not None:
-                continue
+            if pending.holder is not None or not (pending.stored.is_set() or pending.early):
+                continue  # given out, or not yet in the store: its caller may still hear it failed
             wanting = [s for s in streams if self._interest[s].wants(pending.wanted, configured)]
             start = next(outbox.turn)
             for step in range(len(wanting)):
@@ -788,8 +799,18 @@ class EventHub:
         )
         event = core_pb2.Event(published_event=published)
         subscribers = self.subscribers(topic)
-        for callback_id in subscribers:
-            await self.deliver(callback_id, event)
+        # Every subscriber's copy is stored before any is handed out: a Publish that fails
+        # has reached no one, so the publisher may simply retry it.
+        kept = [(callback_id, self.keep(callback_id, event)) for callback_id in subscribers]
+        try:
+            for _, pending in kept:
+                await self._store(pending)
+        except BaseException:
+            for callback_id, pending in kept:
+                self._forget(callback_id, pending)
+            raise
+        for callback_id, _ in kept:
+            self._pump(callback_id)
         self.stats.published += 1
         return published.id, len(subscribers)
 
@@ -829,16 +850,31 @@ async def waiting_events(store: Store, callback_id: str = "") -> list[WaitingEve
         for item in items:
             owner, _, rest = item.key.partition("/")
             entry = found.setdefault(owner, WaitingEvents(owner))
-            (expires_ms,) = _HEADER.unpack_from(item.value)
+            decoded = _decode(item.key, item.value)
             entry.count += 1
             entry.bytes += len(item.value) - _HEADER.size
-            entry.oldest = min(entry.oldest, int(rest.partition("-")[0] or 0) / 1e9)
-            entry.next_expiry = min(entry.next_expiry, expires_ms / 1000)
-            kind = core_pb2.Event.FromString(item.value[_HEADER.size :]).WhichOneof("type") or "unknown"
+            stamp = rest.partition("-")[0]
+            entry.oldest = min(entry.oldest, int(stamp) / 1e9 if stamp.isdigit() else math.inf)
+            if decoded is None:
+                kind = "unreadable"
+            else:
+                entry.next_expiry = min(entry.next_expiry, decoded[0])
+                kind = decoded[1].WhichOneof("type") or "unknown"
             entry.kinds[kind] = entry.kinds.get(kind, 0) + 1
         if len(items) < _PAGE:
             return sorted(found.values(), key=lambda e: e.callback_id)
         after = items[-1].key
+
+
+def _decode(key: str, value: bytes) -> tuple[float, core_pb2.Event] | None:
+    """A stored event's expiry (seconds since the epoch) and Event; None, logged, when
+    the record cannot be read (truncated, or written by something else)."""
+    try:
+        (expires_ms,) = _HEADER.unpack_from(value)
+        return expires_ms / 1000, core_pb2.Event.FromString(value[_HEADER.size :])
+    except (struct.error, DecodeError) as exc:
+        log.error("durable event %s/%s in the store is unreadable (%s); skipped it", NAMESPACE, key, exc)
+        return None
 
 
 def _copy(event: core_pb2.Event) -> core_pb2.Event:

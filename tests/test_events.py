@@ -349,3 +349,42 @@ async def test_an_event_goes_only_to_a_stream_of_the_callback_that_asked_for_it(
         finally:
             builds.close()
             plain.close()
+
+
+async def test_what_only_a_departed_replica_declared_goes_with_it(tmp_path: Path) -> None:
+    # A rolling deploy: the old replica subscribes to old.*, the new one to new.*; once
+    # the old one leaves, old.* has no subscriber left, and nothing waits for nobody.
+    async with open_bot(config(tmp_path)) as running:
+        old = await opened(running.address, "sub1", topics=["old.*"], acknowledge=True)
+        new = await opened(running.address, "sub1", topics=["new.*"], acknowledge=True)
+        try:
+            assert (await publish(running.address, "pub", "old.thing")).subscribers == 1
+            await old.next()
+            old.close()
+            await trio.sleep(0.2)
+            assert (await publish(running.address, "pub", "old.thing")).subscribers == 0
+            assert (await publish(running.address, "pub", "new.thing")).subscribers == 1
+            assert (await new.next()).published_event.topic == "new.thing"
+        finally:
+            new.close()
+
+
+async def test_an_unreadable_record_in_the_store_is_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from oco_core._events import NAMESPACE
+
+    async with open_bot(config(tmp_path)) as running:
+        await running.bot.core.store.set(NAMESPACE, "sub1/00000000000000000001-x-000000", b"\x00\x01junk")
+        stream = await opened(running.address, "sub1", topics=["jobs.*"], acknowledge=True)
+        stream.close()
+        await trio.sleep(0.2)
+        await publish(running.address, "pub", "jobs.readable")
+    caplog.set_level(logging.ERROR, "oco_core._events")
+    async with open_bot(config(tmp_path)) as running:  # starts, and hands out what it can read
+        stream = await opened(running.address, "sub1", topics=["jobs.*"], acknowledge=True)
+        try:
+            assert (await stream.next()).published_event.topic == "jobs.readable"
+        finally:
+            stream.close()
+    assert "is unreadable" in caplog.text
