@@ -383,9 +383,10 @@ class Services:
                     f"topic {request.topic!r} is under 'oco.', which only the bot publishes; choose another"
                 )
             limit = self.bot.events.settings.max_event_bytes
-            if len(request.payload) > limit:
+            size = len(request.payload) + sum(len(k) + len(v) for k, v in request.attributes.items())
+            if size > limit:
                 raise RequestTooLargeError(
-                    f"a payload of {len(request.payload)} bytes is over this bot's limit of {limit} "
+                    f"a payload and attributes of {size} bytes are over this bot's limit of {limit} "
                     "(events.max_event_bytes)"
                 )
             self.bot.policy(callback_id).require_topic("publish", request.topic)

@@ -708,6 +708,7 @@ class EventHub:
 
         queued = Queued(len(pending.data) + 40, build, pending.kind)
         queued.on_written = written
+        queued.movable = False  # the hub offers it again when its stream ends
         return queued
 
     def _release(self, pending: _Pending) -> None:
@@ -760,7 +761,9 @@ class EventHub:
             start = hash(request.id)
             for step in range(len(streams)):
                 stream = streams[(start + step) % len(streams)]
-                if stream.offer(Queued(size, partial(_copy, event), "webhook_request")):
+                queued = Queued(size, partial(_copy, event), "webhook_request")
+                queued.movable = False  # if its stream ends first, its caller hears so (503)
+                if stream.offer(queued):
                     waiting.holder = stream
                     break
             else:

@@ -154,7 +154,7 @@ class Queued:
     strings it shares with the other matches of that message (every route and replica
     that matched it), so a message waiting in many queues is held once."""
 
-    __slots__ = ("_build", "dropped", "kind", "on_written", "size")
+    __slots__ = ("_build", "dropped", "kind", "movable", "on_written", "size")
 
     def __init__(self, size: int, build: Callable[[], core_pb2.Event], kind: str = "matched_message") -> None:
         #: Bytes it counts for in a queue: about its size on the wire.
@@ -167,6 +167,10 @@ class Queued:
         #: Called once it is written to the stream. Set on durable events, whose
         #: delivery the event hub tracks: the router never moves them between streams.
         self.on_written: Callable[[], None] | None = None
+        #: Whether another stream of the callback may take it when its stream ends.
+        #: Not durable events (the hub offers them again) nor webhook requests (whose
+        #: caller is told the stream ended, and must not see the request run anyway).
+        self.movable = True
 
     def event(self) -> core_pb2.Event:
         """The event, as the stream sends it (a new object each time)."""
@@ -346,6 +350,9 @@ class Match:
     queued: Queued
     #: Whether the message was addressed to the bot (``MatchedMessage.direct``).
     direct: bool
+    #: Whose route matched, and its id (for metrics).
+    callback_id: str = ""
+    route_id: str = ""
 
     @property
     def event(self) -> core_pb2.Event:
@@ -595,7 +602,7 @@ class Router:
                 queued = subscription.take_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if queued.on_written is not None:  # durable: the event hub offers it again
+            if not queued.movable:
                 continue
             carried = queued.dropped  # what the leaving stream lost before this one
             taker = self._deliver(replicas, turn, queued) if replicas else None
@@ -707,11 +714,11 @@ class Router:
                 queued = Queued(message_size + len(text) + sum(map(len, groups)), build)
                 if target.route.durable_ttl and self.keep_durable is not None:
                     self.keep_durable(target.callback_id, build(), target.route.durable_ttl)
-                    out.append(Match(None, queued, direct))
+                    out.append(Match(None, queued, direct, target.callback_id, target.route.id))
                     continue
                 sub = self._deliver(live, target.turn, queued)
                 if sub is not None:
-                    out.append(Match(sub, queued, direct))
+                    out.append(Match(sub, queued, direct, target.callback_id, target.route.id))
 
     def _pattern_failed(self, entry: _Pattern) -> None:
         now = time.monotonic()

@@ -258,6 +258,16 @@ async def test_capabilities_bound_publish_and_subscribe(tmp_path: Path) -> None:
             await publish(running.address, "pub", "deploys.big", b"x" * (256 * 1024 + 1))
         assert large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "events.max_event_bytes" in str(large.value.details())
+        attributes = {f"key{n}": "v" * 1000 for n in range(300)}  # small payload, large attributes
+        with pytest.raises(grpc.RpcError) as heavy:
+            await call(
+                running.address,
+                "pub",
+                "Publish",
+                robot_pb2.PublishRequest(topic="deploys.x", payload=b"1", attributes=attributes),
+            )
+        assert heavy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "events.max_event_bytes" in str(heavy.value.details())
         with pytest.raises(grpc.RpcError) as own:
             await publish(running.address, "pub", "oco.callback.connected")
         assert own.value.code() == grpc.StatusCode.INVALID_ARGUMENT
