@@ -23,6 +23,7 @@ for callbacks it launches); see :class:`Callback`.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
@@ -43,6 +44,7 @@ from ._errors import (
     CallbackError,
     InvalidPatternError,
     OcoError,
+    StandbyError,
     ValueTooLargeError,
     VersionConflictError,
     from_status,
@@ -99,6 +101,10 @@ _FATAL = {
 _STORAGE_IMPLIED = {grpc.StatusCode.RESOURCE_EXHAUSTED: ValueTooLargeError}
 #: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
 _UNARY_DEADLINE = 30.0
+#: How long a call refused by standbys (ha:) is retried on the other bots before it fails.
+_STANDBY_RETRY = 10.0
+#: The connection the event being handled came from: its handler answers on it (ha:).
+_origin: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar("oco_origin", default=None)
 _CHANNEL_OPTIONS = [
     # Reconnect quickly when the bot restarts (gRPC's default waits up to two minutes).
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -381,7 +387,18 @@ class Directory:
         return [_room(r) for r in response.rooms]
 
 
-@dataclass(slots=True)
+class _Started:
+    """A task status for one of several connections (ha:): the first to connect sets
+    ``event``; the rest report to no one."""
+
+    def __init__(self, event: trio.Event) -> None:
+        self._event = event
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+
+@dataclass(slots=True, eq=False)
 class _Connection:
     """The gRPC objects of one connection to the bot."""
 
@@ -469,6 +486,11 @@ class Callback:
         self.requires = list(requires)
         self._secret = secret or os.environ.get("OCO_SECRET", "")
         self.address = address or os.environ.get("OCO_ADDRESS", "127.0.0.1:50051")
+        #: Several bots (ha:), comma-separated: one connection to each; events come from
+        #: the active one, and a call a standby refuses goes to the one it names.
+        self._addresses = [a.strip() for a in self.address.split(",") if a.strip()]
+        self._connections: dict[str, _Connection] = {}
+        self._active = ""
         self._tls_ca = tls_ca or os.environ.get("OCO_TLS_CA") or None
         self._tls_cert = tls_cert or os.environ.get("OCO_TLS_CERT") or None
         self._tls_key = tls_key or os.environ.get("OCO_TLS_KEY") or None
@@ -480,7 +502,6 @@ class Callback:
         self._schedules: list[_Scheduled] = []
         self._subscribed: list[_Subscribed] = []
         self._limiter = trio.CapacityLimiter(concurrency)
-        self._connection: _Connection | None = None
         self._connected = trio.Event()
         self._request_ids = itertools.count(1)
         self.storage = Storage(self)
@@ -693,24 +714,55 @@ class Callback:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._secret}"),)
 
-    async def _ready(self) -> _Connection:
-        while self._connection is None or self._connection.sender is None:
+    async def _ready(self, avoid: _Connection | None = None) -> _Connection:
+        """A connected connection: the one the event being handled came from, else the
+        one to the active bot (ha:) when known, else any (not ``avoid``, if another is)."""
+        while True:
+            # In OCO_ADDRESS's order: the same bot first each time, while it is up.
+            connected = (self._connections.get(a) for a in self._addresses)
+            live = [c for c in connected if c is not None and c.sender is not None]
+            origin = _origin.get() if avoid is None else None
+            preferred = self._connections.get(self._active)
+            for candidate in (origin, preferred, *live):
+                if candidate is not None and candidate in live and (candidate is not avoid or len(live) == 1):
+                    return candidate
             await self._connected.wait()
-            if self._connection is None or self._connection.sender is None:
-                await trio.sleep(0.01)
-        return self._connection
+            await trio.sleep(0.01)
+
+    async def _following_active(self, call: Callable[[_Connection], Awaitable[T]]) -> T:
+        """``call`` on a connection; when a standby refuses it (StandbyError, ha:), again
+        on the bot it names (or the next one), for up to :data:`_STANDBY_RETRY` seconds."""
+        connection = await self._ready()
+        deadline = trio.current_time() + _STANDBY_RETRY
+        while True:
+            try:
+                return await call(connection)
+            except StandbyError as exc:
+                if len(self._addresses) < 2 or trio.current_time() > deadline:
+                    raise
+                self._active = exc.active_address
+                named = self._connections.get(exc.active_address)
+                if named is None or named is connection or named.sender is None:
+                    await trio.sleep(0.2)  # a takeover under way: the next look names the new one
+                if named is not None and named is not connection and named.sender is not None:
+                    connection = named
+                else:
+                    connection = await self._ready(avoid=connection)
 
     async def _unary(self, service: str, method: str, request: Any) -> Any:
         """One unary call; a failure raises the exception the bot named (see
         :func:`._errors.from_status`): QuotaExceededError, VersionConflictError..."""
-        connection = await self._ready()
-        call = getattr(connection.stubs[service], method)
-        try:
-            return await connection.bridge.run_asyncio(
-                lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc, service) from None
+
+        async def on(connection: _Connection) -> Any:
+            call = getattr(connection.stubs[service], method)
+            try:
+                return await connection.bridge.run_asyncio(
+                    lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _error(exc, service) from None
+
+        return await self._following_active(on)
 
     async def datastore(self, type: str, *, refresh: bool = False) -> DataStore:
         """Access to this callback's own corner of the data store ``type`` (provisioned
@@ -780,8 +832,13 @@ class Callback:
         await self._send([message], with_mention=mention)
 
     async def _send(self, messages: Sequence[core_pb2.Message], *, with_mention: bool) -> None:
-        connection = await self._ready()
-        assert connection.sender is not None
+        await self._following_active(partial(self._send_on, messages=messages, with_mention=with_mention))
+
+    async def _send_on(
+        self, connection: _Connection, *, messages: Sequence[core_pb2.Message], with_mention: bool
+    ) -> None:
+        if connection.sender is None:
+            raise CallbackError("the connection to the bot was lost before the message could be sent")
         request_id = next(self._request_ids)
         done = trio.Event()
         slot: list[robot_pb2.SendResult] = []
@@ -847,8 +904,21 @@ class Callback:
         except ValueError as exc:
             raise CallbackError(str(exc)) from None
         self._over_tls = tls is not None
+        if len(self._addresses) == 1:
+            await self._serve_one(self._addresses[0], tls, task_status)
+            return
+        # Several bots (ha:): one connection to each, each reconnecting on its own; ready
+        # once the first is connected.
+        first = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for address in self._addresses:
+                nursery.start_soon(partial(self._serve_one, address, tls, _Started(first)))
+            await first.wait()
+            task_status.started()
+
+    async def _serve_one(self, address: str, tls: Any, task_status: Any) -> None:
         async with open_bridge() as bridge:
-            channel = await bridge.open_channel(self.address, _CHANNEL_OPTIONS, tls)
+            channel = await bridge.open_channel(address, _CHANNEL_OPTIONS, tls)
             stubs = {
                 "robot": robot_pb2_grpc.RobotStub(channel),
                 "storage": storage_pb2_grpc.StorageStub(channel),
@@ -864,7 +934,7 @@ class Callback:
                     what = "the bot ended the Listen stream"
                     try:
                         async with trio.open_nursery() as nursery:
-                            await nursery.start(self._listen, connection)
+                            await nursery.start(self._listen, connection, address)
                             if not started:
                                 started = True
                                 task_status.started()
@@ -880,12 +950,12 @@ class Callback:
                             # grpc's client says so of a write that raced the bot closing
                             # the stream (grpc/grpc#36066): not an error in the bot.
                             why = "the bot closed the stream while this callback was writing to it"
-                        what = (
-                            f"connection to the bot at {self.address} {how} ({why}){self._hint(error.details() or '')}"
-                        )
+                        what = f"connection to the bot at {address} {how} ({why}){self._hint(error.details() or '')}"
                     finally:
-                        self._connection = None
-                        self._connected = trio.Event()
+                        if self._connections.get(address) is connection:
+                            del self._connections[address]
+                        if not self._connections:
+                            self._connected = trio.Event()
                         for done, _ in connection.pending.values():
                             done.set()
                     # One line a try, saying what happened and when the next try is.
@@ -909,7 +979,7 @@ class Callback:
             return " — if the bot serves gRPC over TLS, set OCO_TLS_CA (or OCO_TLS_SERVER_NAME)"
         return ""
 
-    async def _listen(self, connection: _Connection, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _listen(self, connection: _Connection, address: str, *, task_status: trio.TaskStatus[None]) -> None:
         request = robot_pb2.ListenRequest(
             plugin_id=self.id,
             routes=[
@@ -944,12 +1014,12 @@ class Callback:
             ) as (sender, results):
                 await results.initial_metadata()
                 connection.sender = sender
-                self._connection = connection
+                self._connections[address] = connection
                 self._connected.set()
                 log.info(
                     "callback %r connected to %s%s with %d route(s)%s",
                     self.id,
-                    self.address,
+                    address,
                     " over TLS" if self._over_tls else "",
                     len(self._routes),
                     self._declared(),
@@ -1031,6 +1101,7 @@ class Callback:
         # after its handler returned or raised (else it would come back forever), not
         # when it was cancelled (the connection ended: the bot delivers it again).
         kind = event.WhichOneof("type")
+        _origin.set(connection)  # only the active bot (ha:) hands out events: answer there
         try:
             try:
                 await self._handle(connection, routes, kind, event)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from oco_core import Callback, Message
 from oco_core._proto import control_pb2, control_pb2_grpc, core_pb2, robot_pb2, robot_pb2_grpc
 from oco_core.testing import OcoProcess, oco_cli, run_oco
 
@@ -167,6 +168,40 @@ async def test_a_stopping_active_bot_hands_over_at_once(tmp_path: Path, postgres
             assert trio.current_time() - stopped < 3.0
             assert await chat_b.say("oco ping") == "PONG"
             await b.expect(r"the active bot released the lease", stream="stderr")
+
+
+async def test_the_sdk_given_every_bot_follows_the_active_one(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
+    config = ha_config(*postgres_tables)
+    async with run_oco(config, tmp_path / "a") as a:
+        chat_a = await active_chat(a)
+        async with run_oco(config, tmp_path / "b") as b, trio.open_nursery() as nursery:
+            await b.expect(r"up as a standby", stream="stderr")
+            # The standby first: a send it refuses goes to the bot it names.
+            callback = Callback("hold", SECRET, f"{b.address},{a.address}")
+            heard: list[str] = []
+
+            @callback.hear(r"^hold (?P<what>.+)$")
+            async def hold(message: Message) -> None:
+                heard.append(message.text)
+                await message.reply(f"held {message.match('what')}")
+
+            await nursery.start(callback.serve)
+            with trio.fail_after(10):
+                while len(callback._connections) < 2:
+                    await trio.sleep(0.02)
+            await callback.send("hello from the SDK", room="memory/general")
+            assert callback._active == a.address  # refused by b, which named a
+            assert await chat_a.say("", wait=5) == "hello from the SDK"
+            assert await chat_a.say("hold one") == "held one"
+
+            a.process.send_signal(signal.SIGKILL)
+            chat_b = await active_chat(b, timeout=10)
+            # The event comes from the new active bot; the answer goes back there.
+            assert await chat_b.say("hold two") == "held two"
+            await callback.send("still here", room="memory/general")
+            assert await chat_b.say("", wait=5) == "still here"
+            assert heard == ["hold one", "hold two"]
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("store", ["store: {url: 'sqlite:///oco.db'}\n", ""], ids=["sqlite", "default"])
