@@ -257,6 +257,10 @@ class HttpSettings(_Strict):
         gt=0,
         description="Requests per minute one webhook route accepts (bursts up to that many; 429 beyond).",
     )
+    max_concurrent_requests: int = Field(
+        default=256, gt=0, description="Webhook requests whose bodies are read at once (503 beyond)."
+    )
+    body_timeout: float = Field(default=30.0, gt=0, description="Seconds a request's whole body may take (408 after).")
     max_pending_webhooks: int = Field(
         default=1000, gt=0, description="Synchronous webhook requests waiting for callbacks at once (503 beyond)."
     )

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import trio
 
@@ -233,6 +234,8 @@ class Webhooks:
         self._warned: set[str] = set()
         #: Synchronous requests waiting for their callback now.
         self.waiting = 0
+        #: Requests whose body is being read now.
+        self.reading = 0
 
     def warn_unverified(self) -> None:
         """One warning for each configured callback that may declare webhooks and has
@@ -263,27 +266,49 @@ class Webhooks:
             await respond(send, 503, f"this bot is a standby; {where}\n".encode(), extra)
             return
         received = time.time()
-        callback_id, slash, rest = scope["path"][len(PREFIX) + 1 :].partition("/")
-        method: str = scope["method"]
-        path = slash + rest
-        target = self.core.events.webhook_target(callback_id, method, path) if callback_id and path else None
-        if target is None:
+        split = _split_path(scope)
+        if split is None:  # dot segments, empty segments, encoded slashes: never a route
             await respond(send, 404, NOT_FOUND)
             return
-        route_id = webhook_route_id(target.route)
+        callback_id, path = split
+        method: str = scope["method"]
         peer = _peer(scope)
         headers = _headers(scope)
         auth = self._auth.get(callback_id)
+        target = self.core.events.webhook_target(callback_id, method, path)
+        # A verified callback's requests are verified before its routes are looked up:
+        # a stranger gets 401 for every path, and learns none of them by probing.
+        route_id = webhook_route_id(target.route) if target is not None else path
+        if auth is None and target is None:
+            await respond(send, 404, NOT_FOUND)
+            return
         problem = pre_body_problem(auth, headers)
         if problem is not None:
             await self._refuse(send, callback_id, route_id, peer, problem)
+            return
+        if self.reading >= self.settings.max_concurrent_requests:
+            await respond(
+                send,
+                503,
+                b"too many requests are being read at once (http.max_concurrent_requests); retry later\n",
+                [("retry-after", "1")],
+            )
             return
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await self._too_large(send, callback_id, limit)
             return
-        body = await _read_body(receive, limit)
+        self.reading += 1
+        try:
+            with trio.move_on_after(self.settings.body_timeout) as reading:
+                body = await _read_body(receive, limit)
+        finally:
+            self.reading -= 1
+        if reading.cancelled_caught:
+            timeout = self.settings.body_timeout
+            await respond(send, 408, f"the body did not arrive within {timeout:g} s (http.body_timeout)\n".encode())
+            return
         if body is None:
             await self._too_large(send, callback_id, limit)
             return
@@ -291,6 +316,11 @@ class Webhooks:
         if problem is not None:
             await self._refuse(send, callback_id, route_id, peer, problem)
             return
+        if target is None:
+            await respond(send, 404, NOT_FOUND)
+            return
+        if auth is not None and auth.bearer is not None:
+            headers.pop("authorization", None)  # the operator's secret is not the callback's to see
         if auth is None and callback_id not in self._warned:
             self._warned.add(callback_id)
             log.warning(
@@ -415,6 +445,21 @@ class Webhooks:
             rate = self.settings.webhook_rate_limit
             bucket = self._buckets[key] = TokenBucket(rate, rate / 60)
         return bucket
+
+
+def _split_path(scope: Scope) -> tuple[str, str] | None:
+    """(callback id, path below it) from the request's raw path, segment by segment;
+    None when a segment is empty, ``.`` or ``..``, or hides a ``/`` (``%2F``): such a
+    path names no route, and must not reach a callback that maps paths to files."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    segments = raw.split(b"?", 1)[0][len(PREFIX) + 1 :].split(b"/")
+    try:
+        decoded = [unquote(segment.decode("ascii"), errors="strict") for segment in segments]
+    except UnicodeError:  # not percent-encoded UTF-8
+        return None
+    if len(decoded) < 2 or any(part in ("", ".", "..") or "/" in part for part in decoded):
+        return None
+    return decoded[0], "/" + "/".join(decoded[1:])
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -396,6 +396,62 @@ async def test_bearer_tokens_are_checked_before_the_body(bot: RunningBot) -> Non
     assert record.detail.startswith("wrong bearer token; peer 127.0.0.1:")
 
 
+async def test_a_verified_callbacks_routes_cannot_be_found_by_probing(bot: RunningBot) -> None:
+    with _closing(await hooked(bot, "am", [route("POST", "/alerts")])) as cb:
+        async with await client(bot) as http:
+            # Without the token, a real route and a made-up one answer alike.
+            for url in ("/hooks/am/alerts", "/hooks/am/made-up"):
+                refused = await http.post(url, content=b"{}")
+                assert (refused.status_code, refused.text) == (401, "unauthorized"), url
+            token = {"Authorization": f"Bearer {TOKEN}"}
+            missing = await http.post("/hooks/am/made-up", content=b"{}", headers=token)
+            assert missing.status_code == 404
+            answered = await http.post("/hooks/am/alerts", content=b"{}", headers=token)
+            assert answered.status_code == 201
+            # The operator's token is checked by the bot, and not passed on to the callback.
+            assert "authorization" not in (await cb.next()).webhook_request.headers
+
+
+async def test_dot_segments_and_encoded_slashes_reach_no_route(bot: RunningBot) -> None:
+    with _closing(await hooked(bot, "open", [route("*", "/files/{rest}"), route("POST", "/a/b")])) as cb:
+        async with await client(bot) as http:
+            for url in (
+                "/hooks/open/files/%2e%2e/%2e%2e/etc/passwd",
+                "/hooks/open/files/x/%2E/y",
+                "/hooks/open/a%2Fb",
+                "/hooks/open%2Fa/b",
+                "/hooks/open/files//x",
+                "/hooks/open/files/%ff",
+            ):
+                refused = await http.post(url, content=b"x")
+                assert refused.status_code == 404, url
+            ok = await http.post("/hooks/open/files/a%20b/c.txt", content=b"x")
+            assert ok.status_code == 201
+        assert (await cb.next()).webhook_request.path == "/files/a b/c.txt"
+        assert cb.requests.empty()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path, ", body_timeout: 0.5")) as running:
+        with _closing(await hooked(running, "open", [route("POST", "/slow")])) as cb:
+            host, _, port = running.bot.http_address.rpartition(":")
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                # Headers promise 100 bytes; 10 come, then nothing.
+                await stream.send_all(
+                    b"POST /hooks/open/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"y" * 10
+                )
+                answer = b""
+                with trio.fail_after(5):
+                    while b"http.body_timeout" not in answer:
+                        chunk = await stream.receive_some(4096)
+                        assert chunk, f"closed after {answer!r}"
+                        answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408")
+            assert b"http.body_timeout" in answer
+            assert cb.requests.empty()
+
+
 async def test_a_body_over_the_limit_is_413_and_never_delivered(bot: RunningBot) -> None:
     with _closing(await hooked(bot, "open", [route("POST", "/ci")])) as cb:
         async with await client(bot) as http:
