@@ -542,6 +542,12 @@ class EventHub:
                 return WebhookTarget(callback_id, route, declared.left is None)
         return None
 
+    def knows(self, callback_id: str) -> bool:
+        """Whether the callback has a stream on this bot, or had one less than
+        ``events.ttl`` ago: events made for it here will reach it."""
+        declared = self._declared.get(callback_id)
+        return declared is not None and (declared.left is None or declared.left >= time.monotonic() - self.settings.ttl)
+
     def webhooks(self) -> dict[str, list[robot_pb2.WebhookRoute]]:
         """Every callback's webhook routes, live or remembered."""
         return {cid: list(d.webhooks.values()) for cid, d in self._live_declared() if d.webhooks}

@@ -235,6 +235,8 @@ class ScheduleHub(Protocol):
 
     async def deliver(self, callback_id: str, event: core_pb2.Event, *, ttl: float | None = None) -> None: ...
 
+    def knows(self, callback_id: str) -> bool: ...
+
 
 async def run_schedules(
     hub: ScheduleHub,
@@ -361,6 +363,11 @@ class _Scheduler:
         following = next_slot(schedule, slot)
         deadline = math.inf if following is None else trio.current_time() + (following - self.clock()) / 1000
         claimed = False
+        if not self.hub.knows(declared.callback_id):
+            # Another bot sharing the store may have the callback: let it claim the slot,
+            # rather than keep the firing here where the callback never comes.
+            log.debug("slot %s of %s left to other bots: callback not connected here", slot, key)
+            return
         with trio.move_on_at(deadline):
             claimed = await self._claim(key, slot)
             if not claimed:

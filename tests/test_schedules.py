@@ -204,6 +204,9 @@ class RecordingHub:
             await self._changed.wait()
         return self.schedules_version
 
+    def knows(self, callback_id: str) -> bool:
+        return True
+
     async def deliver(self, callback_id: str, event: core_pb2.Event, *, ttl: float | None = None) -> None:
         await trio.lowlevel.checkpoint()
         if self.failures:
@@ -519,6 +522,25 @@ async def test_two_oco_run_on_one_postgresql_store_fire_each_slot_once(
         second.drain()
         await trio.sleep(10)
         fired = first.drain() + second.drain()
+    assert_each_slot_once(fired, 10)
+
+
+async def test_two_bots_on_one_store_fire_for_the_one_the_callback_is_on(
+    tmp_path: Path, postgres_tables: tuple[str, str]
+) -> None:
+    # Without ha:, both bots run the operator's schedule; only the one the callback is
+    # connected to may win a slot, or the firing would wait where the callback never comes.
+    url, prefix = postgres_tables
+    store = f'{{url: "{url}", table_prefix: {prefix}}}'
+    async with (
+        run_oco(bot_config(store), tmp_path / "one") as one,
+        run_oco(bot_config(store), tmp_path / "two"),
+        listening(one.address) as first,
+    ):
+        await trio.sleep(1)
+        first.drain()
+        await trio.sleep(10)
+        fired = first.drain()
     assert_each_slot_once(fired, 10)
 
 
