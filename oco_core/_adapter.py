@@ -150,6 +150,14 @@ class Adapter(abc.ABC):
         Returning ends this adapter (the bot stops when every adapter has ended); raising
         makes the bot log the error and start ``run`` again after a backoff."""
 
+    @property
+    def connected(self) -> bool | None:
+        """Whether the adapter is connected to its chat service now, for health checks
+        and metrics. None (this default): it does not say, and the bot counts it as
+        connected while :meth:`run` runs after ``task_status.started()``. Override it
+        in an adapter that reconnects inside ``run``, so that health sees an outage."""
+        return None
+
     @abc.abstractmethod
     async def send(self, message: OutgoingMessage) -> None:
         """Send one message; return once the adapter has accepted it."""

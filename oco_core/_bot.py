@@ -38,6 +38,7 @@ from ._errors import AdapterError, ConfigError, StoreUnavailableError
 from ._events import EventHub
 from ._incoming import AdapterLink
 from ._leader import Leader, Solo, advertised, unshared_store_problem
+from ._metrics import MeteredStore, Metrics
 from ._plugins import Plugins
 from ._policy import matches_any
 from ._quota import QuotaStore
@@ -146,6 +147,9 @@ class Bot:
         self._shutdown: trio.CancelScope | None = None
         self._starting: trio.CancelScope | None = None
         self._stats = BotStatistics()
+        #: Its Prometheus metrics (its own registry) and health (why it is not ready).
+        self.metrics = Metrics()
+        self.health = self.metrics.health
         # What a reload (_reload.py) reaches into: the gRPC services (their
         # Authenticator), the webhooks, and each launched callback and adapter as a task
         # it can stop alone, in the nurseries that run them.
@@ -179,6 +183,7 @@ class Bot:
     def shutdown(self) -> None:
         """Begin an orderly shutdown (as SIGTERM does); while still starting (waiting
         for the store, say), stop at once."""
+        self.health.set_condition("stopping", "the bot is shutting down")
         if self._shutdown is not None:
             self._shutdown.cancel()
         elif self._starting is not None:
@@ -194,7 +199,7 @@ class Bot:
         config = self.config
         async with AsyncExitStack() as stack:
             store = QuotaStore.for_callbacks(
-                await self._open_store(stack),
+                MeteredStore(await self._open_store(stack), self.metrics),
                 config.store.quota,
                 {cb.id: cb.quota for cb in config.callbacks if cb.quota is not None},
             )
@@ -229,12 +234,15 @@ class Bot:
                 tasks=tasks,
                 stats=self._stats,
                 events=events,
+                metrics=self.metrics,
             )
             core.leader = self.leader
             self._core = core
+            self.metrics.attach(core)
             try:
                 yield core
             finally:
+                self.metrics.attach(None)
                 self._core = None
                 tasks.cancel_scope.cancel()
 
@@ -271,6 +279,8 @@ class Bot:
     async def _serve(self, core: BotCore, task_status: trio.TaskStatus[str]) -> None:
         tls = await trio.to_thread.run_sync(load_server_tls, self.loaded)
         async with trio.open_nursery() as nursery:
+            self.metrics.adapters_known(name for name, _, _ in self._adapter_specs)
+            await nursery.start(self.health.watch, core.store, core.links, lambda: core.leader, self.up)
             self.services = Services(core, self.config.grpc)
             self.address = await nursery.start(partial(serve, core, self.config.grpc, tls, services=self.services))
             # Schedules fire through the hub into the store; callbacks get them once connected.
@@ -361,6 +371,7 @@ class Bot:
     async def _serve_http(self, core: BotCore, *, task_status: trio.TaskStatus[str]) -> None:
         # Imported here: a bot without http: never loads Hypercorn.
         from ._http import HttpApp, load_http_tls, serve_http
+        from ._metrics import mount as mount_monitoring
         from ._webhooks import PREFIX, Webhooks
 
         settings = self.config.http
@@ -368,7 +379,8 @@ class Bot:
         tls = await trio.to_thread.run_sync(load_http_tls, self.loaded)
         self.http_app = HttpApp()
         webhooks = self.webhooks = Webhooks(core)
-        self.http_app.mount(PREFIX, webhooks)
+        self.http_app.mount(PREFIX, self.metrics.count_webhooks(webhooks, PREFIX))
+        mount_monitoring(self.http_app, self.metrics)  # /metrics, /healthz, /readyz
         webhooks.warn_unverified()
         async with trio.open_nursery() as nursery:
             address = await nursery.start(serve_http, self.http_app, settings, tls)
@@ -446,6 +458,7 @@ class Bot:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(partial(link.adapter.run, link))
+                    link.running = True  # connected, as far as health can tell
                     attempted.set()
                 log.info("adapter %r ended", link.name)
                 return
@@ -455,6 +468,8 @@ class Bot:
                     # purpose); a traceback is for the unexpected.
                     trace = None if isinstance(exc, AdapterError) else exc
                     log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=trace)
+            finally:
+                link.running = False
             attempted.set()
             delay = backoff.next_delay()
             log.info("restarting adapter %r in %.1f s", link.name, delay)

@@ -390,6 +390,9 @@ class ServerHandle:
 
     port: int
     _server: grpc.aio.Server = field(repr=False)
+    #: The standard health service and the names it answers for (with ``health_services``).
+    _health: Any = field(default=None, repr=False)
+    _health_names: tuple[str, ...] = ()
 
 
 class Bridge:
@@ -530,6 +533,7 @@ class Bridge:
             ]
             server.add_generic_rpc_handlers(handlers)
             names = list(health_services)
+            servicer = None
             if names:
                 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -555,9 +559,25 @@ class Bridge:
             except RuntimeError as exc:
                 raise OSError(f"cannot listen on {address}: {exc}") from None
             await server.start()
-            return ServerHandle(port=port, _server=server)
+            return ServerHandle(port=port, _server=server, _health=servicer, _health_names=("", *names))
 
         return await self.run_asyncio(start)
+
+    async def set_serving(self, server: ServerHandle, serving: bool) -> None:
+        """Make ``server``'s health service answer SERVING (or NOT_SERVING) for every
+        service it names, ``""`` (the whole server) included."""
+        servicer = server._health
+        if servicer is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def set_all() -> None:
+            for name in server._health_names:
+                await servicer.set(name, status)
+
+        await self.run_asyncio(set_all)
 
     async def stop(self, server: ServerHandle, grace: float) -> None:
         """Stop ``server``: refuse new calls, give running ones ``grace`` seconds, then

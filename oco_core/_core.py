@@ -22,8 +22,10 @@ from ._config import Config
 from ._datastores import DataStores
 from ._directory import Directory
 from ._events import EventHub
+from ._health import Health
 from ._incoming import AdapterLink, Incoming
 from ._leader import Leader, Solo
+from ._metrics import Metrics
 from ._outgoing import Outgoing
 from ._policy import CallbackPolicy, Policies, fold_patterns
 from ._proto import core_pb2, robot_pb2
@@ -118,6 +120,7 @@ class BotCore:
         tasks: trio.Nursery,
         stats: BotStatistics,
         events: EventHub,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -135,6 +138,9 @@ class BotCore:
         self.links: dict[str, AdapterLink] = {}
         #: Whether this bot is the active one (``ha:``): asked before anything reaches chat.
         self.leader: Leader | Solo = Solo()
+        #: Counters for /metrics, and why the bot is not ready (gRPC health, /readyz).
+        self.metrics = metrics or Metrics()
+        self.health: Health = self.metrics.health
         self.policies = Policies(config, auth, self.record, router.bot_name, self.canonical_rooms)
         self._tasks = tasks
         self.outgoing = Outgoing(self)

@@ -25,12 +25,24 @@ import trio
 
 from ._audit import ALLOWED, DENIED
 from ._auth import Authorization
-from ._bridge import CallInfo, Method, RpcAbort, ServerTls, StreamWriter, Undecodable, open_bridge
+from ._bridge import (
+    Bridge,
+    CallInfo,
+    Method,
+    RpcAbort,
+    ServerHandle,
+    ServerTls,
+    StreamWriter,
+    Undecodable,
+    open_bridge,
+)
 from ._config import GrpcSettings
 from ._datastores import DataStores
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import InvalidRequestError, OcoError, RequestTooLargeError, to_status, to_wire
 from ._events import EventHub, topic_pattern_problem, topic_problem
+from ._health import Health
+from ._metrics import Metrics
 from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, robot_pb2, storage_pb2
 from ._router import Route, Router, Subscription
@@ -101,6 +113,10 @@ class EdgeHost(Protocol):
     def events(self) -> EventHub: ...
     @property
     def datastores(self) -> DataStores: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def health(self) -> Health: ...
 
     def secrets(self) -> Mapping[str, str]:
         """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
@@ -783,7 +799,7 @@ async def _run_server(
             try:
                 server = await bridge.serve(
                     settings.listen,
-                    services.table(),
+                    services.bot.metrics.instrument(services.table()),
                     options=options,
                     health_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
                     reflection_services=[ROBOT, STORAGE, DIRECTORY, AUTHORIZATION, DATASTORES],
@@ -806,12 +822,23 @@ async def _run_server(
                 if settings.address_file is not None:
                     _write_address(settings.address_file, address)
                 task_status.started(address)
-                await stop.wait()
+                async with trio.open_nursery() as followers:
+                    followers.start_soon(_follow_health, bridge, server, services.bot.health)
+                    await stop.wait()
+                    followers.cancel_scope.cancel()
             finally:
                 # Streams end only when told: end them first, so that they finish with OK
                 # now and the grace period is for calls actually in flight.
                 services.end_streams()
                 await bridge.stop(server, settings.shutdown_grace)
+
+
+async def _follow_health(bridge: Bridge, server: ServerHandle, health: Health) -> None:
+    """Keep the gRPC health service saying what ``health`` says (SERVING when ready)."""
+    version = health.version
+    while True:
+        await bridge.set_serving(server, health.ready)
+        version = await health.wait_changed(version)
 
 
 #: What a data-store type may look like (a plugin's name), so a caller cannot make the

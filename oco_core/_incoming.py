@@ -36,6 +36,14 @@ class AdapterLink:
         self.bot_name = core.router.bot_name
         self.aliases: Sequence[str] = core.router.aliases
         self.store = NamespacedStore(store, f"adapter:{name}")
+        #: Whether the adapter's ``run`` has started (``task_status.started()``) and not ended.
+        self.running = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the adapter is connected to its chat service, for health and metrics:
+        running, and connected by its own account when it gives one."""
+        return self.running and self.adapter.connected is not False
 
     async def receive(self, message: IncomingMessage) -> None:
         self._core.incoming.message(self.name, message)
@@ -66,6 +74,7 @@ class Incoming:
         if not core.leader.acting():
             return  # fenced (ha:): what the adapter still delivers is the new active bot's to answer
         core.stats.received += 1
+        core.metrics.message_received(adapter)
         core.activity.touch()
         if incoming.edit_of:
             log.debug("not routing an edit of %s from %s", incoming.edit_of, adapter)
@@ -93,6 +102,7 @@ class Incoming:
         matches = core.router.match(message, incoming.body, incoming.direct, respond_text, gate)
         if matches:
             core.stats.matched += len(matches)
+            core.metrics.matched(message_id, matches)
             core.activity.expect_reply(message_id)
         refusal = gate.refusal(delivered=any(m.direct for m in matches))
         if refusal:

@@ -128,6 +128,7 @@ class Outgoing:
                 exc.args = (f"message {sent} to {targets[sent]}: {exc}",)
                 raise
             self._core.stats.sent += 1
+            self._core.metrics.message_sent(link.name, callback_id, request.messages[sent].in_reply_to)
         self._core.activity.replied([m.in_reply_to for m in request.messages if m.in_reply_to])
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
@@ -166,5 +167,7 @@ class Outgoing:
                 await link.adapter.send(out)
             except AdapterError as exc:
                 log.warning("could not send the bot's own reply through %s: %s", adapter, exc)
+            else:
+                self._core.metrics.message_sent(adapter)
 
         self._core.spawn(send)
