@@ -264,6 +264,12 @@ class IrcAdapter(Adapter):
             return []
         return [self.user(nick) for nick in channel.members.values()]
 
+    @property
+    def connected(self) -> bool:
+        """Whether the bot is connected and registered now (health checks; ``run``
+        reconnects by itself, so its running says nothing of an outage)."""
+        return self._ready()
+
     def fold(self, name: str) -> str:
         """Case-fold a nick or channel name as the server compares them."""
         return self._features.fold(name)

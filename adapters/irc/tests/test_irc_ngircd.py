@@ -103,10 +103,13 @@ async def test_dead_connection_is_detected_and_replaced(kit: Any, gate: Any) -> 
     adapter = IrcAdapter(kit.config(port=gate.port, ping_interval=0.3, ping_timeout=0.5))
     async with kit.person("alice") as alice, kit.running(adapter, kit.host):
         await alice.expect(r":oco!\S+ JOIN")
+        await kit.wait_for(lambda: adapter.connected, "connected, as the bot's health reads it")
         gate.frozen = True  # the TCP connection stays open, but nothing flows
         await kit.wait_for(lambda: not adapter.statistics().connected, "the keepalive to give up")
+        assert not adapter.connected
         gate.frozen = False
         await kit.wait_for(lambda: adapter.statistics().registrations == 2, "the bot to reconnect")
+        await kit.wait_for(lambda: adapter.connected, "connected again")
         await alice.expect(r":oco\S* JOIN :?#test")
 
 
