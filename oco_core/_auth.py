@@ -89,6 +89,12 @@ class Authorization:
         #: sets it once adapters exist: IRC folds case).
         self.canonical: Callable[[str], str] = lambda user_id: user_id
 
+    def reconfigure(self, settings: AuthSettings) -> None:
+        """New ``auth:`` settings (a live reload); a new rate limit starts every person afresh."""
+        if settings.rate_limit != self.settings.rate_limit:
+            self._buckets.clear()  # sized for the old limit
+        self.settings = settings
+
     def _admins(self) -> set[str]:
         return {self.canonical(a) for a in self.settings.admins}
 

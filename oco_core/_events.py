@@ -32,13 +32,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import trio
 from google.protobuf.message import DecodeError
 
-from ._config import Config, ScheduleSettings
+from ._config import CallbackSettings, Config, ScheduleSettings
 from ._errors import StoreError
 from ._leader import Leader, Solo
 from ._proto import core_pb2, robot_pb2
@@ -541,6 +541,21 @@ class EventHub:
             if _route_takes(route, method, path):
                 return WebhookTarget(callback_id, route, declared.left is None)
         return None
+
+    def configure_schedules(self, callbacks: Sequence[CallbackSettings]) -> None:
+        """The operator's schedules, anew (a live reload)."""
+        configured = {
+            cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in callbacks if cb.schedules
+        }
+        if configured != self._configured:
+            self._configured = configured
+            self._bump_schedules()
+
+    def rerouted(self, subscription: Subscription) -> None:
+        """An open stream's routes changed (a live reload): durable matches follow them."""
+        interest = self._interest.get(subscription)
+        if interest is not None:
+            self._interest[subscription] = replace(interest, routes=frozenset(r.id for r in subscription.routes))
 
     def knows(self, callback_id: str) -> bool:
         """Whether the callback has a stream on this bot, or had one less than

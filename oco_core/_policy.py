@@ -188,11 +188,21 @@ class CallbackPolicy:
         #: The ids of every route it declared so far (in config, or as it connected).
         self._declared: set[str] = {r.id or r.pattern for r in settings.routes} if settings else set()
         # rate_limit is per minute, and a whole minute's worth may come at once.
+        self._rate_limit = settings.rate_limit if settings else None
         self._bucket = (
             TokenBucket(settings.rate_limit, settings.rate_limit / 60) if settings and settings.rate_limit else None
         )
         #: The audit log's ``record`` (kind, decision, **details).
         self._record = record or (lambda *args, **details: None)
+
+    def carry_over(self, previous: CallbackPolicy) -> None:
+        """Keep what ``previous`` (this callback's policy before a live reload) learnt:
+        the routes it declared, the rules already warned about, and, under the same rate
+        limit, what it has used of it."""
+        self._declared |= previous._declared
+        self._warned |= previous._warned
+        if previous._rate_limit == self._rate_limit:
+            self._bucket = previous._bucket
 
     def rule(self, route_id: str, stored: Mapping[str, RouteRule] | None = None) -> RouteRule | None:
         """The operator's rule for a route: the one keyed by its id, else the first
@@ -345,6 +355,22 @@ class Policies:
                         name,
                         ", ".join(repr(r) for r in ids),
                     )
+
+    def set_rate_limit(self, limit: int | None) -> None:
+        """A new ``auth.rate_limit`` (a live reload)."""
+        self._rate_limit = limit
+
+    def reconfigure(self, callback_id: str, settings: CallbackSettings | None, where: str = "") -> None:
+        """A live reload: the callback's new settings (None: it is gone). What the
+        callback declared as it connected stays known, and when its rate limit is
+        unchanged, so does what it has used of it."""
+        previous = self._policies.pop(callback_id, None)
+        if settings is None:
+            return
+        policy = CallbackPolicy(callback_id, settings, where, self._record, self._canonical_rooms)
+        if previous is not None:
+            policy.carry_over(previous)
+        self._policies[callback_id] = policy
 
     def policy(self, callback_id: str) -> CallbackPolicy:
         """The callback's capabilities, route rules and rate limit (defaults when the

@@ -109,6 +109,11 @@ class QuotaStore(Store):
 
         return cls(store, quota_for)
 
+    def reconfigure(self, default: QuotaConfig | None, per_callback: Mapping[str, QuotaConfig | None]) -> None:
+        """New quotas for callback namespaces (a live reload), as :meth:`for_callbacks`
+        maps them; what is stored is counted as before."""
+        self._quota_for = QuotaStore.for_callbacks(self.inner, default, per_callback)._quota_for
+
     async def usage(self, namespace: str) -> tuple[int, int]:
         """Return (number of keys, total bytes) of ``namespace``, as quotas count them."""
         if namespace in self._usage:

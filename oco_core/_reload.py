@@ -37,16 +37,15 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 from pydantic import BaseModel
 
-from ._config import CallbackSettings, Config, LoadedConfig
+from ._config import Config, LoadedConfig
 from ._errors import ConfigError, OcoError
-from ._policy import CallbackPolicy
 from ._quota import QuotaStore
 from ._router import InvalidPatternError, Route
 from ._secrets import Authenticator
@@ -284,10 +283,8 @@ async def _apply(
     if change.log_level is not None and not debug:  # --debug keeps the bot at DEBUG
         logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
     if change.auth:
-        if old.auth.rate_limit != config.auth.rate_limit:
-            core.auth._buckets.clear()  # per person, sized for the old limit
-            core.policies._rate_limit = config.auth.rate_limit
-        core.auth.settings = config.auth
+        core.policies.set_rate_limit(config.auth.rate_limit)
+        core.auth.reconfigure(config.auth)
     touched = change.callbacks_added + change.callbacks_removed + change.callbacks_changed
     if touched:
         await _apply_callbacks(bot, core, candidate, old, config, change)
@@ -296,7 +293,6 @@ async def _apply(
 
 
 async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config, new: Config, change: Change) -> None:
-    before = {cb.id: cb for cb in old.callbacks}
     after = {cb.id: cb for cb in new.callbacks}
     # Processes first: a removed or restarted one stops (TERM, then KILL) before its
     # successor starts, so two never run at once.
@@ -310,7 +306,7 @@ async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config,
             nursery.start_soon(bot.launched.pop(cid).stop)
     for cid in change.callbacks_removed:
         core.callbacks.pop(cid, None)
-        core.policies._policies.pop(cid, None)
+        core.policies.reconfigure(cid, None)
     routes_changed: dict[str, list[Route]] = {}
     for cid in change.callbacks_added + change.callbacks_changed:
         fresh = candidate.callbacks[cid]
@@ -331,24 +327,16 @@ async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config,
         bot.services.auth = Authenticator(dict(core.secrets()), core.store)
     index = {cb.id: i for i, cb in enumerate(new.callbacks)}
     for cid in change.callbacks_added + change.callbacks_changed:
-        cb = after[cid]
-        previous = core.policies._policies.get(cid)
-        policy = CallbackPolicy(cid, cb, f"callbacks[{index[cid]}] ({cid})", core.record, core.canonical_rooms)
-        if previous is not None:
-            policy._declared |= previous._declared
-            policy._warned |= previous._warned
-            if before.get(cid) is not None and before[cid].rate_limit == cb.rate_limit:
-                policy._bucket = previous._bucket  # the same limit: what was used stays used
-        core.policies._policies[cid] = policy
+        core.policies.reconfigure(cid, after[cid], f"callbacks[{index[cid]}] ({cid})")
     for cid, old_routes in routes_changed.items():
         _reroute(core, cid, old_routes, core.callbacks[cid].routes)
     quotas = _quota_store(core.store)
     if quotas is not None:
         per_callback = {cb.id: cb.quota for cb in new.callbacks if cb.quota is not None}
-        quotas._quota_for = QuotaStore.for_callbacks(quotas.inner, new.store.quota, per_callback)._quota_for
-    _apply_schedules(core, new.callbacks)
+        quotas.reconfigure(new.store.quota, per_callback)
+    core.events.configure_schedules(new.callbacks)
     if bot.webhooks is not None:
-        bot.webhooks._auth = {cb.id: cb.webhook_auth for cb in new.callbacks}
+        bot.webhooks.set_auth(new.callbacks)
     for cid in change.callbacks_added + change.callbacks_restarted:
         if after[cid].command is not None:
             bot.start_callback(after[cid])
@@ -372,18 +360,7 @@ def _reroute(core: BotCore, callback_id: str, old: Sequence[Route], new: Sequenc
         except InvalidPatternError as exc:
             log.error("reload: callback %r keeps its old routes on an open stream: %s", callback_id, exc)
             continue
-        interest = core.events._interest.get(subscription)
-        if interest is not None:
-            core.events._interest[subscription] = replace(interest, routes=frozenset(r.id for r in routes))
-
-
-def _apply_schedules(core: BotCore, callbacks: Sequence[CallbackSettings]) -> None:
-    from ._events import configured_schedule
-
-    configured = {cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in callbacks if cb.schedules}
-    if configured != core.events._configured:
-        core.events._configured = configured
-        core.events._bump_schedules()
+        core.events.rerouted(subscription)
 
 
 def _quota_store(store: object) -> QuotaStore | None:

@@ -34,14 +34,14 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import trio
 
 from ._audit import DENIED
-from ._config import WebhookAuth
+from ._config import CallbackSettings, WebhookAuth
 from ._errors import StoreError, ValueTooLargeError
 from ._events import NotConnectedError, webhook_route_id
 from ._http import Receive, Scope, Send, respond
@@ -236,6 +236,10 @@ class Webhooks:
         self.waiting = 0
         #: Requests whose body is being read now.
         self.reading = 0
+
+    def set_auth(self, callbacks: Sequence[CallbackSettings]) -> None:
+        """How each callback's requests are verified, anew (a live reload)."""
+        self._auth = {cb.id: cb.webhook_auth for cb in callbacks}
 
     def warn_unverified(self) -> None:
         """One warning for each configured callback that may declare webhooks and has
