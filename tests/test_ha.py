@@ -7,7 +7,9 @@ adapter's tests; the Redis store's own tests run the same election on Redis."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import trio
 
 from oco_core import Callback, Message
 from oco_core._proto import control_pb2, control_pb2_grpc, core_pb2, robot_pb2, robot_pb2_grpc
-from oco_core.testing import OcoProcess, oco_cli, run_oco
+from oco_core.testing import Lines, OcoProcess, oco_cli, run_oco
 
 PING = '["python", "-m", "oco_core.examples.ping"]'
 SECRET = "h" * 32
@@ -201,6 +203,36 @@ async def test_the_sdk_given_every_bot_follows_the_active_one(tmp_path: Path, po
             await callback.send("still here", room="memory/general")
             assert await chat_b.say("", wait=5) == "still here"
             assert heard == ["hold one", "hold two"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.server("node")
+async def test_the_node_example_given_every_bot_follows_the_active_one(
+    node_example: Path, tmp_path: Path, postgres_tables: tuple[str, str]
+) -> None:
+    config = ha_config(*postgres_tables)
+    async with run_oco(config, tmp_path / "a") as a:
+        chat_a = await active_chat(a)
+        async with run_oco(config, tmp_path / "b") as b, trio.open_nursery() as nursery:
+            await b.expect(r"up as a standby", stream="stderr")
+            env = {**os.environ, "OCO_ADDRESS": f"{b.address},{a.address}", "OCO_CALLBACK_ID": "hold"}
+            env["OCO_SECRET"] = SECRET
+            process = await trio.lowlevel.open_process(
+                ["node", str(node_example / "callback.js")], env=env, stderr=subprocess.PIPE
+            )
+            stderr = Lines("the node callback's stderr")
+            assert process.stderr is not None
+            nursery.start_soon(stderr.pump, process.stderr)
+            try:
+                await stderr.wait_for(r"connected to .*: 5 route\(s\) registered", count=2)
+                assert "from Node.js" in await chat_a.say("hello node")
+                a.process.send_signal(signal.SIGKILL)
+                chat_b = await active_chat(b, timeout=10)
+                assert "from Node.js" in await chat_b.say("hello node")
+            finally:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
             nursery.cancel_scope.cancel()
 
 

@@ -11,7 +11,11 @@
 // to the counter. When the bot goes away it reconnects with backoff and declares its
 // routes again. See README.md beside it.
 //
-//   OCO_ADDRESS      host:port of the bot's gRPC API (default 127.0.0.1:50051)
+//   OCO_ADDRESS      host:port of the bot's gRPC API (default 127.0.0.1:50051); several,
+//                    comma-separated, for bots that run as one active and standbys (ha:):
+//                    one Listen stream to each (events come from the active bot only),
+//                    replies on the bot the event came from, and a send a standby refuses
+//                    goes to the bot it names
 //   OCO_CALLBACK_ID  this callback's id in the bot's configuration
 //   OCO_SECRET       this callback's secret (the bot passes it to programs it launches)
 //   OCO_PROTO_DIR    where `oco proto --out` wrote the .proto files (default build/proto
@@ -38,7 +42,10 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const pg = require('pg');
 
-const ADDRESS = process.env.OCO_ADDRESS || '127.0.0.1:50051';
+const ADDRESSES = (process.env.OCO_ADDRESS || '127.0.0.1:50051')
+  .split(',')
+  .map((address) => address.trim())
+  .filter(Boolean);
 const CALLBACK_ID = process.env.OCO_CALLBACK_ID || '';
 const SECRET = process.env.OCO_SECRET || '';
 const PROTO_DIR = process.env.OCO_PROTO_DIR || path.join(__dirname, 'build', 'proto');
@@ -110,7 +117,7 @@ function readPem(variable, file) {
 
 // Plaintext, or TLS when any OCO_TLS_* variable is set. Returns the channel credentials,
 // the channel options they need, and whether they are TLS.
-function transport() {
+function transport(address) {
   if (!TLS.ca && !TLS.cert && !TLS.key && !TLS.serverName) {
     return { credentials: grpc.credentials.createInsecure(), options: {}, secure: false };
   }
@@ -121,7 +128,7 @@ function transport() {
   const key = TLS.key ? readPem('OCO_TLS_KEY', TLS.key) : null;
   const cert = TLS.cert ? readPem('OCO_TLS_CERT', TLS.cert) : null;
   const options = {};
-  const host = ADDRESS.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1');
+  const host = address.replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1');
   // Only when it differs from the host dialled: grpc-js passes the override on as the
   // TLS server name (SNI), and Node warns (DEP0123) when that is an IP address.
   if (TLS.serverName && TLS.serverName !== host) options['grpc.ssl_target_name_override'] = TLS.serverName;
@@ -285,8 +292,10 @@ const WEBHOOKS = [
 ];
 
 class NodeCallback {
-  constructor(oco) {
-    const { credentials, options: tlsOptions, secure } = transport();
+  constructor(oco, address) {
+    this.address = address;
+    this.bots = [this]; // every bot's NodeCallback (ha:), set by main()
+    const { credentials, options: tlsOptions, secure } = transport(address);
     this.over = secure ? ' over TLS' : '';
     const options = {
       // Reconnect quickly when the bot restarts (the default waits up to two minutes).
@@ -296,9 +305,9 @@ class NodeCallback {
       'grpc.keepalive_timeout_ms': 10_000,
       ...tlsOptions,
     };
-    this.robot = new oco.Robot(ADDRESS, credentials, options);
-    this.storage = new oco.Storage(ADDRESS, credentials, options);
-    this.datastores = new oco.DataStores(ADDRESS, credentials, options);
+    this.robot = new oco.Robot(address, credentials, options);
+    this.storage = new oco.Storage(address, credentials, options);
+    this.datastores = new oco.DataStores(address, credentials, options);
     this.notes = new Notes(this.datastores);
     this.listening = null;
     this.stopped = false;
@@ -369,11 +378,29 @@ class NodeCallback {
     }
   }
 
+  // A call to the bot this stream is on; when it is a standby (ha:) it refuses with
+  // UNAVAILABLE and `oco-error-type: StandbyError`, naming the active bot in
+  // `oco-error-active-address` (empty while a takeover is under way): call there.
+  async toActive(method, request) {
+    let bot = this;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await unary(bot.robot, method, request);
+      } catch (err) {
+        if (errorMetadata(err, 'oco-error-type') !== 'StandbyError' || this.bots.length < 2 || attempt >= 40) throw err;
+        const active = errorMetadata(err, 'oco-error-active-address');
+        const named = this.bots.find((other) => other !== bot && other.address === active);
+        if (!named) await sleep(250);
+        bot = named || this.bots[(this.bots.indexOf(bot) + 1) % this.bots.length];
+      }
+    }
+  }
+
   // Reply where the match came from: its room, or privately to its user.
   async reply(matched, body, withMention = false) {
     const source = matched.message.source;
     const hasRoom = source.room && source.room.id && !matched.message.private;
-    await unary(this.robot, 'SendMessages', {
+    await this.toActive('SendMessages', {
       WithMention: withMention && Boolean(hasRoom),
       messages: [
         {
@@ -493,7 +520,7 @@ class NodeCallback {
     while (!this.stopped) {
       const status = await this.listenOnce((routes) => {
         backoff = BACKOFF_MIN_MS;
-        log(`connected to ${ADDRESS}${this.over}: ${routes} route(s) registered, ${WEBHOOKS.length} webhook(s)`);
+        log(`connected to ${this.address}${this.over}: ${routes} route(s) registered, ${WEBHOOKS.length} webhook(s)`);
       });
       if (this.stopped) break;
       if (FATAL.has(status.code)) {
@@ -521,14 +548,16 @@ class NodeCallback {
 async function main() {
   if (!SECRET) throw new Error('no secret: set OCO_SECRET (the bot passes it to callbacks it launches)');
   if (!CALLBACK_ID) throw new Error('no callback id: set OCO_CALLBACK_ID');
-  const callback = new NodeCallback(loadProtocol(PROTO_DIR));
+  const oco = loadProtocol(PROTO_DIR);
+  const callbacks = ADDRESSES.map((address) => new NodeCallback(oco, address));
+  for (const callback of callbacks) callback.bots = callbacks;
   for (const signal of ['SIGINT', 'SIGTERM']) {
     process.on(signal, () => {
       log(`received ${signal}; stopping`);
-      callback.stop();
+      for (const callback of callbacks) callback.stop();
     });
   }
-  await callback.run();
+  await Promise.all(callbacks.map((callback) => callback.run()));
 }
 
 main().then(
