@@ -228,7 +228,7 @@ async def run(kind: str, failovers: int, rate: float, workdir: Path) -> Figures:
                 bot.process.kill()
                 await bot.process.wait()
                 first = None
-                with trio.fail_after(60):
+                with trio.move_on_after(60):
                     while first is None:
                         later = [
                             t
@@ -239,6 +239,14 @@ async def run(kind: str, failovers: int, rate: float, workdir: Path) -> Figures:
                         ]
                         first = min(later) if later else None
                         await trio.sleep(0.01)
+                if first is None:
+                    standby = slots[1 - active][1]
+                    raise AssertionError(
+                        f"round {round_ + 1}: no answer within 60 s of the kill; the standby's log ends: "
+                        + "\n".join(standby.stderr_lines[-40:])
+                        + "\nthe channel: "
+                        + "\n".join(person.lines[-15:])
+                    )
                 takeovers.append(first - killed)
                 windows.append((killed, first))
                 print(f"  {kind} round {round_ + 1}: first answer {first - killed:.2f} s after the kill", flush=True)
