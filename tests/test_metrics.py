@@ -354,3 +354,53 @@ async def test_the_grafana_dashboard_uses_only_metrics_the_bot_exports(tmp_path:
     assert used, "the dashboard names no metric"
     missing = sorted(used - exported)
     assert not missing, f"the dashboard uses metrics the bot does not export: {missing}"
+
+
+async def test_a_standby_is_not_ready_until_it_takes_over(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
+    url, prefix = postgres_tables
+    text = config(tmp_path, "ha: {}", store=f'{{url: "{url}", table_prefix: {prefix}}}')
+
+    async def status_of(running: RunningBot) -> int:
+        return await trio.to_thread.run_sync(grpc_health, running.address)
+
+    async with trio.open_nursery() as nursery:
+        first_scope = trio.CancelScope()
+        first_up = trio.Event()
+        bots: dict[str, RunningBot] = {}
+
+        async def run_first() -> None:
+            with first_scope:
+                async with open_bot(text) as running:
+                    bots["first"] = running
+                    first_up.set()
+                    await trio.sleep_forever()
+
+        nursery.start_soon(run_first)
+        await first_up.wait()
+        first = bots["first"]
+        async with http_client(first) as client:
+
+            async def first_ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await eventually(first_ready, "the first bot active and ready")
+        async with open_bot(text) as second, http_client(second) as client:
+            body = await eventually(lambda: not_ready_for(client, "standby"), "/readyz naming the standby")
+            (entry,) = body["not_ready"]  # not "adapters": a standby connects none on purpose
+            assert entry["why"].startswith("this bot is a standby (ha:); the active bot is at ")
+            assert await status_of(second) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await status_of(first) == health_pb2.HealthCheckResponse.SERVING
+            samples, _, _ = await scrape(client)
+            assert value(samples, "oco_leader_active") == 0
+            assert value(samples, "oco_not_ready", what="standby") == 1
+
+            first_scope.cancel()  # the active bot stops and releases its lease
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await eventually(ready, "the standby active and ready")
+            assert await status_of(second) == health_pb2.HealthCheckResponse.SERVING
+            samples, _, _ = await scrape(client)
+            assert value(samples, "oco_leader_active") == 1
+            assert value(samples, "oco_leader_takeovers_total") == 1
