@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,15 @@ import grpc
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from oco_core import Callback, Message
+from oco_core._config import HaSettings
+from oco_core._errors import StandbyError, StoreUnavailableError
+from oco_core._leader import Leader
 from oco_core._proto import control_pb2, control_pb2_grpc, core_pb2, robot_pb2, robot_pb2_grpc
-from oco_core.testing import Lines, OcoProcess, oco_cli, run_oco
+from oco_core._store import Item, Store
+from oco_core.testing import Lines, MemoryStore, OcoProcess, oco_cli, run_oco
 
 PING = '["python", "-m", "oco_core.examples.ping"]'
 SECRET = "h" * 32
@@ -297,3 +303,141 @@ async def listen(address: str, events: trio.MemorySendChannel[core_pb2.Event]) -
     finally:
         for call in calls:
             call.cancel()
+
+
+# -- the election alone, on trio's autojump clock -------------------------------------
+
+
+class Cuttable(Store):
+    """A view of a store that a test can cut off (StoreUnavailableError) or make hang."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cut = False
+
+    async def _gate(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.cut:
+            raise StoreUnavailableError("cut off by the test")
+
+    async def get(self, namespace: str, key: str) -> Item | None:
+        await self._gate()
+        return await self.store.get(namespace, key)
+
+    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        await self._gate()
+        return await self.store.set(namespace, key, value, expected_version=expected_version)
+
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        await self._gate()
+        return await self.store.delete(namespace, key, expected_version=expected_version)
+
+    async def list(
+        self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
+    ) -> list[Item]:
+        await self._gate()
+        return await self.store.list(namespace, prefix, start_after=start_after, limit=limit, keys_only=keys_only)
+
+
+class Timeline:
+    """When each leader became active and stepped down, to check they never overlap."""
+
+    def __init__(self, *leaders: Leader) -> None:
+        self.changes: list[tuple[float, str, bool]] = []
+        for leader in leaders:
+            leader.on_change(partial(self._changed, leader.holder))
+
+    def _changed(self, name: str, active: bool) -> None:
+        self.changes.append((trio.current_time(), name, active))
+
+    def overlaps(self) -> list[float]:
+        active: set[str] = set()
+        bad = []
+        for when, name, became in sorted(self.changes):
+            if became:
+                active.add(name)
+            else:
+                active.discard(name)
+            if len(active) > 1:
+                bad.append(when)
+        return bad
+
+
+async def test_a_leader_cut_off_from_the_store_stops_before_the_standby_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = HaSettings()
+    store = MemoryStore()
+    cuttable = Cuttable(store)
+    a = Leader(cuttable, settings, name="a", grpc_address="a:1")
+    b = Leader(store, settings, name="b", grpc_address="b:1")
+    timeline = Timeline(a, b)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(0.1)
+        assert a.acting()
+        assert a.token == 1
+        await nursery.start(b.run)
+        await trio.sleep(5)
+        assert not b.acting()  # a renews: b waits for ever
+        with pytest.raises(StandbyError) as refused:
+            b.check()
+        assert refused.value.active_address == "a:1"
+
+        cuttable.cut = True
+        cut_at = trio.current_time()
+        await b.wait_active()
+        took_over = trio.current_time()
+        assert not a.acting()
+        stepped_down = next(when for when, name, active in timeline.changes if name == "a" and not active)
+        # a stopped within lease - margin of its last renewal; b started a margin later at least.
+        assert stepped_down - cut_at <= settings.lease - settings.fence_margin
+        assert took_over - stepped_down >= settings.fence_margin
+        assert took_over - cut_at <= settings.lease + 2 * settings.renew_interval
+        assert b.token == 2
+
+        # a reaches the store again: it sees b's lease and stands by.
+        cuttable.cut = False
+        await trio.sleep(5)
+        assert b.acting()
+        assert not a.acting()
+        assert a.active_grpc_address == "b:1"
+        assert timeline.overlaps() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_that_stops_releases_the_lease_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    settings = HaSettings(lease=30, renew_interval=0.5)
+    store = MemoryStore()
+    a = Leader(store, settings, name="a")
+    b = Leader(store, settings, name="b")
+    async with trio.open_nursery() as outer:
+        with trio.CancelScope() as a_scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.run)
+                await trio.sleep(0.1)
+                outer.start_soon(b.run)
+                await trio.sleep(2)
+                assert a.acting()
+                assert not b.acting()
+                a_scope.cancel()
+        stopped = trio.current_time()
+        await b.wait_active()
+        assert trio.current_time() - stopped <= settings.renew_interval + 0.1
+        outer.cancel_scope.cancel()
+
+
+async def test_a_paused_leader_stops_acting_by_its_clock_alone(autojump_clock: trio.testing.MockClock) -> None:
+    # No task of the leader runs between the pause and the check: acting() reads the clock.
+    settings = HaSettings()
+    a = Leader(MemoryStore(), settings, name="a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(0.1)
+        assert a.acting()
+        autojump_clock.jump(settings.lease)  # the process was stopped this long
+        assert not a.acting()
+        with pytest.raises(StandbyError):
+            a.check()
+        assert a.step_downs == 1
+        nursery.cancel_scope.cancel()
