@@ -3,10 +3,12 @@ and gRPC servers (memory adapter), scraped with httpx and parsed with prometheus
 own parser; gRPC health asked with the standard stub.
 
 - A chat message answered by a callback moves the counters it should (received,
-  matched, replied, sent, RPCs, store calls) and no label carries a user or room.
+  matched, replied, sent, RPCs, store calls) and no label carries a user or room; the
+  same through a real ``oco run`` with its launched callback, which then stops cleanly.
 - ``/healthz`` answers; ``/readyz`` and gRPC health say NOT_SERVING, naming the store,
   while the PostgreSQL behind a :class:`TcpProxy` is cut off, and SERVING again by
-  themselves once it is back; likewise while no adapter is connected.
+  themselves once it is back; likewise while no adapter is connected, and on a standby
+  (``ha:``) until it takes over.
 - The Grafana dashboard in docs/ is valid JSON and every expression in it names metrics
   the bot exports.
 - Route labels are capped per callback; two bots in one process keep their own counts.
@@ -33,7 +35,7 @@ from sqlalchemy.engine import make_url
 
 from oco_core import Callback, Message
 from oco_core._metrics import MAX_ROUTES_PER_CALLBACK, OTHER, Metrics
-from oco_core.testing import RunningBot, free_port, open_bot, serving
+from oco_core.testing import RunningBot, free_port, open_bot, run_oco, serving
 from oco_core.testing._proxy import TcpProxy
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json"
@@ -171,6 +173,34 @@ async def test_a_message_answered_by_a_callback_moves_the_counters(tmp_path: Pat
         # Streams are counted as they end.
         assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="Listen") == 1
         assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="SendMessageStream") == 1
+
+
+async def test_oco_run_counts_a_command_answered_by_its_launched_callback(
+    tmp_path: Path, bot_config: Callable[[str], str]
+) -> None:
+    # The shell adapter and the bundled example callback (id "example"), launched by the bot.
+    text = bot_config('http: {listen: "127.0.0.1:0", address_file: http.address}\n')
+    async with run_oco(text, tmp_path) as bot:
+        base = f"http://{await bot.written('http.address')}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await eventually(ready, "the bot ready")
+            await bot.write("oco ping")
+            await bot.expect("PONG")
+
+            async def replied() -> Samples | None:
+                got, _, _ = await scrape(client)
+                return got if value(got, "oco_replies_total", callback="example", route="ping") == 1 else None
+
+            got = await eventually(replied, "the reply counted")
+            assert value(got, "oco_messages_received_total", adapter="shell") == 1
+            assert value(got, "oco_matches_total", callback="example", route="ping") == 1
+            assert value(got, "oco_callback_replicas", callback="example") == 1
+        assert await bot.stop() == 0
+        assert not [line for line in bot.stderr_lines if "Traceback" in line or "ERROR" in line]
 
 
 async def test_healthz_and_readyz_answer_and_refuse_other_methods(tmp_path: Path) -> None:
