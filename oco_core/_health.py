@@ -15,7 +15,9 @@ A reason is a *condition*: what is not ready and why. The bot sets these itself:
   clears it.
 - ``adapters``: no chat adapter is connected (on the active bot only): each adapter's
   ``run`` has started and not ended, and the adapter, where it can tell
-  (:attr:`~._adapter.Adapter.connected`), says it is connected;
+  (:attr:`~._adapter.Adapter.connected`), says it is connected. Logged only once it has
+  lasted :data:`ADAPTER_GRACE` seconds since the bot became up or active: connecting
+  after start-up or a takeover is no news;
 - ``standby``: this bot is a standby (``ha:``), read from its leadership;
 - ``stopping``: the bot is shutting down (load balancers stop sending before the
   servers close).
@@ -63,6 +65,9 @@ PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 5.0
 #: Seconds between looks at the adapters and the leadership (which nothing announces).
 EVALUATE_INTERVAL = 0.5
+#: Seconds an active bot's adapters may take to connect before their absence is logged
+#: (it makes the bot not ready at once all the same).
+ADAPTER_GRACE = 10.0
 #: Where the probe reads (a key nothing writes).
 PROBE_NAMESPACE = "health"
 PROBE_KEY = "probe"
@@ -87,6 +92,8 @@ class Health:
         #: One more on every change of readiness or of the conditions listed.
         self.version = 0
         self._probing_since: float | None = None
+        #: When this bot last became up and active (adapters get a grace to connect).
+        self._acting_since: float | None = None
         self._sources: _Sources | None = None
 
     # -- reading ------------------------------------------------------------------------
@@ -114,18 +121,18 @@ class Health:
 
     # -- changing -----------------------------------------------------------------------
 
-    def set_condition(self, what: str, why: str) -> None:
+    def set_condition(self, what: str, why: str, *, announce: bool = True) -> None:
         """Mark the bot not ready because of ``what`` (``store``, ``standby``, ...),
-        saying ``why``. Logged once when it appears."""
+        saying ``why``. Logged once while it lasts; with ``announce`` False not yet (a
+        later call with it True logs it then)."""
         previous = self._conditions.get(what)
         self._conditions[what] = why
-        if previous is not None:
-            return
-        if what not in _UNLOGGED:
+        if previous is None:
+            self._bump()
+        if announce and what not in self._logged and what not in _UNLOGGED:
             self._logged.add(what)
             level = logging.INFO if what in _EXPECTED else logging.WARNING
             log.log(level, "not ready (gRPC health NOT_SERVING, /readyz 503): %s: %s", what, why)
-        self._bump()
 
     def clear_condition(self, what: str) -> None:
         """``what`` no longer stands in the way."""
@@ -188,19 +195,26 @@ class Health:
             return
         self.clear_condition(STARTING)
         leadership = sources.leadership()
+        now = trio.current_time()
         if not leadership.acting():
+            self._acting_since = None
             active = leadership.active_grpc_address
             where = f"the active bot is at {active}" if active else "no active bot is known yet"
             self.set_condition(STANDBY, f"this bot is a standby (ha:); {where}")
             self.clear_condition(ADAPTERS)  # a standby connects none, on purpose
             return
+        if self._acting_since is None:
+            self._acting_since = now
         self.clear_condition(STANDBY)
         links = sources.links
         if any(link.connected for link in links.values()):
             self.clear_condition(ADAPTERS)
         else:
             names = ", ".join(sorted(links)) or "none started"
-            self.set_condition(ADAPTERS, f"no chat adapter is connected ({names})")
+            # Not ready at once, but logged only past the grace: a bot that has just
+            # taken over (ha:) is connecting, which is no news.
+            late = now - self._acting_since >= ADAPTER_GRACE
+            self.set_condition(ADAPTERS, f"no chat adapter is connected ({names})", announce=late)
 
     async def _probe(self, store: Store) -> None:
         while True:

@@ -305,9 +305,13 @@ async def test_an_unreachable_store_makes_the_bot_not_ready_until_it_is_back(
     assert len(back) == 1
 
 
-async def test_no_connected_adapter_makes_the_bot_not_ready_until_one_connects(tmp_path: Path) -> None:
+async def test_no_connected_adapter_makes_the_bot_not_ready_until_one_connects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The memory adapter's control service cannot bind a port that is taken: the adapter
     # fails to start and is retried, as one whose chat server is down.
+    caplog.set_level(logging.INFO, logger="oco_core._health")
+    monkeypatch.setattr("oco_core._health.ADAPTER_GRACE", 1.0)
     port = free_port()
     taken = socket.socket()
     taken.bind(("127.0.0.1", port))
@@ -324,6 +328,18 @@ async def test_no_connected_adapter_makes_the_bot_not_ready_until_one_connects(t
             samples, _, _ = await scrape(client)
             assert value(samples, "oco_adapter_connected", adapter="memory") == 0
 
+            def logged(text: str) -> list[logging.LogRecord]:
+                return [r for r in caplog.records if r.name == "oco_core._health" and text in r.getMessage()]
+
+            async def warned() -> bool:
+                return bool(logged("not ready"))
+
+            # Logged once the grace is over (not ready at once, all the same).
+            await eventually(warned, "a WARNING about the adapters")
+            (warning,) = logged("not ready")
+            assert warning.levelname == "WARNING"
+            assert "adapters: no chat adapter is connected (memory)" in warning.getMessage()
+
             taken.close()  # the next attempt connects
 
             async def ready() -> bool:
@@ -332,6 +348,8 @@ async def test_no_connected_adapter_makes_the_bot_not_ready_until_one_connects(t
             await eventually(ready, "/readyz 200 once the adapter runs", timeout=30)
             status = await trio.to_thread.run_sync(grpc_health, running.address)
             assert status == health_pb2.HealthCheckResponse.SERVING
+            assert len(logged("not ready")) == 1
+            assert len(logged("adapters: fine again")) == 1
     finally:
         taken.close()
 
