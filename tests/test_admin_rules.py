@@ -18,18 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import trio
 
 from oco_core._cli import EXIT_CONFIG, EXIT_OK, EXIT_USAGE
 from oco_core._logs import JsonFormatter
-from oco_core._proto import control_pb2, control_pb2_grpc
-from oco_core.testing import oco_cli, run_oco
+from oco_core.testing import ControlChat, oco_cli, run_oco
 
 PING = '["python", "-m", "oco_core.examples.ping"]'
 #: How long a change in the store may take to reach a running bot (it reads every 5 s).
-PICKUP = 15.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,41 +53,6 @@ def bot_yaml(store: str, *, extra: str = "") -> str:
     )
 
 
-class Chat:
-    """Plays chat users through the memory adapter's control service."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.seen = 0
-
-    def _say(self, body: str, user: str, wait: float) -> list[str]:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
-            sent = control.ListSent(
-                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
-            )
-        if sent.messages:
-            self.seen = sent.messages[-1].seq
-        return [m.body for m in sent.messages]
-
-    async def say(self, body: str, *, user: str = "bob", wait: float = 10.0) -> str:
-        """Write ``body`` as ``user``; the bot's first answer ("" when none within ``wait``)."""
-        answers = await trio.to_thread.run_sync(self._say, body, user, wait)
-        return answers[0] if answers else ""
-
-    async def until(self, body: str, expected: str, *, user: str = "bob", timeout: float = PICKUP) -> None:
-        """Say ``body`` until the answer contains ``expected`` (a change reaching the bot)."""
-        answers: list[str] = []
-        with trio.move_on_after(timeout):
-            while True:
-                answers.append(await self.say(body, user=user, wait=5))
-                if expected in answers[-1]:
-                    return
-                await trio.sleep(0.3)
-        raise AssertionError(f"no answer to {body!r} had {expected!r} within {timeout} s: {answers[-5:]!r}")
-
-
 async def oco(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``oco ARGS`` with the bot's config, as a process (it must not wait on the bot)."""
     return await trio.to_thread.run_sync(lambda: oco_cli(*args, "--config", str(cwd / "oco.yaml"), cwd=cwd))
@@ -109,7 +71,7 @@ async def test_rules_and_roles_set_with_the_cli_change_what_a_running_bot_lets_p
     tmp_path: Path, store_yaml: str
 ) -> None:
     async with run_oco(bot_yaml(store_yaml), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"), user="bob")
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert "you need the permission `ops`" in await chat.say("oco ping")
 
@@ -171,7 +133,7 @@ async def test_rules_and_roles_set_with_the_cli_change_what_a_running_bot_lets_p
 async def test_admins_change_rules_from_chat(tmp_path: Path) -> None:
     store = f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\n"
     async with run_oco(bot_yaml(store), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"), user="bob")
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert await chat.say("oco rule set example echo deny=memory/general") == (
             "only admins may change route rules (auth.admins of the config)"

@@ -96,6 +96,7 @@ PINNED: dict[str, frozenset[str]] = {
     ),
     "oco_core.testing": frozenset(
         {
+            "ControlChat",
             "Lines",
             "MemoryAdapter",
             "MemoryConfig",

@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from oco_core._config import parse_config
-from oco_core._proto import control_pb2, control_pb2_grpc, robot_pb2, robot_pb2_grpc
+from oco_core._proto import robot_pb2, robot_pb2_grpc
 from oco_core._reload import Change, Reloader, diff, effective, pid_path, status_path
-from oco_core.testing import OcoProcess, open_bot, run_oco
+from oco_core.testing import ControlChat, OcoProcess, open_bot, run_oco
 
 PING = '["python", "-m", "oco_core.examples.ping"]'
 DIAL_IN_SECRET = "s" * 32
@@ -32,30 +32,6 @@ def config(workdir: Path, callbacks: str = "[]", *, extra: str = "", second: str
         f"pid_file: {workdir / 'bot.pid'}\n"
         f"callbacks: {callbacks}\n{extra}"
     )
-
-
-class Chat:
-    """Plays chat users through the memory adapter's control service."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.seen = 0
-
-    def _say(self, body: str, user: str, wait: float) -> list[str]:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
-            sent = control.ListSent(
-                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
-            )
-        if sent.messages:
-            self.seen = sent.messages[-1].seq
-        return [m.body for m in sent.messages]
-
-    async def say(self, body: str, *, user: str = "alice", wait: float = 10.0) -> str:
-        """Write ``body`` as ``user``; the bot's first answer ("" when none within ``wait``)."""
-        answers = await trio.to_thread.run_sync(self._say, body, user, wait)
-        return answers[0] if answers else ""
 
 
 async def reload_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -78,7 +54,7 @@ def count(bot: OcoProcess, pattern: str) -> int:
 
 async def test_a_callback_added_answers_and_one_removed_stops(tmp_path: Path) -> None:
     async with run_oco(config(tmp_path), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"))
         assert "PONG" not in await chat.say("oco ping", wait=1)
         out = await reload(bot, config(tmp_path, f"[{{id: example, command: {PING}}}]"))
         assert out == "reloaded: callbacks +example\n"
@@ -98,7 +74,7 @@ async def test_route_rules_and_roles_change_what_people_may_run_without_restarti
 ) -> None:
     guarded = f"[{{id: example, command: {PING}, route_rules: {{ping: {{permission: pinger}}}}}}]"
     async with run_oco(config(tmp_path, guarded), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"))
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert "you need the permission `pinger`" in await chat.say("oco ping")
         out = await reload(bot, config(tmp_path, guarded, extra="auth: {default_roles: [pinger]}\n"))
@@ -121,13 +97,13 @@ async def test_an_adapter_changed_reconnects_alone(tmp_path: Path) -> None:
     callbacks = f"[{{id: example, command: {PING}}}]"
     first_config = config(tmp_path, callbacks, second=second.format(users="alice", file="second.address"))
     async with run_oco(first_config, tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
-        other = Chat(await bot.written("second.address"))
+        chat = ControlChat(await bot.written("control.address"))
+        other = ControlChat(await bot.written("second.address"))
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert await other.say("oco ping") == "PONG"
         changed = config(tmp_path, callbacks, second=second.format(users="alice, carol", file="second-again.address"))
         assert await reload(bot, changed) == "reloaded: adapters ~second\n"
-        again = Chat(await bot.written("second-again.address"))
+        again = ControlChat(await bot.written("second-again.address"))
         assert await again.say("oco ping", user="carol") == "PONG"
         # The first adapter, its control service and the callback's stream were untouched.
         assert await chat.say("oco ping") == "PONG"
@@ -139,7 +115,7 @@ async def test_an_adapter_changed_reconnects_alone(tmp_path: Path) -> None:
 async def test_a_broken_config_changes_nothing_and_the_bot_keeps_answering(tmp_path: Path) -> None:
     callbacks = f"[{{id: example, command: {PING}}}]"
     async with run_oco(config(tmp_path, callbacks), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"))
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         broken = config(tmp_path, f"[{{id: example, command: {PING}, routes: [{{pattern: '(unclosed'}}]}}]")
         (tmp_path / "oco.yaml").write_text(broken + "auth: {default_roles: [pinger]}\n")
@@ -167,7 +143,7 @@ async def test_a_broken_config_changes_nothing_and_the_bot_keeps_answering(tmp_p
 
 async def test_sighup_reloads_and_no_longer_ends_the_bot(tmp_path: Path) -> None:
     async with run_oco(config(tmp_path), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"))
         (tmp_path / "oco.yaml").write_text(
             config(
                 tmp_path,
@@ -306,7 +282,7 @@ def test_the_pid_file_goes_beside_the_address_file_by_default(tmp_path: Path) ->
 async def test_a_callback_given_up_on_starts_again_once_a_reload_fixes_it(tmp_path: Path) -> None:
     broken = '[{id: example, command: [python, -c, "raise SystemExit(1)"], give_up_after: 1}]'
     async with run_oco(config(tmp_path, broken), tmp_path) as bot:
-        chat = Chat(await bot.written("control.address"))
+        chat = ControlChat(await bot.written("control.address"))
         await bot.expect(r"callback 'example' .*not restarting it", stream="stderr")
         out = await reload(bot, config(tmp_path, f"[{{id: example, command: {PING}, give_up_after: 1}}]"))
         assert out == "reloaded: callbacks ~example; restarted example\n"

@@ -36,6 +36,7 @@ from .._adapter import (
 )
 from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
+from ._chat import ControlChat as ControlChat
 from ._host import RecordingHost as RecordingHost
 from ._memory_store import MemoryStore as MemoryStore
 from ._process import Lines as Lines
@@ -210,6 +211,7 @@ def oco_adapter_types() -> list[AdapterType]:
 
 
 __all__: Sequence[str] = [
+    "ControlChat",
     "Lines",
     "MemoryAdapter",
     "MemoryConfig",
