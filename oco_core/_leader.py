@@ -10,13 +10,17 @@ on any store several bots share: PostgreSQL, Redis), under namespace ``ha``, key
 - A standby reads the record as often. It takes over when the record's *version* has
   not changed for ``lease`` seconds of its own monotonic clock (no synchronized clocks:
   nobody compares timestamps written by another machine), by compare-and-set on that
-  version, with ``token + 1`` (the fencing token). A missing record, or one a bot
-  released as it stopped (``holder`` empty), is taken at once.
+  version, with ``token + 1`` (the fencing token). Only a record a bot released as it
+  stopped (``holder`` empty) is taken at once. A missing record is waited out for a
+  full ``lease`` like an unrenewed one: it may have vanished (a store restarted without
+  persistence, flushed, evicted) while its holder is still inside its fence. So the
+  first bot of a fresh deployment becomes active one ``lease`` after it starts.
 - The active bot fences itself: it acts (sends to chat, accepts chat, fires schedules,
   hands out durable events, takes webhooks) only until ``lease - fence_margin`` seconds
   after it *started* its last successful renewal. That write landed after it started,
   and a standby starts counting only once it has seen it, so every standby takes over
-  later than that, by ``fence_margin`` at least: two bots never act at once, whatever the
+  later than that, by ``fence_margin`` at least (it counts from when its read
+  *returned*, never from when it was sent): two bots never act at once, whatever the
   store's or the network's delays. :meth:`Leader.acting` checks the deadline itself
   (not a flag a task must have cleared), so a bot resumed after SIGSTOP sends nothing,
   even before its tasks have run.
@@ -255,7 +259,10 @@ class Leader:
 
     async def _elect(self) -> None:
         interval = self.settings.renew_interval
-        seen_version = -1
+        # The version last seen (None: no record), and when the read that saw it first
+        # RETURNED: a slow read may bring back a renewal begun long after it was sent,
+        # and the active bot's fence counts from that renewal's start.
+        seen_version: int | None = -1
         seen_at = 0.0
         next_tick = trio.current_time()
         while True:
@@ -264,22 +271,26 @@ class Leader:
                 await self._renew(started)
             else:
                 answered, item = await self._read()
+                now = trio.current_time()
                 if answered:
-                    if item is None:
-                        await self._take(0, started, "no bot held the lease")
-                    else:
-                        version, record = item
+                    version, record = item if item is not None else (None, None)
+                    if record is not None:
                         self.record = record
-                        if not record.holder:
-                            await self._take(version, started, "the active bot released the lease")
-                        elif version != seen_version:
-                            seen_version, seen_at = version, started
-                        elif started - seen_at >= self.settings.lease:
-                            await self._take(
-                                version,
-                                started,
-                                f"the lease of {record.holder} was not renewed for {started - seen_at:.1f} s",
-                            )
+                    if record is not None and not record.holder:
+                        await self._take(version or 0, started, "the active bot released the lease")
+                    elif version != seen_version:
+                        # A new renewal, or a record that vanished (a store restarted
+                        # without persistence, flushed, evicted): the bot that held it may
+                        # still act until its fence, so the vanished record is waited out
+                        # like an unrenewed one. Only an explicit release is taken at once.
+                        seen_version, seen_at = version, now
+                    elif now - seen_at >= self.settings.lease:
+                        holder = f"the lease of {record.holder}" if record is not None else "no lease record"
+                        await self._take(
+                            version or 0,
+                            started,
+                            f"{holder} was not renewed for {now - seen_at:.1f} s",
+                        )
                     if self.state == "active":
                         seen_version = -1
             next_tick = max(next_tick + interval, trio.current_time())

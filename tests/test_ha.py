@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,36 @@ class Cuttable(Store):
         return await self.store.list(namespace, prefix, start_after=start_after, limit=limit, keys_only=keys_only)
 
 
+class SlowOnce(Store):
+    """A view of a store whose next read (once :attr:`delay` is set) waits that long
+    before it reads, then calls :attr:`then`: a read that brings back a renewal begun
+    long after the read was sent."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.delay = 0.0
+        self.then: Callable[[], None] = lambda: None
+
+    async def get(self, namespace: str, key: str) -> Item | None:
+        delay, self.delay = self.delay, 0.0
+        await trio.sleep(delay)
+        item = await self.store.get(namespace, key)
+        if delay:
+            self.then()
+        return item
+
+    async def set(self, namespace: str, key: str, value: bytes, *, expected_version: int | None = None) -> int:
+        return await self.store.set(namespace, key, value, expected_version=expected_version)
+
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None = None) -> bool:
+        return await self.store.delete(namespace, key, expected_version=expected_version)
+
+    async def list(
+        self, namespace: str, prefix: str = "", *, start_after: str = "", limit: int = 100, keys_only: bool = False
+    ) -> list[Item]:
+        return await self.store.list(namespace, prefix, start_after=start_after, limit=limit, keys_only=keys_only)
+
+
 class Timeline:
     """When each leader became active and stepped down, to check they never overlap."""
 
@@ -374,8 +405,7 @@ async def test_a_leader_cut_off_from_the_store_stops_before_the_standby_starts(
     timeline = Timeline(a, b)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        await trio.sleep(0.1)
-        assert a.acting()
+        await a.wait_active()  # a full lease: nobody held it, or had the record vanished?
         assert a.token == 1
         await nursery.start(b.run)
         await trio.sleep(5)
@@ -415,7 +445,7 @@ async def test_a_leader_that_stops_releases_the_lease_at_once(autojump_clock: tr
         with trio.CancelScope() as a_scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(a.run)
-                await trio.sleep(0.1)
+                await a.wait_active()
                 outer.start_soon(b.run)
                 await trio.sleep(2)
                 assert a.acting()
@@ -433,11 +463,73 @@ async def test_a_paused_leader_stops_acting_by_its_clock_alone(autojump_clock: t
     a = Leader(MemoryStore(), settings, name="a")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        await trio.sleep(0.1)
+        await a.wait_active()
         assert a.acting()
         autojump_clock.jump(settings.lease)  # the process was stopped this long
         assert not a.acting()
         with pytest.raises(StandbyError):
             a.check()
         assert a.step_downs == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_standby_counts_from_when_its_slow_read_returned(autojump_clock: trio.testing.MockClock) -> None:
+    # b's read is sent, waits 2 s, and brings back a renewal a began just now; then a is
+    # cut off. a acts until that renewal's start + lease - margin: b, counting from when
+    # the read was sent, would take over about 1.5 s before that.
+    settings = HaSettings()
+    store = MemoryStore()
+    cuttable = Cuttable(store)
+    slow = SlowOnce(store)
+    a = Leader(cuttable, settings, name="a")
+    b = Leader(slow, settings, name="b")
+    timeline = Timeline(a, b)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await a.wait_active()
+        await nursery.start(b.run)
+        await trio.sleep(2.1)
+        assert not b.acting()
+
+        def cut() -> None:
+            cuttable.cut = True
+
+        slow.then = cut
+        slow.delay = 2.0
+        await b.wait_active()
+        assert timeline.overlaps() == []
+        stepped_down = next(when for when, name, active in timeline.changes if name == "a" and not active)
+        assert trio.current_time() - stepped_down >= settings.fence_margin
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("start_standby", [True, False], ids=["standby-running", "standby-starting"])
+async def test_a_vanished_lease_record_is_waited_out_for_a_lease(
+    autojump_clock: trio.testing.MockClock, start_standby: bool
+) -> None:
+    # The store lost the record (a restart without persistence, FLUSHDB, eviction) and a
+    # cannot reach it meanwhile: a acts until its fence, so no standby may take the empty
+    # store at once, neither one running nor one starting now.
+    settings = HaSettings()
+    store = MemoryStore()
+    cuttable = Cuttable(store)
+    a = Leader(cuttable, settings, name="a")
+    b = Leader(store, settings, name="b")
+    timeline = Timeline(a, b)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await a.wait_active()
+        if start_standby:
+            await nursery.start(b.run)
+        await trio.sleep(2.05)
+        assert a.acting()
+        cuttable.cut = True
+        lost = trio.current_time()
+        assert await store.delete("ha", "leader")
+        if not start_standby:
+            await nursery.start(b.run)
+        await b.wait_active()
+        assert trio.current_time() - lost >= settings.lease
+        assert timeline.overlaps() == []
+        assert b.token == (2 if start_standby else 1)
         nursery.cancel_scope.cancel()
