@@ -145,6 +145,8 @@ class Bot:
         self.http_app: HttpApp | None = None
         self._core: BotCore | None = None
         self._shutdown: trio.CancelScope | None = None
+        #: The election's scope (ha:): a shutdown ends it first, releasing the lease.
+        self._leading: trio.CancelScope | None = None
         self._starting: trio.CancelScope | None = None
         self._stats = BotStatistics()
         #: Its Prometheus metrics (its own registry) and health (why it is not ready).
@@ -184,6 +186,10 @@ class Bot:
         """Begin an orderly shutdown (as SIGTERM does); while still starting (waiting
         for the store, say), stop at once."""
         self.health.set_condition("stopping", "the bot is shutting down")
+        if self._leading is not None:
+            # Step down and release the lease first (shielded, briefly: Leader.run), so a
+            # standby takes chat over while this bot's adapters and callbacks still stop.
+            self._leading.cancel()
         if self._shutdown is not None:
             self._shutdown.cancel()
         elif self._starting is not None:
@@ -302,11 +308,15 @@ class Bot:
                     if isinstance(self.leader, Leader):
                         # Only now: a standby that took over before its callbacks are
                         # connected would answer nothing.
-                        await nursery.start(self.leader.run)
+                        await nursery.start(self._lead, self.leader)
                     await self._run_adapters(core, task_status)
                     log.info("every adapter has ended; shutting down")
                     workers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+    async def _lead(self, leader: Leader, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._leading:
+            await leader.run(task_status=task_status)
 
     async def _run_adapters(self, core: BotCore, task_status: trio.TaskStatus[str]) -> None:
         # Only the active bot connects to chat (ha:): a standby waits here, up and serving

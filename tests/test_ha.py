@@ -164,8 +164,9 @@ async def test_a_paused_active_bot_resumes_sending_nothing_and_steps_down(
 
 
 async def test_a_stopping_active_bot_hands_over_at_once(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
-    # A lease of 20 s: only the release at shutdown explains a takeover within 3 s.
-    config = ha_config(*postgres_tables, ha="{lease: 20, renew_interval: 0.5}")
+    # A lease of 8 s: only the release at shutdown explains a takeover within 3 s. (The
+    # first bot waits that lease out on the empty store: the record may have vanished.)
+    config = ha_config(*postgres_tables, ha="{lease: 8, renew_interval: 0.5}")
     async with run_oco(config, tmp_path / "a") as a:
         await active_chat(a)
         async with run_oco(config, tmp_path / "b") as b:
@@ -177,6 +178,34 @@ async def test_a_stopping_active_bot_hands_over_at_once(tmp_path: Path, postgres
             assert trio.current_time() - stopped < 3.0
             assert await chat_b.say("oco ping") == "PONG"
             await b.expect(r"the active bot released the lease", stream="stderr")
+
+
+SLOW_TO_STOP = (
+    '["python", "-c", "import signal, sys, time; '
+    'signal.signal(signal.SIGTERM, lambda *_: (time.sleep(4), sys.exit(0))); time.sleep(600)"]'
+)
+
+
+async def test_a_stopping_active_bot_hands_over_before_its_callbacks_exit(
+    tmp_path: Path, postgres_tables: tuple[str, str]
+) -> None:
+    # A launched callback takes 4 s to exit on SIGTERM; the lease (8 s) is released first,
+    # so the standby is active long before the stopping bot is gone.
+    config = ha_config(*postgres_tables, ha="{lease: 8, renew_interval: 0.5}")
+    config = f"bot: {{callback_startup_wait: 0.5}}\n{config}  - {{id: slow, command: {SLOW_TO_STOP}}}\n"
+    async with run_oco(config, tmp_path / "a") as a:
+        await active_chat(a)
+        async with run_oco(config, tmp_path / "b") as b:
+            await b.expect(r"up as a standby", stream="stderr")
+            stopped = trio.current_time()
+            a.process.send_signal(signal.SIGTERM)
+            chat_b = await active_chat(b, timeout=10)
+            took = trio.current_time() - stopped
+            assert took < 2.5, f"the standby took over {took:.2f} s after SIGTERM"
+            assert a.process.returncode is None  # still stopping its callback
+            assert await chat_b.say("oco ping") == "PONG"
+            assert await a.stop() == 0
+            await a.expect(r"ha: released the lease", stream="stderr")
 
 
 async def test_the_sdk_given_every_bot_follows_the_active_one(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
