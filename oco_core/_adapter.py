@@ -132,6 +132,12 @@ class AdapterHost(Protocol):
         seconds, or ``max_wait`` seconds passed. The shell adapter uses it at end of input so
         replies still on their way are printed."""
 
+    def may_send(self) -> bool:
+        """Whether the bot may send to chat now. Always True without ``ha:``; with it,
+        False once this bot is no longer the active one (its lease may be another bot's).
+        An adapter that queues messages and writes them later asks right before each
+        write, and drops what it queued when False."""
+
 
 class Adapter(abc.ABC):
     """A connection to one chat service. Created from its validated config; then

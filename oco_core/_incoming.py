@@ -57,6 +57,9 @@ class AdapterLink:
     def set_own_names(self, names: Sequence[str]) -> None:
         self._core.router.set_own_names(self.name, names)
 
+    def may_send(self) -> bool:
+        return self._core.leader.acting()
+
     async def wait_idle(self, *, quiet: float = 0.5, max_wait: float = 10.0) -> None:
         await self._core.activity.wait_idle(self._core.router, quiet=quiet, max_wait=max_wait)
 

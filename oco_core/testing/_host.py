@@ -67,6 +67,9 @@ class RecordingHost:
         #: Every list of names the adapter gave, oldest first.
         self.own_names_history: list[list[str]] = []
         self.on_message: Callable[[IncomingMessage], Awaitable[object]] | None = None
+        #: What :meth:`may_send` answers: set it False to play a bot that is no longer
+        #: the active one (``ha:``).
+        self.sending = True
         self._taken: dict[str, set[int]] = {"message": set(), "membership": set(), "topic": set()}
         self._changed = trio.Event()
         self._last_record = trio.current_time() if _in_trio() else 0.0
@@ -106,6 +109,10 @@ class RecordingHost:
         with trio.move_on_after(max_wait):
             while (left := self._last_record + quiet - trio.current_time()) > 0:
                 await trio.sleep(left)
+
+    def may_send(self) -> bool:
+        """:attr:`sending` (True unless a test plays a fenced bot)."""
+        return self.sending
 
     # ---- waiting for what the adapter reports ----
 

@@ -552,6 +552,9 @@ class _Connection:
             if self._control:
                 line, from_outbox = self._control.popleft(), False
             elif self.ready and outbox:
+                if not self.host.may_send():
+                    self._drop_outbox()
+                    continue
                 line, from_outbox = outbox[0], True
             else:
                 continue
@@ -566,6 +569,16 @@ class _Connection:
                 self._unconfirmed.append(line)
                 if not outbox or len(self._unconfirmed) >= _CONFIRM_EVERY:
                     self._ask_confirmation()
+
+    def _drop_outbox(self) -> None:
+        """The bot may no longer send (ha: another bot may be the active one now): what
+        waits in the outbox would go out after the fence, so it is dropped."""
+        outbox = self.adapter._outbox
+        log.warning(
+            "dropped %d queued message line(s): this bot is no longer the active one (ha:)",
+            len(outbox),
+        )
+        outbox.clear()
 
     def _ask_confirmation(self) -> None:
         """PING after the lines written so far; its PONG confirms them."""

@@ -6,6 +6,8 @@ installed); a person asks a steady stream of commands in the channel.
 - SIGSTOP of the active bot (its IRC connection stays open, holding the nick): the
   standby takes over; after SIGCONT the old one sends nothing and steps down (QUIT).
 - No command is ever answered twice.
+- The adapter alone: lines queued behind its rate limit are dropped, not written, once
+  the host says the bot may no longer send.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 import pytest
 import trio
+from oco_adapter_irc import IrcAdapter
 
+from oco_core.plugin import OutgoingMessage
 from oco_core.testing import OcoProcess, run_oco
 from oco_core.testing.pytest_plugin import server_unavailable, server_url
 
@@ -225,3 +229,28 @@ async def test_sigstop_of_the_active_bot_standby_takes_over_and_the_resumed_one_
         assert asker.first_answer_after(trio.current_time() - 1.5) is not None, "the new active bot stopped answering"
         await stop()
         nursery.cancel_scope.cancel()
+
+
+async def test_queued_lines_are_dropped_once_the_bot_may_no_longer_send(kit: Any, caplog: Any) -> None:
+    # The writer holds lines behind its rate limit; the bot is fenced meanwhile (another
+    # one may be active now): what is still queued never reaches the channel.
+    async with kit.person("alice") as alice:
+        adapter = IrcAdapter(kit.config(rate_limit={"burst": 1, "per_second": 1}))
+        async with kit.running(adapter, kit.host):
+            await alice.expect(r":oco!\S+ JOIN")
+            await trio.sleep(1.5)  # the bucket is full again: one line goes out at once
+            since = alice.mark()
+            for n in range(5):
+                await adapter.send(OutgoingMessage(body=f"line {n}", room_id="#test"))
+            await alice.expect(r"PRIVMSG #test :line 0$", since=since)
+            kit.host.sending = False
+            await trio.sleep(3)
+            assert [m.group(1) for m in alice.find(r"PRIVMSG #test :line (\d+)$", since)] == ["0"]
+            dropped = [r for r in caplog.records if "no longer the active one" in r.getMessage()]
+            assert len(dropped) == 1
+            assert dropped[0].levelname == "WARNING"
+            assert adapter.statistics().queued_lines == 0
+            # Active again: what is sent now goes out.
+            kit.host.sending = True
+            await adapter.send(OutgoingMessage(body="after", room_id="#test"))
+            await alice.expect(r"PRIVMSG #test :after$", since=since)
