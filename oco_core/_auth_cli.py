@@ -23,6 +23,7 @@ from ._auth import ADMIN_ROLE, RELOAD_SECONDS, Authorization
 from ._config import LoadedConfig, validate_section
 from ._errors import OcoError
 from ._plugins import Plugins
+from ._policy import CallbackPolicy
 from ._rules import changed_rule, describe, listing
 from ._store import Store
 
@@ -204,11 +205,12 @@ async def _rules(options: argparse.Namespace, loaded: LoadedConfig, store: Store
         back = "; the config's rule for it applies again" if from_config is not None else ""
         print(f"removed the stored rule for {options.callback} {key}{back} ({_WITHIN})")
         return 0
-    current = rules.get(options.callback, key)
-    base = current.rule if current is not None else from_config
+    # From the rule in force for that key (a config pattern such as deploy*, say), so the
+    # fields not named keep what they were, not the defaults.
+    in_force = CallbackPolicy(options.callback, configured).rule(key, rules.for_callback(options.callback))
     try:
         rule = changed_rule(
-            base,
+            in_force,
             permission="" if options.no_permission else options.permission,
             declared_permission=options.declared_permission,
             allow=options.allow,

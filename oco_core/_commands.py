@@ -302,9 +302,9 @@ class ChatCommands:
         try:
             if problem is not None:
                 raise ValueError(problem)
-            current = rules.get(callback_id, key)
-            base = current.rule if current is not None else core_config_rule(core, callback_id, key)
-            rule = _changed_by_words(base, words[3:], adapter)
+            # From the rule in force for that key (a config pattern such as deploy*, say),
+            # so the fields not named keep what they were, not the defaults.
+            rule = _changed_by_words(core.policies.rule(callback_id, key), words[3:], adapter)
         except ValueError as exc:
             return (
                 f"{exc}; usage: {name} rule set <callback> <route> [permission=<p>|no-permission|"

@@ -205,15 +205,22 @@ class CallbackPolicy:
             self._bucket = previous._bucket
 
     def rule(self, route_id: str, stored: Mapping[str, RouteRule] | None = None) -> RouteRule | None:
-        """The operator's rule for a route: the one keyed by its id, else the first
-        pattern key (``deploy*``) that matches it, in the order the config lists them.
-        ``stored``: the rules admins set at runtime (``_rules``), which replace the
-        config's of the same key; keys only they have are tried after the config's."""
-        rules = {**self.route_rules, **stored} if stored else self.route_rules
-        rule = rules.get(route_id)
-        if rule is not None:
-            return rule
-        return next((r for name, r in rules.items() if _rule_names_route(name, route_id, self._declared)), None)
+        """The operator's rule for a route. ``stored``: the rules admins set at runtime
+        (``_rules``, in key order), which win over the config's: the first found of the
+        stored rule keyed by the route's id, the config's keyed by it, the first stored
+        pattern key (``deploy*``) that matches it, the first config pattern key that
+        does (in the order the config lists them). A stored rule replaces the config's
+        of the same key whole. ``_rules.listing`` lists them in this order."""
+        stored = stored or {}
+        for rules in (stored, self.route_rules):
+            rule = rules.get(route_id)
+            if rule is not None:
+                return rule
+        for rules in (stored, self.route_rules):
+            for name, rule in rules.items():
+                if (rules is stored or name not in stored) and _rule_names_route(name, route_id, self._declared):
+                    return rule
+        return None
 
     def access(self, route: Route, stored: Mapping[str, RouteRule] | None = None) -> RouteAccess:
         """The permission ``route`` needs and the rooms it may match in (``stored``: as
@@ -381,6 +388,12 @@ class Policies:
                 callback_id, record=self._record, canonical_rooms=self._canonical_rooms
             )
         return policy
+
+    def rule(self, callback_id: str, key: str) -> RouteRule | None:
+        """The rule in force for the route (or pattern) ``key`` of a callback: stored or
+        the config's, keyed by it or by a pattern matching it (see CallbackPolicy.rule)."""
+        policy = self._policies.get(callback_id) or CallbackPolicy(callback_id, canonical_rooms=self._canonical_rooms)
+        return policy.rule(key, self._auth.rules.for_callback(callback_id))
 
     def access(self, callback_id: str, route: Route) -> RouteAccess:
         """Who may run ``route`` of a callback, and where: the rules admins set at

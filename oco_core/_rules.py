@@ -4,8 +4,10 @@ The config seeds them (``callbacks[].route_rules``); admins change them while th
 runs, from chat (``oco rule set ...``) or from the command line (``oco rules set ...``),
 and those changes live in the core store's ``auth`` namespace, one JSON record per rule
 under ``rule/<callback id>/<rule key>``. **The store wins**: a stored rule replaces the
-config's rule of the same key whole, and ``oco rules unset`` removes it, so the config's
-rule (if any) applies again. A config edit therefore never silently undoes what an admin
+config's rule of the same key whole, and is tried first: a route's rule is the stored
+one keyed by its id, else the config's keyed by it, else the first stored pattern
+(``deploy-*``) matching it, else the first config pattern. ``oco rules unset`` removes a
+stored rule, so the config's (if any) applies again. A config edit therefore never silently undoes what an admin
 decided at runtime, and ``oco rules list`` shows each rule's origin, and the config rule
 a stored one overrides.
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 NAMESPACE = "auth"
 PREFIX = "rule/"
 _PAGE = 500
+#: What makes a rule key a shell-style pattern over route ids (as in ``_policy``).
+_WILDCARDS = frozenset("*?[")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,17 +218,27 @@ class ListedRule:
 def listing(config: Config, rules: RouteRules, callback_id: str = "") -> list[ListedRule]:
     """Every rule in force, config's and store's, with its origin: by callback (in the
     config's order, then those only the store names), each callback's rules in the order
-    they are tried (the config's, then keys only the store has); a config rule that a
-    stored one overrides comes right after it, marked ``overridden``."""
-    configured = {cb.id: (i, cb.route_rules) for i, cb in enumerate(config.callbacks)}
+    they are tried (``CallbackPolicy.rule``): keys that are route ids (the config's in its
+    order, then keys only the store has), then the store's patterns, then the config's
+    patterns; a config rule that a stored one overrides comes right after it, marked
+    ``overridden``."""
+    configured = {cb.id: (i, cb) for i, cb in enumerate(config.callbacks)}
     order = [cb.id for cb in config.callbacks] + sorted({s.callback for s in rules.stored()} - set(configured))
     rows: list[ListedRule] = []
     for cid in order:
         if callback_id and cid != callback_id:
             continue
-        index, from_config = configured.get(cid, (-1, {}))
+        index, settings = configured.get(cid, (-1, None))
+        from_config = settings.route_rules if settings is not None else {}
+        declared = {r.id or r.pattern for r in settings.routes} if settings is not None else set()
+
+        def pattern(key: str, declared: set[str] = declared) -> bool:
+            return bool(_WILDCARDS.intersection(key)) and key not in declared
+
         stored = {s.key: s for s in rules.stored(cid)}
-        for key in list(from_config) + sorted(set(stored) - set(from_config)):
+        exact = [k for k in from_config if not pattern(k)] + sorted(k for k in stored if not pattern(k))
+        patterns = sorted(k for k in stored if pattern(k)) + [k for k in from_config if pattern(k)]
+        for key in dict.fromkeys(exact + patterns):  # a key both have once, stored first
             found = stored.get(key)
             if found is not None:
                 rows.append(

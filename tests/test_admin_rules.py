@@ -204,6 +204,24 @@ async def test_cli_errors_name_what_was_wrong_and_what_to_do(tmp_path: Path) -> 
     assert rows(await oco("rules", "list", "--callback", "other", "--json", cwd=tmp_path))[0]["permission"] == "go"
 
 
+async def test_cli_rule_set_starts_from_the_rule_in_force_and_lists_stored_patterns_first(tmp_path: Path) -> None:
+    store = f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\n"
+    rule = "{'deploy*': {permission: deployer, allow_rooms: [irc/#ops]}}"
+    callbacks = f"callbacks:\n  - {{id: example, route_rules: {rule}}}\n"
+    (tmp_path / "oco.yaml").write_text(bot_yaml(store).split("callbacks:")[0] + callbacks)
+    set_prod = oco("rules", "set", "example", "deploy-prod", "--deny", "irc/#random", "--as", "x", cwd=tmp_path)
+    changed = ok(await set_prod)
+    assert "example deploy-prod: permission deployer; rooms: irc/#ops; not in: irc/#random" in changed
+    ok(await oco("rules", "set", "example", "deploy-*", "--no-permission", "--as", "x", cwd=tmp_path))
+    listed = rows(await oco("rules", "list", "--json", cwd=tmp_path))
+    # In the order they are tried: the stored deploy-* before the config's deploy*.
+    assert [(r["route"], r["origin"], r["permission"]) for r in listed] == [
+        ("deploy-prod", "store", "deployer"),
+        ("deploy-*", "store", ""),
+        ("deploy*", "config", "deployer"),
+    ]
+
+
 async def test_json_log_file_rotates_and_bounds_a_callback_printing_in_a_loop(tmp_path: Path) -> None:
     loop = json.dumps([sys.executable, "-c", "while True: print('x' * 200, flush=True)"])
     config = (

@@ -183,6 +183,32 @@ async def test_the_operator_rules_win_over_what_the_callback_declared(tmp_path: 
         assert [r.room for r in room_denials] == ["memory/ops", "memory/lobby"]
 
 
+async def test_a_rule_set_at_runtime_starts_from_the_rule_in_force_and_stored_patterns_win(tmp_path: Path) -> None:
+    rules = """
+    route_rules:
+      "deploy*": {permission: deployer, allow_rooms: ["memory/ops"]}
+      "*": {permission: ""}
+"""
+    async with open_bot(config(tmp_path, callback=rules)) as running:
+        running.adapter.rooms |= {"ops", "random"}
+        async with serving(Deployer(running).cb):
+            # Keyed by the route's id, it starts from the config's deploy* rule: the
+            # permission and the room limit stay; only the denied rooms are new.
+            assert await say(running, "oco rule set ops deploy deny=random") == (
+                "ops deploy: permission deployer; rooms memory/ops; not in memory/random (kept in the store)"
+            )
+            assert (await say(running, "oco deploy web", user="bob", room="ops")).startswith(
+                "you need the permission `deployer`"
+            )
+            assert await say(running, "oco deploy web", room="general") == "that command is not available here"
+            assert await say(running, "oco ping", user="bob") == "PONG"  # the config's "*"
+            # A stored pattern is tried before the config's patterns, as the list says.
+            assert (await say(running, "oco rule set ops p* deny=general")).startswith("ops p*: permission (none);")
+            assert await say(running, "oco ping", user="bob") == "that command is not available here"
+            listed = [line.split(":")[0] for line in (await say(running, "oco rule list")).splitlines()]
+            assert listed == ["ops deploy", "ops p*", "ops deploy*", "ops *"]
+
+
 async def test_hear_routes_without_permission_are_refused_silently_but_recorded(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = Callback(id="ops", secret=SECRET, address=running.address)
