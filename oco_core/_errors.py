@@ -78,7 +78,9 @@ class AdapterError(OcoError):
 
     ``sent``: when sending a request of several messages failed part-way, how many of
     them had already gone out (None when not known or not a send). The gRPC edge answers
-    UNAVAILABLE.
+    UNAVAILABLE. A bot that stops being the active one (``ha:``) part-way through a
+    request raises this too (with ``sent`` > 0), not :class:`StandbyError`: the SDK
+    resends a refused request to the active bot whole, which would repeat what went out.
     """
 
     def __init__(self, message: str, *, sent: int | None = None) -> None:

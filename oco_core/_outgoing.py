@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ._adapter import ChatUser, IncomingMessage, OutgoingMessage
-from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, UnknownTargetError
+from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, StandbyError, UnknownTargetError
 from ._proto import core_pb2, robot_pb2
 
 if TYPE_CHECKING:
@@ -119,7 +119,18 @@ class Outgoing:
             policy.require_send(target, f"message {index}")
         policy.take_send(len(resolved))
         for sent, (link, out) in enumerate(resolved):
-            leader.check()  # the fence, right before it goes out (ha:)
+            try:
+                leader.check()  # the fence, right before it goes out (ha:)
+            except StandbyError as exc:
+                if not sent:
+                    raise  # nothing went out: the SDK sends the whole request to the active bot
+                # Part of it went out: resending the whole request elsewhere would repeat
+                # those messages, so this is an AdapterError (not retried) saying how many.
+                raise AdapterError(
+                    f"message {sent} to {targets[sent]}: not sent, nor the ones after it: this bot stopped being "
+                    f"the active one (ha:) after {sent} of {len(resolved)} message(s) went out ({exc})",
+                    sent=sent,
+                ) from exc
             try:
                 await link.adapter.send(out)
             except AdapterError as exc:

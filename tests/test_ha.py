@@ -21,10 +21,14 @@ import pytest
 import trio
 import trio.testing
 
-from oco_core import Callback, Message
-from oco_core._config import HaSettings
+from oco_core import AdapterError, Callback, Message
+from oco_core._adapter import Adapter, OutgoingMessage
+from oco_core._bot import Bot
+from oco_core._config import HaSettings, parse_config
 from oco_core._errors import StandbyError, StoreUnavailableError
+from oco_core._incoming import AdapterLink
 from oco_core._leader import Leader
+from oco_core._plugins import load_plugins
 from oco_core._proto import control_pb2, control_pb2_grpc, core_pb2, robot_pb2, robot_pb2_grpc
 from oco_core._store import Item, Store
 from oco_core.testing import Lines, MemoryStore, OcoProcess, oco_cli, run_oco
@@ -561,4 +565,50 @@ async def test_a_vanished_lease_record_is_waited_out_for_a_lease(
         assert trio.current_time() - lost >= settings.lease
         assert timeline.overlaps() == []
         assert b.token == (2 if start_standby else 1)
+        nursery.cancel_scope.cancel()
+
+
+class SlowChat(Adapter):
+    """A chat service whose every send takes 0.3 s, recording what went out."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def run(self, host: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        await trio.sleep(0.3)
+        self.sent.append(message.body)
+
+
+async def test_a_send_the_fence_stops_part_way_is_not_retried_elsewhere() -> None:
+    # The bot is fenced after some messages of a request of five went out: a StandbyError
+    # would make the SDK resend all five to the new active bot, repeating those. It is an
+    # AdapterError saying how many went out instead.
+    config = parse_config(f"callbacks:\n  - {{id: hold, secret: {SECRET}}}\n")
+    bot = Bot(config, load_plugins())
+    settings = HaSettings(lease=1.0, renew_interval=0.2, fence_margin=0.3)
+    cuttable = Cuttable(MemoryStore())
+    async with bot.open() as core, trio.open_nursery() as nursery:
+        leader = core.leader = Leader(cuttable, settings, name="a", grpc_address="a:1")
+        chat = SlowChat()
+        core.links["chat"] = AdapterLink(core, "chat", chat, core.store)
+        await nursery.start(leader.run)
+        await leader.wait_active()
+        cuttable.cut = True  # no renewal lands any more: the fence falls within 0.7 s
+        messages = [
+            core_pb2.Message(body=f"m{n}", source=core_pb2.Source(room=core_pb2.Room(id="chat/general")))
+            for n in range(5)
+        ]
+        with pytest.raises(AdapterError) as stopped:
+            await core.outgoing.send_messages("hold", robot_pb2.SendMessagesRequest(messages=messages))
+        assert not isinstance(stopped.value, StandbyError)
+        assert 0 < len(chat.sent) < 5
+        assert stopped.value.sent == len(chat.sent)
+        assert "stopped being the active one" in str(stopped.value)
+        # Nothing sent yet: still a StandbyError, which the SDK sends on whole.
+        with pytest.raises(StandbyError):
+            await core.outgoing.send_messages("hold", robot_pb2.SendMessagesRequest(messages=messages))
         nursery.cancel_scope.cancel()

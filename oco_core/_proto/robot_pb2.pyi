@@ -39,7 +39,7 @@ means what its code means; a name a client does not know reads as its code, too.
 | `UnknownTargetError` | NOT_FOUND | `sent` (optional, as for AdapterError) |
 | `AdapterError` | UNAVAILABLE | `sent` (optional): how many messages of the request went out before it failed |
 | `SecretRefusedError` | INTERNAL | |
-| `StandbyError` | UNAVAILABLE | `active-address`: the active bot's gRPC address ("" when unknown): send there (`ha:`) |
+| `StandbyError` | UNAVAILABLE | `active-address`: the active bot's gRPC address ("" when unknown): send there (`ha:`); nothing of the request was done (a SendMessages a fence stops part-way answers AdapterError instead) |
 | `ConfigError` | INTERNAL | |
 | `PluginError` | INTERNAL | |
 | `OcoError` | INTERNAL | |
