@@ -16,7 +16,10 @@ difference, so chat connections and Listen streams nothing touches stay open:
 Everything else (``grpc``, ``http``, ``store``, ``datastores``, ``events``,
 ``bot.name``, ``auth.audit``, ...) keeps its running value, with one WARNING naming
 each key that differs: a restart applies it. A config that fails its checks changes
-nothing: one ERROR says why, with the message ``oco check-config`` gives.
+nothing: one ERROR says why, with the message ``oco check-config`` gives. A reload that
+fails while applying a checked config (an adapter plugin that raises, say) keeps the
+steps it already applied, and its ERROR and ``oco reload`` name them; the bot goes on
+naming the old config as its own until a reload succeeds.
 
 How ``oco reload`` reaches the bot: a signal, SIGHUP, to the process id ``oco run``
 writes to its pid file (``pid_file``, by default beside ``grpc.address_file``). The
@@ -36,7 +39,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,6 +225,9 @@ class Reloader:
             await self._bot.up.wait()
             try:
                 outcome = await self._reload()
+            except PartlyAppliedError as exc:
+                log.error("reload failed part-way: %s", exc, exc_info=exc.__cause__)
+                outcome = Outcome(False, str(exc))
             except OcoError as exc:
                 log.error("reload refused, nothing changed: %s", exc)
                 outcome = Outcome(False, str(exc))
@@ -254,10 +260,7 @@ class Reloader:
                 "reload: %s cannot change while the bot runs; each keeps its running value until a restart applies it",
                 ", ".join(change.restart_only),
             )
-        # Adapters not running (a standby under ha:): the new ones are those it connects
-        # when it becomes the active bot.
-        async with bot.holding_adapters() as running:
-            await _apply(bot, candidate, effective(bot.config, loaded.config), loaded, change, self._debug, running)
+        await _apply(bot, candidate, effective(bot.config, loaded.config), loaded, change, self._debug)
         summary = change.summary()
         log.info("reloaded: %s", summary)
         return Outcome(True, summary)
@@ -272,24 +275,51 @@ class Reloader:
             log.warning("could not write the reload status file %s: %s", self._status_file, exc)
 
 
-async def _apply(
-    bot: Bot, candidate: Bot, config: Config, loaded: LoadedConfig, change: Change, debug: bool, adapters_running: bool
-) -> None:
-    """Make the running bot run ``config`` (checked as ``candidate``)."""
+class PartlyAppliedError(Exception):
+    """A reload failed after some of its steps were applied; the message names them."""
+
+
+async def _apply(bot: Bot, candidate: Bot, config: Config, loaded: LoadedConfig, change: Change, debug: bool) -> None:
+    """Make the running bot run ``config`` (checked as ``candidate``), step by step; the
+    config objects change last, once every step is done (PartlyAppliedError, naming the
+    steps applied, when one fails after others ran: the bot then runs a mix, which a
+    further reload or a restart mends; undoing the steps could fail as well)."""
     core = bot.core
     old = bot.config
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    if change.log_level is not None and not debug:  # --debug keeps the bot at DEBUG
+
+        async def log_level() -> None:
+            logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
+
+        steps.append(("log level", log_level))
+    if change.auth:
+
+        async def auth() -> None:
+            core.policies.set_rate_limit(config.auth.rate_limit)
+            core.auth.reconfigure(config.auth)
+
+        steps.append(("auth", auth))
+    if change.callbacks_added or change.callbacks_removed or change.callbacks_changed:
+        steps.append(("callbacks", lambda: _apply_callbacks(bot, core, candidate, old, config, change)))
+    if change.adapters_added or change.adapters_removed or change.adapters_changed:
+        steps.append(("adapters", lambda: _apply_adapters(bot, core, candidate, change)))
+    done: list[str] = []
+    for name, step in steps:
+        try:
+            await step()
+        except Exception as exc:
+            if not done:
+                raise
+            rest = [n for n, _ in steps[len(done) + 1 :]]
+            raise PartlyAppliedError(
+                f"the reload failed while applying {name} ({type(exc).__name__}: {exc}) after applying "
+                f"{', '.join(done)}; not applied: {', '.join([*rest, 'the other keys'])}. The bot runs a mix of "
+                "both configs: fix the cause and reload again, or restart it; see the bot's log"
+            ) from exc
+        done.append(name)
     bot.config = core.config = config
     bot.loaded = LoadedConfig(config, loaded.source, loaded.lines)
-    if change.log_level is not None and not debug:  # --debug keeps the bot at DEBUG
-        logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
-    if change.auth:
-        core.policies.set_rate_limit(config.auth.rate_limit)
-        core.auth.reconfigure(config.auth)
-    touched = change.callbacks_added + change.callbacks_removed + change.callbacks_changed
-    if touched:
-        await _apply_callbacks(bot, core, candidate, old, config, change)
-    if change.adapters_added or change.adapters_removed or change.adapters_changed:
-        await _apply_adapters(bot, core, candidate, change, adapters_running)
 
 
 async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config, new: Config, change: Change) -> None:
@@ -338,7 +368,9 @@ async def _apply_callbacks(bot: Bot, core: BotCore, candidate: Bot, old: Config,
     if bot.webhooks is not None:
         bot.webhooks.set_auth(new.callbacks)
     for cid in change.callbacks_added + change.callbacks_restarted:
-        if after[cid].command is not None:
+        running = bot.launched.get(cid)
+        # Running already: a reload that failed part-way started it (its config stayed).
+        if after[cid].command is not None and (running is None or running.ended):
             bot.start_callback(after[cid])
     for cid in change.callbacks_changed:
         task = bot.launched.get(cid)
@@ -374,23 +406,31 @@ def _quota_store(store: object) -> QuotaStore | None:
     return None
 
 
-async def _apply_adapters(bot: Bot, core: BotCore, candidate: Bot, change: Change, running: bool) -> None:
+async def _apply_adapters(bot: Bot, core: BotCore, candidate: Bot, change: Change) -> None:
+    # The specs change and whether adapters run is read with no checkpoint between: a
+    # standby that becomes active (ha:) connects either the new specs, or the old ones
+    # before this, which then sees them running and changes them (the bot may have taken
+    # over while the callbacks were being applied).
     bot.adapter_entries = candidate.adapter_entries
     bot._adapter_specs = candidate._adapter_specs
-    if not running or bot._adapters is None:  # a standby: it connects these once active
-        return
-    async with trio.open_nursery() as nursery:
+    async with bot.holding_adapters() as running:
+        if not running:  # a standby: it connects the new specs once active
+            return
+        adapters = bot._adapters
+        async with trio.open_nursery() as nursery:
+            for name in change.adapters_removed + change.adapters_changed:
+                task = bot.adapter_tasks.pop(name, None)
+                if task is not None:
+                    nursery.start_soon(task.stop)
+        if bot._adapters is not adapters:  # stepped down meanwhile: it connects the new specs once active
+            return
         for name in change.adapters_removed + change.adapters_changed:
-            task = bot.adapter_tasks.pop(name, None)
-            if task is not None:
-                nursery.start_soon(task.stop)
-    for name in change.adapters_removed + change.adapters_changed:
-        core.links.pop(name, None)
-        log.info("adapter %r stopped (reload)", name)
-    specs = {name: (kind, options) for name, kind, options in candidate._adapter_specs}
-    for name in change.adapters_added + change.adapters_changed:
-        kind, options = specs[name]
-        bot.start_adapter(core, name, kind, options)
+            core.links.pop(name, None)
+            log.info("adapter %r stopped (reload)", name)
+        specs = {name: (kind, options) for name, kind, options in candidate._adapter_specs}
+        for name in change.adapters_added + change.adapters_changed:
+            kind, options = specs[name]
+            bot.start_adapter(core, name, kind, options)
 
 
 # -- the pid file, the status file, and `oco reload` ---------------------------------------
@@ -465,7 +505,22 @@ def _looks_like_oco(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc here: trust the pid file
-    return b"oco" in command
+    return _is_oco_command([arg for arg in command.decode(errors="replace").split("\0") if arg])
+
+
+def _is_oco_command(args: Sequence[str]) -> bool:
+    """Whether the command line ``args`` runs oco."""
+    names = [os.path.basename(arg) for arg in args[:2]]
+    # `oco run`, the script run by an interpreter (python /venv/bin/oco run), or
+    # `python -m oco_core run` (coverage run -m oco_core ...); not any command line that
+    # merely contains "oco" (geocoder), nor one that names a file called oco (less oco).
+    if names[:1] == ["oco"] or (names[:1] != [] and names[0].startswith("python") and names[1:] == ["oco"]):
+        return True
+    for i, arg in enumerate(args):
+        module = args[i + 1] if arg == "-m" and i + 1 < len(args) else arg[2:] if arg.startswith("-m") else ""
+        if module in ("oco_core", "oco_core.__main__"):
+            return True
+    return False
 
 
 def send_reload(pid_file_path: Path | None, timeout: float = REPLY_TIMEOUT) -> Outcome:

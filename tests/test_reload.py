@@ -3,6 +3,8 @@ without dropping what the change does not touch; a broken config changes nothing
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -13,10 +15,25 @@ import grpc
 import pytest
 import trio
 
+from oco_core._adapter import AdapterType
+from oco_core._bot import Bot
 from oco_core._config import parse_config
+from oco_core._leader import Solo
+from oco_core._plugins import Plugins, load_plugins
 from oco_core._proto import robot_pb2, robot_pb2_grpc
-from oco_core._reload import Change, Reloader, diff, effective, pid_path, status_path
-from oco_core.testing import ControlChat, OcoProcess, open_bot, run_oco
+from oco_core._reload import (
+    Change,
+    Reloader,
+    ReloadError,
+    _is_oco_command,
+    _looks_like_oco,
+    diff,
+    effective,
+    pid_path,
+    send_reload,
+    status_path,
+)
+from oco_core.testing import ControlChat, MemoryAdapter, MemoryConfig, OcoProcess, open_bot, run_oco
 
 PING = '["python", "-m", "oco_core.examples.ping"]'
 DIAL_IN_SECRET = "s" * 32
@@ -288,3 +305,119 @@ async def test_a_callback_given_up_on_starts_again_once_a_reload_fixes_it(tmp_pa
         assert out == "reloaded: callbacks ~example; restarted example\n"
         await bot.expect(r"callback 'example' is listening", stream="stderr")
         assert await chat.say("oco ping") == "PONG"
+
+
+class Election(Solo):
+    """An election the test decides (ha: without a second bot): standby until won."""
+
+    def __init__(self) -> None:
+        self.state = "standby"
+        self._won = trio.Event()
+
+    def acting(self) -> bool:
+        return self._won.is_set()
+
+    async def wait_active(self) -> None:
+        await self._won.wait()
+
+    def win(self) -> None:
+        self.state = "active"
+        self._won.set()
+
+
+async def test_adapters_a_reload_changes_connect_when_the_bot_takes_over_midway(tmp_path: Path) -> None:
+    # A callback slow to stop on SIGTERM keeps the reload in its callbacks step while the
+    # standby becomes the active bot and connects the adapters it had then.
+    ready = tmp_path / "ready"
+    script = "import signal, time; signal.signal(15, lambda *a: (time.sleep(0.5), exit()))\n"
+    script += f"open({str(ready)!r}, 'w'); time.sleep(60)"
+    slow = json.dumps([sys.executable, "-c", script])
+    base = f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\ngrpc: {{listen: '127.0.0.1:0'}}\n"
+    base += "bot: {callback_startup_wait: 0}\n"
+    before = f"{base}adapters: [{{type: memory}}]\ncallbacks: [{{id: slow, command: {slow}}}]\n"
+    after = f"{base}adapters: [{{type: memory}}, {{type: memory, name: second}}]\ncallbacks: []\n"
+    bot = Bot(parse_config(before, "<before>"), load_plugins())
+    election = bot.leader = Election()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bot.run)
+        assert bot.core.links == {}  # a standby
+        with trio.fail_after(10):
+            while not ready.exists():  # its SIGTERM handler is in place
+                await trio.sleep(0.01)
+        reloader = Reloader(bot, lambda: parse_config(after, "<after>"), load_plugins)
+        outcomes: list[str] = []
+
+        async def reload() -> None:
+            outcomes.append((await reloader.reload()).message)
+
+        nursery.start_soon(reload)
+        with trio.fail_after(10):
+            while "slow" in bot.launched:  # the reload is stopping it
+                await trio.sleep(0.01)
+        election.win()
+        with trio.fail_after(10):
+            while not outcomes:
+                await trio.sleep(0.01)
+        assert outcomes == ["callbacks -slow; adapters +second"]
+        await trio.sleep(0.1)  # the adapters' tasks run
+        assert sorted(bot.core.links) == ["memory", "second"]
+        nursery.cancel_scope.cancel()
+
+
+class Refusing(MemoryAdapter):
+    def __init__(self, config: MemoryConfig) -> None:
+        raise RuntimeError("the chat service refused the token")
+
+
+async def test_a_reload_that_fails_part_way_says_what_it_applied_and_keeps_the_config(tmp_path: Path) -> None:
+    installed = load_plugins()
+    refusing = AdapterType("refusing", Refusing, MemoryConfig, description="a chat service refusing the bot")
+    plugins = Plugins({**installed.adapters, "refusing": refusing}, installed.stores)
+    text = f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\nadapters: [{{type: memory}}]\ncallbacks: []\n"
+    changed = text.replace("[{type: memory}]", "[{type: memory}, {type: refusing}]") + "auth: {default_roles: [x]}\n"
+    async with open_bot(text, plugins=plugins) as running:
+        bot = running.bot
+        old = bot.config
+        outcome = await Reloader(bot, lambda: parse_config(changed, "<changed>"), lambda: plugins).reload()
+        assert not outcome.ok
+        assert outcome.message.startswith(
+            "the reload failed while applying adapters (RuntimeError: the chat service refused the token) "
+            "after applying auth; not applied: the other keys."
+        )
+        # The config it names as running is not the new one it applied only part of.
+        assert bot.config is old
+        assert bot.core.config is old
+        assert bot.config.auth.default_roles == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "oco"),
+    [
+        (["oco", "run"], True),
+        (["/venv/bin/oco", "run", "--config", "x.yaml"], True),
+        (["/usr/bin/python3.11", "/venv/bin/oco", "run"], True),
+        (["python", "-m", "oco_core", "run"], True),
+        (["coverage", "run", "-moco_core", "run"], True),
+        (["geocoder", "--serve"], False),
+        (["less", "oco"], False),
+        ([], False),
+    ],
+)
+def test_what_counts_as_an_oco_process(argv: list[str], oco: bool) -> None:
+    assert _is_oco_command(argv) is oco
+
+
+def test_a_stale_pid_file_naming_another_program_gets_no_signal(tmp_path: Path) -> None:
+    # A real process whose command line merely contains "oco".
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", "geocoder"], stdin=subprocess.PIPE
+    ) as other:
+        try:
+            assert not _looks_like_oco(other.pid)
+            assert _looks_like_oco(os.getpid()) is False  # pytest is no bot either
+            (tmp_path / "bot.pid").write_text(f"{other.pid}\n")
+            with pytest.raises(ReloadError, match="is not an oco bot; the pid file is stale"):
+                send_reload(tmp_path / "bot.pid", timeout=1)
+            assert other.poll() is None  # no SIGHUP, which would have ended it
+        finally:
+            other.kill()
