@@ -65,7 +65,7 @@ from cronsim import CronSim, CronSimError
 from ._errors import StoreError, VersionConflictError
 from ._events import DeclaredSchedule, schedule_id
 from ._proto import core_pb2, robot_pb2
-from ._store import Store
+from ._store import Item, Store
 from ._timing import Backoff
 
 log = logging.getLogger(__name__)
@@ -344,8 +344,8 @@ class _Scheduler:
             await self._fire(declared, key, slot, late=False)
             cursor = slot
 
-    async def _last_slot(self, key: str) -> int | None:
-        backoff = Backoff(0.2, 5.0)
+    async def _read(self, key: str, backoff: Backoff) -> Item | None:
+        """The schedule's record, read again until the store answers."""
         while True:
             try:
                 item = await self.store.get(NAMESPACE, key)
@@ -354,7 +354,11 @@ class _Scheduler:
                 await backoff.sleep()
                 continue
             self._available()
-            return None if item is None else decode_state(item.value)[0]
+            return item
+
+    async def _last_slot(self, key: str) -> int | None:
+        item = await self._read(key, Backoff(0.2, 5.0))
+        return None if item is None else decode_state(item.value)[0]
 
     async def _fire(self, declared: DeclaredSchedule, key: str, slot: int, *, late: bool) -> None:
         """Claim ``slot`` and deliver its firing when the claim wins; give up at the
@@ -390,13 +394,7 @@ class _Scheduler:
         value = encode_state(slot, claim)
         backoff = Backoff(0.2, 5.0)
         while True:
-            try:
-                item = await self.store.get(NAMESPACE, key)
-            except StoreError as exc:
-                self._unavailable(exc)
-                await backoff.sleep()
-                continue
-            self._available()
+            item = await self._read(key, backoff)
             version = 0
             if item is not None:
                 stored, holder = decode_state(item.value)
