@@ -42,7 +42,7 @@ from ._config import CallbackSettings, Config, ScheduleSettings
 from ._errors import StoreError
 from ._leader import Leader, Solo
 from ._proto import core_pb2, robot_pb2
-from ._router import Queued, Router, Subscription
+from ._router import Queued, Router, Subscription, copy_event
 from ._store import Store
 from ._timing import Backoff, Throttle
 
@@ -290,9 +290,7 @@ class EventHub:
         router.keep_durable = self.keep_nowait
         self.stats = EventStatistics()
         self._declared: dict[str, _Declared] = {}
-        self._configured = {
-            cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in config.callbacks if cb.schedules
-        }
+        self._configured = _configured_schedules(config.callbacks)
         self._outboxes: dict[str, _Outbox] = {}
         self._in_flight: dict[Subscription, int] = {}
         #: What each open stream declared: an event goes only to a stream that wants it.
@@ -522,10 +520,14 @@ class EventHub:
         if self.subscribers(topic):
             self._spawn(partial(self.publish_own, topic, json.dumps(fields).encode()))
 
+    def _remembered(self, declared: _Declared) -> bool:
+        """Whether declarations still count: a stream is open, or the last left less than
+        ``events.ttl`` ago."""
+        return declared.left is None or declared.left >= time.monotonic() - self.settings.ttl
+
     def _live_declared(self) -> Iterable[tuple[str, _Declared]]:
-        horizon = time.monotonic() - self.settings.ttl
         for callback_id, declared in list(self._declared.items()):
-            if declared.left is not None and declared.left < horizon:
+            if not self._remembered(declared):
                 del self._declared[callback_id]
                 if declared.schedules:
                     self._bump_schedules()
@@ -535,7 +537,7 @@ class EventHub:
     def webhook_target(self, callback_id: str, method: str, path: str) -> WebhookTarget | None:
         """The callback's webhook route for ``method`` and ``path`` (below its prefix)."""
         declared = self._declared.get(callback_id)
-        if declared is None or (declared.left is not None and declared.left < time.monotonic() - self.settings.ttl):
+        if declared is None or not self._remembered(declared):
             return None
         for route in declared.webhooks.values():
             if _route_takes(route, method, path):
@@ -544,9 +546,7 @@ class EventHub:
 
     def configure_schedules(self, callbacks: Sequence[CallbackSettings]) -> None:
         """The operator's schedules, anew (a live reload)."""
-        configured = {
-            cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in callbacks if cb.schedules
-        }
+        configured = _configured_schedules(callbacks)
         if configured != self._configured:
             self._configured = configured
             self._bump_schedules()
@@ -561,7 +561,7 @@ class EventHub:
         """Whether the callback has a stream on this bot, or had one less than
         ``events.ttl`` ago: events made for it here will reach it."""
         declared = self._declared.get(callback_id)
-        return declared is not None and (declared.left is None or declared.left >= time.monotonic() - self.settings.ttl)
+        return declared is not None and self._remembered(declared)
 
     def webhooks(self) -> dict[str, list[robot_pb2.WebhookRoute]]:
         """Every callback's webhook routes, live or remembered."""
@@ -782,7 +782,7 @@ class EventHub:
             start = hash(request.id)
             for step in range(len(streams)):
                 stream = streams[(start + step) % len(streams)]
-                queued = Queued(size, partial(_copy, event), "webhook_request")
+                queued = Queued(size, partial(copy_event, event), "webhook_request")
                 queued.movable = False  # if its stream ends first, its caller hears so (503)
                 if stream.offer(queued):
                     waiting.holder = stream
@@ -901,10 +901,9 @@ def _decode(key: str, value: bytes) -> tuple[float, core_pb2.Event] | None:
         return None
 
 
-def _copy(event: core_pb2.Event) -> core_pb2.Event:
-    copy = core_pb2.Event()
-    copy.CopyFrom(event)
-    return copy
+def _configured_schedules(callbacks: Sequence[CallbackSettings]) -> dict[str, dict[str, robot_pb2.Schedule]]:
+    """The operator's ``callbacks[].schedules``, by callback and schedule id."""
+    return {cb.id: {s.id: s for s in map(configured_schedule, cb.schedules)} for cb in callbacks if cb.schedules}
 
 
 async def _cancel_when(event: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:

@@ -179,7 +179,8 @@ class Queued:
         return event
 
 
-def _copy_event(event: core_pb2.Event) -> core_pb2.Event:
+def copy_event(event: core_pb2.Event) -> core_pb2.Event:
+    """A copy of ``event``, for one more stream (each is built anew when written)."""
     copy = core_pb2.Event()
     copy.CopyFrom(event)
     return copy
@@ -770,7 +771,7 @@ class Router:
         size = event.ByteSize()
         name = event.WhichOneof("type") or ""
         for subs in by_callback.values():
-            if self._deliver(subs, itertools.count(), Queued(size, partial(_copy_event, event), name)) is not None:
+            if self._deliver(subs, itertools.count(), Queued(size, partial(copy_event, event), name)) is not None:
                 delivered += 1
         return delivered
 
