@@ -28,6 +28,8 @@ TEST_TOOLS = [
     "hatchling>=1.27",
     "hatch-fancy-pypi-readme>=24.1",
     "httpx>=0.27",
+    # The console's browser tests: Chromium through /usr/bin/chromedriver (installed by .ci/run).
+    "selenium>=4.20",
 ]
 
 nox.options.sessions = ["lint", "types", "proto", "docs", "tests", "distributions"]
