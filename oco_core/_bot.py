@@ -391,6 +391,10 @@ class Bot:
         webhooks = self.webhooks = Webhooks(core)
         self.http_app.mount(PREFIX, self.metrics.count_webhooks(webhooks, PREFIX))
         mount_monitoring(self.http_app, self.metrics)  # /metrics, /healthz, /readyz
+        if self.config.console is not None:
+            from ._console import mount as mount_console
+
+            mount_console(self.http_app, self, core, secure=tls is not None)
         webhooks.warn_unverified()
         async with trio.open_nursery() as nursery:
             address = await nursery.start(serve_http, self.http_app, settings, tls)

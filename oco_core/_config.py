@@ -270,6 +270,46 @@ class HttpSettings(_Strict):
     _listen = field_validator("listen")(lambda value: _host_port(value))
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: object) -> object:
+    """``8h``, ``30m``, ``90s``, ``1d`` or a number of seconds → seconds; anything else
+    is left for the field's own type check (which names what it expected)."""
+    if isinstance(value, str):
+        found = _DURATION.fullmatch(value)
+        if found is None:
+            raise ValueError(f"expected a duration such as 8h, 30m, 90s or 1d (or seconds), not {value!r}")
+        return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    return value
+
+
+class ConsoleSettings(_Strict):
+    """``console:`` — the operator console, web pages at ``/console`` on the HTTP server
+    (``http:``); off unless configured. Log in with a token from ``oco console token create``."""
+
+    show_bodies: bool = Field(
+        default=False, description="Show message bodies in the live view (hidden unless true: they may be private)."
+    )
+    session_ttl: float = Field(
+        default=8 * 3600.0,
+        gt=0,
+        le=30 * 86400,
+        description="How long a login lasts: a duration (8h, 30m, 1d) or seconds.",
+    )
+    live_buffer: int = Field(
+        default=200, gt=0, le=10_000, description="Recent messages the live view keeps in memory (its first page)."
+    )
+    login_failures: int = Field(
+        default=10,
+        gt=0,
+        description="Failed logins one client address may make a minute (bursts up to that many; 429 beyond).",
+    )
+
+    _session_ttl = field_validator("session_ttl", mode="before")(lambda value: _duration(value))
+
+
 class EventSettings(_Strict):
     """``events:`` — durable events (asynchronous webhooks, schedule firings, published
     events, matches of durable routes), kept in the core store until acknowledged."""
@@ -582,6 +622,8 @@ class Config(_Strict):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     #: The bot's HTTP server; none unless configured.
     http: HttpSettings | None = None
+    #: The operator console on the HTTP server (needs ``http:``); off unless configured.
+    console: ConsoleSettings | None = None
     events: EventSettings = Field(default_factory=EventSettings)
     #: High availability (one active bot, any number of standbys); off unless configured.
     ha: HaSettings | None = None
@@ -605,6 +647,16 @@ class Config(_Strict):
         if value.lower() not in _LOG_LEVELS:
             raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)} (in any case), not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _console_needs_http(self) -> Config:
+        if self.console is not None and self.http is None:
+            raise _LocatedError(
+                ("console",),
+                "the console is served by the bot's HTTP server, and http: is not set: add "
+                "http: {listen: 127.0.0.1:8080} (or remove console:)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
