@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     _audit_arguments(commands)
     _roles_arguments(commands)
     _rules_arguments(commands)
+    _console_arguments(commands)
     events = commands.add_parser(
         "events",
         help="show the durable events waiting for callbacks",
@@ -268,6 +269,34 @@ def _rules_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParse
     deny.add_argument("--no-deny", action="store_true", help="deny no room")
 
 
+def _console_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    console = commands.add_parser(
+        "console",
+        help="manage the tokens operators log in to the web console with (the store keeps only their hashes)",
+        description="Tokens for the operator console (console: in the config, served at /console on the HTTP "
+        "server), kept in the core store as SHA-256 digests. Works whether a bot runs or not; a running bot's "
+        "console sees a change at its next request.",
+    )
+    subjects = console.add_subparsers(dest="subject", metavar="SUBJECT", required=True)
+    token = subjects.add_parser("token", help="create, list and revoke console tokens")
+    actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser(
+        "create",
+        help="make a token and print it once",
+        description="Make a console token and print it once (alone on stdout). An admin token may grant and "
+        "revoke roles in the console; a viewer token only reads.",
+    )
+    create.add_argument("--role", required=True, choices=("admin", "viewer"), help="what the token may do")
+    create.add_argument("--name", help="its name, shown in the console and the audit log (default: ROLE-<random>)")
+    listing = actions.add_parser("list", help="the tokens: name, role, created, live sessions (never the tokens)")
+    revoke = actions.add_parser("revoke", help="delete a token: its sessions end at their next request")
+    revoke.add_argument("name", help="the token's name (oco console token list shows them)")
+    for action in (create, listing, revoke):
+        _config_option(action)
+    for action in (create, revoke):
+        _operator_option(action)
+
+
 def _datastores_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     datastores = commands.add_parser(
         "datastores",
@@ -387,7 +416,7 @@ def _main(options: argparse.Namespace) -> int:
         if options.command == "reload":
             return _reload(options)
         loaded = load_config(options.config)
-        if options.command in ("callbacks", "audit", "datastores", "events", "roles", "rules"):
+        if options.command in ("callbacks", "audit", "console", "datastores", "events", "roles", "rules"):
             return _admin(options, loaded)
         _setup_logging(loaded, options.debug, service=options.command == "run")
         if options.command == "check-config":
@@ -574,6 +603,8 @@ def _admin(options: argparse.Namespace, loaded: LoadedConfig) -> int:
     command = run_datastores if options.command == "datastores" else run
     if options.command in ("roles", "rules"):
         from ._auth_cli import run as command
+    if options.command == "console":
+        from ._console_cli import run as command
     return _trio_run(lambda: command(options, loaded, plugins))
 
 

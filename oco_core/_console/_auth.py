@@ -219,6 +219,22 @@ async def _delete_sessions(store: Store, which: Callable[[Session], bool]) -> in
         start = page[-1].key
 
 
+async def live_sessions(store: Store) -> dict[str, int]:
+    """How many unexpired sessions each token name has (for ``oco console token list``)."""
+    counts: dict[str, int] = {}
+    now = time.time()
+    start = ""
+    while True:
+        page = await store.list(NAMESPACE, "session/", start_after=start, limit=_PAGE)
+        for item in page:
+            session = Session.from_json(item.value)
+            if session is not None and session.expires > now:
+                counts[session.name] = counts.get(session.name, 0) + 1
+        if len(page) < _PAGE:
+            return counts
+        start = page[-1].key
+
+
 class Sessions:
     """Logins kept in the store, each ``ttl`` seconds long."""
 
@@ -302,5 +318,6 @@ __all__: Sequence[str] = [
     "create_token",
     "find_token",
     "list_tokens",
+    "live_sessions",
     "revoke_token",
 ]
