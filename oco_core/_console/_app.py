@@ -82,6 +82,7 @@ from ._html import environment, render, static_files
 if TYPE_CHECKING:
     import jinja2
 
+    from .._adapter import Adapter
     from .._bot import Bot
     from .._config import ConsoleSettings
     from .._core import BotCore
@@ -248,6 +249,9 @@ def _cookie(headers: Mapping[str, str], name: str) -> str:
 class Console:
     """The console application for one bot (an ASGI app: mount it at :data:`PREFIX`)."""
 
+    #: Where it is mounted, for links.
+    prefix = PREFIX
+
     def __init__(self, bot: Bot, core: BotCore, settings: ConsoleSettings, *, secure: bool) -> None:
         self.bot = bot
         self.core = core
@@ -260,6 +264,7 @@ class Console:
         self._env: jinja2.Environment = environment()
         self._static = static_files()
         self._routes: list[_Route] = []
+        self._adapters: dict[str, Adapter] = {}
         for name in PAGE_MODULES:
             try:
                 module = importlib.import_module(f"{__package__}.{name}")
@@ -270,6 +275,21 @@ class Console:
             module.register(self)
         if not any(route.path == "/" for route in self._routes):
             self.route("/", _placeholder_overview)
+
+    def canonical_user(self, user_id: str) -> str:
+        """A user id as a person wrote it (``irc/Bob``) → the id messages carry
+        (``irc/bob``), as its adapter folds it: the running adapter's, or (a standby, an
+        adapter still connecting) one built from the config, as ``oco roles`` does."""
+        prefix, sep, native = user_id.partition("/")
+        link = self.core.links.get(prefix) if sep else None
+        if link is not None:
+            return f"{prefix}/{link.adapter.user_id(native)}"
+        adapter = self._adapters.get(prefix)
+        if adapter is None:
+            for name, kind, options in self.bot._adapter_specs:
+                if name == prefix:
+                    adapter = self._adapters[name] = kind.create(options)
+        return f"{prefix}/{adapter.user_id(native)}" if adapter is not None and native else user_id
 
     # -- registering pages -------------------------------------------------------------
 
