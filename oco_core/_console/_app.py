@@ -419,8 +419,6 @@ class Console:
 
     async def _form(self, receive: Receive, headers: Mapping[str, str]) -> dict[str, str]:
         kind = headers.get("content-type", "").partition(";")[0].strip().lower()
-        if kind != "application/x-www-form-urlencoded":
-            raise HttpError(400, "a console POST is a form (application/x-www-form-urlencoded): use the page's form")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_FORM_BYTES:
             raise HttpError(413, f"form too large (over {MAX_FORM_BYTES} bytes)")
@@ -434,7 +432,8 @@ class Console:
                 raise HttpError(413, f"form too large (over {MAX_FORM_BYTES} bytes)")
             if not message.get("more_body", False):
                 break
-        return _first_values(body.decode("utf-8", "replace"))
+        # Anything but a form has no fields, so no CSRF token either: refused as such.
+        return _first_values(body.decode("utf-8", "replace")) if kind == "application/x-www-form-urlencoded" else {}
 
     def _check_origin(self, scope: Scope, headers: Mapping[str, str]) -> bool:
         """False when the browser says the request comes from another site's page."""
