@@ -60,12 +60,12 @@ the browser sends one, an Origin of this server; ``admin=True`` refuses viewers 
 
 from __future__ import annotations
 
+import hmac
 import importlib
 import json
 import logging
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -260,7 +260,6 @@ class Console:
         self.secure = secure
         self.sessions = Sessions(core.store, settings.session_ttl)
         self.throttle = LoginThrottle(settings.login_failures)
-        self.started = time.time()
         self._env: jinja2.Environment = environment()
         self._static = static_files()
         self._routes: list[_Route] = []
@@ -446,8 +445,6 @@ class Console:
         return origin != "null" and parts.scheme == scheme and parts.netloc == host
 
     def _check_post(self, request: Request, headers: Mapping[str, str]) -> None:
-        import hmac
-
         if not self._check_origin(request.scope, headers):
             request.audit(
                 "admin", DENIED, detail=f"console: POST {PREFIX}{request.path} refused: Origin {headers['origin']!r}"
