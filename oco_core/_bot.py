@@ -243,6 +243,7 @@ class Bot:
                 metrics=self.metrics,
             )
             core.leader = self.leader
+            await tasks.start(core.activity.run)  # counts by minute, for the console
             self._core = core
             self.metrics.attach(core)
             try:
@@ -417,9 +418,10 @@ class Bot:
                 self.address,
                 state.secret,
                 cb.cwd,
-                state.exited.set,
+                state.process_exited,
                 self.config.grpc.tls,
                 partial(setattr, state, "given_up"),
+                state.restarting,
             ),
         )
 
@@ -475,6 +477,7 @@ class Bot:
                     link.running = True  # connected, as far as health can tell
                     attempted.set()
                 log.info("adapter %r ended", link.name)
+                link.ended = True
                 return
             except* Exception as group:
                 for exc in group.exceptions:
@@ -482,6 +485,7 @@ class Bot:
                     # purpose); a traceback is for the unexpected.
                     trace = None if isinstance(exc, AdapterError) else exc
                     log.error("adapter %r failed: %s: %s", link.name, type(exc).__name__, exc, exc_info=trace)
+                    link.last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 link.running = False
             attempted.set()

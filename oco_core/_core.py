@@ -9,12 +9,12 @@ the object the gRPC edge sees through its narrow :class:`~._edge.EdgeHost` proto
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from ._activity import Activity, LiveFeed
 from ._audit import AuditLog
 from ._auth import Authorization
 from ._commands import ChatCommands
@@ -33,9 +33,6 @@ from ._router import Route, Router
 from ._store import Store
 
 log = logging.getLogger(__name__)
-
-#: How many messages awaiting a reply are remembered before old ones are forgotten.
-_AWAITING_MAX = 10_000
 
 
 @dataclass(slots=True)
@@ -62,44 +59,20 @@ class CallbackState:
     exited: trio.Event = field(default_factory=trio.Event)
     #: Why the bot stopped restarting it (a launched callback that cannot run), if it did.
     given_up: str | None = None
+    #: Times a launched callback was started again after it exited.
+    restarts: int = 0
+    #: How its process last failed (exit code and last output line), if it ever did.
+    last_error: str = ""
 
+    def process_exited(self, failure: str) -> None:
+        """Its process exited (or could not start); ``failure`` says how, "" for a clean exit."""
+        self.exited.set()
+        if failure:
+            self.last_error = failure
 
-class Activity:
-    """When the bot last did something, and which routed messages still await a reply:
-    what :meth:`~._adapter.AdapterHost.wait_idle` waits on (the shell adapter, at the end
-    of piped input, waits for the replies to what it read)."""
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-        self._awaiting: dict[str, float] = {}
-
-    def touch(self) -> None:
-        """Something happened just now."""
-        self.last = time.monotonic()
-
-    def expect_reply(self, message_id: str) -> None:
-        """A message matched a route: a callback will probably answer it."""
-        self._awaiting[message_id] = time.monotonic()
-
-    def replied(self, message_ids: list[str]) -> None:
-        """Callbacks answered these messages (``in_reply_to``)."""
-        self.touch()
-        for message_id in message_ids:
-            self._awaiting.pop(message_id, None)
-        if len(self._awaiting) > _AWAITING_MAX:
-            cutoff = time.monotonic() - 60
-            self._awaiting = {k: v for k, v in self._awaiting.items() if v > cutoff}
-
-    async def wait_idle(self, router: Router, *, quiet: float, max_wait: float) -> None:
-        """Replies are awaited for messages that matched a route, up to ``max_wait``;
-        then ``quiet`` seconds without activity end the wait."""
-        deadline = trio.current_time() + max_wait
-        while trio.current_time() < deadline:
-            now = time.monotonic()
-            waiting = any(now - t < max_wait for t in self._awaiting.values())
-            if not waiting and router.queued() == 0 and now - self.last >= quiet:
-                return
-            await trio.sleep(0.02)
+    def restarting(self) -> None:
+        """Its process is about to be started again."""
+        self.restarts += 1
 
 
 class BotCore:
@@ -133,7 +106,6 @@ class BotCore:
         self.stats = stats
         #: Events beyond chat matches, and durable delivery.
         self.events = events
-        self.activity = Activity()
         #: The adapters by instance name, once they are created (after the callbacks connect).
         self.links: dict[str, AdapterLink] = {}
         #: Whether this bot is the active one (``ha:``): asked before anything reaches chat.
@@ -141,6 +113,10 @@ class BotCore:
         #: Counters for /metrics, and why the bot is not ready (gRPC health, /readyz).
         self.metrics = metrics or Metrics()
         self.health: Health = self.metrics.health
+        #: What it did lately: for wait_idle, and the console's figures and live view.
+        console = config.console
+        live = LiveFeed(console.live_buffer, console.show_bodies) if console is not None else None
+        self.activity = Activity(self.metrics, live)
         self.policies = Policies(config, auth, self.record, router.bot_name, self.canonical_rooms)
         self._tasks = tasks
         self.outgoing = Outgoing(self)

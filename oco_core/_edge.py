@@ -283,6 +283,7 @@ class Services:
             queue_size=self.settings.stream_queue,
             queue_bytes=self.settings.stream_queue_bytes,
             acknowledge=request.acknowledge,
+            peer=info.peer,
         )
         policy.check_rules(routes)  # before its routes go live: their ids are never rule patterns
         opening.add(subscription)

@@ -38,12 +38,28 @@ class AdapterLink:
         self.store = NamespacedStore(store, f"adapter:{name}")
         #: Whether the adapter's ``run`` has started (``task_status.started()``) and not ended.
         self.running = False
+        #: How its ``run`` last failed ("" if it never has): the bot starts it again.
+        self.last_error = ""
+        #: Whether its ``run`` returned: the adapter is done and not started again.
+        self.ended = False
 
     @property
     def connected(self) -> bool:
         """Whether the adapter is connected to its chat service, for health and metrics:
         running, and connected by its own account when it gives one."""
         return self.running and self.adapter.connected is not False
+
+    @property
+    def state(self) -> str:
+        """``connected``, ``reconnecting`` (it was, or its run failed), ``connecting``
+        (its first connection is under way) or ``stopped``, for the operator console."""
+        if self.ended:
+            return "stopped"
+        if self.connected:
+            return "connected"
+        if self.running or self.last_error:
+            return "reconnecting"
+        return "connecting"
 
     async def receive(self, message: IncomingMessage) -> None:
         self._core.incoming.message(self.name, message)
@@ -106,7 +122,7 @@ class Incoming:
         if matches:
             core.stats.matched += len(matches)
             core.metrics.matched(message_id, matches)
-            core.activity.expect_reply(message_id)
+            core.activity.matched(adapter, message, matches)
         refusal = gate.refusal(delivered=any(m.direct for m in matches))
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)

@@ -140,7 +140,7 @@ class Outgoing:
                 raise
             self._core.stats.sent += 1
             self._core.metrics.message_sent(link.name, callback_id, request.messages[sent].in_reply_to)
-        self._core.activity.replied([m.in_reply_to for m in request.messages if m.in_reply_to])
+        self._core.activity.replied(callback_id, [m.in_reply_to for m in request.messages if m.in_reply_to])
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
         """Join (or part) a room through its adapter."""

@@ -222,6 +222,8 @@ class Subscription:
     closed: bool = False
     #: The stream acknowledges durable events (``ListenRequest.acknowledge``).
     acknowledge: bool = False
+    #: Where the stream comes from (gRPC's peer, such as ``ipv4:127.0.0.1:50312``).
+    peer: str = ""
     _send: trio.MemorySendChannel[Queued] = field(init=False, repr=False)
     _receive: trio.MemoryReceiveChannel[Queued] = field(init=False, repr=False)
 

@@ -66,13 +66,15 @@ async def supervise_callback(
     address: str,
     secret: str,
     cwd: Path | None = None,
-    on_exit: Callable[[], object] | None = None,
+    on_exit: Callable[[str], object] | None = None,
     tls: TlsSettings | None = None,
     on_give_up: Callable[[str], object] | None = None,
+    on_restart: Callable[[], object] | None = None,
 ) -> None:
     """Keep one callback program running until cancelled, or until restarting it cannot
     help (then ``on_give_up`` gets the reason and this returns). ``on_exit`` is called
-    each time it exits (or cannot be started). ``tls`` is the API's ``grpc.tls``, if any."""
+    each time it exits (or cannot be started) with how it failed ("" for exit code 0),
+    ``on_restart`` before each new start. ``tls`` is the API's ``grpc.tls``, if any."""
     assert settings.command is not None
     # A quarter of jitter at most: each restart's delay stays longer than the last (the
     # log shows the growth), while callbacks of bots restarted together still spread.
@@ -119,14 +121,14 @@ async def supervise_callback(
             run = _Run(None, str(exc), 0.0)
             log.error("cannot start callback %r (%s): %s", settings.id, " ".join(settings.command), exc)
             if on_exit is not None:
-                on_exit()
+                on_exit(run.describe())
         else:
             log.info("started callback %r (pid %d)", settings.id, process.pid)
             code = await _watch(process, output, settings.id, tail, pace)
             last = next((line.strip() for line in reversed(tail) if line.strip()), "")
             run = _Run(code, last, trio.current_time() - started)
             if on_exit is not None:
-                on_exit()
+                on_exit(run.describe() if code else "")
             log.warning(
                 "callback %r exited with code %s after %.1f s%s",
                 settings.id,
@@ -145,6 +147,8 @@ async def supervise_callback(
         delay = backoff.next_delay()
         log.info("restarting callback %r in %.1f s", settings.id, delay)
         await trio.sleep(delay)
+        if on_restart is not None:
+            on_restart()
 
 
 _FIX = "fix it, then restart the bot"
