@@ -118,7 +118,9 @@ _SECURITY_HEADERS = (
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    # Not no-referrer: under it Chromium sends `Origin: null` with the console's own forms,
+    # which the Origin check refuses; same-origin still tells other sites nothing.
+    ("referrer-policy", "same-origin"),
     ("x-frame-options", "DENY"),
 )
 _TEXT = "text/plain; charset=utf-8"
