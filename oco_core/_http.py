@@ -25,7 +25,6 @@ line naming ``http.listen`` (as for ``grpc.listen``), and port 0 yields the real
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -195,9 +194,12 @@ def _hypercorn_config(settings: HttpSettings, tls: HttpTls | None, fd: int) -> H
     config.accesslog = None
     config.errorlog = _server_log
     config.include_server_header = False
-    # A read that waits longer than this drops the connection, even while the request is
-    # being answered: it must outlast a synchronous webhook's wait for its callback.
-    config.read_timeout = max(30, math.ceil(settings.webhook_timeout) + 10)
+    # No read timeout: Hypercorn's applies while a response is being sent too, and would
+    # end the console's event streams (the client says nothing while it listens). A silent
+    # client is dropped anyway: until its request's headers are in, and between requests,
+    # by keep_alive_timeout (5 s, from the connection's start, not from its last byte);
+    # while a webhook's body is read, by http.body_timeout.
+    config.read_timeout = None
     # Bodies are bounded by the webhook app itself; this bounds the request line and headers.
     config.h11_max_incomplete_size = 64 * 1024
     if tls is not None:

@@ -22,10 +22,11 @@ import trio
 import trustme
 
 from oco_core._audit import AuditQuery, AuditRecord, query
-from oco_core._config import parse_config
+from oco_core._config import HttpSettings, parse_config
 from oco_core._console import _app
 from oco_core._console._auth import create_token, list_tokens
 from oco_core._errors import ConfigError
+from oco_core._http import _hypercorn_config
 from oco_core.testing import RunningBot, oco_cli, open_bot
 
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"
@@ -389,3 +390,18 @@ async def test_the_store_keeps_no_token(tmp_path: Path) -> None:
         items = await store.list("console", "", limit=100)
         assert items
         assert not any(token.encode() in item.value or token in item.key for item in items)
+
+
+async def test_event_streams_have_no_read_timeout_but_silent_clients_are_still_dropped(tmp_path: Path) -> None:
+    # Hypercorn's read timeout also runs while a response is sent, and ended every event
+    # stream after 30 s (measured: the live views reconnected twice a minute, losing what
+    # came meanwhile). Its idle timer still drops a client that never finishes a request.
+    assert _hypercorn_config(HttpSettings(listen="127.0.0.1:0"), None, -1).read_timeout is None
+    async with console_bot(tmp_path) as running:
+        host, port = running.bot.http_address.rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(b"GET /console/login HTTP/1.1\r\nHost: x\r\n")  # and never the end
+            with trio.fail_after(15):
+                while await stream.receive_some(1000):
+                    pass
