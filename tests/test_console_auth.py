@@ -405,3 +405,25 @@ async def test_event_streams_have_no_read_timeout_but_silent_clients_are_still_d
             with trio.fail_after(15):
                 while await stream.receive_some(1000):
                     pass
+
+
+async def test_a_failing_page_answers_500_and_the_console_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with console_bot(tmp_path) as running, client(running) as http:
+        app = running.bot.http_app
+        assert app is not None
+        console = dict(app._mounts)["/console"]
+        assert isinstance(console, _app.Console)
+
+        async def broken(request: _app.Request) -> _app.Response:
+            raise RuntimeError("a bug in a page")
+
+        console.route("/broken", broken)
+        await login(http, await create_token(running.bot.core.store, "alice", "viewer"))
+        answer = await http.get("/console/broken")
+        assert answer.status_code == 500
+        assert element(answer.text, "error") == "this page failed; the bot's log has the details"
+        assert "a bug in a page" not in answer.text
+        assert any("GET /console/broken failed" in r.getMessage() for r in caplog.records)
+        assert (await http.get("/console/people")).status_code == 200

@@ -333,7 +333,15 @@ class Console:
         return render(self._env, template, {**common, **context})
 
     def _error(self, status: int, message: str, session: Session | None = None, path: str = "") -> Response:
-        titles = {400: "Bad request", 401: "Not logged in", 403: "Refused", 404: "Not found", 429: "Too many tries"}
+        titles = {
+            400: "Bad request",
+            401: "Not logged in",
+            403: "Refused",
+            404: "Not found",
+            429: "Too many tries",
+            500: "Page failed",
+            503: "Store unavailable",
+        }
         title = titles.get(status, "Error")
         body = self.render("error.html", path, session, {"title": title, "message": message, "status": status})
         return Response(body, status=status)
@@ -351,6 +359,10 @@ class Console:
         except StoreError as exc:
             log.warning("console: the store failed a request for %s: %s", path, exc)
             response = self._error(503, f"the bot's store did not answer ({exc}); try again in a moment")
+        except Exception:
+            # A page's bug: one page fails, with its traceback in the log, not the server.
+            log.exception("console: %s %s%s failed", method, PREFIX, path)
+            response = self._error(500, "this page failed; the bot's log has the details")
         if response is None:
             return  # an event stream, sent already
         await _send(send, response, head=method == "HEAD")
