@@ -258,6 +258,8 @@ class _TrioToAsyncio(Generic[T]):
         self._credits = trio.Semaphore(window)
         self._window = window
         self._owed = 0
+        #: An item was taken and is being written; its credit goes back once it is.
+        self._taken = False
 
     # trio side
     async def send(self, item: T) -> None:
@@ -271,18 +273,24 @@ class _TrioToAsyncio(Generic[T]):
 
     # asyncio side
     async def get(self) -> T | _End:
-        """Next item, or _END."""
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        if not isinstance(item, _End):
+        """Next item, or _END. Asking for the next item says the previous one is
+        written: its credit is owed only then, so that ``window`` counts what grpc has
+        not taken yet, not only what waits in the queue (with a window of one, the
+        writer gathers a batch while grpc writes the previous one)."""
+        if self._taken:
+            self._taken = False
             self._owed += 1
             # Credits go back in batches: each return wakes the other thread. A writer
-            # can only be blocked with all `window` items unreturned, and then a quarter
+            # can only be blocked with all `window` items unwritten, and then a quarter
             # of them is certainly owed, so batching never stalls it.
             if self._owed * 4 >= self._window:
                 owed, self._owed = self._owed, 0
                 self._bridge._call_trio_soon(self._return_credits, owed)
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not isinstance(item, _End):
+            self._taken = True
         return item
 
     def _return_credits(self, count: int) -> None:

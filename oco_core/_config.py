@@ -198,6 +198,14 @@ class GrpcSettings(_Strict):
         default=16 << 20, gt=0, description="Bytes of events queued per Listen stream before dropping."
     )
     max_routes: int = Field(default=1000, gt=0, description="Routes one Listen stream may declare.")
+    batch_max_events: int = Field(
+        default=64, gt=0, description="Events in one ListenBatches message (a client behind gets larger batches)."
+    )
+    batch_max_bytes: int = Field(
+        default=1 << 20,
+        gt=0,
+        description="Bytes of events in one ListenBatches message past its first (keep it under clients' 4 MiB).",
+    )
     max_connections: int = Field(default=512, gt=0, description="Connections to the API at once; more are refused.")
     max_connection_idle: float = Field(
         default=300.0, gt=0, description="Seconds a connection holding no call stays open (idle clients, attackers)."

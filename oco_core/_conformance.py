@@ -1012,6 +1012,99 @@ async def _dropped_count(s: Suite) -> str:
     return f"{received} arrived, {dropped} counted as dropped"
 
 
+# ---- batched streams (an extension) -----------------------------------------------------
+
+#: Messages written at a ListenBatches stream that is not read, so that several wait.
+_BATCHED = 200
+
+
+@check("batches/listen-batches", needs=["control"])
+async def _listen_batches(s: Suite) -> str:
+    """ListenBatches delivers what Listen would, in order, several events per stream
+    message when several wait, and a lone event at once (a batch of one)."""
+    pattern = f"batched-{s.token}"
+    request = s._listen_request([_route("batched", f"^{pattern} (\\d+)$")], None, None)
+    channel = await s.bridge.open_channel(s.target.address, _SMALL_WINDOW)
+    try:
+        robot = robot_pb2_grpc.RobotStub(channel)
+        async with s.bridge.open_response_stream(
+            lambda: robot.ListenBatches(request, metadata=s.metadata()), 1
+        ) as stream:
+            try:
+                with trio.fail_after(s.timeout):
+                    headers = await stream.initial_metadata()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise NotOffered("the bot does not offer ListenBatches (UNIMPLEMENTED)") from None
+                raise CheckFailed(f"ListenBatches was refused: {_code(exc)}") from None
+            _expect(headers.get("oco-routes") == "1", f"response headers say oco-routes={headers.get('oco-routes')}")
+            batches = aiter(stream)
+
+            async def numbers(count: int) -> list[list[int]]:
+                got: list[list[int]] = []
+                with trio.move_on_after(s.timeout):
+                    while sum(map(len, got)) < count:
+                        batch = await anext(batches)
+                        _expect(len(batch.events) > 0, "a batch without events")
+                        got.append([int(e.matched_message.groups[1]) for e in batch.events])
+                return got
+
+            await s.inject(f"{pattern} 0")
+            lone = await numbers(1)
+            _expect(lone == [[0]], f"a lone event came as {lone}, not as a batch of one")
+            for n in range(1, _BATCHED + 1):  # nothing reads the stream meanwhile
+                await s.inject(f"{pattern} {n}")
+            got = await numbers(_BATCHED)
+    finally:
+        await s.bridge.close_channel(channel)
+    flat = [n for batch in got for n in batch]
+    _expect(flat == list(range(1, _BATCHED + 1)), f"{len(flat)} of {_BATCHED} events came, or out of order")
+    return f"{_BATCHED} events in {len(got)} batches (largest {max(map(len, got))}), in order; a lone one alone"
+
+
+@check("batches/send-message-batches", needs=["control"])
+async def _send_message_batches(s: Suite) -> str:
+    """SendMessageBatches handles a batch's requests in order and answers with one result
+    per request, in order; a bad request fails alone."""
+    source = await s.source()
+    bodies = [f"batch-{i}-{s.token}" for i in range(2)]
+    nowhere = core_pb2.Source(room=core_pb2.Room(id=f"no-such-room-{s.token}"))
+    requests = [
+        robot_pb2.SendMessagesRequest(
+            request_id=1, messages=[core_pb2.Message(body=bodies[0], source=core_pb2.Source(room=source.room))]
+        ),
+        robot_pb2.SendMessagesRequest(request_id=2, messages=[core_pb2.Message(body="x", source=nowhere)]),
+        robot_pb2.SendMessagesRequest(
+            request_id=3, messages=[core_pb2.Message(body=bodies[1], source=core_pb2.Source(room=source.room))]
+        ),
+    ]
+    async with s.bridge.open_duplex_stream(
+        lambda requests: s.robot.SendMessageBatches(requests, metadata=s.metadata())
+    ) as (sender, results):
+        try:
+            with trio.fail_after(s.timeout):
+                await results.initial_metadata()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise NotOffered("the bot does not offer SendMessageBatches (UNIMPLEMENTED)") from None
+            raise CheckFailed(f"SendMessageBatches was refused: {_code(exc)}") from None
+        await sender.send(robot_pb2.SendMessagesBatch(requests=requests))
+        answer: robot_pb2.SendResultBatch | None = None
+        with trio.move_on_after(s.timeout):
+            answer = await anext(aiter(results))
+        sender.close()
+    if answer is None:
+        raise CheckFailed(f"no SendResultBatch within {s.timeout:g} s")
+    ids = [r.request_id for r in answer.results]
+    _expect(ids == [1, 2, 3], f"results for request ids {ids}, not [1, 2, 3]")
+    names = {code.value[0]: code.name for code in grpc.StatusCode}
+    codes = [names.get(r.code, str(r.code)) for r in answer.results]
+    _expect(codes == ["OK", "NOT_FOUND", "OK"], f"results {codes}, not OK, NOT_FOUND, OK")
+    seqs = [m.seq for m in await s.sent(*bodies)]
+    _expect(seqs == sorted(seqs), f"sent out of order (positions {seqs})")
+    return "3 requests in one batch: OK, NOT_FOUND (unknown room), OK, in order"
+
+
 # ---- storage ---------------------------------------------------------------------------
 
 

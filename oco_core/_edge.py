@@ -45,7 +45,7 @@ from ._health import Health
 from ._metrics import Metrics
 from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, robot_pb2, storage_pb2
-from ._router import Route, Router, Subscription
+from ._router import Queued, Route, Router, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES, Store
 from ._timing import Throttle
@@ -152,6 +152,14 @@ _CONNECTION_CHECK_INTERVAL = 5.0
 _CONNECTION_WARNING_INTERVAL = 60.0
 
 
+def _undecodable_result(name: str, request: Undecodable) -> robot_pb2.SendResult:
+    """The answer to a request on a sending stream that is not the message it should be:
+    it fails alone, the stream goes on."""
+    return robot_pb2.SendResult(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=f"not a valid {name}: {request.error}"
+    )
+
+
 class Services:
     """The trio implementations of every RPC, for one bot."""
 
@@ -231,6 +239,54 @@ class Services:
 
     async def listen(self, request: robot_pb2.ListenRequest, info: CallInfo, out: StreamWriter[Any]) -> None:
         """Register the stream's routes, then forward its events until the client leaves."""
+        await self._listen(request, info, out, self._forward_events)
+
+    async def listen_batches(self, request: robot_pb2.ListenRequest, info: CallInfo, out: StreamWriter[Any]) -> None:
+        """Listen, with every event waiting at each write in one EventBatch."""
+        await self._listen(request, info, out, self._forward_batches)
+
+    @staticmethod
+    async def _forward_events(subscription: Subscription, out: StreamWriter[Any]) -> None:
+        while (queued := await subscription.next_queued()) is not None:
+            await out.write(queued.event())
+            if queued.on_written is not None:
+                queued.on_written()
+
+    async def _forward_batches(self, subscription: Subscription, out: StreamWriter[Any]) -> None:
+        # Never waits to fill a batch: it takes what is queued when the previous write
+        # is done. The stream's window is one batch (see table()), so while grpc writes
+        # one, the next gathers in the subscription's queue, bounded as for Listen.
+        most, most_bytes = self.settings.batch_max_events, self.settings.batch_max_bytes
+        carried: Queued | None = None
+        while True:
+            first = carried if carried is not None else await subscription.next_queued()
+            carried = None
+            if first is None:
+                return
+            batch = [first]
+            size = 0
+            while len(batch) < most:
+                try:
+                    queued = subscription.take_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                size += queued.size
+                if size > most_bytes:
+                    carried = queued  # first of the next batch
+                    break
+                batch.append(queued)
+            await out.write(robot_pb2.EventBatch(events=[queued.event() for queued in batch]))
+            for queued in batch:
+                if queued.on_written is not None:
+                    queued.on_written()
+
+    async def _listen(
+        self,
+        request: robot_pb2.ListenRequest,
+        info: CallInfo,
+        out: StreamWriter[Any],
+        forward: Callable[[Subscription, StreamWriter[Any]], Awaitable[None]],
+    ) -> None:
         callback_id = await self._caller(info)
         try:
             if request.plugin_id and request.plugin_id != callback_id:
@@ -321,10 +377,7 @@ class Services:
                                 return
 
                 nursery.start_soon(recheck)
-                while (queued := await subscription.next_queued()) is not None:
-                    await out.write(queued.event())
-                    if queued.on_written is not None:
-                        queued.on_written()
+                await forward(subscription, out)
                 nursery.cancel_scope.cancel()
             if revoked:
                 raise revoked[0]
@@ -429,38 +482,56 @@ class Services:
         """SendMessages over one stream; each request answered in order."""
         callback_id = await self._caller(info)
         await out.send_initial_metadata([])
-        while not self._ending:
-            request: robot_pb2.SendMessagesRequest | Undecodable | None = None
-            with trio.CancelScope() as idle:  # cancelled by end_streams: ends with OK
-                self._idle_streams.add(idle)
-                try:
-                    request = await anext(requests, None)
-                finally:
-                    self._idle_streams.discard(idle)
-            if request is None:  # the client half-closed, or the bot is shutting down
-                return
+        while (request := await self._next_request(requests)) is not None:
             if isinstance(request, Undecodable):
-                await out.write(
-                    robot_pb2.SendResult(
-                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                        error=f"not a valid oco.SendMessagesRequest: {request.error}",
-                    )
-                )
-                continue
-            try:
-                await self.bot.send_messages(callback_id, request)
-            except OcoError as exc:
-                wire = to_wire(exc)
-                result = robot_pb2.SendResult(
-                    request_id=request.request_id,
-                    code=wire.code.value[0],
-                    error=wire.details,
-                    error_type=wire.error_type,
-                    error_fields=wire.fields,
-                )
+                await out.write(_undecodable_result("oco.SendMessagesRequest", request))
             else:
-                result = robot_pb2.SendResult(request_id=request.request_id)
-            await out.write(result)
+                await out.write(await self._send_result(callback_id, request))
+
+    async def send_message_batches(
+        self,
+        batches: AsyncIterator[robot_pb2.SendMessagesBatch | Undecodable],
+        info: CallInfo,
+        out: StreamWriter[Any],
+    ) -> None:
+        """SendMessageStream with the requests in batches; each batch answered by one
+        batch of results, in order."""
+        callback_id = await self._caller(info)
+        await out.send_initial_metadata([])
+        while (batch := await self._next_request(batches)) is not None:
+            if isinstance(batch, Undecodable):
+                results = [_undecodable_result("oco.SendMessagesBatch", batch)]
+            else:
+                results = [await self._send_result(callback_id, request) for request in batch.requests]
+            await out.write(robot_pb2.SendResultBatch(results=results))
+
+    async def _next_request(self, requests: AsyncIterator[R]) -> R | None:
+        """The next request of a sending stream; None once the client half-closed, or
+        the bot is shutting down (the wait is cancelled by end_streams: the stream ends
+        with OK)."""
+        if self._ending:
+            return None
+        with trio.CancelScope() as idle:
+            self._idle_streams.add(idle)
+            try:
+                return await anext(requests, None)
+            finally:
+                self._idle_streams.discard(idle)
+        return None
+
+    async def _send_result(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> robot_pb2.SendResult:
+        try:
+            await self.bot.send_messages(callback_id, request)
+        except OcoError as exc:
+            wire = to_wire(exc)
+            return robot_pb2.SendResult(
+                request_id=request.request_id,
+                code=wire.code.value[0],
+                error=wire.details,
+                error_type=wire.error_type,
+                error_fields=wire.fields,
+            )
+        return robot_pb2.SendResult(request_id=request.request_id)
 
     async def join(self, request: robot_pb2.JoinRequest, info: CallInfo) -> robot_pb2.JoinResponse:
         """Join a room through its adapter."""
@@ -640,6 +711,14 @@ class Services:
                 ),
                 "SendMessageStream": m(
                     "bidi", self.send_message_stream, robot_pb2.SendMessagesRequest, robot_pb2.SendResult
+                ),
+                # One batch may wait between trio and the loop: while grpc writes it, the
+                # next gathers in the subscription's queue (see _forward_batches).
+                "ListenBatches": m(
+                    "server_stream", self.listen_batches, robot_pb2.ListenRequest, robot_pb2.EventBatch, 1
+                ),
+                "SendMessageBatches": m(
+                    "bidi", self.send_message_batches, robot_pb2.SendMessagesBatch, robot_pb2.SendResultBatch
                 ),
                 "RespondWebhook": m(
                     "unary", self.respond_webhook, robot_pb2.WebhookResponse, robot_pb2.RespondWebhookResponse

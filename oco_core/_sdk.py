@@ -15,7 +15,9 @@
 The callback connects to the bot, declares its routes in its Listen stream, and runs each
 matched message's handler in a task of its own (at most ``concurrency`` at once). When the
 bot goes away it reconnects with backoff; routes are declared again on every connection.
-Replies travel over one SendMessageStream per connection.
+Events come over ListenBatches and replies go over SendMessageBatches (one stream each
+per connection): whatever is waiting travels in one stream message, a lone event or
+reply at once. With a bot that lacks them, Listen and SendMessageStream.
 
 Over TLS when any ``tls_*`` argument or ``OCO_TLS_*`` variable is set (the bot sets them
 for callbacks it launches); see :class:`Callback`.
@@ -30,6 +32,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -405,6 +408,11 @@ class _Connection:
     bridge: Bridge
     stubs: dict[str, Any]
     sender: DuplexSender | None = None
+    #: The bot takes replies in batches (SendMessageBatches); else one by one.
+    batched: bool = False
+    #: Replies waiting for the batch being written before them to be taken (batched).
+    outbox: list[robot_pb2.SendMessagesRequest] = field(default_factory=list)
+    outbox_ready: trio.Event = field(default_factory=trio.Event)
     pending: dict[int, tuple[trio.Event, list[robot_pb2.SendResult]]] = field(default_factory=dict)
     #: Delivery ids of events handled and not yet acknowledged, and what wakes the task
     #: that acknowledges them.
@@ -449,6 +457,55 @@ def _configure_logging() -> None:
         logging.basicConfig(level=logging.INFO, handlers=[handler])
     else:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+#: Batches of events that may wait between grpc and trio (each up to the bot's
+#: grpc.batch_max_events; the handlers' concurrency holds the reading back).
+_BATCHES_WINDOW = 8
+
+Opened = TypeVar("Opened")
+
+
+@asynccontextmanager
+async def _preferred(
+    prefer: bool,
+    open_preferred: Callable[[], AbstractAsyncContextManager[Opened]],
+    open_fallback: Callable[[], AbstractAsyncContextManager[Opened]],
+    responses: Callable[[Opened], ResponseStream],
+) -> AsyncIterator[tuple[bool, Opened]]:
+    """Open a call of an extension (when ``prefer``) and, when the bot answers
+    UNIMPLEMENTED (it is older), its plain form instead; yields which one is open. Any
+    other refusal is raised, as the plain form's would be."""
+    if prefer:
+        async with open_preferred() as opened:
+            try:
+                await responses(opened).initial_metadata()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+            else:
+                yield True, opened
+                return
+    async with open_fallback() as opened:
+        await responses(opened).initial_metadata()
+        yield False, opened
+
+
+class _Flattened:
+    """The items of a stream of batches (``field``: the batch's repeated field), or of
+    a plain stream as batches of one, for one loop over both. A class, not an async
+    generator: a reader cancelled mid-stream would leave the generator suspended."""
+
+    def __init__(self, stream: ResponseStream, field: str = "") -> None:
+        self._items = aiter(stream)
+        self._field = field
+
+    def __aiter__(self) -> _Flattened:
+        return self
+
+    async def __anext__(self) -> Sequence[Any]:
+        item = await anext(self._items)
+        return getattr(item, self._field) if self._field else (item,)
 
 
 class Callback:
@@ -504,6 +561,9 @@ class Callback:
         self._limiter = trio.CapacityLimiter(concurrency)
         self._connected = trio.Event()
         self._request_ids = itertools.count(1)
+        #: Use the bot's batched streams when it has them (False: the plain ones, to
+        #: compare them in benchmarks and tests).
+        self._batches = True
         self.storage = Storage(self)
         self.directory = Directory(self)
 
@@ -843,10 +903,13 @@ class Callback:
         done = trio.Event()
         slot: list[robot_pb2.SendResult] = []
         connection.pending[request_id] = (done, slot)
+        request = robot_pb2.SendMessagesRequest(WithMention=with_mention, messages=messages, request_id=request_id)
         try:
-            await connection.sender.send(
-                robot_pb2.SendMessagesRequest(WithMention=with_mention, messages=messages, request_id=request_id)
-            )
+            if connection.batched:
+                connection.outbox.append(request)
+                connection.outbox_ready.set()
+            else:
+                await connection.sender.send(request)
             await done.wait()
         finally:
             connection.pending.pop(request_id, None)
@@ -1004,32 +1067,26 @@ class Callback:
             # of durable routes) are acknowledged after their handler: at least once.
             acknowledge=True,
         )
-        robot = connection.stubs["robot"]
-        metadata = self._metadata()
-        bridge = connection.bridge
-        async with bridge.open_response_stream(lambda: robot.Listen(request, metadata=metadata)) as events:
-            await events.initial_metadata()
-            async with bridge.open_duplex_stream(
-                lambda requests: robot.SendMessageStream(requests, metadata=metadata)
-            ) as (sender, results):
-                await results.initial_metadata()
-                connection.sender = sender
-                self._connections[address] = connection
-                self._connected.set()
-                log.info(
-                    "callback %r connected to %s%s with %d route(s)%s",
-                    self.id,
-                    address,
-                    " over TLS" if self._over_tls else "",
-                    len(self._routes),
-                    self._declared(),
-                )
-                task_status.started()
-                async with trio.open_nursery() as handlers:
-                    handlers.start_soon(self._read_results, connection, results, handlers.cancel_scope)
-                    handlers.start_soon(self._acknowledge, connection)
-                    routes = {r.id: r for r in self._routes}
-                    async for event in events:
+        async with self._open_streams(connection, request) as (events, results):
+            self._connections[address] = connection
+            self._connected.set()
+            log.info(
+                "callback %r connected to %s%s with %d route(s)%s",
+                self.id,
+                address,
+                " over TLS" if self._over_tls else "",
+                len(self._routes),
+                self._declared(),
+            )
+            task_status.started()
+            async with trio.open_nursery() as handlers:
+                handlers.start_soon(self._read_results, connection, results, handlers.cancel_scope)
+                handlers.start_soon(self._acknowledge, connection)
+                if connection.batched:
+                    handlers.start_soon(self._write_batches, connection)
+                routes = {r.id: r for r in self._routes}
+                async for batch in events:
+                    for event in batch:
                         if event.dropped:
                             log.warning(
                                 "callback %r fell behind: the bot dropped %d event(s) for it since the previous one, "
@@ -1042,14 +1099,71 @@ class Callback:
                         token = object()  # protobuf messages are unhashable borrowers
                         await self._limiter.acquire_on_behalf_of(token)
                         handlers.start_soon(self._dispatch, connection, routes, event, token)
-                    handlers.cancel_scope.cancel()
+                handlers.cancel_scope.cancel()
 
-    async def _read_results(self, connection: _Connection, results: ResponseStream, scope: trio.CancelScope) -> None:
-        async for result in results:
-            entry = connection.pending.get(result.request_id)
-            if entry is not None:
-                entry[1].append(result)
-                entry[0].set()
+    @asynccontextmanager
+    async def _open_streams(
+        self, connection: _Connection, request: robot_pb2.ListenRequest
+    ) -> AsyncIterator[tuple[AsyncIterator[Sequence[core_pb2.Event]], AsyncIterator[Sequence[robot_pb2.SendResult]]]]:
+        """Open the Listen stream and the stream replies go on; with a bot that has them,
+        their batched forms (ListenBatches, SendMessageBatches), which cost one stream
+        message per batch instead of one per event and per reply. A bot without them
+        answers UNIMPLEMENTED, and the plain ones are opened instead."""
+        robot = connection.stubs["robot"]
+        metadata = self._metadata()
+        bridge = connection.bridge
+        async with (
+            _preferred(
+                self._batches,
+                lambda: bridge.open_response_stream(
+                    lambda: robot.ListenBatches(request, metadata=metadata), window=_BATCHES_WINDOW
+                ),
+                lambda: bridge.open_response_stream(lambda: robot.Listen(request, metadata=metadata)),
+                lambda stream: stream,
+            ) as (events_batched, events),
+            # One batch crosses to grpc at a time: while it is written, replies of
+            # handlers that finish gather in the outbox for the next (_write_batches).
+            _preferred(
+                self._batches,
+                lambda: bridge.open_duplex_stream(
+                    lambda requests: robot.SendMessageBatches(requests, metadata=metadata), window=1
+                ),
+                lambda: bridge.open_duplex_stream(
+                    lambda requests: robot.SendMessageStream(requests, metadata=metadata)
+                ),
+                lambda duplex: duplex[1],
+            ) as (replies_batched, (sender, results)),
+        ):
+            connection.batched = replies_batched
+            connection.sender = sender
+            yield (
+                _Flattened(events, "events" if events_batched else ""),
+                _Flattened(results, "results" if replies_batched else ""),
+            )
+
+    async def _write_batches(self, connection: _Connection) -> None:
+        """Send the replies in the outbox, all that wait in one batch. A lone reply goes
+        at once; replies of handlers that finish while the previous batch is crossing to
+        grpc wait for it and go together."""
+        assert connection.sender is not None
+        while True:
+            await connection.outbox_ready.wait()
+            connection.outbox_ready = trio.Event()
+            requests, connection.outbox = connection.outbox, []
+            await connection.sender.send(robot_pb2.SendMessagesBatch(requests=requests))
+
+    async def _read_results(
+        self,
+        connection: _Connection,
+        results: AsyncIterator[Sequence[robot_pb2.SendResult]],
+        scope: trio.CancelScope,
+    ) -> None:
+        async for batch in results:
+            for result in batch:
+                entry = connection.pending.get(result.request_id)
+                if entry is not None:
+                    entry[1].append(result)
+                    entry[0].set()
         # The bot ended the stream of results (it is shutting down): no reply will be
         # confirmed now, and handlers waiting for one hold the concurrency the events
         # loop needs to notice that Listen ended too. This connection is over.

@@ -78,6 +78,8 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
         "events/capability-refusals",
         "webhooks/synchronous",
         "webhooks/asynchronous",
+        "batches/listen-batches",
+        "batches/send-message-batches",
     ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out

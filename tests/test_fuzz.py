@@ -680,6 +680,16 @@ class Fuzzer:
             assert [r.request_id for r in responses] == [r.request_id for r in requests], where
             codes = {grpc.StatusCode.UNKNOWN.value[0], grpc.StatusCode.INTERNAL.value[0]}
             assert not [r for r in responses if r.code in codes], where
+        if outcome.code == grpc.StatusCode.OK and rpc.path == "/oco.Robot/SendMessageBatches":
+            # One batch of results per batch, one result per request, in order.
+            assert [[r.request_id for r in b.results] for b in responses] == [
+                [r.request_id for r in b.requests] for b in requests
+            ], where
+            codes = {grpc.StatusCode.UNKNOWN.value[0], grpc.StatusCode.INTERNAL.value[0]}
+            assert not [r for b in responses for r in b.results if r.code in codes], where
+        if outcome.accepted and rpc.path == "/oco.Robot/ListenBatches":
+            routes = dict(outcome.metadata).get("oco-routes")
+            assert routes == str(len(requests[0].routes)), f"oco-routes says {routes}: {where}"
         if outcome.code == grpc.StatusCode.OK and rpc.path == "/oco.Storage/Set":
             # What was acknowledged reads back, whatever the key.
             get = [storage_pb2.GetRequest(key=requests[0].key).SerializeToString()]
@@ -876,6 +886,16 @@ async def test_undecodable_requests_are_refused_without_a_traceback(tmp_path: Pa
                 assert len(results) == len(requests.payloads), where
                 assert all(r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results), where
                 assert all("not a valid oco.SendMessagesRequest" in r.error for r in results), where
+                return
+            if caller.callback and rpc.path == "/oco.Robot/SendMessageBatches":
+                # Each batch that does not decode is answered by a batch of one failed result.
+                batches = [robot_pb2.SendResultBatch.FromString(r) for r in outcome.responses]
+                assert outcome.code == grpc.StatusCode.OK, where
+                assert len(batches) == len(requests.payloads), where
+                assert all(len(b.results) == 1 for b in batches), where
+                failed = [b.results[0] for b in batches]
+                assert all(r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in failed), where
+                assert all("not a valid oco.SendMessagesBatch" in r.error for r in failed), where
                 return
             expected = grpc.StatusCode.INVALID_ARGUMENT if caller.callback else grpc.StatusCode.UNAUTHENTICATED
             assert outcome.code == expected, where

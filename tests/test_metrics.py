@@ -170,9 +170,9 @@ async def test_a_message_answered_by_a_callback_moves_the_counters(tmp_path: Pat
 
         now = await eventually(gone, "the stream's end seen")
         assert value(now, "oco_callbacks_connected") == 0
-        # Streams are counted as they end.
-        assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="Listen") == 1
-        assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="SendMessageStream") == 1
+        # Streams are counted as they end (the SDK's are the batched ones).
+        assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="ListenBatches") == 1
+        assert total(now, "oco_rpc_requests_total", service="oco.Robot", method="SendMessageBatches") == 1
 
 
 async def test_oco_run_counts_a_command_answered_by_its_launched_callback(

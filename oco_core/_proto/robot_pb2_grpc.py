@@ -76,6 +76,16 @@ class RobotStub:
                 request_serializer=robot__pb2.PublishRequest.SerializeToString,
                 response_deserializer=robot__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.ListenBatches = channel.unary_stream(
+                '/oco.Robot/ListenBatches',
+                request_serializer=robot__pb2.ListenRequest.SerializeToString,
+                response_deserializer=robot__pb2.EventBatch.FromString,
+                _registered_method=True)
+        self.SendMessageBatches = channel.stream_stream(
+                '/oco.Robot/SendMessageBatches',
+                request_serializer=robot__pb2.SendMessagesBatch.SerializeToString,
+                response_deserializer=robot__pb2.SendResultBatch.FromString,
+                _registered_method=True)
 
 
 class RobotServicer:
@@ -150,6 +160,31 @@ class RobotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListenBatches(self, request, context):
+        """Extension: Listen, with the events in batches. The request, the response headers
+        and what the bot delivers are Listen's; each stream message carries every event
+        waiting for the stream when the bot writes (in order, one at least, at most
+        `grpc.batch_max_events` and, past the first, `grpc.batch_max_bytes`). The bot never
+        waits to fill a batch: a lone event goes at once, in a batch of one. A client that
+        falls behind gets larger batches instead of more stream messages. A bot without
+        the extension answers UNIMPLEMENTED: call Listen instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendMessageBatches(self, request_iterator, context):
+        """Extension: SendMessageStream, with the requests in batches. The bot handles a
+        batch's requests in order, as SendMessageStream would one by one, and answers each
+        batch with one SendResultBatch holding one SendResult per request, in the same
+        order. A bad request fails alone; a batch that does not decode is answered by a
+        SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
+        the extension answers UNIMPLEMENTED: use SendMessageStream instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +227,16 @@ def add_RobotServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=robot__pb2.PublishRequest.FromString,
                     response_serializer=robot__pb2.PublishResponse.SerializeToString,
+            ),
+            'ListenBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListenBatches,
+                    request_deserializer=robot__pb2.ListenRequest.FromString,
+                    response_serializer=robot__pb2.EventBatch.SerializeToString,
+            ),
+            'SendMessageBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.SendMessageBatches,
+                    request_deserializer=robot__pb2.SendMessagesBatch.FromString,
+                    response_serializer=robot__pb2.SendResultBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +456,60 @@ class Robot:
             '/oco.Robot/Publish',
             robot__pb2.PublishRequest.SerializeToString,
             robot__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListenBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/oco.Robot/ListenBatches',
+            robot__pb2.ListenRequest.SerializeToString,
+            robot__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendMessageBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/oco.Robot/SendMessageBatches',
+            robot__pb2.SendMessagesBatch.SerializeToString,
+            robot__pb2.SendResultBatch.FromString,
             options,
             channel_credentials,
             insecure,

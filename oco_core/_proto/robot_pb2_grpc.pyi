@@ -109,6 +109,23 @@ class RobotStub:
     (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
     gets it once, on one of its streams, kept until acknowledged like any durable event.
     """
+    ListenBatches: _grpc.UnaryStreamMultiCallable[_robot_pb2.ListenRequest, _robot_pb2.EventBatch]
+    """Extension: Listen, with the events in batches. The request, the response headers
+    and what the bot delivers are Listen's; each stream message carries every event
+    waiting for the stream when the bot writes (in order, one at least, at most
+    `grpc.batch_max_events` and, past the first, `grpc.batch_max_bytes`). The bot never
+    waits to fill a batch: a lone event goes at once, in a batch of one. A client that
+    falls behind gets larger batches instead of more stream messages. A bot without
+    the extension answers UNIMPLEMENTED: call Listen instead.
+    """
+    SendMessageBatches: _grpc.StreamStreamMultiCallable[_robot_pb2.SendMessagesBatch, _robot_pb2.SendResultBatch]
+    """Extension: SendMessageStream, with the requests in batches. The bot handles a
+    batch's requests in order, as SendMessageStream would one by one, and answers each
+    batch with one SendResultBatch holding one SendResult per request, in the same
+    order. A bad request fails alone; a batch that does not decode is answered by a
+    SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
+    the extension answers UNIMPLEMENTED: use SendMessageStream instead.
+    """
 
 @_typing.type_check_only
 class RobotAsyncStub(RobotStub):
@@ -147,6 +164,23 @@ class RobotAsyncStub(RobotStub):
     """Extension: publishes an event to a topic. Needs the capability
     (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
     gets it once, on one of its streams, kept until acknowledged like any durable event.
+    """
+    ListenBatches: _aio.UnaryStreamMultiCallable[_robot_pb2.ListenRequest, _robot_pb2.EventBatch]  # type: ignore[assignment]
+    """Extension: Listen, with the events in batches. The request, the response headers
+    and what the bot delivers are Listen's; each stream message carries every event
+    waiting for the stream when the bot writes (in order, one at least, at most
+    `grpc.batch_max_events` and, past the first, `grpc.batch_max_bytes`). The bot never
+    waits to fill a batch: a lone event goes at once, in a batch of one. A client that
+    falls behind gets larger batches instead of more stream messages. A bot without
+    the extension answers UNIMPLEMENTED: call Listen instead.
+    """
+    SendMessageBatches: _aio.StreamStreamMultiCallable[_robot_pb2.SendMessagesBatch, _robot_pb2.SendResultBatch]  # type: ignore[assignment]
+    """Extension: SendMessageStream, with the requests in batches. The bot handles a
+    batch's requests in order, as SendMessageStream would one by one, and answers each
+    batch with one SendResultBatch holding one SendResult per request, in the same
+    order. A bad request fails alone; a batch that does not decode is answered by a
+    SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
+    the extension answers UNIMPLEMENTED: use SendMessageStream instead.
     """
 
 class RobotServicer(metaclass=_abc_1.ABCMeta):
@@ -231,6 +265,35 @@ class RobotServicer(metaclass=_abc_1.ABCMeta):
         """Extension: publishes an event to a topic. Needs the capability
         (`callbacks[].capabilities.publish` matching the topic); each subscribing callback
         gets it once, on one of its streams, kept until acknowledged like any durable event.
+        """
+
+    @_abc_1.abstractmethod
+    def ListenBatches(
+        self,
+        request: _robot_pb2.ListenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_robot_pb2.EventBatch], _abc.AsyncIterator[_robot_pb2.EventBatch]]:
+        """Extension: Listen, with the events in batches. The request, the response headers
+        and what the bot delivers are Listen's; each stream message carries every event
+        waiting for the stream when the bot writes (in order, one at least, at most
+        `grpc.batch_max_events` and, past the first, `grpc.batch_max_bytes`). The bot never
+        waits to fill a batch: a lone event goes at once, in a batch of one. A client that
+        falls behind gets larger batches instead of more stream messages. A bot without
+        the extension answers UNIMPLEMENTED: call Listen instead.
+        """
+
+    @_abc_1.abstractmethod
+    def SendMessageBatches(
+        self,
+        request_iterator: _MaybeAsyncIterator[_robot_pb2.SendMessagesBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_robot_pb2.SendResultBatch], _abc.AsyncIterator[_robot_pb2.SendResultBatch]]:
+        """Extension: SendMessageStream, with the requests in batches. The bot handles a
+        batch's requests in order, as SendMessageStream would one by one, and answers each
+        batch with one SendResultBatch holding one SendResult per request, in the same
+        order. A bad request fails alone; a batch that does not decode is answered by a
+        SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
+        the extension answers UNIMPLEMENTED: use SendMessageStream instead.
         """
 
 def add_RobotServicer_to_server(servicer: RobotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
