@@ -335,6 +335,9 @@ async def _scan(store: Store, since: float) -> AsyncGenerator[AuditRecord, None]
                     yield AuditRecord.from_json(line)
                 except (ValueError, TypeError):
                     log.warning("audit log: ignoring a malformed record in %r", item.key)
+            # Inside the bot (the console's audit page) a scan shares the trio thread with
+            # routing: one batch (up to _BATCH_BYTES) parsed at a time, then others run.
+            await trio.lowlevel.checkpoint()
         if len(page) < _PAGE:
             return
         start = page[-1].key
