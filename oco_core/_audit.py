@@ -89,7 +89,11 @@ class AuditRecord:
 
     def to_json(self) -> bytes:
         """The record as stored."""
-        return json.dumps({k: v for k, v in asdict(self).items() if v != ""}, ensure_ascii=False).encode()
+        # Not dataclasses.asdict: it deep-copies every value, and a record is written for
+        # every command a callback answers (a tenth of the bot's time for each in a
+        # profile of 20,000 commands).
+        values = {name: getattr(self, name) for name in _FIELD_NAMES}
+        return json.dumps({k: v for k, v in values.items() if v != ""}, ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> AuditRecord:
@@ -97,6 +101,9 @@ class AuditRecord:
         raw = json.loads(data)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
 
 
 def _key(when: float, seq: int) -> str:
