@@ -68,6 +68,7 @@ class Event(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     REDELIVERED_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     dropped: _builtins.int
     """Extension: how many events for this stream the bot dropped since the previous event
     it sent on it (0: none). The bot queues a bounded number of events per stream
@@ -125,6 +126,14 @@ class Event(_message.Message):
         (ListenRequest.topics), by a callback (Robot.Publish) or by the bot itself.
         """
 
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """Extension: who approved this match, on a matched_message of a route that needs
+        approval (the operator's `callbacks[].route_rules.<id>.approval`, or Route.approval
+        in robot.proto): the bot delivers such a match only once enough people holding the
+        role approved it in chat. Unset on every other event.
+        """
+
     def __init__(
         self,
         *,
@@ -137,16 +146,51 @@ class Event(_message.Message):
         dropped: _builtins.int = ...,
         delivery_id: _builtins.str = ...,
         redelivered: _builtins.int = ...,
+        approval: Global___Approval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """Extension: the approval a route's match (or a Robot.RequestApproval call) was given."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    APPROVERS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The approval request's id, as the bot said it in chat ("7f3a", for `oco approve 7f3a`)."""
+    role: _builtins.str
+    """The role every approver holds."""
+    @_builtins.property
+    def approvers(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+        """Who approved, in the order they did: people holding the role, none of them the
+        person who asked (nor one of that person's linked accounts).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        role: _builtins.str = ...,
+        approvers: _abc.Iterable[Global___User] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvers", b"approvers", "id", b"id", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
 
 @_typing.final
 class MatchedMessage(_message.Message):

@@ -572,6 +572,7 @@ class Route(_message.Message):
     IGNORE_CASE_FIELD_NUMBER: _builtins.int
     DURABLE_FIELD_NUMBER: _builtins.int
     DURABLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifies the route within its callback; it comes back in MatchedMessage.route_id.
     Defaults to the pattern when empty.
@@ -598,6 +599,14 @@ class Route(_message.Message):
     """
     durable_ttl_seconds: _builtins.int
     """How long a durable match may wait, in seconds; 0 for the bot's `events.chat_ttl`."""
+    @_builtins.property
+    def approval(self) -> Global___ApprovalRule:
+        """Extension: matches of this route reach the callback only once people holding
+        `approval.role` approved them in chat; the match then carries Event.approval. Unset
+        (or an empty role): no approval needed. The operator's
+        `callbacks[].route_rules.<id>.approval` wins over it.
+        """
+
     def __init__(
         self,
         *,
@@ -609,14 +618,143 @@ class Route(_message.Message):
         ignore_case: _builtins.bool = ...,
         durable: _builtins.bool = ...,
         durable_ttl_seconds: _builtins.int = ...,
+        approval: Global___ApprovalRule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "durable_ttl_seconds", b"durable_ttl_seconds", "help", b"help", "id", b"id", "ignore_case", b"ignore_case", "pattern", b"pattern", "permission", b"permission", "respond", b"respond"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "durable", b"durable", "durable_ttl_seconds", b"durable_ttl_seconds", "help", b"help", "id", b"id", "ignore_case", b"ignore_case", "pattern", b"pattern", "permission", b"permission", "respond", b"respond"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class ApprovalRule(_message.Message):
+    """Extension: who must approve before something goes ahead (Route.approval,
+    RequestApprovalRequest.rule).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """The role each approver holds; empty for no approval."""
+    count: _builtins.int
+    """How many approvals, each by a different person; 0 for 1."""
+    timeout_seconds: _builtins.int
+    """How long to wait for them; 0 for 600 (ten minutes)."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        count: _builtins.int = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "role", b"role", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRule: _TypeAlias = ApprovalRule  # noqa: Y015
+
+@_typing.final
+class RequestApprovalRequest(_message.Message):
+    """Extension: request message for the RequestApproval method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """What is to be approved, as shown in chat ("deploy prod"); empty for the message's body."""
+    @_builtins.property
+    def message(self) -> _core_pb2.Message:
+        """The message the callback is handling: its sender is the person asking (who may not
+        approve), and the bot asks in its room, or in private for a private message.
+        """
+
+    @_builtins.property
+    def rule(self) -> Global___ApprovalRule:
+        """Who must approve, how many, how long to wait."""
+
+    def __init__(
+        self,
+        *,
+        message: _core_pb2.Message | None = ...,
+        rule: Global___ApprovalRule | None = ...,
+        action: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "message", b"message", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestApprovalRequest: _TypeAlias = RequestApprovalRequest  # noqa: Y015
+
+@_typing.final
+class RequestApprovalResponse(_message.Message):
+    """Extension: response message for the RequestApproval method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Decision:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RequestApprovalResponse._Decision.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        DECISION_UNSPECIFIED: RequestApprovalResponse._Decision.ValueType  # 0
+        """Never sent."""
+        DECISION_APPROVED: RequestApprovalResponse._Decision.ValueType  # 1
+        """Enough people approved: `approval` says who."""
+        DECISION_DENIED: RequestApprovalResponse._Decision.ValueType  # 2
+        """Someone holding the role, or the asker, said no."""
+        DECISION_TIMED_OUT: RequestApprovalResponse._Decision.ValueType  # 3
+        """The timeout passed first."""
+
+    class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
+        """How the request ended."""
+
+    DECISION_UNSPECIFIED: RequestApprovalResponse.Decision.ValueType  # 0
+    """Never sent."""
+    DECISION_APPROVED: RequestApprovalResponse.Decision.ValueType  # 1
+    """Enough people approved: `approval` says who."""
+    DECISION_DENIED: RequestApprovalResponse.Decision.ValueType  # 2
+    """Someone holding the role, or the asker, said no."""
+    DECISION_TIMED_OUT: RequestApprovalResponse.Decision.ValueType  # 3
+    """The timeout passed first."""
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    decision: Global___RequestApprovalResponse.Decision.ValueType
+    reason: _builtins.str
+    """For a denial or a timeout, one line for the person: who denied it and why, or how
+    long it waited. Empty when approved.
+    """
+    @_builtins.property
+    def approval(self) -> _core_pb2.Approval:
+        """The request's id and role, and who approved (so far, when it was not approved)."""
+
+    def __init__(
+        self,
+        *,
+        decision: Global___RequestApprovalResponse.Decision.ValueType = ...,
+        approval: _core_pb2.Approval | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "decision", b"decision", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestApprovalResponse: _TypeAlias = RequestApprovalResponse  # noqa: Y015
 
 @_typing.final
 class PartRequest(_message.Message):

@@ -86,6 +86,11 @@ class RobotStub:
                 request_serializer=robot__pb2.SendMessagesBatch.SerializeToString,
                 response_deserializer=robot__pb2.SendResultBatch.FromString,
                 _registered_method=True)
+        self.RequestApproval = channel.unary_unary(
+                '/oco.Robot/RequestApproval',
+                request_serializer=robot__pb2.RequestApprovalRequest.SerializeToString,
+                response_deserializer=robot__pb2.RequestApprovalResponse.FromString,
+                _registered_method=True)
 
 
 class RobotServicer:
@@ -185,6 +190,19 @@ class RobotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestApproval(self, request, context):
+        """Extension: asks people in chat to approve what the callback is about to do, and
+        waits for their answer (at most the rule's timeout). The bot says in the room of
+        `message` (in private for a private message) who wants what, and how to approve or
+        deny it; people holding the rule's role, other than the message's sender, answer
+        `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
+        approved, denied or timed out, each a normal response (not an error status). Needs
+        the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +255,11 @@ def add_RobotServicer_to_server(servicer, server):
                     servicer.SendMessageBatches,
                     request_deserializer=robot__pb2.SendMessagesBatch.FromString,
                     response_serializer=robot__pb2.SendResultBatch.SerializeToString,
+            ),
+            'RequestApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestApproval,
+                    request_deserializer=robot__pb2.RequestApprovalRequest.FromString,
+                    response_serializer=robot__pb2.RequestApprovalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -510,6 +533,33 @@ class Robot:
             '/oco.Robot/SendMessageBatches',
             robot__pb2.SendMessagesBatch.SerializeToString,
             robot__pb2.SendResultBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/RequestApproval',
+            robot__pb2.RequestApprovalRequest.SerializeToString,
+            robot__pb2.RequestApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

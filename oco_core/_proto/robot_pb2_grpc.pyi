@@ -126,6 +126,15 @@ class RobotStub:
     SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
     the extension answers UNIMPLEMENTED: use SendMessageStream instead.
     """
+    RequestApproval: _grpc.UnaryUnaryMultiCallable[_robot_pb2.RequestApprovalRequest, _robot_pb2.RequestApprovalResponse]
+    """Extension: asks people in chat to approve what the callback is about to do, and
+    waits for their answer (at most the rule's timeout). The bot says in the room of
+    `message` (in private for a private message) who wants what, and how to approve or
+    deny it; people holding the rule's role, other than the message's sender, answer
+    `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
+    approved, denied or timed out, each a normal response (not an error status). Needs
+    the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class RobotAsyncStub(RobotStub):
@@ -181,6 +190,15 @@ class RobotAsyncStub(RobotStub):
     order. A bad request fails alone; a batch that does not decode is answered by a
     SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
     the extension answers UNIMPLEMENTED: use SendMessageStream instead.
+    """
+    RequestApproval: _aio.UnaryUnaryMultiCallable[_robot_pb2.RequestApprovalRequest, _robot_pb2.RequestApprovalResponse]  # type: ignore[assignment]
+    """Extension: asks people in chat to approve what the callback is about to do, and
+    waits for their answer (at most the rule's timeout). The bot says in the room of
+    `message` (in private for a private message) who wants what, and how to approve or
+    deny it; people holding the rule's role, other than the message's sender, answer
+    `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
+    approved, denied or timed out, each a normal response (not an error status). Needs
+    the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
     """
 
 class RobotServicer(metaclass=_abc_1.ABCMeta):
@@ -294,6 +312,21 @@ class RobotServicer(metaclass=_abc_1.ABCMeta):
         order. A bad request fails alone; a batch that does not decode is answered by a
         SendResultBatch with one SendResult (request_id 0, INVALID_ARGUMENT). A bot without
         the extension answers UNIMPLEMENTED: use SendMessageStream instead.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestApproval(
+        self,
+        request: _robot_pb2.RequestApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.RequestApprovalResponse, _abc.Awaitable[_robot_pb2.RequestApprovalResponse]]:
+        """Extension: asks people in chat to approve what the callback is about to do, and
+        waits for their answer (at most the rule's timeout). The bot says in the room of
+        `message` (in private for a private message) who wants what, and how to approve or
+        deny it; people holding the rule's role, other than the message's sender, answer
+        `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
+        approved, denied or timed out, each a normal response (not an error status). Needs
+        the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
         """
 
 def add_RobotServicer_to_server(servicer: RobotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
