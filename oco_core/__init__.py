@@ -9,6 +9,7 @@ from ._version import __version__ as __version__
 
 if _typing.TYPE_CHECKING:
     from ._errors import AdapterError as AdapterError
+    from ._errors import ApprovalDeniedError as ApprovalDeniedError
     from ._errors import CallbackError as CallbackError
     from ._errors import CapabilityError as CapabilityError
     from ._errors import ConfigError as ConfigError
@@ -44,6 +45,7 @@ if _typing.TYPE_CHECKING:
 
 __all__ = [
     "AdapterError",
+    "ApprovalDeniedError",
     "Callback",
     "CallbackError",
     "CapabilityError",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._adapter import IncomingMessage
+from ._approvals import HELP as APPROVAL_HELP
 from ._audit import ALLOWED, DENIED
 from ._errors import StoreError
 from ._policy import PRIVATE_ROOM
@@ -43,6 +44,7 @@ _BUILTIN_HELP = [
     "rule set <callback> <route> [permission=<p>|no-permission|declared-permission] [allow=<room>,...|any-room] "
     "[deny=<room>,...|no-deny] - (admins) change who may run a route, and where",
     "rule unset <callback> <route> - (admins) drop a rule set at runtime (the config's applies again)",
+    *APPROVAL_HELP,
 ]
 #: The words after ``rule`` that make it the bot's own command (else it goes to the routes).
 _RULE_ACTIONS = ("list", "set", "unset")
@@ -77,6 +79,8 @@ class ChatCommands:
         """Answer ``text`` (what a person addressed to the bot) if it is one of the bot's
         own commands; True when the routes must not see it. Never waits: the answer is
         sent in the background. ``help`` is answered and still goes to the routes."""
+        if self._core.approvals.take(adapter, incoming, user_id, text):  # approve/deny <id>
+            return True
         builtin = _BUILTIN.fullmatch(text)
         if builtin and self._is_builtin(builtin.group("cmd"), builtin.group("args") or ""):
             command = " ".join(builtin.group("cmd").lower().split())

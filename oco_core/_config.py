@@ -486,6 +486,19 @@ class Capabilities(_Strict):
         return value
 
 
+class ApprovalSettings(_Strict):
+    """``callbacks[].route_rules.<route id>.approval:`` — a match of the route waits until
+    ``count`` people holding ``role`` (not the person who asked) approve it in chat."""
+
+    role: str = Field(min_length=1, examples=["approvers"])
+    #: Approvals needed, each by a different person.
+    count: int = Field(default=1, ge=1, le=10)
+    #: How long the match waits for them (``10m``, ``1h`` or seconds); then it is dropped.
+    timeout: float = Field(default=600.0, gt=0, le=86400)
+
+    _timeout = field_validator("timeout", mode="before")(lambda value: _duration(value))
+
+
 class RouteRule(_Strict):
     """``callbacks[].route_rules.<route id>:`` — the operator's rule for one route,
     which wins over what the callback declared."""
@@ -496,6 +509,8 @@ class RouteRule(_Strict):
     allow_rooms: list[str] | None = None
     #: The route never matches in these rooms.
     deny_rooms: list[str] = Field(default_factory=list)
+    #: Matches wait for people holding a role to approve them (``_approvals``).
+    approval: ApprovalSettings | None = None
 
 
 class CallbackSettings(_Strict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ._activity import Activity, LiveFeed
+from ._approvals import Approvals
 from ._audit import AuditLog
 from ._auth import Authorization
 from ._commands import ChatCommands
@@ -121,6 +122,8 @@ class BotCore:
         self._tasks = tasks
         self.outgoing = Outgoing(self)
         self.commands = ChatCommands(self)
+        #: Matches and callbacks' requests waiting for people to approve them.
+        self.approvals = Approvals(self)
         self.incoming = Incoming(self)
         auth.canonical = self.canonical_user
 

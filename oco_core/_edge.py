@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import trio
 
+from ._approvals import Approvals
 from ._audit import ALLOWED, DENIED
 from ._auth import Authorization
 from ._bridge import (
@@ -45,7 +46,7 @@ from ._health import Health
 from ._metrics import Metrics
 from ._policy import CallbackPolicy
 from ._proto import authorization_pb2, core_pb2, datastores_pb2, directory_pb2, robot_pb2, storage_pb2
-from ._router import Queued, Route, Router, Subscription
+from ._router import ApprovalNeed, Queued, Route, Router, Subscription
 from ._secrets import CACHE_SECONDS, Authenticator
 from ._store import MAX_KEY_BYTES, Store
 from ._timing import Throttle
@@ -117,6 +118,8 @@ class EdgeHost(Protocol):
     def metrics(self) -> Metrics: ...
     @property
     def health(self) -> Health: ...
+    @property
+    def approvals(self) -> Approvals: ...
 
     def secrets(self) -> Mapping[str, str]:
         """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
@@ -465,6 +468,24 @@ class Services:
         )
         return robot_pb2.PublishResponse(id=event_id, subscribers=count)
 
+    async def request_approval(
+        self, request: robot_pb2.RequestApprovalRequest, info: CallInfo
+    ) -> robot_pb2.RequestApprovalResponse:
+        """Ask people in chat to approve what the callback is about to do; answer once
+        it is decided (approved, denied or timed out)."""
+        callback_id = await self._caller(info)
+        with _statuses():
+            rule, message = request.rule, request.message
+            if not rule.role:
+                raise InvalidRequestError("rule.role is empty: name the role whose holders approve (say, approvers)")
+            room = message.source.room.id if not message.private else ""
+            target = room or message.source.user.id
+            if not target:
+                raise InvalidRequestError("message.source names no user: pass the message the callback received")
+            self.bot.policy(callback_id).require_send(target, "the request for approval")
+            need = ApprovalNeed(rule.role, min(rule.count or 1, 10), float(min(rule.timeout_seconds or 600, 86400)))
+        return await _guard(self.bot.approvals.request(callback_id, message, need, request.action))
+
     async def send_messages(
         self, request: robot_pb2.SendMessagesRequest, info: CallInfo
     ) -> robot_pb2.SendMessagesResponse:
@@ -727,6 +748,12 @@ class Services:
                     "unary", self.acknowledge, robot_pb2.AcknowledgeRequest, robot_pb2.AcknowledgeResponse
                 ),
                 "Publish": m("unary", self.publish, robot_pb2.PublishRequest, robot_pb2.PublishResponse),
+                "RequestApproval": m(
+                    "unary",
+                    self.request_approval,
+                    robot_pb2.RequestApprovalRequest,
+                    robot_pb2.RequestApprovalResponse,
+                ),
             },
             STORAGE: {
                 "Get": m("unary", self.get, storage_pb2.GetRequest, storage_pb2.GetResponse),

@@ -7,6 +7,7 @@
     ├── PluginError           a plugin is missing, broken or misdeclared
     ├── SecretRefusedError    `oco callbacks add/rotate/remove` refused (secret present, absent, configured)
     ├── StandbyError          this bot is a standby (or fenced): ask the active one (UNAVAILABLE; ``active_address``)
+    ├── ApprovalDeniedError   people in chat denied a callback's request for approval, or it timed out (SDK only)
     ├── AdapterError          a chat adapter cannot do what was asked (UNAVAILABLE; ``sent``)
     │   └── UnknownTargetError    no such room or user on that adapter (NOT_FOUND)
     ├── StoreError            the core store failed
@@ -202,6 +203,17 @@ class RateLimitedError(CallbackError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ApprovalDeniedError(OcoError):
+    """A callback's ``message.request_approval(...)`` was denied in chat, or nobody
+    approved it in time (``timed_out``); the message says who denied it and why. Raised
+    by the SDK from RequestApproval's answer, never sent as a gRPC status."""
+
+    def __init__(self, message: str, *, approval_id: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.approval_id = approval_id
+        self.timed_out = timed_out
 
 
 # ---- on the wire --------------------------------------------------------------------

@@ -123,6 +123,8 @@ class Incoming:
             core.stats.matched += len(matches)
             core.metrics.matched(message_id, matches)
             core.activity.matched(adapter, message, matches)
+        if gate.held:  # matches of routes that need approval wait for it (_approvals)
+            core.approvals.hold(adapter, incoming, message, respond_text, gate.held)
         refusal = gate.refusal(delivered=any(m.direct for m in matches))
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)

@@ -20,7 +20,7 @@ from ._audit import ALLOWED, DENIED
 from ._config import CallbackSettings, Capabilities, Config, RouteRule
 from ._errors import CapabilityError, RateLimitedError
 from ._proto import robot_pb2
-from ._router import Route
+from ._router import ApprovalNeed, Route
 from ._timing import TokenBucket
 
 if TYPE_CHECKING:
@@ -155,6 +155,8 @@ class RouteAccess:
     permission: str
     allow_rooms: Sequence[str] | None = None
     deny_rooms: Sequence[str] = ()
+    #: Who must approve a match first (the rule's, else the route's); None: nobody.
+    approval: ApprovalNeed | None = None
 
     def allows_room(self, room_id: str) -> bool:
         """Whether the route may match in ``room_id`` ("" for a private message). The
@@ -227,10 +229,13 @@ class CallbackPolicy:
         for :meth:`rule`)."""
         rule = self.rule(route.id, stored)
         if rule is None:
-            return RouteAccess(route.permission)
+            return RouteAccess(route.permission, approval=route.approval)
         permission = route.permission if rule.permission is None else rule.permission
         allow = None if rule.allow_rooms is None else self._canonical_rooms(rule.allow_rooms)
-        return RouteAccess(permission, allow, self._canonical_rooms(rule.deny_rooms))
+        approval = route.approval
+        if rule.approval is not None:
+            approval = ApprovalNeed(rule.approval.role, rule.approval.count, rule.approval.timeout)
+        return RouteAccess(permission, allow, self._canonical_rooms(rule.deny_rooms), approval)
 
     def unmatched_rules(self, route_ids: Sequence[str]) -> list[str]:
         """The ``route_rules`` keys that name none of ``route_ids``."""
@@ -429,6 +434,8 @@ class MessageGate:
         self.wrong_room = False
         #: Routes that matched and were asked about: none means no route matched at all.
         self.asked = 0
+        #: Admitted matches held back for approval (``_approvals``), not delivered.
+        self.held: list[tuple[str, Route, ApprovalNeed]] = []
 
     def _record(self, kind: str, decision: str, **details: str) -> None:
         self._policies._record(
@@ -462,6 +469,9 @@ class MessageGate:
                 limit = self._policies._rate_limit
                 self._record("rate_limit", DENIED, detail=f"over {limit} commands a minute: {self._what}")
         if self._wait:
+            return False
+        if access.approval is not None:
+            self.held.append((callback_id, route, access.approval))
             return False
         if permission or route.respond:
             self._record_route(ALLOWED, callback_id, route, permission=permission, detail=self._what)

@@ -119,6 +119,16 @@ except AttributeError:  # a google-re2 without that internal: the public, slower
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalNeed:
+    """Who must approve a route's match before the callback gets it (``_approvals``)."""
+
+    role: str
+    count: int = 1
+    #: Seconds the match waits for the approvals.
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A route as a callback (or the operator's config) declared it."""
 
@@ -130,6 +140,8 @@ class Route:
     ignore_case: bool = False
     #: Seconds a match may wait for the callback, kept by the event hub (0: not durable).
     durable_ttl: float = 0.0
+    #: Approval the callback declared for its matches (the operator's rule wins).
+    approval: ApprovalNeed | None = None
 
     @classmethod
     def declared(cls, declaration: Any, chat_ttl: float = 30.0) -> Route:
@@ -137,6 +149,12 @@ class Route:
         operator wrote in config (both have the same fields but for the durable TTL).
         The id defaults to the pattern; a durable route's TTL to ``chat_ttl``."""
         ttl = getattr(declaration, "durable_ttl_seconds", None) or getattr(declaration, "durable_ttl", None)
+        rule = getattr(declaration, "approval", None)  # only a ListenRequest's routes declare one
+        approval = (
+            ApprovalNeed(rule.role, min(rule.count or 1, 10), float(min(rule.timeout_seconds or 600, 86400)))
+            if isinstance(rule, robot_pb2.ApprovalRule) and rule.role
+            else None
+        )
         return cls(
             id=declaration.id or declaration.pattern,
             pattern=declaration.pattern,
@@ -145,6 +163,7 @@ class Route:
             permission=declaration.permission,
             ignore_case=declaration.ignore_case,
             durable_ttl=float(ttl or chat_ttl) if declaration.durable else 0.0,
+            approval=approval,
         )
 
 

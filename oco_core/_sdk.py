@@ -44,6 +44,7 @@ import trio
 from ._bridge import Bridge, DuplexSender, ResponseStream, open_bridge
 from ._errors import (
     EXIT_REFUSED,
+    ApprovalDeniedError,
     CallbackError,
     InvalidPatternError,
     OcoError,
@@ -166,6 +167,22 @@ class _Route:
     permission: str = ""
     durable: bool = False
     durable_ttl: int = 0
+    approval: robot_pb2.ApprovalRule | None = None
+
+
+def _approval_rule(values: dict[str, Any], what: str) -> robot_pb2.ApprovalRule:
+    """``{"role": ..., "count": 1, "timeout": 600}`` as the protocol's ApprovalRule."""
+    unknown = set(values) - {"role", "count", "timeout"}
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {', '.join(sorted(unknown))}; give role, count and timeout")
+    role, count, timeout = values.get("role"), values.get("count", 1), values.get("timeout", 600)
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"{what}: role must name the role whose holders approve, such as 'approvers'")
+    if not isinstance(count, int) or not 1 <= count <= 10:
+        raise ValueError(f"{what}: count must be a whole number from 1 to 10, not {count!r}")
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+        raise ValueError(f"{what}: timeout must be seconds, more than 0 and at most 86400, not {timeout!r}")
+    return robot_pb2.ApprovalRule(role=role, count=count, timeout_seconds=whole_seconds(timeout, f"{what} timeout"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +266,8 @@ class Message:
         #: How many times this match was delivered before (durable routes only: after a
         #: callback stopped before it had handled it).
         self.redelivered: int = 0
+        #: Who approved this match (user ids), for a route that needs approval; () otherwise.
+        self.approved_by: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Message {self.id} from {self.user.id} in {self.room.id if self.room else 'private'}: {self.body!r}>"
@@ -258,6 +277,31 @@ class Message:
         route's own permission, which the bot already checked)."""
         return await self._callback.check_permission(
             self.user.id, permission, room_id=self.room.id if self.room else ""
+        )
+
+    async def request_approval(
+        self,
+        role: str,
+        *,
+        count: int = 1,
+        timeout: float = 600,  # noqa: ASYNC109 (the bot keeps it, and answers once it passes)
+        action: str = "",
+    ) -> tuple[str, ...]:
+        """Ask people in chat to approve what the handler is about to do, and wait: the
+        bot says in this message's room that the sender wants to run ``action`` (default:
+        the message's body) and how to answer; ``count`` people holding ``role``, other
+        than the sender, must say ``oco approve <id>`` within ``timeout`` seconds.
+        Returns who approved (user ids); raises ApprovalDeniedError when someone holding
+        the role (or the sender) denies it, or the time runs out."""
+        rule = _approval_rule({"role": role, "count": count, "timeout": timeout}, "request_approval")
+        request = robot_pb2.RequestApprovalRequest(message=self._pb, rule=rule, action=action)
+        response = await self._callback._unary("robot", "RequestApproval", request, deadline=rule.timeout_seconds + 30)
+        if response.decision == robot_pb2.RequestApprovalResponse.DECISION_APPROVED:
+            return tuple(user.id for user in response.approval.approvers)
+        raise ApprovalDeniedError(
+            response.reason or "approval was not given",
+            approval_id=response.approval.id,
+            timed_out=response.decision == robot_pb2.RequestApprovalResponse.DECISION_TIMED_OUT,
         )
 
     def match(self, group: int | str = 0) -> str:
@@ -582,12 +626,13 @@ class Callback:
         permission: str = "",
         durable: bool = False,
         durable_ttl: float | None = None,
+        approval: Mapping[str, Any] | None = None,
     ) -> Callable[[F], F]:
         """Run the decorated handler for every message that matches ``pattern`` (RE2).
         With ``permission``, only messages from people who hold it reach the handler.
         A pattern that is not valid RE2 raises InvalidPatternError here, naming it.
-        ``durable``: see :meth:`respond`."""
-        return self._route(pattern, False, help, id, ignore_case, permission, durable, durable_ttl)
+        ``durable`` and ``approval``: see :meth:`respond`."""
+        return self._route(pattern, False, help, id, ignore_case, permission, durable, durable_ttl, approval)
 
     def respond(
         self,
@@ -599,6 +644,7 @@ class Callback:
         permission: str = "",
         durable: bool = False,
         durable_ttl: float | None = None,
+        approval: Mapping[str, Any] | None = None,
     ) -> Callable[[F], F]:
         """Run the decorated handler for messages addressed to the bot ("oco: deploy x")
         whose text after the address matches ``pattern`` (RE2). With ``permission``,
@@ -608,8 +654,13 @@ class Callback:
         ``durable``: a match that comes while this callback is not connected (restarting
         for a deploy) waits in the bot, for ``durable_ttl`` seconds (default: the bot's
         ``events.chat_ttl``, 30 s), and a match whose handler was cut short is delivered
-        again; the SDK acknowledges each after its handler."""
-        return self._route(pattern, True, help, id, ignore_case, permission, durable, durable_ttl)
+        again; the SDK acknowledges each after its handler.
+
+        ``approval``: ``{"role": "approvers", "count": 1, "timeout": 600}`` (count and
+        timeout in seconds optional): a match waits until that many people holding the
+        role, not the sender, approve it in chat (``oco approve <id>``); the handler sees
+        who in :attr:`Message.approved_by`. The operator's ``route_rules`` win over it."""
+        return self._route(pattern, True, help, id, ignore_case, permission, durable, durable_ttl, approval)
 
     def _route(
         self,
@@ -621,10 +672,12 @@ class Callback:
         permission: str,
         durable: bool,
         durable_ttl: float | None,
+        approval: Mapping[str, Any] | None = None,
     ) -> Callable[[F], F]:
         if durable_ttl is not None and not durable:
             raise ValueError("durable_ttl is for durable routes; pass durable=True too")
         ttl = whole_seconds(durable_ttl, "durable_ttl") if durable_ttl is not None else 0
+        rule = _approval_rule(dict(approval), "approval") if approval is not None else None
 
         def decorate(handler: F) -> F:
             route_id = id or handler.__name__
@@ -638,7 +691,7 @@ class Callback:
                 exc.add_note(f"in route {route_id!r} of callback {self.id!r}")
                 raise
             self._routes.append(
-                _Route(pattern, respond, help, route_id, ignore_case, handler, permission, durable, ttl)
+                _Route(pattern, respond, help, route_id, ignore_case, handler, permission, durable, ttl, rule)
             )
             return handler
 
@@ -809,7 +862,7 @@ class Callback:
                 else:
                     connection = await self._ready(avoid=connection)
 
-    async def _unary(self, service: str, method: str, request: Any) -> Any:
+    async def _unary(self, service: str, method: str, request: Any, *, deadline: float = _UNARY_DEADLINE) -> Any:
         """One unary call; a failure raises the exception the bot named (see
         :func:`._errors.from_status`): QuotaExceededError, VersionConflictError..."""
 
@@ -817,7 +870,7 @@ class Callback:
             call = getattr(connection.stubs[service], method)
             try:
                 return await connection.bridge.run_asyncio(
-                    lambda: call(request, metadata=self._metadata(), timeout=_UNARY_DEADLINE)
+                    lambda: call(request, metadata=self._metadata(), timeout=deadline)
                 )
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc, service) from None
@@ -1055,6 +1108,7 @@ class Callback:
                     permission=r.permission,
                     durable=r.durable,
                     durable_ttl_seconds=r.durable_ttl,
+                    approval=r.approval,
                 )
                 for r in self._routes
             ],
@@ -1239,6 +1293,7 @@ class Callback:
             message = Message(self, event.matched_message)
             message.delivery_id = event.delivery_id
             message.redelivered = event.redelivered
+            message.approved_by = tuple(user.id for user in event.approval.approvers)
             await route.handler(message)
         elif kind == "membership_change":
             change = event.membership_change

@@ -26,6 +26,7 @@ PINNED: dict[str, frozenset[str]] = {
             # the exception tree
             "OcoError",
             "AdapterError",
+            "ApprovalDeniedError",
             "CallbackError",
             "CapabilityError",
             "ConfigError",

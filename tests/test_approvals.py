@@ -1,0 +1,224 @@
+"""Approvals (the two-person rule), end to end through a real ``oco run``: a route the
+operator marks as needing approval is held until a holder of the role (not the asker)
+approves it in chat, then reaches the callback with who approved; denials and timeouts
+are answered in chat and the callback never sees the match; a route the callback itself
+declares as needing approval, and a callback asking for approval mid-work
+(``message.request_approval``), work the same way; every step is in the audit log.
+
+Chat is played through the memory adapter's control service.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+
+from oco_core._cli import EXIT_OK
+from oco_core._proto import control_pb2, control_pb2_grpc
+from oco_core.testing import ControlChat, oco_cli, run_oco
+
+CALLBACK = """
+from oco_core import ApprovalDeniedError, Callback, Message
+
+bot = Callback()
+
+
+@bot.respond(r"^deploy (\\w+)$", id="deploy")
+async def deploy(message: Message) -> None:
+    await message.send(f"deployed {message.match(1)} (approved by {', '.join(message.approved_by) or 'nobody'})")
+
+
+@bot.respond(r"^restart (\\w+)$", approval={"role": "approvers", "count": 2})
+async def restart(message: Message) -> None:
+    await message.send(f"restarted {message.match(1)} (approved by {', '.join(message.approved_by)})")
+
+
+@bot.respond(r"^drop (\\w+)$")
+async def drop(message: Message) -> None:
+    await message.send(f"about to drop {message.match(1)}")
+    try:
+        approvers = await message.request_approval("approvers", timeout=30, action=f"drop table {message.match(1)}")
+    except ApprovalDeniedError as exc:
+        await message.send(f"not dropping: {exc}")
+        return
+    await message.send(f"dropped {message.match(1)} (approved by {', '.join(approvers)})")
+
+
+bot.run()
+"""
+
+
+def bot_yaml(tmp_path: Path) -> str:
+    script = tmp_path / "deployer.py"
+    script.write_text(CALLBACK)
+    return (
+        "adapters:\n  - {type: memory, control: '127.0.0.1:0', control_address_file: control.address}\n"
+        "grpc: {listen: '127.0.0.1:0'}\n"
+        f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\n"
+        "auth: {admins: [memory/alice]}\n"
+        "callbacks:\n"
+        f"  - id: deployer\n    command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]\n"
+        "    route_rules:\n"
+        "      deploy: {approval: {role: approvers, timeout: 3s}}\n"
+    )
+
+
+class Room:
+    """Chat users in one room of the memory adapter: what they say, and every line the
+    bot says (not only the first, as ControlChat.say gives)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.seen = 0
+
+    def _inject(self, user: str, body: str) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            control = control_pb2_grpc.MemoryControlStub(channel)
+            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
+
+    def _read(self, wait: float) -> list[str]:
+        with grpc.insecure_channel(self.address) as channel:
+            control = control_pb2_grpc.MemoryControlStub(channel)
+            sent = control.ListSent(
+                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
+            )
+        if sent.messages:
+            self.seen = sent.messages[-1].seq
+        return [m.body for m in sent.messages]
+
+    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0) -> list[str]:
+        """``user`` says ``body``; the bot's lines up to the first that contains ``until``."""
+        await trio.to_thread.run_sync(self._inject, user, body)
+        lines: list[str] = []
+        with trio.move_on_after(timeout):
+            while not any(until in line for line in lines):
+                lines += await trio.to_thread.run_sync(self._read, 5.0)
+            return lines
+        raise AssertionError(f"no line with {until!r} within {timeout} s after {body!r}: {lines!r}")
+
+    async def wait_for(self, until: str, *, timeout: float = 15.0) -> list[str]:
+        lines: list[str] = []
+        with trio.move_on_after(timeout):
+            while not any(until in line for line in lines):
+                lines += await trio.to_thread.run_sync(self._read, 5.0)
+            return lines
+        raise AssertionError(f"no line with {until!r} within {timeout} s: {lines!r}")
+
+
+def request_id(lines: list[str]) -> str:
+    found = re.search(r"`oco approve ([0-9a-f]+)`", " ".join(lines))
+    assert found, lines
+    return found.group(1)
+
+
+def audit(tmp_path: Path) -> list[dict[str, Any]]:
+    result: subprocess.CompletedProcess[str] = oco_cli(
+        "audit", "--kind", "approval", "--json", "--config", str(tmp_path / "oco.yaml"), cwd=tmp_path
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_out(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        admin = ControlChat(address, user="alice")
+        assert "now has the role approvers" in await admin.say("oco grant memory/carol approvers")
+        assert "now has the role approvers" in await admin.say("oco grant memory/bob approvers")
+        room = Room(address)
+        room.seen = admin.seen
+
+        # Held: the bot asks, and the callback has not seen it.
+        asked = await room.say("bob", "oco deploy prod", until="wants to run")
+        assert asked == [
+            f"Bob wants to run `deploy prod`; an approver (approvers) can say `oco approve {request_id(asked)}` "
+            f"or `oco deny {request_id(asked)}` (within 3 s)"
+        ]
+        first = request_id(asked)
+        # Not by the asker (though bob holds the role), nor by someone without it.
+        assert await room.say("bob", f"oco approve {first}", until="someone else") == [
+            f"you asked for {first}: someone else with the role approvers has to approve it"
+        ]
+        assert await room.say("dave", f"oco approve {first}", until="only people") == [
+            f"only people with the role approvers may approve {first}"
+        ]
+        approved = await room.say("carol", f"oco approve {first}", until="deployed prod")
+        assert approved == [
+            f"`deploy prod` ({first}) approved by memory/carol; it runs now",
+            "deployed prod (approved by memory/carol)",
+        ]
+        assert "no request" in (await room.say("carol", f"oco approve {first}", until="no request"))[0]
+
+        # Denied: answered, and the callback never gets it.
+        second = request_id(await room.say("bob", "oco deploy staging", until="wants to run"))
+        assert await room.say("carol", f"oco deny {second} not on a Friday", until="denied") == [
+            f"`deploy staging` ({second}) was denied by memory/carol: not on a Friday; it will not run"
+        ]
+
+        # Timed out after the rule's 3 s.
+        third = request_id(await room.say("bob", "oco deploy qa", until="wants to run"))
+        timed_out = await room.wait_for("in time", timeout=10)
+        assert timed_out == [
+            f"nobody approved `deploy qa` in time: approval {third} timed out after 3 s with 0 of 1 approvals"
+        ]
+        assert "no request" in (await room.say("carol", f"oco approve {third}", until="no request"))[0]
+
+        # The callback declared approval by two people on `restart`.
+        fourth = request_id(await room.say("dave", "oco restart api", until="wants to run"))
+        assert await room.say("carol", f"oco approve {fourth}", until="noted") == [
+            f"approval 1 of 2 for {fourth} noted; 1 more needed"
+        ]
+        assert (await room.say("carol", f"oco approve {fourth}", until="already"))[0] == (
+            f"you approved {fourth} already; it needs 1 more"
+        )
+        assert (await room.say("bob", f"oco approve {fourth}", until="restarted api"))[-1] == (
+            "restarted api (approved by memory/carol, memory/bob)"
+        )
+
+        # Mid-work: the callback asks, and waits for the answer.
+        lines = await room.say("dave", "oco drop users", until="wants to run")
+        assert lines[0] == "about to drop users"
+        fifth = request_id(lines)
+        assert "Dave wants to run `drop table users`" in lines[-1]
+        assert (await room.say("carol", f"oco approve {fifth}", until="dropped users"))[-1] == (
+            "dropped users (approved by memory/carol)"
+        )
+        sixth = request_id(await room.say("dave", "oco drop orders", until="wants to run"))
+        assert (await room.say("dave", f"oco deny {sixth} wrong table", until="not dropping"))[-1] == (
+            "not dropping: `drop table orders` was withdrawn by the asker: wrong table"
+        )
+        assert await bot.stop() == EXIT_OK
+
+    decisions = [(r["decision"], r.get("user", ""), r["detail"].split(":")[0]) for r in audit(tmp_path)]
+    assert decisions == [
+        ("requested", "memory/bob", first),
+        ("refused", "memory/bob", first),
+        ("refused", "memory/dave", first),
+        ("approve", "memory/carol", first),
+        ("approved", "memory/carol", first),
+        ("requested", "memory/bob", second),
+        ("denied", "memory/carol", second),
+        ("requested", "memory/bob", third),
+        ("timed_out", "", third),
+        ("requested", "memory/dave", fourth),
+        ("approve", "memory/carol", fourth),
+        ("approve", "memory/bob", fourth),
+        ("approved", "memory/bob", fourth),
+        ("requested", "memory/dave", fifth),
+        ("approve", "memory/carol", fifth),
+        ("approved", "memory/carol", fifth),
+        ("requested", "memory/dave", sixth),
+        ("denied", "memory/dave", sixth),
+    ]
+    records = audit(tmp_path)
+    assert {(r["callback"], r["permission"]) for r in records} == {("deployer", "approvers")}
+    assert records[0]["route"] == "deploy"
+    assert records[0]["room"] == "memory/general"
