@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import secrets
 import ssl
 import sys
@@ -1524,6 +1525,85 @@ async def _events_capabilities(s: Suite) -> str:
             f"oco-error-capability: {capability}",
         )
     return "Publish and Listen refused with PERMISSION_DENIED, CapabilityError (publish, subscribe)"
+
+
+# ---- approvals (an extension) ----------------------------------------------------------
+
+
+async def _approval_asked(s: Suite) -> str:
+    """The id in the bot's next message that says how to approve (``approve <id>``)."""
+    deadline = trio.current_time() + s.timeout
+    seen: list[str] = []
+    while (left := deadline - trio.current_time()) > 0:
+        for message in await s.list_sent(left):
+            seen.append(message.body)
+            found = re.search(r"\bapprove ([0-9a-f]+)", message.body)
+            if found:
+                return found.group(1)
+    raise CheckFailed(f"the bot did not say how to approve (`approve <id>`); it said {seen[-3:]!r}")
+
+
+@check("approvals/request-needs-role")
+async def _approval_needs_role(s: Suite) -> str:
+    """RequestApproval with a rule that names no role is INVALID_ARGUMENT."""
+    request = robot_pb2.RequestApprovalRequest(rule=robot_pb2.ApprovalRule(role=""))
+    details = await s.expect_code(
+        "RequestApproval without a role",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: s.robot.RequestApproval(request, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"INVALID_ARGUMENT: {details}"
+
+
+@check("approvals/route-held", needs=["control"])
+async def _approval_route_held(s: Suite) -> str:
+    """A match of a route declared with Route.approval is held: the bot asks in the room
+    how to approve it, the asker's own approval does not count, and after the asker's
+    deny the callback never gets the match."""
+    bot = s.target.bot_name
+    held = robot_pb2.Route(
+        id="held",
+        pattern=f"^held-{s.token}$",
+        respond=True,
+        approval=robot_pb2.ApprovalRule(role=f"approvers-{s.token}", timeout_seconds=60),
+    )
+    async with s.listen([held, _route("sentinel", f"^sentinel-{s.token}$")]) as listener:
+        await s.inject(f"{bot} held-{s.token}")
+        request_id = await _approval_asked(s)
+        await s.inject(f"{bot} approve {request_id}")  # the asker: refused
+        await s.inject(f"{bot} deny {request_id}")
+        await s.inject(f"sentinel-{s.token}")
+        m = await listener.matched()
+        _expect(m.route_id == "sentinel", f"the held match reached the callback without approval ({m.text!r})")
+    return f"held as {request_id}; the asker's approval did not count; denied, never delivered"
+
+
+@check("approvals/request-denied", needs=["control"])
+async def _approval_request_denied(s: Suite) -> str:
+    """RequestApproval asks in the message's room and answers DECISION_DENIED, with the
+    request's id and a reason, once the asker withdraws it (``deny <id>``)."""
+    source = await s.source()
+    message = core_pb2.Message(body=f"drop-{s.token}", source=source)
+    request = robot_pb2.RequestApprovalRequest(
+        message=message, rule=robot_pb2.ApprovalRule(role=f"approvers-{s.token}", timeout_seconds=60)
+    )
+    answers: list[robot_pb2.RequestApprovalResponse] = []
+
+    async def ask() -> None:
+        answers.append(
+            await s.call(lambda: s.robot.RequestApproval(request, metadata=s.metadata(), timeout=s.timeout * 2))
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        request_id = await _approval_asked(s)
+        await s.inject(f"{s.target.bot_name} deny {request_id}")
+    answer = answers[0]
+    denied = robot_pb2.RequestApprovalResponse.DECISION_DENIED
+    _expect(answer.decision == denied, f"decision {answer.decision}, expected DECISION_DENIED")
+    _expect(answer.approval.id == request_id, f"approval.id {answer.approval.id!r}, expected {request_id!r}")
+    _expect(bool(answer.reason), "a denial came without a reason")
+    return f"DECISION_DENIED for {request_id}: {answer.reason}"
 
 
 # ---- webhooks --------------------------------------------------------------------------

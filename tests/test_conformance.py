@@ -80,6 +80,9 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
         "webhooks/asynchronous",
         "batches/listen-batches",
         "batches/send-message-batches",
+        "approvals/request-needs-role",
+        "approvals/route-held",
+        "approvals/request-denied",
     ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
