@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import trio
 
 from oco_core._cli import EXIT_OK
@@ -222,3 +223,22 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
     assert {(r["callback"], r["permission"]) for r in records} == {("deployer", "approvers")}
     assert records[0]["route"] == "deploy"
     assert records[0]["room"] == "memory/general"
+
+
+def test_a_malformed_approval_rule_is_refused_naming_the_key() -> None:
+    from oco_core._config import parse_config
+    from oco_core._errors import ConfigError
+
+    base = "callbacks:\n  - id: deploy\n    secret: s3cret-s3cret-s3cret\n    route_rules:\n      deploy: "
+    for rule, expected in (
+        ("{approval: {count: 2}}", "callbacks[0].route_rules.deploy.approval.role"),
+        ("{approval: {role: approvers, count: 0}}", "callbacks[0].route_rules.deploy.approval.count"),
+        ("{approval: {role: approvers, timeout: soon}}", "expected a duration such as 8h"),
+        ("{approval: {role: approvers, timeout: 2d}}", "callbacks[0].route_rules.deploy.approval.timeout"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            parse_config(base + rule + "\n", "oco.yaml")
+    loaded = parse_config(base + "{approval: {role: approvers, timeout: 10m}}\n", "oco.yaml")
+    approval = loaded.config.callbacks[0].route_rules["deploy"].approval
+    assert approval is not None
+    assert (approval.role, approval.count, approval.timeout) == ("approvers", 1, 600.0)
