@@ -40,13 +40,14 @@ log = logging.getLogger(__name__)
 
 KIND = "approval"
 #: The audit log's decisions for kind ``approval``.
-REQUESTED, APPROVE, REFUSED, APPROVED, DENIED, TIMED_OUT = (
+REQUESTED, APPROVE, REFUSED, APPROVED, DENIED, TIMED_OUT, WITHDRAWN = (
     "requested",
     "approve",
     "refused",
     "approved",
     "denied",
     "timed_out",
+    "withdrawn",  # a callback's RequestApproval call ended before it was decided
 )
 _COMMAND = re.compile(r"(?P<cmd>approve|deny)\s+(?P<id>[0-9a-f]{4,8})(?:\s+(?P<reason>.*))?", re.I | re.DOTALL)
 HELP = [
@@ -184,7 +185,13 @@ class Approvals:
         pending = self._open(
             adapter, incoming, user.id, callback_id, need, what or message.body.strip(), result.append, ""
         )
-        await pending.done.wait()
+        try:
+            await pending.done.wait()
+        finally:
+            if not pending.done.is_set():  # the call ended first (deadline, cancelled, callback gone)
+                reason = f"approval {pending.id} is no longer needed: the {callback_id} callback stopped waiting"
+                self._end(pending, Decision.DECISION_DENIED, reason, WITHDRAWN, "")
+                self._core.outgoing.reply(adapter, incoming, reason)
         return robot_pb2.RequestApprovalResponse(
             decision=pending.decision, approval=pending.approval(), reason=pending.reason
         )

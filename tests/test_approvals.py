@@ -113,7 +113,7 @@ class Room:
         raise AssertionError(f"no line with {until!r} within {timeout} s: {lines!r}")
 
 
-def request_id(lines: list[str]) -> str:
+def request_id_of(lines: list[str]) -> str:
     found = re.search(r"`oco approve ([0-9a-f]+)`", " ".join(lines))
     assert found, lines
     return found.group(1)
@@ -140,10 +140,10 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
         # Held: the bot asks, and the callback has not seen it.
         asked = await room.say("bob", "oco deploy prod", until="wants to run")
         assert asked == [
-            f"Bob wants to run `deploy prod`; an approver (approvers) can say `oco approve {request_id(asked)}` "
-            f"or `oco deny {request_id(asked)}` (within 3 s)"
+            f"Bob wants to run `deploy prod`; an approver (approvers) can say `oco approve {request_id_of(asked)}` "
+            f"or `oco deny {request_id_of(asked)}` (within 3 s)"
         ]
-        first = request_id(asked)
+        first = request_id_of(asked)
         # Not by the asker (though bob holds the role), nor by someone without it.
         assert await room.say("bob", f"oco approve {first}", until="someone else") == [
             f"you asked for {first}: someone else with the role approvers has to approve it"
@@ -159,13 +159,13 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
         assert "no request" in (await room.say("carol", f"oco approve {first}", until="no request"))[0]
 
         # Denied: answered, and the callback never gets it.
-        second = request_id(await room.say("bob", "oco deploy staging", until="wants to run"))
+        second = request_id_of(await room.say("bob", "oco deploy staging", until="wants to run"))
         assert await room.say("carol", f"oco deny {second} not on a Friday", until="denied") == [
             f"`deploy staging` ({second}) was denied by memory/carol: not on a Friday; it will not run"
         ]
 
         # Timed out after the rule's 3 s.
-        third = request_id(await room.say("bob", "oco deploy qa", until="wants to run"))
+        third = request_id_of(await room.say("bob", "oco deploy qa", until="wants to run"))
         timed_out = await room.wait_for("in time", timeout=10)
         assert timed_out == [
             f"nobody approved `deploy qa` in time: approval {third} timed out after 3 s with 0 of 1 approvals"
@@ -173,7 +173,7 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
         assert "no request" in (await room.say("carol", f"oco approve {third}", until="no request"))[0]
 
         # The callback declared approval by two people on `restart`.
-        fourth = request_id(await room.say("dave", "oco restart api", until="wants to run"))
+        fourth = request_id_of(await room.say("dave", "oco restart api", until="wants to run"))
         assert await room.say("carol", f"oco approve {fourth}", until="noted") == [
             f"approval 1 of 2 for {fourth} noted; 1 more needed"
         ]
@@ -187,12 +187,12 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
         # Mid-work: the callback asks, and waits for the answer.
         lines = await room.say("dave", "oco drop users", until="wants to run")
         assert lines[0] == "about to drop users"
-        fifth = request_id(lines)
+        fifth = request_id_of(lines)
         assert "Dave wants to run `drop table users`" in lines[-1]
         assert (await room.say("carol", f"oco approve {fifth}", until="dropped users"))[-1] == (
             "dropped users (approved by memory/carol)"
         )
-        sixth = request_id(await room.say("dave", "oco drop orders", until="wants to run"))
+        sixth = request_id_of(await room.say("dave", "oco drop orders", until="wants to run"))
         assert (await room.say("dave", f"oco deny {sixth} wrong table", until="not dropping"))[-1] == (
             "not dropping: `drop table orders` was withdrawn by the asker: wrong table"
         )
@@ -242,3 +242,43 @@ def test_a_malformed_approval_rule_is_refused_naming_the_key() -> None:
     approval = loaded.config.callbacks[0].route_rules["deploy"].approval
     assert approval is not None
     assert (approval.role, approval.count, approval.timeout) == ("approvers", 1, 600.0)
+
+
+async def test_a_request_whose_caller_stopped_waiting_is_withdrawn_in_chat(tmp_path: Path) -> None:
+    from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
+
+    secret = "asker-secret-0123456789abcdef"
+    config = (
+        "adapters:\n  - {type: memory, control: '127.0.0.1:0', control_address_file: control.address}\n"
+        "grpc: {listen: '127.0.0.1:0'}\n"
+        f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\n"
+        f"callbacks:\n  - {{id: asker, secret: {secret}}}\n"
+    )
+    message = core_pb2.Message(
+        body="rotate keys",
+        source=core_pb2.Source(
+            user=core_pb2.User(id="memory/erin", name="Erin"), room=core_pb2.Room(id="memory/general")
+        ),
+    )
+    request = robot_pb2.RequestApprovalRequest(message=message, rule=robot_pb2.ApprovalRule(role="approvers"))
+
+    def ask(address: str) -> grpc.StatusCode:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                robot_pb2_grpc.RobotStub(channel).RequestApproval(
+                    request, metadata=(("authorization", f"Bearer {secret}"),), timeout=2
+                )
+            except grpc.RpcError as exc:
+                return exc.code()
+        raise AssertionError("RequestApproval answered before anyone approved or denied")
+
+    async with run_oco(config, tmp_path) as bot:
+        room = Room(await bot.written("control.address"))
+        assert await trio.to_thread.run_sync(ask, bot.address) == grpc.StatusCode.DEADLINE_EXCEEDED
+        lines = await room.wait_for("no longer needed")
+        assert lines[0].startswith("Erin wants to run `rotate keys`; an approver (approvers) can say `oco approve ")
+        request_id = request_id_of(lines)
+        assert lines[-1] == f"approval {request_id} is no longer needed: the asker callback stopped waiting"
+        assert "no request" in (await room.say("carol", f"oco approve {request_id}", until="no request"))[0]
+        assert await bot.stop() == EXIT_OK
+    assert [r["decision"] for r in audit(tmp_path)] == ["requested", "withdrawn"]
