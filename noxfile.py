@@ -106,6 +106,7 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: print numbers (never part of the test run)."""
     session.install(*_editable(".[postgresql]", *DISTRIBUTIONS))
     session.run("python", "bench/bench_router.py")
+    session.run("python", "bench/bench_activity.py")
     session.run("python", "bench/bench_churn.py")
     session.run("python", "bench/bench_memory.py")
     session.run("python", "bench/bench_startup.py", *session.posargs)  # --quick: 3 runs each

@@ -36,8 +36,8 @@ import trio
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
+    from ._adapter import IncomingMessage
     from ._metrics import Metrics
-    from ._proto import core_pb2
     from ._router import Match, Router
 
 log = logging.getLogger(__name__)
@@ -60,25 +60,39 @@ Update = tuple[Literal["message", "reply"], "LiveEntry"]
 class LiveEntry:
     """One route's match of one message, as the live view shows it."""
 
-    __slots__ = ("adapter", "body", "callback", "duration", "id", "room", "route", "user", "when")
+    __slots__ = ("adapter", "body", "callback", "duration", "id", "native_user", "room", "route", "when")
 
     def __init__(
-        self, id: int, when: float, adapter: str, room: str, user: str, route: str, callback: str, body: str | None
+        self,
+        id: int,
+        when: float,
+        adapter: str,
+        room: str,
+        native_user: str,
+        route: str,
+        callback: str,
+        body: str | None,
     ) -> None:
         #: Its place in the feed (1, 2, ...): how a reply finds its row on the page.
         self.id = id
         #: Seconds since the epoch.
         self.when = when
         self.adapter = adapter
-        #: The room's id ("" for a private message) and the user's.
+        #: The room's id ("" for a private message).
         self.room = room
-        self.user = user
+        #: The user's id as the adapter gave it (``user`` adds the adapter's prefix when asked).
+        self.native_user = native_user
         self.route = route
         self.callback = callback
         #: None unless ``console.show_bodies``.
         self.body = body
         #: Seconds from the match to the callback's first reply; None until it replies.
         self.duration: float | None = None
+
+    @property
+    def user(self) -> str:
+        """The user's id as messages carry it (``irc/alice``)."""
+        return f"{self.adapter}/{self.native_user}"
 
     def as_json(self) -> dict[str, object]:
         """What the live stream sends: ``body`` is ``"hidden"`` unless bodies are shown,
@@ -97,28 +111,35 @@ class LiveEntry:
 
 
 class LiveFeed:
-    """The last ``size`` matches, and the watchers (the console's live streams) told of
-    each new one and of each first reply."""
+    """The last ``size`` matches, and the updates (new matches, first replies) the
+    watchers (the console's live streams) read.
+
+    Watchers cost the message path nothing per watcher: an update goes once into a
+    bounded log (only while someone watches) and wakes whoever waits; each watcher
+    reads the log from where it left off, and one that fell further behind than the
+    log holds skips what it missed (counted in ``dropped``)."""
 
     def __init__(self, size: int, show_bodies: bool = False, watcher_buffer: int = WATCHER_BUFFER) -> None:
         self.entries: deque[LiveEntry] = deque(maxlen=size)
         self.show_bodies = show_bodies
-        self._buffer = watcher_buffer
         self._count = 0
-        self._watchers: list[trio.MemorySendChannel[Update]] = []
+        #: (sequence number, kind, entry) of the latest updates, while anyone watches.
+        self._log: deque[tuple[int, Literal["message", "reply"], LiveEntry]] = deque(maxlen=watcher_buffer)
+        self._sequence = 0
+        self._watchers = 0
+        self._changed = trio.Event()
         #: Updates watchers lost because they were too far behind.
         self.dropped = 0
 
-    def add(self, adapter: str, message: core_pb2.Message, matches: Sequence[Match], now: float) -> list[LiveEntry]:
+    def add(
+        self, when: float, adapter: str, room: str, native_user: str, body: str, matches: Sequence[Match]
+    ) -> list[LiveEntry]:
         """The entries of one matched message (one per route that matched it)."""
-        source = message.source
-        body = message.body if self.show_bodies else None
+        kept = body if self.show_bodies else None
         added = []
         for match in matches:
             self._count += 1
-            entry = LiveEntry(
-                self._count, now, adapter, source.room.id, source.user.id, match.route_id, match.callback_id, body
-            )
+            entry = LiveEntry(self._count, when, adapter, room, native_user, match.route_id, match.callback_id, kept)
             self.entries.append(entry)
             added.append(entry)
             if self._watchers:
@@ -136,30 +157,61 @@ class LiveFeed:
         return list(reversed(self.entries))
 
     @contextmanager
-    def watch(self) -> Iterator[trio.MemoryReceiveChannel[Update]]:
-        """A channel of updates from now on, while the block runs."""
-        send, receive = trio.open_memory_channel[Update](self._buffer)
-        self._watchers.append(send)
+    def watch(self) -> Iterator[Watcher]:
+        """Updates from now on, while the block runs."""
+        self._watchers += 1
         try:
-            with receive:
-                yield receive
+            yield Watcher(self)
         finally:
-            self._watchers.remove(send)
-            send.close()
+            self._watchers -= 1
+            if not self._watchers:
+                self._log.clear()
 
     @property
     def watchers(self) -> int:
         """How many watch now."""
-        return len(self._watchers)
+        return self._watchers
 
     def _tell(self, kind: Literal["message", "reply"], entry: LiveEntry) -> None:
-        for watcher in self._watchers:
-            try:
-                watcher.send_nowait((kind, entry))
-            except trio.WouldBlock:
-                self.dropped += 1
-            except trio.BrokenResourceError:
-                pass  # its reader has gone; watch() removes it as it ends
+        self._sequence += 1
+        self._log.append((self._sequence, kind, entry))
+        changed = self._changed
+        if not changed.is_set():
+            changed.set()
+
+
+class Watcher:
+    """One reader of a :class:`LiveFeed`'s updates."""
+
+    def __init__(self, feed: LiveFeed) -> None:
+        self._feed = feed
+        self._seen = feed._sequence
+        #: Updates this watcher missed because it was too far behind.
+        self.dropped = 0
+
+    def take(self) -> list[Update]:
+        """The updates since the last take (none: an empty list), without waiting."""
+        feed = self._feed
+        if feed._sequence == self._seen:
+            return []
+        log = feed._log
+        first = log[0][0] if log else feed._sequence + 1
+        if first > self._seen + 1:
+            missed = first - self._seen - 1
+            self.dropped += missed
+            feed.dropped += missed
+        updates: list[Update] = [(kind, entry) for number, kind, entry in log if number > self._seen]
+        self._seen = feed._sequence
+        return updates
+
+    async def next(self) -> list[Update]:
+        """Wait for updates, then take them."""
+        feed = self._feed
+        while feed._sequence == self._seen:
+            if feed._changed.is_set():
+                feed._changed = trio.Event()  # everyone it woke has woken; the next change sets this one
+            await feed._changed.wait()
+        return self.take()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,26 +253,39 @@ class Activity:
         """Something happened just now."""
         self.last = time.monotonic()
 
-    def matched(self, adapter: str, message: core_pb2.Message, matches: Sequence[Match]) -> None:
-        """``matches`` are the routes that matched ``message``: their callbacks will
-        probably answer it."""
+    def matched(
+        self, adapter: str, message_id: str, room: str, incoming: IncomingMessage, matches: Sequence[Match]
+    ) -> None:
+        """``matches`` are the routes that matched message ``message_id`` (``incoming``,
+        in ``room``, "" for a private one): their callbacks will probably answer it."""
         now = time.monotonic()
         live = self.live
-        entries = live.add(adapter, message, matches, time.time()) if live is not None else None
-        self._awaiting[message.id] = (now, matches, entries)
+        if live is None:
+            self._awaiting[message_id] = (now, matches, None)
+            return
+        when = self.started + (now - self.started_monotonic)
+        entries = live.add(when, adapter, room, incoming.user.id, incoming.body, matches)
+        self._awaiting[message_id] = (now, matches, entries)
 
     def replied(self, callback_id: str, message_ids: Sequence[str]) -> None:
         """Callback ``callback_id`` answered these messages (``in_reply_to``)."""
         now = self.last = time.monotonic()
         awaiting = self._awaiting
         for message_id in message_ids:
-            found = awaiting.get(message_id)
+            found = awaiting.pop(message_id, None)
             if found is None:
                 continue
             at, matches, entries = found
-            rest = [m for m in matches if m.callback_id != callback_id]
-            if len(rest) == len(matches):
-                continue  # another callback's match; or this one answered it already
+            if len(matches) == 1:  # the usual case, without building a list
+                if matches[0].callback_id != callback_id:
+                    awaiting[message_id] = found  # another callback's match
+                    continue
+            else:
+                rest = [m for m in matches if m.callback_id != callback_id]
+                if rest:
+                    awaiting[message_id] = (at, rest, entries)
+                if len(rest) == len(matches):
+                    continue  # another callback's match; or this one answered it already
             duration = now - at
             samples = self._latency.get(callback_id)
             if samples is None:
@@ -230,10 +295,6 @@ class Activity:
                 for entry in entries:
                     if entry.callback == callback_id and entry.duration is None:
                         self.live.replied(entry, duration)
-            if rest:
-                awaiting[message_id] = (at, rest, entries)
-            else:
-                del awaiting[message_id]
         if len(awaiting) > _AWAITING_MAX:
             cutoff = now - 60
             self._awaiting = {k: v for k, v in awaiting.items() if v[0] > cutoff}

@@ -122,7 +122,7 @@ class Incoming:
         if matches:
             core.stats.matched += len(matches)
             core.metrics.matched(message_id, matches)
-            core.activity.matched(adapter, message, matches)
+            core.activity.matched(adapter, message_id, room_id, incoming, matches)
         if gate.held:  # matches of routes that need approval wait for it (_approvals)
             core.approvals.hold(adapter, incoming, message, respond_text, gate.held)
         refusal = gate.refusal(delivered=any(m.direct for m in matches))

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import trio
 import trio.testing
 
 from oco_core import Callback, Message
-from oco_core._activity import SAMPLE_INTERVAL, Activity, LiveFeed
+from oco_core._activity import SAMPLE_INTERVAL, Activity, LiveFeed, Update
+from oco_core._adapter import ChatRoom, ChatUser, IncomingMessage
 from oco_core._metrics import Metrics
 from oco_core._proto import core_pb2
 from oco_core._router import Match, Queued
@@ -142,10 +142,13 @@ async def test_a_watcher_gets_each_message_then_its_reply(tmp_path: Path) -> Non
         live = running.bot.core.activity.live
         assert live is not None
         async with serving(pinger(running)):
-            with live.watch() as updates:
+            with live.watch() as watcher:
                 assert live.watchers == 1
                 await ping(running, 2)
-                got = [await updates.receive() for _ in range(4)]
+                got: list[Update] = []
+                with trio.fail_after(10):
+                    while len(got) < 4:
+                        got += await watcher.next()
             assert live.watchers == 0
         assert [(kind, entry.id) for kind, entry in got] == [("message", 1), ("reply", 1), ("message", 2), ("reply", 2)]
         assert all(entry.duration is not None for _, entry in got)
@@ -155,9 +158,10 @@ def _match(callback_id: str, route_id: str) -> Match:
     return Match(None, Queued(0, core_pb2.Event), False, callback_id, route_id)
 
 
-def _message(n: int, body: str = "oco deploy") -> core_pb2.Message:
-    source = core_pb2.Source(user=core_pb2.User(id="irc/bob"), room=core_pb2.Room(id="irc/#ops"))
-    return core_pb2.Message(id=f"irc/{n}", body=body, source=source)
+def _match_message(activity: Activity, n: int, *matches: Match) -> None:
+    """Message ``irc/<n>`` from bob in #ops matched ``matches``."""
+    incoming = IncomingMessage(body="oco deploy", user=ChatUser("bob", "Bob", "bob"), room=ChatRoom("#ops", "#ops"))
+    activity.matched("irc", f"irc/{n}", "irc/#ops", incoming, list(matches))
 
 
 async def test_a_watcher_that_does_not_read_loses_updates_and_holds_nothing_back() -> None:
@@ -166,22 +170,25 @@ async def test_a_watcher_that_does_not_read_loses_updates_and_holds_nothing_back
     with live.watch() as slow, live.watch() as fast:
         received = []
         for n in range(1, 21):
-            activity.matched("irc", _message(n), [_match("deployer", "deploy")])  # never waits
-            received.append(fast.receive_nowait())
-        # The one that reads got everything; the other its first four, then nothing.
+            _match_message(activity, n, _match("deployer", "deploy"))  # never waits
+            received += fast.take()
+        # The one that reads got everything; the other, reading late, the last four.
         assert [entry.id for _, entry in received] == list(range(1, 21))
-        assert [slow.receive_nowait()[1].id for _ in range(4)] == [1, 2, 3, 4]
-        with pytest.raises(trio.WouldBlock):
-            slow.receive_nowait()
+        assert [entry.id for _, entry in slow.take()] == [17, 18, 19, 20]
+        assert slow.take() == []
+        assert (slow.dropped, fast.dropped) == (16, 0)
+        activity.replied("deployer", ["irc/20"])
+        assert [(kind, entry.id) for kind, entry in slow.take()] == [("reply", 20)]
     assert live.dropped == 16
     assert live.watchers == 0
     assert [entry.id for entry in live.recent()] == list(range(20, 10, -1))
-    activity.matched("irc", _message(21), [_match("deployer", "deploy")])  # nobody watches: fine too
+    _match_message(activity, 21, _match("deployer", "deploy"))  # nobody watches: fine too
+    assert not live._log  # and nothing is logged for nobody
 
 
 async def test_latency_is_per_callback_and_counts_each_callbacks_first_reply_only() -> None:
     activity = Activity(Metrics())
-    activity.matched("irc", _message(1), [_match("deployer", "deploy"), _match("logger", "all")])
+    _match_message(activity, 1, _match("deployer", "deploy"), _match("logger", "all"))
     await trio.sleep(0.02)
     activity.replied("deployer", ["irc/1"])
     activity.replied("deployer", ["irc/1"])  # its second reply

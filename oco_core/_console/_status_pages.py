@@ -380,7 +380,7 @@ async def live_stream(request: Request) -> EventStream:
     waiting = _number(request.query.get("waiting", ""), after + 1)
 
     async def produce(send: SendEvent) -> None:
-        with feed.watch() as updates:
+        with feed.watch() as watcher:
             sent = after
             for entry in list(feed.entries):
                 if entry.id > after:
@@ -388,10 +388,11 @@ async def live_stream(request: Request) -> EventStream:
                     sent = entry.id
                 elif entry.id >= waiting and entry.duration is not None:
                     await send("reply", json_data(_live_row(entry)))
-            async for kind, entry in updates:
-                if kind == "message" and entry.id <= sent:
-                    continue  # sent above already
-                await send(kind, json_data(_live_row(entry)))
+            while True:
+                for kind, entry in await watcher.next():
+                    if kind == "message" and entry.id <= sent:
+                        continue  # sent above already
+                    await send(kind, json_data(_live_row(entry)))
 
     return EventStream(produce)
 
