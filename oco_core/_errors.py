@@ -280,6 +280,8 @@ WIRE: tuple[WireType, ...] = (
     _entry(AdapterError, _C.UNAVAILABLE, optional=["sent"], sent=int),
     _entry(SecretRefusedError, _C.INTERNAL),
     _entry(StandbyError, _C.UNAVAILABLE, active_address=str),
+    # Never sent by the bot (RequestApproval answers a decision); listed for completeness.
+    _entry(ApprovalDeniedError, _C.INTERNAL, approval_id=str, timed_out=lambda text: text.lower() == "true"),
     _entry(ConfigError, _C.INTERNAL),
     _entry(PluginError, _C.INTERNAL),
     _entry(OcoError, _C.INTERNAL),

@@ -40,6 +40,7 @@ means what its code means; a name a client does not know reads as its code, too.
 | `AdapterError` | UNAVAILABLE | `sent` (optional): how many messages of the request went out before it failed |
 | `SecretRefusedError` | INTERNAL | |
 | `StandbyError` | UNAVAILABLE | `active-address`: the active bot's gRPC address ("" when unknown): send there (`ha:`); nothing of the request was done (a SendMessages a fence stops part-way answers AdapterError instead) |
+| `ApprovalDeniedError` | INTERNAL | `approval-id`, `timed-out` (`True`/`False`): never sent by the bot (RequestApproval answers with a decision); the Python SDK raises it when a request for approval is denied or times out |
 | `ConfigError` | INTERNAL | |
 | `PluginError` | INTERNAL | |
 | `OcoError` | INTERNAL | |
