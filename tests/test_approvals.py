@@ -282,3 +282,17 @@ async def test_a_request_whose_caller_stopped_waiting_is_withdrawn_in_chat(tmp_p
         assert "no request" in (await room.say("carol", f"oco approve {request_id}", until="no request"))[0]
         assert await bot.stop() == EXIT_OK
     assert [r["decision"] for r in audit(tmp_path)] == ["requested", "withdrawn"]
+
+
+def test_the_sdk_checks_an_approval_where_it_is_written() -> None:
+    from oco_core import Callback
+
+    bot = Callback(id="deployer", secret="secret-0123456789abcdef", address="127.0.0.1:1")
+    for approval, expected in (
+        ({"role": ""}, "role must name the role"),
+        ({"role": "approvers", "count": 0}, "count must be a whole number from 1 to 10"),
+        ({"role": "approvers", "timeout": -1}, "timeout must be seconds"),
+        ({"role": "approvers", "who": "carol"}, "unknown key(s) who"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            bot.respond(r"^deploy$", approval=approval)
