@@ -4,7 +4,8 @@ read as a browser would: httpx against a bot in this process with its real HTTP 
 callback dialling in over gRPC and a real launched process.
 
 - The overview names the bot, its version and role, each adapter's state (a failing one
-  reconnecting, with its error), the store, the totals and the chart of the last hour.
+  reconnecting, with its error), the store, the totals and the chart of the last hour; a
+  standby (``ha:``, PostgreSQL) says so and where the active bot is.
 - The callbacks page lists a launched and a dialled-in callback with their replicas; its
   counters and latency move after chat messages; a callback's page shows its replicas'
   peers, routes with help and permission, schedules and webhooks; an unknown one is 404.
@@ -256,6 +257,24 @@ async def test_the_overview_shows_the_bot_its_adapters_store_and_messages(tmp_pa
         assert minutes[-1].one("title").text == "this minute: 2 in, 1 out"
         assert float(minutes[-1].one("rect", class_="bar-in").attrs["height"]) > 0
         assert all(float(m.one("rect", class_="bar-in").attrs["height"]) == 0 for m in minutes[:-1])
+
+
+async def test_a_standby_says_so_and_names_the_active_bot(tmp_path: Path, postgres_tables: tuple[str, str]) -> None:
+    url, prefix = postgres_tables
+    text = config(tmp_path).replace(
+        f'store: {{url: "sqlite:///{tmp_path}/oco.db"}}', f'store: {{url: "{url}", table_prefix: {prefix}}}\nha: {{}}'
+    )
+    async with open_bot(text) as first:
+        with trio.fail_after(20):
+            while not first.bot.core.leader.acting():
+                await trio.sleep(0.05)
+        async with console_bot(text) as (_, http):
+            overview = await page(http, "/console/")
+            assert by_id(overview, "bot-role").text == "standby"
+            assert by_id(overview, "active-bot").text == f"(the active bot is at {first.address})"
+            memory = by_id(overview, "adapters").one("tr", **{"data-adapter": "memory"})
+            assert memory.cell("state").startswith("stopped (this bot is a standby")
+            assert "this bot is a standby (ha:)" in by_id(overview, "not-ready").text
 
 
 # -- callbacks ----------------------------------------------------------------------------

@@ -257,6 +257,7 @@ async def overview(request: Request) -> Response:
     activity = core.activity
     reading = activity.reading()
     now = time.time()
+    core.health.evaluate()  # as /readyz does: what nothing announces, looked at now
     leader = core.leader
     acting = leader.acting()
     active_at = "" if acting else leader.active_grpc_address
