@@ -77,6 +77,10 @@ def callback_id_problem(callback_id: str) -> str | None:
 def describe(rule: RouteRule) -> tuple[str, str, str]:
     """A rule's permission, allowed rooms and denied rooms as people read them."""
     permission = "(the callback's)" if rule.permission is None else (rule.permission or "(none)")
+    if rule.approval is not None:
+        timeout = rule.approval.timeout
+        within = f"{timeout:g} s" if timeout < 120 else f"{timeout / 60:g} min"
+        permission += f"; approval by {rule.approval.count} of {rule.approval.role} within {within}"
     allow = "any" if rule.allow_rooms is None else (", ".join(rule.allow_rooms) or "(none)")
     deny = ", ".join(rule.deny_rooms) or "-"
     return permission, allow, deny

@@ -221,6 +221,11 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
     ]
     records = audit(tmp_path)
     assert {(r["callback"], r["permission"]) for r in records} == {("deployer", "approvers")}
+    # The operator sees the rule, and what it asks, in `oco rules list`.
+    listed = oco_cli("rules", "list", "--config", str(tmp_path / "oco.yaml"), cwd=tmp_path)
+    assert "(the callback's); approval by 1 of approvers within 3 s" in listed.stdout, listed
+    listed = oco_cli("rules", "list", "--json", "--config", str(tmp_path / "oco.yaml"), cwd=tmp_path)
+    assert json.loads(listed.stdout)["approval"] == {"role": "approvers", "count": 1, "timeout": 3.0}
     assert records[0]["route"] == "deploy"
     assert records[0]["room"] == "memory/general"
 
