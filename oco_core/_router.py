@@ -727,15 +727,19 @@ class Router:
                 self._pattern_failed(entry)
                 continue
             for target in entry.targets.values():
+                keep = self.keep_durable if target.route.durable_ttl else None
                 live = [sub for sub in target.subscriptions if not sub.closed]
-                if not live:  # its streams ended since these tables were built
+                # Its streams ended since these tables were built. A durable route's
+                # match is kept all the same: until the next build its ghost is not in
+                # the tables, and the match would be lost in between.
+                if not live and keep is None:
                     continue
                 if gate is not None and not gate(target.callback_id, target.route):
                     continue
                 build = partial(_matched_event, message, entry.pattern, target.route.id, groups, named, direct, text)
                 queued = Queued(message_size + len(text) + sum(map(len, groups)), build)
-                if target.route.durable_ttl and self.keep_durable is not None:
-                    self.keep_durable(target.callback_id, build(), target.route.durable_ttl)
+                if keep is not None:
+                    keep(target.callback_id, build(), target.route.durable_ttl)
                     out.append(Match(None, queued, direct, target.callback_id, target.route.id))
                     continue
                 sub = self._deliver(live, target.turn, queued)

@@ -232,6 +232,23 @@ async def test_registered_routes_are_live_at_once_and_a_closed_stream_leaves_at_
         nursery.cancel_scope.cancel()
 
 
+async def test_a_durable_match_is_kept_when_its_last_stream_left_before_the_next_build() -> None:
+    # Between a stream's end and the next build of the tables, the tables still name the
+    # closed stream and not the ghost that keeps its durable routes: a match then must
+    # still be kept for the callback, not lost.
+    router = Router("oco")
+    kept: list[tuple[str, str]] = []
+    router.keep_durable = lambda callback, event, ttl: kept.append((callback, event.matched_message.route_id))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.maintain)
+        stream = Subscription("deploy", [Route("go", "^deploy (\\w+)$", durable_ttl=30)])
+        await router.register(stream)
+        router.unsubscribe(stream)  # no rebuild can run before the next checkpoint
+        route_all(router, "deploy web")
+        assert kept == [("deploy", "go")]
+        nursery.cancel_scope.cancel()
+
+
 def test_many_streams_close_and_each_callback_is_remembered_as_departed() -> None:
     # How long it takes is bench/bench_churn.py's: each close no longer scans every stream.
     router = Router("oco")
