@@ -65,6 +65,7 @@ class Event(_message.Message):
     WEBHOOK_REQUEST_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIRING_FIELD_NUMBER: _builtins.int
     PUBLISHED_EVENT_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     REDELIVERED_FIELD_NUMBER: _builtins.int
@@ -127,6 +128,13 @@ class Event(_message.Message):
         """
 
     @_builtins.property
+    def answer(self) -> Global___QuestionAnswer:
+        """Extension: the end of a question the callback asked (Message.question): the
+        person's answer, or why none will come. Sent to every open stream of the callback
+        that asked (replicas ignore questions they did not ask).
+        """
+
+    @_builtins.property
     def approval(self) -> Global___Approval:
         """Extension: who approved this match, on a matched_message of a route that needs
         approval (the operator's `callbacks[].route_rules.<id>.approval`, or Route.approval
@@ -143,16 +151,17 @@ class Event(_message.Message):
         webhook_request: Global___WebhookRequest | None = ...,
         schedule_firing: Global___ScheduleFiring | None = ...,
         published_event: Global___PublishedEvent | None = ...,
+        answer: Global___QuestionAnswer | None = ...,
         dropped: _builtins.int = ...,
         delivery_id: _builtins.str = ...,
         redelivered: _builtins.int = ...,
         approval: Global___Approval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event"]  # noqa: Y015
+    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event", "answer"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
 
@@ -292,6 +301,7 @@ class Message(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     PRIVATE_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
     body: _builtins.str
     """The body of the message. On an incoming message, the whole message as written,
     including the bot's address when it was addressed to the bot ("oco: deploy api");
@@ -320,6 +330,13 @@ class Message(_message.Message):
     def source(self) -> Global___Source:
         """The source of an incoming message or target of an outgoing message."""
 
+    @_builtins.property
+    def question(self) -> Global___Question:
+        """Extension: on an outgoing message, it asks source.user a question: that person's
+        next message in the room (or the private chat) the message goes to is the answer,
+        sent to the callback as Event.answer.
+        """
+
     def __init__(
         self,
         *,
@@ -330,14 +347,117 @@ class Message(_message.Message):
         format: Global___Format.ValueType = ...,
         action: _builtins.bool = ...,
         private: _builtins.bool = ...,
+        question: Global___Question | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["question", b"question", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "format", b"format", "id", b"id", "in_reply_to", b"in_reply_to", "private", b"private", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "format", b"format", "id", b"id", "in_reply_to", b"in_reply_to", "private", b"private", "question", b"question", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class Question(_message.Message):
+    """Extension: a question a callback asks with an outgoing message (Message.question)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    ROUTES_TOO_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Chosen by the callback, unique among its open questions; Event.answer and
+    Robot.CancelQuestion name it. Required.
+    """
+    timeout_seconds: _builtins.int
+    """How long to wait for the answer, in seconds; 0 for 300. At most 86400."""
+    routes_too: _builtins.bool
+    """False (the usual): the answer goes only to the callback, not to the routes. True:
+    the routes see it too.
+    """
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The answers accepted (compared ignoring case and surrounding spaces); empty for
+        any. The bot asks again, itself, when the person answers something else.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+        routes_too: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "id", b"id", "routes_too", b"routes_too", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Question: _TypeAlias = Question  # noqa: Y015
+
+@_typing.final
+class QuestionAnswer(_message.Message):
+    """Extension: how a question ended (Event.answer)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Status:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[QuestionAnswer._Status.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATUS_UNSPECIFIED: QuestionAnswer._Status.ValueType  # 0
+        """Never sent."""
+        STATUS_ANSWERED: QuestionAnswer._Status.ValueType  # 1
+        """The person answered: see message."""
+        STATUS_TIMED_OUT: QuestionAnswer._Status.ValueType  # 2
+        """Question.timeout_seconds passed first."""
+        STATUS_CANCELLED: QuestionAnswer._Status.ValueType  # 3
+        """Robot.CancelQuestion, a newer question to the same person there, or the bot stopped."""
+
+    class Status(_Status, metaclass=_StatusEnumTypeWrapper):
+        """How it ended."""
+
+    STATUS_UNSPECIFIED: QuestionAnswer.Status.ValueType  # 0
+    """Never sent."""
+    STATUS_ANSWERED: QuestionAnswer.Status.ValueType  # 1
+    """The person answered: see message."""
+    STATUS_TIMED_OUT: QuestionAnswer.Status.ValueType  # 2
+    """Question.timeout_seconds passed first."""
+    STATUS_CANCELLED: QuestionAnswer.Status.ValueType  # 3
+    """Robot.CancelQuestion, a newer question to the same person there, or the bot stopped."""
+
+    QUESTION_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    question_id: _builtins.str
+    """Question.id."""
+    status: Global___QuestionAnswer.Status.ValueType
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """The answer, as any incoming message (for a question with choices, its body is one
+        of them as the person wrote it). Unset unless answered.
+        """
+
+    def __init__(
+        self,
+        *,
+        question_id: _builtins.str = ...,
+        status: Global___QuestionAnswer.Status.ValueType = ...,
+        message: Global___Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "question_id", b"question_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuestionAnswer: _TypeAlias = QuestionAnswer  # noqa: Y015
 
 @_typing.final
 class Room(_message.Message):

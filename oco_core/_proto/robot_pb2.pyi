@@ -88,6 +88,50 @@ EVENT_KIND_TOPIC: EventKind.ValueType  # 2
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
+class CancelQuestionRequest(_message.Message):
+    """Extension: request message for the CancelQuestion method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUESTION_ID_FIELD_NUMBER: _builtins.int
+    question_id: _builtins.str
+    """Question.id."""
+    def __init__(
+        self,
+        *,
+        question_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["question_id", b"question_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelQuestionRequest: _TypeAlias = CancelQuestionRequest  # noqa: Y015
+
+@_typing.final
+class CancelQuestionResponse(_message.Message):
+    """Extension: response message for the CancelQuestion method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    cancelled: _builtins.bool
+    """Whether the question was open (and is now cancelled)."""
+    def __init__(
+        self,
+        *,
+        cancelled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelQuestionResponse: _TypeAlias = CancelQuestionResponse  # noqa: Y015
+
+@_typing.final
 class EventBatch(_message.Message):
     """Extension: the events of one ListenBatches stream message, oldest first."""
 

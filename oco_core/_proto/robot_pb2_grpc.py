@@ -91,6 +91,11 @@ class RobotStub:
                 request_serializer=robot__pb2.RequestApprovalRequest.SerializeToString,
                 response_deserializer=robot__pb2.RequestApprovalResponse.FromString,
                 _registered_method=True)
+        self.CancelQuestion = channel.unary_unary(
+                '/oco.Robot/CancelQuestion',
+                request_serializer=robot__pb2.CancelQuestionRequest.SerializeToString,
+                response_deserializer=robot__pb2.CancelQuestionResponse.FromString,
+                _registered_method=True)
 
 
 class RobotServicer:
@@ -203,6 +208,16 @@ class RobotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelQuestion(self, request, context):
+        """Extension: ends a question the callback asked (Message.question) before it is
+        answered: the person's next message goes to the routes again, and the callback's
+        streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
+        an error (cancelled is false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +275,11 @@ def add_RobotServicer_to_server(servicer, server):
                     servicer.RequestApproval,
                     request_deserializer=robot__pb2.RequestApprovalRequest.FromString,
                     response_serializer=robot__pb2.RequestApprovalResponse.SerializeToString,
+            ),
+            'CancelQuestion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelQuestion,
+                    request_deserializer=robot__pb2.CancelQuestionRequest.FromString,
+                    response_serializer=robot__pb2.CancelQuestionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -560,6 +580,33 @@ class Robot:
             '/oco.Robot/RequestApproval',
             robot__pb2.RequestApprovalRequest.SerializeToString,
             robot__pb2.RequestApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelQuestion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/CancelQuestion',
+            robot__pb2.CancelQuestionRequest.SerializeToString,
+            robot__pb2.CancelQuestionResponse.FromString,
             options,
             channel_credentials,
             insecure,

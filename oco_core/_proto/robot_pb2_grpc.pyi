@@ -136,6 +136,12 @@ class RobotStub:
     approved, denied or timed out, each a normal response (not an error status). Needs
     the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
     """
+    CancelQuestion: _grpc.UnaryUnaryMultiCallable[_robot_pb2.CancelQuestionRequest, _robot_pb2.CancelQuestionResponse]
+    """Extension: ends a question the callback asked (Message.question) before it is
+    answered: the person's next message goes to the routes again, and the callback's
+    streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
+    an error (cancelled is false).
+    """
 
 @_typing.type_check_only
 class RobotAsyncStub(RobotStub):
@@ -200,6 +206,12 @@ class RobotAsyncStub(RobotStub):
     `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
     approved, denied or timed out, each a normal response (not an error status). Needs
     the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
+    """
+    CancelQuestion: _aio.UnaryUnaryMultiCallable[_robot_pb2.CancelQuestionRequest, _robot_pb2.CancelQuestionResponse]  # type: ignore[assignment]
+    """Extension: ends a question the callback asked (Message.question) before it is
+    answered: the person's next message goes to the routes again, and the callback's
+    streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
+    an error (cancelled is false).
     """
 
 class RobotServicer(metaclass=_abc_1.ABCMeta):
@@ -328,6 +340,18 @@ class RobotServicer(metaclass=_abc_1.ABCMeta):
         `<bot> approve <id>` or `<bot> deny <id>`. The answer comes once it is decided:
         approved, denied or timed out, each a normal response (not an error status). Needs
         the `send` capability for that room; a rule without a role is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelQuestion(
+        self,
+        request: _robot_pb2.CancelQuestionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.CancelQuestionResponse, _abc.Awaitable[_robot_pb2.CancelQuestionResponse]]:
+        """Extension: ends a question the callback asked (Message.question) before it is
+        answered: the person's next message goes to the routes again, and the callback's
+        streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
+        an error (cancelled is false).
         """
 
 def add_RobotServicer_to_server(servicer: RobotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
