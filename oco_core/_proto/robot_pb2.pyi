@@ -41,6 +41,7 @@ means what its code means; a name a client does not know reads as its code, too.
 | `SecretRefusedError` | INTERNAL | |
 | `StandbyError` | UNAVAILABLE | `active-address`: the active bot's gRPC address ("" when unknown): send there (`ha:`); nothing of the request was done (a SendMessages a fence stops part-way answers AdapterError instead) |
 | `ApprovalDeniedError` | INTERNAL | `approval-id`, `timed-out` (`True`/`False`): never sent by the bot (RequestApproval answers with a decision); the Python SDK raises it when a request for approval is denied or times out |
+| `QuestionUnansweredError` | INTERNAL | `question-id`, `timed-out` (`True`/`False`): never sent by the bot (Event.answer says how a question ended); the Python SDK raises it when a question times out or is cancelled |
 | `ConfigError` | INTERNAL | |
 | `PluginError` | INTERNAL | |
 | `OcoError` | INTERNAL | |
