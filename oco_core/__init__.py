@@ -18,6 +18,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import InvalidRequestError as InvalidRequestError
     from ._errors import OcoError as OcoError
     from ._errors import PluginError as PluginError
+    from ._errors import QuestionUnansweredError as QuestionUnansweredError
     from ._errors import QuotaExceededError as QuotaExceededError
     from ._errors import RateLimitedError as RateLimitedError
     from ._errors import RequestTooLargeError as RequestTooLargeError
@@ -62,6 +63,7 @@ __all__ = [
     "PermissionCheck",
     "PluginError",
     "PublishedEvent",
+    "QuestionUnansweredError",
     "QuotaExceededError",
     "RateLimitedError",
     "RequestTooLargeError",

@@ -20,6 +20,7 @@ from ._audit import AuditLog
 from ._auth import Authorization
 from ._commands import ChatCommands
 from ._config import Config
+from ._conversations import Conversations
 from ._datastores import DataStores
 from ._directory import Directory
 from ._events import EventHub
@@ -124,6 +125,8 @@ class BotCore:
         self.commands = ChatCommands(self)
         #: Matches and callbacks' requests waiting for people to approve them.
         self.approvals = Approvals(self)
+        #: Questions callbacks asked people, waiting for their answers.
+        self.conversations = Conversations(self)
         self.incoming = Incoming(self)
         auth.canonical = self.canonical_user
 
@@ -164,8 +167,21 @@ class BotCore:
         return fold_patterns(patterns, {name: link.adapter.room_id for name, link in self.links.items()})
 
     async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
-        """Send every message of ``request`` in order, after checking all of them."""
-        await self.outgoing.send_messages(callback_id, request)
+        """Send every message of ``request`` in order, after checking all of them; a
+        message asking a question opens it first, so that no quick answer is missed."""
+        asking = [(i, m) for i, m in enumerate(request.messages) if m.HasField("question")]
+        if not asking:
+            await self.outgoing.send_messages(callback_id, request)
+            return
+        for index, message in asking:
+            self.conversations.check(message, index)
+        opened = [self.conversations.ask(callback_id, message) for _, message in asking]
+        try:
+            await self.outgoing.send_messages(callback_id, request)
+        except BaseException:
+            for asked in opened:
+                self.conversations.withdraw(asked)
+            raise
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
         """Join (or part) a room through its adapter."""

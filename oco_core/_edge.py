@@ -38,6 +38,7 @@ from ._bridge import (
     open_bridge,
 )
 from ._config import GrpcSettings
+from ._conversations import Conversations
 from ._datastores import DataStores
 from ._directory import Directory, RoomRecord, UserRecord
 from ._errors import InvalidRequestError, OcoError, RequestTooLargeError, to_status, to_wire
@@ -120,6 +121,8 @@ class EdgeHost(Protocol):
     def health(self) -> Health: ...
     @property
     def approvals(self) -> Approvals: ...
+    @property
+    def conversations(self) -> Conversations: ...
 
     def secrets(self) -> Mapping[str, str]:
         """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
@@ -486,6 +489,15 @@ class Services:
             need = ApprovalNeed(rule.role, min(rule.count or 1, 10), float(min(rule.timeout_seconds or 600, 86400)))
         return await _guard(self.bot.approvals.request(callback_id, message, need, request.action))
 
+    async def cancel_question(
+        self, request: robot_pb2.CancelQuestionRequest, info: CallInfo
+    ) -> robot_pb2.CancelQuestionResponse:
+        """End one of the callback's open questions before it is answered."""
+        callback_id = await self._caller(info)
+        return robot_pb2.CancelQuestionResponse(
+            cancelled=self.bot.conversations.cancel(callback_id, request.question_id)
+        )
+
     async def send_messages(
         self, request: robot_pb2.SendMessagesRequest, info: CallInfo
     ) -> robot_pb2.SendMessagesResponse:
@@ -753,6 +765,9 @@ class Services:
                     self.request_approval,
                     robot_pb2.RequestApprovalRequest,
                     robot_pb2.RequestApprovalResponse,
+                ),
+                "CancelQuestion": m(
+                    "unary", self.cancel_question, robot_pb2.CancelQuestionRequest, robot_pb2.CancelQuestionResponse
                 ),
             },
             STORAGE: {

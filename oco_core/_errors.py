@@ -8,6 +8,7 @@
     ├── SecretRefusedError    `oco callbacks add/rotate/remove` refused (secret present, absent, configured)
     ├── StandbyError          this bot is a standby (or fenced): ask the active one (UNAVAILABLE; ``active_address``)
     ├── ApprovalDeniedError   people in chat denied a callback's request for approval, or it timed out (SDK only)
+    ├── QuestionUnansweredError  a callback's question got no answer: timed out or cancelled (SDK only)
     ├── AdapterError          a chat adapter cannot do what was asked (UNAVAILABLE; ``sent``)
     │   └── UnknownTargetError    no such room or user on that adapter (NOT_FOUND)
     ├── StoreError            the core store failed
@@ -216,6 +217,17 @@ class ApprovalDeniedError(OcoError):
         self.timed_out = timed_out
 
 
+class QuestionUnansweredError(OcoError):
+    """A callback's ``message.ask(...)`` got no answer: the time ran out (``timed_out``),
+    or the question was cancelled (a newer question to the same person there, or
+    Robot.CancelQuestion). Raised by the SDK from Event.answer, never sent as a gRPC status."""
+
+    def __init__(self, message: str, *, question_id: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+        self.timed_out = timed_out
+
+
 # ---- on the wire --------------------------------------------------------------------
 
 #: Trailing-metadata key naming the error's class.
@@ -282,6 +294,8 @@ WIRE: tuple[WireType, ...] = (
     _entry(StandbyError, _C.UNAVAILABLE, active_address=str),
     # Never sent by the bot (RequestApproval answers a decision); listed for completeness.
     _entry(ApprovalDeniedError, _C.INTERNAL, approval_id=str, timed_out=lambda text: text.lower() == "true"),
+    # Never sent by the bot either (Event.answer says how a question ended).
+    _entry(QuestionUnansweredError, _C.INTERNAL, question_id=str, timed_out=lambda text: text.lower() == "true"),
     _entry(ConfigError, _C.INTERNAL),
     _entry(PluginError, _C.INTERNAL),
     _entry(OcoError, _C.INTERNAL),

@@ -112,6 +112,8 @@ class Incoming:
         core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
         if room is not None:
             core.directory.see_room(room.id, room.name, member=user.id)
+        if core.conversations.take(adapter, incoming, message):  # the answer to a callback's question
+            return
         respond_text = core.router.address(adapter, incoming.body)
         if incoming.direct and respond_text is None:  # in private, the bot's name is optional
             respond_text = incoming.body.strip()

@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import math
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -47,7 +49,9 @@ from ._errors import (
     ApprovalDeniedError,
     CallbackError,
     InvalidPatternError,
+    InvalidRequestError,
     OcoError,
+    QuestionUnansweredError,
     StandbyError,
     ValueTooLargeError,
     VersionConflictError,
@@ -304,6 +308,66 @@ class Message:
             timed_out=response.decision == robot_pb2.RequestApprovalResponse.DECISION_TIMED_OUT,
         )
 
+    async def ask(
+        self,
+        question: str,
+        *,
+        timeout: float = 300,  # noqa: ASYNC109 (the bot keeps it, and answers once it passes)
+        choices: Sequence[str] = (),
+        routes_too: bool = False,
+        markdown: bool = False,
+    ) -> Message:
+        """Ask the sender ``question`` where this message came from, and wait for their
+        next message there: it is the answer, returned as a Message (``answer.body``),
+        and it goes to no route (unless ``routes_too``). With ``choices``, the bot itself
+        asks again until the answer is one of them (ignoring case). Raises
+        QuestionUnansweredError when ``timeout`` seconds pass first (``timed_out``) or
+        the question is cancelled (a newer question to the same person there). Cancelling
+        the waiting task (a trio cancel scope) cancels the question in the bot."""
+        if not 0 < timeout <= 86400:
+            raise InvalidRequestError(f"ask: timeout {timeout!r} is out of range: give 0 < timeout <= 86400 seconds")
+        if any(not isinstance(c, str) or not c.strip() for c in choices) or isinstance(choices, str):
+            raise InvalidRequestError(f"ask: choices {choices!r} must be a list of non-empty strings")
+        question_id = secrets.token_hex(8)
+        waiting = _Question()
+        callback = self._callback
+        callback._questions[question_id] = waiting
+        room = self._pb.source.room if self.room and not self.private else None
+        message = core_pb2.Message(
+            body=question,
+            source=core_pb2.Source(user=self._pb.source.user, room=room),
+            in_reply_to=self.id,
+            format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
+            private=self.private,
+            question=core_pb2.Question(
+                id=question_id, timeout_seconds=math.ceil(timeout), choices=list(choices), routes_too=routes_too
+            ),
+        )
+        try:
+            await callback._send([message], with_mention=room is not None)
+            # The bot ends the question at the timeout; the margin only covers a bot that
+            # never says so (its stream ended, and with it this handler, as a rule).
+            with trio.move_on_after(timeout + 30):
+                await waiting.done.wait()
+        finally:
+            del callback._questions[question_id]
+            if waiting.answer is None:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await callback._cancel_question(question_id)
+        answer = waiting.answer
+        status = answer.status if answer is not None else core_pb2.QuestionAnswer.STATUS_TIMED_OUT
+        if answer is not None and status == core_pb2.QuestionAnswer.STATUS_ANSWERED:
+            body = answer.message.body
+            return Message(callback, core_pb2.MatchedMessage(message=answer.message, text=body, direct=self.direct))
+        timed_out = status == core_pb2.QuestionAnswer.STATUS_TIMED_OUT
+        raise QuestionUnansweredError(
+            f"no answer to {question!r} within {timeout:g} s"
+            if timed_out
+            else f"the question {question!r} was cancelled",
+            question_id=question_id,
+            timed_out=timed_out,
+        )
+
     def match(self, group: int | str = 0) -> str:
         """A capture group by number or name ("" when it did not take part)."""
         if isinstance(group, str):
@@ -443,6 +507,14 @@ class _Started:
 
     def started(self, value: object = None) -> None:
         self._event.set()
+
+
+@dataclass(eq=False)
+class _Question:
+    """A question of ``Message.ask`` waiting for its Event.answer."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: core_pb2.QuestionAnswer | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -603,6 +675,8 @@ class Callback:
         self._schedules: list[_Scheduled] = []
         self._subscribed: list[_Subscribed] = []
         self._limiter = trio.CapacityLimiter(concurrency)
+        #: Questions of Message.ask waiting for their answers, by id.
+        self._questions: dict[str, _Question] = {}
         self._connected = trio.Event()
         self._request_ids = itertools.count(1)
         #: Use the bot's batched streams when it has them (False: the plain ones, to
@@ -1150,6 +1224,9 @@ class Callback:
                                 event.dropped,
                                 int(self._limiter.total_tokens),
                             )
+                        if event.HasField("answer"):  # not a handler's: it wakes one, even at the limit
+                            self._answered(event.answer)
+                            continue
                         token = object()  # protobuf messages are unhashable borrowers
                         await self._limiter.acquire_on_behalf_of(token)
                         handlers.start_soon(self._dispatch, connection, routes, event, token)
@@ -1256,6 +1333,19 @@ class Callback:
                     exc.code().name,
                     exc.details(),
                 )
+
+    def _answered(self, answer: core_pb2.QuestionAnswer) -> None:
+        # Every replica's stream gets the answer; only the one that asked knows the id.
+        waiting = self._questions.get(answer.question_id)
+        if waiting is not None and waiting.answer is None:
+            waiting.answer = answer
+            waiting.done.set()
+
+    async def _cancel_question(self, question_id: str) -> None:
+        try:
+            await self._unary("robot", "CancelQuestion", robot_pb2.CancelQuestionRequest(question_id=question_id))
+        except OcoError as exc:  # the bot ends it at its timeout anyway
+            log.debug("could not cancel question %s: %s", question_id, exc)
 
     def _acknowledged(self, connection: _Connection, delivery_id: str) -> None:
         connection.acks.append(delivery_id)

@@ -35,6 +35,7 @@ PINNED: dict[str, frozenset[str]] = {
             "InvalidPatternError",
             "InvalidRequestError",
             "PluginError",
+            "QuestionUnansweredError",
             "QuotaExceededError",
             "RateLimitedError",
             "RequestTooLargeError",

@@ -60,6 +60,7 @@ SAMPLES: dict[type[OcoError], OcoError] = {
         _errors.SecretRefusedError("callback 'ops' already has a secret; rotate it instead"),
         _errors.StandbyError("this bot is a standby", active_address="oco-2.internal:50051"),
         _errors.ApprovalDeniedError("denied by irc/carol: not today", approval_id="7f3a", timed_out=True),
+        _errors.QuestionUnansweredError("no answer within 60 s", question_id="9c1e", timed_out=True),
         AdapterError("the IRC connection is down", sent=2),
         UnknownTargetError("no room 'nowhere'"),
         _errors.StoreError("store database failed: disk full"),

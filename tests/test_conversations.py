@@ -1,0 +1,184 @@
+"""Conversations, end to end through a real ``oco run``: a callback asks the person a
+question (``message.ask``) and gets that person's next message in that room as the
+answer, which the routes do not see; others in the room are unaffected; a wrong choice
+is asked again by the bot; a timeout raises, and the person's next message goes to the
+routes again; a handler that stops waiting cancels its question; two replicas of one
+callback each get the answers to their own questions.
+
+Chat is played through the memory adapter's control service.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import trio
+
+from oco_core._proto import control_pb2, control_pb2_grpc
+from oco_core.testing import run_oco
+
+CALLBACK = """
+import os
+import subprocess
+import sys
+
+import trio
+
+from oco_core import Callback, Message, QuestionUnansweredError
+
+if len(sys.argv) > 1 and sys.argv[1] == "replicas":  # a second replica of this callback, alongside
+    replica = subprocess.Popen([sys.executable, __file__], env={**os.environ, "REPLICA": "b"})
+else:
+    replica = None
+bot = Callback()
+me = os.environ.get("REPLICA", "a")
+
+
+@bot.respond(r"^deploy (\\w+)$")
+async def deploy(message: Message) -> None:
+    try:
+        answer = await message.ask(
+            f"Which environment for {message.match(1)}?", timeout=2, choices=["staging", "prod"]
+        )
+    except QuestionUnansweredError as exc:
+        await message.send(f"gave up on {message.match(1)}: timed_out={exc.timed_out}")
+        return
+    await message.send(f"deploying {message.match(1)} to {answer.body} (asked by {me}, answer from {answer.user.id})")
+
+
+@bot.respond(r"^wait$")
+async def wait(message: Message) -> None:
+    with trio.move_on_after(1):  # the handler stops waiting: the question is cancelled in the bot
+        await message.ask("Anything to add?", timeout=60)
+    await message.send("stopped asking")
+
+
+@bot.hear(r"^(prod|staging|qa)$")
+async def heard(message: Message) -> None:
+    await message.send(f"route heard {message.body} from {message.user.id}")
+
+
+try:
+    bot.run()
+finally:
+    if replica is not None:
+        replica.terminate()
+        replica.wait()
+"""
+
+
+def bot_yaml(tmp_path: Path, *args: str) -> str:
+    script = tmp_path / "deployer.py"
+    script.write_text(CALLBACK)
+    command = ", ".join(json.dumps(a) for a in [sys.executable, str(script), *args])
+    return (
+        "adapters:\n  - {type: memory, control: '127.0.0.1:0', control_address_file: control.address}\n"
+        "grpc: {listen: '127.0.0.1:0'}\n"
+        f"store: {{url: 'sqlite:///{tmp_path / 'oco.db'}'}}\n"
+        "callbacks:\n"
+        f"  - id: deployer\n    command: [{command}]\n"
+    )
+
+
+class Room:
+    """People in one room of the memory adapter, and every line the bot says there."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.seen = 0
+        self.lines: list[str] = []
+
+    def _inject(self, user: str, body: str) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            control = control_pb2_grpc.MemoryControlStub(channel)
+            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
+
+    def _read(self, wait: float) -> list[str]:
+        with grpc.insecure_channel(self.address) as channel:
+            control = control_pb2_grpc.MemoryControlStub(channel)
+            sent = control.ListSent(
+                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
+            )
+        if sent.messages:
+            self.seen = sent.messages[-1].seq
+        return [m.body for m in sent.messages]
+
+    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0) -> list[str]:
+        """``user`` says ``body``; the bot's lines up to the first that contains ``until``."""
+        await trio.to_thread.run_sync(self._inject, user, body)
+        lines: list[str] = []
+        with trio.move_on_after(timeout):
+            while not any(until in line for line in lines):
+                lines += await trio.to_thread.run_sync(self._read, 2.0)
+            self.lines += lines
+            return lines
+        raise AssertionError(f"no line with {until!r} within {timeout} s after {body!r}: {lines!r}")
+
+
+async def test_the_answer_goes_to_the_asker_not_the_routes_and_a_wrong_choice_is_asked_again(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        room = Room(address)
+        assert any(
+            "Which environment for api?" in line for line in await room.say("alice", "oco deploy api", until="Which")
+        )
+        # Someone else in the room is unaffected: the routes hear bob.
+        await room.say("bob", "prod", until="route heard prod from memory/bob")
+        # A wrong choice: the bot itself asks again, and the question stays open.
+        again = await room.say("alice", "qa", until="please answer one of")
+        assert "staging, prod" in " ".join(again)
+        done = await room.say("alice", "PROD", until="deploying api")
+        assert "deploying api to PROD (asked by a, answer from memory/alice)" in done
+        # Answered: alice's next message goes to the routes again; none of her answers did.
+        await room.say("alice", "staging", until="route heard staging from memory/alice")
+        assert not any(
+            "from memory/alice" in line for line in room.lines if "route heard" in line and "staging" not in line
+        )
+
+
+async def test_a_question_times_out_and_the_person_talks_to_the_routes_again(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        room = Room(address)
+        await room.say("alice", "oco deploy web", until="Which environment for web?")
+        with trio.fail_after(10):  # the question's timeout is 2 s
+            await room.say("carol", "staging", until="gave up on web: timed_out=True")
+        await room.say("alice", "prod", until="route heard prod from memory/alice")
+
+
+async def test_a_handler_that_stops_waiting_cancels_its_question(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        room = Room(address)
+        await room.say("alice", "oco wait", until="Anything to add?")
+        await room.say("bob", "qa", until="stopped asking")
+        await room.say("alice", "prod", until="route heard prod from memory/alice")
+
+
+async def test_two_replicas_each_get_the_answers_to_their_own_questions(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path, "replicas"), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        room = Room(address)
+        askers: set[str] = set()
+        # Two questions open at once in each round; rounds until both replicas asked (the
+        # second replica may connect a moment after the first, and matches go round-robin).
+        for turn in range(8):
+            people = [f"p{turn}a", f"p{turn}b"]
+            for person in people:
+                await room.say(person, f"oco deploy {person}", until=f"Which environment for {person}?")
+            for person in people:
+                done = await room.say(person, "staging", until=f"deploying {person}")
+                line = next(line for line in done if f"deploying {person}" in line)
+                assert f"answer from memory/{person})" in line
+                askers.add(line.split("asked by ")[1][0])
+            if askers == {"a", "b"}:
+                break
+        assert askers == {"a", "b"}, "the matches went to one replica only: the test proves nothing"
