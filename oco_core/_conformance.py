@@ -1606,6 +1606,75 @@ async def _approval_request_denied(s: Suite) -> str:
     return f"DECISION_DENIED for {request_id}: {answer.reason}"
 
 
+# ---- conversations (an extension) ------------------------------------------------------
+
+
+async def _ask(s: Suite, question_id: str, body: str) -> None:
+    source = await s.source()
+    question = core_pb2.Question(id=question_id, timeout_seconds=60)
+    request = robot_pb2.SendMessagesRequest(messages=[core_pb2.Message(body=body, source=source, question=question)])
+    await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+
+
+async def _answer(listener: Listener, question_id: str) -> core_pb2.QuestionAnswer:
+    event = await listener.event()
+    kind = event.WhichOneof("type")
+    _expect(kind == "answer", f"expected Event.answer for question {question_id!r}, got {kind}")
+    _expect(event.answer.question_id == question_id, f"answer to {event.answer.question_id!r}, not {question_id!r}")
+    return event.answer
+
+
+@check("conversations/question-needs-id")
+async def _question_needs_id(s: Suite) -> str:
+    """A message whose Question has no id is INVALID_ARGUMENT, and nothing is sent."""
+    source = await s.source()
+    message = core_pb2.Message(body=f"question-{s.token}", source=source, question=core_pb2.Question())
+    request = robot_pb2.SendMessagesRequest(messages=[message])
+    details = await s.expect_code(
+        "SendMessages with a question without id",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"INVALID_ARGUMENT: {details}"
+
+
+@check("conversations/answer", needs=["control"])
+async def _question_answered(s: Suite) -> str:
+    """The person's next message in the room answers a question (Event.answer,
+    STATUS_ANSWERED, with the message) and no route sees it; the message after it goes
+    to the routes again."""
+    async with s.listen([_route("heard", f"^answer-{s.token}$")]) as listener:
+        await _ask(s, f"q-{s.token}", f"question-{s.token}?")
+        await s.inject(f"answer-{s.token}")
+        answer = await _answer(listener, f"q-{s.token}")
+        _expect(answer.status == core_pb2.QuestionAnswer.STATUS_ANSWERED, f"status {answer.status}, not ANSWERED")
+        _expect(answer.message.body == f"answer-{s.token}", f"the answer's body is {answer.message.body!r}")
+        await s.inject(f"answer-{s.token}")
+        m = await listener.matched()
+        _expect(m.route_id == "heard", f"matched {m.route_id!r}")
+    return "answered with the person's next message, which no route saw; the next one was routed"
+
+
+@check("conversations/cancel", needs=["control"])
+async def _question_cancelled(s: Suite) -> str:
+    """CancelQuestion ends an open question (cancelled true, Event.answer with
+    STATUS_CANCELLED); cancelling it again answers cancelled false."""
+    async with s.listen([_route("heard", f"^after-{s.token}$")]) as listener:
+        question_id = f"c-{s.token}"
+        await _ask(s, question_id, f"question-{s.token}?")
+        request = robot_pb2.CancelQuestionRequest(question_id=question_id)
+        first = await s.call(lambda: s.robot.CancelQuestion(request, metadata=s.metadata(), timeout=s.timeout))
+        _expect(first.cancelled, "CancelQuestion of an open question answered cancelled=false")
+        answer = await _answer(listener, question_id)
+        _expect(answer.status == core_pb2.QuestionAnswer.STATUS_CANCELLED, f"status {answer.status}, not CANCELLED")
+        again = await s.call(lambda: s.robot.CancelQuestion(request, metadata=s.metadata(), timeout=s.timeout))
+        _expect(not again.cancelled, "CancelQuestion of an ended question answered cancelled=true")
+        await s.inject(f"after-{s.token}")
+        m = await listener.matched()
+        _expect(m.route_id == "heard", f"matched {m.route_id!r}")
+    return "cancelled, told on the stream; a second cancel is a no-op; the person is routed again"
+
+
 # ---- webhooks --------------------------------------------------------------------------
 
 

@@ -83,6 +83,9 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
         "approvals/request-needs-role",
         "approvals/route-held",
         "approvals/request-denied",
+        "conversations/question-needs-id",
+        "conversations/answer",
+        "conversations/cancel",
     ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
