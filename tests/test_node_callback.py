@@ -55,7 +55,12 @@ callbacks:
         await bot.expect(r"^alice: node counter is 42$")
         await bot.write("oco help count")
         await bot.expect(r"^count \[n\] - adds n")
-        await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
+        await bot.expect(r"\[node-callback node\] connected to .*: 6 route\(s\) registered", stream="stderr")
+        # A question (Message.question): the next line is the answer, and no route sees it.
+        await bot.write("oco greet")
+        await bot.expect(r"What is your name\?$")
+        await bot.write("Ann")
+        await bot.expect(r"^nice to meet you, Ann, from Node\.js$")
 
         # Its webhooks, over HTTP: one answered at once, one asynchronous and acknowledged.
         address = await bot.written("http.address")

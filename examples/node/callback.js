@@ -8,7 +8,8 @@
 // client). It serves two webhooks on the bot's HTTP server (when the bot has one):
 // POST /hooks/<id>/hello answers JSON at once; POST /hooks/<id>/count is asynchronous,
 // kept by the bot until this program acknowledges it (Robot.Acknowledge) after adding
-// to the counter. When the bot goes away it reconnects with backoff and declares its
+// to the counter. `oco greet` asks the person a question (Message.question) and answers
+// once their reply comes as Event.answer. When the bot goes away it reconnects with backoff and declares its
 // routes again. See README.md beside it.
 //
 //   OCO_ADDRESS      host:port of the bot's gRPC API (default 127.0.0.1:50051); several,
@@ -35,6 +36,7 @@
 'use strict';
 
 const { execFileSync } = require('node:child_process');
+const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
 
@@ -71,6 +73,10 @@ const FATAL = new Set([
 const UNARY_DEADLINE_MS = 30_000;
 const BACKOFF_MIN_MS = 200;
 const BACKOFF_MAX_MS = 10_000;
+
+// Questions asked (Message.question) and waiting for their Event.answer, by id. Shared
+// by the connections to every bot (ha:): the answer comes from the active one.
+const QUESTIONS = new Map();
 
 function log(...args) {
   // stderr: the bot forwards a launched callback's output to its own log.
@@ -267,6 +273,7 @@ const ROUTES = [
     help: 'note <text> - keeps a note in PostgreSQL (when the bot offers it), from Node.js',
   },
   { id: 'notes', pattern: '^notes$', respond: true, help: 'notes - the last 10 notes, from Node.js' },
+  { id: 'greet', pattern: '^greet$', respond: true, help: 'greet - asks your name, then greets you, from Node.js' },
   {
     id: 'hello',
     pattern: '\\bhello,? node(?:js)?\\b',
@@ -413,6 +420,34 @@ class NodeCallback {
     });
   }
 
+  // Ask the person who wrote `matched` a question where they wrote it: their next message
+  // there is the answer, which no route sees. Resolves with the QuestionAnswer: status
+  // STATUS_ANSWERED (with its message), STATUS_TIMED_OUT or STATUS_CANCELLED. With
+  // `choices`, the bot itself asks again until the answer is one of them.
+  async ask(matched, body, { timeoutSeconds = 60, choices = [] } = {}) {
+    const id = crypto.randomUUID(); // ours to choose; the answer names it
+    const answered = new Promise((resolve) => QUESTIONS.set(id, resolve));
+    const source = matched.message.source;
+    const hasRoom = source.room && source.room.id && !matched.message.private;
+    try {
+      await this.toActive('SendMessages', {
+        WithMention: Boolean(hasRoom),
+        messages: [
+          {
+            body,
+            source: { user: source.user, room: hasRoom ? source.room : null },
+            in_reply_to: matched.message.id,
+            private: !hasRoom,
+            question: { id, timeout_seconds: timeoutSeconds, choices },
+          },
+        ],
+      });
+      return await answered; // the bot always ends a question: answered, timed out or cancelled
+    } finally {
+      QUESTIONS.delete(id);
+    }
+  }
+
   // Add `step` to the counter with compare-and-set: read the value and its version,
   // write only if the version is still the same, and on ABORTED read again.
   async addToCounter(step) {
@@ -437,6 +472,12 @@ class NodeCallback {
   }
 
   async handle(event) {
+    if (event.type === 'answer') {
+      // Replicas of this callback get every answer: only the one that asked knows the id.
+      const waiting = QUESTIONS.get(event.answer.question_id);
+      if (waiting) waiting(event.answer);
+      return;
+    }
     if (event.type !== 'matched_message') return;
     const matched = event.matched_message;
     const user = matched.message.source.user;
@@ -473,6 +514,15 @@ class NodeCallback {
           answer = notesUnavailable(err);
         }
         await this.reply(matched, answer);
+        break;
+      }
+      case 'greet': {
+        const answer = await this.ask(matched, 'What is your name?', { timeoutSeconds: 60 });
+        if (answer.status === 'STATUS_ANSWERED') {
+          await this.reply(matched, `nice to meet you, ${answer.message.body.trim()}, from Node.js`);
+        } else {
+          await this.reply(matched, `no answer (${answer.status})`, true);
+        }
         break;
       }
       default:
