@@ -191,9 +191,21 @@ class Bot:
             # standby takes chat over while this bot's adapters and callbacks still stop.
             self._leading.cancel()
         if self._shutdown is not None:
-            self._shutdown.cancel()
+            core = self._core
+            if core is not None and core.conversations.open_count():
+                # People waiting to answer a callback's question are told first, while
+                # the adapters still run (briefly: then it stops all the same).
+                core.spawn(partial(self._tell_then_stop, core, self._shutdown))
+            else:
+                self._shutdown.cancel()
         elif self._starting is not None:
             self._starting.cancel()
+
+    @staticmethod
+    async def _tell_then_stop(core: BotCore, shutdown: trio.CancelScope) -> None:
+        with trio.move_on_after(3):
+            await core.conversations.stop()
+        shutdown.cancel()
 
     # -- opening the parts -------------------------------------------------------------
 

@@ -9,8 +9,9 @@ so a callback in any language gets it. The end of a question (answered, timed ou
 cancelled) goes to every open stream of the asking callback as ``Event.answer``: the
 replica that asked knows the id, the others ignore it.
 
-Open questions live in this bot's memory: a restart drops them (the callbacks' streams
-end with the bot, and the SDK's ``ask`` raises QuestionCancelledError).
+Open questions live in this bot's memory. A bot that stops (SIGTERM) ends them first,
+telling each person in chat that it no longer waits for their answer; the asking
+handlers end with the callbacks' streams.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._adapter import ChatRoom, ChatUser, IncomingMessage
-from ._errors import InvalidRequestError
+from ._adapter import ChatRoom, ChatUser, IncomingMessage, OutgoingMessage
+from ._errors import AdapterError, InvalidRequestError
 from ._proto import core_pb2
 from ._router import Queued
 
@@ -135,6 +136,31 @@ class Conversations:
             return True
         self._end(asked, Status.STATUS_ANSWERED, message)
         return not asked.question.routes_too
+
+    async def stop(self) -> None:
+        """The bot is stopping: end every open question (STATUS_CANCELLED) and tell each
+        person in chat, waiting for those lines to go out (the adapters stop next)."""
+        async with trio.open_nursery() as nursery:
+            for asked in list(self._by_id.values()):
+                self._end(asked, Status.STATUS_CANCELLED)
+                nursery.start_soon(self._tell_stopping, asked)
+
+    async def _tell_stopping(self, asked: Open) -> None:
+        link = self._core.links.get(asked.adapter)
+        if link is None or not self._core.leader.acting():  # a standby took chat over (ha:)
+            return
+        room = asked.incoming.room
+        out = OutgoingMessage(
+            body=f"the bot is restarting: it no longer waits for your answer to \u201c{asked.body}\u201d",
+            room_id=room.id if room else None,
+            user=asked.incoming.user,
+            mention=room is not None,
+            private=room is None,
+        )
+        try:
+            await link.adapter.send(out)
+        except AdapterError as exc:
+            log.warning("could not tell %s that their question ended: %s", asked.key[0], exc)
 
     async def _expire(self, asked: Open) -> None:
         with trio.move_on_after(asked.question.timeout_seconds or DEFAULT_TIMEOUT):

@@ -2,7 +2,8 @@
 question (``message.ask``) and gets that person's next message in that room as the
 answer, which the routes do not see; others in the room are unaffected; a wrong choice
 is asked again by the bot; a timeout raises, and the person's next message goes to the
-routes again; a handler that stops waiting cancels its question; two replicas of one
+routes again; a handler that stops waiting cancels its question; a bot that stops says so to the
+person it was waiting for; two replicas of one
 callback each get the answers to their own questions.
 
 Chat is played through the memory adapter's control service.
@@ -161,15 +162,30 @@ async def test_a_handler_that_stops_waiting_cancels_its_question(tmp_path: Path)
         await room.say("alice", "prod", until="route heard prod from memory/alice")
 
 
+async def test_a_bot_that_stops_tells_the_person_their_question_ended(tmp_path: Path) -> None:
+    config = bot_yaml(tmp_path).replace(
+        "adapters:\n  - {type: memory, control: '127.0.0.1:0', control_address_file: control.address}\n",
+        "adapters: [{type: shell, user: alice}]\n",
+    )
+    async with run_oco(config, tmp_path) as bot:
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        await bot.write("oco deploy api")
+        await bot.expect(r"Which environment for api\?")
+        assert await bot.stop() == 0
+        said = "\n".join(bot.stdout_lines)
+        assert (
+            "the bot is restarting: it no longer waits for your answer to \u201cWhich environment for api?\u201d"
+            in said
+        )
+
+
 async def test_two_replicas_each_get_the_answers_to_their_own_questions(tmp_path: Path) -> None:
     async with run_oco(bot_yaml(tmp_path, "replicas"), tmp_path) as bot:
         address = await bot.written("control.address")
-        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
-        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr", count=2)  # both replicas
         room = Room(address)
         askers: set[str] = set()
-        # Two questions open at once in each round; rounds until both replicas asked (the
-        # second replica may connect a moment after the first, and matches go round-robin).
+        # Two questions open at once in each round; matches go to the replicas round-robin.
         for turn in range(8):
             people = [f"p{turn}a", f"p{turn}b"]
             for person in people:
