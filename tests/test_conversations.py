@@ -92,10 +92,10 @@ class Room:
         self.seen = 0
         self.lines: list[str] = []
 
-    def _inject(self, user: str, body: str) -> None:
+    def _inject(self, user: str, body: str, room: str = "general") -> None:
         with grpc.insecure_channel(self.address) as channel:
             control = control_pb2_grpc.MemoryControlStub(channel)
-            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
+            control.Inject(control_pb2.InjectRequest(body=body, user=user, room=room), timeout=10)
 
     def _read(self, wait: float) -> list[str]:
         with grpc.insecure_channel(self.address) as channel:
@@ -107,9 +107,10 @@ class Room:
             self.seen = sent.messages[-1].seq
         return [m.body for m in sent.messages]
 
-    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0) -> list[str]:
-        """``user`` says ``body``; the bot's lines up to the first that contains ``until``."""
-        await trio.to_thread.run_sync(self._inject, user, body)
+    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0, room: str = "general") -> list[str]:
+        """``user`` says ``body`` (in private for ``room=""``); the bot's lines up to the
+        first that contains ``until``."""
+        await trio.to_thread.run_sync(self._inject, user, body, room)
         lines: list[str] = []
         with trio.move_on_after(timeout):
             while not any(until in line for line in lines):
@@ -139,6 +140,18 @@ async def test_the_answer_goes_to_the_asker_not_the_routes_and_a_wrong_choice_is
         assert not any(
             "from memory/alice" in line for line in room.lines if "route heard" in line and "staging" not in line
         )
+
+
+async def test_a_question_in_private_is_answered_in_private_and_not_by_the_room(tmp_path: Path) -> None:
+    async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
+        address = await bot.written("control.address")
+        await bot.expect(r"callback 'deployer' is listening", stream="stderr")
+        room = Room(address)
+        await room.say("alice", "deploy db", until="Which environment for db?", room="")
+        # The same person in a room is not answering: the routes hear her there.
+        await room.say("alice", "prod", until="route heard prod from memory/alice")
+        done = await room.say("alice", "staging", until="deploying db", room="")
+        assert "deploying db to staging (asked by a, answer from memory/alice)" in done
 
 
 async def test_a_question_times_out_and_the_person_talks_to_the_routes_again(tmp_path: Path) -> None:
