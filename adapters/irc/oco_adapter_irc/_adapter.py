@@ -57,6 +57,7 @@ from oco_core.plugin import (
 
 from . import _protocol as p
 from ._config import IrcConfig
+from ._markdown import markdown_to_irc
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,11 @@ class IrcAdapter(Adapter):
             target = message.user.mention_name or message.user.id
         else:
             raise UnknownTargetError("an IRC message needs a channel or a user to go to")
+        # Markdown becomes IRC's formatting codes: a person never sees raw `**` or `[..](..)`.
+        body = markdown_to_irc(message.body) if message.format == "markdown" else message.body
         try:
             lines = p.privmsg_lines(
-                target, message.body, source_mask_bytes=self._mask_bytes(), action=message.action, prefix=prefix
+                target, body, source_mask_bytes=self._mask_bytes(), action=message.action, prefix=prefix
             )
         except ValueError as exc:
             raise UnknownTargetError(str(exc)) from None
