@@ -571,6 +571,11 @@ class MembershipChange(_message.Message):
         """The user was removed from the room by someone else."""
         KIND_INVITED: MembershipChange._Kind.ValueType  # 4
         """The user was invited to the room."""
+        KIND_RENAMED: MembershipChange._Kind.ValueType  # 5
+        """The user, still in the room, changed the name they are known by (an IRC nick
+        change); `previous` is who they were, `user` who they are now. Sent once per room
+        the bot shares with them. Bots before this value sent KIND_LEFT then KIND_JOINED.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """What happened."""
@@ -585,12 +590,18 @@ class MembershipChange(_message.Message):
     """The user was removed from the room by someone else."""
     KIND_INVITED: MembershipChange.Kind.ValueType  # 4
     """The user was invited to the room."""
+    KIND_RENAMED: MembershipChange.Kind.ValueType  # 5
+    """The user, still in the room, changed the name they are known by (an IRC nick
+    change); `previous` is who they were, `user` who they are now. Sent once per room
+    the bot shares with them. Bots before this value sent KIND_LEFT then KIND_JOINED.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     ROOM_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
     kind: Global___MembershipChange.Kind.ValueType
     """What happened."""
     reason: _builtins.str
@@ -607,6 +618,12 @@ class MembershipChange(_message.Message):
     def actor(self) -> Global___User:
         """Who caused the change when it was someone else (a kick or an invite); unset otherwise."""
 
+    @_builtins.property
+    def previous(self) -> Global___User:
+        """KIND_RENAMED: the user as they were before the change (their old id and names);
+        unset for every other kind.
+        """
+
     def __init__(
         self,
         *,
@@ -615,10 +632,11 @@ class MembershipChange(_message.Message):
         room: Global___Room | None = ...,
         actor: Global___User | None = ...,
         reason: _builtins.str = ...,
+        previous: Global___User | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "room", b"room", "user", b"user"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "previous", b"previous", "room", b"room", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "kind", b"kind", "reason", b"reason", "room", b"room", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "kind", b"kind", "previous", b"previous", "reason", b"reason", "room", b"room", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
