@@ -89,17 +89,21 @@ class MembershipKind(enum.Enum):
     LEFT = 2
     KICKED = 3
     INVITED = 4
+    #: The user, still in the room, changed the name they are known by (an IRC nick).
+    RENAMED = 5
 
 
 @dataclass(frozen=True, slots=True)
 class MembershipEvent:
-    """A user entered or left a room. ``actor`` is who caused it, when someone else did."""
+    """A user entered or left a room. ``actor`` is who caused it, when someone else did.
+    For ``RENAMED``, ``previous`` is the user as they were and ``user`` as they are now."""
 
     kind: MembershipKind
     user: ChatUser
     room: ChatRoom
     actor: ChatUser | None = None
     reason: str = ""
+    previous: ChatUser | None = None
 
 
 class AdapterHost(Protocol):

@@ -145,12 +145,19 @@ class Incoming:
         elif event.kind in (MembershipKind.LEFT, MembershipKind.KICKED):
             directory.see_room(room.id, room.name)
             directory.leave_room(room.id, user.id)
+        previous = _user_pb(adapter, event.previous) if event.previous is not None else None
+        if event.kind is MembershipKind.RENAMED:
+            # The member is the new id now; the old one is no longer in the room.
+            directory.see_room(room.id, room.name, member=user.id)
+            if previous is not None and previous.id != user.id:
+                directory.leave_room(room.id, previous.id)
         change = core_pb2.MembershipChange(
             kind=event.kind.value,  # type: ignore[arg-type]  # the enum values match the proto's
             user=user,
             room=room,
             actor=_user_pb(adapter, event.actor) if event.actor else None,
             reason=event.reason,
+            previous=previous,
         )
         self._core.router.broadcast(robot_pb2.EVENT_KIND_MEMBERSHIP, core_pb2.Event(membership_change=change))
         self._core.events.announce(
@@ -160,6 +167,8 @@ class Incoming:
             room=room.id,
             actor=change.actor.id if event.actor else "",
             reason=event.reason,
+            # Only a rename names who the user was; other kinds keep their payload as before.
+            **({"previous": previous.id} if previous is not None else {}),
         )
 
     def topic(self, adapter: str, room: ChatRoom, user: ChatUser | None) -> None:

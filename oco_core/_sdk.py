@@ -143,13 +143,15 @@ class Room:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """A user entered or left a room (``kind``: joined, left, kicked, invited)."""
+    """A user entered or left a room (``kind``: joined, left, kicked, invited), or changed
+    their name in it (``renamed``: ``previous`` is who they were, ``user`` who they are)."""
 
     kind: str
     user: User
     room: Room
     actor: User | None = None
     reason: str = ""
+    previous: User | None = None
 
 
 def _user(pb: core_pb2.User) -> User:
@@ -1393,6 +1395,7 @@ class Callback:
                 room=_room(change.room),
                 actor=_user(change.actor) if change.HasField("actor") else None,
                 reason=change.reason,
+                previous=_user(change.previous) if change.HasField("previous") else None,
             )
             for handler in self._membership:
                 await handler(membership)

@@ -105,11 +105,16 @@ class MemoryAdapter(Adapter):
         )
         await self.host.receive(message)
 
-    async def member(self, kind: MembershipKind, user: str, room: str = "general") -> None:
-        """Report that ``user`` entered or left ``room``."""
+    async def member(
+        self, kind: MembershipKind, user: str, room: str = "general", *, previous: str | None = None
+    ) -> None:
+        """Report that ``user`` entered or left ``room`` (or, ``RENAMED``, was ``previous``)."""
         await self._ready.wait()
         assert self.host is not None
-        await self.host.membership(MembershipEvent(kind, ChatUser(user, user.title(), user), ChatRoom(room, room)))
+        old = ChatUser(previous, previous.title(), previous) if previous is not None else None
+        await self.host.membership(
+            MembershipEvent(kind, ChatUser(user, user.title(), user), ChatRoom(room, room), previous=old)
+        )
 
     async def next_sent(self) -> OutgoingMessage:
         """Wait for the next message the bot sends (the first not returned before)."""

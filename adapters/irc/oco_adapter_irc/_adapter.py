@@ -815,7 +815,13 @@ class _Connection:
     # ---- membership ----
 
     async def _membership(
-        self, kind: MembershipKind, nick: str, channel: str, actor: str | None = None, reason: str = ""
+        self,
+        kind: MembershipKind,
+        nick: str,
+        channel: str,
+        actor: str | None = None,
+        reason: str = "",
+        previous: str | None = None,
     ) -> None:
         await self.host.membership(
             MembershipEvent(
@@ -824,6 +830,7 @@ class _Connection:
                 room=self._room(channel),
                 actor=self._user(actor) if actor else None,
                 reason=reason,
+                previous=self._user(previous) if previous else None,
             )
         )
 
@@ -899,16 +906,15 @@ class _Connection:
             self.nick = new
             log.info("IRC nick is now %s", new)
             self._own_names()
-        # MembershipKind has no "renamed": a nick change is reported, per channel, as the
-        # old nick leaving and the new one joining, which keeps the directory right.
+        # A nick change is one RENAMED per shared channel (old nick as `previous`), so
+        # callbacks see a rename rather than someone leaving and someone else joining.
         folded_old, folded_new = self.features.fold(old), self.features.fold(new)
         for channel in list(self.channels.values()):
             if folded_old in channel.members:
                 del channel.members[folded_old]
                 channel.members[folded_new] = new
                 if folded_old != folded_new:
-                    await self._membership(MembershipKind.LEFT, old, channel.name, reason=f"nick changed to {new}")
-                    await self._membership(MembershipKind.JOINED, new, channel.name, reason=f"nick changed from {old}")
+                    await self._membership(MembershipKind.RENAMED, new, channel.name, previous=old)
         if self.welcomed and folded_old == self.features.fold(self.config.nick) and not self._is_me(new):
             self._try_regain()
 

@@ -171,8 +171,11 @@ async def test_membership_events_and_directory(kit: Any) -> None:
             assert "carol" not in {u.id for u in adapter.members("#test")}
 
             await alice.send("NICK alicia")
-            await kit.wait_for(lambda: seen(MembershipKind.JOINED, "alicia"), "the nick change")
-            assert seen(MembershipKind.LEFT, "alice")
+            await kit.wait_for(lambda: seen(MembershipKind.RENAMED, "alicia"), "the nick change")
+            (renamed,) = [e for e in host.memberships if e.kind is MembershipKind.RENAMED]
+            assert renamed.previous is not None
+            assert renamed.previous.id == "alice"
+            assert not seen(MembershipKind.LEFT, "alice")  # a rename, not a departure
             assert {u.id for u in adapter.members("#test")} == {"alicia", "oco"}
 
             await alice.send("TOPIC #test :deploys on fridays")
