@@ -407,6 +407,33 @@ async def test_event_streams_have_no_read_timeout_but_silent_clients_are_still_d
                     pass
 
 
+async def test_a_login_whose_body_never_arrives_gets_408_and_too_many_get_503(tmp_path: Path) -> None:
+    # Hypercorn's timers stop once the headers are in: without http.body_timeout, a
+    # client that never sends its form (no token needed) held its socket forever.
+    http = '{listen: "127.0.0.1:0", body_timeout: 1, max_concurrent_requests: 1}'
+    async with open_bot(config(tmp_path, http=http)) as running:
+        host, port = running.bot.http_address.rsplit(":", 1)
+        head = (
+            b"POST /console/login HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+        )
+        first = await trio.open_tcp_stream(host, int(port))
+        async with first, client(running) as other:
+            with trio.fail_after(10):
+                await first.send_all(head)
+                # While that body is awaited, a second form is refused at once.
+                while (busy := await other.post("/console/login", data={"token": "x"})).status_code != 503:
+                    await trio.sleep(0.01)
+                assert "http.max_concurrent_requests" in busy.text
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = await first.receive_some(1000)
+                    assert chunk, "closed without an answer"
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408")
+            assert (await other.get("/console/login")).status_code == 200
+
+
 async def test_a_failing_page_answers_500_and_the_console_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -265,6 +265,8 @@ class Console:
         self._env: jinja2.Environment = environment()
         self._static = static_files()
         self._routes: list[_Route] = []
+        #: Form bodies being read now (capped by ``http.max_concurrent_requests``).
+        self._reading = 0
         self._adapters: dict[str, Adapter] = {}
         for name in PAGE_MODULES:
             try:
@@ -435,16 +437,29 @@ class Console:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_FORM_BYTES:
             raise HttpError(413, f"form too large (over {MAX_FORM_BYTES} bytes)")
+        http = self.core.config.http
+        assert http is not None  # the config refuses console: without http:
+        # Hypercorn stops its timers once the headers are in, so without a deadline a
+        # client that never sends its body (no login needed) holds a socket forever.
+        if self._reading >= http.max_concurrent_requests:
+            raise HttpError(503, "too many forms are being read at once (http.max_concurrent_requests); retry later")
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise HttpError(400, "the request ended before its body")
-            body += message.get("body", b"")
-            if len(body) > MAX_FORM_BYTES:
-                raise HttpError(413, f"form too large (over {MAX_FORM_BYTES} bytes)")
-            if not message.get("more_body", False):
-                break
+        self._reading += 1
+        try:
+            with trio.move_on_after(http.body_timeout) as reading:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise HttpError(400, "the request ended before its body")
+                    body += message.get("body", b"")
+                    if len(body) > MAX_FORM_BYTES:
+                        raise HttpError(413, f"form too large (over {MAX_FORM_BYTES} bytes)")
+                    if not message.get("more_body", False):
+                        break
+        finally:
+            self._reading -= 1
+        if reading.cancelled_caught:
+            raise HttpError(408, f"the form did not arrive within {http.body_timeout:g} s (http.body_timeout)")
         # Anything but a form has no fields, so no CSRF token either: refused as such.
         return _first_values(body.decode("utf-8", "replace")) if kind == "application/x-www-form-urlencoded" else {}
 
