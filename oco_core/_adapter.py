@@ -127,6 +127,10 @@ class AdapterHost(Protocol):
     async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
         """Report a room's new topic (in ``room.topic``)."""
 
+    async def room_members(self, room: ChatRoom, users: Sequence[ChatUser]) -> None:
+        """Hand the directory everyone in ``room`` now (an IRC NAMES reply, a Matrix
+        member list), replacing what it had. Nobody is told: these are not joins."""
+
     def set_own_names(self, names: Sequence[str]) -> None:
         """Tell the router the names the bot has on this service (an IRC nick, a Matrix
         display name or localpart); messages starting with one are addressed to it."""

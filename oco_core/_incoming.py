@@ -70,6 +70,9 @@ class AdapterLink:
     async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
         self._core.incoming.topic(self.name, room, user)
 
+    async def room_members(self, room: ChatRoom, users: Sequence[ChatUser]) -> None:
+        self._core.incoming.room_members(self.name, room, users)
+
     def set_own_names(self, names: Sequence[str]) -> None:
         self._core.router.set_own_names(self.name, names)
 
@@ -170,6 +173,21 @@ class Incoming:
             # Only a rename names who the user was; other kinds keep their payload as before.
             **({"previous": previous.id} if previous is not None else {}),
         )
+
+    def room_members(self, adapter: str, room: ChatRoom, users: Sequence[ChatUser]) -> None:
+        """Set a room's members in the directory from the adapter's list, broadcasting
+        nothing: a list the bot learns on joining is not people arriving."""
+        directory = self._core.directory
+        room_pb = _room_pb(adapter, room)
+        directory.see_room(room_pb.id, room_pb.name)
+        ids = []
+        for person in users:
+            user = _user_pb(adapter, person)
+            directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+            directory.see_room(room_pb.id, room_pb.name, member=user.id)
+            ids.append(user.id)
+        for gone in set(directory.room(room_pb.id).members) - set(ids):
+            directory.leave_room(room_pb.id, gone)
 
     def topic(self, adapter: str, room: ChatRoom, user: ChatUser | None) -> None:
         """Pass a topic change to the callbacks that asked for them."""

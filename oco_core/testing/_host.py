@@ -62,6 +62,8 @@ class RecordingHost:
         self.memberships: list[MembershipEvent] = []
         #: ``(room, who set it)`` for every topic change, ``room.topic`` holding the topic.
         self.topics: list[tuple[ChatRoom, ChatUser | None]] = []
+        #: Every room_members() call: the room and its members.
+        self.member_lists: list[tuple[ChatRoom, list[ChatUser]]] = []
         #: The names the adapter last gave :meth:`set_own_names` (empty before it did).
         self.own_names: list[str] = []
         #: Every list of names the adapter gave, oldest first.
@@ -94,6 +96,12 @@ class RecordingHost:
     async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
         """Record a topic change."""
         self.topics.append((room, user))
+        self._record()
+        await trio.lowlevel.checkpoint()
+
+    async def room_members(self, room: ChatRoom, users: Sequence[ChatUser]) -> None:
+        """Record a room's member list."""
+        self.member_lists.append((room, list(users)))
         self._record()
         await trio.lowlevel.checkpoint()
 

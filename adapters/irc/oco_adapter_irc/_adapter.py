@@ -941,6 +941,15 @@ class _Connection:
             if nick:
                 channel.members[self.features.fold(nick)] = nick
 
+    async def _on_366(self, line: p.Line) -> None:
+        # RPL_ENDOFNAMES: the list is whole; the directory gets it, and nobody is told
+        # these people joined (they were there before the bot).
+        channel = self.channels.get(self.features.fold(line.param(1)))
+        if channel is None:
+            return
+        members = [self._user(nick) for nick in channel.members.values()]
+        await self.host.room_members(self._room(channel.name), members)
+
     # ---- messages ----
 
     async def _on_privmsg(self, line: p.Line) -> None:

@@ -13,6 +13,7 @@ import pytest
 import trio
 from oco_adapter_irc import IrcAdapter
 
+from oco_core._adapter import MembershipKind
 from oco_core.testing import oco_cli, open_bot, run_oco
 
 pytestmark = pytest.mark.server("ngircd")
@@ -97,3 +98,33 @@ async def test_open_bot_runs_a_real_bot_on_ngircd_in_process(kit: Any, tmp_path:
         await alice.expect(r":oco!\S+ PRIVMSG #test :no callbacks with commands are connected$")
         assert running.bot.statistics().received == 1
         assert adapter.statistics().registrations == 1
+
+
+async def test_the_people_already_in_a_channel_reach_the_directory_as_members_not_joins(
+    kit: Any, tmp_path: Path
+) -> None:
+    async with (
+        kit.person("bob") as bob,
+        open_bot(kit.oco_config(tmp_path, "callbacks: []")) as running,
+    ):
+        await bob.expect(r":oco!\S+ JOIN :?#test", timeout=30)
+        directory = running.bot.core.directory
+        with trio.fail_after(15):
+            while "irc/#test" not in directory.rooms or "irc/bob" not in directory.room("irc/#test").members:
+                await trio.sleep(0.05)
+        assert set(directory.room("irc/#test").members) == {"irc/bob", "irc/oco"}
+
+
+async def test_names_is_handed_over_as_a_member_list_without_joins(kit: Any) -> None:
+    async with kit.person("bob") as bob:
+        adapter = IrcAdapter(kit.config())
+        async with kit.running(adapter, kit.host):
+            await bob.expect(r":oco!\S+ JOIN :?#test", timeout=30)
+            with trio.fail_after(15):
+                while not kit.host.member_lists:
+                    await trio.sleep(0.02)
+            room, members = kit.host.member_lists[0]
+            assert room.id == "#test"
+            assert {u.id for u in members} == {"bob", "oco"}
+            # bob was there before the bot: no join is reported for him.
+            assert not [e for e in kit.host.memberships if e.kind is MembershipKind.JOINED and e.user.id == "bob"]
