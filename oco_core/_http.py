@@ -147,6 +147,10 @@ def load_http_tls(loaded: LoadedConfig) -> HttpTls | None:
     return HttpTls(tls.cert, tls.key, tls.client_ca)
 
 
+#: How long sent data may stay unacknowledged before the kernel drops the connection.
+_USER_TIMEOUT_MS = 30_000
+
+
 async def _bind(listen: str) -> socket.socket:
     """A socket bound to ``listen`` (not yet listening); OcoError naming ``http.listen``
     when no address it resolves to can be bound."""
@@ -163,6 +167,11 @@ async def _bind(listen: str) -> socket.socket:
             # As every server: a port a stopped bot's connections still linger on is free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux; accepted sockets inherit it
+                # Hypercorn writes inside a shielded scope: a client that stops reading an
+                # event stream would block that write, and the bot's shutdown, until TCP
+                # gives up (~15 min). This bounds unacknowledged data, zero windows included.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
             sock.bind(address)
         except OSError as exc:
             sock.close()

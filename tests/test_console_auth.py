@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import html
 import re
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,14 +21,17 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 
+from oco_core import _http
 from oco_core._audit import AuditQuery, AuditRecord, query
 from oco_core._config import HttpSettings, parse_config
 from oco_core._console import _app
 from oco_core._console._auth import create_token, list_tokens
 from oco_core._errors import ConfigError
 from oco_core._http import _hypercorn_config
+from oco_core._router import Match
 from oco_core.testing import RunningBot, oco_cli, open_bot
 
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"
@@ -432,6 +437,40 @@ async def test_a_login_whose_body_never_arrives_gets_408_and_too_many_get_503(tm
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 408")
             assert (await other.get("/console/login")).status_code == 200
+
+
+async def test_a_stream_client_that_stops_reading_does_not_hang_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hypercorn writes in a shielded scope; without TCP_USER_TIMEOUT on the listening
+    # socket, shutdown waited until TCP gave up on the non-reading client (~15 min).
+    monkeypatch.setattr(_http, "_USER_TIMEOUT_MS", 1000)
+    elapsed = None
+    with trio.move_on_after(30):
+        async with console_bot(tmp_path, "console: {show_bodies: true}") as running:
+            async with client(running) as http:
+                await login(http, await create_token(running.bot.core.store, "v", "viewer"))
+                cookie = http.cookies["oco_console"]
+            host, port = running.bot.http_address.rsplit(":", 1)
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect((host, int(port)))
+            stalled = trio.SocketStream(sock)
+            request = f"GET /console/live/stream HTTP/1.1\r\nHost: x\r\nCookie: oco_console={cookie}\r\n\r\n"
+            await stalled.send_all(request.encode())
+            feed = running.bot.core.activity.live
+            while not feed._watchers:
+                await trio.testing.wait_all_tasks_blocked()
+            body = "b" * 20000
+            for _ in range(400):  # far more than the socket buffers hold
+                feed.add(time.time(), "memory", "room", "u", body, [Match(None, None, False, "cb", "r")])
+                await trio.testing.wait_all_tasks_blocked()
+            started = time.monotonic()
+            running.bot.shutdown()
+        elapsed = time.monotonic() - started
+        await stalled.aclose()
+    assert elapsed is not None, "shutdown hung on a client that stopped reading"
+    assert elapsed < 10
 
 
 async def test_a_failing_page_answers_500_and_the_console_goes_on(

@@ -612,11 +612,12 @@ class Console:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(until_first)
-        with trio.CancelScope(shield=True):
-            try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except Exception:  # the client has gone: nothing to finish
-                log.debug("console: an event stream's client went before its end", exc_info=True)
+        # Not shielded: a client that stopped reading would block this forever, and
+        # after a cancellation (shutdown) the end of the body does not matter.
+        try:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # the client has gone: nothing to finish
+            log.debug("console: an event stream's client went before its end", exc_info=True)
 
 
 def _current(href: str, path: str) -> bool:
