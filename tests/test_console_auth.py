@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ from oco_core._console import _app
 from oco_core._console._auth import create_token, list_tokens
 from oco_core._errors import ConfigError
 from oco_core._http import _hypercorn_config
-from oco_core._router import Match
+from oco_core._router import Match, Queued
 from oco_core.testing import RunningBot, oco_cli, open_bot
 
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"
@@ -459,11 +460,12 @@ async def test_a_stream_client_that_stops_reading_does_not_hang_shutdown(
             request = f"GET /console/live/stream HTTP/1.1\r\nHost: x\r\nCookie: oco_console={cookie}\r\n\r\n"
             await stalled.send_all(request.encode())
             feed = running.bot.core.activity.live
+            assert feed is not None
             while not feed._watchers:
                 await trio.testing.wait_all_tasks_blocked()
             body = "b" * 20000
             for _ in range(400):  # far more than the socket buffers hold
-                feed.add(time.time(), "memory", "room", "u", body, [Match(None, None, False, "cb", "r")])
+                feed.add(time.time(), "memory", "room", "u", body, [Match(None, cast(Queued, None), False, "cb", "r")])
                 await trio.testing.wait_all_tasks_blocked()
             started = time.monotonic()
             running.bot.shutdown()
