@@ -242,6 +242,9 @@ class Activity:
         self._metrics = metrics
         #: message id → (when it matched, its matches not yet answered, their live entries)
         self._awaiting: dict[str, tuple[float, Sequence[Match], list[LiveEntry] | None]] = {}
+        #: message id → when it matched, until any callback answers it: what wait_idle
+        #: waits on (a listen-only callback that also matched must not hold it up).
+        self._unanswered: dict[str, float] = {}
         self._latency: dict[str, deque[float]] = {}
         self._readings: deque[Reading] = deque(maxlen=math.ceil(HISTORY / SAMPLE_INTERVAL) + 2)
         if metrics is not None:
@@ -259,6 +262,7 @@ class Activity:
         """``matches`` are the routes that matched message ``message_id`` (``incoming``,
         in ``room``, "" for a private one): their callbacks will probably answer it."""
         now = time.monotonic()
+        self._unanswered[message_id] = now
         live = self.live
         if live is None:
             self._awaiting[message_id] = (now, matches, None)
@@ -272,6 +276,7 @@ class Activity:
         now = self.last = time.monotonic()
         awaiting = self._awaiting
         for message_id in message_ids:
+            self._unanswered.pop(message_id, None)
             found = awaiting.pop(message_id, None)
             if found is None:
                 continue
@@ -298,6 +303,9 @@ class Activity:
         if len(awaiting) > _AWAITING_MAX:
             cutoff = now - 60
             self._awaiting = {k: v for k, v in awaiting.items() if v[0] > cutoff}
+        if len(self._unanswered) > _AWAITING_MAX:
+            cutoff = now - 60
+            self._unanswered = {k: at for k, at in self._unanswered.items() if at > cutoff}
 
     async def wait_idle(self, router: Router, *, quiet: float, max_wait: float) -> None:
         """Replies are awaited for messages that matched a route, up to ``max_wait``;
@@ -305,7 +313,7 @@ class Activity:
         deadline = trio.current_time() + max_wait
         while trio.current_time() < deadline:
             now = time.monotonic()
-            waiting = any(now - at < max_wait for at, _, _ in self._awaiting.values())
+            waiting = any(now - at < max_wait for at in self._unanswered.values())
             if not waiting and router.queued() == 0 and now - self.last >= quiet:
                 return
             await trio.sleep(0.02)

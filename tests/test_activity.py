@@ -249,3 +249,22 @@ bot: {{callback_startup_wait: 0.1}}"""
         await eventually(lambda: state.restarts >= 1, "the failing callback restarted", timeout=20)
         assert state.last_error == "exit code 3: cannot reach the deploy API: connection refused"
         assert running.bot.callbacks["pinger"].restarts == 0
+
+
+async def test_the_first_reply_ends_the_wait_for_idle_even_when_a_listening_callback_never_answers() -> None:
+    # A respond route and a listen-only route of another callback both match: the shell
+    # adapter's wait at the end of piped input must end once the answer came, not wait
+    # for the callback that only listens.
+    from oco_core._router import Router
+
+    activity = Activity()
+    message = IncomingMessage(body="oco deploy", user=ChatUser(id="alice"), room=ChatRoom(id="general"))
+    build: Callable[[], core_pb2.Event] = core_pb2.Event
+    matches = [
+        Match(None, Queued(0, build), True, "deployer", "deploy"),
+        Match(None, Queued(0, build), False, "logger", "all"),
+    ]
+    activity.matched("memory", "m1", "general", message, matches)
+    activity.replied("deployer", ["m1"])
+    with trio.fail_after(2):  # max_wait is 30 s: waiting for the logger would take that long
+        await activity.wait_idle(Router("oco"), quiet=0.05, max_wait=30)
