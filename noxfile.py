@@ -102,6 +102,25 @@ def distributions(session: nox.Session) -> None:
 
 
 @nox.session
+def screenshots(session: nox.Session) -> None:
+    """Refresh docs/console/*.png: the console's browser test (a real bot on ngircd with
+    some traffic, Debian's Chromium at a fixed window size) photographs each page. Not a
+    default session: run it when a page changes, and look at the pictures before committing."""
+    session.install(*TEST_TOOLS)
+    session.install(*_editable(".", ROOT / "adapters" / "irc"))
+    session.run(
+        "pytest",
+        "adapters/irc/tests/test_console_browser.py",
+        "--rootdir",
+        str(ROOT),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"OCO_CONSOLE_SCREENSHOTS": str(ROOT / "docs" / "console"), "OCO_REQUIRE_SERVERS": "1"},
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: print numbers (never part of the test run)."""
     # grpcio-tools: bench_transport generates the specification-only client's stubs.
