@@ -22,7 +22,6 @@ import pytest
 import trio
 
 from oco_core._cli import EXIT_OK
-from oco_core._proto import control_pb2, control_pb2_grpc
 from oco_core.testing import ControlChat, oco_cli, run_oco
 
 CALLBACK = """
@@ -71,48 +70,6 @@ def bot_yaml(tmp_path: Path) -> str:
     )
 
 
-class Room:
-    """Chat users in one room of the memory adapter: what they say, and every line the
-    bot says (not only the first, as ControlChat.say gives)."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.seen = 0
-
-    def _inject(self, user: str, body: str) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            control.Inject(control_pb2.InjectRequest(body=body, user=user, room="general"), timeout=10)
-
-    def _read(self, wait: float) -> list[str]:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            sent = control.ListSent(
-                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
-            )
-        if sent.messages:
-            self.seen = sent.messages[-1].seq
-        return [m.body for m in sent.messages]
-
-    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0) -> list[str]:
-        """``user`` says ``body``; the bot's lines up to the first that contains ``until``."""
-        await trio.to_thread.run_sync(self._inject, user, body)
-        lines: list[str] = []
-        with trio.move_on_after(timeout):
-            while not any(until in line for line in lines):
-                lines += await trio.to_thread.run_sync(self._read, 5.0)
-            return lines
-        raise AssertionError(f"no line with {until!r} within {timeout} s after {body!r}: {lines!r}")
-
-    async def wait_for(self, until: str, *, timeout: float = 15.0) -> list[str]:
-        lines: list[str] = []
-        with trio.move_on_after(timeout):
-            while not any(until in line for line in lines):
-                lines += await trio.to_thread.run_sync(self._read, 5.0)
-            return lines
-        raise AssertionError(f"no line with {until!r} within {timeout} s: {lines!r}")
-
-
 def request_id_of(lines: list[str]) -> str:
     found = re.search(r"`oco approve ([0-9a-f]+)`", " ".join(lines))
     assert found, lines
@@ -134,66 +91,66 @@ async def test_a_route_needing_approval_is_held_then_approved_denied_or_timed_ou
         admin = ControlChat(address, user="alice")
         assert "now has the role approvers" in await admin.say("oco grant memory/carol approvers")
         assert "now has the role approvers" in await admin.say("oco grant memory/bob approvers")
-        room = Room(address)
+        room = ControlChat(address)
         room.seen = admin.seen
 
         # Held: the bot asks, and the callback has not seen it.
-        asked = await room.say("bob", "oco deploy prod", until="wants to run")
+        asked = await room.say_as("bob", "oco deploy prod", until="wants to run")
         assert asked == [
             f"Bob wants to run `deploy prod`; an approver (approvers) can say `oco approve {request_id_of(asked)}` "
             f"or `oco deny {request_id_of(asked)}` (within 3 s)"
         ]
         first = request_id_of(asked)
         # Not by the asker (though bob holds the role), nor by someone without it.
-        assert await room.say("bob", f"oco approve {first}", until="someone else") == [
+        assert await room.say_as("bob", f"oco approve {first}", until="someone else") == [
             f"you asked for {first}: someone else with the role approvers has to approve it"
         ]
-        assert await room.say("dave", f"oco approve {first}", until="only people") == [
+        assert await room.say_as("dave", f"oco approve {first}", until="only people") == [
             f"only people with the role approvers may approve {first}"
         ]
-        approved = await room.say("carol", f"oco approve {first}", until="deployed prod")
+        approved = await room.say_as("carol", f"oco approve {first}", until="deployed prod")
         assert approved == [
             f"`deploy prod` ({first}) approved by memory/carol; it runs now",
             "deployed prod (approved by memory/carol)",
         ]
-        assert "no request" in (await room.say("carol", f"oco approve {first}", until="no request"))[0]
+        assert "no request" in (await room.say_as("carol", f"oco approve {first}", until="no request"))[0]
 
         # Denied: answered, and the callback never gets it.
-        second = request_id_of(await room.say("bob", "oco deploy staging", until="wants to run"))
-        assert await room.say("carol", f"oco deny {second} not on a Friday", until="denied") == [
+        second = request_id_of(await room.say_as("bob", "oco deploy staging", until="wants to run"))
+        assert await room.say_as("carol", f"oco deny {second} not on a Friday", until="denied") == [
             f"`deploy staging` ({second}) was denied by memory/carol: not on a Friday; it will not run"
         ]
 
         # Timed out after the rule's 3 s.
-        third = request_id_of(await room.say("bob", "oco deploy qa", until="wants to run"))
+        third = request_id_of(await room.say_as("bob", "oco deploy qa", until="wants to run"))
         timed_out = await room.wait_for("in time", timeout=10)
         assert timed_out == [
             f"nobody approved `deploy qa` in time: approval {third} timed out after 3 s with 0 of 1 approvals"
         ]
-        assert "no request" in (await room.say("carol", f"oco approve {third}", until="no request"))[0]
+        assert "no request" in (await room.say_as("carol", f"oco approve {third}", until="no request"))[0]
 
         # The callback declared approval by two people on `restart`.
-        fourth = request_id_of(await room.say("dave", "oco restart api", until="wants to run"))
-        assert await room.say("carol", f"oco approve {fourth}", until="noted") == [
+        fourth = request_id_of(await room.say_as("dave", "oco restart api", until="wants to run"))
+        assert await room.say_as("carol", f"oco approve {fourth}", until="noted") == [
             f"approval 1 of 2 for {fourth} noted; 1 more needed"
         ]
-        assert (await room.say("carol", f"oco approve {fourth}", until="already"))[0] == (
+        assert (await room.say_as("carol", f"oco approve {fourth}", until="already"))[0] == (
             f"you approved {fourth} already; it needs 1 more"
         )
-        assert (await room.say("bob", f"oco approve {fourth}", until="restarted api"))[-1] == (
+        assert (await room.say_as("bob", f"oco approve {fourth}", until="restarted api"))[-1] == (
             "restarted api (approved by memory/carol, memory/bob)"
         )
 
         # Mid-work: the callback asks, and waits for the answer.
-        lines = await room.say("dave", "oco drop users", until="wants to run")
+        lines = await room.say_as("dave", "oco drop users", until="wants to run")
         assert lines[0] == "about to drop users"
         fifth = request_id_of(lines)
         assert "Dave wants to run `drop table users`" in lines[-1]
-        assert (await room.say("carol", f"oco approve {fifth}", until="dropped users"))[-1] == (
+        assert (await room.say_as("carol", f"oco approve {fifth}", until="dropped users"))[-1] == (
             "dropped users (approved by memory/carol)"
         )
-        sixth = request_id_of(await room.say("dave", "oco drop orders", until="wants to run"))
-        assert (await room.say("dave", f"oco deny {sixth} wrong table", until="not dropping"))[-1] == (
+        sixth = request_id_of(await room.say_as("dave", "oco drop orders", until="wants to run"))
+        assert (await room.say_as("dave", f"oco deny {sixth} wrong table", until="not dropping"))[-1] == (
             "not dropping: `drop table orders` was withdrawn by the asker: wrong table"
         )
         assert await bot.stop() == EXIT_OK
@@ -278,13 +235,13 @@ async def test_a_request_whose_caller_stopped_waiting_is_withdrawn_in_chat(tmp_p
         raise AssertionError("RequestApproval answered before anyone approved or denied")
 
     async with run_oco(config, tmp_path) as bot:
-        room = Room(await bot.written("control.address"))
+        room = ControlChat(await bot.written("control.address"))
         assert await trio.to_thread.run_sync(ask, bot.address) == grpc.StatusCode.DEADLINE_EXCEEDED
         lines = await room.wait_for("no longer needed")
         assert lines[0].startswith("Erin wants to run `rotate keys`; an approver (approvers) can say `oco approve ")
         request_id = request_id_of(lines)
         assert lines[-1] == f"approval {request_id} is no longer needed: the asker callback stopped waiting"
-        assert "no request" in (await room.say("carol", f"oco approve {request_id}", until="no request"))[0]
+        assert "no request" in (await room.say_as("carol", f"oco approve {request_id}", until="no request"))[0]
         assert await bot.stop() == EXIT_OK
     assert [r["decision"] for r in audit(tmp_path)] == ["requested", "withdrawn"]
 

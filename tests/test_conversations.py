@@ -15,11 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import grpc
 import trio
 
-from oco_core._proto import control_pb2, control_pb2_grpc
-from oco_core.testing import run_oco
+from oco_core.testing import ControlChat, run_oco
 
 CALLBACK = """
 import os
@@ -84,59 +82,23 @@ def bot_yaml(tmp_path: Path, *args: str) -> str:
     )
 
 
-class Room:
-    """People in one room of the memory adapter, and every line the bot says there."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.seen = 0
-        self.lines: list[str] = []
-
-    def _inject(self, user: str, body: str, room: str = "general") -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            control.Inject(control_pb2.InjectRequest(body=body, user=user, room=room), timeout=10)
-
-    def _read(self, wait: float) -> list[str]:
-        with grpc.insecure_channel(self.address) as channel:
-            control = control_pb2_grpc.MemoryControlStub(channel)
-            sent = control.ListSent(
-                control_pb2.ListSentRequest(after=self.seen, wait_ms=int(wait * 1000)), timeout=wait + 10
-            )
-        if sent.messages:
-            self.seen = sent.messages[-1].seq
-        return [m.body for m in sent.messages]
-
-    async def say(self, user: str, body: str, *, until: str, timeout: float = 15.0, room: str = "general") -> list[str]:
-        """``user`` says ``body`` (in private for ``room=""``); the bot's lines up to the
-        first that contains ``until``."""
-        await trio.to_thread.run_sync(self._inject, user, body, room)
-        lines: list[str] = []
-        with trio.move_on_after(timeout):
-            while not any(until in line for line in lines):
-                lines += await trio.to_thread.run_sync(self._read, 2.0)
-            self.lines += lines
-            return lines
-        raise AssertionError(f"no line with {until!r} within {timeout} s after {body!r}: {lines!r}")
-
-
 async def test_the_answer_goes_to_the_asker_not_the_routes_and_a_wrong_choice_is_asked_again(tmp_path: Path) -> None:
     async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
         address = await bot.written("control.address")
         await bot.expect(r"callback 'deployer' is listening", stream="stderr")
-        room = Room(address)
+        room = ControlChat(address)
         assert any(
-            "Which environment for api?" in line for line in await room.say("alice", "oco deploy api", until="Which")
+            "Which environment for api?" in line for line in await room.say_as("alice", "oco deploy api", until="Which")
         )
         # Someone else in the room is unaffected: the routes hear bob.
-        await room.say("bob", "prod", until="route heard prod from memory/bob")
+        await room.say_as("bob", "prod", until="route heard prod from memory/bob")
         # A wrong choice: the bot itself asks again, and the question stays open.
-        again = await room.say("alice", "qa", until="please answer one of")
+        again = await room.say_as("alice", "qa", until="please answer one of")
         assert "staging, prod" in " ".join(again)
-        done = await room.say("alice", "PROD", until="deploying api")
+        done = await room.say_as("alice", "PROD", until="deploying api")
         assert "deploying api to PROD (asked by a, answer from memory/alice)" in done
         # Answered: alice's next message goes to the routes again; none of her answers did.
-        await room.say("alice", "staging", until="route heard staging from memory/alice")
+        await room.say_as("alice", "staging", until="route heard staging from memory/alice")
         assert not any(
             "from memory/alice" in line for line in room.lines if "route heard" in line and "staging" not in line
         )
@@ -146,11 +108,11 @@ async def test_a_question_in_private_is_answered_in_private_and_not_by_the_room(
     async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
         address = await bot.written("control.address")
         await bot.expect(r"callback 'deployer' is listening", stream="stderr")
-        room = Room(address)
-        await room.say("alice", "deploy db", until="Which environment for db?", room="")
+        room = ControlChat(address)
+        await room.say_as("alice", "deploy db", until="Which environment for db?", room="")
         # The same person in a room is not answering: the routes hear her there.
-        await room.say("alice", "prod", until="route heard prod from memory/alice")
-        done = await room.say("alice", "staging", until="deploying db", room="")
+        await room.say_as("alice", "prod", until="route heard prod from memory/alice")
+        done = await room.say_as("alice", "staging", until="deploying db", room="")
         assert "deploying db to staging (asked by a, answer from memory/alice)" in done
 
 
@@ -158,21 +120,21 @@ async def test_a_question_times_out_and_the_person_talks_to_the_routes_again(tmp
     async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
         address = await bot.written("control.address")
         await bot.expect(r"callback 'deployer' is listening", stream="stderr")
-        room = Room(address)
-        await room.say("alice", "oco deploy web", until="Which environment for web?")
+        room = ControlChat(address)
+        await room.say_as("alice", "oco deploy web", until="Which environment for web?")
         with trio.fail_after(10):  # the question's timeout is 2 s
-            await room.say("carol", "staging", until="gave up on web: timed_out=True")
-        await room.say("alice", "prod", until="route heard prod from memory/alice")
+            await room.say_as("carol", "staging", until="gave up on web: timed_out=True")
+        await room.say_as("alice", "prod", until="route heard prod from memory/alice")
 
 
 async def test_a_handler_that_stops_waiting_cancels_its_question(tmp_path: Path) -> None:
     async with run_oco(bot_yaml(tmp_path), tmp_path) as bot:
         address = await bot.written("control.address")
         await bot.expect(r"callback 'deployer' is listening", stream="stderr")
-        room = Room(address)
-        await room.say("alice", "oco wait", until="Anything to add?")
-        await room.say("bob", "qa", until="stopped asking")
-        await room.say("alice", "prod", until="route heard prod from memory/alice")
+        room = ControlChat(address)
+        await room.say_as("alice", "oco wait", until="Anything to add?")
+        await room.say_as("bob", "qa", until="stopped asking")
+        await room.say_as("alice", "prod", until="route heard prod from memory/alice")
 
 
 async def test_a_bot_that_stops_tells_the_person_their_question_ended(tmp_path: Path) -> None:
@@ -196,15 +158,15 @@ async def test_two_replicas_each_get_the_answers_to_their_own_questions(tmp_path
     async with run_oco(bot_yaml(tmp_path, "replicas"), tmp_path) as bot:
         address = await bot.written("control.address")
         await bot.expect(r"callback 'deployer' is listening", stream="stderr", count=2)  # both replicas
-        room = Room(address)
+        room = ControlChat(address)
         askers: set[str] = set()
         # Two questions open at once in each round; matches go to the replicas round-robin.
         for turn in range(8):
             people = [f"p{turn}a", f"p{turn}b"]
             for person in people:
-                await room.say(person, f"oco deploy {person}", until=f"Which environment for {person}?")
+                await room.say_as(person, f"oco deploy {person}", until=f"Which environment for {person}?")
             for person in people:
-                done = await room.say(person, "staging", until=f"deploying {person}")
+                done = await room.say_as(person, "staging", until=f"deploying {person}")
                 line = next(line for line in done if f"deploying {person}" in line)
                 assert f"answer from memory/{person})" in line
                 askers.add(line.split("asked by ")[1][0])
