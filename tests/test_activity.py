@@ -230,9 +230,11 @@ async def test_counts_by_minute_cover_the_last_hour(autojump_clock: trio.testing
     assert sum(o for _, o in minutes) == 3
 
 
+# Both lines on one pipe: the bot reads stdout and stderr apart, so which of two lines
+# written to different pipes it read last is not the order they were written in.
 FAILING = """\
 import sys
-print("starting up", flush=True)
+print("starting up", file=sys.stderr, flush=True)
 print("cannot reach the deploy API: connection refused", file=sys.stderr, flush=True)
 sys.exit(3)
 """

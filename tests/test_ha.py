@@ -264,7 +264,7 @@ async def test_the_node_example_given_every_bot_follows_the_active_one(
             assert process.stderr is not None
             nursery.start_soon(stderr.pump, process.stderr)
             try:
-                await stderr.wait_for(r"connected to .*: 5 route\(s\) registered", count=2)
+                await stderr.wait_for(r"connected to .*: 6 route\(s\) registered", count=2)
                 assert "from Node.js" in await chat_a.say("hello node")
                 a.process.send_signal(signal.SIGKILL)
                 chat_b = await active_chat(b, timeout=10)

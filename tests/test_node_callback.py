@@ -119,7 +119,7 @@ callbacks:
   - {{id: node, secret: "{SECRET}"}}
 """
     env = {**os.environ, "OCO_ADDRESS": f"127.0.0.1:{port}", "OCO_CALLBACK_ID": "node", "OCO_SECRET": SECRET}
-    registered = r"connected to .*: 5 route\(s\) registered"
+    registered = r"connected to .*: 6 route\(s\) registered"
     stderr = Lines("the node callback's stderr")
     async with run_oco(config, tmp_path / "bot") as bot:
         async with node_by_hand(node_example, env, stderr) as callback:
@@ -182,7 +182,7 @@ callbacks:
     requires: [postgresql]
 """
     async with run_oco(config, tmp_path) as bot:
-        await bot.expect(r"\[node-callback node\] connected to .*: 5 route\(s\) registered", stream="stderr")
+        await bot.expect(r"\[node-callback node\] connected to .*: 6 route\(s\) registered", stream="stderr")
         await bot.write("oco note hello")
         await bot.expect(r"^alice: noted \(#1\)$")
         await bot.write("oco note from Node.js, twice")
@@ -232,7 +232,7 @@ callbacks:
         # Without OCO_REQUIRES it runs, and its notes say what is missing.
         stderr = Lines("the node callback's stderr")
         async with node_by_hand(node_example, env, stderr) as plain:
-            await stderr.wait_for(r"connected to .*: 5 route\(s\) registered")
+            await stderr.wait_for(r"connected to .*: 6 route\(s\) registered")
             await bot.write("oco note hello")
             await bot.expect(r"^alice: notes need PostgreSQL, and this bot offers no postgresql data store")
             plain.send_signal(signal.SIGTERM)

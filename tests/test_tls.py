@@ -283,7 +283,7 @@ async def test_the_node_example_connects_over_tls(node_example: Path, tmp_path: 
         await bot.expect(r"^PONG from Node\.js$")
         await bot.write("oco count")
         await bot.expect(r"^alice: node counter is 1$")
-        await bot.expect(r"\[node-callback node\] connected to .* over TLS: 5 route\(s\) registered", stream="stderr")
+        await bot.expect(r"\[node-callback node\] connected to .* over TLS: 6 route\(s\) registered", stream="stderr")
 
 
 # -- configuration errors --------------------------------------------------------------
