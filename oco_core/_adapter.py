@@ -42,14 +42,32 @@ class ChatRoom:
 
 
 @dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file or image on a message.
+
+    Outgoing, it has ``data`` (the adapter uploads it where its service stores files) or
+    a ``url`` (linked; the bot never fetches it). Incoming, it has the service's ``url``
+    for it. ``media_type`` may be empty (guess it from ``name``); ``size`` is 0 when not
+    known.
+    """
+
+    name: str
+    media_type: str = ""
+    url: str = ""
+    data: bytes = b""
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class IncomingMessage:
     """A message an adapter received from its chat service.
 
     ``room`` is None for a private message on a service without rooms for them (IRC);
     ``direct`` is True for any private message (such a message is always addressed to
     the bot). ``id`` is the service's id for the message, where it has one.
-    ``edit_of`` names the message this one edits; the router does not treat edits as new
-    commands.
+    ``edit_of`` names the message this one edits (its new text is ``body``): callbacks
+    that asked for edits get it as an event, and the router does not treat it as a new
+    command. ``thread_id`` is the root of the thread the message is in.
     """
 
     body: str
@@ -60,6 +78,7 @@ class IncomingMessage:
     action: bool = False
     thread_id: str = ""
     edit_of: str = ""
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +89,14 @@ class OutgoingMessage:
     adapter addresses ``user`` in the room its own way (``nick: `` on IRC, a pill on
     Matrix). ``private`` asks for a private message to ``user`` even when a room is
     known. ``in_reply_to`` is the service's id of the message being answered.
+
+    The rest are rich replies; the bot hands an adapter only those its
+    :attr:`Adapter.features` name, and turns the others into plain text first (see
+    :class:`Feature`). ``thread_id``: post in this thread. ``attachments``: files.
+    ``edit_of``: replace the bot's earlier message with this id (one :meth:`Adapter.send`
+    returned) by this one. ``reaction``: react with this key to ``in_reply_to``; the body
+    is empty. ``typing_seconds``: not a message, show the bot typing in ``room_id`` for
+    that long (or until its next message there).
     """
 
     body: str
@@ -80,6 +107,42 @@ class OutgoingMessage:
     format: Literal["plain", "markdown"] = "plain"
     action: bool = False
     in_reply_to: str = ""
+    thread_id: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    edit_of: str = ""
+    reaction: str = ""
+    typing_seconds: int = 0
+
+
+class Feature(enum.Flag):
+    """The rich replies an adapter renders the way its service does (``Adapter.features``).
+
+    For the ones it does not name, the bot changes the message before :meth:`Adapter.send`
+    sees it, so every adapter gets something it can send as text: a reaction becomes its
+    key as a message, an edit a new message starting "Correction:", an attachment a line
+    "name: url" (or its name and size when it has only data), a thread is dropped, and a
+    typing indication is not sent at all.
+    """
+
+    NONE = 0
+    THREADS = enum.auto()
+    ATTACHMENTS = enum.auto()
+    EDITS = enum.auto()
+    REACTIONS = enum.auto()
+    TYPING = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class ReactionEvent:
+    """Someone reacted to a message: ``message_id`` is the service's id of the message
+    (one it delivered as :attr:`IncomingMessage.id`, or one :meth:`Adapter.send`
+    returned), ``key`` the emoji or text, ``id`` the reaction's own id."""
+
+    message_id: str
+    key: str
+    user: ChatUser
+    room: ChatRoom | None = None
+    id: str = ""
 
 
 class MembershipKind(enum.Enum):
@@ -127,6 +190,9 @@ class AdapterHost(Protocol):
     async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
         """Report a room's new topic (in ``room.topic``)."""
 
+    async def reaction(self, event: ReactionEvent) -> None:
+        """Report a reaction to a message, for callbacks that asked for reactions."""
+
     async def room_members(self, room: ChatRoom, users: Sequence[ChatUser]) -> None:
         """Hand the directory everyone in ``room`` now (an IRC NAMES reply, a Matrix
         member list), replacing what it had. Nobody is told: these are not joins."""
@@ -172,9 +238,16 @@ class Adapter(abc.ABC):
         in an adapter that reconnects inside ``run``, so that health sees an outage."""
         return None
 
+    #: The rich replies this adapter renders itself (see :class:`Feature`); the bot
+    #: turns the others into plain text before :meth:`send` sees them.
+    features: Feature = Feature.NONE
+
     @abc.abstractmethod
-    async def send(self, message: OutgoingMessage) -> None:
-        """Send one message; return once the adapter has accepted it."""
+    async def send(self, message: OutgoingMessage) -> str | None:
+        """Send one message; return once the adapter has accepted it, with an id for it
+        that the adapter takes back in ``edit_of`` and ``in_reply_to`` (the service's id,
+        or one of the adapter's own that it maps to the service's once sent), or None
+        where the service has no ids for messages."""
 
     def user_id(self, name: str) -> str:
         """The user id this adapter's messages carry for the person a human calls

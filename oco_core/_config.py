@@ -89,6 +89,12 @@ class BotSettings(_Strict):
     max_message_bytes: int = Field(
         default=16384, gt=0, description="Largest message body a callback may send (RESOURCE_EXHAUSTED past it)."
     )
+    max_attachment_bytes: int = Field(
+        default=3 << 20,
+        gt=0,
+        description="Largest attachment a callback may send as data (RESOURCE_EXHAUSTED past it); a request "
+        "must also fit grpc.max_receive_bytes.",
+    )
     unknown_command_reply: bool = Field(
         default=True,
         description="Answer a command addressed to the bot that no route matches (with the closest known one).",
@@ -447,7 +453,7 @@ class ScheduleSettings(_Strict):
         return self
 
 
-_EVENT_NAMES = ("membership", "topic")
+_EVENT_NAMES = ("membership", "topic", "reaction", "edit")
 
 
 class Capabilities(_Strict):

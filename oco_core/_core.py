@@ -166,18 +166,18 @@ class BotCore:
         room ids (``irc/#ops-*``), for the checks in ``_policy``."""
         return fold_patterns(patterns, {name: link.adapter.room_id for name, link in self.links.items()})
 
-    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
-        """Send every message of ``request`` in order, after checking all of them; a
-        message asking a question opens it first, so that no quick answer is missed."""
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> list[str]:
+        """Send every message of ``request`` in order, after checking all of them, and
+        return their ids; a message asking a question opens it first, so that no quick
+        answer is missed."""
         asking = [(i, m) for i, m in enumerate(request.messages) if m.HasField("question")]
         if not asking:
-            await self.outgoing.send_messages(callback_id, request)
-            return
+            return await self.outgoing.send_messages(callback_id, request)
         for index, message in asking:
             self.conversations.check(message, index)
         opened = [self.conversations.ask(callback_id, message) for _, message in asking]
         try:
-            await self.outgoing.send_messages(callback_id, request)
+            return await self.outgoing.send_messages(callback_id, request)
         except BaseException:
             for asked in opened:
                 self.conversations.withdraw(asked)

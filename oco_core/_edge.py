@@ -139,7 +139,7 @@ class EdgeHost(Protocol):
     def canonical_user(self, user_id: str) -> str:
         """A user id as typed → the id messages carry."""
 
-    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> list[str]:
         """Send a request's messages, all checked before the first goes out."""
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
@@ -503,8 +503,8 @@ class Services:
     ) -> robot_pb2.SendMessagesResponse:
         """Send messages, all or none checked before the first goes out."""
         callback_id = await self._caller(info)
-        await _guard(self.bot.send_messages(callback_id, request))
-        return robot_pb2.SendMessagesResponse()
+        ids = await _guard(self.bot.send_messages(callback_id, request))
+        return robot_pb2.SendMessagesResponse(message_ids=ids)
 
     async def send_message_stream(
         self,
@@ -554,7 +554,7 @@ class Services:
 
     async def _send_result(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> robot_pb2.SendResult:
         try:
-            await self.bot.send_messages(callback_id, request)
+            ids = await self.bot.send_messages(callback_id, request)
         except OcoError as exc:
             wire = to_wire(exc)
             return robot_pb2.SendResult(
@@ -564,7 +564,7 @@ class Services:
                 error_type=wire.error_type,
                 error_fields=wire.fields,
             )
-        return robot_pb2.SendResult(request_id=request.request_id)
+        return robot_pb2.SendResult(request_id=request.request_id, message_ids=ids)
 
     async def join(self, request: robot_pb2.JoinRequest, info: CallInfo) -> robot_pb2.JoinResponse:
         """Join a room through its adapter."""

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind
+from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, ReactionEvent
 from ._directory import UserRecord
 from ._proto import core_pb2, robot_pb2
 from ._store import NamespacedStore, Store
@@ -70,6 +70,9 @@ class AdapterLink:
     async def topic(self, room: ChatRoom, user: ChatUser | None = None) -> None:
         self._core.incoming.topic(self.name, room, user)
 
+    async def reaction(self, event: ReactionEvent) -> None:
+        self._core.incoming.reaction(self.name, event)
+
     async def room_members(self, room: ChatRoom, users: Sequence[ChatUser]) -> None:
         self._core.incoming.room_members(self.name, room, users)
 
@@ -98,9 +101,6 @@ class Incoming:
         core.stats.received += 1
         core.metrics.message_received(adapter)
         core.activity.touch()
-        if incoming.edit_of:
-            log.debug("not routing an edit of %s from %s", incoming.edit_of, adapter)
-            return
         user = _user_pb(adapter, incoming.user)
         room = _room_pb(adapter, incoming.room) if incoming.room is not None else None
         room_id = room.id if room is not None else ""
@@ -111,10 +111,19 @@ class Incoming:
             id=message_id,
             action=incoming.action,
             private=incoming.direct,
+            thread_id=f"{adapter}/{incoming.thread_id}" if incoming.thread_id else "",
+            attachments=[
+                core_pb2.Attachment(name=a.name, media_type=a.media_type, url=a.url, size=a.size)
+                for a in incoming.attachments
+            ],
         )
         core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
         if room is not None:
             core.directory.see_room(room.id, room.name, member=user.id)
+        if incoming.edit_of:  # not a new command: only callbacks that asked for edits see it
+            message.edit_of = f"{adapter}/{incoming.edit_of}"
+            core.router.broadcast(robot_pb2.EVENT_KIND_EDIT, core_pb2.Event(edit=message))
+            return
         if core.conversations.take(adapter, incoming, message):  # the answer to a callback's question
             return
         respond_text = core.router.address(adapter, incoming.body)
@@ -173,6 +182,23 @@ class Incoming:
             # Only a rename names who the user was; other kinds keep their payload as before.
             **({"previous": previous.id} if previous is not None else {}),
         )
+
+    def reaction(self, adapter: str, event: ReactionEvent) -> None:
+        """Pass a reaction to the callbacks that asked for them."""
+        core = self._core
+        if not core.leader.acting():
+            return
+        core.activity.touch()
+        user = _user_pb(adapter, event.user)
+        room = _room_pb(adapter, event.room) if event.room is not None else None
+        core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
+        reaction = core_pb2.Reaction(
+            message_id=f"{adapter}/{event.message_id}",
+            key=event.key,
+            source=core_pb2.Source(user=user, room=room),
+            id=f"{adapter}/{event.id}" if event.id else "",
+        )
+        core.router.broadcast(robot_pb2.EVENT_KIND_REACTION, core_pb2.Event(reaction=reaction))
 
     def room_members(self, adapter: str, room: ChatRoom, users: Sequence[ChatUser]) -> None:
         """Set a room's members in the directory from the adapter's list, broadcasting

@@ -10,10 +10,11 @@ could have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from ._adapter import ChatUser, IncomingMessage, OutgoingMessage
+from ._adapter import Attachment, ChatUser, Feature, IncomingMessage, OutgoingMessage
 from ._errors import AdapterError, InvalidRequestError, RequestTooLargeError, StandbyError, UnknownTargetError
 from ._proto import core_pb2, robot_pb2
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from ._incoming import AdapterLink
 
 log = logging.getLogger(__name__)
+
+#: The longest typing indication a message may ask for (Message.typing_seconds).
+MAX_TYPING_SECONDS = 120
 
 
 class Outgoing:
@@ -74,6 +78,8 @@ class Outgoing:
             raise InvalidRequestError(f"{what} is private but has no source.user.id: say whom it goes to")
         in_reply_to = message.in_reply_to or ""
         prefix = link.name + "/"
+        attachments = self._attachments(message, what)
+        self._check_rich(message, native_room, prefix, what)
         out = OutgoingMessage(
             body=message.body,
             room_id=native_room,
@@ -83,8 +89,66 @@ class Outgoing:
             format="markdown" if message.format == core_pb2.FORMAT_MARKDOWN else "plain",
             action=message.action,
             in_reply_to=in_reply_to.removeprefix(prefix) if in_reply_to.startswith(prefix) else "",
+            thread_id=message.thread_id.removeprefix(prefix) if message.thread_id.startswith(prefix) else "",
+            attachments=attachments,
+            edit_of=message.edit_of.removeprefix(prefix),
+            reaction=message.reaction,
+            typing_seconds=message.typing_seconds,
         )
         return link, out
+
+    def _attachments(self, message: core_pb2.Message, what: str) -> tuple[Attachment, ...]:
+        limit = self._core.config.bot.max_attachment_bytes
+        attachments = []
+        for n, item in enumerate(message.attachments):
+            name = f"{what}, attachment {n}"
+            if not item.data and not item.url:
+                raise InvalidRequestError(f"{name} has neither data nor url: give the file's bytes or a link to it")
+            if item.url and not item.url.startswith(("https://", "http://", "mxc://")):
+                raise InvalidRequestError(f"{name}: url {item.url[:80]!r} is not an http(s) url")
+            if len(item.data) > limit:
+                raise RequestTooLargeError(
+                    f"{name} is {len(item.data)} bytes; the bot accepts at most {limit} (bot.max_attachment_bytes): "
+                    "send a url to it instead"
+                )
+            attachments.append(
+                Attachment(
+                    name=item.name or "attachment",
+                    media_type=item.media_type,
+                    url=item.url,
+                    data=item.data,
+                    size=len(item.data) or item.size,
+                )
+            )
+        return tuple(attachments)
+
+    @staticmethod
+    def _check_rich(message: core_pb2.Message, native_room: str | None, prefix: str, what: str) -> None:
+        if message.edit_of and not message.edit_of.startswith(prefix):
+            raise InvalidRequestError(
+                f"{what}: edit_of {message.edit_of!r} is not the id of a message sent through {prefix[:-1]}; "
+                "use an id SendMessages returned for the bot's message"
+            )
+        if message.reaction:
+            if not message.in_reply_to.startswith(prefix):
+                raise InvalidRequestError(
+                    f"{what}: a reaction needs in_reply_to, the id of the message it reacts to (one on {prefix[:-1]})"
+                )
+            if len(message.reaction) > 64 or message.edit_of or message.attachments:
+                raise InvalidRequestError(
+                    f"{what}: a reaction is a short key (an emoji, at most 64 characters), with no edit_of or "
+                    "attachments"
+                )
+        if message.typing_seconds:
+            if message.typing_seconds > MAX_TYPING_SECONDS:
+                raise InvalidRequestError(
+                    f"{what}: typing_seconds is {message.typing_seconds}; at most {MAX_TYPING_SECONDS}"
+                )
+            if message.body or message.attachments or message.reaction or message.edit_of or native_room is None:
+                raise InvalidRequestError(
+                    f"{what}: a typing indication (typing_seconds) goes to a room (source.room.id) and carries "
+                    "nothing else: no body, attachments, reaction or edit_of"
+                )
 
     @staticmethod
     def target(link: AdapterLink, out: OutgoingMessage) -> str:
@@ -108,8 +172,9 @@ class Outgoing:
         known = ", ".join(f"{n}/..." for n in links) or "none yet"
         raise UnknownTargetError(f"{what}: unknown id {ident!r}; ids start with an adapter name ({known})")
 
-    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> None:
-        """Send every message of ``request`` in order, after checking all of them."""
+    async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> list[str]:
+        """Send every message of ``request`` in order, after checking all of them;
+        return the id of each as callbacks see ids ("" where the adapter gives none)."""
         leader = self._core.leader
         leader.check()  # a standby's adapters are not connected: say where the active one is
         resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
@@ -118,6 +183,7 @@ class Outgoing:
         for index, target in enumerate(targets):
             policy.require_send(target, f"message {index}")
         policy.take_send(len(resolved))
+        ids: list[str] = []
         for sent, (link, out) in enumerate(resolved):
             try:
                 leader.check()  # the fence, right before it goes out (ha:)
@@ -131,16 +197,24 @@ class Outgoing:
                     f"the active one (ha:) after {sent} of {len(resolved)} message(s) went out ({exc})",
                     sent=sent,
                 ) from exc
+            plain = as_rendered(out, link.adapter.features)
+            if plain is None:  # a typing indication the service cannot show
+                ids.append("")
+                continue
             try:
-                await link.adapter.send(out)
+                native_id = await link.adapter.send(plain)
             except AdapterError as exc:
                 exc.sent = sent  # a retry can skip the messages that already went out
                 # The adapter names its native id; the callback knows the full one.
                 exc.args = (f"message {sent} to {targets[sent]}: {exc}",)
                 raise
+            ids.append(f"{link.name}/{native_id}" if native_id else "")
+            if out.typing_seconds:
+                continue  # not a message: neither counted nor a reply
             self._core.stats.sent += 1
             self._core.metrics.message_sent(link.name, callback_id, request.messages[sent].in_reply_to)
         self._core.activity.replied(callback_id, [m.in_reply_to for m in request.messages if m.in_reply_to])
+        return ids
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
         """Join (or part) a room through its adapter."""
@@ -168,8 +242,10 @@ class Outgoing:
             mention=mention and incoming.room is not None,
             private=incoming.room is None,
             in_reply_to=incoming.id,
+            thread_id=incoming.thread_id,
         )
         link = self._core.links[adapter]
+        out = as_rendered(out, link.adapter.features) or out
 
         async def send() -> None:
             if not self._core.leader.acting():  # fenced meanwhile (ha:): say nothing
@@ -182,3 +258,41 @@ class Outgoing:
                 self._core.metrics.message_sent(adapter)
 
         self._core.spawn(send)
+
+
+def as_rendered(out: OutgoingMessage, features: Feature) -> OutgoingMessage | None:
+    """``out`` as an adapter with ``features`` can send it: each rich part it does not
+    render turned into plain text (see :class:`~._adapter.Feature`); None for a typing
+    indication it cannot show."""
+    if out.typing_seconds:
+        return out if Feature.TYPING in features else None
+    changes: dict[str, object] = {}
+    body = out.body
+    if out.reaction and Feature.REACTIONS not in features:
+        changes["reaction"] = ""
+        body = body or out.reaction
+    if out.edit_of and Feature.EDITS not in features:
+        changes["edit_of"] = ""
+        body = f"Correction: {body}"
+    if out.attachments and Feature.ATTACHMENTS not in features:
+        changes["attachments"] = ()
+        lines = [_attachment_line(item) for item in out.attachments]
+        body = "\n".join([body, *lines]) if body else "\n".join(lines)
+    if out.thread_id and Feature.THREADS not in features:
+        changes["thread_id"] = ""
+    if not changes:
+        return out
+    return dataclasses.replace(out, body=body, **changes)  # type: ignore[arg-type]
+
+
+def _attachment_line(item: Attachment) -> str:
+    if item.url:
+        return f"{item.name}: {item.url}"
+    kind = f", {item.media_type}" if item.media_type else ""
+    return f"{item.name} ({_size(item.size)}{kind}; files cannot be shown here)"
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    return f"{size / 1024:.1f} KiB" if size < 1 << 20 else f"{size / (1 << 20):.1f} MiB"

@@ -28,7 +28,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVENT_NAMES: dict[int, str] = {robot_pb2.EVENT_KIND_MEMBERSHIP: "membership", robot_pb2.EVENT_KIND_TOPIC: "topic"}
+EVENT_NAMES: dict[int, str] = {
+    robot_pb2.EVENT_KIND_MEMBERSHIP: "membership",
+    robot_pb2.EVENT_KIND_TOPIC: "topic",
+    robot_pb2.EVENT_KIND_REACTION: "reaction",
+    robot_pb2.EVENT_KIND_EDIT: "edit",
+}
 
 #: Capabilities a call may need, and the config key that grants each.
 CAPABILITIES = ("join", "storage", "directory", "check_permission")

@@ -20,12 +20,15 @@ from __future__ import annotations
 from ._adapter import Adapter as Adapter
 from ._adapter import AdapterHost as AdapterHost
 from ._adapter import AdapterType as AdapterType
+from ._adapter import Attachment as Attachment
 from ._adapter import ChatRoom as ChatRoom
 from ._adapter import ChatUser as ChatUser
+from ._adapter import Feature as Feature
 from ._adapter import IncomingMessage as IncomingMessage
 from ._adapter import MembershipEvent as MembershipEvent
 from ._adapter import MembershipKind as MembershipKind
 from ._adapter import OutgoingMessage as OutgoingMessage
+from ._adapter import ReactionEvent as ReactionEvent
 from ._datastore import DataStoreAccess as DataStoreAccess
 from ._datastore import DataStoreProvider as DataStoreProvider
 from ._datastore import DataStoreType as DataStoreType
@@ -48,18 +51,21 @@ __all__ = [
     "Adapter",
     "AdapterHost",
     "AdapterType",
+    "Attachment",
     "Backoff",
     "ChatRoom",
     "ChatUser",
     "DataStoreAccess",
     "DataStoreProvider",
     "DataStoreType",
+    "Feature",
     "IncomingMessage",
     "Item",
     "MembershipEvent",
     "MembershipKind",
     "NamespacedStore",
     "OutgoingMessage",
+    "ReactionEvent",
     "Store",
     "StoreType",
     "TokenBucket",

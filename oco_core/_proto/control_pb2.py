@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import core_pb2 as core__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x03oco\"U\n\rInjectRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\n\n\x02id\x18\x05 \x01(\t\"\x10\n\x0eInjectResponse\"1\n\x0fListSentRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"6\n\x10ListSentResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.oco.SentMessage\"\x9d\x01\n\x0bSentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0f\n\x07mention\x18\x05 \x01(\x08\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\t\x12\x10\n\x08markdown\x18\x08 \x01(\x08\x12\x0e\n\x06\x61\x63tion\x18\t \x01(\x08\x32{\n\rMemoryControl\x12\x31\n\x06Inject\x12\x12.oco.InjectRequest\x1a\x13.oco.InjectResponse\x12\x37\n\x08ListSent\x12\x14.oco.ListSentRequest\x1a\x15.oco.ListSentResponseBg\n\x13org.openchatops.ocoB\x0c\x43ontrolProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x03oco\x1a\ncore.proto\"\x9f\x01\n\rInjectRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\n\n\x02id\x18\x05 \x01(\t\x12\x0f\n\x07\x65\x64it_of\x18\x06 \x01(\t\x12\x11\n\tthread_id\x18\x07 \x01(\t\x12$\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x0f.oco.Attachment\"\x10\n\x0eInjectResponse\"`\n\x15InjectReactionRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\n\n\x02id\x18\x05 \x01(\t\"q\n\x17InjectMembershipRequest\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.oco.MembershipChange.Kind\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08previous\x18\x04 \x01(\t\"1\n\x0fListSentRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"6\n\x10ListSentResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.oco.SentMessage\"\x9d\x02\n\x0bSentMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0f\n\x07mention\x18\x05 \x01(\x08\x12\x0f\n\x07private\x18\x06 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x07 \x01(\t\x12\x10\n\x08markdown\x18\x08 \x01(\x08\x12\x0e\n\x06\x61\x63tion\x18\t \x01(\x08\x12\n\n\x02id\x18\n \x01(\t\x12\x11\n\tthread_id\x18\x0b \x01(\t\x12$\n\x0b\x61ttachments\x18\x0c \x03(\x0b\x32\x0f.oco.Attachment\x12\x0f\n\x07\x65\x64it_of\x18\r \x01(\t\x12\x10\n\x08reaction\x18\x0e \x01(\t\x12\x16\n\x0etyping_seconds\x18\x0f \x01(\r2\x85\x02\n\rMemoryControl\x12\x31\n\x06Inject\x12\x12.oco.InjectRequest\x1a\x13.oco.InjectResponse\x12\x37\n\x08ListSent\x12\x14.oco.ListSentRequest\x1a\x15.oco.ListSentResponse\x12\x41\n\x0eInjectReaction\x12\x1a.oco.InjectReactionRequest\x1a\x13.oco.InjectResponse\x12\x45\n\x10InjectMembership\x12\x1c.oco.InjectMembershipRequest\x1a\x13.oco.InjectResponseBg\n\x13org.openchatops.ocoB\x0c\x43ontrolProtoP\x01Z(github.com/openchatops/oco/proto/oco;oco\xa2\x02\x03OCO\xaa\x02\x0fOpenChatOps.Ocob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,16 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023org.openchatops.ocoB\014ControlProtoP\001Z(github.com/openchatops/oco/proto/oco;oco\242\002\003OCO\252\002\017OpenChatOps.Oco'
-  _globals['_INJECTREQUEST']._serialized_start=22
-  _globals['_INJECTREQUEST']._serialized_end=107
-  _globals['_INJECTRESPONSE']._serialized_start=109
-  _globals['_INJECTRESPONSE']._serialized_end=125
-  _globals['_LISTSENTREQUEST']._serialized_start=127
-  _globals['_LISTSENTREQUEST']._serialized_end=176
-  _globals['_LISTSENTRESPONSE']._serialized_start=178
-  _globals['_LISTSENTRESPONSE']._serialized_end=232
-  _globals['_SENTMESSAGE']._serialized_start=235
-  _globals['_SENTMESSAGE']._serialized_end=392
-  _globals['_MEMORYCONTROL']._serialized_start=394
-  _globals['_MEMORYCONTROL']._serialized_end=517
+  _globals['_INJECTREQUEST']._serialized_start=35
+  _globals['_INJECTREQUEST']._serialized_end=194
+  _globals['_INJECTRESPONSE']._serialized_start=196
+  _globals['_INJECTRESPONSE']._serialized_end=212
+  _globals['_INJECTREACTIONREQUEST']._serialized_start=214
+  _globals['_INJECTREACTIONREQUEST']._serialized_end=310
+  _globals['_INJECTMEMBERSHIPREQUEST']._serialized_start=312
+  _globals['_INJECTMEMBERSHIPREQUEST']._serialized_end=425
+  _globals['_LISTSENTREQUEST']._serialized_start=427
+  _globals['_LISTSENTREQUEST']._serialized_end=476
+  _globals['_LISTSENTRESPONSE']._serialized_start=478
+  _globals['_LISTSENTRESPONSE']._serialized_end=532
+  _globals['_SENTMESSAGE']._serialized_start=535
+  _globals['_SENTMESSAGE']._serialized_end=820
+  _globals['_MEMORYCONTROL']._serialized_start=823
+  _globals['_MEMORYCONTROL']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

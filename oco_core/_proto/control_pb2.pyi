@@ -14,6 +14,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
+from . import core_pb2 as _core_pb2
 import sys
 import typing as _typing
 
@@ -35,6 +36,9 @@ class InjectRequest(_message.Message):
     ROOM_FIELD_NUMBER: _builtins.int
     DIRECT_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    EDIT_OF_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
     body: _builtins.str
     """The text of the message."""
     user: _builtins.str
@@ -49,6 +53,16 @@ class InjectRequest(_message.Message):
     """
     id: _builtins.str
     """The chat service's id for the message; empty lets the bot number it."""
+    edit_of: _builtins.str
+    """The chat service's id of the message this one edits (its new text is body): the bot
+    passes it on as Event.edit, and routes do not see it.
+    """
+    thread_id: _builtins.str
+    """The chat service's id of the thread's root message, if any."""
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_core_pb2.Attachment]:
+        """Files the user sent (by url)."""
+
     def __init__(
         self,
         *,
@@ -57,10 +71,13 @@ class InjectRequest(_message.Message):
         room: _builtins.str = ...,
         direct: _builtins.bool = ...,
         id: _builtins.str = ...,
+        edit_of: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        attachments: _abc.Iterable[_core_pb2.Attachment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "direct", b"direct", "id", b"id", "room", b"room", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "body", b"body", "direct", b"direct", "edit_of", b"edit_of", "id", b"id", "room", b"room", "thread_id", b"thread_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -82,6 +99,78 @@ class InjectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InjectResponse: _TypeAlias = InjectResponse  # noqa: Y015
+
+@_typing.final
+class InjectReactionRequest(_message.Message):
+    """Request message for the InjectReaction method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    ROOM_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """Who reacts (the memory adapter's own id: "alice")."""
+    room: _builtins.str
+    """Where; empty for a private chat."""
+    message_id: _builtins.str
+    """The memory adapter's own id of the message reacted to."""
+    key: _builtins.str
+    """The reaction ("👍")."""
+    id: _builtins.str
+    """The reaction's own id; may be empty."""
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        room: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "message_id", b"message_id", "room", b"room", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectReactionRequest: _TypeAlias = InjectReactionRequest  # noqa: Y015
+
+@_typing.final
+class InjectMembershipRequest(_message.Message):
+    """Request message for the InjectMembership method."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ROOM_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    kind: _core_pb2.MembershipChange.Kind.ValueType
+    """What happened."""
+    user: _builtins.str
+    """Who (as they are now, for KIND_RENAMED)."""
+    room: _builtins.str
+    """Which room; empty means "general"."""
+    previous: _builtins.str
+    """For KIND_RENAMED: who the user was before."""
+    def __init__(
+        self,
+        *,
+        kind: _core_pb2.MembershipChange.Kind.ValueType = ...,
+        user: _builtins.str = ...,
+        room: _builtins.str = ...,
+        previous: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "previous", b"previous", "room", b"room", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectMembershipRequest: _TypeAlias = InjectMembershipRequest  # noqa: Y015
 
 @_typing.final
 class ListSentRequest(_message.Message):
@@ -152,6 +241,12 @@ class SentMessage(_message.Message):
     IN_REPLY_TO_FIELD_NUMBER: _builtins.int
     MARKDOWN_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    EDIT_OF_FIELD_NUMBER: _builtins.int
+    REACTION_FIELD_NUMBER: _builtins.int
+    TYPING_SECONDS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Its position: 1 for the first message sent, then 2, 3, ..."""
     body: _builtins.str
@@ -170,6 +265,22 @@ class SentMessage(_message.Message):
     """True when the body is Markdown."""
     action: _builtins.bool
     """True for an action ("/me ...")."""
+    id: _builtins.str
+    """The id the memory adapter gave the message ("m1", "m2"...): the bot passes it to the
+    callback as "<adapter name>/m1" in SendMessagesResponse.message_ids.
+    """
+    thread_id: _builtins.str
+    """The thread it was posted in, if any."""
+    edit_of: _builtins.str
+    """The id of the bot's earlier message it replaces, if any."""
+    reaction: _builtins.str
+    """For a reaction: its key (in_reply_to names the message)."""
+    typing_seconds: _builtins.int
+    """For a typing indication: how long."""
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_core_pb2.Attachment]:
+        """Its files, as the adapter received them."""
+
     def __init__(
         self,
         *,
@@ -182,10 +293,16 @@ class SentMessage(_message.Message):
         in_reply_to: _builtins.str = ...,
         markdown: _builtins.bool = ...,
         action: _builtins.bool = ...,
+        id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        attachments: _abc.Iterable[_core_pb2.Attachment] | None = ...,
+        edit_of: _builtins.str = ...,
+        reaction: _builtins.str = ...,
+        typing_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "in_reply_to", b"in_reply_to", "markdown", b"markdown", "mention", b"mention", "private", b"private", "room", b"room", "seq", b"seq", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attachments", b"attachments", "body", b"body", "edit_of", b"edit_of", "id", b"id", "in_reply_to", b"in_reply_to", "markdown", b"markdown", "mention", b"mention", "private", b"private", "reaction", b"reaction", "room", b"room", "seq", b"seq", "thread_id", b"thread_id", "typing_seconds", b"typing_seconds", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,16 @@ class MemoryControlStub:
                 request_serializer=control__pb2.ListSentRequest.SerializeToString,
                 response_deserializer=control__pb2.ListSentResponse.FromString,
                 _registered_method=True)
+        self.InjectReaction = channel.unary_unary(
+                '/oco.MemoryControl/InjectReaction',
+                request_serializer=control__pb2.InjectReactionRequest.SerializeToString,
+                response_deserializer=control__pb2.InjectResponse.FromString,
+                _registered_method=True)
+        self.InjectMembership = channel.unary_unary(
+                '/oco.MemoryControl/InjectMembership',
+                request_serializer=control__pb2.InjectMembershipRequest.SerializeToString,
+                response_deserializer=control__pb2.InjectResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryControlServicer:
@@ -70,6 +80,21 @@ class MemoryControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InjectReaction(self, request, context):
+        """A user reacts to a message (the memory adapter's own id of a message: an injected
+        InjectRequest.id, or a SentMessage.id), as the chat service would report it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectMembership(self, request, context):
+        """A user enters, leaves or is renamed in a room, as the chat service would report it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +107,16 @@ def add_MemoryControlServicer_to_server(servicer, server):
                     servicer.ListSent,
                     request_deserializer=control__pb2.ListSentRequest.FromString,
                     response_serializer=control__pb2.ListSentResponse.SerializeToString,
+            ),
+            'InjectReaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectReaction,
+                    request_deserializer=control__pb2.InjectReactionRequest.FromString,
+                    response_serializer=control__pb2.InjectResponse.SerializeToString,
+            ),
+            'InjectMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectMembership,
+                    request_deserializer=control__pb2.InjectMembershipRequest.FromString,
+                    response_serializer=control__pb2.InjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +175,60 @@ class MemoryControl:
             '/oco.MemoryControl/ListSent',
             control__pb2.ListSentRequest.SerializeToString,
             control__pb2.ListSentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectReaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.MemoryControl/InjectReaction',
+            control__pb2.InjectReactionRequest.SerializeToString,
+            control__pb2.InjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.MemoryControl/InjectMembership',
+            control__pb2.InjectMembershipRequest.SerializeToString,
+            control__pb2.InjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class MemoryControlStub:
     """Lists the messages the bot sent through the memory adapter after a position,
     waiting up to `wait_ms` for the first one when there is none yet.
     """
+    InjectReaction: _grpc.UnaryUnaryMultiCallable[_control_pb2.InjectReactionRequest, _control_pb2.InjectResponse]
+    """A user reacts to a message (the memory adapter's own id of a message: an injected
+    InjectRequest.id, or a SentMessage.id), as the chat service would report it.
+    """
+    InjectMembership: _grpc.UnaryUnaryMultiCallable[_control_pb2.InjectMembershipRequest, _control_pb2.InjectResponse]
+    """A user enters, leaves or is renamed in a room, as the chat service would report it."""
 
 @_typing.type_check_only
 class MemoryControlAsyncStub(MemoryControlStub):
@@ -67,6 +73,12 @@ class MemoryControlAsyncStub(MemoryControlStub):
     """Lists the messages the bot sent through the memory adapter after a position,
     waiting up to `wait_ms` for the first one when there is none yet.
     """
+    InjectReaction: _aio.UnaryUnaryMultiCallable[_control_pb2.InjectReactionRequest, _control_pb2.InjectResponse]  # type: ignore[assignment]
+    """A user reacts to a message (the memory adapter's own id of a message: an injected
+    InjectRequest.id, or a SentMessage.id), as the chat service would report it.
+    """
+    InjectMembership: _aio.UnaryUnaryMultiCallable[_control_pb2.InjectMembershipRequest, _control_pb2.InjectResponse]  # type: ignore[assignment]
+    """A user enters, leaves or is renamed in a room, as the chat service would report it."""
 
 class MemoryControlServicer(metaclass=_abc_1.ABCMeta):
     """Plays the chat service of a bot that runs the memory adapter: writes messages as
@@ -93,5 +105,23 @@ class MemoryControlServicer(metaclass=_abc_1.ABCMeta):
         """Lists the messages the bot sent through the memory adapter after a position,
         waiting up to `wait_ms` for the first one when there is none yet.
         """
+
+    @_abc_1.abstractmethod
+    def InjectReaction(
+        self,
+        request: _control_pb2.InjectReactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.InjectResponse, _abc.Awaitable[_control_pb2.InjectResponse]]:
+        """A user reacts to a message (the memory adapter's own id of a message: an injected
+        InjectRequest.id, or a SentMessage.id), as the chat service would report it.
+        """
+
+    @_abc_1.abstractmethod
+    def InjectMembership(
+        self,
+        request: _control_pb2.InjectMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.InjectResponse, _abc.Awaitable[_control_pb2.InjectResponse]]:
+        """A user enters, leaves or is renamed in a room, as the chat service would report it."""
 
 def add_MemoryControlServicer_to_server(servicer: MemoryControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

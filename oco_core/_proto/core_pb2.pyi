@@ -66,6 +66,8 @@ class Event(_message.Message):
     SCHEDULE_FIRING_FIELD_NUMBER: _builtins.int
     PUBLISHED_EVENT_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    REACTION_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
     REDELIVERED_FIELD_NUMBER: _builtins.int
@@ -135,6 +137,19 @@ class Event(_message.Message):
         """
 
     @_builtins.property
+    def reaction(self) -> Global___Reaction:
+        """Extension: someone reacted to a message (a Matrix m.reaction). Sent only to
+        streams that asked for EVENT_KIND_REACTION in their ListenRequest.
+        """
+
+    @_builtins.property
+    def edit(self) -> Global___Message:
+        """Extension: someone edited a message they had sent: edit.edit_of names it, and
+        edit.body is its new text. Sent only to streams that asked for EVENT_KIND_EDIT; an
+        edit never matches routes (it is not a new command).
+        """
+
+    @_builtins.property
     def approval(self) -> Global___Approval:
         """Extension: who approved this match, on a matched_message of a route that needs
         approval (the operator's `callbacks[].route_rules.<id>.approval`, or Route.approval
@@ -152,16 +167,18 @@ class Event(_message.Message):
         schedule_firing: Global___ScheduleFiring | None = ...,
         published_event: Global___PublishedEvent | None = ...,
         answer: Global___QuestionAnswer | None = ...,
+        reaction: Global___Reaction | None = ...,
+        edit: Global___Message | None = ...,
         dropped: _builtins.int = ...,
         delivery_id: _builtins.str = ...,
         redelivered: _builtins.int = ...,
         approval: Global___Approval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "edit", b"edit", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "reaction", b"reaction", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "delivery_id", b"delivery_id", "dropped", b"dropped", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "delivery_id", b"delivery_id", "dropped", b"dropped", "edit", b"edit", "matched_message", b"matched_message", "membership_change", b"membership_change", "published_event", b"published_event", "reaction", b"reaction", "redelivered", b"redelivered", "schedule_firing", b"schedule_firing", "topic_change", b"topic_change", "type", b"type", "webhook_request", b"webhook_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event", "answer"]  # noqa: Y015
+    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["matched_message", "membership_change", "topic_change", "webhook_request", "schedule_firing", "published_event", "answer", "reaction", "edit"]  # noqa: Y015
     _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
 
@@ -302,6 +319,11 @@ class Message(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     PRIVATE_FIELD_NUMBER: _builtins.int
     QUESTION_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    EDIT_OF_FIELD_NUMBER: _builtins.int
+    REACTION_FIELD_NUMBER: _builtins.int
+    TYPING_SECONDS_FIELD_NUMBER: _builtins.int
     body: _builtins.str
     """The body of the message. On an incoming message, the whole message as written,
     including the bot's address when it was addressed to the bot ("oco: deploy api");
@@ -326,6 +348,28 @@ class Message(_message.Message):
     (a direct message); set on outgoing messages to ask for a direct message to
     source.user even when source.room is set.
     """
+    thread_id: _builtins.str
+    """Extension: the thread the message is in. On an incoming message, the id of the
+    thread's root message where the service has threads (Matrix), empty outside one; on
+    an outgoing message, post it in that thread (the SDK's reply copies it from the
+    message answered). Adapters without threads ignore it.
+    """
+    edit_of: _builtins.str
+    """Extension: on an outgoing message, replace the bot's earlier message with this id
+    (one of SendMessagesResponse.message_ids or SendResult.message_ids) by this one,
+    where the service can (Matrix); elsewhere the body is sent again as a correction. On
+    an incoming message (Event.edit), the id of the message that was edited.
+    """
+    reaction: _builtins.str
+    """Extension: on an outgoing message, react with this key (an emoji: "👍") to the
+    message in_reply_to names, where the service has reactions (Matrix); elsewhere the
+    key is sent as a short message. The body may be empty.
+    """
+    typing_seconds: _builtins.int
+    """Extension: on an outgoing message with no body, show the bot as typing in the room
+    for this many seconds (at most 120), or until its next message there, where the
+    service shows that (Matrix); elsewhere nothing is sent. 0: not a typing indication.
+    """
     @_builtins.property
     def source(self) -> Global___Source:
         """The source of an incoming message or target of an outgoing message."""
@@ -335,6 +379,14 @@ class Message(_message.Message):
         """Extension: on an outgoing message, it asks source.user a question: that person's
         next message in the room (or the private chat) the message goes to is the answer,
         sent to the callback as Event.answer.
+        """
+
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
+        """Extension: files and images. On an outgoing message, each by data (the adapter
+        uploads it where the service stores files: Matrix) or by url (a link where it does
+        not, or for a url: IRC and the shell post "name: url"). On an incoming message, what
+        the person sent, with a url to fetch it.
         """
 
     def __init__(
@@ -348,14 +400,100 @@ class Message(_message.Message):
         action: _builtins.bool = ...,
         private: _builtins.bool = ...,
         question: Global___Question | None = ...,
+        thread_id: _builtins.str = ...,
+        attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        edit_of: _builtins.str = ...,
+        reaction: _builtins.str = ...,
+        typing_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["question", b"question", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "body", b"body", "format", b"format", "id", b"id", "in_reply_to", b"in_reply_to", "private", b"private", "question", b"question", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attachments", b"attachments", "body", b"body", "edit_of", b"edit_of", "format", b"format", "id", b"id", "in_reply_to", b"in_reply_to", "private", b"private", "question", b"question", "reaction", b"reaction", "source", b"source", "thread_id", b"thread_id", "typing_seconds", b"typing_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class Attachment(_message.Message):
+    """Extension: a file or an image carried by a message (Message.attachments)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The file name ("report.pdf"), shown to people."""
+    media_type: _builtins.str
+    """The media type ("image/png"); empty: guessed from the name, else
+    application/octet-stream.
+    """
+    url: _builtins.str
+    """Where it can be fetched. Outgoing: an http(s) url the adapter links to (the bot never
+    fetches it). Incoming: the service's url for it (Matrix: the homeserver's download
+    url, which needs the bot's access token unless the homeserver serves media openly).
+    """
+    data: _builtins.bytes
+    """The content, outgoing: at most `bot.max_attachment_bytes`. Incoming: empty."""
+    size: _builtins.int
+    """The size in bytes, where known (0 otherwise)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        media_type: _builtins.str = ...,
+        url: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "media_type", b"media_type", "name", b"name", "size", b"size", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
+
+@_typing.final
+class Reaction(_message.Message):
+    """Extension: a reaction to a message (Event.reaction)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The id of the message reacted to, as the bot gives ids: an incoming message's
+    Message.id, or one of the ids SendMessages gave for the bot's own message.
+    """
+    key: _builtins.str
+    """What the reaction is: an emoji ("👍") or a short text."""
+    id: _builtins.str
+    """The reaction's own id."""
+    @_builtins.property
+    def source(self) -> Global___Source:
+        """Who reacted, and in which room."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+        source: Global___Source | None = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "message_id", b"message_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reaction: _TypeAlias = Reaction  # noqa: Y015
 
 @_typing.final
 class Question(_message.Message):

@@ -76,6 +76,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     """MembershipChange events: users entering and leaving rooms."""
     EVENT_KIND_TOPIC: _EventKind.ValueType  # 2
     """TopicChange events."""
+    EVENT_KIND_REACTION: _EventKind.ValueType  # 3
+    """Event.reaction: reactions to messages."""
+    EVENT_KIND_EDIT: _EventKind.ValueType  # 4
+    """Event.edit: people editing their messages."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """Extension: kinds of events a Listen stream may ask for beyond matched messages."""
@@ -86,6 +90,10 @@ EVENT_KIND_MEMBERSHIP: EventKind.ValueType  # 1
 """MembershipChange events: users entering and leaving rooms."""
 EVENT_KIND_TOPIC: EventKind.ValueType  # 2
 """TopicChange events."""
+EVENT_KIND_REACTION: EventKind.ValueType  # 3
+"""Event.reaction: reactions to messages."""
+EVENT_KIND_EDIT: EventKind.ValueType  # 4
+"""Event.edit: people editing their messages."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -888,12 +896,23 @@ class SendMessagesResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extension: the id the bot gave each message sent, in the order of the request's
+        messages, for Message.edit_of, Message.in_reply_to (reactions) and the
+        Reaction.message_id of reactions to it; empty for a message the adapter gives no id
+        (IRC, the shell).
+        """
+
     def __init__(
         self,
+        *,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_ids", b"message_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -930,6 +949,7 @@ class SendResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ERROR_TYPE_FIELD_NUMBER: _builtins.int
     ERROR_FIELDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """The request_id of the request this answers."""
     code: _builtins.int
@@ -946,6 +966,12 @@ class SendResult(_message.Message):
         `oco-error-<attribute>` trailing metadata would carry them, but not percent-encoded.
         """
 
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the messages sent, as SendMessagesResponse.message_ids; empty when code
+        is not 0.
+        """
+
     def __init__(
         self,
         *,
@@ -954,10 +980,11 @@ class SendResult(_message.Message):
         error: _builtins.str = ...,
         error_type: _builtins.str = ...,
         error_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "error_fields", b"error_fields", "error_type", b"error_type", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "error_fields", b"error_fields", "error_type", b"error_type", "message_ids", b"message_ids", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,11 +14,14 @@ benchmarks::
 
 from __future__ import annotations
 
+import functools
+import operator
+import typing
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,12 +30,15 @@ from .._adapter import (
     Adapter,
     AdapterHost,
     AdapterType,
+    Attachment,
     ChatRoom,
     ChatUser,
+    Feature,
     IncomingMessage,
     MembershipEvent,
     MembershipKind,
     OutgoingMessage,
+    ReactionEvent,
 )
 from .._errors import UnknownTargetError
 from .._hookspecs import hookimpl
@@ -50,6 +56,9 @@ if TYPE_CHECKING:
     from .._sdk import Callback
 
 
+_FeatureName = Literal["threads", "attachments", "edits", "reactions", "typing"]
+
+
 class MemoryConfig(BaseModel):
     """Options of the memory adapter."""
 
@@ -63,6 +72,10 @@ class MemoryConfig(BaseModel):
         description="host:port for the test-only control service (oco.MemoryControl, see _control.py); off if unset.",
     )
     control_address_file: Path | None = Field(default=None, description="Where to write the control service's address.")
+    features: list[_FeatureName] = Field(
+        default_factory=lambda: list(typing.get_args(_FeatureName)),
+        description="The rich replies it takes as they are; the bot turns the others into text first.",
+    )
 
 
 class MemoryAdapter(Adapter):
@@ -73,6 +86,11 @@ class MemoryAdapter(Adapter):
         self.rooms = set(self.config.rooms)
         self.users = set(self.config.users)
         self.sent: list[OutgoingMessage] = []
+        #: The id :meth:`send` gave each message of ``sent`` ("m1", "m2"...).
+        self.sent_ids: list[str] = []
+        self.features = functools.reduce(
+            operator.or_, (Feature[name.upper()] for name in self.config.features), Feature.NONE
+        )
         self._read = 0
         self._more = trio.Event()
         self.host: AdapterHost | None = None
@@ -90,9 +108,19 @@ class MemoryAdapter(Adapter):
             await trio.sleep_forever()
 
     async def inject(
-        self, body: str, *, user: str = "alice", room: str | None = "general", direct: bool = False, id: str = ""
+        self,
+        body: str,
+        *,
+        user: str = "alice",
+        room: str | None = "general",
+        direct: bool = False,
+        id: str = "",
+        edit_of: str = "",
+        thread_id: str = "",
+        attachments: Sequence[Attachment] = (),
     ) -> None:
-        """Deliver a message from ``user`` in ``room`` (None: a private message)."""
+        """Deliver a message from ``user`` in ``room`` (None: a private message); with
+        ``edit_of``, an edit of that message."""
         await self._ready.wait()
         assert self.host is not None
         self.users.add(user)
@@ -102,8 +130,25 @@ class MemoryAdapter(Adapter):
             room=ChatRoom(id=room, name=room) if room is not None else None,
             direct=direct or room is None,
             id=id,
+            edit_of=edit_of,
+            thread_id=thread_id,
+            attachments=tuple(attachments),
         )
         await self.host.receive(message)
+
+    async def react(self, key: str, message_id: str, *, user: str = "alice", room: str | None = "general") -> None:
+        """Report that ``user`` reacted with ``key`` to the message ``message_id``."""
+        await self._ready.wait()
+        assert self.host is not None
+        self.users.add(user)
+        await self.host.reaction(
+            ReactionEvent(
+                message_id=message_id,
+                key=key,
+                user=ChatUser(id=user, name=user.title(), mention_name=user),
+                room=ChatRoom(id=room, name=room) if room is not None else None,
+            )
+        )
 
     async def member(
         self, kind: MembershipKind, user: str, room: str = "general", *, previous: str | None = None
@@ -124,14 +169,18 @@ class MemoryAdapter(Adapter):
         self._read += 1
         return self.sent[self._read - 1]
 
-    async def send(self, message: OutgoingMessage) -> None:
+    async def send(self, message: OutgoingMessage) -> str:
         if message.room_id is not None and message.room_id not in self.rooms:
             raise UnknownTargetError(f"no room {message.room_id!r} (rooms: {', '.join(sorted(self.rooms))})")
         if message.room_id is None and (message.user is None or message.user.id not in self.users):
             who = message.user.id if message.user else None
             raise UnknownTargetError(f"no user {who!r} to send a private message to")
+        if message.edit_of and message.edit_of not in self.sent_ids:
+            raise UnknownTargetError(f"no message {message.edit_of!r} of the bot's to edit")
         self.sent.append(message)
+        self.sent_ids.append(f"m{len(self.sent)}")
         self._more.set()
+        return self.sent_ids[-1]
 
     async def join(self, room: str) -> None:
         self.rooms.add(room)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import trio
 
-from .._adapter import OutgoingMessage
+from .._adapter import Attachment, MembershipKind, OutgoingMessage
 from .._bridge import CallInfo, Method, RpcAbort, open_bridge
 from .._errors import AdapterError
-from .._proto import control_pb2
+from .._proto import control_pb2, core_pb2
 
 if TYPE_CHECKING:
     from . import MemoryAdapter
@@ -37,7 +37,7 @@ MAX_WAIT_MS = 60_000
 _POLL_SECONDS = 0.005
 
 
-def _sent(seq: int, message: OutgoingMessage) -> control_pb2.SentMessage:
+def _sent(seq: int, message: OutgoingMessage, message_id: str) -> control_pb2.SentMessage:
     return control_pb2.SentMessage(
         seq=seq,
         body=message.body,
@@ -48,6 +48,15 @@ def _sent(seq: int, message: OutgoingMessage) -> control_pb2.SentMessage:
         in_reply_to=message.in_reply_to,
         markdown=message.format == "markdown",
         action=message.action,
+        id=message_id,
+        thread_id=message.thread_id,
+        attachments=[
+            core_pb2.Attachment(name=a.name, media_type=a.media_type, url=a.url, data=a.data, size=a.size)
+            for a in message.attachments
+        ],
+        edit_of=message.edit_of,
+        reaction=message.reaction,
+        typing_seconds=message.typing_seconds,
     )
 
 
@@ -62,8 +71,42 @@ class ControlService:
         if not request.user:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "InjectRequest.user is empty: say who writes")
         await self.adapter.inject(
-            request.body, user=request.user, room=request.room or None, direct=request.direct, id=request.id
+            request.body,
+            user=request.user,
+            room=request.room or None,
+            direct=request.direct,
+            id=request.id,
+            edit_of=request.edit_of,
+            thread_id=request.thread_id,
+            attachments=[
+                Attachment(name=a.name, media_type=a.media_type, url=a.url, size=a.size) for a in request.attachments
+            ],
         )
+        return control_pb2.InjectResponse()
+
+    async def inject_reaction(
+        self, request: control_pb2.InjectReactionRequest, info: CallInfo
+    ) -> control_pb2.InjectResponse:
+        """Deliver a reaction from a user, as the chat service would."""
+        if not request.user or not request.message_id or not request.key:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "InjectReactionRequest needs user, message_id and key")
+        await self.adapter.react(request.key, request.message_id, user=request.user, room=request.room or None)
+        return control_pb2.InjectResponse()
+
+    async def inject_membership(
+        self, request: control_pb2.InjectMembershipRequest, info: CallInfo
+    ) -> control_pb2.InjectResponse:
+        """Report a user entering, leaving or renamed in a room."""
+        try:
+            kind = MembershipKind(request.kind)
+        except ValueError:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown membership kind {request.kind}") from None
+        if not request.user or (kind is MembershipKind.RENAMED) != bool(request.previous):
+            raise RpcAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "InjectMembershipRequest needs user, and previous exactly when kind is KIND_RENAMED",
+            )
+        await self.adapter.member(kind, request.user, request.room or "general", previous=request.previous or None)
         return control_pb2.InjectResponse()
 
     async def list_sent(self, request: control_pb2.ListSentRequest, info: CallInfo) -> control_pb2.ListSentResponse:
@@ -75,7 +118,7 @@ class ControlService:
             while len(sent) <= request.after:
                 await trio.sleep(_POLL_SECONDS)
         return control_pb2.ListSentResponse(
-            messages=[_sent(i + 1, m) for i, m in enumerate(sent) if i >= request.after]
+            messages=[_sent(i + 1, m, self.adapter.sent_ids[i]) for i, m in enumerate(sent) if i >= request.after]
         )
 
     def table(self) -> dict[str, dict[str, Method]]:
@@ -88,6 +131,12 @@ class ControlService:
             SERVICE: {
                 "Inject": m(self.inject, control_pb2.InjectRequest, control_pb2.InjectResponse),
                 "ListSent": m(self.list_sent, control_pb2.ListSentRequest, control_pb2.ListSentResponse),
+                "InjectReaction": m(
+                    self.inject_reaction, control_pb2.InjectReactionRequest, control_pb2.InjectResponse
+                ),
+                "InjectMembership": m(
+                    self.inject_membership, control_pb2.InjectMembershipRequest, control_pb2.InjectResponse
+                ),
             }
         }
 

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import trio
 
-from .._adapter import ChatRoom, ChatUser, IncomingMessage, MembershipEvent
+from .._adapter import ChatRoom, ChatUser, IncomingMessage, MembershipEvent, ReactionEvent
 from .._store import NamespacedStore
 from ._memory_store import MemoryStore
 
@@ -22,7 +22,7 @@ class RecordingHost:
     """An :class:`~oco_core.plugin.AdapterHost` that records everything an adapter tells it.
 
     Give it to ``adapter.run`` in place of the bot; then read :attr:`messages`,
-    :attr:`memberships`, :attr:`topics` and :attr:`own_names`, or wait for what you
+    :attr:`memberships`, :attr:`reactions`, :attr:`topics` and :attr:`own_names`, or wait for what you
     expect with :meth:`next_message`, :meth:`next_membership`, :meth:`next_topic` and
     :meth:`wait_for`. Every wait fails with an :class:`AssertionError` after its
     ``timeout``, naming what it waited for and what did arrive::
@@ -60,6 +60,7 @@ class RecordingHost:
         self.timeout = timeout
         self.messages: list[IncomingMessage] = []
         self.memberships: list[MembershipEvent] = []
+        self.reactions: list[ReactionEvent] = []
         #: ``(room, who set it)`` for every topic change, ``room.topic`` holding the topic.
         self.topics: list[tuple[ChatRoom, ChatUser | None]] = []
         #: Every room_members() call: the room and its members.
@@ -72,7 +73,7 @@ class RecordingHost:
         #: What :meth:`may_send` answers: set it False to play a bot that is no longer
         #: the active one (``ha:``).
         self.sending = True
-        self._taken: dict[str, set[int]] = {"message": set(), "membership": set(), "topic": set()}
+        self._taken: dict[str, set[int]] = {"message": set(), "membership": set(), "topic": set(), "reaction": set()}
         self._changed = trio.Event()
         self._last_record = trio.current_time() if _in_trio() else 0.0
 
@@ -90,6 +91,12 @@ class RecordingHost:
     async def membership(self, event: MembershipEvent) -> None:
         """Record ``event``."""
         self.memberships.append(event)
+        self._record()
+        await trio.lowlevel.checkpoint()
+
+    async def reaction(self, event: ReactionEvent) -> None:
+        """Record ``event``."""
+        self.reactions.append(event)
         self._record()
         await trio.lowlevel.checkpoint()
 
@@ -145,6 +152,18 @@ class RecordingHost:
     ) -> MembershipEvent:
         """Like :meth:`next_message`, for membership events."""
         return await self._next("membership", self.memberships, predicate, what, timeout, _describe_membership)
+
+    async def next_reaction(
+        self,
+        predicate: Callable[[ReactionEvent], bool] | None = None,
+        *,
+        what: str = "",
+        timeout: float | None = None,
+    ) -> ReactionEvent:
+        """Like :meth:`next_message`, for reactions."""
+        return await self._next(
+            "reaction", self.reactions, predicate, what, timeout, lambda r: f"{r.user.id} {r.key} on {r.message_id}"
+        )
 
     async def next_topic(
         self,
