@@ -214,10 +214,19 @@ def _matched_event(
     direct: bool,
     text: str,
 ) -> core_pb2.Event:
-    matched = core_pb2.MatchedMessage(
-        message=message, pattern=pattern, route_id=route_id, groups=groups, named_groups=named, direct=direct, text=text
-    )
-    return core_pb2.Event(matched_message=matched)
+    # Fields set one by one: upb's keyword constructor costs about three times as much
+    # (and an empty dict for named_groups goes through MutableMapping.update in Python).
+    event = core_pb2.Event()
+    matched = event.matched_message
+    matched.message.CopyFrom(message)
+    matched.pattern = pattern
+    matched.route_id = route_id
+    matched.groups.extend(groups)
+    if named:
+        matched.named_groups.update(named)
+    matched.direct = direct
+    matched.text = text
+    return event
 
 
 @dataclass(eq=False)
@@ -311,6 +320,8 @@ class _Pattern:
     regex: Any
     pattern: str
     targets: dict[tuple[str, str], _Target]
+    #: Named groups → their index (the RE2 wrapper's ``groupindex`` builds a dict each time).
+    groupindex: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -318,6 +329,7 @@ class _Table:
     """The compiled state of all live routes of one kind (hear or respond)."""
 
     patterns: list[_Pattern]
+    #: An RE2 set of every pattern; None for one pattern or none, which is matched alone.
     set: Any
     #: The patterns of ``set``, in order: a build with the same reuses it.
     keys: tuple[tuple[str, bool], ...] = ()
@@ -342,13 +354,16 @@ def _build_tables(
                 key = (route.pattern, route.ignore_case)
                 entry = by_key.get(key)
                 if entry is None:
-                    entry = by_key[key] = _Pattern(regexes[key], route.pattern, {})
+                    regex = regexes[key]
+                    entry = by_key[key] = _Pattern(regex, route.pattern, {}, regex.groupindex)
                 target = entry.targets.get((sub.callback_id, route.id))
                 if target is None:
                     target = entry.targets[(sub.callback_id, route.id)] = _Target(sub.callback_id, route, [])
                 target.subscriptions.append(sub)
         keys = tuple(by_key)
-        if previous is not None and previous[respond].keys == keys:
+        if len(keys) < 2:
+            regex_set = None  # see Router._match_table
+        elif previous is not None and previous[respond].keys == keys and previous[respond].set is not None:
             regex_set = previous[respond].set
         else:
             regex_set = re2.Set.SearchSet(_options(_SET_MAX_MEM))
@@ -714,18 +729,22 @@ class Router:
             return
         data = text.encode("utf-8")
         message_size = 0
-        for index in table.set.Match(data) or ():  # None when nothing matched
-            message_size = message_size or message.ByteSize()
+        # One pattern is matched alone, with its groups, in one RE2 call instead of the
+        # set's and then its own: each call releases the GIL, and beside a busy gRPC
+        # thread getting it back costs far more than the match (docs/architecture.md).
+        indices = (0,) if table.set is None else table.set.Match(data) or ()  # None when nothing matched
+        for index in indices:
             entry = table.patterns[index]
             try:
                 spans = _spans(entry.regex, data)
-                if spans is None:  # cannot happen: the set said it matched
+                if spans is None:  # no match (the set said it matched only when there is one)
                     continue
                 groups = [data[start:end].decode("utf-8") if start >= 0 else "" for start, end in spans]
-                named = {name: groups[i] for name, i in entry.regex.groupindex.items() if spans[i][0] >= 0}
+                named = {name: groups[i] for name, i in entry.groupindex.items() if spans[i][0] >= 0}
             except Exception:  # one route's failure must not cost the other routes their match
                 self._pattern_failed(entry)
                 continue
+            message_size = message_size or message.ByteSize()
             for target in entry.targets.values():
                 keep = self.keep_durable if target.route.durable_ttl else None
                 live = [sub for sub in target.subscriptions if not sub.closed]
