@@ -29,13 +29,16 @@ if _typing.TYPE_CHECKING:
     from ._errors import UnknownTargetError as UnknownTargetError
     from ._errors import ValueTooLargeError as ValueTooLargeError
     from ._errors import VersionConflictError as VersionConflictError
+    from ._sdk import Attachment as Attachment
     from ._sdk import Callback as Callback
     from ._sdk import DataStore as DataStore
     from ._sdk import Directory as Directory
     from ._sdk import Membership as Membership
     from ._sdk import Message as Message
     from ._sdk import PermissionCheck as PermissionCheck
+    from ._sdk import Reaction as Reaction
     from ._sdk import Room as Room
+    from ._sdk import SentMessage as SentMessage
     from ._sdk import Storage as Storage
     from ._sdk import User as User
     from ._sdk_events import PublishedEvent as PublishedEvent
@@ -47,6 +50,7 @@ if _typing.TYPE_CHECKING:
 __all__ = [
     "AdapterError",
     "ApprovalDeniedError",
+    "Attachment",
     "Callback",
     "CallbackError",
     "CapabilityError",
@@ -66,11 +70,13 @@ __all__ = [
     "QuestionUnansweredError",
     "QuotaExceededError",
     "RateLimitedError",
+    "Reaction",
     "RequestTooLargeError",
     "Response",
     "Room",
     "ScheduleFiring",
     "SecretRefusedError",
+    "SentMessage",
     "StandbyError",
     "Storage",
     "StoreError",
@@ -89,7 +95,20 @@ __all__ = [
 _LAZY = {
     **{name: "._errors" for name in __all__ if name.endswith("Error")},
     **dict.fromkeys(
-        ("Callback", "DataStore", "Directory", "Membership", "Message", "PermissionCheck", "Room", "Storage", "User"),
+        (
+            "Attachment",
+            "Callback",
+            "DataStore",
+            "Directory",
+            "Membership",
+            "Message",
+            "PermissionCheck",
+            "Reaction",
+            "Room",
+            "SentMessage",
+            "Storage",
+            "User",
+        ),
         "._sdk",
     ),
     **dict.fromkeys(("PublishedEvent", "Response", "ScheduleFiring", "WebhookRequest"), "._sdk_events"),

@@ -154,6 +154,46 @@ class Membership:
     previous: User | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file or an image on a message.
+
+    To send one (``reply``, ``send``: ``attachments=[...]``), give its ``data`` (at most
+    the bot's ``bot.max_attachment_bytes``, 3 MiB by default; uploaded where the service
+    stores files, Matrix) or a ``url`` (http or https, linked; the bot never fetches it).
+    Where the service cannot show files (IRC, the shell) people see a line
+    ``name: url``, or the name and size of data. ``media_type`` ("image/png") may be
+    left empty: it is guessed from ``name``.
+
+    On an incoming message (:attr:`Message.attachments`), what the person sent: a
+    ``url`` to fetch it from (Matrix: the homeserver's download url), and its ``size``
+    where known (0 otherwise)."""
+
+    name: str
+    data: bytes = b""
+    url: str = ""
+    media_type: str = ""
+    size: int = 0
+
+    def __repr__(self) -> str:  # not the bytes
+        where = f"url={self.url!r}" if self.url else f"{len(self.data) or self.size} bytes"
+        return f"Attachment({self.name!r}, {where}{f', {self.media_type}' if self.media_type else ''})"
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """Someone reacted to a message (``@bot.on_reaction``): ``key`` is the emoji ("👍")
+    or short text, ``message_id`` the message reacted to (an incoming
+    :attr:`Message.id`, or a :attr:`SentMessage.id` of this callback's), ``room`` None
+    in a private chat, ``id`` the reaction's own id ("" where the service gives none)."""
+
+    message_id: str
+    key: str
+    user: User
+    room: Room | None = None
+    id: str = ""
+
+
 def _user(pb: core_pb2.User) -> User:
     return User(pb.id, pb.name, pb.mention_name)
 
@@ -244,7 +284,8 @@ class DataStore:
 
 
 class Message:
-    """A chat message that matched one of this callback's routes."""
+    """A chat message that matched one of this callback's routes (or answered
+    :meth:`ask`, or was edited: ``@bot.on_edit``)."""
 
     def __init__(self, callback: Callback, matched: core_pb2.MatchedMessage) -> None:
         self._callback = callback
@@ -274,6 +315,17 @@ class Message:
         self.redelivered: int = 0
         #: Who approved this match (user ids), for a route that needs approval; () otherwise.
         self.approved_by: tuple[str, ...] = ()
+        #: The thread the message is in: the id of the thread's root message, where the
+        #: service has threads (Matrix); "" outside one. Replies go to the same thread.
+        self.thread_id: str = matched.message.thread_id
+        #: For an edit (``@bot.on_edit``): the id of the message edited, whose new text is
+        #: :attr:`body`; "" for any other message.
+        self.edit_of: str = matched.message.edit_of
+
+    @property
+    def attachments(self) -> tuple[Attachment, ...]:
+        """The files the person sent with the message, each with a ``url`` to fetch it."""
+        return tuple(_attachment(a) for a in self._pb.attachments)
 
     def __repr__(self) -> str:
         return f"<Message {self.id} from {self.user.id} in {self.room.id if self.room else 'private'}: {self.body!r}>"
@@ -376,25 +428,168 @@ class Message:
             return self.named.get(group, "")
         return self.groups[group] if group < len(self.groups) else ""
 
-    async def reply(self, text: str, *, markdown: bool = False) -> None:
-        """Answer the sender, mentioning them in the room (privately if it was private)."""
-        await self._respond(text, mention=True, markdown=markdown, action=False)
+    async def reply(self, text: str, *, markdown: bool = False, attachments: Sequence[Attachment] = ()) -> SentMessage:
+        """Answer the sender, mentioning them in the room (privately if it was private),
+        in the message's thread if it is in one, with ``attachments`` if given. Returns
+        the message sent, to :meth:`SentMessage.edit` or :meth:`SentMessage.react` to."""
+        return await self._respond(text, mention=True, markdown=markdown, action=False, attachments=attachments)
 
-    async def send(self, text: str, *, markdown: bool = False, action: bool = False) -> None:
-        """Say something where the message came from, without mentioning the sender."""
-        await self._respond(text, mention=False, markdown=markdown, action=action)
+    async def send(
+        self, text: str, *, markdown: bool = False, action: bool = False, attachments: Sequence[Attachment] = ()
+    ) -> SentMessage:
+        """Say something where the message came from (its thread too), without
+        mentioning the sender. Returns the message sent."""
+        return await self._respond(text, mention=False, markdown=markdown, action=action, attachments=attachments)
 
-    async def _respond(self, text: str, *, mention: bool, markdown: bool, action: bool) -> None:
-        room = self._pb.source.room if self.room and not self.private else None
+    async def react(self, key: str) -> None:
+        """React to this message with ``key`` (an emoji, "👍"): a reaction on it where the
+        service has them (Matrix), the key as a short message elsewhere (IRC, the shell)."""
+        message = core_pb2.Message(
+            reaction=key, source=self._where(), in_reply_to=self.id, private=self.private, thread_id=self.thread_id
+        )
+        await self._callback._send([message], with_mention=False)
+
+    @asynccontextmanager
+    async def typing(self, seconds: float = 30) -> AsyncIterator[None]:
+        """Show the bot as typing in this message's room while the block runs, for long
+        work::
+
+            async with message.typing():
+                report = await build_report()
+            await message.reply(report)
+
+        Sends a typing indication of ``seconds`` (1 to 120) and renews it shortly before
+        it runs out, until the block ends (the next message there ends it too). Nothing
+        in a private chat, or where the service shows no typing (IRC, the shell). A
+        failure to send it is logged, never raised into the block."""
+        if not 1 <= seconds <= 120:
+            raise ValueError(f"typing: seconds must be from 1 to 120, not {seconds!r}")
+        if self.room is None or self.private:
+            yield
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_typing, math.ceil(seconds))
+                try:
+                    yield
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The renewing task raises nothing: the group holds only what the block
+            # raised, which the block's caller should see as it was.
+            if len(group.exceptions) != 1:
+                raise
+            inner = group.exceptions[0]
+            cause, context, suppress = inner.__cause__, inner.__context__, inner.__suppress_context__
+            try:
+                raise inner
+            finally:  # re-raising here made the group its context: put back its own
+                inner.__cause__, inner.__context__, inner.__suppress_context__ = cause, context, suppress
+
+    async def _keep_typing(self, seconds: int) -> None:
+        message = core_pb2.Message(typing_seconds=seconds, source=core_pb2.Source(room=self._pb.source.room))
+        # Renewed before it runs out, with room for a slow round trip.
+        every = max(seconds - 5, seconds / 2)
+        while True:
+            try:
+                await self._callback._send([message], with_mention=False)
+            except Exception as exc:  # cosmetic: the work in the block goes on
+                log.warning("could not show the bot typing in %s: %s", self.room.id if self.room else "?", exc)
+            await trio.sleep(every)
+
+    def _where(self) -> core_pb2.Source:
+        """Where an answer to this message goes: its room, or its sender privately."""
+        if self.room and not self.private:
+            return core_pb2.Source(user=self._pb.source.user, room=self._pb.source.room)
+        return core_pb2.Source(user=self._pb.source.user)
+
+    async def _respond(
+        self, text: str, *, mention: bool, markdown: bool, action: bool, attachments: Sequence[Attachment]
+    ) -> SentMessage:
+        in_room = self.room is not None and not self.private
         message = core_pb2.Message(
             body=text,
-            source=core_pb2.Source(user=self._pb.source.user, room=room),
+            source=self._where(),
             in_reply_to=self.id,
             format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
             action=action,
             private=self.private,
+            thread_id=self.thread_id,
         )
-        await self._callback._send([message], with_mention=mention and room is not None)
+        if attachments:
+            message.attachments.extend(_attachment_pb(a) for a in attachments)
+        with_mention = mention and in_room
+        ids = await self._callback._send([message], with_mention=with_mention)
+        return SentMessage(self._callback, message, with_mention, ids[0] if ids else "")
+
+
+class SentMessage:
+    """A message this callback sent: what :meth:`Message.reply`, :meth:`Message.send`
+    and :meth:`Callback.send` return.
+
+    ``id`` is the bot's id for it ("matrix/$ev..."), or "" where the chat service gives
+    messages none (IRC, the shell); then :meth:`edit` sends the new text as a
+    correction and :meth:`react` sends the key as a message, which is what the bot
+    itself does for services without edits or reactions."""
+
+    __slots__ = ("_callback", "_message", "_with_mention", "id")
+
+    def __init__(self, callback: Callback, message: core_pb2.Message, with_mention: bool, id: str) -> None:
+        self._callback = callback
+        self._message = message
+        self._with_mention = with_mention
+        #: The bot's id for the message; "" where the service gives none.
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"<SentMessage {self.id or '(no id)'}: {self._message.body!r}>"
+
+    async def edit(self, text: str, *, markdown: bool = False) -> None:
+        """Replace the message's text by ``text``: in place where the service can
+        (Matrix), else as a new message "Correction: <text>". Each edit replaces the
+        text of this same message; call it again to change it again."""
+        original = self._message
+        message = core_pb2.Message(
+            body=text if self.id else f"Correction: {text}",
+            source=original.source,
+            format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
+            private=original.private,
+            thread_id=original.thread_id,
+            edit_of=self.id,
+        )
+        await self._callback._send([message], with_mention=self._with_mention)
+
+    async def react(self, key: str) -> None:
+        """React to this message with ``key`` (an emoji): a reaction where the service
+        has them (Matrix), the key as a short message elsewhere."""
+        original = self._message
+        source = core_pb2.Source(room=original.source.room) if original.source.room.id else original.source
+        if self.id:
+            message = core_pb2.Message(
+                reaction=key, source=source, in_reply_to=self.id, private=original.private, thread_id=original.thread_id
+            )
+        else:
+            message = core_pb2.Message(body=key, source=source, private=original.private, thread_id=original.thread_id)
+        await self._callback._send([message], with_mention=False)
+
+
+def _attachment(pb: core_pb2.Attachment) -> Attachment:
+    return Attachment(pb.name, pb.data, pb.url, pb.media_type, pb.size)
+
+
+def _attachment_pb(attachment: Attachment) -> core_pb2.Attachment:
+    if not isinstance(attachment, Attachment):
+        raise TypeError(
+            f"attachments must be oco_core.Attachment objects, not {type(attachment).__name__}: "
+            "Attachment(name, data=...) or Attachment(name, url=...)"
+        )
+    return core_pb2.Attachment(
+        name=attachment.name,
+        data=bytes(attachment.data),
+        url=attachment.url,
+        media_type=attachment.media_type,
+        size=attachment.size,
+    )
 
 
 def _error(exc: grpc.aio.AioRpcError, service: str) -> OcoError:
@@ -673,6 +868,8 @@ class Callback:
         self._over_tls = False
         self._routes: list[_Route] = []
         self._membership: list[Callable[[Membership], Awaitable[None]]] = []
+        self._reactions: list[Callable[[Reaction], Awaitable[None]]] = []
+        self._edits: list[Handler] = []
         self._webhooks: list[_Webhook] = []
         self._schedules: list[_Scheduled] = []
         self._subscribed: list[_Subscribed] = []
@@ -898,6 +1095,26 @@ class Callback:
         self._membership.append(handler)
         return handler
 
+    def on_reaction(self, handler: Callable[[Reaction], Awaitable[None]]) -> Callable[[Reaction], Awaitable[None]]:
+        """Run the decorated handler when someone reacts to a message (a Matrix
+        reaction), with a :class:`Reaction`. Declaring one asks the bot for reactions;
+        each reaches one replica of this callback::
+
+            @bot.on_reaction
+            async def reacted(reaction: Reaction) -> None:
+                if reaction.key == "👍" and reaction.message_id in waiting_for_approval: ...
+        """
+        self._reactions.append(handler)
+        return handler
+
+    def on_edit(self, handler: Handler) -> Handler:
+        """Run the decorated handler when someone edits a message they sent, with the
+        edited :class:`Message`: its new text in ``body``, the id of the message edited in
+        ``edit_of``. Declaring one asks the bot for edits; an edit never matches a route
+        (it is not a new command)."""
+        self._edits.append(handler)
+        return handler
+
     # -- talking to the bot ----------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -1010,22 +1227,35 @@ class Callback:
         user: str | None = None,
         mention: bool = False,
         markdown: bool = False,
-    ) -> None:
-        """Send a message to a room (``"irc/#ops"``), a user privately, or a user in a room."""
+        attachments: Sequence[Attachment] = (),
+        thread_id: str = "",
+    ) -> SentMessage:
+        """Send a message to a room (``"irc/#ops"``), a user privately, or a user in a
+        room; with ``attachments`` (see :class:`Attachment`), in the thread
+        ``thread_id`` (a :attr:`Message.thread_id`) if given. Returns the message sent,
+        to :meth:`SentMessage.edit` or :meth:`SentMessage.react` to."""
         source = core_pb2.Source(
             room=core_pb2.Room(id=room) if room else None, user=core_pb2.User(id=user) if user else None
         )
         message = core_pb2.Message(
-            body=text, source=source, format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN
+            body=text,
+            source=source,
+            format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
+            thread_id=thread_id,
         )
-        await self._send([message], with_mention=mention)
+        if attachments:
+            message.attachments.extend(_attachment_pb(a) for a in attachments)
+        ids = await self._send([message], with_mention=mention)
+        return SentMessage(self, message, mention, ids[0] if ids else "")
 
-    async def _send(self, messages: Sequence[core_pb2.Message], *, with_mention: bool) -> None:
-        await self._following_active(partial(self._send_on, messages=messages, with_mention=with_mention))
+    async def _send(self, messages: Sequence[core_pb2.Message], *, with_mention: bool) -> Sequence[str]:
+        """Send ``messages`` in one request; the bot's id of each ("" where the service
+        gives none, and none at all from a bot older than message ids)."""
+        return await self._following_active(partial(self._send_on, messages=messages, with_mention=with_mention))
 
     async def _send_on(
         self, connection: _Connection, *, messages: Sequence[core_pb2.Message], with_mention: bool
-    ) -> None:
+    ) -> Sequence[str]:
         if connection.sender is None:
             raise CallbackError("the connection to the bot was lost before the message could be sent")
         request_id = next(self._request_ids)
@@ -1047,6 +1277,7 @@ class Callback:
         result = slot[0]
         if result.code:
             raise _result_error(result)
+        return result.message_ids
 
     # -- running ---------------------------------------------------------------------
 
@@ -1188,7 +1419,15 @@ class Callback:
                 )
                 for r in self._routes
             ],
-            events=[robot_pb2.EVENT_KIND_MEMBERSHIP] if self._membership else [],
+            events=[
+                kind
+                for kind, handlers in (
+                    (robot_pb2.EVENT_KIND_MEMBERSHIP, self._membership),
+                    (robot_pb2.EVENT_KIND_REACTION, self._reactions),
+                    (robot_pb2.EVENT_KIND_EDIT, self._edits),
+                )
+                if handlers
+            ],
             requires=self.requires,
             webhooks=[w.route for w in self._webhooks],
             schedules=[s.schedule for s in self._schedules],
@@ -1399,6 +1638,21 @@ class Callback:
             )
             for handler in self._membership:
                 await handler(membership)
+        elif kind == "reaction":
+            pb = event.reaction
+            reaction = Reaction(
+                message_id=pb.message_id,
+                key=pb.key,
+                user=_user(pb.source.user),
+                room=_room(pb.source.room) if pb.source.room.id else None,
+                id=pb.id,
+            )
+            for on_reaction in self._reactions:
+                await on_reaction(reaction)
+        elif kind == "edit":
+            edited = Message(self, core_pb2.MatchedMessage(message=event.edit, text=event.edit.body))
+            for on_edit in self._edits:
+                await on_edit(edited)
         elif kind == "webhook_request":
             await self._handle_webhook(connection, event)
         elif kind == "schedule_firing":

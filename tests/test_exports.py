@@ -56,6 +56,10 @@ PINNED: dict[str, frozenset[str]] = {
             "Room",
             "Storage",
             "User",
+            # rich replies
+            "Attachment",
+            "Reaction",
+            "SentMessage",
             # events beyond chat
             "PublishedEvent",
             "Response",
