@@ -1,13 +1,15 @@
-"""The Matrix adapter: sync loop, outgoing queue, end-to-end encryption, membership."""
+"""The Matrix adapter: sync loop, outgoing queue, end-to-end encryption, membership,
+rich replies (threads, edits, reactions, files, typing)."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import html
+import itertools
 import logging
 import math
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,22 +17,37 @@ import httpx
 import nio  # type: ignore[import-untyped]  # nio ships no type information
 import trio
 from nio.crypto import ENCRYPTION_ENABLED  # type: ignore[import-untyped]
+from nio.crypto.attachments import encrypt_attachment  # type: ignore[import-untyped]
 
 from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import (
     Adapter,
     AdapterHost,
+    Attachment,
     Backoff,
     ChatRoom,
     ChatUser,
+    Feature,
     IncomingMessage,
     MembershipEvent,
     MembershipKind,
     OutgoingMessage,
+    ReactionEvent,
 )
 
 from ._config import MatrixConfig
-from ._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
+from ._format import MAX_BODY_JSON_BYTES, leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
+from ._rich import (
+    LOCAL_ID_PREFIX,
+    SentIds,
+    edit_content,
+    file_content,
+    incoming_attachment,
+    link_content,
+    media_type_of,
+    reaction_content,
+    thread_relation,
+)
 from ._transport import SYNC_GRACE, TokenRejectedError, Transport, UnreachableError
 
 log = logging.getLogger(__name__)
@@ -41,8 +58,9 @@ KEY_DEVICE_ID = "device_id"
 KEY_USER_ID = "user_id"
 KEY_SYNC_TOKEN = "sync_token"  # noqa: S105  (a key name, not a secret)
 
-# How many recent event ids are remembered with their thread, to answer in the thread.
-_THREAD_MEMORY = 10_000
+# Typing indications waiting for the typing task; past this many, new ones are dropped
+# (they only pile up while the homeserver cannot be reached, and are stale by then).
+_TYPING_QUEUE = 32
 # Timeline events a sync may return per room; more than this while the bot was away and
 # the oldest are skipped (the homeserver marks the timeline "limited").
 _TIMELINE_LIMIT = 50
@@ -50,18 +68,48 @@ _TIMELINE_LIMIT = 50
 
 @dataclass
 class _Pending:
-    """A message accepted by :meth:`MatrixAdapter.send`, waiting for the sender task.
+    """One event accepted by :meth:`MatrixAdapter.send`, waiting for the sender task: a
+    message (or a piece of one too large for a single event), a reaction, an edit, or one
+    file of a message's ``attachment``.
 
     Its transaction id is fixed when accepted, so a retry after an answer was lost is
-    recognised by the homeserver as the same message, never sent twice.
+    recognised by the homeserver as the same message, never sent twice; an uploaded
+    file is kept (``uploaded``) so that a retry does not upload it again.
     """
 
     message: OutgoingMessage
+    attachment: Attachment | None = None
+    #: The id send() returned, on the first event of a message only.
+    local_id: str = ""
+    #: The order in which send() accepted it, shared with typing indications.
+    seq: int = 0
+    uploaded: dict[str, Any] | None = None
     txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+@dataclass(frozen=True, slots=True)
+class _Typing:
+    """A typing indication for the typing task: on for ``seconds`` (until ``deadline``,
+    trio time), or off (``seconds`` 0)."""
+
+    room: str
+    seconds: int
+    deadline: float
+    seq: int
+
+
 class MatrixAdapter(Adapter):
-    """A bot account on a Matrix homeserver. See the package README for the config."""
+    """A bot account on a Matrix homeserver. See the package README for the config.
+
+    Rich replies: a thread is an ``m.thread`` relation (a reply to the message answered
+    for clients without threads), an edit an ``m.replace`` relation, a reaction an
+    ``m.reaction`` event, a file an upload to the media repository and an ``m.image``,
+    ``m.video``, ``m.audio`` or ``m.file`` message (encrypted in encrypted rooms), and a
+    typing indication the room's typing notice. :meth:`send` returns ``~`` and a
+    transaction id, which ``edit_of``, ``in_reply_to`` and ``thread_id`` may name later.
+    """
+
+    features = Feature.THREADS | Feature.ATTACHMENTS | Feature.EDITS | Feature.REACTIONS | Feature.TYPING
 
     def __init__(self, config: MatrixConfig) -> None:
         self.config = config
@@ -72,7 +120,15 @@ class MatrixAdapter(Adapter):
         self._client: Any = None  # nio.Client
         self._transport: Transport | None = None
         self._host: AdapterHost | None = None
-        self._threads: OrderedDict[str, str] = OrderedDict()
+        self._sent = SentIds()
+        self._seq = itertools.count(1)
+        # Typing indications skip the outbox: one stuck behind an outage would be stale
+        # when it went out. The typing task sends each once, or drops it.
+        self._typing_tx, self._typing_rx = trio.open_memory_channel[_Typing](_TYPING_QUEUE)
+        # Per room id: the seq of the typing indication shown there, and of the last
+        # message delivered there (a message accepted after an indication ends it).
+        self._typing_shown: dict[str, int] = {}
+        self._delivered_seq: dict[str, int] = {}
         self._warned_plaintext: set[str] = set()
         self._synced = False
         self._same_account = False
@@ -103,6 +159,7 @@ class MatrixAdapter(Adapter):
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_loop)
+                    nursery.start_soon(self._typing_loop)
                     await self._sync_loop()
         finally:
             self._synced = False
@@ -111,23 +168,73 @@ class MatrixAdapter(Adapter):
             if store is not None:
                 store.database.close()
 
-    async def send(self, message: OutgoingMessage) -> None:
-        """Queue ``message`` (as several events when its body is too large for one); the
-        sender task delivers queued messages in order, waiting out rate limits and outages."""
+    async def send(self, message: OutgoingMessage) -> str | None:
+        """Queue ``message``; the sender task delivers queued messages in order, waiting
+        out rate limits and outages. Return its id: ``~`` and the transaction id of its
+        first event, which the adapter maps to the event id once delivered, so that a
+        later edit (``edit_of``), reaction (``in_reply_to``) or ``thread_id`` can name it.
+
+        A body too large for one event goes as several; a body with attachments goes
+        first, then one event per file. A typing indication is not queued (None)."""
         if message.room_id and not message.private:
             room = message.room_id
             if not room.startswith(("!", "#")):
                 raise UnknownTargetError(f"{room!r} is not a Matrix room id (!id:server) or alias (#name:server)")
             if self._synced and room.startswith("!") and room not in self._client.rooms:
                 raise UnknownTargetError(f"the bot is not in Matrix room {room}")
+        elif message.typing_seconds:
+            raise UnknownTargetError("a typing indication on Matrix goes to a room (!id:server or #alias:server)")
         elif message.user is None or not message.user.id.startswith("@"):
             raise UnknownTargetError("a private Matrix message needs a user id (@name:server)")
-        # A body too large for one event would be refused and lost: it goes as several,
-        # the mention on the first only.
-        pieces = split_body(message.body)
-        for index, piece in enumerate(pieces):
-            part = message if len(pieces) == 1 else replace(message, body=piece, mention=message.mention and index == 0)
-            await self._outbox_tx.send(_Pending(part))
+        if message.typing_seconds:
+            self._want_typing(message)
+            return None
+        if message.edit_of:
+            self._sent.check(message.edit_of, "edit_of")
+        if message.thread_id:
+            self._sent.check(message.thread_id, "thread_id")
+        if message.reaction:
+            if not message.in_reply_to:
+                raise UnknownTargetError("a reaction needs in_reply_to: the id of the message it reacts to")
+            self._sent.check(message.in_reply_to, "in_reply_to")
+            pieces = [_Pending(message)]
+        else:
+            pieces = self._pieces(message)
+        first = pieces[0]
+        first.local_id = LOCAL_ID_PREFIX + first.txn_id
+        user = first.message.user
+        mentioned = (user.id,) if first.message.mention and user is not None and first.attachment is None else ()
+        self._sent.accept(first.local_id, mentioned)
+        for pending in pieces:
+            pending.seq = next(self._seq)
+            await self._outbox_tx.send(pending)
+        return first.local_id
+
+    @staticmethod
+    def _pieces(message: OutgoingMessage) -> list[_Pending]:
+        texts: list[str] = []
+        if message.body or not message.attachments:
+            if not message.edit_of:
+                # A body too large for one event would be refused and lost: it goes as
+                # several, the mention on the first only.
+                texts = split_body(message.body)
+            elif len(split_body(message.body, MAX_BODY_JSON_BYTES // 2)) > 1:
+                # An edit carries its text twice (the fallback and the new content).
+                raise AdapterError(
+                    f"an edit on Matrix must fit in one event (about {MAX_BODY_JSON_BYTES // 2} bytes of text; "
+                    f"this one has {len(message.body.encode())}): send the long text as a new message"
+                )
+            else:
+                texts = [message.body]
+        pieces = [
+            _Pending(message if len(texts) == 1 else replace(message, body=text, mention=message.mention and n == 0))
+            for n, text in enumerate(texts)
+        ]
+        for attachment in message.attachments:
+            # Each file its own event, after the text: only the text is an edit.
+            part = replace(message, body="", mention=False, edit_of="", attachments=(attachment,))
+            pieces.append(_Pending(part, attachment=attachment))
+        return pieces
 
     async def join(self, room: str) -> None:
         """Join a room by id or alias."""
@@ -313,10 +420,24 @@ class MatrixAdapter(Adapter):
             if room is None:
                 continue
             for event in self._since_own_join(info.timeline.events):
-                if isinstance(event, nio.RoomMessageText | nio.RoomMessageEmote):
+                if isinstance(
+                    event, nio.RoomMessageText | nio.RoomMessageEmote | nio.RoomMessageMedia | nio.RoomEncryptedMedia
+                ):
                     message = self._incoming(room, event)
                     if message is not None:
                         await host.receive(message)
+                elif isinstance(event, nio.ReactionEvent):
+                    # Decrypted by nio when a client encrypted it (Element sends them in clear).
+                    if event.sender != client.user_id:
+                        await host.reaction(
+                            ReactionEvent(
+                                message_id=self._sent.local_id(event.reacts_to),
+                                key=str(event.key),
+                                user=self._chat_user(room, event.sender),
+                                room=self._chat_room(room),
+                                id=event.event_id,
+                            )
+                        )
                 elif isinstance(event, nio.MegolmEvent):
                     self._undecryptable(room, event)
                 elif isinstance(event, nio.RoomMemberEvent):
@@ -360,18 +481,21 @@ class MatrixAdapter(Adapter):
         body = str(event.body)
         edit_of = thread_id = ""
         if relation.get("rel_type") == "m.replace":
+            # The new text is in m.new_content; the body is a "* ..." fallback. Its thread
+            # is the original's, which the edit does not repeat: thread_id stays empty.
             edit_of = str(relation.get("event_id", ""))
             new = content.get("m.new_content") or {}
             body = str(new.get("body", body.removeprefix("* ")))
             content = new
-            thread_id = self._threads.get(edit_of, "")
         elif relation.get("rel_type") == "m.thread":
-            thread_id = str(relation.get("event_id", ""))
-        if thread_id:
-            self._remember_thread(event.event_id, thread_id)
+            thread_id = self._sent.local_id(str(relation.get("event_id", "")))
         if "m.in_reply_to" in relation and not relation.get("is_falling_back"):
             body = strip_reply_fallback(body)
         body = self._name_for_pill(body, content)
+        attachments: tuple[Attachment, ...] = ()
+        if isinstance(event, nio.RoomMessageMedia | nio.RoomEncryptedMedia) and not edit_of:
+            encrypted = isinstance(event, nio.RoomEncryptedMedia)
+            attachments = (incoming_attachment(self.config.homeserver, content, encrypted),)
         return IncomingMessage(
             body=body,
             user=self._chat_user(room, event.sender),
@@ -381,6 +505,7 @@ class MatrixAdapter(Adapter):
             action=isinstance(event, nio.RoomMessageEmote),
             thread_id=thread_id,
             edit_of=edit_of,
+            attachments=attachments,
         )
 
     def _name_for_pill(self, body: str, content: dict[str, Any]) -> str:
@@ -397,12 +522,6 @@ class MatrixAdapter(Adapter):
         if shown and body.startswith(shown):
             return self.config.localpart + body[len(shown) :]
         return body
-
-    def _remember_thread(self, event_id: str, thread_id: str) -> None:
-        self._threads[event_id] = thread_id
-        self._threads.move_to_end(event_id)
-        while len(self._threads) > _THREAD_MEMORY:
-            self._threads.popitem(last=False)
 
     def _is_direct(self, room: Any) -> bool:
         # A room of exactly two members (the bot and one person, joined or invited) is a
@@ -588,12 +707,23 @@ class MatrixAdapter(Adapter):
         room = client.rooms.get(room_id)
         if room is None:
             raise UnknownTargetError(f"the bot is not in Matrix room {room_id}")
-        event_type, content = "m.room.message", self._content(message)
-        if room.encrypted:
-            if client.olm is None:
+        if message.reaction:
+            # Sent in clear in encrypted rooms too, as the specification says they normally
+            # are (and Element does): the relation, all a reaction holds but its key, stays
+            # in clear in an encrypted event anyway, and some clients show encrypted ones badly.
+            event_type = "m.reaction"
+            content = reaction_content(self._sent.event_id(message.in_reply_to, "in_reply_to"), message.reaction)
+        else:
+            if room.encrypted and client.olm is None:
                 self._warn_if_unreadable(room)
                 raise AdapterError(f"room {room_id} is encrypted and encryption is off; not sending in clear text")
-            event_type, content = await self._encrypt(room, event_type, content)
+            if pending.attachment is not None:
+                content = await self._attachment_content(room, pending)
+            else:
+                content = self._content(message)
+            event_type = "m.room.message"
+            if room.encrypted:
+                event_type, content = await self._encrypt(room, event_type, content)
         response = await self._request(
             nio.RoomSendResponse,
             *nio.Api.room_send(client.access_token, room_id, event_type, content, pending.txn_id),
@@ -602,11 +732,67 @@ class MatrixAdapter(Adapter):
         )
         if isinstance(response, nio.ErrorResponse):
             raise AdapterError(f"homeserver refused a message to {room_id}: {response.message}")
+        if pending.local_id:
+            self._sent.delivered(pending.local_id, response.event_id)
+        if event_type != "m.reaction":
+            self._message_delivered(room_id, pending.seq)
+
+    async def _attachment_content(self, room: Any, pending: _Pending) -> dict[str, Any]:
+        attachment, message = pending.attachment, pending.message
+        assert attachment is not None
+        media_type = media_type_of(attachment)
+        if attachment.data:
+            if pending.uploaded is None:
+                pending.uploaded = await self._upload(attachment, media_type, encrypted=bool(room.encrypted))
+            content = file_content(attachment, media_type, pending.uploaded)
+        elif attachment.url.startswith("mxc://"):
+            content = file_content(attachment, media_type, {"url": attachment.url})
+        else:
+            content = link_content(attachment, self._msgtype(message))
+        self._relate(content, message)
+        return content
+
+    async def _upload(self, attachment: Attachment, media_type: str, *, encrypted: bool) -> dict[str, Any]:
+        """Store ``attachment`` in the media repository; return where the event finds it:
+        ``{"url": mxc}``, or in an encrypted room ``{"file": ...}`` with the key of the
+        encrypted blob (the homeserver never sees the file itself)."""
+        data, content_type, keys = attachment.data, media_type, None
+        if encrypted:
+            data, keys = encrypt_attachment(attachment.data)
+            content_type = "application/octet-stream"
+        method, path = nio.Api.upload(self._token(), attachment.name)
+        response = await self._request(
+            nio.UploadResponse, method, path, content=data, content_type=content_type, http_timeout=120, retry=True
+        )
+        if isinstance(response, nio.ErrorResponse):
+            raise AdapterError(
+                f"the homeserver did not store {attachment.name!r} ({len(attachment.data)} bytes): {response.message}"
+            )
+        if keys is None:
+            return {"url": response.content_uri}
+        return {"file": {**keys, "url": response.content_uri, "mimetype": media_type}}
+
+    def _msgtype(self, message: OutgoingMessage) -> str:
+        if message.action:
+            return "m.emote"
+        return "m.notice" if self.config.message_type == "notice" else "m.text"
+
+    def _relate(self, content: dict[str, Any], message: OutgoingMessage) -> None:
+        """Put ``content`` in ``message.thread_id``'s thread, where it names one."""
+        if not message.thread_id:
+            return
+        root = self._sent.event_id(message.thread_id, "thread_id")
+        reply_to = root
+        if message.in_reply_to.startswith("$"):
+            reply_to = message.in_reply_to
+        elif message.in_reply_to:
+            # Where it names nothing delivered, the fallback reply goes to the root instead.
+            with contextlib.suppress(AdapterError):
+                reply_to = self._sent.event_id(message.in_reply_to, "in_reply_to")
+        content["m.relates_to"] = thread_relation(root, reply_to)
 
     def _content(self, message: OutgoingMessage) -> dict[str, Any]:
-        msgtype = "m.notice" if self.config.message_type == "notice" else "m.text"
-        if message.action:
-            msgtype = "m.emote"
+        msgtype = self._msgtype(message)
         body = message.body
         formatted = markdown_to_html(body) if message.format == "markdown" else None
         content: dict[str, Any] = {"msgtype": msgtype}
@@ -620,16 +806,61 @@ class MatrixAdapter(Adapter):
         if formatted is not None:
             content["format"] = "org.matrix.custom.html"
             content["formatted_body"] = formatted
-        thread = self._threads.get(message.in_reply_to) if message.in_reply_to else None
-        if thread:
-            content["m.relates_to"] = {
-                "rel_type": "m.thread",
-                "event_id": thread,
-                # Clients without threads show it as a reply to the message answered.
-                "is_falling_back": True,
-                "m.in_reply_to": {"event_id": message.in_reply_to},
-            }
+        if message.edit_of:
+            original = self._sent.event_id(message.edit_of, "edit_of")
+            return edit_content(content, original, self._sent.mentions(message.edit_of))
+        self._relate(content, message)
         return content
+
+    # -- typing --------------------------------------------------------------------------
+
+    def _want_typing(self, message: OutgoingMessage) -> None:
+        assert message.room_id is not None
+        seconds = message.typing_seconds
+        wanted = _Typing(message.room_id, seconds, trio.current_time() + seconds, next(self._seq))
+        try:
+            self._typing_tx.send_nowait(wanted)
+        except trio.WouldBlock:
+            log.info("matrix: typing indication in %s dropped: %d wait already", message.room_id, _TYPING_QUEUE)
+
+    def _message_delivered(self, room_id: str, seq: int) -> None:
+        # Synapse does not end a typing notice when the same user sends a message (it
+        # waits for the timeout): the bot ends one it showed before this message was sent.
+        self._delivered_seq[room_id] = max(seq, self._delivered_seq.get(room_id, 0))
+        shown = self._typing_shown.get(room_id)
+        if shown is not None and shown < seq:
+            del self._typing_shown[room_id]
+            with contextlib.suppress(trio.WouldBlock):
+                self._typing_tx.send_nowait(_Typing(room_id, 0, 0.0, seq))
+
+    async def _typing_loop(self) -> None:
+        while True:
+            wanted = await self._typing_rx.receive()
+            left = wanted.deadline - trio.current_time()
+            if wanted.seconds and left < 1:
+                continue  # it waited out an outage: too late to show
+            try:
+                room_id = await self._resolve(wanted.room)
+                if wanted.seconds and self._delivered_seq.get(room_id, 0) > wanted.seq:
+                    continue  # a message sent after it already went out
+                method, path, data = nio.Api.room_typing(
+                    self._token(),
+                    room_id,
+                    self._client.user_id,
+                    typing_state=bool(wanted.seconds),
+                    timeout=int(left * 1000),
+                )
+                # No retries: an indication that cannot go now is of no use later.
+                response = await self._request(nio.RoomTypingResponse, method, path, data, response_data=(room_id,))
+            except AdapterError as error:
+                log.info("matrix: typing indication in %s not sent: %s", wanted.room, error)
+                continue
+            if isinstance(response, nio.ErrorResponse):
+                log.info("matrix: typing indication in %s refused: %s", room_id, response.message)
+            elif wanted.seconds:
+                self._typing_shown[room_id] = wanted.seq
+                if self._delivered_seq.get(room_id, 0) > wanted.seq:
+                    self._message_delivered(room_id, self._delivered_seq[room_id])
 
     async def _resolve(self, room: str, *, retry: bool = False) -> str:
         if not room.startswith("#"):

@@ -89,11 +89,16 @@ class Transport:
         response_data: Sequence[Any] = (),
         http_timeout: float = 30.0,
         retry: bool = False,
+        content: bytes | None = None,
+        content_type: str = "application/json",
     ) -> Any:
         """Send one request; return nio's response object (a success or an
-        ``ErrorResponse`` for client errors other than 429 and rejected tokens)."""
+        ``ErrorResponse`` for client errors other than 429 and rejected tokens).
+
+        The body is ``data`` (JSON, as ``nio.Api`` builds it), or ``content`` of
+        ``content_type`` (a file to upload)."""
         path, token = _split_token(path)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         template = self._backoff
@@ -103,7 +108,7 @@ class Transport:
                 answer = await self._http.request(
                     method,
                     path,
-                    content=data.encode() if data is not None else None,
+                    content=data.encode() if data is not None else content,
                     headers=headers,
                     timeout=httpx.Timeout(http_timeout, connect=10.0),
                 )

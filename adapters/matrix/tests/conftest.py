@@ -21,6 +21,7 @@ import ctypes
 import fcntl
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -276,6 +277,20 @@ class Synapse:
             result: dict[str, Any] = json.loads(answer.read() or b"{}")
             return result
 
+    async def get(self, url: str, token: str | None) -> bytes:
+        """GET ``url`` from a trio test (with ``Authorization: Bearer token`` when given);
+        its body, or :class:`urllib.error.HTTPError` for an error status."""
+
+        def get() -> bytes:
+            request = urllib.request.Request(url)
+            if token:
+                request.add_header("Authorization", f"Bearer {token}")
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                body: bytes = answer.read()
+                return body
+
+        return await trio.to_thread.run_sync(get)
+
     def register(self, localpart: str, password: str = "secret-pw", *, admin: bool = False) -> dict[str, Any]:
         """Create a user through the shared-secret admin API; return its login."""
         with urllib.request.urlopen(f"{self.url}/_synapse/admin/v1/register", timeout=30) as answer:
@@ -340,6 +355,8 @@ class Person:
         self.password = "person-pw"
         self.store = store
         self.events: list[tuple[str, Any]] = []
+        #: Every typing notice: the room and who was typing there then.
+        self.typing: list[tuple[str, list[str]]] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"person-{localpart}", daemon=True)
@@ -369,6 +386,8 @@ class Person:
             client.add_event_callback(self._on_event, nio.RoomMessage)
             client.add_event_callback(self._on_event, nio.MegolmEvent)
             client.add_event_callback(self._on_event, nio.InviteMemberEvent)
+            client.add_event_callback(self._on_event, nio.ReactionEvent)
+            client.add_ephemeral_callback(self._on_typing, nio.TypingNoticeEvent)
             await client.sync(timeout=0, full_state=True)
             self._syncing = asyncio.ensure_future(client.sync_forever(timeout=3000))
 
@@ -377,6 +396,10 @@ class Person:
     def _on_event(self, room: nio.MatrixRoom, event: Any) -> None:
         with self._lock:
             self.events.append((room.room_id, event))
+
+    def _on_typing(self, room: nio.MatrixRoom, event: Any) -> None:
+        with self._lock:
+            self.typing.append((room.room_id, list(event.users)))
 
     async def stop(self) -> None:
         """Stop syncing and close the client and its loop."""
@@ -448,7 +471,11 @@ class Person:
 
     async def say(self, room_id: str, body: str, **extra: Any) -> str:
         """Send an ``m.text`` message (encrypted in an encrypted room); return its event id."""
-        content = {"msgtype": "m.text", "body": body, **extra}
+        return await self.send_event(room_id, "m.room.message", {"msgtype": "m.text", "body": body, **extra})
+
+    async def send_event(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        """Send an event as nio does (encrypted in an encrypted room, reactions too);
+        return its event id."""
 
         async def send() -> Any:
             room = self.nio.rooms[room_id]
@@ -457,11 +484,66 @@ class Person:
                 await self.nio.joined_members(room_id)
                 if self.nio.should_query_keys:
                     await self.nio.keys_query()
-            return await self.nio.room_send(room_id, "m.room.message", content, ignore_unverified_devices=True)
+            return await self.nio.room_send(room_id, event_type, content, ignore_unverified_devices=True)
 
         response = await self.call(send)
         assert isinstance(response, nio.RoomSendResponse), response
         return str(response.event_id)
+
+    async def react(self, room_id: str, event_id: str, key: str) -> str:
+        """React to ``event_id`` with ``key``; return the reaction's event id."""
+        relation = {"rel_type": "m.annotation", "event_id": event_id, "key": key}
+        return await self.send_event(room_id, "m.reaction", {"m.relates_to": relation})
+
+    async def edit(self, room_id: str, event_id: str, body: str) -> str:
+        """Replace the person's message ``event_id`` by ``body``, as Element does."""
+        return await self.send_event(
+            room_id,
+            "m.room.message",
+            {
+                "msgtype": "m.text",
+                "body": f"* {body}",
+                "m.new_content": {"msgtype": "m.text", "body": body},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+            },
+        )
+
+    async def send_file(self, room_id: str, data: bytes, name: str, media_type: str, **extra: Any) -> str:
+        """Upload ``data`` (encrypted for an encrypted room) and post it as a file message
+        (``m.image`` for images); return the event id."""
+        encrypted = bool(self.nio.rooms[room_id].encrypted)
+
+        async def upload() -> Any:
+            return await self.nio.upload(
+                io.BytesIO(data), content_type=media_type, filename=name, encrypt=encrypted, filesize=len(data)
+            )
+
+        response, keys = await self.call(upload)
+        assert isinstance(response, nio.UploadResponse), response
+        content: dict[str, Any] = {
+            "msgtype": "m.image" if media_type.startswith("image/") else "m.file",
+            "body": name,
+            "info": {"mimetype": media_type, "size": len(data)},
+            **extra,
+        }
+        if keys is not None:
+            content["file"] = {**keys, "url": response.content_uri}
+        else:
+            content["url"] = response.content_uri
+        return await self.send_event(room_id, "m.room.message", content)
+
+    async def download(self, mxc: str) -> bytes:
+        """Fetch media by its mxc url from the homeserver, with the person's token."""
+        server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+        url = f"{self.synapse.url}/_matrix/client/v1/media/download/{server}/{media_id}"
+        return await self.synapse.get(url, self.nio.access_token)
+
+    def reactions_from(self, sender: str, room_id: str) -> list[Any]:
+        """Reactions (``nio.ReactionEvent``) the person saw from ``sender`` in ``room_id``."""
+        with self._lock:
+            return [
+                e for r, e in self.events if isinstance(e, nio.ReactionEvent) and e.sender == sender and r == room_id
+            ]
 
     def messages_from(self, sender: str, room_id: str | None = None) -> list[Any]:
         """Messages the person received from ``sender`` (in ``room_id``)."""
@@ -521,7 +603,11 @@ def answer_ping(adapter: MatrixAdapter) -> Callable[[IncomingMessage], Awaitable
     async def answer(message: IncomingMessage) -> None:
         _, ping, rest = message.body.partition("ping")
         if ping and message.room is not None:
-            await adapter.send(OutgoingMessage(f"PONG{rest}", room_id=message.room.id, in_reply_to=message.id))
+            # In the message's thread, as the bot's answers are (the SDK's reply too).
+            pong = OutgoingMessage(
+                f"PONG{rest}", room_id=message.room.id, in_reply_to=message.id, thread_id=message.thread_id
+            )
+            await adapter.send(pong)
 
     return answer
 
@@ -547,6 +633,12 @@ class Bot:
             **options,
         }
         self.adapter: MatrixAdapter | None = None
+
+    async def access_token(self) -> str:
+        """The token the adapter logged in with (kept in its store)."""
+        item = await self.host.memory.get("adapter:matrix", "access_token")
+        assert item is not None, "the adapter has not logged in"
+        return item.value.decode()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[MatrixAdapter]:

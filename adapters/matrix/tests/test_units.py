@@ -11,7 +11,18 @@ import pydantic
 import pytest
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
+from oco_adapter_matrix._rich import (
+    SentIds,
+    download_url,
+    edit_content,
+    incoming_attachment,
+    media_type_of,
+    msgtype_for,
+)
 from oco_adapter_matrix._transport import _split_token
+
+from oco_core import AdapterError, UnknownTargetError
+from oco_core.plugin import Attachment, Feature
 
 BASE = {"homeserver": "https://matrix.example.org/", "user_id": "@oco:example.org", "password": "pw"}
 
@@ -116,3 +127,78 @@ def test_split_body_cuts_at_lines_then_spaces_then_characters() -> None:
     pieces = split_body(blob, limit=40)
     assert "".join(pieces) == blob
     assert all(len(json.dumps(piece)) - 2 <= 40 for piece in pieces)
+
+
+def test_the_adapter_renders_every_rich_reply_itself() -> None:
+    wanted = Feature.THREADS | Feature.ATTACHMENTS | Feature.EDITS | Feature.REACTIONS | Feature.TYPING
+    assert MatrixAdapter(MatrixConfig.model_validate(BASE)).features == wanted
+
+
+def test_ids_given_map_to_event_ids_once_delivered_and_are_forgotten_oldest_first() -> None:
+    sent = SentIds(size=2)
+    sent.accept("~a", ("@bob:x",))
+    sent.check("~a", "edit_of")
+    sent.check("$anyone", "edit_of")  # an event id is taken as it is
+    with pytest.raises(AdapterError, match="was not delivered"):
+        sent.event_id("~a", "edit_of")
+    sent.delivered("~a", "$A")
+    assert sent.event_id("~a", "edit_of") == "$A"
+    assert sent.local_id("$A") == "~a"
+    assert sent.local_id("$other") == "$other"
+    assert sent.mentions("~a") == sent.mentions("$A") == ("@bob:x",)
+    sent.accept("~b")
+    sent.accept("~c")  # past the size: ~a goes, with its event id
+    with pytest.raises(UnknownTargetError, match="is not one of the last 2 messages"):
+        sent.check("~a", "edit_of")
+    assert sent.local_id("$A") == "$A"
+    with pytest.raises(UnknownTargetError, match="neither a Matrix event id"):
+        sent.check("m1", "in_reply_to")
+
+
+def test_an_edit_notifies_only_people_the_original_did_not_mention() -> None:
+    content = {
+        "msgtype": "m.notice",
+        "body": "bob: done",
+        "format": "org.matrix.custom.html",
+        "formatted_body": "<a>bob</a>: done",
+        "m.mentions": {"user_ids": ["@bob:x"]},
+    }
+    edit = edit_content(content, "$orig", ("@bob:x",))
+    assert edit["body"] == "* bob: done"
+    assert edit["formatted_body"] == "* <a>bob</a>: done"
+    assert edit["m.mentions"] == {}
+    assert edit["m.new_content"] == content
+    assert edit["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$orig"}
+    assert edit_content(content, "$orig", ())["m.mentions"] == {"user_ids": ["@bob:x"]}
+    plain = edit_content({"msgtype": "m.text", "body": "x"}, "$orig", ())
+    assert "formatted_body" not in plain
+    assert plain["m.new_content"] == {"msgtype": "m.text", "body": "x", "m.mentions": {}}
+
+
+def test_files_get_the_msgtype_clients_show_them_with() -> None:
+    assert [msgtype_for(t) for t in ("image/png", "video/mp4", "audio/ogg", "application/pdf", "")] == [
+        "m.image",
+        "m.video",
+        "m.audio",
+        "m.file",
+        "m.file",
+    ]
+    assert media_type_of(Attachment("graph.png")) == "image/png"
+    assert media_type_of(Attachment("blob.zzz-unknown")) == "application/octet-stream"
+    assert media_type_of(Attachment("graph.png", media_type="image/webp")) == "image/webp"
+
+
+def test_incoming_files_get_the_authenticated_download_url() -> None:
+    home = "https://matrix.example.org"
+    assert download_url(home + "/", "mxc://example.org/AbC_1") == (
+        "https://matrix.example.org/_matrix/client/v1/media/download/example.org/AbC_1"
+    )
+    for bad in ("https://example.org/x", "mxc://example.org", "mxc://example.org/a/b", ""):
+        assert download_url(home, bad) == ""
+    content: dict[str, object] = {"msgtype": "m.image", "body": "look", "filename": "a.png"}
+    content |= {"url": "mxc://example.org/X", "info": {"mimetype": "image/png", "size": 10}}
+    assert incoming_attachment(home, content, encrypted=False) == Attachment(
+        name="a.png", media_type="image/png", url=f"{home}/_matrix/client/v1/media/download/example.org/X", size=10
+    )
+    secret = {"msgtype": "m.file", "body": "k.txt", "file": {"url": "mxc://example.org/Y", "mimetype": "text/plain"}}
+    assert incoming_attachment(home, secret, encrypted=True) == Attachment(name="k.txt", media_type="text/plain")

@@ -1,0 +1,191 @@
+"""Rich replies as Matrix events, and the ids of the bot's own messages.
+
+Edits are ``m.replace`` relations, reactions ``m.annotation`` ones, threads ``m.thread``
+ones; files are ``m.image``, ``m.video``, ``m.audio`` or ``m.file`` messages pointing at
+the media repository. Everything here builds event contents or maps ids; the adapter
+does the I/O.
+"""
+
+from __future__ import annotations
+
+import html
+import mimetypes
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from oco_core import AdapterError, UnknownTargetError
+from oco_core.plugin import Attachment
+
+#: How many of the bot's recent messages are remembered with their event ids, for edits
+#: and reactions that name them by the id ``send`` gave.
+SENT_MEMORY = 10_000
+
+#: The first character of the ids ``send`` gives (event ids start with ``$``).
+LOCAL_ID_PREFIX = "~"
+
+
+@dataclass(slots=True)
+class _Sent:
+    event_id: str = ""  # "" until the send loop delivered it
+    mentions: tuple[str, ...] = ()
+
+
+class SentIds:
+    """The ids the adapter's ``send`` gave (``~`` and a transaction id), each mapped to
+    its event id once the send loop delivered the message; the most recent
+    :data:`SENT_MEMORY` of them, with the users each one mentioned (an edit notifies only
+    people the original did not)."""
+
+    def __init__(self, size: int = SENT_MEMORY) -> None:
+        self._size = size
+        self._by_local: OrderedDict[str, _Sent] = OrderedDict()
+        self._by_event: dict[str, str] = {}
+
+    def accept(self, local_id: str, mentions: tuple[str, ...] = ()) -> None:
+        """Remember ``local_id``, not delivered yet."""
+        self._by_local[local_id] = _Sent(mentions=mentions)
+        while len(self._by_local) > self._size:
+            _, old = self._by_local.popitem(last=False)
+            self._by_event.pop(old.event_id, None)
+
+    def delivered(self, local_id: str, event_id: str) -> None:
+        """The message ``local_id`` names is the event ``event_id`` now."""
+        sent = self._by_local.get(local_id)
+        if sent is not None:
+            sent.event_id = event_id
+            self._by_event[event_id] = local_id
+
+    def check(self, ref: str, what: str) -> None:
+        """Raise :class:`UnknownTargetError` unless ``ref`` is an event id or an id given
+        recently (delivered or still queued)."""
+        if ref.startswith("$") or ref in self._by_local:
+            return
+        if ref.startswith(LOCAL_ID_PREFIX):
+            raise UnknownTargetError(
+                f"{what} {ref!r} is not one of the last {self._size} messages this Matrix adapter sent since it "
+                "started (it forgets older ones and all on a restart): name the message by its event id ($...)"
+            )
+        raise UnknownTargetError(f"{what} {ref!r} is neither a Matrix event id ($...) nor an id the adapter gave")
+
+    def event_id(self, ref: str, what: str) -> str:
+        """The event id ``ref`` names: itself for an event id; for an id ``send`` gave,
+        its delivered event's. Raises :class:`AdapterError` for a message never delivered."""
+        self.check(ref, what)
+        if ref.startswith("$"):
+            return ref
+        event_id = self._by_local[ref].event_id
+        if not event_id:
+            raise AdapterError(f"{what} {ref!r} names a message that was not delivered (its error is logged above)")
+        return event_id
+
+    def mentions(self, ref: str) -> tuple[str, ...]:
+        """Whom the bot's message ``ref`` (either kind of id) mentioned, where known."""
+        sent = self._by_local.get(self._by_event.get(ref, ref))
+        return sent.mentions if sent is not None else ()
+
+    def local_id(self, event_id: str) -> str:
+        """The id ``send`` gave for the bot's event ``event_id``; ``event_id`` itself
+        for anyone else's event (or one of the bot's that was forgotten)."""
+        return self._by_event.get(event_id, event_id)
+
+
+def media_type_of(attachment: Attachment) -> str:
+    """The attachment's media type, else one guessed from its name, else
+    ``application/octet-stream``."""
+    return attachment.media_type or mimetypes.guess_type(attachment.name)[0] or "application/octet-stream"
+
+
+def msgtype_for(media_type: str) -> str:
+    """The ``msgtype`` Matrix clients show a file of ``media_type`` with."""
+    kind = media_type.split("/", 1)[0]
+    return {"image": "m.image", "video": "m.video", "audio": "m.audio"}.get(kind, "m.file")
+
+
+def file_content(attachment: Attachment, media_type: str, source: dict[str, Any]) -> dict[str, Any]:
+    """An ``m.image``/``m.video``/``m.audio``/``m.file`` message for ``attachment``;
+    ``source`` is ``{"url": mxc}`` or, in an encrypted room, ``{"file": EncryptedFile}``."""
+    info: dict[str, Any] = {"mimetype": media_type}
+    size = len(attachment.data) or attachment.size
+    if size:
+        info["size"] = size
+    return {
+        "msgtype": msgtype_for(media_type),
+        "body": attachment.name,
+        "filename": attachment.name,
+        "info": info,
+        **source,
+    }
+
+
+def link_content(attachment: Attachment, msgtype: str) -> dict[str, Any]:
+    """A message linking an attachment given by an http(s) url: ``name: url``."""
+    url, name = attachment.url, attachment.name
+    return {
+        "msgtype": msgtype,
+        "body": f"{name}: {url}",
+        "format": "org.matrix.custom.html",
+        "formatted_body": f'<a href="{html.escape(url)}">{html.escape(name)}</a>',
+    }
+
+
+def edit_content(content: dict[str, Any], original: str, mentioned_before: tuple[str, ...]) -> dict[str, Any]:
+    """``content`` (a message) as the replacement of the event ``original``: the new
+    content in ``m.new_content``, a ``* `` fallback for clients without edits, and
+    top-level mentions only of people the original did not mention (no second ping)."""
+    mentioned = list((content.get("m.mentions") or {}).get("user_ids") or [])
+    new = {**content, "m.mentions": {"user_ids": mentioned} if mentioned else {}}
+    fallback: dict[str, Any] = {"msgtype": content["msgtype"], "body": f"* {content['body']}"}
+    if "formatted_body" in content:
+        fallback["format"] = content["format"]
+        fallback["formatted_body"] = f"* {content['formatted_body']}"
+    fresh = [user for user in mentioned if user not in mentioned_before]
+    return {
+        **fallback,
+        "m.mentions": {"user_ids": fresh} if fresh else {},
+        "m.new_content": new,
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+    }
+
+
+def thread_relation(root: str, reply_to: str) -> dict[str, Any]:
+    """The ``m.relates_to`` of a message in the thread of ``root``; clients without
+    threads show it as a reply to ``reply_to``."""
+    return {"rel_type": "m.thread", "event_id": root, "is_falling_back": True, "m.in_reply_to": {"event_id": reply_to}}
+
+
+def reaction_content(event_id: str, key: str) -> dict[str, Any]:
+    """An ``m.reaction`` annotating ``event_id`` with ``key``."""
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+
+
+def download_url(homeserver: str, mxc: str) -> str:
+    """The homeserver's authenticated download url of the media ``mxc://server/id``
+    (it needs an access token: ``Authorization: Bearer``); "" for anything else."""
+    parts = urlsplit(mxc)
+    media_id = parts.path.lstrip("/")
+    if parts.scheme != "mxc" or not parts.netloc or not media_id or "/" in media_id:
+        return ""
+    server = quote(parts.netloc, safe=":[]")
+    return f"{homeserver.rstrip('/')}/_matrix/client/v1/media/download/{server}/{quote(media_id, safe='')}"
+
+
+def incoming_attachment(homeserver: str, content: dict[str, Any], encrypted: bool) -> Attachment:
+    """What a person's file message carries, as an :class:`Attachment`. An encrypted
+    file (``file`` instead of ``url``) has no ``url`` here: its blob is of no use
+    without its key, which the bot does not hand on."""
+    given = content.get("info")
+    info: dict[str, Any] = given if isinstance(given, dict) else {}
+    name = content.get("filename") or content.get("body") or "attachment"
+    media_type = info.get("mimetype") or ""
+    if encrypted and not media_type:
+        media_type = (content.get("file") or {}).get("mimetype") or ""
+    size = info.get("size")
+    url = "" if encrypted else download_url(homeserver, str(content.get("url") or ""))
+    return Attachment(
+        name=str(name),
+        media_type=str(media_type),
+        url=url,
+        size=size if isinstance(size, int) and size >= 0 else 0,
+    )
