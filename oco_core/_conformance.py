@@ -11,8 +11,10 @@ registration, hear and respond semantics, capture groups, storage (compare-and-s
 isolation between two callbacks), refusal of invalid patterns, errors named in trailing
 metadata, what cancelling a Listen stream does, the specific data stores' API
 (``oco.DataStores``, ``ListenRequest.requires``), and events beyond chat: publish and
-subscribe, acknowledgement and redelivery, and webhooks (with ``--http``). Each check prints one line (``PASS``,
-``FAIL`` or ``SKIP``, its name, what it saw) and a summary line follows.
+subscribe, acknowledgement and redelivery, webhooks (with ``--http``), and the protocol
+of rich replies (ids of sent messages, reactions and edits as events, renames). Each
+check prints one line (``PASS``, ``FAIL`` or ``SKIP``, its name, what it saw) and a
+summary line follows.
 
 Two kinds of skip: a check the suite cannot run with the options given (no
 ``--control``, no second callback) leaves the bot unproven, so the run does not pass;
@@ -244,6 +246,7 @@ class Suite:
         secret: str | None,
         topics: Sequence[str] = (),
         acknowledge: bool = False,
+        events: Sequence[robot_pb2.EventKind.ValueType] = (),
     ) -> robot_pb2.ListenRequest:
         if plugin_id is None:
             plugin_id = self.target.other_id if secret is not None and secret == self.target.other_secret else None
@@ -252,6 +255,7 @@ class Suite:
             routes=routes,
             topics=topics,
             acknowledge=acknowledge,
+            events=events,
         )
 
     @asynccontextmanager
@@ -264,15 +268,17 @@ class Suite:
         unbuffered: bool = False,
         topics: Sequence[str] = (),
         acknowledge: bool = False,
+        events: Sequence[robot_pb2.EventKind.ValueType] = (),
         request: robot_pb2.ListenRequest | None = None,
     ) -> AsyncIterator[Listener]:
         """Open a Listen stream and wait for its response headers (the routes are then
         registered); leaving the block cancels the stream. ``unbuffered``: on a channel
         of its own whose HTTP/2 window stays small, read one event at a time, so that
         a stream not read holds events in the bot rather than in the transport.
-        ``topics`` and ``acknowledge`` as in ListenRequest; ``request``: this one instead."""
+        ``topics``, ``acknowledge`` and ``events`` as in ListenRequest; ``request``: this
+        one instead."""
         if request is None:
-            request = self._listen_request(routes, plugin_id, secret, topics, acknowledge)
+            request = self._listen_request(routes, plugin_id, secret, topics, acknowledge, events)
         metadata = self.metadata(secret)
         robot, window = self.robot, DEFAULT_WINDOW
         async with contextlib.AsyncExitStack() as stack:
@@ -336,17 +342,33 @@ class Suite:
             raise CheckSkipped("needs --control")
         return self.control
 
-    async def inject(self, body: str, *, room: str | None = None, user: str | None = None) -> None:
+    async def inject(
+        self, body: str, *, room: str | None = None, user: str | None = None, id: str = "", edit_of: str = ""
+    ) -> None:
         """Write ``body`` as a chat user, in ``room`` (default: --room; "" for a private
-        message). Returns once the bot has routed it."""
+        message), with the chat service's ``id`` if given; with ``edit_of``, as an edit of
+        that message. Returns once the bot has routed it."""
         control = self._control()
         request = control_pb2.InjectRequest(
             body=body,
             user=user or self.target.user,
             room=self.target.room if room is None else room,
             direct=room == "",
+            id=id,
+            edit_of=edit_of,
         )
         await self.call(lambda: control.Inject(request, timeout=self.timeout))
+
+    async def control_call(self, method: str, request: Any) -> None:
+        """Call ``method`` of the control service; CheckSkipped when it lacks the method
+        (a control service older than the check)."""
+        call = getattr(self._control(), method)
+        try:
+            await self.call(lambda: call(request, timeout=self.timeout))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise CheckSkipped(f"the control service at --control does not offer {method}") from None
+            raise
 
     async def sent(self, *bodies: str) -> list[control_pb2.SentMessage]:
         """The first message the bot sends with each of ``bodies`` (after those already
@@ -1673,6 +1695,140 @@ async def _question_cancelled(s: Suite) -> str:
         m = await listener.matched()
         _expect(m.route_id == "heard", f"matched {m.route_id!r}")
     return "cancelled, told on the stream; a second cancel is a no-op; the person is routed again"
+
+
+# ---- rich replies (an extension) -------------------------------------------------------
+
+
+def _adapter_prefix(source: core_pb2.Source) -> str:
+    """The prefix of the ids of the suite's room ("memory/"): the bot's ids of what the
+    control service names by the chat service's own ids."""
+    return source.room.id.rpartition("/")[0] + "/"
+
+
+async def _next_is(listener: Listener, route_id: str, what: str) -> None:
+    """The stream's next event is the match of ``route_id`` (a sentinel): nothing of
+    ``what`` came before it."""
+    event = await listener.event()
+    kind = event.WhichOneof("type")
+    if kind != "matched_message" or event.matched_message.route_id != route_id:
+        shown = event.matched_message.route_id if kind == "matched_message" else kind
+        raise CheckFailed(f"{what}: expected the match of {route_id!r} next, got {shown}")
+
+
+@check("rich/message-ids", needs=["control"])
+async def _rich_message_ids(s: Suite) -> str:
+    """SendMessages answers `message_ids`: one per message, in order, each the bot's id
+    of the message sent (`<adapter>/<the chat service's id>`, as ListSent shows it) or ""
+    where the service gives none; no two alike. A bot that answers none does not offer
+    them (an extension)."""
+    source = await s.source()
+    bodies = [f"ids-{i}-{s.token}" for i in range(2)]
+    messages = [core_pb2.Message(body=b, source=core_pb2.Source(room=source.room)) for b in bodies]
+    request = robot_pb2.SendMessagesRequest(messages=messages)
+    response = await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    ids = list(response.message_ids)
+    sent = await s.sent(*bodies)
+    if not ids:
+        raise NotOffered("SendMessages answered no message_ids (the ids of sent messages are an extension)")
+    _expect(len(ids) == len(bodies), f"{len(bodies)} messages sent, {len(ids)} ids answered: {ids}")
+    prefix = _adapter_prefix(source)
+    expected = [prefix + m.id if m.id else "" for m in sent]
+    _expect(ids == expected, f"message_ids {ids}, but the messages sent have the ids {expected}")
+    given = [i for i in ids if i]
+    _expect(len(set(given)) == len(given), f"two messages got the same id: {ids}")
+    return f"{len(ids)} messages, ids {ids}"
+
+
+@check("rich/reaction-event", needs=["control"])
+async def _rich_reaction_event(s: Suite) -> str:
+    """A reaction (the control service's InjectReaction) reaches a stream that asked for
+    EVENT_KIND_REACTION as Event.reaction, with the id of the message reacted to, the key,
+    who and where; a stream that did not ask gets nothing of it."""
+    source = await s.source()
+    target = f"reacted-{s.token}"
+    sentinel = f"^sentinel-{s.token}$"
+    async with (
+        s.listen([_route("sentinel-a", sentinel)], events=[robot_pb2.EVENT_KIND_REACTION]) as asked,
+        s.listen([_route("sentinel-b", sentinel)]) as other,
+    ):
+        await s.inject(f"react-to-me-{s.token}", id=target)
+        request = control_pb2.InjectReactionRequest(
+            user=s.target.user, room=s.target.room, message_id=target, key="👍", id=f"reaction-{s.token}"
+        )
+        await s.control_call("InjectReaction", request)
+        await s.inject(f"sentinel-{s.token}")
+        event = await asked.event()
+        _expect(event.WhichOneof("type") == "reaction", f"expected Event.reaction, got {event.WhichOneof('type')}")
+        reaction = event.reaction
+        prefix = _adapter_prefix(source)
+        seen = (reaction.message_id, reaction.key, reaction.source.user.id, reaction.source.room.id)
+        wanted = (prefix + target, "👍", source.user.id, source.room.id)
+        _expect(seen == wanted, f"reaction (message_id, key, user, room) = {seen}, expected {wanted}")
+        await _next_is(asked, "sentinel-a", "the stream that asked")
+        await _next_is(other, "sentinel-b", "the stream that did not ask for reactions")
+    return f"{reaction.key} on {reaction.message_id} by {reaction.source.user.id}, only to the stream that asked"
+
+
+@check("rich/edit-event", needs=["control"])
+async def _rich_edit_event(s: Suite) -> str:
+    """An edit (Inject with edit_of) reaches a stream that asked for EVENT_KIND_EDIT as
+    Event.edit, its new body with edit_of naming the message edited, and matches no
+    route: neither that stream's nor one's that did not ask, which gets nothing of it."""
+    source = await s.source()
+    original = f"original-{s.token}"
+    pattern, sentinel = f"^edited-{s.token}$", f"^sentinel-{s.token}$"
+    async with (
+        s.listen(
+            [_route("edited-a", pattern), _route("sentinel-a", sentinel)], events=[robot_pb2.EVENT_KIND_EDIT]
+        ) as asked,
+        s.listen([_route("edited-b", pattern), _route("sentinel-b", sentinel)]) as other,
+    ):
+        await s.inject(f"before-{s.token}", id=original)
+        await s.inject(f"edited-{s.token}", id=f"{original}-v2", edit_of=original)
+        await s.inject(f"sentinel-{s.token}")
+        event = await asked.event()
+        kind = event.WhichOneof("type")
+        _expect(kind == "edit", f"expected Event.edit, got {kind}")
+        edit = event.edit
+        prefix = _adapter_prefix(source)
+        seen = (edit.body, edit.edit_of, edit.source.user.id, edit.source.room.id)
+        wanted = (f"edited-{s.token}", prefix + original, source.user.id, source.room.id)
+        _expect(seen == wanted, f"edit (body, edit_of, user, room) = {seen}, expected {wanted}")
+        await _next_is(asked, "sentinel-a", "the edit matched a route of the stream that asked")
+        await _next_is(other, "sentinel-b", "the stream that did not ask for edits")
+    return f"Event.edit of {edit.edit_of} only to the stream that asked; no route matched it"
+
+
+@check("membership/renamed", needs=["control"])
+async def _membership_renamed(s: Suite) -> str:
+    """A person renamed in a room (InjectMembership, KIND_RENAMED) reaches a stream that
+    asked for EVENT_KIND_MEMBERSHIP as one MembershipChange of KIND_RENAMED, with who
+    they are now (user), who they were (previous) and the room: not a departure and an
+    arrival."""
+    source = await s.source()
+    old, new = f"old{s.token}", f"new{s.token}"
+    async with s.listen(
+        [_route("sentinel", f"^sentinel-{s.token}$")], events=[robot_pb2.EVENT_KIND_MEMBERSHIP]
+    ) as listener:
+        request = control_pb2.InjectMembershipRequest(
+            kind=core_pb2.MembershipChange.KIND_RENAMED, user=new, previous=old, room=s.target.room
+        )
+        await s.control_call("InjectMembership", request)
+        await s.inject(f"sentinel-{s.token}")
+        changes: list[core_pb2.MembershipChange] = []
+        while (event := await listener.event()).WhichOneof("type") != "matched_message":
+            change = event.membership_change
+            if {change.user.id.rpartition("/")[2], change.previous.id.rpartition("/")[2]} & {old, new}:
+                changes.append(change)
+    kinds = [core_pb2.MembershipChange.Kind.Name(c.kind) for c in changes]
+    _expect(kinds == ["KIND_RENAMED"], f"the rename came as {kinds or 'nothing'}, expected one KIND_RENAMED")
+    [change] = changes
+    prefix = _adapter_prefix(source)
+    seen = (change.user.id, change.previous.id, change.room.id)
+    wanted = (prefix + new, prefix + old, source.room.id)
+    _expect(seen == wanted, f"(user, previous, room) = {seen}, expected {wanted}")
+    return f"KIND_RENAMED {change.previous.id} -> {change.user.id} in {change.room.id}"
 
 
 # ---- webhooks --------------------------------------------------------------------------

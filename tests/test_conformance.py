@@ -86,6 +86,10 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
         "conversations/question-needs-id",
         "conversations/answer",
         "conversations/cancel",
+        "rich/message-ids",
+        "rich/reaction-event",
+        "rich/edit-event",
+        "membership/renamed",
     ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name
     assert "PASS datastores/list: offers sqlite " in out
