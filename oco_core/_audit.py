@@ -92,8 +92,9 @@ class AuditRecord:
         # Not dataclasses.asdict: it deep-copies every value, and a record is written for
         # every command a callback answers (a tenth of the bot's time for each in a
         # profile of 20,000 commands).
-        values = {name: getattr(self, name) for name in _FIELD_NAMES}
-        return json.dumps({k: v for k, v in values.items() if v != ""}, ensure_ascii=False).encode()
+        # One dict, and one encoder for all records (json.dumps with an option builds an
+        # encoder per call): 5.1 -> 3.6 µs a record.
+        return _encode({name: value for name in _FIELD_NAMES if (value := getattr(self, name)) != ""}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> AuditRecord:
@@ -104,6 +105,7 @@ class AuditRecord:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
+_encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def _key(when: float, seq: int) -> str:
@@ -117,7 +119,8 @@ class AuditLog:
         self._store = store
         self._retention = retention_days * 86400 if retention_days else None
         self._max_pending = max_pending
-        self._send, self._receive = trio.open_memory_channel[tuple[str, AuditRecord]](max_pending)
+        #: Each record with its sequence number: a batch's key is made from its first's.
+        self._send, self._receive = trio.open_memory_channel[tuple[int, AuditRecord]](max_pending)
         self._seq = 0
         self._pending = 0
         self._idle = trio.Event()
@@ -133,7 +136,7 @@ class AuditLog:
         entry = AuditRecord(time=time.time(), kind=kind, decision=decision, **details)
         self._seq = (self._seq + 1) % 100_000_000
         try:
-            self._send.send_nowait((_key(entry.time, self._seq), entry))
+            self._send.send_nowait((self._seq, entry))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._drop(1, entry)
             return entry
@@ -203,9 +206,11 @@ class AuditLog:
                 self._unreported += left
             self._report_dropped("(the store was unavailable or behind when the bot stopped)")
 
-    def _batch(self, first: tuple[str, AuditRecord]) -> tuple[str, list[bytes]]:
-        """``first`` and whatever else is queued, up to _BATCH_BYTES."""
-        key, entry = first
+    def _batch(self, first: tuple[int, AuditRecord]) -> tuple[str, list[bytes]]:
+        """``first`` and whatever else is queued, up to _BATCH_BYTES, and the key they
+        are stored under."""
+        seq, entry = first
+        key = _key(entry.time, seq)
         lines = [entry.to_json()]
         size = len(lines[0])
         while size < _BATCH_BYTES:

@@ -447,8 +447,19 @@ class MessageGate:
             kind, decision, user=self._user, person=self._auth.person(self._user), room=self._room, **details
         )
 
-    def _record_route(self, decision: str, callback_id: str, route: Route, **details: str) -> None:
-        self._record("route", decision, callback=callback_id, route=route.id, **details)
+    def _record_route(self, decision: str, callback_id: str, route: Route, permission: str, detail: str) -> None:
+        # Every delivered respond match is recorded: one call down, not three with **details.
+        self._policies._record(
+            "route",
+            decision,
+            user=self._user,
+            person=self._auth.person(self._user),
+            room=self._room,
+            callback=callback_id,
+            route=route.id,
+            permission=permission,
+            detail=detail,
+        )
 
     def __call__(self, callback_id: str, route: Route) -> bool:
         self.asked += 1
@@ -456,15 +467,13 @@ class MessageGate:
         permission = access.permission
         if not access.allows_room(self._room):
             where = self._room or PRIVATE_ROOM
-            self._record_route(DENIED, callback_id, route, detail=f"not allowed in {where}: {self._what}")
+            self._record_route(DENIED, callback_id, route, "", f"not allowed in {where}: {self._what}")
             self.wrong_room = self.wrong_room or route.respond
             return False
         if permission:
             decision = self._auth.check(self._user, permission)
             if not decision.allowed:
-                self._record_route(
-                    DENIED, callback_id, route, permission=permission, detail=f"{decision.reason}: {self._what}"
-                )
+                self._record_route(DENIED, callback_id, route, permission, f"{decision.reason}: {self._what}")
                 if route.respond and permission not in self.missing:
                     self.missing.append(permission)
                 return False
@@ -479,7 +488,7 @@ class MessageGate:
             self.held.append((callback_id, route, access.approval))
             return False
         if permission or route.respond:
-            self._record_route(ALLOWED, callback_id, route, permission=permission, detail=self._what)
+            self._record_route(ALLOWED, callback_id, route, permission, self._what)
         return True
 
     def refusal(self, delivered: bool) -> str:
