@@ -320,6 +320,18 @@ class ConsoleSettings(_Strict):
         gt=0,
         description="Failed logins one client address may make a minute (bursts up to that many; 429 beyond).",
     )
+    max_streams: int = Field(
+        default=32,
+        gt=0,
+        description="Live views (event streams) open at once, all operators together (503 beyond).",
+    )
+    public_origin: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+$",
+        examples=["https://ops.example.org"],
+        description="The console's address as browsers see it behind a proxy that terminates TLS "
+        "(scheme://host[:port]): forms must come from it, and an https one makes the cookie Secure.",
+    )
 
     _session_ttl = field_validator("session_ttl", mode="before")(lambda value: _duration(value))
 

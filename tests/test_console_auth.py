@@ -495,3 +495,40 @@ async def test_a_failing_page_answers_500_and_the_console_goes_on(
         assert "a bug in a page" not in answer.text
         assert any("GET /console/broken failed" in r.getMessage() for r in caplog.records)
         assert (await http.get("/console/people")).status_code == 200
+
+
+async def test_behind_a_proxy_forms_come_from_the_public_origin_and_the_cookie_is_secure(tmp_path: Path) -> None:
+    public = "https://ops.example.org"
+    async with console_bot(tmp_path, f"console: {{public_origin: '{public}'}}") as running, client(running) as http:
+        token = await create_token(running.bot.core.store, "alice", "admin")
+        # The proxy forwards the browser's Origin; the bot's own address is not it.
+        direct = await http.post(
+            "/console/login", data={"token": token}, headers={"origin": f"http://{running.bot.http_address}"}
+        )
+        assert direct.status_code == 403
+        answer = await http.post("/console/login", data={"token": token}, headers={"origin": public})
+        assert answer.status_code == 303
+        flags = [flag.strip() for flag in answer.headers["set-cookie"].split(";")]
+        assert "Secure" in flags  # the browser speaks https to the proxy
+        cookie = {"cookie": flags[0]}  # httpx keeps a Secure cookie from plain http: send it by hand
+        csrf = csrf_of((await http.get("/console/people", headers=cookie)).text)
+        fields = {"user": "memory/bob", "role": "ops", "csrf": csrf}
+        grant = await http.post("/console/people/grant", data=fields, headers={**cookie, "origin": public})
+        assert grant.status_code == 200
+        assert running.bot.core.auth.roles("memory/bob") == ("ops",)
+
+
+async def test_live_views_past_max_streams_get_503_and_a_closed_one_frees_its_place(tmp_path: Path) -> None:
+    async with console_bot(tmp_path, "console: {max_streams: 1}") as running, client(running) as http:
+        await login(http, await create_token(running.bot.core.store, "alice", "viewer"))
+        async with http.stream("GET", "/console/live/stream") as first:
+            assert first.status_code == 200
+            second = await http.get("/console/live/stream")
+            assert second.status_code == 503
+            assert "console.max_streams" in second.text
+        with trio.fail_after(10):
+            while True:  # the first stream's end reaches the bot a moment after the client closed it
+                async with http.stream("GET", "/console/live/stream") as third:
+                    if third.status_code == 200:
+                        break
+                await trio.sleep(0.1)

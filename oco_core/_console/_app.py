@@ -258,8 +258,10 @@ class Console:
         self.bot = bot
         self.core = core
         self.settings = settings
-        #: Whether the HTTP server has TLS (the cookie is then ``Secure``).
-        self.secure = secure
+        #: Whether browsers reach the console over TLS (the cookie is then ``Secure``).
+        self.secure = secure or (settings.public_origin or "").startswith("https://")
+        #: Event streams open now (capped by ``console.max_streams``).
+        self._streams = 0
         self.sessions = Sessions(core.store, settings.session_ttl)
         self.throttle = LoginThrottle(settings.login_failures)
         self._env: jinja2.Environment = environment()
@@ -412,7 +414,16 @@ class Console:
         except HttpError as exc:
             return self._error(exc.status, exc.message, session, path)
         if isinstance(result, EventStream):
-            await self._stream(scope, receive, send, cookie, result)
+            most = self.settings.max_streams
+            if self._streams >= most:
+                return self._error(
+                    503, f"{most} live views are open already (console.max_streams): close one", session, path
+                )
+            self._streams += 1
+            try:
+                await self._stream(scope, receive, send, cookie, result)
+            finally:
+                self._streams -= 1
             return None
         return result
 
@@ -468,6 +479,8 @@ class Console:
         origin = headers.get("origin")
         if origin is None:
             return True  # not sent (an older browser, curl): the CSRF token decides alone
+        if self.settings.public_origin is not None:  # behind a proxy: Host is the proxy's business
+            return origin.rstrip("/") == self.settings.public_origin.rstrip("/")
         scheme = scope.get("scheme", "http")
         host = headers.get("host", "")
         parts = urlsplit(origin)
