@@ -99,10 +99,10 @@ class FlakyAdapter(MemoryAdapter):
 
     allow = 2
 
-    async def send(self, message: OutgoingMessage) -> None:
+    async def send(self, message: OutgoingMessage) -> str:
         if len(self.sent) >= self.allow:
             raise AdapterError("the connection dropped; the message was not sent")
-        await super().send(message)
+        return await super().send(message)
 
 
 async def test_a_send_that_fails_part_way_tells_the_sdk_how_many_went_out(tmp_path: Path) -> None:

@@ -203,10 +203,10 @@ class OutageAdapter(MemoryAdapter):
 
     allow = 0
 
-    async def send(self, message: OutgoingMessage) -> None:
+    async def send(self, message: OutgoingMessage) -> str:
         if len(self.sent) >= self.allow:
             raise AdapterError("the chat service's connection is down; the message was not sent")
-        await super().send(message)
+        return await super().send(message)
 
 
 def plugins() -> tuple[Plugins, list[OutageAdapter]]:
