@@ -34,6 +34,8 @@ from ._datastore import DataStoreProvider as DataStoreProvider
 from ._datastore import DataStoreType as DataStoreType
 from ._datastore import corner_name as corner_name
 from ._hookspecs import hookimpl as hookimpl
+from ._markdown import MarkdownStyles as MarkdownStyles
+from ._markdown import render_markdown as render_markdown
 from ._store import MAX_KEY_BYTES as MAX_KEY_BYTES
 from ._store import Item as Item
 from ._store import NamespacedStore as NamespacedStore
@@ -61,6 +63,7 @@ __all__ = [
     "Feature",
     "IncomingMessage",
     "Item",
+    "MarkdownStyles",
     "MembershipEvent",
     "MembershipKind",
     "NamespacedStore",
@@ -75,4 +78,5 @@ __all__ = [
     "hookimpl",
     "mask_url",
     "prefix_end",
+    "render_markdown",
 ]

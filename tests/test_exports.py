@@ -100,7 +100,9 @@ PINNED: dict[str, frozenset[str]] = {
             "corner_name",
             # shared helpers
             "Backoff",
+            "MarkdownStyles",
             "TokenBucket",
+            "render_markdown",
         }
     ),
     "oco_core.testing": frozenset(
