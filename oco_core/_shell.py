@@ -8,11 +8,19 @@ On a terminal (standard input and output both one, and the prompt not turned off
 are edited with readline, with a history kept between runs, and replies and log lines
 appear above the prompt and what is being typed (see ``_terminal``). Piped, it reads
 and prints plain lines.
+
+A Markdown reply is shown with ANSI styles (bold, italic, code in cyan, links as "text
+(url)") when standard output is a terminal, ``NO_COLOR`` is not set and ``TERM`` is not
+``dumb``, and as clean plain text otherwise: never with raw ``**`` or backticks. The other
+rich replies (reactions, edits, attachments, threads) reach the shell as the core's
+plain-text fallbacks.
 """
 
 from __future__ import annotations
 
 import getpass
+import os
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -24,9 +32,27 @@ from ._adapter import Adapter, AdapterHost, AdapterType, ChatRoom, ChatUser, Inc
 from ._config import default_data_dir
 from ._errors import UnknownTargetError
 from ._hookspecs import hookimpl
+from ._markdown import MarkdownStyles, render_markdown
 from ._terminal import Terminal, open_terminal
 
 ROOM = ChatRoom(id="shell", name="shell")
+
+#: Markdown on a terminal. Each style is ended by its own code (22 ends bold, 23 italic,
+#: 29 strikethrough, 39 the colour), so styles nest and none resets another.
+ANSI_STYLES = MarkdownStyles(
+    bold=("\x1b[1m", "\x1b[22m"),
+    italic=("\x1b[3m", "\x1b[23m"),
+    strike=("\x1b[9m", "\x1b[29m"),
+    code=("\x1b[36m", "\x1b[39m"),
+    code_block_indent="    ",
+)
+
+#: Markdown in a pipe or with NO_COLOR: the text, its markup gone.
+PLAIN_STYLES = MarkdownStyles(code_block_indent="    ")
+
+# Control characters but newline and tab: a reply shown with ANSI styles carries no
+# escape sequence but the renderer's own (none that moves the cursor or retitles the window).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
 
 
 def _local_user() -> str:
@@ -62,6 +88,8 @@ class ShellAdapter(Adapter):
         # Line editing only on the process's own terminal; injected streams are a test's.
         self._edit = self._prompt and stdin is None and stdout is None and sys.stdin.isatty() and sys.stdout.isatty()
         self._terminal: Terminal | None = None
+        # https://no-color.org: NO_COLOR set and not empty turns colour off.
+        self._color = _isatty(self._stdout) and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
         self.user = ChatUser(id=config.user, name=config.user, mention_name=config.user)
 
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -97,12 +125,17 @@ class ShellAdapter(Adapter):
                 self._show_prompt()
         await host.wait_idle(quiet=0.3, max_wait=self.config.eof_wait)
 
-    async def send(self, message: OutgoingMessage) -> None:
+    async def send(self, message: OutgoingMessage) -> None:  # the shell has no ids for messages
         if message.room_id not in (None, ROOM.id):
             raise UnknownTargetError(f"the shell has one room, {ROOM.id!r}, not {message.room_id!r}")
         if message.user is not None and message.room_id is None and message.user.id != self.user.id:
             raise UnknownTargetError(f"the shell has one user, {self.user.id!r}, not {message.user.id!r}")
         body = message.body
+        if message.format == "markdown":
+            if self._color:
+                body = render_markdown(_CONTROL.sub("", body), ANSI_STYLES)
+            else:
+                body = render_markdown(body, PLAIN_STYLES)
         if message.action:
             body = f"* {body}"
         elif message.mention and message.user is not None:
@@ -127,6 +160,13 @@ class ShellAdapter(Adapter):
         if self._prompt:
             self._stdout.write(f"{self.config.user}> ")
             self._stdout.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a stream without one, or closed
+        return False
 
 
 @hookimpl
