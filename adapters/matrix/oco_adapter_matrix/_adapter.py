@@ -107,6 +107,12 @@ class MatrixAdapter(Adapter):
     ``m.video``, ``m.audio`` or ``m.file`` message (encrypted in encrypted rooms), and a
     typing indication the room's typing notice. :meth:`send` returns ``~`` and a
     transaction id, which ``edit_of``, ``in_reply_to`` and ``thread_id`` may name later.
+
+    Incoming, reactions go to :meth:`AdapterHost.reaction`, edits arrive with
+    ``edit_of`` and their new text, and files as attachments whose ``url`` is the
+    homeserver's authenticated download url (it needs the bot's access token). A file
+    sent in an encrypted room arrives without a url: the homeserver holds only its
+    ciphertext, and the key is not handed on.
     """
 
     features = Feature.THREADS | Feature.ATTACHMENTS | Feature.EDITS | Feature.REACTIONS | Feature.TYPING
