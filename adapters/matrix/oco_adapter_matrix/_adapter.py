@@ -197,6 +197,7 @@ class MatrixAdapter(Adapter):
             return None
         if message.edit_of:
             self._sent.check(message.edit_of, "edit_of")
+            message = replace(message, edit_of=self._sent.original(message.edit_of))
         if message.thread_id:
             self._sent.check(message.thread_id, "thread_id")
         if message.reaction:
@@ -210,7 +211,7 @@ class MatrixAdapter(Adapter):
         first.local_id = LOCAL_ID_PREFIX + first.txn_id
         user = first.message.user
         mentioned = (user.id,) if first.message.mention and user is not None and first.attachment is None else ()
-        self._sent.accept(first.local_id, mentioned)
+        self._sent.accept(first.local_id, mentioned, edit_of=first.message.edit_of)
         for pending in pieces:
             pending.seq = next(self._seq)
             await self._outbox_tx.send(pending)

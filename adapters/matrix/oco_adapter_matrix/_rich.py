@@ -30,6 +30,7 @@ LOCAL_ID_PREFIX = "~"
 class _Sent:
     event_id: str = ""  # "" until the send loop delivered it
     mentions: tuple[str, ...] = ()
+    edit_of: str = ""  # for an edit: the message it replaced
 
 
 class SentIds:
@@ -43,9 +44,9 @@ class SentIds:
         self._by_local: OrderedDict[str, _Sent] = OrderedDict()
         self._by_event: dict[str, str] = {}
 
-    def accept(self, local_id: str, mentions: tuple[str, ...] = ()) -> None:
-        """Remember ``local_id``, not delivered yet."""
-        self._by_local[local_id] = _Sent(mentions=mentions)
+    def accept(self, local_id: str, mentions: tuple[str, ...] = (), edit_of: str = "") -> None:
+        """Remember ``local_id``, not delivered yet (an edit of ``edit_of``)."""
+        self._by_local[local_id] = _Sent(mentions=mentions, edit_of=edit_of)
         while len(self._by_local) > self._size:
             _, old = self._by_local.popitem(last=False)
             self._by_event.pop(old.event_id, None)
@@ -79,6 +80,13 @@ class SentIds:
         if not event_id:
             raise AdapterError(f"{what} {ref!r} names a message that was not delivered (its error is logged above)")
         return event_id
+
+    def original(self, ref: str) -> str:
+        """The message an edit replaced, for ``ref`` naming one of the bot's edits (an
+        edit of an edit replaces the original: Matrix ignores replacements of
+        replacements); otherwise ``ref``."""
+        sent = self._by_local.get(self._by_event.get(ref, ref))
+        return sent.edit_of if sent is not None and sent.edit_of else ref
 
     def mentions(self, ref: str) -> tuple[str, ...]:
         """Whom the bot's message ``ref`` (either kind of id) mentioned, where known."""

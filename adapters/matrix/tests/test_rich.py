@@ -73,6 +73,12 @@ async def test_the_bot_reacts_and_edits_its_own_message(synapse: Any, person: An
         # Mentioned already by the original: the edit does not notify them again.
         assert new["m.mentions"] == {"user_ids": [person.user_id]}
         assert content["m.mentions"] == {}
+        # An edit of that edit (by the id send() gave it) replaces the original again.
+        second = await adapter.send(OutgoingMessage("rolled back", room_id=room_id, edit_of=first))
+        assert second is not None
+        await adapter.send(OutgoingMessage("redeployed", room_id=room_id, edit_of=second))
+        again = await person.wait_for_message(bot.user_id, room_id, body_is("* redeployed"))
+        assert again.source["content"]["m.relates_to"]["event_id"] == original.event_id
         # A reaction to the bot's own message by the same id; then by its event id.
         await adapter.send(OutgoingMessage("", room_id=room_id, reaction="✅", in_reply_to=first))
         assert (await sees_reaction(person, bot, room_id, "✅")).reacts_to == original.event_id

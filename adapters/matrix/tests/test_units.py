@@ -153,6 +153,10 @@ def test_ids_given_map_to_event_ids_once_delivered_and_are_forgotten_oldest_firs
     assert sent.local_id("$A") == "$A"
     with pytest.raises(UnknownTargetError, match="neither a Matrix event id"):
         sent.check("m1", "in_reply_to")
+    # An edit of an edit replaces the original.
+    sent.accept("~edit", edit_of="~b")
+    sent.delivered("~edit", "$E")
+    assert sent.original("~edit") == sent.original("$E") == sent.original("~b") == "~b"
 
 
 def test_an_edit_notifies_only_people_the_original_did_not_mention() -> None:
