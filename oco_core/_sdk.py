@@ -527,7 +527,7 @@ class SentMessage:
     """A message this callback sent: what :meth:`Message.reply`, :meth:`Message.send`
     and :meth:`Callback.send` return.
 
-    ``id`` is the bot's id for it ("matrix/$ev..."), or "" where the chat service gives
+    ``id`` is the bot's id for it ("matrix/~3f9a...", "memory/m4"), or "" where the chat service gives
     messages none (IRC, the shell); then :meth:`edit` sends the new text as a
     correction and :meth:`react` sends the key as a message, which is what the bot
     itself does for services without edits or reactions."""
