@@ -265,6 +265,15 @@ class Adapter(abc.ABC):
         too (``#Ops-`` of ``#Ops-*``): fold characters, do not validate."""
         return name
 
+    async def fetch_attachment(self, url: str, max_bytes: int) -> tuple[bytes, str]:
+        """The content and media type of a file a person sent, by the ``url`` this
+        adapter gave it in :attr:`IncomingMessage.attachments`, for a callback that asks
+        the bot for it (``Robot.GetAttachment``): a service whose file urls need the bot's
+        own credentials (Matrix) fetches it with them. At most ``max_bytes``: raise
+        :class:`~oco_core.RequestTooLargeError` past it, without reading the rest. The
+        bot has checked that the callback was given ``url``. The default refuses."""
+        raise AdapterError(f"the {type(self).__name__} adapter has no files to fetch")
+
     async def join(self, room: str) -> None:
         """Join a room by the service's id or name."""
         raise AdapterError(f"the {type(self).__name__} adapter cannot join rooms")
