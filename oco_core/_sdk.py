@@ -154,6 +154,10 @@ class Membership:
     previous: User | None = None
 
 
+#: The shortest time between renewals of a typing indication (Message.typing), in seconds.
+_TYPING_RENEW_MIN = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Attachment:
     """A file or an image on a message.
@@ -165,9 +169,9 @@ class Attachment:
     ``name: url``, or the name and size of data. ``media_type`` ("image/png") may be
     left empty: it is guessed from ``name``.
 
-    On an incoming message (:attr:`Message.attachments`), what the person sent: a
-    ``url`` to fetch it from (Matrix: the homeserver's download url), and its ``size``
-    where known (0 otherwise)."""
+    On an incoming message (:attr:`Message.attachments`), what the person sent: its
+    ``url`` (Matrix: the homeserver's download url, which needs the bot's token: read it
+    with :meth:`Callback.fetch_attachment`), and its ``size`` where known (0 otherwise)."""
 
     name: str
     data: bytes = b""
@@ -488,8 +492,9 @@ class Message:
 
     async def _keep_typing(self, seconds: int) -> None:
         message = core_pb2.Message(typing_seconds=seconds, source=core_pb2.Source(room=self._pb.source.room))
-        # Renewed before it runs out, with room for a slow round trip.
-        every = max(seconds - 5, seconds / 2)
+        # Renewed before it runs out, with room for a slow round trip; never more often
+        # than every few seconds, as each renewal spends one of the callback's sends.
+        every = max(seconds - 5, seconds / 2, _TYPING_RENEW_MIN)
         while True:
             try:
                 await self._callback._send([message], with_mention=False)
@@ -1208,6 +1213,15 @@ class Callback:
         )
         response = await self._unary("robot", "Publish", request)
         return str(response.id)
+
+    async def fetch_attachment(self, attachment: Attachment | str) -> bytes:
+        """The content of a file a person sent (one of :attr:`Message.attachments`, or
+        its ``url``), fetched by the bot with its own credentials where the chat service
+        needs them (Matrix). UnknownTargetError for a url the bot did not deliver lately;
+        RequestTooLargeError past the bot's ``bot.max_attachment_bytes``."""
+        url = attachment if isinstance(attachment, str) else attachment.url
+        response = await self._unary("robot", "GetAttachment", robot_pb2.GetAttachmentRequest(url=url))
+        return bytes(response.data)
 
     async def check_permission(self, user_id: str, permission: str, *, room_id: str = "") -> PermissionCheck:
         """Whether the user (``"irc/alice"``) holds ``permission``; the bot records the

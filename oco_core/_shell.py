@@ -50,8 +50,8 @@ ANSI_STYLES = MarkdownStyles(
 #: Markdown in a pipe or with NO_COLOR: the text, its markup gone.
 PLAIN_STYLES = MarkdownStyles(code_block_indent="    ")
 
-# Control characters but newline and tab: a reply shown with ANSI styles carries no
-# escape sequence but the renderer's own (none that moves the cursor or retitles the window).
+# Control characters but newline and tab: a reply shown on a terminal carries no escape
+# sequence but the renderer's own (none that moves the cursor or retitles the window).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
 
 
@@ -89,7 +89,8 @@ class ShellAdapter(Adapter):
         self._edit = self._prompt and stdin is None and stdout is None and sys.stdin.isatty() and sys.stdout.isatty()
         self._terminal: Terminal | None = None
         # https://no-color.org: NO_COLOR set and not empty turns colour off.
-        self._color = _isatty(self._stdout) and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
+        self._tty = _isatty(self._stdout)
+        self._color = self._tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
         self.user = ChatUser(id=config.user, name=config.user, mention_name=config.user)
 
     async def run(self, host: AdapterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -131,11 +132,10 @@ class ShellAdapter(Adapter):
         if message.user is not None and message.room_id is None and message.user.id != self.user.id:
             raise UnknownTargetError(f"the shell has one user, {self.user.id!r}, not {message.user.id!r}")
         body = message.body
+        if self._tty:  # a terminal: a reply's own escapes never reach it (a title, the clipboard)
+            body = _CONTROL.sub("", body)
         if message.format == "markdown":
-            if self._color:
-                body = render_markdown(_CONTROL.sub("", body), ANSI_STYLES)
-            else:
-                body = render_markdown(body, PLAIN_STYLES)
+            body = render_markdown(body, ANSI_STYLES if self._color else PLAIN_STYLES)
         if message.action:
             body = f"* {body}"
         elif message.mention and message.user is not None:

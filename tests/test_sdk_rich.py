@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import oco_core._sdk
 from oco_core import (
     Attachment,
     Callback,
@@ -181,7 +182,10 @@ async def test_an_attachment_over_the_limit_is_refused_naming_the_setting(tmp_pa
     assert (ok.id, out.body, out.attachments[0].size) == ("memory/m1", "small", 1000)
 
 
-async def test_typing_renews_until_the_block_ends_and_raises_what_the_block_raised(tmp_path: Path) -> None:
+async def test_typing_renews_until_the_block_ends_and_raises_what_the_block_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(oco_core._sdk, "_TYPING_RENEW_MIN", 0.0)  # renewals every 0.5 s, not every 5
     caught: list[BaseException] = []
 
     async def go(message: Message) -> None:
@@ -216,8 +220,9 @@ async def test_typing_renews_until_the_block_ends_and_raises_what_the_block_rais
 
 
 async def test_a_typing_indication_that_fails_is_logged_and_the_work_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(oco_core._sdk, "_TYPING_RENEW_MIN", 0.0)
     caplog.set_level(logging.WARNING, "oco_core._sdk")
     async with open_bot(config(tmp_path)) as running:
         cb = Callback(id="narrow", secret=NARROW, address=running.address)  # may only write to alice
@@ -235,6 +240,21 @@ async def test_a_typing_indication_that_fails_is_logged_and_the_work_goes_on(
     warnings = [r.getMessage() for r in caplog.records if "could not show the bot typing" in r.getMessage()]
     assert len(warnings) >= 2, caplog.text  # the first and a renewal
     assert "memory/general" in warnings[0]
+
+
+async def test_a_short_typing_indication_is_renewed_no_more_often_than_every_five_seconds(tmp_path: Path) -> None:
+    async def go(message: Message) -> None:
+        async with message.typing(seconds=1):  # each renewal would spend one of the callback's sends
+            await trio.sleep(1.5)
+        await message.reply("done")
+
+    async with open_bot(config(tmp_path)) as running, handling(running, go):
+        await running.adapter.inject("oco go")
+        out: list[OutgoingMessage] = []
+        with trio.fail_after(10):
+            while not out or out[-1].body != "done":
+                out.append(await running.adapter.next_sent())
+    assert [m.typing_seconds for m in out] == [1, 0]
 
 
 async def test_reactions_and_edits_reach_the_handlers_that_asked_and_an_edit_is_no_command(tmp_path: Path) -> None:

@@ -193,6 +193,13 @@ async def test_on_a_terminal_only_the_renderers_escapes_reach_it(monkeypatch: py
     # A reply that would retitle the window and clear the screen, were it passed through.
     await shell.send(OutgoingMessage(body="\x1b]0;pwned\x07**x**\x1b[2J", room_id="shell", format="markdown"))
     assert out.getvalue() == f"]0;pwned{BOLD}x{NOT_BOLD}[2J\n"
+    # Plain replies too, and with NO_COLOR: a terminal never gets a callback's escapes.
+    monkeypatch.setenv("NO_COLOR", "1")
+    quiet = _TerminalOut()
+    plain = ShellAdapter(ShellConfig(user="alice", prompt=False, history_file=None), io.StringIO(), quiet)
+    await plain.send(OutgoingMessage(body="\x1b]52;c;ZXZpbA==\x07done", room_id="shell"))
+    await plain.send(OutgoingMessage(body="\x1b[2J**kept**", room_id="shell", format="markdown"))
+    assert quiet.getvalue() == "]52;c;ZXZpbA==done\n[2Jkept\n"
 
 
 @pytest.mark.parametrize(
