@@ -92,8 +92,21 @@ class BotSettings(_Strict):
     max_attachment_bytes: int = Field(
         default=3 << 20,
         gt=0,
-        description="Largest attachment a callback may send as data (RESOURCE_EXHAUSTED past it); a request "
-        "must also fit grpc.max_receive_bytes.",
+        description="The files a callback sends as data in one request, together (RESOURCE_EXHAUSTED past it); "
+        "the request must also fit grpc.max_receive_bytes.",
+    )
+    max_attachments: int = Field(
+        default=10, gt=0, description="Files one message may carry (RESOURCE_EXHAUSTED past it)."
+    )
+    editable_messages: int = Field(
+        default=10_000,
+        gt=0,
+        description="Messages the bot remembers who sent, latest first: a callback may edit only those of its own.",
+    )
+    fetchable_files: int = Field(
+        default=10_000,
+        gt=0,
+        description="Files people sent lately whose urls callbacks may fetch through the bot (Robot.GetAttachment).",
     )
     unknown_command_reply: bool = Field(
         default=True,

@@ -343,11 +343,19 @@ class Suite:
         return self.control
 
     async def inject(
-        self, body: str, *, room: str | None = None, user: str | None = None, id: str = "", edit_of: str = ""
+        self,
+        body: str,
+        *,
+        room: str | None = None,
+        user: str | None = None,
+        id: str = "",
+        edit_of: str = "",
+        attachments: Sequence[core_pb2.Attachment] = (),
     ) -> None:
         """Write ``body`` as a chat user, in ``room`` (default: --room; "" for a private
         message), with the chat service's ``id`` if given; with ``edit_of``, as an edit of
-        that message. Returns once the bot has routed it."""
+        that message; with ``attachments``, files the user sent. Returns once the bot has
+        routed it."""
         control = self._control()
         request = control_pb2.InjectRequest(
             body=body,
@@ -356,6 +364,7 @@ class Suite:
             direct=room == "",
             id=id,
             edit_of=edit_of,
+            attachments=attachments,
         )
         await self.call(lambda: control.Inject(request, timeout=self.timeout))
 
@@ -1798,6 +1807,71 @@ async def _rich_edit_event(s: Suite) -> str:
         await _next_is(asked, "sentinel-a", "the edit matched a route of the stream that asked")
         await _next_is(other, "sentinel-b", "the stream that did not ask for edits")
     return f"Event.edit of {edit.edit_of} only to the stream that asked; no route matched it"
+
+
+@check("rich/edit-own-only", needs=["control"])
+async def _rich_edit_own_only(s: Suite) -> str:
+    """An edit of the callback's own message (an id SendMessages gave) goes out as an
+    edit of it; an edit naming any other id (one the bot never gave this callback) fails
+    with NOT_FOUND and sends nothing."""
+    source = await s.source()
+    room = core_pb2.Source(room=source.room)
+    body = f"to-edit-{s.token}"
+    request = robot_pb2.SendMessagesRequest(messages=[core_pb2.Message(body=body, source=room)])
+    response = await s.call(lambda: s.robot.SendMessages(request, metadata=s.metadata(), timeout=s.timeout))
+    if not response.message_ids or not response.message_ids[0]:
+        raise NotOffered("SendMessages gave the message no id to edit (message ids are an extension)")
+    [original] = await s.sent(body)
+    forged = robot_pb2.SendMessagesRequest(
+        messages=[core_pb2.Message(body="forged", source=room, edit_of=f"{_adapter_prefix(source)}forged-{s.token}")]
+    )
+    details = await s.expect_code(
+        "an edit of a message this callback did not send",
+        grpc.StatusCode.NOT_FOUND,
+        lambda: s.robot.SendMessages(forged, metadata=s.metadata(), timeout=s.timeout),
+    )
+    edited = f"edited-{s.token}"
+    edit = robot_pb2.SendMessagesRequest(
+        messages=[core_pb2.Message(body=edited, source=room, edit_of=response.message_ids[0])]
+    )
+    await s.call(lambda: s.robot.SendMessages(edit, metadata=s.metadata(), timeout=s.timeout))
+    [sent] = await s.sent(edited)
+    # An adapter that shows no edits gets a correction instead: then edit_of is empty.
+    _expect(
+        sent.edit_of in (original.id, ""),
+        f"the edit went out as an edit of {sent.edit_of!r}, not of {original.id!r}",
+    )
+    return f"own message edited ({sent.edit_of or 'as a correction'}); another id: NOT_FOUND ({details})"
+
+
+@check("rich/get-attachment", needs=["control"])
+async def _rich_get_attachment(s: Suite) -> str:
+    """A file a person sent reaches the callback as an attachment with its url, and
+    Robot.GetAttachment with that url returns its content; a url the bot did not
+    deliver fails with NOT_FOUND (the bot fetches no url a callback makes up)."""
+    url = f"https://files.example.org/conformance/{s.token}"
+    content = f"file-{s.token}".encode() * 16
+    file = core_pb2.Attachment(name="notes.txt", media_type="text/plain", url=url, data=content)
+    async with s.listen([_route("file", f"^file-{s.token}$")]) as listener:
+        await s.inject(f"file-{s.token}", attachments=[file])
+        event = await listener.event()
+    urls = [a.url for a in event.matched_message.message.attachments]
+    _expect(urls == [url], f"the message's attachments have the urls {urls}, expected [{url!r}]")
+    request = robot_pb2.GetAttachmentRequest(url=url)
+    try:
+        response = await s.call(lambda: s.robot.GetAttachment(request, metadata=s.metadata(), timeout=s.timeout))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise NotOffered("the bot does not offer GetAttachment (UNIMPLEMENTED)") from None
+        raise CheckFailed(f"GetAttachment of the url it delivered: {_code(exc)}") from None
+    _expect(response.data == content, f"GetAttachment returned {len(response.data)} bytes, not the file's")
+    forged = robot_pb2.GetAttachmentRequest(url=f"https://files.example.org/forged/{s.token}")
+    details = await s.expect_code(
+        "GetAttachment of a url the bot did not deliver",
+        grpc.StatusCode.NOT_FOUND,
+        lambda: s.robot.GetAttachment(forged, metadata=s.metadata(), timeout=s.timeout),
+    )
+    return f"{len(response.data)} bytes back; a made-up url: NOT_FOUND ({details})"
 
 
 @check("membership/renamed", needs=["control"])

@@ -183,6 +183,10 @@ class BotCore:
                 self.conversations.withdraw(asked)
             raise
 
+    async def fetch_file(self, url: str) -> tuple[bytes, str]:
+        """A file a person sent lately, by its url (Robot.GetAttachment)."""
+        return await self.incoming.fetch_file(url)
+
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
         """Join (or part) a room through its adapter."""
         await self.outgoing.join(room, leave)

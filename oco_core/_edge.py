@@ -124,6 +124,9 @@ class EdgeHost(Protocol):
     @property
     def conversations(self) -> Conversations: ...
 
+    async def fetch_file(self, url: str) -> tuple[bytes, str]:
+        """A file a person sent lately, by its url (Robot.GetAttachment)."""
+
     def secrets(self) -> Mapping[str, str]:
         """The configured callbacks' secrets by id ("" where the store keeps its hash)."""
 
@@ -494,6 +497,18 @@ class Services:
             need = ApprovalNeed(rule.role, min(rule.count or 1, 10), float(min(rule.timeout_seconds or 600, 86400)))
         return await _guard(self.bot.approvals.request(callback_id, message, need, request.action))
 
+    async def get_attachment(
+        self, request: robot_pb2.GetAttachmentRequest, info: CallInfo
+    ) -> robot_pb2.GetAttachmentResponse:
+        """A file a person sent, fetched by its adapter with the bot's own credentials."""
+        await self._caller(info)
+        if not request.url:
+            raise RpcAbort(
+                grpc.StatusCode.INVALID_ARGUMENT, "GetAttachmentRequest.url is empty: give an Attachment.url"
+            )
+        data, media_type = await _guard(self.bot.fetch_file(request.url))
+        return robot_pb2.GetAttachmentResponse(data=data, media_type=media_type)
+
     async def cancel_question(
         self, request: robot_pb2.CancelQuestionRequest, info: CallInfo
     ) -> robot_pb2.CancelQuestionResponse:
@@ -770,6 +785,9 @@ class Services:
                     self.request_approval,
                     robot_pb2.RequestApprovalRequest,
                     robot_pb2.RequestApprovalResponse,
+                ),
+                "GetAttachment": m(
+                    "unary", self.get_attachment, robot_pb2.GetAttachmentRequest, robot_pb2.GetAttachmentResponse
                 ),
                 "CancelQuestion": m(
                     "unary", self.cancel_question, robot_pb2.CancelQuestionRequest, robot_pb2.CancelQuestionResponse

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._adapter import Adapter, ChatRoom, ChatUser, IncomingMessage, MembershipEvent, MembershipKind, ReactionEvent
 from ._directory import UserRecord
+from ._errors import AdapterError, UnknownTargetError
 from ._proto import core_pb2, robot_pb2
 from ._store import NamespacedStore, Store
 
@@ -86,12 +88,20 @@ class AdapterLink:
         await self._core.activity.wait_idle(self._core.router, quiet=quiet, max_wait=max_wait)
 
 
+#: The largest file size a uint64 field takes; an adapter's -1 ("unknown") or a chat
+#: service's absurd one must not break routing.
+_MAX_SIZE = (1 << 63) - 1
+
+
 class Incoming:
     """Routes what every adapter of one running bot hears."""
 
     def __init__(self, core: BotCore) -> None:
         self._core = core
         self._message_ids = itertools.count(1)
+        #: The urls of the latest files people sent, with the adapter each came through:
+        #: the only urls Robot.GetAttachment fetches (``bot.fetchable_files`` of them).
+        self._files: OrderedDict[str, str] = OrderedDict()
 
     def message(self, adapter: str, incoming: IncomingMessage) -> None:
         """Route one chat message; never waits."""
@@ -113,13 +123,18 @@ class Incoming:
             private=incoming.direct,
             thread_id=f"{adapter}/{incoming.thread_id}" if incoming.thread_id else "",
             attachments=[
-                core_pb2.Attachment(name=a.name, media_type=a.media_type, url=a.url, size=a.size)
+                core_pb2.Attachment(
+                    name=a.name, media_type=a.media_type, url=a.url, size=min(max(a.size, 0), _MAX_SIZE)
+                )
                 for a in incoming.attachments
             ],
         )
         core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
         if room is not None:
             core.directory.see_room(room.id, room.name, member=user.id)
+        for attachment in incoming.attachments:
+            if attachment.url:
+                self._remember_file(attachment.url, adapter)
         if incoming.edit_of:  # not a new command: only callbacks that asked for edits see it
             message.edit_of = f"{adapter}/{incoming.edit_of}"
             core.router.broadcast(robot_pb2.EVENT_KIND_EDIT, core_pb2.Event(edit=message))
@@ -182,6 +197,30 @@ class Incoming:
             # Only a rename names who the user was; other kinds keep their payload as before.
             **({"previous": previous.id} if previous is not None else {}),
         )
+
+    def _remember_file(self, url: str, adapter: str) -> None:
+        self._files[url] = adapter
+        self._files.move_to_end(url)
+        while len(self._files) > self._core.config.bot.fetchable_files:
+            self._files.popitem(last=False)
+
+    async def fetch_file(self, url: str) -> tuple[bytes, str]:
+        """The content and media type of a file a person sent lately, by its url,
+        fetched by the adapter it came through."""
+        adapter = self._files.get(url)
+        if adapter is None or adapter not in self._core.links:
+            raise UnknownTargetError(
+                f"{url[:200]!r} is not the url of a file the bot delivered lately (it remembers the latest "
+                f"{self._core.config.bot.fetchable_files}, bot.fetchable_files)"
+            )
+        self._core.leader.check()  # a standby's adapters are not connected: say where the active one is
+        try:
+            return await self._core.links[adapter].adapter.fetch_attachment(
+                url, self._core.config.bot.max_attachment_bytes
+            )
+        except AdapterError as exc:
+            exc.args = (f"file {url[:200]!r} through {adapter}: {exc}",)
+            raise
 
     def reaction(self, adapter: str, event: ReactionEvent) -> None:
         """Pass a reaction to the callbacks that asked for them."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from ._adapter import Attachment, ChatUser, Feature, IncomingMessage, OutgoingMessage
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 #: The longest typing indication a message may ask for (Message.typing_seconds).
 MAX_TYPING_SECONDS = 120
+#: The longest file name and media type (Attachment.name, media_type), and url, in characters.
+MAX_ATTACHMENT_NAME = 255
+MAX_ATTACHMENT_URL = 2048
+#: Markdown's punctuation, escaped in the text the bot writes for files into a Markdown body.
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~])")
 
 
 class Outgoing:
@@ -33,6 +40,9 @@ class Outgoing:
 
     def __init__(self, core: BotCore) -> None:
         self._core = core
+        #: Who sent each of the latest messages that have an id, and where: the only
+        #: messages a callback may edit are its own (``bot.editable_messages`` of them).
+        self._senders: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def resolve(
         self, message: core_pb2.Message, with_mention: bool, index: int = 0
@@ -98,7 +108,12 @@ class Outgoing:
         return link, out
 
     def _attachments(self, message: core_pb2.Message, what: str) -> tuple[Attachment, ...]:
-        limit = self._core.config.bot.max_attachment_bytes
+        settings = self._core.config.bot
+        if len(message.attachments) > settings.max_attachments:
+            raise RequestTooLargeError(
+                f"{what} has {len(message.attachments)} attachments; the bot accepts at most "
+                f"{settings.max_attachments} a message (bot.max_attachments): send them in several messages"
+            )
         attachments = []
         for n, item in enumerate(message.attachments):
             name = f"{what}, attachment {n}"
@@ -106,10 +121,11 @@ class Outgoing:
                 raise InvalidRequestError(f"{name} has neither data nor url: give the file's bytes or a link to it")
             if item.url and not item.url.startswith(("https://", "http://", "mxc://")):
                 raise InvalidRequestError(f"{name}: url {item.url[:80]!r} is not an http(s) url")
-            if len(item.data) > limit:
-                raise RequestTooLargeError(
-                    f"{name} is {len(item.data)} bytes; the bot accepts at most {limit} (bot.max_attachment_bytes): "
-                    "send a url to it instead"
+            if len(item.url) > MAX_ATTACHMENT_URL:
+                raise InvalidRequestError(f"{name}: its url is longer than {MAX_ATTACHMENT_URL} characters")
+            if len(item.name) > MAX_ATTACHMENT_NAME or len(item.media_type) > MAX_ATTACHMENT_NAME:
+                raise InvalidRequestError(
+                    f"{name}: its name or media_type is longer than {MAX_ATTACHMENT_NAME} characters"
                 )
             attachments.append(
                 Attachment(
@@ -130,6 +146,10 @@ class Outgoing:
                 "use an id SendMessages returned for the bot's message"
             )
         if message.reaction:
+            if message.body:
+                raise InvalidRequestError(
+                    f"{what}: a reaction carries no body (the key is the reaction); send text as its own message"
+                )
             if not message.in_reply_to.startswith(prefix):
                 raise InvalidRequestError(
                     f"{what}: a reaction needs in_reply_to, the id of the message it reacts to (one on {prefix[:-1]})"
@@ -182,9 +202,13 @@ class Outgoing:
         targets = [self.target(link, out) for link, out in resolved]
         for index, target in enumerate(targets):
             policy.require_send(target, f"message {index}")
-        policy.take_send(len(resolved))
+        self._check_edits(callback_id, resolved, targets)
+        rendered = [as_rendered(out, link.adapter.features) for link, out in resolved]
+        self._check_sizes(resolved, rendered)
+        # A file is a message of its own on most services: each counts against the rate.
+        policy.take_send(len(resolved) + sum(len(out.attachments) for _, out in resolved))
         ids: list[str] = []
-        for sent, (link, out) in enumerate(resolved):
+        for sent, ((link, out), plain) in enumerate(zip(resolved, rendered, strict=True)):
             try:
                 leader.check()  # the fence, right before it goes out (ha:)
             except StandbyError as exc:
@@ -197,7 +221,6 @@ class Outgoing:
                     f"the active one (ha:) after {sent} of {len(resolved)} message(s) went out ({exc})",
                     sent=sent,
                 ) from exc
-            plain = as_rendered(out, link.adapter.features)
             if plain is None:  # a typing indication the service cannot show
                 ids.append("")
                 continue
@@ -208,13 +231,67 @@ class Outgoing:
                 # The adapter names its native id; the callback knows the full one.
                 exc.args = (f"message {sent} to {targets[sent]}: {exc}",)
                 raise
-            ids.append(f"{link.name}/{native_id}" if native_id else "")
+            message_id = f"{link.name}/{native_id}" if native_id else ""
+            ids.append(message_id)
             if out.typing_seconds:
                 continue  # not a message: neither counted nor a reply
+            if message_id:
+                self._remember(message_id, callback_id, targets[sent])
             self._core.stats.sent += 1
-            self._core.metrics.message_sent(link.name, callback_id, request.messages[sent].in_reply_to)
-        self._core.activity.replied(callback_id, [m.in_reply_to for m in request.messages if m.in_reply_to])
+            # A reaction answers nothing: "👀" first must not read as a reply in 0 ms.
+            answered = "" if out.reaction else request.messages[sent].in_reply_to
+            self._core.metrics.message_sent(link.name, callback_id, answered)
+        self._core.activity.replied(
+            callback_id,
+            [m.in_reply_to for m in request.messages if m.in_reply_to and not m.reaction and not m.typing_seconds],
+        )
         return ids
+
+    def _check_edits(
+        self, callback_id: str, resolved: list[tuple[AdapterLink, OutgoingMessage]], targets: list[str]
+    ) -> None:
+        """A callback edits only its own messages, where they went: never another
+        callback's, nor the bot's own (an approval prompt rewritten would mislead approvers)."""
+        for index, (link, out) in enumerate(resolved):
+            if not out.edit_of:
+                continue
+            edited = f"{link.name}/{out.edit_of}"
+            sender = self._senders.get(edited)
+            if sender is None or sender[0] != callback_id:
+                raise UnknownTargetError(
+                    f"message {index}: edit_of {edited!r} is not one of this callback's messages that the bot "
+                    f"remembers (the latest {self._core.config.bot.editable_messages}, bot.editable_messages)"
+                )
+            if sender[1] != targets[index]:
+                raise InvalidRequestError(
+                    f"message {index}: the edit goes to {targets[index]}, but {edited!r} went to {sender[1]}"
+                )
+
+    def _check_sizes(
+        self, resolved: list[tuple[AdapterLink, OutgoingMessage]], rendered: list[OutgoingMessage | None]
+    ) -> None:
+        """The files of one request together, and the text the bot wrote for files an
+        adapter cannot show, within their limits."""
+        settings = self._core.config.bot
+        data = sum(len(a.data) for _, out in resolved for a in out.attachments)
+        if data > settings.max_attachment_bytes:
+            raise RequestTooLargeError(
+                f"the request's files are {data} bytes together; the bot accepts at most "
+                f"{settings.max_attachment_bytes} (bot.max_attachment_bytes): send a url to them instead"
+            )
+        for index, out in enumerate(rendered):
+            if out is not None and len(out.body.encode("utf-8")) > settings.max_message_bytes:
+                raise RequestTooLargeError(
+                    f"message {index} with its files written out as text (this chat service shows no files) is "
+                    f"{len(out.body.encode('utf-8'))} bytes; the bot accepts at most {settings.max_message_bytes} "
+                    "(bot.max_message_bytes): send fewer files a message"
+                )
+
+    def _remember(self, message_id: str, callback_id: str, target: str) -> None:
+        self._senders[message_id] = (callback_id, target)
+        self._senders.move_to_end(message_id)
+        while len(self._senders) > self._core.config.bot.editable_messages:
+            self._senders.popitem(last=False)
 
     async def join(self, room: core_pb2.Room, leave: bool = False) -> None:
         """Join (or part) a room through its adapter."""
@@ -270,13 +347,13 @@ def as_rendered(out: OutgoingMessage, features: Feature) -> OutgoingMessage | No
     body = out.body
     if out.reaction and Feature.REACTIONS not in features:
         changes["reaction"] = ""
-        body = body or out.reaction
+        body = out.reaction
     if out.edit_of and Feature.EDITS not in features:
         changes["edit_of"] = ""
         body = f"Correction: {body}"
     if out.attachments and Feature.ATTACHMENTS not in features:
         changes["attachments"] = ()
-        lines = [_attachment_line(item) for item in out.attachments]
+        lines = [_attachment_line(item, markdown=out.format == "markdown") for item in out.attachments]
         body = "\n".join([body, *lines]) if body else "\n".join(lines)
     if out.thread_id and Feature.THREADS not in features:
         changes["thread_id"] = ""
@@ -285,11 +362,13 @@ def as_rendered(out: OutgoingMessage, features: Feature) -> OutgoingMessage | No
     return dataclasses.replace(out, body=body, **changes)  # type: ignore[arg-type]
 
 
-def _attachment_line(item: Attachment) -> str:
+def _attachment_line(item: Attachment, *, markdown: bool) -> str:
+    # In a Markdown body, "__init__.py" or a url with "*" in it must stay as written.
+    text = (lambda value: _MARKDOWN_PUNCTUATION.sub(r"\\\1", value)) if markdown else str
     if item.url:
-        return f"{item.name}: {item.url}"
+        return f"{text(item.name)}: {text(item.url)}"
     kind = f", {item.media_type}" if item.media_type else ""
-    return f"{item.name} ({_size(item.size)}{kind}; files cannot be shown here)"
+    return text(f"{item.name} ({_size(item.size)}{kind}; files cannot be shown here)")
 
 
 def _size(size: int) -> str:

@@ -122,7 +122,8 @@ def test_an_unknown_log_level_lists_the_levels() -> None:
         (
             "bot: oco\n",
             "bot: expected a mapping of keys, not text (keys: adapter_startup_wait, aliases, "
-            "callback_startup_wait, max_attachment_bytes, max_message_bytes, name, unknown_command_reply)",
+            "callback_startup_wait, editable_messages, fetchable_files, max_attachment_bytes, max_attachments, "
+            "max_message_bytes, name, unknown_command_reply)",
         ),
         ("callbacks: [{command: [python]}]\n", "callbacks[0].id: required, for example `id: weather`"),
         ("callbacks: [{id: w, command: []}]\n", "callbacks[0].command: must not be empty"),

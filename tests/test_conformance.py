@@ -89,6 +89,8 @@ async def test_our_bot_conforms(tmp_path: Path) -> None:
         "rich/message-ids",
         "rich/reaction-event",
         "rich/edit-event",
+        "rich/edit-own-only",
+        "rich/get-attachment",
         "membership/renamed",
     ):
         assert any(line.startswith(f"PASS {name}:") for line in checks), name

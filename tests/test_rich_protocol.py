@@ -13,9 +13,10 @@ import grpc
 import pytest
 import trio
 
+from oco_core import Callback, Message, RequestTooLargeError, UnknownTargetError
 from oco_core._adapter import Attachment, OutgoingMessage
 from oco_core._proto import core_pb2, robot_pb2, robot_pb2_grpc
-from oco_core.testing import RunningBot, open_bot
+from oco_core.testing import RunningBot, open_bot, serving
 
 SECRET = "rich-protocol-secret-0123456789"
 NARROW = "narrow-rich-secret-0123456789ab"
@@ -114,6 +115,9 @@ async def test_an_adapter_without_rich_replies_gets_plain_text_and_no_typing(tmp
             core_pb2.Message(typing_seconds=30, source=ROOM),
             core_pb2.Message(body="deployed", source=ROOM, thread_id="memory/$root"),
             core_pb2.Message(reaction="🚀", source=ROOM, in_reply_to="memory/$asked"),
+        )
+        ids += await send(
+            running,
             core_pb2.Message(body="deployed to prod", source=ROOM, edit_of="memory/m1"),
             core_pb2.Message(
                 body="the logs:",
@@ -178,7 +182,28 @@ async def test_an_adapter_without_rich_replies_gets_plain_text_and_no_typing(tmp
         (
             core_pb2.Message(body="x", source=ROOM, edit_of="memory/m99"),
             grpc.StatusCode.NOT_FOUND,
-            "no message 'm99'",
+            "is not one of this callback's messages that the bot remembers",
+        ),
+        (
+            core_pb2.Message(reaction="👍", body="and a word", source=ROOM, in_reply_to="memory/$1"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a reaction carries no body",
+        ),
+        (
+            core_pb2.Message(
+                body="x",
+                source=ROOM,
+                attachments=[core_pb2.Attachment(name=f"{n}", url="https://x/") for n in range(11)],
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "bot.max_attachments",
+        ),
+        (
+            core_pb2.Message(
+                body="x", source=ROOM, attachments=[core_pb2.Attachment(name="n" * 256, url="https://x/")]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "longer than 255 characters",
         ),
     ],
     ids=[
@@ -190,6 +215,9 @@ async def test_an_adapter_without_rich_replies_gets_plain_text_and_no_typing(tmp
         "file-url",
         "big",
         "edit-unknown",
+        "reaction-body",
+        "many-files",
+        "long-name",
     ],
 )
 async def test_a_rich_reply_the_bot_cannot_send_is_refused_saying_why(
@@ -319,3 +347,102 @@ async def test_incoming_attachments_reach_the_callback_with_their_url(tmp_path: 
         2048,
         b"",
     )
+
+
+async def test_a_callback_edits_only_its_own_messages_where_they_went(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        [mine] = await send(running, core_pb2.Message(body="deploying", source=ROOM))
+        theirs = await trio.to_thread.run_sync(
+            lambda: _send(running.address, core_pb2.Message(body="their words", source=ROOM), secret=NARROW)
+        )
+        # Another callback's message (or the bot's own, which no callback sent) is unknown.
+        error: Any = await refused(running, core_pb2.Message(body="forged", source=ROOM, edit_of=theirs[0]))
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+        # One's own, moved to another place, is refused too.
+        bob = core_pb2.Source(user=core_pb2.User(id="memory/bob"))
+        error = await refused(running, core_pb2.Message(body="moved", source=bob, private=True, edit_of=mine))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "went to memory/general" in error.details()
+        # One's own, where it went: yes, and the edit can be edited again.
+        [edited] = await send(running, core_pb2.Message(body="deployed", source=ROOM, edit_of=mine))
+        await send(running, core_pb2.Message(body="deployed, at last", source=ROOM, edit_of=edited))
+        out = await sent(running, 4)
+    assert [(m.body, m.edit_of) for m in out] == [
+        ("deploying", ""),
+        ("their words", ""),
+        ("deployed", "m1"),
+        ("deployed, at last", "m3"),
+    ]
+
+
+async def test_the_files_of_a_request_together_stay_under_the_limit(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        half = core_pb2.Attachment(name="half", data=b"x" * 600)  # the limit is 1,000 bytes
+        error: Any = await refused(running, core_pb2.Message(body="two", source=ROOM, attachments=[half, half]))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1200 bytes together" in error.details()
+
+
+async def test_files_written_out_as_text_count_against_the_message_size(tmp_path: Path) -> None:
+    small = config(tmp_path, features="[]").replace("max_attachment_bytes: 1000", "max_message_bytes: 300")
+    async with open_bot(small) as running:
+        links = [core_pb2.Attachment(name=f"file{n}", url="https://x.example/" + "y" * 60) for n in range(5)]
+        error: Any = await refused(running, core_pb2.Message(body="files", source=ROOM, attachments=links))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "bot.max_message_bytes" in error.details()
+
+
+async def test_file_lines_in_a_markdown_body_keep_their_names_as_written(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path, features="[]")) as running:
+        init = core_pb2.Attachment(name="__init__.py", url="https://x.example/a*b_c")
+        markdown = core_pb2.Message(
+            body="**the file**", source=ROOM, format=core_pb2.FORMAT_MARKDOWN, attachments=[init]
+        )
+        await send(running, markdown, core_pb2.Message(body="plain", source=ROOM, attachments=[init]))
+        first, second = await sent(running, 2)
+    assert first.body == "**the file**\n\\_\\_init\\_\\_\\.py: https://x\\.example/a\\*b\\_c"
+    assert second.body == "plain\n__init__.py: https://x.example/a*b_c"
+
+
+async def test_a_reaction_is_not_counted_as_a_reply(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        core = running.bot.core
+        await running.adapter.inject("deploy", id="$1")
+        await send(running, core_pb2.Message(reaction="👀", source=ROOM, in_reply_to="memory/$1"))
+        assert core.activity.reading().of("rich") == (0, 0)
+        await send(running, core_pb2.Message(body="done", source=ROOM, in_reply_to="memory/$1"))
+        assert core.activity.reading().of("rich") == (0, 1)
+
+
+async def test_a_callback_fetches_a_file_a_person_sent_and_no_other_url(tmp_path: Path) -> None:
+    async with open_bot(config(tmp_path)) as running:
+        cb = Callback(id="rich", secret=SECRET, address=running.address)
+        got: list[Message] = []
+
+        @cb.hear("screenshot")
+        async def shot(message: Message) -> None:
+            got.append(message)
+
+        async with serving(cb):
+            png = b"\x89PNG" + bytes(range(256)) * 2
+            url = "https://chat.example.org/_matrix/media/shot"
+            await running.adapter.inject(
+                "screenshot", attachments=[Attachment(name="s.png", media_type="image/png", url=url, data=png)]
+            )
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.01)
+            [attachment] = got[0].attachments
+            assert attachment.url == url
+            assert await cb.fetch_attachment(attachment) == png
+            # A url the bot did not deliver is never fetched.
+            with pytest.raises(UnknownTargetError, match=r"bot\.fetchable_files"):
+                await cb.fetch_attachment("https://evil.example/steal")
+            # Past bot.max_attachment_bytes (1,000 here), refused.
+            big = "https://chat.example.org/_matrix/media/big"
+            await running.adapter.inject("screenshot", attachments=[Attachment(name="big", url=big, data=b"x" * 1001)])
+            with trio.fail_after(10):
+                while len(got) < 2:
+                    await trio.sleep(0.01)
+            with pytest.raises(RequestTooLargeError):
+                await cb.fetch_attachment(big)

@@ -61,7 +61,7 @@ class InjectRequest(_message.Message):
     """The chat service's id of the thread's root message, if any."""
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_core_pb2.Attachment]:
-        """Files the user sent (by url)."""
+        """Files the user sent, by url; one with data too is what Robot.GetAttachment returns for the url."""
 
     def __init__(
         self,

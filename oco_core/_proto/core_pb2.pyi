@@ -355,15 +355,17 @@ class Message(_message.Message):
     message answered). Adapters without threads ignore it.
     """
     edit_of: _builtins.str
-    """Extension: on an outgoing message, replace the bot's earlier message with this id
-    (one of SendMessagesResponse.message_ids or SendResult.message_ids) by this one,
-    where the service can (Matrix); elsewhere the body is sent again as a correction. On
-    an incoming message (Event.edit), the id of the message that was edited.
+    """Extension: on an outgoing message, replace this callback's own earlier message with
+    this id (one of SendMessagesResponse.message_ids or SendResult.message_ids, among
+    the bot's latest `bot.editable_messages`, sent to the same place) by this one, where
+    the service can (Matrix); elsewhere the body is sent again as a correction. Another
+    callback's message or the bot's own is NOT_FOUND. On an incoming message
+    (Event.edit), the id of the message that was edited.
     """
     reaction: _builtins.str
-    """Extension: on an outgoing message, react with this key (an emoji: "👍") to the
-    message in_reply_to names, where the service has reactions (Matrix); elsewhere the
-    key is sent as a short message. The body may be empty.
+    """Extension: on an outgoing message, react with this key (an emoji: "👍", at most 64
+    characters) to the message in_reply_to names, where the service has reactions
+    (Matrix); elsewhere the key is sent as a short message. The body must be empty.
     """
     typing_seconds: _builtins.int
     """Extension: on an outgoing message with no body, show the bot as typing in the room
@@ -383,7 +385,8 @@ class Message(_message.Message):
 
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
-        """Extension: files and images. On an outgoing message, each by data (the adapter
+        """Extension: files and images, at most `bot.max_attachments` (10) a message. On an
+        outgoing message, each by data (the adapter
         uploads it where the service stores files: Matrix) or by url (a link where it does
         not, or for a url: IRC and the shell post "name: url"). On an incoming message, what
         the person sent, with a url to fetch it.
@@ -426,7 +429,7 @@ class Attachment(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The file name ("report.pdf"), shown to people."""
+    """The file name ("report.pdf"), shown to people; at most 255 characters."""
     media_type: _builtins.str
     """The media type ("image/png"); empty: guessed from the name, else
     application/octet-stream.
@@ -434,10 +437,12 @@ class Attachment(_message.Message):
     url: _builtins.str
     """Where it can be fetched. Outgoing: an http(s) url the adapter links to (the bot never
     fetches it). Incoming: the service's url for it (Matrix: the homeserver's download
-    url, which needs the bot's access token unless the homeserver serves media openly).
+    url, which needs the bot's access token: Robot.GetAttachment fetches it with it).
     """
     data: _builtins.bytes
-    """The content, outgoing: at most `bot.max_attachment_bytes`. Incoming: empty."""
+    """The content, outgoing: the files of one request together at most
+    `bot.max_attachment_bytes`. Incoming: empty (Robot.GetAttachment fetches it).
+    """
     size: _builtins.int
     """The size in bytes, where known (0 otherwise)."""
     def __init__(

@@ -96,6 +96,11 @@ class RobotStub:
                 request_serializer=robot__pb2.CancelQuestionRequest.SerializeToString,
                 response_deserializer=robot__pb2.CancelQuestionResponse.FromString,
                 _registered_method=True)
+        self.GetAttachment = channel.unary_unary(
+                '/oco.Robot/GetAttachment',
+                request_serializer=robot__pb2.GetAttachmentRequest.SerializeToString,
+                response_deserializer=robot__pb2.GetAttachmentResponse.FromString,
+                _registered_method=True)
 
 
 class RobotServicer:
@@ -218,6 +223,18 @@ class RobotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAttachment(self, request, context):
+        """Extension: the content of a file a person sent: the url of one of the
+        Message.attachments the bot delivered lately (its latest `bot.editable_messages`
+        incoming files), fetched by the adapter with the bot's own credentials where the
+        chat service needs them (Matrix). NOT_FOUND for any other url (the bot fetches no
+        url a callback makes up); RESOURCE_EXHAUSTED past `bot.max_attachment_bytes`;
+        UNAVAILABLE when the chat service cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +297,11 @@ def add_RobotServicer_to_server(servicer, server):
                     servicer.CancelQuestion,
                     request_deserializer=robot__pb2.CancelQuestionRequest.FromString,
                     response_serializer=robot__pb2.CancelQuestionResponse.SerializeToString,
+            ),
+            'GetAttachment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttachment,
+                    request_deserializer=robot__pb2.GetAttachmentRequest.FromString,
+                    response_serializer=robot__pb2.GetAttachmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -607,6 +629,33 @@ class Robot:
             '/oco.Robot/CancelQuestion',
             robot__pb2.CancelQuestionRequest.SerializeToString,
             robot__pb2.CancelQuestionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttachment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oco.Robot/GetAttachment',
+            robot__pb2.GetAttachmentRequest.SerializeToString,
+            robot__pb2.GetAttachmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

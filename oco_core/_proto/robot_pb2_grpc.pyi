@@ -143,6 +143,14 @@ class RobotStub:
     streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
     an error (cancelled is false).
     """
+    GetAttachment: _grpc.UnaryUnaryMultiCallable[_robot_pb2.GetAttachmentRequest, _robot_pb2.GetAttachmentResponse]
+    """Extension: the content of a file a person sent: the url of one of the
+    Message.attachments the bot delivered lately (its latest `bot.editable_messages`
+    incoming files), fetched by the adapter with the bot's own credentials where the
+    chat service needs them (Matrix). NOT_FOUND for any other url (the bot fetches no
+    url a callback makes up); RESOURCE_EXHAUSTED past `bot.max_attachment_bytes`;
+    UNAVAILABLE when the chat service cannot be reached.
+    """
 
 @_typing.type_check_only
 class RobotAsyncStub(RobotStub):
@@ -213,6 +221,14 @@ class RobotAsyncStub(RobotStub):
     answered: the person's next message goes to the routes again, and the callback's
     streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
     an error (cancelled is false).
+    """
+    GetAttachment: _aio.UnaryUnaryMultiCallable[_robot_pb2.GetAttachmentRequest, _robot_pb2.GetAttachmentResponse]  # type: ignore[assignment]
+    """Extension: the content of a file a person sent: the url of one of the
+    Message.attachments the bot delivered lately (its latest `bot.editable_messages`
+    incoming files), fetched by the adapter with the bot's own credentials where the
+    chat service needs them (Matrix). NOT_FOUND for any other url (the bot fetches no
+    url a callback makes up); RESOURCE_EXHAUSTED past `bot.max_attachment_bytes`;
+    UNAVAILABLE when the chat service cannot be reached.
     """
 
 class RobotServicer(metaclass=_abc_1.ABCMeta):
@@ -353,6 +369,20 @@ class RobotServicer(metaclass=_abc_1.ABCMeta):
         answered: the person's next message goes to the routes again, and the callback's
         streams get Event.answer with STATUS_CANCELLED. An unknown or ended question is not
         an error (cancelled is false).
+        """
+
+    @_abc_1.abstractmethod
+    def GetAttachment(
+        self,
+        request: _robot_pb2.GetAttachmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_robot_pb2.GetAttachmentResponse, _abc.Awaitable[_robot_pb2.GetAttachmentResponse]]:
+        """Extension: the content of a file a person sent: the url of one of the
+        Message.attachments the bot delivered lately (its latest `bot.editable_messages`
+        incoming files), fetched by the adapter with the bot's own credentials where the
+        chat service needs them (Matrix). NOT_FOUND for any other url (the bot fetches no
+        url a callback makes up); RESOURCE_EXHAUSTED past `bot.max_attachment_bytes`;
+        UNAVAILABLE when the chat service cannot be reached.
         """
 
 def add_RobotServicer_to_server(servicer: RobotServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

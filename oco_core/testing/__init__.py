@@ -40,7 +40,7 @@ from .._adapter import (
     OutgoingMessage,
     ReactionEvent,
 )
-from .._errors import UnknownTargetError
+from .._errors import RequestTooLargeError, UnknownTargetError
 from .._hookspecs import hookimpl
 from ._chat import ControlChat as ControlChat
 from ._host import RecordingHost as RecordingHost
@@ -88,6 +88,8 @@ class MemoryAdapter(Adapter):
         self.sent: list[OutgoingMessage] = []
         #: The id :meth:`send` gave each message of ``sent`` ("m1", "m2"...).
         self.sent_ids: list[str] = []
+        #: The files people sent (injected with data), by url: what fetch_attachment serves.
+        self.files: dict[str, tuple[bytes, str]] = {}
         self.features = functools.reduce(
             operator.or_, (Feature[name.upper()] for name in self.config.features), Feature.NONE
         )
@@ -124,6 +126,9 @@ class MemoryAdapter(Adapter):
         await self._ready.wait()
         assert self.host is not None
         self.users.add(user)
+        for attachment in attachments:
+            if attachment.url and attachment.data:
+                self.files[attachment.url] = (attachment.data, attachment.media_type)
         message = IncomingMessage(
             body=body,
             user=ChatUser(id=user, name=user.title(), mention_name=user),
@@ -181,6 +186,14 @@ class MemoryAdapter(Adapter):
         self.sent_ids.append(f"m{len(self.sent)}")
         self._more.set()
         return self.sent_ids[-1]
+
+    async def fetch_attachment(self, url: str, max_bytes: int) -> tuple[bytes, str]:
+        if url not in self.files:
+            raise UnknownTargetError(f"no file at {url!r}")
+        data, media_type = self.files[url]
+        if len(data) > max_bytes:
+            raise RequestTooLargeError(f"the file is {len(data)} bytes; at most {max_bytes} are fetched")
+        return data, media_type
 
     async def join(self, room: str) -> None:
         self.rooms.add(room)

@@ -79,7 +79,8 @@ class ControlService:
             edit_of=request.edit_of,
             thread_id=request.thread_id,
             attachments=[
-                Attachment(name=a.name, media_type=a.media_type, url=a.url, size=a.size) for a in request.attachments
+                Attachment(name=a.name, media_type=a.media_type, url=a.url, data=a.data, size=a.size or len(a.data))
+                for a in request.attachments
             ],
         )
         return control_pb2.InjectResponse()
