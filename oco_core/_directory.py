@@ -84,7 +84,15 @@ class Directory:
 
     def see_room(self, room_id: str, name: str = "", topic: str | None = None, member: str | None = None) -> None:
         """Note a room (and, optionally, a member of it or its topic)."""
-        old = self.rooms.get(room_id) or RoomRecord(room_id, name or room_id)
+        old = self.rooms.get(room_id)
+        if (
+            old is not None
+            and (not name or name == old.name)
+            and (topic is None or topic == old.topic)
+            and (member is None or member in old.members)
+        ):
+            return  # nothing new: every chat message says the room again (no copy made)
+        old = old or RoomRecord(room_id, name or room_id)
         new = replace(old, name=name or old.name, topic=old.topic if topic is None else topic)
         if member is not None and member not in new.members:
             new = replace(new, members=(*new.members, member))

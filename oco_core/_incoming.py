@@ -111,27 +111,35 @@ class Incoming:
         core.stats.received += 1
         core.metrics.message_received(adapter)
         core.activity.touch()
-        user = _user_pb(adapter, incoming.user)
-        room = _room_pb(adapter, incoming.room) if incoming.room is not None else None
-        room_id = room.id if room is not None else ""
-        message_id = f"{adapter}/{incoming.id}" if incoming.id else f"{adapter}/~{next(self._message_ids)}"
-        message = core_pb2.Message(
-            body=incoming.body,
-            source=core_pb2.Source(user=user, room=room),
-            id=message_id,
-            action=incoming.action,
-            private=incoming.direct,
-            thread_id=f"{adapter}/{incoming.thread_id}" if incoming.thread_id else "",
-            attachments=[
-                core_pb2.Attachment(
-                    name=a.name, media_type=a.media_type, url=a.url, size=min(max(a.size, 0), _MAX_SIZE)
-                )
-                for a in incoming.attachments
-            ],
-        )
-        core.directory.see_user(UserRecord(user.id, user.name, user.mention_name))
-        if room is not None:
-            core.directory.see_room(room.id, room.name, member=user.id)
+        # Built field by field in place: upb's keyword constructors, with the sub-messages
+        # copied in, cost more than twice as much (3.7 -> 1.4 µs).
+        message = core_pb2.Message()
+        message.body = incoming.body
+        source = message.source
+        user = source.user
+        user_id = user.id = f"{adapter}/{incoming.user.id}"
+        user.name = incoming.user.name
+        user.mention_name = incoming.user.mention_name
+        room_id = ""
+        if incoming.room is not None:
+            room = source.room
+            room_id = room.id = f"{adapter}/{incoming.room.id}"
+            room.name = incoming.room.name
+            room.topic = incoming.room.topic
+        message_id = message.id = f"{adapter}/{incoming.id}" if incoming.id else f"{adapter}/~{next(self._message_ids)}"
+        if incoming.action:
+            message.action = True
+        if incoming.direct:
+            message.private = True
+        if incoming.thread_id:
+            message.thread_id = f"{adapter}/{incoming.thread_id}"
+        for a in incoming.attachments:
+            message.attachments.add(
+                name=a.name, media_type=a.media_type, url=a.url, size=min(max(a.size, 0), _MAX_SIZE)
+            )
+        core.directory.see_user(UserRecord(user_id, incoming.user.name, incoming.user.mention_name))
+        if incoming.room is not None:
+            core.directory.see_room(room_id, incoming.room.name, member=user_id)
         for attachment in incoming.attachments:
             if attachment.url:
                 self._remember_file(attachment.url, adapter)
@@ -144,9 +152,9 @@ class Incoming:
         respond_text = core.router.address(adapter, incoming.body)
         if incoming.direct and respond_text is None:  # in private, the bot's name is optional
             respond_text = incoming.body.strip()
-        if respond_text is not None and core.commands.take(adapter, incoming, user.id, room_id, respond_text):
+        if respond_text is not None and core.commands.take(adapter, incoming, user_id, room_id, respond_text):
             return
-        gate = core.policies.gate(user.id, room_id, respond_text)
+        gate = core.policies.gate(user_id, room_id, respond_text)
         matches = core.router.match(message, incoming.body, incoming.direct, respond_text, gate)
         if matches:
             core.stats.matched += len(matches)
@@ -158,7 +166,7 @@ class Incoming:
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)
         elif respond_text is not None and not gate.asked:
-            core.commands.unmatched(adapter, incoming, user.id, room_id, respond_text)
+            core.commands.unmatched(adapter, incoming, user_id, room_id, respond_text)
 
     def membership(self, adapter: str, event: MembershipEvent) -> None:
         """Pass a membership change to the callbacks that asked for them."""
