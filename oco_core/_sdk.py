@@ -301,7 +301,7 @@ class Message:
         #: groups[0] is the whole match, groups[n] the n-th capture group ("" if it did not take part).
         self.groups: tuple[str, ...] = tuple(matched.groups)
         #: Named capture groups that took part.
-        self.named: dict[str, str] = dict(matched.named_groups)
+        self.named: dict[str, str] = dict(matched.named_groups) if matched.named_groups else {}
         self.route_id: str = matched.route_id
         self.pattern: str = matched.pattern
         #: True when the message was addressed to the bot.
@@ -512,15 +512,23 @@ class Message:
         self, text: str, *, mention: bool, markdown: bool, action: bool, attachments: Sequence[Attachment]
     ) -> SentMessage:
         in_room = self.room is not None and not self.private
-        message = core_pb2.Message(
-            body=text,
-            source=self._where(),
-            in_reply_to=self.id,
-            format=core_pb2.FORMAT_MARKDOWN if markdown else core_pb2.FORMAT_PLAIN,
-            action=action,
-            private=self.private,
-            thread_id=self.thread_id,
-        )
+        # Set field by field, the source copied whole: as _where() and upb's keyword
+        # constructor give, for a third of the CPU (5.3 -> 1.5 µs).
+        message = core_pb2.Message()
+        message.body = text
+        if in_room:  # its source is a user and a room, both present
+            message.source.CopyFrom(self._pb.source)
+        else:
+            message.source.user.CopyFrom(self._pb.source.user)
+        message.in_reply_to = self.id
+        if markdown:
+            message.format = core_pb2.FORMAT_MARKDOWN
+        if action:
+            message.action = True
+        if self.private:
+            message.private = True
+        if self.thread_id:
+            message.thread_id = self.thread_id
         if attachments:
             message.attachments.extend(_attachment_pb(a) for a in attachments)
         with_mention = mention and in_room
@@ -729,7 +737,7 @@ class _Connection:
     #: The bot takes replies in batches (SendMessageBatches); else one by one.
     batched: bool = False
     #: Replies waiting for the batch being written before them to be taken (batched).
-    outbox: list[robot_pb2.SendMessagesRequest] = field(default_factory=list)
+    outbox: robot_pb2.SendMessagesBatch = field(default_factory=robot_pb2.SendMessagesBatch)
     outbox_ready: trio.Event = field(default_factory=trio.Event)
     pending: dict[int, tuple[trio.Event, list[robot_pb2.SendResult]]] = field(default_factory=dict)
     #: Delivery ids of events handled and not yet acknowledged, and what wakes the task
@@ -1128,6 +1136,10 @@ class Callback:
     async def _ready(self, avoid: _Connection | None = None) -> _Connection:
         """A connected connection: the one the event being handled came from, else the
         one to the active bot (ha:) when known, else any (not ``avoid``, if another is)."""
+        if avoid is None:  # a handler's call, the usual case: answer where the event came from
+            origin = _origin.get()
+            if origin is not None and origin.sender is not None and origin in self._connections.values():
+                return origin
         while True:
             # In OCO_ADDRESS's order: the same bot first each time, while it is up.
             connected = (self._connections.get(a) for a in self._addresses)
@@ -1276,10 +1288,14 @@ class Callback:
         done = trio.Event()
         slot: list[robot_pb2.SendResult] = []
         connection.pending[request_id] = (done, slot)
-        request = robot_pb2.SendMessagesRequest(WithMention=with_mention, messages=messages, request_id=request_id)
+        # Batched, the request is made in the batch it goes in (not made, then copied in).
+        request = connection.outbox.requests.add() if connection.batched else robot_pb2.SendMessagesRequest()
+        request.request_id = request_id
+        if with_mention:
+            request.WithMention = True
+        request.messages.extend(messages)
         try:
             if connection.batched:
-                connection.outbox.append(request)
                 connection.outbox_ready.set()
             else:
                 await connection.sender.send(request)
@@ -1483,7 +1499,14 @@ class Callback:
                             self._answered(event.answer)
                             continue
                         token = object()  # protobuf messages are unhashable borrowers
-                        await self._limiter.acquire_on_behalf_of(token)
+                        # A free token is taken without a pass of trio's scheduler (which
+                        # acquire_on_behalf_of makes even then): the reading cannot hog the
+                        # thread, as at most `concurrency` handlers start before it waits.
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        try:
+                            self._limiter.acquire_on_behalf_of_nowait(token)
+                        except trio.WouldBlock:
+                            await self._limiter.acquire_on_behalf_of(token)
                         handlers.start_soon(self._dispatch, connection, routes, event, token)
                 handlers.cancel_scope.cancel()
 
@@ -1535,8 +1558,8 @@ class Callback:
         while True:
             await connection.outbox_ready.wait()
             connection.outbox_ready = trio.Event()
-            requests, connection.outbox = connection.outbox, []
-            await connection.sender.send(robot_pb2.SendMessagesBatch(requests=requests))
+            batch, connection.outbox = connection.outbox, robot_pb2.SendMessagesBatch()
+            await connection.sender.send(batch)
 
     async def _read_results(
         self,
