@@ -26,8 +26,10 @@ figures are the bot's, not a client library's.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -59,6 +61,26 @@ async def sdk(address: str, callback_id: str, secret: str, routes: int) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(callback.serve)
         print("ready", flush=True)
+        nursery.start_soon(profiler)
+
+
+async def profiler() -> None:
+    """On ``profile`` on stdin, cProfile this process's trio thread (CPU time) until
+    ``dump FILE`` (bench_transport_cpu --profile-callback)."""
+    profile = cProfile.Profile(time.thread_time)
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = b""
+    while chunk := await stdin.receive_some():
+        buffer += chunk
+        while b"\n" in buffer:
+            line, _, buffer = buffer.partition(b"\n")
+            command, _, argument = line.decode().strip().partition(" ")
+            if command == "profile":
+                profile.enable()
+            elif command == "dump":
+                profile.disable()
+                profile.dump_stats(argument)
+                print("dumped", flush=True)
 
 
 async def sdk_many(address: str, first: int, count: int, secret_prefix: str) -> None:

@@ -2,6 +2,7 @@
 in flight, and each thread's CPU time per reply, in the bot and in the callback.
 
     python bench/bench_transport_cpu.py [--kind sdk|batched] [--messages N] [--rounds R]
+        [--profile FILE] [--profile-callback FILE]
 
 The bot runs in this process (as in ``_transport_chat.py``, the driver injecting chat in
 its trio thread), the callback in a process of its own. CPU time is each thread's
@@ -34,6 +35,8 @@ from oco_core.testing import open_bot
 WINDOW = 64
 #: Where --profile writes the trio thread's cProfile (CPU time), or None.
 PROFILE: str | None = None
+#: Where --profile-callback writes the SDK callback's trio thread's cProfile, or None.
+PROFILE_CALLBACK: str | None = None
 
 
 def cpu_by_thread(pid: int | str) -> dict[str, float]:
@@ -71,9 +74,15 @@ async def one(kind: str, messages: int) -> tuple[float, dict[str, float], dict[s
                 bot0, cb0 = cpu_by_thread(os.getpid()), cpu_by_thread(pid)
                 if profile is not None:
                     profile.enable()
+                if PROFILE_CALLBACK:
+                    await child.tell("profile")
                 rate = await replies.in_flight(messages, WINDOW)
                 if profile is not None:
                     profile.disable()
+                if PROFILE_CALLBACK:
+                    await child.tell(f"dump {PROFILE_CALLBACK}")
+                    if await child.line() != "dumped":
+                        raise SystemExit("the callback did not write its profile")
                 bot, cb = minus(cpu_by_thread(os.getpid()), bot0), minus(cpu_by_thread(pid), cb0)
                 if profile is not None:
                     profile.dump_stats(PROFILE)
@@ -122,8 +131,13 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the bot's trio thread (CPU time) into FILE")
+    parser.add_argument(
+        "--profile-callback", metavar="FILE", help="cProfile the SDK callback's trio thread (CPU time) into FILE"
+    )
     options = parser.parse_args()
-    PROFILE = options.profile
+    if options.profile_callback and options.kind != "sdk":
+        parser.error("--profile-callback profiles the SDK callback: use it with --kind sdk")
+    PROFILE, PROFILE_CALLBACK = options.profile, options.profile_callback
     started = time.perf_counter()
     trio.run(main, options.kind, options.messages, options.rounds)
     print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
