@@ -86,6 +86,16 @@ class _Pending:
     uploaded: dict[str, Any] | None = None
     txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @property
+    def weight(self) -> int:
+        """The bytes it holds, as ``queue_bytes`` counts them: its text, and its file's
+        data, name and url (a message's files are counted with their own events)."""
+        message, attachment = self.message, self.attachment
+        size = len(message.body.encode()) + len(message.reaction.encode())
+        if attachment is not None:
+            size += len(attachment.data) + len(attachment.name.encode()) + len(attachment.url.encode())
+        return size
+
 
 @dataclass(frozen=True, slots=True)
 class _Typing:
@@ -121,8 +131,13 @@ class MatrixAdapter(Adapter):
         self.config = config
         # Outgoing messages in order; one sender task empties it, so order holds even
         # while a message waits out a rate limit or an outage. It outlives ``run``.
+        # Bounded by config.queue_size and queue_bytes, counted in send() (which refuses
+        # what does not fit) rather than by the channel, which would make send() wait.
         self._outbox_tx, self._outbox_rx = trio.open_memory_channel[_Pending](math.inf)
         self._inflight: _Pending | None = None
+        # Events accepted and not yet delivered or dropped (in the outbox or in flight).
+        self._queued = 0
+        self._queued_bytes = 0
         self._client: Any = None  # nio.Client
         self._transport: Transport | None = None
         self._host: AdapterHost | None = None
@@ -181,7 +196,11 @@ class MatrixAdapter(Adapter):
         later edit (``edit_of``), reaction (``in_reply_to``) or ``thread_id`` can name it.
 
         A body too large for one event goes as several; a body with attachments goes
-        first, then one event per file. A typing indication is not queued (None)."""
+        first, then one event per file. A typing indication is not queued (None). What
+        does not fit in ``queue_size`` events and ``queue_bytes`` bytes is refused
+        (:class:`AdapterError`), nothing of it queued."""
+        # The one wait, before anything is queued: cancelled here, nothing went out.
+        await trio.lowlevel.checkpoint()
         if message.room_id and not message.private:
             room = message.room_id
             if not room.startswith(("!", "#")):
@@ -207,6 +226,7 @@ class MatrixAdapter(Adapter):
             pieces = [_Pending(message)]
         else:
             pieces = self._pieces(message)
+        self._make_room(pieces)
         first = pieces[0]
         first.local_id = LOCAL_ID_PREFIX + first.txn_id
         user = first.message.user
@@ -214,8 +234,32 @@ class MatrixAdapter(Adapter):
         self._sent.accept(first.local_id, mentioned, edit_of=first.message.edit_of)
         for pending in pieces:
             pending.seq = next(self._seq)
-            await self._outbox_tx.send(pending)
+            # Without waiting (the channel is unbounded): the pieces of two messages sent
+            # at once never interleave, and a cancelled send never queues half a message.
+            self._outbox_tx.send_nowait(pending)
         return first.local_id
+
+    def _make_room(self, pieces: list[_Pending]) -> None:
+        """Count ``pieces`` as queued, or raise :class:`AdapterError` if they do not fit
+        in ``queue_size`` and ``queue_bytes`` (nothing of the message is queued then)."""
+        config, size = self.config, sum(pending.weight for pending in pieces)
+        if self._queued + len(pieces) > config.queue_size:
+            raise AdapterError(
+                f"the Matrix outgoing queue is full ({self._queued} events waiting for the homeserver, this message "
+                f"needs {len(pieces)}; queue_size {config.queue_size}): the message was not sent"
+            )
+        if self._queued_bytes + size > config.queue_bytes:
+            raise AdapterError(
+                f"the Matrix outgoing queue is full ({self._queued_bytes} bytes waiting for the homeserver, this "
+                f"message holds {size}; queue_bytes {config.queue_bytes}): the message was not sent"
+            )
+        self._queued += len(pieces)
+        self._queued_bytes += size
+
+    def _done_with(self, pending: _Pending) -> None:
+        """``pending`` left the queue: delivered, failed or dropped."""
+        self._queued -= 1
+        self._queued_bytes -= pending.weight
 
     @staticmethod
     def _pieces(message: OutgoingMessage) -> list[_Pending]:
@@ -702,6 +746,7 @@ class MatrixAdapter(Adapter):
                 raise  # run() ends and starts again with a new login; the message stays
             except AdapterError as error:
                 log.error("matrix: message not sent: %s", error)
+            self._done_with(self._inflight)
             self._inflight = None
 
     async def _deliver(self, pending: _Pending) -> None:

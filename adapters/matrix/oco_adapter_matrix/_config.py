@@ -75,6 +75,13 @@ class MatrixConfig(BaseModel):
     sync_timeout: float = Field(default=30.0, gt=0)
     #: Waiting out a homeserver that is down.
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    #: Outgoing events kept while the homeserver cannot be reached (or a rate limit holds
+    #: them): a message, each further piece of a long one, each file and each reaction is
+    #: one. A message that does not fit is refused whole, never half sent.
+    queue_size: int = Field(default=1000, ge=1)
+    #: Bytes those events may hold (text, and the data of files to upload); past it a
+    #: message is refused whole. Bounds the bot's memory through an outage.
+    queue_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     @field_validator("homeserver")
     @classmethod

@@ -16,9 +16,10 @@ from typing import Any
 import nio  # type: ignore[import-untyped]  # nio ships no type information
 import pytest
 import trio
+from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 
-from oco_core import UnknownTargetError
-from oco_core.plugin import ChatUser, MembershipKind, OutgoingMessage
+from oco_core import AdapterError, UnknownTargetError
+from oco_core.plugin import Attachment, ChatUser, MembershipKind, OutgoingMessage
 
 pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
 
@@ -258,3 +259,35 @@ async def test_homeserver_down_at_start_is_waited_for(
             assert bot.localpart in bot.host.own_names
     retries = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert all(f"homeserver {synapse.url}: connection refused" in line for line in retries), retries
+
+
+async def test_the_outgoing_queue_is_bounded_and_frees_as_events_go_out(
+    synapse: Any, person: Any, make_bot: Any
+) -> None:
+    bot = make_bot(queue_size=3, queue_bytes=4000)
+    async with bot.running():
+        room_id = await bot.room_with(person)
+    # Not running, as through an outage: what is sent waits, up to queue_size events.
+    adapter = MatrixAdapter(MatrixConfig.model_validate(bot.options))
+    for n in (1, 2, 3):
+        await adapter.send(OutgoingMessage(f"queued {n}", room_id=room_id))
+    with pytest.raises(AdapterError, match=r"3 events waiting for the homeserver.*queue_size 3\)"):
+        await adapter.send(OutgoingMessage("refused", room_id=room_id))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run, bot.host)
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "queued 3")
+        await bot.host.wait_for(lambda: adapter._queued == 0, "the queue to empty")
+        # Delivered, they no longer count: a file of most of queue_bytes fits now...
+        big = Attachment("big.bin", data=b"x" * 3900)
+        await adapter.send(OutgoingMessage("", room_id=room_id, attachments=(big,)))
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "big.bin")
+        # ...but never one larger than queue_bytes.
+        with pytest.raises(AdapterError, match=r"this message holds 4108; queue_bytes 4000\)"):
+            await adapter.send(
+                OutgoingMessage("", room_id=room_id, attachments=(Attachment("huge", data=b"x" * 4104),))
+            )
+        await adapter.send(OutgoingMessage("last", room_id=room_id))
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "last")
+        nursery.cancel_scope.cancel()
+    bodies = [e.body for e in person.messages_from(bot.user_id, room_id)]
+    assert bodies == ["queued 1", "queued 2", "queued 3", "big.bin", "last"]

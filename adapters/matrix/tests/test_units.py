@@ -9,6 +9,7 @@ from pathlib import Path
 import oco_adapter_matrix
 import pydantic
 import pytest
+import trio
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
 from oco_adapter_matrix._rich import (
@@ -22,7 +23,7 @@ from oco_adapter_matrix._rich import (
 from oco_adapter_matrix._transport import _split_token
 
 from oco_core import AdapterError, UnknownTargetError
-from oco_core.plugin import Attachment, Feature
+from oco_core.plugin import Attachment, Feature, OutgoingMessage
 
 BASE = {"homeserver": "https://matrix.example.org/", "user_id": "@oco:example.org", "password": "pw"}
 
@@ -35,6 +36,7 @@ def test_config_minimal_and_defaults() -> None:
     assert config.autojoin_invites == []
     assert config.message_type == "notice"
     assert isinstance(config.store_path, Path)
+    assert (config.queue_size, config.queue_bytes) == (1000, 64 * 1024 * 1024)
 
 
 def test_config_keeps_secrets_out_of_repr() -> None:
@@ -55,6 +57,8 @@ def test_config_keeps_secrets_out_of_repr() -> None:
         ({"access_token": "t"}, "exactly one of password or access_token"),
         ({"colour": "blue"}, "Extra inputs are not permitted"),
         ({"message_type": "shout"}, "notice"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"queue_bytes": 0}, "queue_bytes"),
     ],
 )
 def test_config_errors_name_the_problem(change: dict[str, object], complaint: str) -> None:
@@ -206,3 +210,31 @@ def test_incoming_files_get_the_authenticated_download_url() -> None:
     )
     secret = {"msgtype": "m.file", "body": "k.txt", "file": {"url": "mxc://example.org/Y", "mimetype": "text/plain"}}
     assert incoming_attachment(home, secret, encrypted=True) == Attachment(name="k.txt", media_type="text/plain")
+
+
+async def test_a_message_that_does_not_fit_the_queue_is_refused_whole() -> None:
+    # Not running: the state of an adapter whose homeserver is away, where messages
+    # wait. What is refused names the key to raise; nothing of it is queued.
+    adapter = MatrixAdapter(MatrixConfig.model_validate({**BASE, "queue_size": 4, "queue_bytes": 5000}))
+    room = "!r:example.org"
+    await adapter.send(OutgoingMessage("one", room_id=room))
+    await adapter.send(OutgoingMessage("two", room_id=room, attachments=(Attachment("a.bin", data=b"x" * 3000),)))
+    with pytest.raises(AdapterError, match=r"queue_bytes 5000\): the message was not sent"):
+        await adapter.send(OutgoingMessage("", room_id=room, attachments=(Attachment("b.bin", data=b"y" * 2000),)))
+    with pytest.raises(AdapterError, match=r"this message needs 2; queue_size 4\)"):
+        await adapter.send(OutgoingMessage("three", room_id=room, attachments=(Attachment("c", url="https://x/c"),)))
+    await adapter.send(OutgoingMessage("four", room_id=room))
+    with pytest.raises(AdapterError, match="queue_size 4"):
+        await adapter.send(OutgoingMessage("", room_id=room, reaction="👍", in_reply_to="$e"))
+    queued = []
+    while True:
+        try:
+            queued.append(adapter._outbox_rx.receive_nowait())
+        except trio.WouldBlock:
+            break
+    assert [(p.message.body, p.attachment.name if p.attachment else "") for p in queued] == [
+        ("one", ""),
+        ("two", ""),
+        ("", "a.bin"),
+        ("four", ""),
+    ]
