@@ -97,6 +97,10 @@ class _Pending:
         return size
 
 
+class _NotActiveError(Exception):
+    """The bot may no longer send (``ha:``: another bot may be the active one now)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Typing:
     """A typing indication for the typing task: on for ``seconds`` (until ``deadline``,
@@ -746,8 +750,30 @@ class MatrixAdapter(Adapter):
                 raise  # run() ends and starts again with a new login; the message stays
             except AdapterError as error:
                 log.error("matrix: message not sent: %s", error)
+            except _NotActiveError:
+                self._drop_outbox()
+                continue
             self._done_with(self._inflight)
             self._inflight = None
+
+    def _check_active(self) -> None:
+        # Asked right before each write to the room: what was queued while this bot was
+        # the active one must not go out after another bot took over (ha:).
+        if not self._require_host().may_send():
+            raise _NotActiveError
+
+    def _drop_outbox(self) -> None:
+        """The bot may no longer send: drop the event in flight and all queued ones."""
+        dropped = []
+        if self._inflight is not None:
+            dropped.append(self._inflight)
+            self._inflight = None
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                dropped.append(self._outbox_rx.receive_nowait())
+        for pending in dropped:
+            self._done_with(pending)
+        log.info("matrix: dropped %d queued event(s): this bot is no longer the active one (ha:)", len(dropped))
 
     async def _deliver(self, pending: _Pending) -> None:
         message, client = pending.message, self._client
@@ -760,6 +786,7 @@ class MatrixAdapter(Adapter):
         if room is None:
             raise UnknownTargetError(f"the bot is not in Matrix room {room_id}")
         if message.reaction:
+            self._check_active()
             # Sent in clear in encrypted rooms too, as the specification says they normally
             # are (and Element does): the relation, all a reaction holds but its key, stays
             # in clear in an encrypted event anyway, and some clients show encrypted ones badly.
@@ -776,6 +803,7 @@ class MatrixAdapter(Adapter):
             event_type = "m.room.message"
             if room.encrypted:
                 event_type, content = await self._encrypt(room, event_type, content)
+            self._check_active()
         response = await self._request(
             nio.RoomSendResponse,
             *nio.Api.room_send(client.access_token, room_id, event_type, content, pending.txn_id),
@@ -795,6 +823,7 @@ class MatrixAdapter(Adapter):
         media_type = media_type_of(attachment)
         if attachment.data:
             if pending.uploaded is None:
+                self._check_active()
                 pending.uploaded = await self._upload(attachment, media_type, encrypted=bool(room.encrypted))
             content = file_content(attachment, media_type, pending.uploaded)
         elif attachment.url.startswith("mxc://"):
@@ -895,6 +924,9 @@ class MatrixAdapter(Adapter):
                 room_id = await self._resolve(wanted.room)
                 if wanted.seconds and self._delivered_seq.get(room_id, 0) > wanted.seq:
                     continue  # a message sent after it already went out
+                if not self._require_host().may_send():
+                    self._drop_typing(1)
+                    continue
                 method, path, data = nio.Api.room_typing(
                     self._token(),
                     room_id,
@@ -913,6 +945,14 @@ class MatrixAdapter(Adapter):
                 self._typing_shown[room_id] = wanted.seq
                 if self._delivered_seq.get(room_id, 0) > wanted.seq:
                     self._message_delivered(room_id, self._delivered_seq[room_id])
+
+    def _drop_typing(self, dropped: int) -> None:
+        """The bot may no longer send: drop the indications waiting, and say how many."""
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                self._typing_rx.receive_nowait()
+                dropped += 1
+        log.info("matrix: dropped %d typing indication(s): this bot is no longer the active one (ha:)", dropped)
 
     async def _resolve(self, room: str, *, retry: bool = False) -> str:
         if not room.startswith("#"):

@@ -10,6 +10,7 @@ process is in test_oco_run.py.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -291,3 +292,35 @@ async def test_the_outgoing_queue_is_bounded_and_frees_as_events_go_out(
         nursery.cancel_scope.cancel()
     bodies = [e.body for e in person.messages_from(bot.user_id, room_id)]
     assert bodies == ["queued 1", "queued 2", "queued 3", "big.bin", "last"]
+
+
+async def test_a_bot_no_longer_active_drops_what_it_queued(
+    synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = make_bot(queue_size=3)
+    caplog.set_level(logging.INFO, logger="oco_adapter_matrix")
+
+    def dropped(what: str) -> int:
+        found = (re.fullmatch(rf"matrix: dropped (\d+) {what}.*\(ha:\)", r.getMessage()) for r in caplog.records)
+        return sum(int(m.group(1)) for m in found if m)
+
+    async with bot.running() as adapter:
+        room_id = await bot.room_with(person)
+        asked = await person.say(room_id, "status")
+        await bot.host.next_message(lambda m: m.id == asked, what="the person's message")
+        # Another bot is the active one now (ha:): nothing this one queued goes out.
+        bot.host.sending = False
+        await adapter.send(OutgoingMessage("", room_id=room_id, typing_seconds=30))
+        await adapter.send(OutgoingMessage("stale", room_id=room_id))
+        await adapter.send(OutgoingMessage("", room_id=room_id, reaction="👀", in_reply_to=asked))
+        await adapter.send(OutgoingMessage("", room_id=room_id, attachments=(Attachment("stale.bin", data=b"x"),)))
+        await bot.host.wait_for(
+            lambda: dropped("queued event") == 3 and dropped("typing indication") == 1, "the INFO lines of the drops"
+        )
+        # Active again: a new message goes out (the queue, queue_size 3, was emptied).
+        bot.host.sending = True
+        await adapter.send(OutgoingMessage("fresh", room_id=room_id))
+        await person.wait_for_message(bot.user_id, room_id, lambda e: e.body == "fresh")
+    assert [e.body for e in person.messages_from(bot.user_id, room_id)] == ["fresh"]
+    assert person.reactions_from(bot.user_id, room_id) == []
+    assert not [users for room, users in person.typing if room == room_id and bot.user_id in users]
