@@ -40,6 +40,7 @@ from ._format import MAX_BODY_JSON_BYTES, leading_pill, markdown_to_html, pill, 
 from ._rich import (
     LOCAL_ID_PREFIX,
     SentIds,
+    as_dict,
     edit_content,
     file_content,
     incoming_attachment,
@@ -469,48 +470,67 @@ class MatrixAdapter(Adapter):
             self._sync_done = trio.Event()
 
     async def _dispatch(self, response: Any) -> None:
-        host, client = self._require_host(), self._client
+        client = self._client
         for room_id, info in response.rooms.join.items():
             room = client.rooms.get(room_id)
             if room is None:
                 continue
             for event in self._since_own_join(info.timeline.events):
-                if isinstance(
-                    event, nio.RoomMessageText | nio.RoomMessageEmote | nio.RoomMessageMedia | nio.RoomEncryptedMedia
-                ):
-                    message = self._incoming(room, event)
-                    if message is not None:
-                        await host.receive(message)
-                elif isinstance(event, nio.ReactionEvent):
-                    # Decrypted by nio when a client encrypted it (Element sends them in clear).
-                    if event.sender != client.user_id:
-                        await host.reaction(
-                            ReactionEvent(
-                                message_id=self._sent.local_id(event.reacts_to),
-                                key=str(event.key),
-                                user=self._chat_user(room, event.sender),
-                                room=self._chat_room(room),
-                                id=event.event_id,
-                            )
-                        )
-                elif isinstance(event, nio.MegolmEvent):
-                    self._undecryptable(room, event)
-                elif isinstance(event, nio.RoomMemberEvent):
-                    await self._membership(room, event)
-                elif isinstance(event, nio.RoomTopicEvent):
-                    await host.topic(self._chat_room(room), self._chat_user(room, event.sender))
-                elif isinstance(event, nio.RoomEncryptionEvent):
-                    self._warn_if_unreadable(room)
+                await self._dispatch_event(room, event)
         for room_id, info in response.rooms.leave.items():
             room = client.rooms.get(room_id)
             if room is not None:
                 for event in info.timeline.events:
                     if isinstance(event, nio.RoomMemberEvent):
-                        await self._membership(room, event)
+                        await self._dispatch_event(room, event)
             # nio keeps rooms we left; forget them, or a direct chat could be found there.
             client.rooms.pop(room_id, None)
             log.info("matrix: no longer in %s", room_id)
         await self._handle_invites(response, report=True)
+
+    async def _dispatch_event(self, room: Any, event: Any) -> None:
+        # One event that cannot be handled is skipped with a WARNING: raised, it would end
+        # the sync loop before the sync token was saved, and fail again on every restart.
+        try:
+            await self._handle_event(room, event)
+        except Exception as error:
+            log.warning(
+                "matrix: skipped event %s in %s, which could not be handled: %s: %s",
+                getattr(event, "event_id", "?"),
+                room.room_id,
+                type(error).__name__,
+                error,
+            )
+            log.debug("matrix: the skipped event's traceback", exc_info=True)
+
+    async def _handle_event(self, room: Any, event: Any) -> None:
+        host, client = self._require_host(), self._client
+        if isinstance(
+            event, nio.RoomMessageText | nio.RoomMessageEmote | nio.RoomMessageMedia | nio.RoomEncryptedMedia
+        ):
+            message = self._incoming(room, event)
+            if message is not None:
+                await host.receive(message)
+        elif isinstance(event, nio.ReactionEvent):
+            # Decrypted by nio when a client encrypted it (Element sends them in clear).
+            if event.sender != client.user_id:
+                await host.reaction(
+                    ReactionEvent(
+                        message_id=self._sent.local_id(event.reacts_to),
+                        key=str(event.key),
+                        user=self._chat_user(room, event.sender),
+                        room=self._chat_room(room),
+                        id=event.event_id,
+                    )
+                )
+        elif isinstance(event, nio.MegolmEvent):
+            self._undecryptable(room, event)
+        elif isinstance(event, nio.RoomMemberEvent):
+            await self._membership(room, event)
+        elif isinstance(event, nio.RoomTopicEvent):
+            await host.topic(self._chat_room(room), self._chat_user(room, event.sender))
+        elif isinstance(event, nio.RoomEncryptionEvent):
+            self._warn_if_unreadable(room)
 
     def _since_own_join(self, events: list[Any]) -> list[Any]:
         # A room the bot just joined comes with some of its history: what was said before
@@ -531,15 +551,15 @@ class MatrixAdapter(Adapter):
         client = self._client
         if event.sender == client.user_id:
             return None
-        content: dict[str, Any] = event.source.get("content") or {}
-        relation: dict[str, Any] = content.get("m.relates_to") or {}
+        content = as_dict(event.source.get("content"))
+        relation = as_dict(content.get("m.relates_to"))
         body = str(event.body)
         edit_of = thread_id = ""
         if relation.get("rel_type") == "m.replace":
             # The new text is in m.new_content; the body is a "* ..." fallback. Its thread
             # is the original's, which the edit does not repeat: thread_id stays empty.
             edit_of = str(relation.get("event_id", ""))
-            new = content.get("m.new_content") or {}
+            new = as_dict(content.get("m.new_content"))
             body = str(new.get("body", body.removeprefix("* ")))
             content = new
         elif relation.get("rel_type") == "m.thread":

@@ -168,6 +168,12 @@ def reaction_content(event_id: str, key: str) -> dict[str, Any]:
     return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
 
 
+def as_dict(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: a field of someone else's
+    event is what their client put there, not what the specification says."""
+    return value if isinstance(value, dict) else {}
+
+
 def download_url(homeserver: str, mxc: str) -> str:
     """The homeserver's authenticated download url of the media ``mxc://server/id``
     (it needs an access token: ``Authorization: Bearer``); "" for anything else."""
@@ -183,17 +189,22 @@ def incoming_attachment(homeserver: str, content: dict[str, Any], encrypted: boo
     """What a person's file message carries, as an :class:`Attachment`. An encrypted
     file (``file`` instead of ``url``) has no ``url`` here: its blob is of no use
     without its key, which the bot does not hand on."""
-    given = content.get("info")
-    info: dict[str, Any] = given if isinstance(given, dict) else {}
+    info = as_dict(content.get("info"))
     name = content.get("filename") or content.get("body") or "attachment"
     media_type = info.get("mimetype") or ""
     if encrypted and not media_type:
-        media_type = (content.get("file") or {}).get("mimetype") or ""
-    size = info.get("size")
+        media_type = as_dict(content.get("file")).get("mimetype") or ""
     url = "" if encrypted else download_url(homeserver, str(content.get("url") or ""))
-    return Attachment(
-        name=str(name),
-        media_type=str(media_type),
-        url=url,
-        size=size if isinstance(size, int) and size >= 0 else 0,
-    )
+    return Attachment(name=str(name), media_type=str(media_type), url=url, size=file_size(info.get("size")))
+
+
+#: The largest size a file may claim (the protocol's field is a 64-bit integer).
+MAX_FILE_SIZE = 2**63 - 1
+
+
+def file_size(claimed: object) -> int:
+    """The ``info.size`` a sender claimed, as a size the bot can pass on: clamped to
+    0..:data:`MAX_FILE_SIZE`; 0 (unknown) for anything but an integer."""
+    if not isinstance(claimed, int) or isinstance(claimed, bool):
+        return 0
+    return min(max(claimed, 0), MAX_FILE_SIZE)

@@ -20,7 +20,7 @@ import trio
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 
 from oco_core import AdapterError, UnknownTargetError
-from oco_core.plugin import Attachment, ChatUser, MembershipKind, OutgoingMessage
+from oco_core.plugin import Attachment, ChatUser, IncomingMessage, MembershipKind, OutgoingMessage
 
 pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
 
@@ -260,6 +260,51 @@ async def test_homeserver_down_at_start_is_waited_for(
             assert bot.localpart in bot.host.own_names
     retries = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert all(f"homeserver {synapse.url}: connection refused" in line for line in retries), retries
+
+
+async def test_an_event_that_cannot_be_handled_is_skipped_once(
+    synapse: Any, person: Any, make_bot: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = make_bot()
+    caplog.set_level(logging.WARNING, logger="oco_adapter_matrix")
+    async with bot.running():
+        room_id = await bot.room_with(person)
+        # Fields that are not what the specification says are taken as absent.
+        odd = await person.say(room_id, "ping odd", **{"m.relates_to": "oops"})
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" odd"))
+        relation = {"rel_type": "m.replace", "event_id": odd}
+        edit = await person.say(room_id, "* fixed", **{"m.new_content": "oops", "m.relates_to": relation})
+        edited = await bot.host.next_message(lambda m: m.id == edit, what="the odd edit")
+        assert (edited.edit_of, edited.body) == (odd, "fixed")
+        unknown = await person.send_file(room_id, b"abc", "a.bin", "text/plain", info={"size": -1})
+        message = await bot.host.next_message(lambda m: m.id == unknown, what="the file of size -1")
+        assert message.attachments[0].size == 0
+        # An event whose handling fails (here in the host) is skipped, saying which; the
+        # sync loop goes on with the next.
+        answer = bot.host.on_message
+        assert answer is not None
+
+        async def fails_on_boom(message: IncomingMessage) -> None:
+            if message.body == "boom":
+                raise RuntimeError("the router broke")
+            await answer(message)
+
+        bot.host.on_message = fails_on_boom
+        boom = await person.say(room_id, "boom")
+        await person.say(room_id, "ping after")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" after"))
+    skipped = [r for r in caplog.records if "skipped event" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in skipped] == [
+        (
+            "WARNING",
+            f"matrix: skipped event {boom} in {room_id}, which could not be handled: RuntimeError: the router broke",
+        )
+    ]
+    # Restarted, the bot does not meet it again: the sync token went past it.
+    async with bot.running():
+        await person.say(room_id, "ping again")
+        await person.wait_for_message(bot.user_id, room_id, is_pong(" again"))
+    assert [m.body for m in bot.host.messages].count("boom") == 1
 
 
 async def test_the_outgoing_queue_is_bounded_and_frees_as_events_go_out(

@@ -13,6 +13,7 @@ import trio
 from oco_adapter_matrix import MatrixAdapter, MatrixConfig
 from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
 from oco_adapter_matrix._rich import (
+    MAX_FILE_SIZE,
     SentIds,
     download_url,
     edit_content,
@@ -210,6 +211,21 @@ def test_incoming_files_get_the_authenticated_download_url() -> None:
     )
     secret = {"msgtype": "m.file", "body": "k.txt", "file": {"url": "mxc://example.org/Y", "mimetype": "text/plain"}}
     assert incoming_attachment(home, secret, encrypted=True) == Attachment(name="k.txt", media_type="text/plain")
+
+
+@pytest.mark.parametrize(
+    ("claimed", "passed_on"),
+    [(12, 12), (0, 0), (-1, 0), (2**70, MAX_FILE_SIZE), (2**63, MAX_FILE_SIZE), (1.5, 0), (True, 0), ("12", 0)],
+)
+def test_an_incoming_files_size_is_clamped_to_what_the_protocol_holds(claimed: object, passed_on: int) -> None:
+    # Synapse refuses integers past 2**53 in events, but other homeservers and federated
+    # events may carry anything: a size must never break the dispatch of a message.
+    content = {"msgtype": "m.file", "body": "a", "url": "mxc://example.org/X", "info": {"size": claimed}}
+    assert incoming_attachment("https://hs", content, encrypted=False).size == passed_on
+    assert MAX_FILE_SIZE == 2**63 - 1
+    # Fields that are not JSON objects where objects belong are treated as absent.
+    odd = {"msgtype": "m.file", "body": "a", "info": "big", "file": "k"}
+    assert incoming_attachment("https://hs", odd, encrypted=True) == Attachment(name="a")
 
 
 async def test_a_message_that_does_not_fit_the_queue_is_refused_whole() -> None:
