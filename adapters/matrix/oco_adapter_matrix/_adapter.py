@@ -39,8 +39,10 @@ from ._config import MatrixConfig
 from ._format import MAX_BODY_JSON_BYTES, leading_pill, markdown_to_html, pill, split_body, strip_reply_fallback
 from ._rich import (
     LOCAL_ID_PREFIX,
+    MEDIA_MSGTYPES,
     SentIds,
     as_dict,
+    caption,
     edit_content,
     file_content,
     incoming_attachment,
@@ -125,9 +127,9 @@ class MatrixAdapter(Adapter):
 
     Incoming, reactions go to :meth:`AdapterHost.reaction`, edits arrive with
     ``edit_of`` and their new text, and files as attachments whose ``url`` is the
-    homeserver's authenticated download url (it needs the bot's access token). A file
-    sent in an encrypted room arrives without a url: the homeserver holds only its
-    ciphertext, and the key is not handed on.
+    homeserver's authenticated download url (it needs the bot's access token); a file's
+    body is its caption, or "" (not its name). A file sent in an encrypted room arrives
+    without a url: the homeserver holds only its ciphertext, and the key is not handed on.
     """
 
     features = Feature.THREADS | Feature.ATTACHMENTS | Feature.EDITS | Feature.REACTIONS | Feature.TYPING
@@ -564,6 +566,10 @@ class MatrixAdapter(Adapter):
             content = new
         elif relation.get("rel_type") == "m.thread":
             thread_id = self._sent.local_id(str(relation.get("event_id", "")))
+        if content.get("msgtype") in MEDIA_MSGTYPES:
+            # A file's body is its name, unless a caption (Matrix 1.10: then the name is in
+            # filename): a name is no command, the file goes in attachments.
+            body = caption(content)
         if "m.in_reply_to" in relation and not relation.get("is_falling_back"):
             body = strip_reply_fallback(body)
         body = self._name_for_pill(body, content)

@@ -105,6 +105,20 @@ def media_type_of(attachment: Attachment) -> str:
     return attachment.media_type or mimetypes.guess_type(attachment.name)[0] or "application/octet-stream"
 
 
+#: The ``msgtype`` of file messages.
+MEDIA_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
+
+
+def caption(content: dict[str, Any]) -> str:
+    """The text of a file message: its ``body`` when that is a caption (Matrix 1.10: the
+    event has a ``filename`` and the body differs from it), else "" (the body is the
+    file's name)."""
+    body, filename = content.get("body"), content.get("filename")
+    if isinstance(body, str) and isinstance(filename, str) and filename and body != filename:
+        return body
+    return ""
+
+
 def msgtype_for(media_type: str) -> str:
     """The ``msgtype`` Matrix clients show a file of ``media_type`` with."""
     kind = media_type.split("/", 1)[0]

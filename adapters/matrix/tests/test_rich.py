@@ -199,9 +199,11 @@ async def test_encrypted_room_files_edits_and_reactions(synapse: Any, person: An
         await person.react(room_id, original.event_id, "🎉")
         seen = await bot.host.next_reaction(lambda r: r.key == "🎉", what="the encrypted reaction")
         assert seen.message_id == first
-        # The person's encrypted file: named, without a url (its blob is ciphertext).
-        await person.send_file(room_id, b"secret notes", "notes.txt", "text/plain")
-        message = await bot.host.next_message(lambda m: m.body == "notes.txt", what="the encrypted file")
+        # The person's encrypted file: named, without a url (its blob is ciphertext); its
+        # body, the file's name, is no text.
+        notes = await person.send_file(room_id, b"secret notes", "notes.txt", "text/plain")
+        message = await bot.host.next_message(lambda m: m.id == notes, what="the encrypted file")
+        assert message.body == ""
         (attachment,) = message.attachments
         assert (attachment.name, attachment.media_type, attachment.size, attachment.url) == (
             "notes.txt",
@@ -264,3 +266,25 @@ async def test_the_persons_reactions_edits_and_files_reach_the_host(synapse: Any
         refused.value.close()  # it holds the connection open
         assert refused.value.code == 401
     assert [r.key for r in bot.host.reactions] == ["👍", "❤️"]
+
+
+async def test_a_files_name_is_no_command_and_its_caption_is_text(synapse: Any, person: Any, make_bot: Any) -> None:
+    bot = make_bot()
+    async with bot.running():
+        room_id = await bot.room_with(person)
+        # As most clients send a file: its name as the body. That is no text (a name
+        # like "ping-notes.pdf" would otherwise be routed as a command): the body is "".
+        sent = await person.send_file(room_id, b"%PDF-", "ping-notes.pdf", "application/pdf")
+        message = await bot.host.next_message(lambda m: m.id == sent, what="the file")
+        assert message.body == ""
+        assert [a.name for a in message.attachments] == ["ping-notes.pdf"]
+        # The name as body and as filename: no caption either.
+        named = await person.send_file(room_id, PNG, "ping.png", "image/png", filename="ping.png")
+        assert (await bot.host.next_message(lambda m: m.id == named, what="the named file")).body == ""
+        # A caption (Matrix 1.10: filename set, body different) is the message's text.
+        captioned = await person.send_file(room_id, PNG, "ping.png", "image/png", filename="x.png", body="ping shot")
+        message = await bot.host.next_message(lambda m: m.id == captioned, what="the captioned file")
+        assert (message.body, message.attachments[0].name) == ("ping shot", "x.png")
+        await person.wait_for_message(bot.user_id, room_id, body_is("PONG shot"))
+    # Only the caption was answered (conftest.answer_ping answers any "ping" in a body).
+    assert [e.body for e in person.messages_from(bot.user_id, room_id)] == ["PONG shot"]

@@ -15,6 +15,7 @@ from oco_adapter_matrix._format import leading_pill, markdown_to_html, pill, spl
 from oco_adapter_matrix._rich import (
     MAX_FILE_SIZE,
     SentIds,
+    caption,
     download_url,
     edit_content,
     incoming_attachment,
@@ -226,6 +227,14 @@ def test_an_incoming_files_size_is_clamped_to_what_the_protocol_holds(claimed: o
     # Fields that are not JSON objects where objects belong are treated as absent.
     odd = {"msgtype": "m.file", "body": "a", "info": "big", "file": "k"}
     assert incoming_attachment("https://hs", odd, encrypted=True) == Attachment(name="a")
+
+
+def test_a_files_body_is_text_only_when_it_is_a_caption() -> None:
+    assert caption({"msgtype": "m.file", "body": "deploy-notes.pdf"}) == ""
+    assert caption({"msgtype": "m.file", "body": "deploy-notes.pdf", "filename": "deploy-notes.pdf"}) == ""
+    assert caption({"msgtype": "m.image", "body": "the dashboard", "filename": "shot.png"}) == "the dashboard"
+    assert caption({"msgtype": "m.image", "body": "look", "filename": ""}) == ""
+    assert caption({"msgtype": "m.image", "body": "look", "filename": 5}) == ""
 
 
 async def test_a_message_that_does_not_fit_the_queue_is_refused_whole() -> None:
