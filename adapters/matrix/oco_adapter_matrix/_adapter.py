@@ -43,6 +43,7 @@ from ._rich import (
     SentIds,
     as_dict,
     caption,
+    download_path,
     edit_content,
     file_content,
     incoming_attachment,
@@ -127,9 +128,10 @@ class MatrixAdapter(Adapter):
 
     Incoming, reactions go to :meth:`AdapterHost.reaction`, edits arrive with
     ``edit_of`` and their new text, and files as attachments whose ``url`` is the
-    homeserver's authenticated download url (it needs the bot's access token); a file's
-    body is its caption, or "" (not its name). A file sent in an encrypted room arrives
-    without a url: the homeserver holds only its ciphertext, and the key is not handed on.
+    homeserver's authenticated download url (it needs the bot's access token, with which
+    :meth:`fetch_attachment` fetches it); a file's body is its caption, or "" (not its
+    name). A file sent in an encrypted room arrives without a url: the homeserver holds
+    only its ciphertext, and the key is not handed on.
     """
 
     features = Feature.THREADS | Feature.ATTACHMENTS | Feature.EDITS | Feature.REACTIONS | Feature.TYPING
@@ -293,6 +295,17 @@ class MatrixAdapter(Adapter):
             part = replace(message, body="", mention=False, edit_of="", attachments=(attachment,))
             pieces.append(_Pending(part, attachment=attachment))
         return pieces
+
+    async def fetch_attachment(self, url: str, max_bytes: int) -> tuple[bytes, str]:
+        """The content and media type of a file a person sent, by the authenticated
+        download url the adapter gave it (``{homeserver}/_matrix/client/v1/media/download/...``),
+        fetched with the bot's access token; read as it arrives, and given up with
+        :class:`~oco_core.RequestTooLargeError` past ``max_bytes``. Any other url is
+        refused (:class:`UnknownTargetError`): the token must go nowhere else."""
+        path = download_path(self.config.homeserver, url)
+        if self._transport is None:
+            raise AdapterError("the Matrix adapter is not connected")
+        return await self._transport.download(path, self._token(), max_bytes)
 
     async def join(self, room: str) -> None:
         """Join a room by id or alias."""

@@ -13,7 +13,7 @@ import mimetypes
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from oco_core import AdapterError, UnknownTargetError
 from oco_core.plugin import Attachment
@@ -188,6 +188,10 @@ def as_dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+#: Where the homeserver serves media to clients with an access token.
+DOWNLOAD_PATH = "/_matrix/client/v1/media/download/"
+
+
 def download_url(homeserver: str, mxc: str) -> str:
     """The homeserver's authenticated download url of the media ``mxc://server/id``
     (it needs an access token: ``Authorization: Bearer``); "" for anything else."""
@@ -195,8 +199,28 @@ def download_url(homeserver: str, mxc: str) -> str:
     media_id = parts.path.lstrip("/")
     if parts.scheme != "mxc" or not parts.netloc or not media_id or "/" in media_id:
         return ""
+    if parts.netloc in (".", "..") or media_id in (".", ".."):
+        return ""  # a path segment a server would resolve: somewhere else than the file
     server = quote(parts.netloc, safe=":[]")
-    return f"{homeserver.rstrip('/')}/_matrix/client/v1/media/download/{server}/{quote(media_id, safe='')}"
+    return f"{homeserver.rstrip('/')}{DOWNLOAD_PATH}{server}/{quote(media_id, safe='')}"
+
+
+def download_path(homeserver: str, url: str) -> str:
+    """The path (from ``homeserver``) of ``url``, a file url :func:`download_url` gives.
+    Anything else raises :class:`UnknownTargetError`: the bot's access token goes with
+    that request, and must never go to a url someone else chose."""
+    base = homeserver.rstrip("/")
+    server, _, media_id = url.removeprefix(base + DOWNLOAD_PATH).partition("/")
+    # Only the exact url the file's mxc url gives: no other path, query or host.
+    if (
+        not url.startswith(base + DOWNLOAD_PATH)
+        or download_url(base, f"mxc://{unquote(server)}/{unquote(media_id)}") != url
+    ):
+        raise UnknownTargetError(
+            f"{url[:200]!r} is not the url of a file on this adapter's homeserver ({base}{DOWNLOAD_PATH}...): "
+            "the Matrix adapter fetches nothing else with the bot's access token"
+        )
+    return url[len(base) :]
 
 
 def incoming_attachment(homeserver: str, content: dict[str, Any], encrypted: bool) -> Attachment:

@@ -36,7 +36,7 @@ import httpx
 import trio
 from nio import ErrorResponse, Response  # type: ignore[import-untyped]  # nio ships no type information
 
-from oco_core import AdapterError
+from oco_core import AdapterError, RequestTooLargeError, UnknownTargetError
 from oco_core.plugin import Backoff
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,61 @@ class Transport:
                 log.debug("matrix: %s %s: %s", method, _endpoint(path), response)
             return response
 
+    async def download(self, path: str, token: str, max_bytes: int, *, http_timeout: float = 60.0) -> tuple[bytes, str]:
+        """GET ``path`` (relative to the homeserver) with ``token``; return the body and
+        its ``Content-Type``. Read as it arrives, and given up with
+        :class:`RequestTooLargeError` as soon as it is past ``max_bytes`` (or says it will
+        be). No retries: the caller asked now, and may ask again."""
+        headers = {"Authorization": f"Bearer {token}"}
+        timeout = httpx.Timeout(http_timeout, connect=10.0)
+        try:
+            async with self._http.stream("GET", path, headers=headers, timeout=timeout) as answer:
+                if answer.status_code != 200:
+                    raise await _download_error(answer, path)
+                too_large = RequestTooLargeError(
+                    f"the file {_endpoint(path)} is larger than the {max_bytes} bytes the bot may fetch "
+                    "(bot.max_attachment_bytes); not read further"
+                )
+                length = answer.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > max_bytes:
+                    raise too_large
+                data = await _read_at_most(answer, max_bytes)
+                if data is None:
+                    raise too_large
+                media_type = answer.headers.get("Content-Type", "").strip() or "application/octet-stream"
+                return data, media_type
+        except httpx.TransportError as error:
+            raise UnreachableError(
+                f"homeserver {self.homeserver}: {describe_failure(error, self.homeserver)}"
+            ) from None
+
+
+async def _read_at_most(answer: httpx.Response, limit: int) -> bytes | None:
+    """The body of ``answer``, or None as soon as it is past ``limit`` bytes."""
+    chunks, size = [], 0
+    with trio.CancelScope() as reading:
+        async for chunk in answer.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                # Stopped by cancelling the read, not by a break: that ends each of
+                # httpx's nested generators now, where a break would leave them to the
+                # garbage collector (and trio warns of each).
+                reading.cancel()
+                continue
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
+
+
+async def _download_error(answer: httpx.Response, path: str) -> AdapterError:
+    # An error's body is a small JSON object; a larger one is not read.
+    error = _json_of(await _read_at_most(answer, 65536) or b"", answer.status_code)
+    what = f"{error.get('errcode', '')}: {error.get('error', '')}".strip(": ")
+    if answer.status_code == 401 and error.get("errcode") in ("M_UNKNOWN_TOKEN", "M_MISSING_TOKEN"):
+        return TokenRejectedError(f"the homeserver rejected the access token: {error.get('error', '')}")
+    if answer.status_code == 404:
+        return UnknownTargetError(f"the homeserver has no file at {_endpoint(path)} ({what})")
+    return AdapterError(f"the homeserver answered {answer.status_code} to GET {_endpoint(path)} ({what})")
+
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """``error``, its causes and contexts, and the members of exception groups among them
@@ -226,10 +281,14 @@ async def _wait_out_rate_limit(answer: httpx.Response, method: str, path: str) -
 
 
 def _json(answer: httpx.Response) -> dict[str, Any]:
+    return _json_of(answer.content, answer.status_code)
+
+
+def _json_of(content: bytes, status: int) -> dict[str, Any]:
     try:
-        body = json.loads(answer.content or b"{}")
+        body = json.loads(content or b"{}")
     except ValueError:
-        return {"errcode": "M_NOT_JSON", "error": f"HTTP {answer.status_code}, not JSON"}
+        return {"errcode": "M_NOT_JSON", "error": f"HTTP {status}, not JSON"}
     return body if isinstance(body, dict) else {"errcode": "M_NOT_JSON", "error": "not a JSON object"}
 
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 from nio.crypto.attachments import decrypt_attachment  # type: ignore[import-untyped]
 
-from oco_core import AdapterError, UnknownTargetError
+from oco_core import AdapterError, RequestTooLargeError, UnknownTargetError
 from oco_core.plugin import Attachment, ChatUser, OutgoingMessage
 
 pytestmark = [pytest.mark.server("synapse"), pytest.mark.slow]
@@ -288,3 +288,34 @@ async def test_a_files_name_is_no_command_and_its_caption_is_text(synapse: Any, 
         await person.wait_for_message(bot.user_id, room_id, body_is("PONG shot"))
     # Only the caption was answered (conftest.answer_ping answers any "ping" in a body).
     assert [e.body for e in person.messages_from(bot.user_id, room_id)] == ["PONG shot"]
+
+
+async def test_a_persons_file_is_fetched_with_the_bots_token_and_no_other_url(
+    synapse: Any, person: Any, make_bot: Any
+) -> None:
+    bot = make_bot()
+    data = os.urandom(5000)
+    async with bot.running() as adapter:
+        room_id = await bot.room_with(person)
+        sent = await person.send_file(room_id, data, "notes.pdf", "application/pdf")
+        message = await bot.host.next_message(lambda m: m.id == sent, what="the file")
+        (attachment,) = message.attachments
+        assert (attachment.name, attachment.media_type, attachment.size) == ("notes.pdf", "application/pdf", 5000)
+        # Fetched with the bot's token: the same bytes and the type the homeserver gives.
+        assert await adapter.fetch_attachment(attachment.url, 5000) == (data, "application/pdf")
+        with pytest.raises(RequestTooLargeError, match="larger than the 4999 bytes the bot may fetch"):
+            await adapter.fetch_attachment(attachment.url, 4999)
+        # A url of the same form naming no file here: said so.
+        missing = attachment.url.rsplit("/", 1)[0] + "/NoSuchMedia"
+        with pytest.raises(UnknownTargetError, match="has no file at"):
+            await adapter.fetch_attachment(missing, 5000)
+        # Any other url is refused before a request: the bot's token goes nowhere else.
+        for foreign in (
+            "https://evil.example/steal",
+            f"{synapse.url}/_matrix/client/v3/account/whoami",
+            attachment.url + "?allow_redirect=true",
+            attachment.url.replace("/download/", "/thumbnail/"),
+            attachment.url.replace(synapse.url, "http://localhost:1"),
+        ):
+            with pytest.raises(UnknownTargetError, match="fetches nothing else with the bot's access token"):
+                await adapter.fetch_attachment(foreign, 5000)

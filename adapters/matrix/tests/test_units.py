@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 from pathlib import Path
 
+import httpx
 import oco_adapter_matrix
 import pydantic
 import pytest
@@ -16,15 +18,16 @@ from oco_adapter_matrix._rich import (
     MAX_FILE_SIZE,
     SentIds,
     caption,
+    download_path,
     download_url,
     edit_content,
     incoming_attachment,
     media_type_of,
     msgtype_for,
 )
-from oco_adapter_matrix._transport import _split_token
+from oco_adapter_matrix._transport import Transport, _split_token
 
-from oco_core import AdapterError, UnknownTargetError
+from oco_core import AdapterError, RequestTooLargeError, UnknownTargetError
 from oco_core.plugin import Attachment, Feature, OutgoingMessage
 
 BASE = {"homeserver": "https://matrix.example.org/", "user_id": "@oco:example.org", "password": "pw"}
@@ -237,6 +240,38 @@ def test_a_files_body_is_text_only_when_it_is_a_caption() -> None:
     assert caption({"msgtype": "m.image", "body": "look", "filename": 5}) == ""
 
 
+def test_only_the_homeservers_own_file_urls_are_fetched() -> None:
+    home = "https://matrix.example.org"
+    url = download_url(home, "mxc://example.org/AbC_1")
+    assert download_path(home, url) == "/_matrix/client/v1/media/download/example.org/AbC_1"
+    assert download_path(home + "/", url) == "/_matrix/client/v1/media/download/example.org/AbC_1"
+    sub = "https://example.org/matrix"
+    assert download_path(sub, download_url(sub, "mxc://h:8448/x")) == "/_matrix/client/v1/media/download/h:8448/x"
+    prefix = f"{home}/_matrix/client/v1/media/download"
+    for foreign in (
+        "https://evil.example/steal",
+        "https://matrix.example.org.evil.example/_matrix/client/v1/media/download/example.org/AbC_1",
+        "http://matrix.example.org/_matrix/client/v1/media/download/example.org/AbC_1",
+        f"{home}/_matrix/client/v3/account/whoami",
+        f"{home}/_matrix/client/v1/media/thumbnail/example.org/AbC_1",
+        f"{prefix}/example.org/AbC_1?allow_redirect=true",
+        f"{prefix}/example.org/AbC_1#x",
+        f"{prefix}/example.org/AbC_1/more",
+        f"{prefix}/example.org/../../v3/account/whoami",
+        f"{prefix}/example.org/%2e%2e",
+        f"{prefix}/../x",
+        f"{prefix}/example.org/a%2Fb",
+        f"{prefix}/example.org/",
+        f"{prefix}/example.org",
+        prefix,
+        "",
+    ):
+        with pytest.raises(UnknownTargetError, match="fetches nothing else with the bot's access token"):
+            download_path(home, foreign)
+    assert download_url(home, "mxc://example.org/..") == ""
+    assert download_url(home, "mxc://../x") == ""
+
+
 async def test_a_message_that_does_not_fit_the_queue_is_refused_whole() -> None:
     # Not running: the state of an adapter whose homeserver is away, where messages
     # wait. What is refused names the key to raise; nothing of it is queued.
@@ -263,3 +298,29 @@ async def test_a_message_that_does_not_fit_the_queue_is_refused_whole() -> None:
         ("", "a.bin"),
         ("four", ""),
     ]
+
+
+async def test_a_download_stops_as_soon_as_it_is_past_max_bytes() -> None:
+    # A real HTTP server that streams a body without a length, and would go on forever:
+    # the download gives up past max_bytes instead of reading (and keeping) it all.
+    sent = 0
+
+    async def endless(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 4096
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await stream.send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, endless, listeners)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            with trio.fail_after(10), pytest.raises(RequestTooLargeError, match="larger than the 100000 bytes"):
+                await Transport(http).download("/_matrix/client/v1/media/download/h/x", "token", 100_000)
+        nursery.cancel_scope.cancel()
+    assert sent < 10_000_000
