@@ -226,6 +226,12 @@ class MatrixAdapter(Adapter):
         if message.edit_of:
             self._sent.check(message.edit_of, "edit_of")
             message = replace(message, edit_of=self._sent.original(message.edit_of))
+            if (events := self._sent.text_events(message.edit_of)) > 1:
+                # Its replacement would replace the first event only, the rest staying.
+                raise AdapterError(
+                    f"edit_of {message.edit_of!r} names a message the Matrix adapter sent as {events} events (its "
+                    "text was too long for one), and an edit would replace only the first: send a new message"
+                )
         if message.thread_id:
             self._sent.check(message.thread_id, "thread_id")
         if message.reaction:
@@ -240,7 +246,8 @@ class MatrixAdapter(Adapter):
         first.local_id = LOCAL_ID_PREFIX + first.txn_id
         user = first.message.user
         mentioned = (user.id,) if first.message.mention and user is not None and first.attachment is None else ()
-        self._sent.accept(first.local_id, mentioned, edit_of=first.message.edit_of)
+        texts = sum(1 for pending in pieces if pending.attachment is None and not pending.message.reaction)
+        self._sent.accept(first.local_id, mentioned, edit_of=first.message.edit_of, text_events=texts)
         for pending in pieces:
             pending.seq = next(self._seq)
             # Without waiting (the channel is unbounded): the pieces of two messages sent

@@ -31,6 +31,7 @@ class _Sent:
     event_id: str = ""  # "" until the send loop delivered it
     mentions: tuple[str, ...] = ()
     edit_of: str = ""  # for an edit: the message it replaced
+    text_events: int = 1  # events its text went as (a long one is split)
 
 
 class SentIds:
@@ -44,9 +45,10 @@ class SentIds:
         self._by_local: OrderedDict[str, _Sent] = OrderedDict()
         self._by_event: dict[str, str] = {}
 
-    def accept(self, local_id: str, mentions: tuple[str, ...] = (), edit_of: str = "") -> None:
-        """Remember ``local_id``, not delivered yet (an edit of ``edit_of``)."""
-        self._by_local[local_id] = _Sent(mentions=mentions, edit_of=edit_of)
+    def accept(self, local_id: str, mentions: tuple[str, ...] = (), edit_of: str = "", text_events: int = 1) -> None:
+        """Remember ``local_id``, not delivered yet (an edit of ``edit_of``; its text
+        split into ``text_events`` events)."""
+        self._by_local[local_id] = _Sent(mentions=mentions, edit_of=edit_of, text_events=text_events)
         while len(self._by_local) > self._size:
             _, old = self._by_local.popitem(last=False)
             self._by_event.pop(old.event_id, None)
@@ -92,6 +94,12 @@ class SentIds:
         """Whom the bot's message ``ref`` (either kind of id) mentioned, where known."""
         sent = self._by_local.get(self._by_event.get(ref, ref))
         return sent.mentions if sent is not None else ()
+
+    def text_events(self, ref: str) -> int:
+        """How many events the text of the bot's message ``ref`` (either kind of id)
+        went as, where known (1 where not)."""
+        sent = self._by_local.get(self._by_event.get(ref, ref))
+        return sent.text_events if sent is not None else 1
 
     def local_id(self, event_id: str) -> str:
         """The id ``send`` gave for the bot's event ``event_id``; ``event_id`` itself

@@ -324,3 +324,21 @@ async def test_a_download_stops_as_soon_as_it_is_past_max_bytes() -> None:
                 await Transport(http).download("/_matrix/client/v1/media/download/h/x", "token", 100_000)
         nursery.cancel_scope.cancel()
     assert sent < 10_000_000
+
+
+async def test_an_edit_of_a_message_sent_as_several_events_is_refused() -> None:
+    # Matrix replaces one event: the edit would change the first piece and leave the rest.
+    adapter = MatrixAdapter(MatrixConfig.model_validate(BASE))
+    room = "!r:example.org"
+    long = await adapter.send(OutgoingMessage("word " * 20_000, room_id=room))
+    assert long is not None
+    with pytest.raises(AdapterError, match=r"sent as \d+ events .* would replace only the first: send a new message"):
+        await adapter.send(OutgoingMessage("short now", room_id=room, edit_of=long))
+    # Also when named by its event id, once delivered.
+    adapter._sent.delivered(long, "$long")
+    with pytest.raises(AdapterError, match="would replace only the first"):
+        await adapter.send(OutgoingMessage("short now", room_id=room, edit_of="$long"))
+    # One event of text (with a file after it) may be edited: the file is no part of it.
+    short = await adapter.send(OutgoingMessage("short", room_id=room, attachments=(Attachment("a", data=b"a"),)))
+    assert short is not None
+    assert await adapter.send(OutgoingMessage("shorter", room_id=room, edit_of=short))
