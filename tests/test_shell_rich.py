@@ -7,13 +7,9 @@ reply's own escape sequences kept off the terminal."""
 
 from __future__ import annotations
 
-import fcntl
 import io
-import os
 import re
-import struct
 import sys
-import termios
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +21,7 @@ from oco_core._adapter import OutgoingMessage
 from oco_core._markdown import render_markdown
 from oco_core._shell import ANSI_STYLES, PLAIN_STYLES, ShellAdapter, ShellConfig
 from oco_core.testing import OcoProcess, run_oco
-from oco_core.testing._process import end_process
+from oco_core.testing._process import oco_on_a_pty
 
 CALLBACK = """\
 from oco_core import Callback, Message
@@ -65,37 +61,12 @@ def config(bot_config: Callable[[str], str], tmp_path: Path) -> str:
 async def oco_on_a_terminal(config: str, workdir: Path, env: dict[str, str]) -> AsyncIterator[Terminal]:
     """``oco run`` with ``config`` on a new pseudo-terminal as its controlling terminal
     (standard input, output and error), as a person's shell starts it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "oco.yaml").write_text(config)
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    environment = {k: v for k, v in os.environ.items() if k not in ("OCO_CONFIG", "NO_COLOR")}
-    environment.update(TERM="xterm", XDG_DATA_HOME=str(workdir / "xdg"), INPUTRC="/dev/null", **env)
-
-    def controlling_terminal() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "oco_core", "run", "--config", str(workdir / "oco.yaml")],
-        cwd=workdir,
-        env=environment,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        preexec_fn=controlling_terminal,
-    )
-    terminal = Terminal(trio.lowlevel.FdStream(master))
-    try:
+    async with oco_on_a_pty(config, workdir, env) as (_, master, _slave):
+        terminal = Terminal(master)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(terminal.pump)
             yield terminal
             nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await end_process(process)
-            await terminal.master.aclose()
-            os.close(slave)
 
 
 class Terminal:

@@ -9,12 +9,10 @@ whatever the test writes into a FIFO: a log line that comes while someone is typ
 from __future__ import annotations
 
 import codecs
-import fcntl
 import json
 import os
 import re
 import signal
-import struct
 import sys
 import termios
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +22,7 @@ from pathlib import Path
 import trio
 
 from oco_core.testing import run_oco
-from oco_core.testing._process import end_process
+from oco_core.testing._process import oco_on_a_pty
 
 POKE = """
 import logging, sys, threading
@@ -176,41 +174,14 @@ class TerminalBot:
 
 @asynccontextmanager
 async def run_oco_in_a_terminal(config: str, workdir: Path) -> AsyncIterator[TerminalBot]:
-    """Start ``oco run`` with ``config`` on a new pseudo-terminal (200 columns, so that
-    nothing wraps) as its controlling terminal, as a person's shell would."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "oco.yaml").write_text(config)
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k != "OCO_CONFIG"}
-    # A known terminal, the data (history) under the test's folder, and readline's
-    # default keys whatever the developer's ~/.inputrc says.
-    env.update(TERM="xterm", XDG_DATA_HOME=str(workdir / "xdg"), INPUTRC="/dev/null")
-
-    def controlling_terminal() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "oco_core", "run", "--config", str(workdir / "oco.yaml")],
-        cwd=workdir,
-        env=env,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        preexec_fn=controlling_terminal,
-    )
-    bot = TerminalBot(process, trio.lowlevel.FdStream(master), slave)
-    try:
+    """Start ``oco run`` with ``config`` on a new pseudo-terminal as its controlling
+    terminal, as a person's shell would."""
+    async with oco_on_a_pty(config, workdir) as (process, master, slave):
+        bot = TerminalBot(process, master, slave)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bot.pump)
             yield bot
             nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await end_process(process)
-            await bot._master.aclose()
-            os.close(slave)
 
 
 def terminal_config(tmp_path: Path, example_command: str) -> str:

@@ -302,3 +302,47 @@ async def run_oco(
     finally:
         with trio.CancelScope(shield=True):
             await end_process(process)
+
+
+@asynccontextmanager
+async def oco_on_a_pty(
+    config: str, workdir: Path, env: Mapping[str, str] = {}
+) -> AsyncIterator[tuple[trio.Process, trio.lowlevel.FdStream, int]]:
+    """For oco-core's tests of the shell on a real terminal. Start ``oco run`` with
+    ``config`` on a new pseudo-terminal (200 columns, so that
+    nothing wraps) as its controlling terminal; yield the process, the terminal's master
+    end and its slave's descriptor. ``env`` is added to a known terminal (xterm, no
+    NO_COLOR), the data (history) under ``workdir``, and readline's default keys
+    whatever the developer's ~/.inputrc says."""
+    import fcntl  # POSIX only, as pseudo-terminals are
+    import struct
+    import termios
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "oco.yaml").write_text(config)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    environment = {k: v for k, v in os.environ.items() if k not in ("OCO_CONFIG", "NO_COLOR")}
+    environment.update(TERM="xterm", XDG_DATA_HOME=str(workdir / "xdg"), INPUTRC="/dev/null", **env)
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "oco_core", "run", "--config", str(workdir / "oco.yaml")],
+        cwd=workdir,
+        env=environment,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        preexec_fn=controlling_terminal,
+    )
+    stream = trio.lowlevel.FdStream(master)
+    try:
+        yield process, stream, slave
+    finally:
+        with trio.CancelScope(shield=True):
+            await end_process(process)
+            await stream.aclose()
+            os.close(slave)
