@@ -353,6 +353,14 @@ class _AsyncioToTrio(Generic[T]):
             item = self._receive.receive_nowait()
         except trio.WouldBlock:
             item = await self._receive.receive()
+        return self._took(item)
+
+    def receive_nowait(self) -> T:
+        """The next item if one has crossed already; trio.WouldBlock if none has,
+        trio.EndOfChannel at the end, or the writer's error."""
+        return self._took(self._receive.receive_nowait())
+
+    def _took(self, item: T | BaseException) -> T:
         if isinstance(item, BaseException):
             raise item
         self._owed += 1
@@ -377,6 +385,11 @@ class _AsyncioToTrio(Generic[T]):
     def abandon(self) -> None:
         """The trio reader stops reading; drop what is queued."""
         self._receive.close()
+
+
+#: What a streaming RPC's trio handler reads its requests from (an AsyncIterator with
+#: ``receive_nowait`` besides, for a reader that would rather not wait).
+RequestStream = _AsyncioToTrio
 
 
 class StreamWriter(Generic[T]):
