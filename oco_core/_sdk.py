@@ -293,9 +293,11 @@ class Message:
 
     def __init__(self, callback: Callback, matched: core_pb2.MatchedMessage) -> None:
         self._callback = callback
-        self._pb = matched.message
+        # Each sub-message read once (every read of one makes a new Python object).
+        self._pb = pb = matched.message
+        source = pb.source
         #: The whole body as written.
-        self.body: str = matched.message.body
+        self.body: str = pb.body
         #: The text the pattern matched: for respond routes, the body after the bot's address.
         self.text: str = matched.text
         #: groups[0] is the whole match, groups[n] the n-th capture group ("" if it did not take part).
@@ -307,10 +309,11 @@ class Message:
         #: True when the message was addressed to the bot.
         self.direct: bool = matched.direct
         #: True for a private (direct) message.
-        self.private: bool = matched.message.private
-        self.id: str = matched.message.id
-        self.user = _user(matched.message.source.user)
-        self.room = _room(matched.message.source.room) if matched.message.source.room.id else None
+        self.private: bool = pb.private
+        self.id: str = pb.id
+        self.user = _user(source.user)
+        room = source.room
+        self.room = _room(room) if room.id else None
         #: Set for a match of a ``durable`` route, which the bot keeps until the callback
         #: has handled it; the SDK acknowledges it after the handler.
         self.delivery_id: str = ""
@@ -321,10 +324,10 @@ class Message:
         self.approved_by: tuple[str, ...] = ()
         #: The thread the message is in: the id of the thread's root message, where the
         #: service has threads (Matrix); "" outside one. Replies go to the same thread.
-        self.thread_id: str = matched.message.thread_id
+        self.thread_id: str = pb.thread_id
         #: For an edit (``@bot.on_edit``): the id of the message edited, whose new text is
         #: :attr:`body`; "" for any other message.
-        self.edit_of: str = matched.message.edit_of
+        self.edit_of: str = pb.edit_of
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -1654,14 +1657,17 @@ class Callback:
         self, connection: _Connection, routes: dict[str, _Route], kind: str | None, event: core_pb2.Event
     ) -> None:
         if kind == "matched_message":
-            route = routes.get(event.matched_message.route_id)
+            matched = event.matched_message
+            route = routes.get(matched.route_id)
             if route is None:
-                log.debug("no handler for route %r", event.matched_message.route_id)
+                log.debug("no handler for route %r", matched.route_id)
                 return
-            message = Message(self, event.matched_message)
+            message = Message(self, matched)
             message.delivery_id = event.delivery_id
             message.redelivered = event.redelivered
-            message.approved_by = tuple(user.id for user in event.approval.approvers)
+            approvers = event.approval.approvers
+            if approvers:
+                message.approved_by = tuple(user.id for user in approvers)
             await route.handler(message)
         elif kind == "membership_change":
             change = event.membership_change
