@@ -222,6 +222,21 @@ class Person:
         self._seen = len(self.lines)
         return self._seen
 
+    async def ask_until(
+        self, target: str, text: str, answer: str, *, timeout: float = 60.0
+    ) -> tuple[int, re.Match[str]]:
+        """Say ``text`` to ``target`` every 3 s until a line matching ``answer`` comes
+        back: a launched callback connects a little after the bot joined, and the bot's
+        own answers before then (no callback connected yet) are not it. Returns where
+        the answered question's lines start (for ``find``/``expect``) and the answer."""
+        with trio.move_on_after(timeout):
+            while True:
+                since = self.mark()
+                await self.say(target, text)
+                with trio.move_on_after(3):
+                    return since, await self.expect(answer, since=since, timeout=3)
+        raise AssertionError(f"no answer to {text!r}; {self.nick} saw {self.lines[-20:]!r}")
+
 
 async def start_person(nursery: trio.Nursery, port: int, nick: str, channels: Sequence[str] = (CHANNEL,)) -> Person:
     """Connect a person whose reader runs in ``nursery``; return once it is registered

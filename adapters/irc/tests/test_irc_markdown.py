@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from oco_adapter_irc._markdown import BOLD, ITALIC, MONOSPACE, STRIKE, markdown_to_irc
 
 from oco_core.testing import run_oco
@@ -44,15 +43,7 @@ async def test_a_markdown_reply_reaches_irc_formatted_and_a_plain_one_verbatim(k
     config = kit.oco_config(tmp_path, f'callbacks:\n  - id: formatted\n    command: ["{sys.executable}", "{script}"]\n')
     async with kit.person("alice") as alice, run_oco(config, tmp_path / "bot"):
         await alice.expect(r":oco!\S+ JOIN :?#test", timeout=30)
-        # The callback connects a little after the bot joined: ask until it answers.
-        since, first = 0, None
-        with trio.move_on_after(60):
-            while first is None:
-                since = alice.mark()
-                await alice.say("#test", "oco: status")
-                with trio.move_on_after(3):
-                    first = await alice.expect(r"PRIVMSG #test :.*deploy.*", since=since, timeout=3)
-        assert first is not None, f"no answer to status; alice saw {alice.lines[-20:]!r}"
+        since, first = await alice.ask_until("#test", "oco: status", r"PRIVMSG #test :.*deploy.*")
         assert first.group(0).endswith(
             f"{BOLD}deploy{BOLD} of {ITALIC}prod{ITALIC} with {MONOSPACE}make all{MONOSPACE}: "
             "see the log (https://ci.example/7)"
