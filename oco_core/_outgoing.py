@@ -273,19 +273,24 @@ class Outgoing:
         """The files of one request together, and the text the bot wrote for files an
         adapter cannot show, within their limits."""
         settings = self._core.config.bot
-        data = sum(len(a.data) for _, out in resolved for a in out.attachments)
-        if data > settings.max_attachment_bytes:
-            raise RequestTooLargeError(
-                f"the request's files are {data} bytes together; the bot accepts at most "
-                f"{settings.max_attachment_bytes} (bot.max_attachment_bytes): send a url to them instead"
-            )
-        for index, out in enumerate(rendered):
-            if out is not None and len(out.body.encode("utf-8")) > settings.max_message_bytes:
+        for index, (_, out) in enumerate(resolved):
+            if not out.attachments:
+                continue  # most messages: nothing was added to what resolve() checked
+            data = sum(len(a.data) for _, each in resolved for a in each.attachments)
+            if data > settings.max_attachment_bytes:
                 raise RequestTooLargeError(
-                    f"message {index} with its files written out as text (this chat service shows no files) is "
-                    f"{len(out.body.encode('utf-8'))} bytes; the bot accepts at most {settings.max_message_bytes} "
-                    "(bot.max_message_bytes): send fewer files a message"
+                    f"the request's files are {data} bytes together; the bot accepts at most "
+                    f"{settings.max_attachment_bytes} (bot.max_attachment_bytes): send a url to them instead"
                 )
+            plain = rendered[index]
+            if plain is not None and plain is not out:
+                encoded = plain.body.encode("utf-8")
+                if len(encoded) > settings.max_message_bytes:
+                    raise RequestTooLargeError(
+                        f"message {index} with its files written out as text (this chat service shows no files) "
+                        f"is {len(encoded)} bytes; the bot accepts at most {settings.max_message_bytes} "
+                        "(bot.max_message_bytes): send fewer files a message"
+                    )
 
     def _remember(self, message_id: str, callback_id: str, target: str) -> None:
         self._senders[message_id] = (callback_id, target)
@@ -343,6 +348,8 @@ def as_rendered(out: OutgoingMessage, features: Feature) -> OutgoingMessage | No
     indication it cannot show."""
     if out.typing_seconds:
         return out if Feature.TYPING in features else None
+    if not (out.reaction or out.edit_of or out.attachments or out.thread_id):
+        return out  # plain text, as most replies are: nothing to look up
     changes: dict[str, object] = {}
     body = out.body
     if out.reaction and Feature.REACTIONS not in features:
