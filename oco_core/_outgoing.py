@@ -88,8 +88,9 @@ class Outgoing:
             raise InvalidRequestError(f"{what} is private but has no source.user.id: say whom it goes to")
         in_reply_to = message.in_reply_to or ""
         prefix = link.name + "/"
-        attachments = self._attachments(message, what)
-        self._check_rich(message, native_room, prefix, what)
+        attachments = self._attachments(message, what) if message.attachments else ()
+        if message.reaction or message.edit_of or message.typing_seconds:
+            self._check_rich(message, native_room, prefix, what)
         out = OutgoingMessage(
             body=message.body,
             room_id=native_room,
