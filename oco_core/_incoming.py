@@ -137,12 +137,11 @@ class Incoming:
             message.attachments.add(
                 name=a.name, media_type=a.media_type, url=a.url, size=min(max(a.size, 0), _MAX_SIZE)
             )
+            if a.url:
+                self._remember_file(a.url, adapter)
         core.directory.see_user(UserRecord(user_id, incoming.user.name, incoming.user.mention_name))
         if incoming.room is not None:
             core.directory.see_room(room_id, incoming.room.name, member=user_id)
-        for attachment in incoming.attachments:
-            if attachment.url:
-                self._remember_file(attachment.url, adapter)
         if incoming.edit_of:  # not a new command: only callbacks that asked for edits see it
             message.edit_of = f"{adapter}/{incoming.edit_of}"
             core.router.broadcast(robot_pb2.EVENT_KIND_EDIT, core_pb2.Event(edit=message))

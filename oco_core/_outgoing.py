@@ -273,25 +273,25 @@ class Outgoing:
     ) -> None:
         """The files of one request together, and the text the bot wrote for files an
         adapter cannot show, within their limits."""
+        if not any(out.attachments for _, out in resolved):
+            return  # most requests: nothing was added to what resolve() checked
         settings = self._core.config.bot
-        for index, (_, out) in enumerate(resolved):
-            if not out.attachments:
-                continue  # most messages: nothing was added to what resolve() checked
-            data = sum(len(a.data) for _, each in resolved for a in each.attachments)
-            if data > settings.max_attachment_bytes:
+        data = sum(len(a.data) for _, out in resolved for a in out.attachments)
+        if data > settings.max_attachment_bytes:
+            raise RequestTooLargeError(
+                f"the request's files are {data} bytes together; the bot accepts at most "
+                f"{settings.max_attachment_bytes} (bot.max_attachment_bytes): send a url to them instead"
+            )
+        for index, ((_, out), plain) in enumerate(zip(resolved, rendered, strict=True)):
+            if not out.attachments or plain is None or plain is out:
+                continue  # no files here, or the adapter shows them itself
+            encoded = plain.body.encode("utf-8")
+            if len(encoded) > settings.max_message_bytes:
                 raise RequestTooLargeError(
-                    f"the request's files are {data} bytes together; the bot accepts at most "
-                    f"{settings.max_attachment_bytes} (bot.max_attachment_bytes): send a url to them instead"
+                    f"message {index} with its files written out as text (this chat service shows no files) "
+                    f"is {len(encoded)} bytes; the bot accepts at most {settings.max_message_bytes} "
+                    "(bot.max_message_bytes): send fewer files a message"
                 )
-            plain = rendered[index]
-            if plain is not None and plain is not out:
-                encoded = plain.body.encode("utf-8")
-                if len(encoded) > settings.max_message_bytes:
-                    raise RequestTooLargeError(
-                        f"message {index} with its files written out as text (this chat service shows no files) "
-                        f"is {len(encoded)} bytes; the bot accepts at most {settings.max_message_bytes} "
-                        "(bot.max_message_bytes): send fewer files a message"
-                    )
 
     def _remember(self, message_id: str, callback_id: str, target: str) -> None:
         self._senders[message_id] = (callback_id, target)
