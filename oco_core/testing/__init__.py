@@ -56,6 +56,11 @@ if TYPE_CHECKING:
     from .._sdk import Callback
 
 
+def _person(user: str) -> ChatUser:
+    """A user of the memory chat service: "alice" is called Alice."""
+    return ChatUser(id=user, name=user.title(), mention_name=user)
+
+
 _FeatureName = Literal["threads", "attachments", "edits", "reactions", "typing"]
 
 
@@ -131,7 +136,7 @@ class MemoryAdapter(Adapter):
                 self.files[attachment.url] = (attachment.data, attachment.media_type)
         message = IncomingMessage(
             body=body,
-            user=ChatUser(id=user, name=user.title(), mention_name=user),
+            user=_person(user),
             room=ChatRoom(id=room, name=room) if room is not None else None,
             direct=direct or room is None,
             id=id,
@@ -150,7 +155,7 @@ class MemoryAdapter(Adapter):
             ReactionEvent(
                 message_id=message_id,
                 key=key,
-                user=ChatUser(id=user, name=user.title(), mention_name=user),
+                user=_person(user),
                 room=ChatRoom(id=room, name=room) if room is not None else None,
             )
         )
@@ -161,10 +166,8 @@ class MemoryAdapter(Adapter):
         """Report that ``user`` entered or left ``room`` (or, ``RENAMED``, was ``previous``)."""
         await self._ready.wait()
         assert self.host is not None
-        old = ChatUser(previous, previous.title(), previous) if previous is not None else None
-        await self.host.membership(
-            MembershipEvent(kind, ChatUser(user, user.title(), user), ChatRoom(room, room), previous=old)
-        )
+        old = _person(previous) if previous is not None else None
+        await self.host.membership(MembershipEvent(kind, _person(user), ChatRoom(room, room), previous=old))
 
     async def next_sent(self) -> OutgoingMessage:
         """Wait for the next message the bot sends (the first not returned before)."""
