@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -166,6 +166,12 @@ class Browser:
                 return check(driver)
             except (NoSuchElementException, StaleElementReferenceException):
                 return None
+            except WebDriverException as exc:
+                # Chromium reports an element of the page a reload replaced this way, not
+                # always as a stale element.
+                if "does not belong to the document" in str(exc):
+                    return None
+                raise
 
         with trio.move_on_after(timeout):
             while True:
