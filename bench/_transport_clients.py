@@ -158,7 +158,10 @@ async def count(address: str, callback_id: str, secret: str, events: int, how: s
     metadata = (("authorization", f"Bearer {secret}"),)
     request = listen_request(callback_id, [robot_pb2.Route(id="ev", pattern=r"^ev (\d+)$")])
     last = str(events - 1)
-    async with grpc.aio.insecure_channel(address) as channel:
+    # grpc's BDP probing would widen the stream's window to megabytes, and events would
+    # pile up in this process while the bot routes them: the rate would then depend on
+    # how much crossed before "go". Without it, at most the default 64 KiB is ahead.
+    async with grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
         stub = robot_pb2_grpc.RobotStub(channel)
         call = (
             stub.Listen(request, metadata=metadata)
