@@ -68,6 +68,15 @@ async def sent(running: RunningBot, count: int) -> list[OutgoingMessage]:
         return [await running.adapter.next_sent() for _ in range(count)]
 
 
+async def sent_until(running: RunningBot, body: str) -> list[OutgoingMessage]:
+    """What the bot sends, up to and with the first message whose body is ``body``."""
+    out: list[OutgoingMessage] = []
+    with trio.fail_after(10):
+        while not out or out[-1].body != body:
+            out.append(await running.adapter.next_sent())
+    return out
+
+
 async def nothing_more_sent(running: RunningBot, within: float = 0.5) -> None:
     with trio.move_on_after(within):
         extra = await running.adapter.next_sent()
@@ -201,10 +210,7 @@ async def test_typing_renews_until_the_block_ends_and_raises_what_the_block_rais
 
     async with open_bot(config(tmp_path)) as running, handling(running, go):
         await running.adapter.inject("oco go")
-        out: list[OutgoingMessage] = []
-        with trio.fail_after(10):
-            while not out or out[-1].body != "done":
-                out.append(await running.adapter.next_sent())
+        out = await sent_until(running, "done")
         typing = out[:-1]
         await nothing_more_sent(running, within=1.2)  # the renewing ended with the block
         # In a private chat there is no one to show it to: only the reply.
@@ -250,10 +256,7 @@ async def test_a_short_typing_indication_is_renewed_no_more_often_than_every_fiv
 
     async with open_bot(config(tmp_path)) as running, handling(running, go):
         await running.adapter.inject("oco go")
-        out: list[OutgoingMessage] = []
-        with trio.fail_after(10):
-            while not out or out[-1].body != "done":
-                out.append(await running.adapter.next_sent())
+        out = await sent_until(running, "done")
     assert [m.typing_seconds for m in out] == [1, 0]
 
 
