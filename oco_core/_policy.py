@@ -25,6 +25,7 @@ from ._timing import TokenBucket
 
 if TYPE_CHECKING:
     from ._auth import Authorization
+    from ._rules import RouteRules
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class RouteAccess:
     def allows_room(self, room_id: str) -> bool:
         """Whether the route may match in ``room_id`` ("" for a private message). The
         patterns are over the ids messages carry (already folded by fold_patterns)."""
+        if self.allow_rooms is None and not self.deny_rooms:
+            return True  # most routes: no room rule to match
         where = room_id or PRIVATE_ROOM
         if matches_any(where, self.deny_rooms):
             return False
@@ -201,12 +204,17 @@ class CallbackPolicy:
         )
         #: The audit log's ``record`` (kind, decision, **details).
         self._record = record or (lambda *args, **details: None)
+        #: What :meth:`kept_access` worked out, by route id: the stored rules' version
+        #: it was worked out at, the route, its rule, and its access (None when the
+        #: rule names rooms, which are folded anew each time).
+        self._accesses: dict[str, tuple[int, Route, RouteRule | None, RouteAccess | None]] = {}
 
     def carry_over(self, previous: CallbackPolicy) -> None:
         """Keep what ``previous`` (this callback's policy before a live reload) learnt:
         the routes it declared, the rules already warned about, and, under the same rate
         limit, what it has used of it."""
         self._declared |= previous._declared
+        self._accesses.clear()  # a declared id is never a rule pattern: rules may name other routes now
         self._warned |= previous._warned
         if previous._rate_limit == self._rate_limit:
             self._bucket = previous._bucket
@@ -232,7 +240,29 @@ class CallbackPolicy:
     def access(self, route: Route, stored: Mapping[str, RouteRule] | None = None) -> RouteAccess:
         """The permission ``route`` needs and the rooms it may match in (``stored``: as
         for :meth:`rule`)."""
-        rule = self.rule(route.id, stored)
+        return self._access_of(route, self.rule(route.id, stored))
+
+    def kept_access(self, route: Route, stored: RouteRules) -> RouteAccess:
+        """:meth:`access` with the rules ``stored`` holds for this callback, worked out
+        once and kept until they change (``stored.version``), the callback declares
+        routes (:meth:`check_rules`: a declared id is never a rule pattern) or the
+        route differs; a reload makes a new policy. The gate asks for every route
+        that matches every message: looking the rules up cost more than the match."""
+        kept = self._accesses.get(route.id)
+        if kept is not None and kept[0] == stored.version:
+            was = kept[1]
+            if was is route or (was.permission == route.permission and was.approval == route.approval):
+                return kept[3] or self._access_of(route, kept[2])
+        version = stored.version
+        rule = self.rule(route.id, stored.for_callback(self.callback_id))
+        access = self._access_of(route, rule)
+        # Room patterns are folded as the adapters fold room ids, which IRC settles only
+        # once connected to its server: an access with rooms is worked out each time.
+        rooms = rule is not None and (rule.allow_rooms is not None or bool(rule.deny_rooms))
+        self._accesses[route.id] = (version, route, rule, None if rooms else access)
+        return access
+
+    def _access_of(self, route: Route, rule: RouteRule | None) -> RouteAccess:
         if rule is None:
             return RouteAccess(route.permission, approval=route.approval)
         permission = route.permission if rule.permission is None else rule.permission
@@ -255,6 +285,7 @@ class CallbackPolicy:
         typo in a route id would otherwise leave the route open without a word."""
         ids = [route.id for route in routes]
         self._declared.update(ids)
+        self._accesses.clear()  # as in carry_over
         for name in self.unmatched_rules(ids):
             if name not in self._warned:
                 self._warned.add(name)
@@ -408,7 +439,8 @@ class Policies:
     def access(self, callback_id: str, route: Route) -> RouteAccess:
         """Who may run ``route`` of a callback, and where: the rules admins set at
         runtime (kept in the store) over the config's, over what the callback declared."""
-        return self.policy(callback_id).access(route, self._auth.rules.for_callback(callback_id))
+        policy = self._policies.get(callback_id) or self.policy(callback_id)
+        return policy.kept_access(route, self._auth.rules)
 
     def may_run(self, user_id: str, room_id: str, callback_id: str, route: Route) -> bool:
         """Whether a person may run a route in a room (without recording it), for help."""

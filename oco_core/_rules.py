@@ -126,6 +126,9 @@ class RouteRules:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._rules: dict[str, dict[str, StoredRule]] = {}
+        #: Changes to the rules held in memory so far: what was worked out from them
+        #: (``CallbackPolicy.kept_access``) is kept while this stays the same.
+        self.version = 0
         # As in Authorization: a reload that overlaps a write keeps what is in memory
         # (its read may predate the write); the next reload catches up.
         self._writes = 0
@@ -158,6 +161,7 @@ class RouteRules:
             start = page[-1].key
         if quiet and self._writing == 0 and writes == self._writes:
             self._rules = rules
+            self.version += 1
 
     def for_callback(self, callback_id: str) -> Mapping[str, RouteRule]:
         """The stored rules of one callback, by key, in key order."""
@@ -193,6 +197,7 @@ class RouteRules:
         async with self._writing_store():
             await self._store.set(NAMESPACE, _store_key(callback_id, key), stored.to_json())
             self._rules.setdefault(callback_id, {})[key] = stored
+            self.version += 1
         return stored
 
     async def unset(self, callback_id: str, key: str) -> bool:
@@ -200,6 +205,7 @@ class RouteRules:
         async with self._writing_store():
             removed = await self._store.delete(NAMESPACE, _store_key(callback_id, key))
             self._rules.get(callback_id, {}).pop(key, None)
+            self.version += 1
         return removed
 
 

@@ -209,6 +209,37 @@ async def test_a_rule_set_at_runtime_starts_from_the_rule_in_force_and_stored_pa
             assert listed == ["ops deploy", "ops p*", "ops deploy*", "ops *"]
 
 
+async def test_a_rule_pattern_stops_applying_once_a_stream_declares_it_as_a_route_id(tmp_path: Path) -> None:
+    """The gate keeps each route's access from one message to the next (issue 17): a
+    replica that declares a route whose id is the rule's key turns the key from a
+    pattern into that route's id, and the very next message obeys the change; so does
+    the next one after a rule set from chat."""
+    rules = """
+    route_rules:
+      "deploy*": {permission: ""}
+"""
+    async with open_bot(config(tmp_path, callback=rules)) as running:
+        deployer = Deployer(running)
+        async with serving(deployer.cb):
+            # deploy* lifts the declared permission of deploy, for every message.
+            assert await say(running, "oco deploy web", user="bob") == "deploying web"
+            assert await say(running, "oco deploy db", user="bob") == "deploying db"
+            replica = Callback(id="ops", secret=SECRET, address=running.address)
+
+            @replica.respond(r"^ship everything$", id="deploy*", permission="boss")
+            async def everything(message: Message) -> None:
+                await message.reply("everything")
+
+            async with serving(replica):
+                assert (await say(running, "oco deploy web", user="bob")).startswith("you need the permission `deploy`")
+                # The rule is now for deploy* alone: the one route of that id.
+                assert await say(running, "oco ship everything", user="bob") == "everything"
+                # A stored rule for deploy, set from chat, applies to the next message.
+                assert (await say(running, "oco rule set ops deploy no-permission")).startswith("ops deploy:")
+                assert await say(running, "oco deploy api", user="bob") == "deploying api"
+        assert deployer.seen == ["deploy web by memory/bob", "deploy db by memory/bob", "deploy api by memory/bob"]
+
+
 async def test_hear_routes_without_permission_are_refused_silently_but_recorded(tmp_path: Path) -> None:
     async with open_bot(config(tmp_path)) as running:
         cb = Callback(id="ops", secret=SECRET, address=running.address)
