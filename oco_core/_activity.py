@@ -34,10 +34,8 @@ from typing import TYPE_CHECKING, Literal
 import trio
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from ._adapter import IncomingMessage
-    from ._metrics import Metrics
+    from ._metrics import Metrics, _Tally
     from ._router import Match, Router
 
 log = logging.getLogger(__name__)
@@ -378,7 +376,7 @@ class Activity:
         return max(matched - before_matched, 0), max(replies - before_replies, 0)
 
 
-def _by_first_label(counter: Counter) -> dict[str, int]:
+def _by_first_label(counter: _Tally) -> dict[str, int]:
     """A labelled counter's totals, summed by the value of its first label."""
     totals: dict[str, int] = {}
     for family in counter.collect():
