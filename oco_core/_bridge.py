@@ -18,9 +18,12 @@ Why a thread and not the other bridges (docs/architecture.md says what was measu
 grpcio's threaded server ties one worker thread to every open Listen stream (an exhausted
 pool blocks unary calls); grpc.aio hosted by trio-asyncio in trio's own thread failed on
 grpc's Cython async generators, and adds a loop emulation that must follow every trio
-release.
+release; grpclib (pure Python HTTP/2) in trio's thread worked but was slower for the chat
+path, since h2's framing then shares the one thread with routing while the second core
+idles.
 Here the loop is plain asyncio, as grpc.aio is tested against, and the only cost is two
-thread hops per call (measured in bench/bench_roundtrip.py).
+thread hops per call (bench/bench_transport.py measures the whole path; docs/architecture.md
+says where the time goes).
 
 Cancellation crosses too: cancelling the trio side of a call cancels its asyncio task,
 and a client that goes away cancels the trio task serving it.
@@ -857,7 +860,8 @@ async def open_bridge() -> AsyncIterator[Bridge]:
     """Start the asyncio loop thread; stop it (cancelling what runs there) on exit."""
     # Two threads hand work to each other all the time here; Python's default switch
     # interval (5 ms) would let the busy one hold the GIL that long after waking the
-    # other. 0.5 ms keeps hand-offs quick; measured in bench/bench_roundtrip.py.
+    # other. 0.5 ms keeps hand-offs quick (measured with bench_roundtrip.py, since
+    # replaced by bench/bench_transport.py).
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="oco-grpc-asyncio", daemon=True)

@@ -153,7 +153,8 @@ class EdgeHost(Protocol):
 #: Events of a Listen stream that may wait between trio and the gRPC loop. Fewer bound
 #: memory tighter (with 1 MB messages each costs 1 MB a stream), but the loop gives credit
 #: back every quarter of them, each a thread wake-up: 8 cost about a fifth of the replies
-#: a second with many in flight; 32 keep most of them (bench/bench_roundtrip.py).
+#: a second with many in flight; 32 keep most of them (measured with bench_roundtrip.py, since replaced
+#: by bench/bench_transport.py).
 _LISTEN_WINDOW = 32
 #: Open files the bot needs besides the API's connections (store, chat, callbacks' pipes).
 _FILES_FOR_THE_REST = 256
