@@ -82,6 +82,13 @@ class Directory:
             self.users[user.id] = user
             self._mark(f"user/{user.id}")
 
+    def see_speaker(self, user_id: str, name: str, mention_name: str) -> None:
+        """:meth:`see_user` for the sender of a chat message: no record is made when
+        the one known is the same, as it is for nearly every message."""
+        old = self.users.get(user_id)
+        if old is None or old.name != name or old.mention_name != mention_name:
+            self.see_user(UserRecord(user_id, name, mention_name))
+
     def see_room(self, room_id: str, name: str = "", topic: str | None = None, member: str | None = None) -> None:
         """Note a room (and, optionally, a member of it or its topic)."""
         old = self.rooms.get(room_id)

@@ -139,7 +139,7 @@ class Incoming:
             )
             if a.url:
                 self._remember_file(a.url, adapter)
-        core.directory.see_user(UserRecord(user_id, incoming.user.name, incoming.user.mention_name))
+        core.directory.see_speaker(user_id, incoming.user.name, incoming.user.mention_name)
         if incoming.room is not None:
             core.directory.see_room(room_id, incoming.room.name, member=user_id)
         if incoming.edit_of:  # not a new command: only callbacks that asked for edits see it
