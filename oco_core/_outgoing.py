@@ -33,6 +33,7 @@ MAX_ATTACHMENT_NAME = 255
 MAX_ATTACHMENT_URL = 2048
 #: Markdown's punctuation, escaped in the text the bot writes for files into a Markdown body.
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~])")
+_MARKDOWN = core_pb2.FORMAT_MARKDOWN
 
 
 class Outgoing:
@@ -53,14 +54,18 @@ class Outgoing:
         the message by its ``index`` in the request.
         """
         what = f"message {index}"
-        size = len(message.body.encode("utf-8"))
+        body = message.body
         limit = self._core.config.bot.max_message_bytes
-        if size > limit:
+        # UTF-8 takes at most 4 bytes a character: most bodies need no encoding to know.
+        if len(body) * 4 > limit and (size := len(body.encode("utf-8"))) > limit:
             raise RequestTooLargeError(
                 f"{what} is {size} bytes; the bot accepts at most {limit} (bot.max_message_bytes); split it"
             )
-        room_id = message.source.room.id
-        user_id = message.source.user.id
+        # Each read of a sub-message makes a new Python object: each is read once.
+        source = message.source
+        source_user = source.user
+        room_id = source.room.id
+        user_id = source_user.id
         if not room_id and not user_id:
             raise InvalidRequestError(f"{what} has neither source.room.id nor source.user.id: say where it goes")
         link, native_room = self._split(room_id, what) if room_id else (None, None)
@@ -75,36 +80,41 @@ class Outgoing:
             # Adapters may address a private message by the mention name (IRC sends to
             # the nick): one the callback wrote counts only if it names this same user,
             # or a callback allowed to send to irc/bob could reach #secret through it.
-            mention_name = message.source.user.mention_name
+            mention_name = source_user.mention_name
             if mention_name and link.adapter.user_id(mention_name) != native_user:
                 mention_name = ""
             user = ChatUser(
                 id=native_user,
-                name=message.source.user.name or (known.name if known else ""),
+                name=source_user.name or (known.name if known else ""),
                 mention_name=mention_name or (known.mention_name if known else "") or native_user,
             )
         assert link is not None  # a room or a user named it, or _split raised
-        if message.private and user is None:
+        private = message.private
+        if private and user is None:
             raise InvalidRequestError(f"{what} is private but has no source.user.id: say whom it goes to")
-        in_reply_to = message.in_reply_to or ""
+        in_reply_to = message.in_reply_to
+        thread_id = message.thread_id
+        edit_of = message.edit_of
+        reaction = message.reaction
+        typing_seconds = message.typing_seconds
         prefix = link.name + "/"
         attachments = self._attachments(message, what) if message.attachments else ()
-        if message.reaction or message.edit_of or message.typing_seconds:
+        if reaction or edit_of or typing_seconds:
             self._check_rich(message, native_room, prefix, what)
         out = OutgoingMessage(
-            body=message.body,
+            body=body,
             room_id=native_room,
             user=user,
             mention=bool(with_mention and user is not None),
-            private=message.private or native_room is None,
-            format="markdown" if message.format == core_pb2.FORMAT_MARKDOWN else "plain",
+            private=private or native_room is None,
+            format="markdown" if message.format == _MARKDOWN else "plain",
             action=message.action,
             in_reply_to=in_reply_to.removeprefix(prefix) if in_reply_to.startswith(prefix) else "",
-            thread_id=message.thread_id.removeprefix(prefix) if message.thread_id.startswith(prefix) else "",
+            thread_id=thread_id.removeprefix(prefix) if thread_id and thread_id.startswith(prefix) else "",
             attachments=attachments,
-            edit_of=message.edit_of.removeprefix(prefix),
-            reaction=message.reaction,
-            typing_seconds=message.typing_seconds,
+            edit_of=edit_of.removeprefix(prefix) if edit_of else "",
+            reaction=reaction,
+            typing_seconds=typing_seconds,
         )
         return link, out
 
@@ -196,19 +206,30 @@ class Outgoing:
     async def send_messages(self, callback_id: str, request: robot_pb2.SendMessagesRequest) -> list[str]:
         """Send every message of ``request`` in order, after checking all of them;
         return the id of each as callbacks see ids ("" where the adapter gives none)."""
-        leader = self._core.leader
+        core = self._core
+        leader = core.leader
         leader.check()  # a standby's adapters are not connected: say where the active one is
-        resolved = [self.resolve(m, request.WithMention, i) for i, m in enumerate(request.messages)]
-        policy = self._core.policy(callback_id)
+        messages = request.messages
+        with_mention = request.WithMention
+        resolved = [self.resolve(m, with_mention, i) for i, m in enumerate(messages)]
+        policy = core.policy(callback_id)
         targets = [self.target(link, out) for link, out in resolved]
-        for index, target in enumerate(targets):
-            policy.require_send(target, f"message {index}")
+        if not policy.sends_anywhere:
+            for index, target in enumerate(targets):
+                policy.require_send(target, f"message {index}")
         self._check_edits(callback_id, resolved, targets)
         rendered = [as_rendered(out, link.adapter.features) for link, out in resolved]
-        self._check_sizes(resolved, rendered)
+        files = 0
+        for _, out in resolved:
+            files += len(out.attachments)
+        if files:  # else nothing was added to what resolve() checked
+            self._check_sizes(resolved, rendered)
         # A file is a message of its own on most services: each counts against the rate.
-        policy.take_send(len(resolved) + sum(len(out.attachments) for _, out in resolved))
+        policy.take_send(len(resolved) + files)
         ids: list[str] = []
+        answered: list[str] = []
+        metrics = core.metrics
+        stats = core.stats
         for sent, ((link, out), plain) in enumerate(zip(resolved, rendered, strict=True)):
             try:
                 leader.check()  # the fence, right before it goes out (ha:)
@@ -238,14 +259,13 @@ class Outgoing:
                 continue  # not a message: neither counted nor a reply
             if message_id:
                 self._remember(message_id, callback_id, targets[sent])
-            self._core.stats.sent += 1
+            stats.sent += 1
             # A reaction answers nothing: "👀" first must not read as a reply in 0 ms.
-            answered = "" if out.reaction else request.messages[sent].in_reply_to
-            self._core.metrics.message_sent(link.name, callback_id, answered)
-        self._core.activity.replied(
-            callback_id,
-            [m.in_reply_to for m in request.messages if m.in_reply_to and not m.reaction and not m.typing_seconds],
-        )
+            reply_to = "" if out.reaction else messages[sent].in_reply_to
+            metrics.message_sent(link.name, callback_id, reply_to)
+            if reply_to:
+                answered.append(reply_to)
+        core.activity.replied(callback_id, answered)
         return ids
 
     def _check_edits(

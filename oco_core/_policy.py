@@ -313,10 +313,16 @@ class CallbackPolicy:
         if not getattr(self.capabilities, capability):
             raise self._refuse(capability, f"the call needs {capability}")
 
+    @property
+    def sends_anywhere(self) -> bool:
+        """Whether the callback may send everywhere (``capabilities.send`` has "*", the
+        default): :meth:`require_send` has nothing to fold or match."""
+        return "*" in self.capabilities.send
+
     def require_send(self, target: str, what: str) -> None:
         """Raise CapabilityError unless the callback may send to ``target`` (a room or
         user id as messages carry it: the one the adapter delivers to)."""
-        if "*" in self.capabilities.send:  # the default: everywhere, nothing to fold or match
+        if self.sends_anywhere:
             return
         if not matches_any(target, self._canonical_rooms(self.capabilities.send)):
             allowed = ", ".join(self.capabilities.send) or "nothing"
