@@ -11,7 +11,8 @@ writes what queued up in 0.1 s as one store entry (JSON lines), so a busy bot ma
 most ten writes a second rather than one per message: with SQLite's synchronous=FULL a
 write per record halved the replies per second in bench/bench_roundtrip.py. Keys are the first
 record's time in microseconds and a sequence number, so the store's key order is time
-order and ``oco audit --since`` is a range scan.
+order: ``oco audit --since`` is a range scan, and :func:`query` reads the newest records
+first, a window of keys at a time, stopping once it has as many as it shows.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import trio
 
 from ._errors import StoreError, StoreUnavailableError, VersionConflictError
-from ._store import Store
+from ._store import Item, Store
 from ._timing import Backoff
 
 log = logging.getLogger(__name__)
@@ -360,33 +359,87 @@ class AuditQuery:
         return self.since <= entry.time <= self.until
 
 
-async def _scan(store: Store, since: float) -> AsyncGenerator[AuditRecord, None]:
-    start = _key(since - _BATCH_SPAN, 0) if since > _BATCH_SPAN else ""
+#: The newest window of time ``query`` reads first (seconds); each next one, older, is
+#: 2 to 4 times as long, so a page reads about as many records as it shows, and a log
+#: of any age is covered in a few dozen reads.
+_FIRST_WINDOW = 1.0
+
+
+def _records(item: Item) -> list[AuditRecord]:
+    records = []
+    for line in item.value.split(b"\n"):
+        try:
+            records.append(AuditRecord.from_json(line))
+        except (ValueError, TypeError):
+            log.warning("audit log: ignoring a malformed record in %r", item.key)
+    return records
+
+
+async def _window(store: Store, after: str, last: str | None) -> list[AuditRecord]:
+    """The records of the entries whose keys are greater than ``after`` and at most
+    ``last`` (None: no end), in key order."""
+    found: list[AuditRecord] = []
     while True:
-        page = await store.list(NAMESPACE, start_after=start, limit=_PAGE)
+        # Keys first: a list cannot stop at ``last``, and the entries past it (the newer
+        # window, read already) would be read again for nothing, batches of records each.
+        keys = await store.list(NAMESPACE, start_after=after, limit=_PAGE, keys_only=True)
+        inside = [item.key for item in keys if last is None or item.key <= last]
+        if not inside:
+            return found
+        page = await store.list(NAMESPACE, start_after=after, limit=len(inside))
         for item in page:
-            for line in item.value.split(b"\n"):
-                try:
-                    yield AuditRecord.from_json(line)
-                except (ValueError, TypeError):
-                    log.warning("audit log: ignoring a malformed record in %r", item.key)
-            # Inside the bot (the console's audit page) a scan shares the trio thread with
+            if last is not None and item.key > last:
+                return found
+            found += _records(item)
+            # Inside the bot (the console's audit page) a read shares the trio thread with
             # routing: one batch (up to _BATCH_BYTES) parsed at a time, then others run.
             await trio.lowlevel.checkpoint()
-        if len(page) < _PAGE:
-            return
-        start = page[-1].key
+        if not page:
+            return found
+        ends = len(inside) < len(keys) or len(keys) < _PAGE
+        if ends and page[-1].key >= inside[-1]:
+            return found  # else entries came or went meanwhile: look again from here
+        after = page[-1].key
 
 
 async def query(store: Store, filters: AuditQuery, limit: int = 100) -> list[AuditRecord]:
-    """The newest ``limit`` records that pass ``filters``, oldest first."""
-    found: list[AuditRecord] = []
-    async with aclosing(_scan(store, filters.since)) as entries:
-        async for entry in entries:
-            if entry.time > filters.until + _BATCH_SPAN:
-                break
-            if filters.matches(entry):
-                found.append(entry)
-                if len(found) > limit:
-                    del found[0]
-    return found
+    """The newest ``limit`` records that pass ``filters``, oldest first.
+
+    Keys are times, so the log is read newest first, a window of keys at a time (one
+    second, then longer ones, as the matches so far say) until ``limit`` records match or the log (or
+    ``filters.since``) ends: the first page of a large log reads its newest records, not
+    the whole log. Order is the store's (by batch, then within a batch): the time order,
+    as one writer writes its records."""
+    # Entries at or before `bottom` cannot hold a record at or after `since`.
+    bottom = _key(filters.since - _BATCH_SPAN, 0) if filters.since > _BATCH_SPAN else ""
+    first = await store.list(NAMESPACE, start_after=bottom, limit=1, keys_only=True)
+    if not first:
+        return []
+    oldest = first[0].key
+    # A batch holds records from its key's time on: one starting after until+span has none.
+    top = None if math.isinf(filters.until) else _key(filters.until + _BATCH_SPAN, 99_999_999)
+    end = first_end = min(time.time(), filters.until + _BATCH_SPAN)
+    width = _FIRST_WINDOW
+    windows: list[list[AuditRecord]] = []  # newest first
+    matched = 0
+    while True:
+        start = end - width
+        after = _key(start, 0) if start > 0 else ""
+        done = after < oldest or after <= bottom
+        if done:
+            after = bottom
+        found = [entry for entry in await _window(store, after, top) if filters.matches(entry)]
+        windows.append(found)
+        matched += len(found)
+        if done or matched >= limit:
+            break
+        # Each store read costs a round trip (a thread, for SQLite): the next window is as
+        # long as the rate of matches so far says the rest needs, and a bit more; at
+        # least twice the last (a log of any age takes a few dozen reads), at most four
+        # times (a quiet hour says little of a busy day before it, and past a gap, the
+        # window may reach far into what lies before it).
+        rest = (limit - matched) * (first_end - start) / matched * 1.25 if matched else 0.0
+        width = min(max(width * 2, rest), width * 4)
+        top, end = after, start
+    records = [entry for found in reversed(windows) for entry in found]
+    return records[-limit:] if limit else []
