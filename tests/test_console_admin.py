@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,6 +77,44 @@ def audit_rows(page: str) -> list[dict[str, str]]:
         {name: text(cell) for name, cell in re.findall(r'<td class="(\w+)[^"]*">(.*?)</td>', row, re.DOTALL)}
         for row in rows
     ]
+
+
+def stream_url(page: str) -> str:
+    """The audit page's stream, as its script opens it."""
+    found = re.search(r'data-stream="([^"]+)"', page)
+    assert found is not None
+    return html.unescape(found.group(1))
+
+
+async def stream_events(
+    http: httpx.AsyncClient,
+    url: str,
+    until: Callable[[list[dict[str, str]]], bool],
+    *,
+    linger: float,
+    last_event_id: str = "",
+) -> list[dict[str, str]]:
+    """The ``record`` events of the stream at ``url`` (each with its ``id:`` as "id")
+    until ``until`` holds of them, and those of ``linger`` seconds more (a second copy
+    of a record would come then); ``last_event_id``: as a reconnecting browser sends it."""
+    events: list[dict[str, str]] = []
+    deadline = math.inf
+    headers = {"last-event-id": last_event_id} if last_event_id else {}
+    with trio.move_on_at(math.inf) as scope, trio.fail_after(8):
+        async with http.stream("GET", url, headers=headers) as stream:
+            assert stream.status_code == 200
+            event = ""
+            async for line in stream.aiter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "record":
+                    events.append(json.loads(line.removeprefix("data: ")))
+                elif line.startswith("id: ") and event == "record":
+                    events[-1]["id"] = line.removeprefix("id: ")
+                if deadline == math.inf and until(events):
+                    deadline = trio.current_time() + linger
+                    scope.deadline = deadline
+    return events
 
 
 def people_row(page: str, user: str) -> str:
@@ -174,10 +214,10 @@ async def test_the_audit_stream_adds_new_matching_records(tmp_path: Path, monkey
     monkeypatch.setattr(_app, "STREAM_RECHECK", 0.2)
     async with console_bot(tmp_path) as running, logged_in(running, "alice", "viewer") as (http, csrf):
         page = await http.get("/console/audit", params={"decision": "denied"})
-        assert 'data-live="on" data-stream="/console/audit/stream?decision=denied"' in page.text
+        assert 'data-live="on" data-stream="/console/audit/stream?decision=denied&amp;after=' in page.text
         assert '<script src="/console/static/audit.js"></script>' in page.text
         assert (await http.get("/console/static/audit.js")).status_code == 200
-        async with http.stream("GET", "/console/audit/stream", params={"decision": "denied"}) as stream:
+        async with http.stream("GET", stream_url(page.text)) as stream:
             running.bot.core.record("route", "allowed", user="memory/ann", detail="let through")
             running.bot.core.record("route", "denied", user="memory/bob", callback="deploy", detail="kept out")
             events: list[tuple[str, dict[str, str]]] = []
@@ -199,6 +239,102 @@ async def test_the_audit_stream_adds_new_matching_records(tmp_path: Path, monkey
             "deploy",
             "denied",
         )
+
+
+async def test_a_record_written_between_the_page_and_its_stream_arrives_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page reads the store, then the browser opens the stream: a record written in
+    between is on neither unless the stream starts where the page stopped. The rows the
+    page shows, and matches hidden on its next page, must not come again."""
+    monkeypatch.setattr(_admin_pages, "AUDIT_POLL", 0.1)
+    async with console_bot(tmp_path) as running, logged_in(running, "alice", "viewer") as (http, _):
+        store = running.bot.core.store
+        for index in range(60):  # a full page, and 10 more on the next, all seconds old
+            await write_now(store, "route", "denied", user="memory/bob", detail=f"before {index}")
+        await write_now(store, "route", "allowed", user="memory/bob", detail="not a match")
+        before_page = time.time()
+        page = await http.get("/console/audit", params={"decision": "denied"})
+        shown = [row["detail"] for row in audit_rows(page.text)]
+        assert shown == [f"before {index}" for index in range(59, 9, -1)]
+        await write_now(store, "route", "denied", user="memory/bob", detail="in between")
+        # A bot's record reaches the store a moment after its time: one from before the
+        # page's read (newer than its rows), written after it.
+        late = AuditRecord(time=before_page, kind="route", decision="denied", detail="late")
+        await store.set(NAMESPACE, _key(late.time, 7), late.to_json())
+        events = await stream_events(
+            http, stream_url(page.text), lambda got: {"in between", "late"} <= {e["detail"] for e in got}, linger=1.0
+        )
+        assert sorted(event["detail"] for event in events) == ["in between", "late"]
+        # A browser that reconnects sends the same URL, and the last event's id: the
+        # stream goes on from there, not from the page again.
+        await write_now(store, "route", "denied", user="memory/bob", detail="while away")
+        again = await stream_events(
+            http,
+            stream_url(page.text),
+            lambda got: "while away" in {e["detail"] for e in got},
+            linger=1.0,
+            last_event_id=events[-1]["id"],
+        )
+        assert [event["detail"] for event in again] == ["while away"]
+
+
+async def test_a_stream_url_with_a_bad_start_is_refused_naming_the_parameter(tmp_path: Path) -> None:
+    async with console_bot(tmp_path) as running, logged_in(running, "alice", "viewer") as (http, _):
+        for params, words in (
+            ({"after": "yesterday"}, "after: 'yesterday' is not a time the audit page wrote"),
+            ({"after": "nan"}, "after: 'nan' is not a time"),
+            ({"after": str(time.time() + 3600)}, "not in the future"),
+            ({"after": "1", "shown": "abc"}, "shown: 'abc' is not the audit page's list of the rows it shows"),
+            ({"after": "1", "shown": "!!!!!!!!"}, "shown: '!!!!!!!!'"),
+            ({"after": "1", "shown": "A" * 8 * 51}, "up to 50 digests"),
+        ):
+            answer = await http.get("/console/audit/stream", params=params)
+            assert answer.status_code == 400, params
+            assert words in element(answer.text, "error"), params
+
+
+async def test_the_first_audit_pages_of_a_large_log_read_its_newest_records_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy bot writes a record per command: the page must not read the whole log to
+    show its newest 50 (the store's reads are counted, entry by entry)."""
+    async with console_bot(tmp_path) as running, logged_in(running, "alice", "viewer") as (http, _):
+        store = running.bot.core.store
+        start = time.time() - 30 * 86400
+        for index in range(2000):  # a month, a batch every 20 minutes
+            entry = AuditRecord(
+                time=start + index * 1200, kind="route", decision="allowed", user="memory/ann", detail=f"old {index}"
+            )
+            await store.set(NAMESPACE, _key(entry.time, index), entry.to_json())
+        for index in range(120):
+            await write_now(store, "route", "denied", user="memory/bob", detail=f"new {index}")
+        await running.bot.core.audit.flush()
+
+        read: list[str] = []
+        listing = store.list
+
+        async def counted(namespace: str, prefix: str = "", **options: Any) -> Any:
+            items = await listing(namespace, prefix, **options)
+            if namespace == NAMESPACE and not options.get("keys_only"):
+                read.extend(item.key for item in items)
+            return items
+
+        monkeypatch.setattr(store, "list", counted)
+        first = await http.get("/console/audit")
+        assert [row["detail"] for row in audit_rows(first.text)][-1] == "new 70"
+        assert 50 <= len(read) < 300, len(read)
+        read.clear()
+        third = await http.get("/console/audit", params={"page": "3"})
+        rows = [row["detail"] for row in audit_rows(third.text)]
+        assert rows[:20] == [f"new {index}" for index in range(19, -1, -1)]  # then the login's record
+        assert rows[-1] == "old 1971"
+        assert 150 <= len(read) < 600, len(read)
+        # A filter matching only old records reads back as far as they go, and no further.
+        read.clear()
+        old = await http.get("/console/audit", params={"user": "memory/ann"})
+        assert audit_rows(old.text)[0]["detail"] == "old 1999"
+        assert len(read) < 600, len(read)
 
 
 async def test_an_admin_grant_takes_effect_in_chat_and_is_audited_as_the_token(tmp_path: Path) -> None:

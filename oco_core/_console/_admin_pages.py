@@ -6,7 +6,9 @@ and :func:`~.._audit.query`, so the page and the command cannot disagree), newes
 :data:`PAGE_SIZE` a page. ``/console/audit/stream`` sends records that match as they
 reach the store: it reads the store every :data:`AUDIT_POLL` seconds rather than
 listening to this bot's audit queue, so records written by ``oco roles``, by another
-bot on the same store (``ha:``) or after a store outage show too.
+bot on the same store (``ha:``) or after a store outage show too. It starts where the
+page's read stopped (``after`` and ``shown`` in its URL): a record written between the
+page and the stream comes once, and the page's rows not again.
 
 People (``/console/people``): who holds which role, from the store (granted in chat,
 by ``oco roles`` or here) and the config (``auth.admins``, ``auth.default_roles``).
@@ -19,6 +21,9 @@ running bot's chat sees the change at once, other bots on the store within
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -43,6 +48,8 @@ AUDIT_POLL = 2.0
 #: How far back the audit stream looks again at each read: a batch of records reaches
 #: the store a moment after its records' times (and after an outage, much later).
 _AUDIT_LATE = 30.0
+#: Characters of a record's digest in the stream's ``shown`` (6 bytes, base64url).
+_DIGEST = 8
 _ROLE = re.compile(r"\S{1,100}")
 
 
@@ -113,13 +120,16 @@ async def audit_page(request: Request) -> Response:
     view = _audit_view(request.query)
     rows: list[dict[str, str]] = []
     older = False
+    stream_fields = {name: value for name, value in view.given.items() if value}
     if not view.error:
+        read_at = time.time()
         # One more than the pages so far tells whether older records match too.
         found = await query(request.core.store, view.filters, view.page * PAGE_SIZE + 1)
         older = len(found) > view.page * PAGE_SIZE
         newest_first = found[::-1]
-        rows = [_record_view(entry) for entry in newest_first[(view.page - 1) * PAGE_SIZE : view.page * PAGE_SIZE]]
-    stream_query = urlencode({name: value for name, value in view.given.items() if value})
+        shown = newest_first[(view.page - 1) * PAGE_SIZE : view.page * PAGE_SIZE]
+        rows = [_record_view(entry) for entry in shown]
+        stream_fields.update(_stream_start(read_at, shown, full=len(shown) == PAGE_SIZE))
     return request.render(
         "audit.html",
         status=400 if view.error else 200,
@@ -132,50 +142,122 @@ async def audit_page(request: Request) -> Response:
         older=_link(view.given, view.page + 1) if older else "",
         newer=_link(view.given, view.page - 1) if view.page > 1 else "",
         live=view.page == 1 and not view.error,
-        stream=f"{request.console.prefix}/audit/stream" + (f"?{stream_query}" if stream_query else ""),
+        stream=f"{request.console.prefix}/audit/stream?{urlencode(stream_fields)}",
         kinds=AUDIT_KINDS,
         decisions=AUDIT_DECISIONS,
     )
 
 
+def _digest(entry: AuditRecord) -> str:
+    return base64.urlsafe_b64encode(hashlib.blake2b(entry.to_json(), digest_size=6).digest()).decode()
+
+
+def _stream_start(read_at: float, shown: list[AuditRecord], *, full: bool) -> dict[str, str]:
+    """Where the page's stream starts (``after``) and what it must not send again
+    (``shown``): a record reaches the store a moment after its time (a batch, another
+    bot, an outage), so one older than the page's read may still come, and the stream
+    reads again from _AUDIT_LATE before it, skipping the rows the page shows. A full
+    page hides older matches (on the next page): the stream starts at its oldest row."""
+    after = read_at - _AUDIT_LATE
+    if full:
+        after = max(after, min(entry.time for entry in shown))
+    return {"after": f"{after:.6f}", "shown": "".join(_digest(entry) for entry in shown if entry.time >= after)}
+
+
 @dataclass(slots=True)
 class _Seen:
-    """Records already sent, for the window the stream reads again each time."""
+    """Records already sent (or shown by the page), by digest, for the window the
+    stream reads again each time; ``since``: where the next read starts; ``after``:
+    (a reconnected stream) only records newer than this; ``newest``: the newest sent."""
 
     since: float
-    keys: dict[bytes, float] = field(default_factory=dict)
+    keys: dict[str, float] = field(default_factory=dict)
+    after: float = -math.inf
+    newest: float = -math.inf
 
     def fresh(self, entry: AuditRecord) -> bool:
-        key = entry.to_json()
-        if key in self.keys:
+        key = _digest(entry)
+        if key in self.keys or entry.time <= self.after:
             return False
         self.keys[key] = entry.time
+        self.newest = max(self.newest, entry.time)
         return True
 
     def forget_before(self, moment: float) -> None:
         self.keys = {key: when for key, when in self.keys.items() if when >= moment}
 
 
+def _seen(fields: dict[str, str], last_event_id: str) -> _Seen:
+    """The stream's start from the page's ``after`` and ``shown`` (HttpError naming the
+    parameter when it is not what the page writes). Without ``after`` (a URL written by
+    hand): from now. A browser that reconnects sends the URL again, and the newest time
+    the stream had sent as ``Last-Event-ID``: it goes on after that, rather than send
+    again what it had (a record that reached the store later still, with an older time,
+    is missed then)."""
+    now = time.time()
+    after_text = fields.get("after", "").strip()
+    if not after_text:
+        return _Seen(since=now)
+    try:
+        after = float(after_text)
+    except ValueError:
+        after = math.nan
+    if not 0 <= after <= now + _AUDIT_LATE:  # also NaN and infinities
+        raise HttpError(
+            400,
+            f"after: {after_text!r} is not a time the audit page wrote (seconds since 1970, not in the future); "
+            "reload the audit page",
+        )
+    shown = fields.get("shown", "")
+    if len(shown) % _DIGEST or len(shown) > PAGE_SIZE * _DIGEST or not re.fullmatch(r"[A-Za-z0-9_-]*", shown):
+        raise HttpError(
+            400,
+            f"shown: {shown[:40]!r} is not the audit page's list of the rows it shows "
+            f"(up to {PAGE_SIZE} digests of {_DIGEST} characters); reload the audit page",
+        )
+    # The page's rows are at most as new as now: forgotten once the window passes now.
+    keys = {shown[i : i + _DIGEST]: now for i in range(0, len(shown), _DIGEST)}
+    resume = _resume_time(last_event_id)
+    if resume is None:
+        return _Seen(since=after, keys=keys)
+    return _Seen(since=max(after, resume), keys=keys, after=resume)
+
+
+def _resume_time(last_event_id: str) -> float | None:
+    """The time a reconnecting browser's ``Last-Event-ID`` names (None: none, or not one
+    this stream sent: the URL's start applies)."""
+    try:
+        when = float(last_event_id)
+    except ValueError:
+        return None
+    return when if 0 <= when <= time.time() + _AUDIT_LATE else None
+
+
 async def audit_stream(request: Request) -> EventStream:
-    """Server-sent ``record`` events: audit records matching the filters, as they come."""
+    """Server-sent ``record`` events: audit records matching the filters, as they come,
+    from where the page's read stopped (``after``, ``shown``)."""
     view = _audit_view(request.query)
     if view.error:
         raise HttpError(400, view.error)
+    seen = _seen(request.query, request.header("last-event-id"))
     store = request.core.store
-    seen = _Seen(since=time.time())
 
     async def produce(send: SendEvent) -> None:
         while True:
-            await trio.sleep(AUDIT_POLL)
-            window = max(seen.since, time.time() - _AUDIT_LATE, view.filters.since)
+            window = max(seen.since, view.filters.since)
+            read_at = time.time()
             try:
                 found = await query(store, replace(view.filters, since=window), 1000)
             except StoreError:
-                continue  # the next read tries again; the page says nothing changed meanwhile
-            for entry in found:
-                if seen.fresh(entry):
-                    await send("record", json_data(_record_view(entry)))
-            seen.forget_before(window)
+                found = None  # the next read tries again, from the same point
+            if found is not None:
+                for entry in found:
+                    if seen.fresh(entry):
+                        await send("record", json_data(_record_view(entry)), event_id=repr(seen.newest))
+                # What is older than this will not be read again: a record that late is lost.
+                seen.since = max(seen.since, read_at - _AUDIT_LATE)
+                seen.forget_before(seen.since)
+            await trio.sleep(AUDIT_POLL)
 
     return EventStream(produce)
 

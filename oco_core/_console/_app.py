@@ -68,7 +68,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -151,8 +151,12 @@ def redirect(location: str, status: int = 303) -> Response:
     return Response(status=status, headers=[("location", location)], content_type="")
 
 
-#: ``await send(event, data)``: one server-sent event (``data`` may hold newlines).
-SendEvent = Callable[[str, str], Awaitable[None]]
+class SendEvent(Protocol):
+    """``await send(event, data)``: one server-sent event (``data`` may hold newlines);
+    ``event_id`` sets its ``id:``, which a browser sends back as ``Last-Event-ID`` when it
+    reconnects (:meth:`Request.header`)."""
+
+    def __call__(self, event: str, data: str, *, event_id: str = "") -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +216,10 @@ class Request:
     def actor(self) -> str:
         """Who the audit log says made a change: ``console:<token name>``."""
         return f"console:{self.session.name}"
+
+    def header(self, name: str) -> str:
+        """A request header's value (``name`` in lower case; empty when not sent)."""
+        return _headers(self.scope).get(name, "")
 
     def audit(self, kind: str, decision: str, **details: str) -> None:
         """Add an audit record as this session's token (``user=console:<name>``)."""
@@ -584,8 +592,10 @@ class Console:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 last = trio.current_time()
 
-        async def send_event(event: str, data: str) -> None:
+        async def send_event(event: str, data: str, *, event_id: str = "") -> None:
             lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+            if event_id:
+                lines += f"id: {event_id}\n"
             await write(f"event: {event}\n{lines}\n".encode())
 
         headers = [
