@@ -188,6 +188,9 @@ class Outcome:
     ok: bool
     #: What changed (:meth:`Change.summary`), or why nothing did.
     message: str
+    #: Keys that differ and that only a restart applies: `oco reload` names them, or a
+    #: change of one (console: among them) would read "nothing changed".
+    restart_only: tuple[str, ...] = ()
 
 
 class Reloader:
@@ -263,12 +266,18 @@ class Reloader:
         await _apply(bot, candidate, effective(bot.config, loaded.config), loaded, change, self._debug)
         summary = change.summary()
         log.info("reloaded: %s", summary)
-        return Outcome(True, summary)
+        return Outcome(True, summary, tuple(change.restart_only))
 
     def _write_status(self, outcome: Outcome) -> None:
         if self._status_file is None:
             return
-        record = {"pid": os.getpid(), "generation": self.generation, "ok": outcome.ok, "message": outcome.message}
+        record = {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "ok": outcome.ok,
+            "message": outcome.message,
+            "restart_only": list(outcome.restart_only),
+        }
         try:
             _write_atomically(self._status_file, json.dumps(record) + "\n")
         except OSError as exc:
@@ -554,7 +563,9 @@ def send_reload(pid_file_path: Path | None, timeout: float = REPLY_TIMEOUT) -> O
     while time.monotonic() < deadline:
         record = _read_status(status)
         if record is not None and record.get("pid") == pid and int(record.get("generation", -1)) > seen:
-            return Outcome(bool(record.get("ok")), str(record.get("message", "")))
+            keys = record.get("restart_only")
+            restart_only = tuple(str(key) for key in keys) if isinstance(keys, list) else ()
+            return Outcome(bool(record.get("ok")), str(record.get("message", "")), restart_only)
         time.sleep(0.05)
     raise ReloadError(
         f"sent SIGHUP to process {pid}, which did not say how the reload went within {timeout:.0f} s "
@@ -567,6 +578,8 @@ def main(pid_file_path: Path | None, timeout: float) -> int:
     outcome = send_reload(pid_file_path, timeout)
     if outcome.ok:
         print(f"reloaded: {outcome.message}")
+        if outcome.restart_only:
+            print(f"kept as they run until a restart applies them: {', '.join(outcome.restart_only)}")
         return 0
     for line in outcome.message.splitlines() or [""]:
         print(f"oco: error: {line}", file=sys.stderr)
