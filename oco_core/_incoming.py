@@ -161,7 +161,7 @@ class Incoming:
             core.activity.matched(adapter, message_id, room_id, incoming, matches)
         if gate.held:  # matches of routes that need approval wait for it (_approvals)
             core.approvals.hold(adapter, incoming, message, respond_text, gate.held)
-        refusal = gate.refusal(delivered=any(m.direct for m in matches))
+        refusal = gate.refusal(delivered=any(m.direct for m in matches)) if gate.refused else ""
         if refusal:
             core.outgoing.reply(adapter, incoming, refusal, mention=True)
         elif respond_text is not None and not gate.asked:

@@ -529,6 +529,11 @@ class MessageGate:
             self._record_route(ALLOWED, callback_id, route, permission, self._what)
         return True
 
+    @property
+    def refused(self) -> bool:
+        """Whether anything was refused that :meth:`refusal` might have to tell."""
+        return bool(self._wait or self.missing or self.wrong_room)
+
     def refusal(self, delivered: bool) -> str:
         """What to tell the person: one line, or "" when nothing was refused that they
         asked for (overheard messages are refused silently, and recorded)."""
