@@ -482,19 +482,24 @@ class SqlStore(Store):
             sa.delete(kv).where(this_key, kv.c.version == sa.bindparam("p_expected")).returning(kv.c.version)
         )
         # list: [low, high) past start_after, in key order; with and without an upper
-        # bound, with and without values.
-        self._list_stmts: dict[tuple[bool, bool], Any] = {}
+        # bound, with and without values. One lower bound, the greater (as Redis's list
+        # does): given both, SQLite's index search starts at `key >= low` and steps over
+        # every key up to start_after, so each page of a long listing cost more than the
+        # last (a page 190,000 keys in: 30 ms, not 0.03).
+        self._list_stmts: dict[tuple[bool, bool, bool], Any] = {}
         for keys_only in (False, True):
             for bounded in (False, True):
-                columns = [kv.c.key, kv.c.version] if keys_only else [kv.c.key, kv.c.version, kv.c.value]
-                query = sa.select(*columns).where(
-                    kv.c.namespace == ns,
-                    kv.c.key >= sa.bindparam("p_low", type_=sa.LargeBinary),
-                    kv.c.key > sa.bindparam("p_after", type_=sa.LargeBinary),
-                )
-                if bounded:
-                    query = query.where(kv.c.key < sa.bindparam("p_high", type_=sa.LargeBinary))
-                self._list_stmts[keys_only, bounded] = query.order_by(kv.c.key).limit(sa.bindparam("p_limit"))
+                for past in (False, True):
+                    columns = [kv.c.key, kv.c.version] if keys_only else [kv.c.key, kv.c.version, kv.c.value]
+                    lower = (
+                        kv.c.key > sa.bindparam("p_after", type_=sa.LargeBinary)
+                        if past
+                        else kv.c.key >= sa.bindparam("p_low", type_=sa.LargeBinary)
+                    )
+                    query = sa.select(*columns).where(kv.c.namespace == ns, lower)
+                    if bounded:
+                        query = query.where(kv.c.key < sa.bindparam("p_high", type_=sa.LargeBinary))
+                    self._list_stmts[keys_only, bounded, past] = query.order_by(kv.c.key).limit(sa.bindparam("p_limit"))
         self._usage_stmt = sa.select(
             sa.func.count(),
             sa.func.coalesce(sa.func.sum(sa.func.length(kv.c.key) + sa.func.length(kv.c.value)), 0),
@@ -715,7 +720,7 @@ class SqlStore(Store):
             raise StoreError(f"a prefix must be valid Unicode (encodable as UTF-8): {e}") from e
         high = _prefix_end(low)
         params = {"p_ns": namespace, "p_low": low, "p_after": after, "p_high": high, "p_limit": limit}
-        stmt = self._list_stmts[keys_only, high is not None]
+        stmt = self._list_stmts[keys_only, high is not None, after >= low]
 
         def work(conn: Connection) -> list[Item]:
             return [
