@@ -109,6 +109,8 @@ _FATAL = {
 _STORAGE_IMPLIED = {grpc.StatusCode.RESOURCE_EXHAUSTED: ValueTooLargeError}
 #: Seconds a unary call (storage, directory) may take before it fails with DEADLINE_EXCEEDED.
 _UNARY_DEADLINE = 30.0
+#: Seconds between checks that the bot that launched this callback still runs.
+_ORPHAN_CHECK = 1.0
 #: How long a call refused by standbys (ha:) is retried on the other bots before it fails.
 _STANDBY_RETRY = 10.0
 #: The connection the event being handled came from: its handler answers on it (ha:).
@@ -837,6 +839,17 @@ class _Flattened:
         return getattr(item, self._field) if self._field else (item,)
 
 
+async def _stop_when_orphaned(scope: trio.CancelScope, parent: int) -> None:
+    """Stop a callback the bot launched (OCO_BOT_PID set) once that bot is gone: a bot
+    killed with SIGKILL, or that crashed, cannot stop its callbacks, and they would dial
+    its address for ever. The parent goes when this process is handed to init (or a
+    subreaper), whose id differs; a launch through a wrapper watches the wrapper."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing could set an Event: the kernel reparents us
+        await trio.sleep(_ORPHAN_CHECK)
+    log.info("the bot that launched this callback (process %d) is gone; stopping", parent)
+    scope.cancel()
+
+
 class Callback:
     """A callback program: declare routes with decorators, then :meth:`run`.
 
@@ -1338,6 +1351,8 @@ class Callback:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.serve)
+                if os.environ.get("OCO_BOT_PID"):
+                    nursery.start_soon(_stop_when_orphaned, nursery.cancel_scope, os.getppid())
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

@@ -1,8 +1,9 @@
 """Supervision of callback programs the bot launches itself (``command:`` in config).
 
 Each is started with its address, id and secret in the environment (OCO_ADDRESS,
-OCO_CALLBACK_ID, OCO_SECRET; with ``grpc.tls``, also OCO_TLS_CA, OCO_TLS_SERVER_NAME and
-its client certificate in OCO_TLS_CERT and OCO_TLS_KEY), its output forwarded to the
+OCO_CALLBACK_ID, OCO_SECRET; OCO_BOT_PID, the bot's process id; with ``grpc.tls``, also
+OCO_TLS_CA, OCO_TLS_SERVER_NAME and its client certificate in OCO_TLS_CERT and
+OCO_TLS_KEY), its output forwarded to the
 bot's log under its id, restarted with exponential backoff when it exits, and stopped
 with SIGTERM, then SIGKILL after a grace period, when the bot shuts down.
 
@@ -95,6 +96,9 @@ async def supervise_callback(
         "OCO_CALLBACK_ID": settings.id,
         "OCO_SECRET": secret,
         "OCO_LOG_FORMAT": "bare",  # its log lines without the time and name this log adds
+        # Says it was launched: a callback left behind by a bot that was killed (SIGKILL,
+        # a crash) can see its parent go and stop, instead of dialling a dead address.
+        "OCO_BOT_PID": str(os.getpid()),
         "PATH": callback_search_path(settings)[0],
         "PYTHONUNBUFFERED": "1",
         **_tls_env(settings, address, tls),

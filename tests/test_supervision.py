@@ -25,7 +25,7 @@ PYTHON = json.dumps(sys.executable)
 # the secret, then waits to be stopped. It never connects, which these tests do not need.
 PROBE = """\
 import hashlib, json, os, pathlib, sys, time
-names = ["OCO_ADDRESS", "OCO_CALLBACK_ID", "OCO_SECRET", "OCO_TEST_GREETING"]
+names = ["OCO_ADDRESS", "OCO_CALLBACK_ID", "OCO_SECRET", "OCO_TEST_GREETING", "OCO_BOT_PID"]
 found = {name: os.environ.get(name) for name in names}
 target = pathlib.Path(sys.argv[1])
 target.with_suffix(".tmp").write_text(json.dumps(found))
@@ -109,6 +109,7 @@ callbacks:
         assert a["OCO_ADDRESS"] == b["OCO_ADDRESS"] == bot.address
         assert (a["OCO_CALLBACK_ID"], b["OCO_CALLBACK_ID"]) == ("probe-a", "probe-b")
         assert (a["OCO_TEST_GREETING"], b["OCO_TEST_GREETING"]) == ("hello", None)
+        assert a["OCO_BOT_PID"] == b["OCO_BOT_PID"] == str(bot.process.pid)
         assert len(a["OCO_SECRET"]) >= 32
         assert a["OCO_SECRET"] != b["OCO_SECRET"], "each callback needs a secret of its own"
         # The secret is the one the bot accepts from that callback.
@@ -122,6 +123,21 @@ callbacks:
     output = "\n".join(bot.stdout_lines + bot.stderr_lines)
     assert a["OCO_SECRET"] not in output
     assert b["OCO_SECRET"] not in output
+
+
+async def test_an_sdk_callback_stops_by_itself_when_the_bot_that_launched_it_is_killed(
+    tmp_path: Path, bot_config: Callable[[str], str], process_running: Callable[[int], bool]
+) -> None:
+    # A bot killed with SIGKILL (or crashed) cannot stop what it launched; the callback
+    # would otherwise dial the dead address for ever, a process nobody supervises.
+    config = bot_config(f'callbacks:\n  - {{id: ping, command: [{PYTHON}, "-m", "oco_core.examples.ping"]}}\n')
+    async with run_oco(config, tmp_path / "bot") as bot:
+        await bot.expect(r"callback 'ping' is listening", stream="stderr")
+        [pid] = started_pids(bot, "ping")
+        bot.process.send_signal(signal.SIGKILL)
+        with trio.fail_after(15):
+            while process_running(pid):
+                await trio.sleep(0.1)
 
 
 @pytest.mark.slow  # the bot waits up to 20 s for every launched callback before it chats
