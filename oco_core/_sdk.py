@@ -839,15 +839,26 @@ class _Flattened:
         return getattr(item, self._field) if self._field else (item,)
 
 
-async def _stop_when_orphaned(scope: trio.CancelScope, parent: int) -> None:
+async def _stop_when_orphaned(scope: trio.CancelScope, parent: int, bot: int) -> None:
     """Stop a callback the bot launched (OCO_BOT_PID set) once that bot is gone: a bot
     killed with SIGKILL, or that crashed, cannot stop its callbacks, and they would dial
-    its address for ever. The parent goes when this process is handed to init (or a
-    subreaper), whose id differs; a launch through a wrapper watches the wrapper."""
-    while os.getppid() == parent:  # noqa: ASYNC110 - nothing could set an Event: the kernel reparents us
+    its address for ever. Gone: this process was handed to init (or a subreaper), or
+    the bot's process no longer exists (it died before this one started watching, or a
+    wrapper that does not exec, `uv run`, stands between them and outlived it)."""
+    while os.getppid() == parent and _process_exists(bot):  # noqa: ASYNC110 - the kernel sets nothing we can wait on
         await trio.sleep(_ORPHAN_CHECK)
-    log.info("the bot that launched this callback (process %d) is gone; stopping", parent)
+    log.info("the bot that launched this callback (process %d) is gone; stopping", bot)
     scope.cancel()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 class Callback:
@@ -1351,8 +1362,9 @@ class Callback:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.serve)
-                if os.environ.get("OCO_BOT_PID"):
-                    nursery.start_soon(_stop_when_orphaned, nursery.cancel_scope, os.getppid())
+                launcher = os.environ.get("OCO_BOT_PID", "")
+                if launcher.isdigit():
+                    nursery.start_soon(_stop_when_orphaned, nursery.cancel_scope, os.getppid(), int(launcher))
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

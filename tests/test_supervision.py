@@ -140,6 +140,27 @@ async def test_an_sdk_callback_stops_by_itself_when_the_bot_that_launched_it_is_
                 await trio.sleep(0.1)
 
 
+async def test_an_sdk_callback_whose_bot_died_before_it_started_stops_at_once(tmp_path: Path) -> None:
+    # The bot may die in the second a Python callback takes to start: its parent is then
+    # init already, so only the bot's own process id can tell.
+    finished = await trio.lowlevel.open_process(["true"])
+    await finished.wait()
+    env = {
+        **os.environ,
+        "OCO_ADDRESS": "127.0.0.1:1",  # nothing listens: it would retry for ever
+        "OCO_CALLBACK_ID": "ping",
+        "OCO_SECRET": "s" * 32,
+        "OCO_BOT_PID": str(finished.pid),  # a process that has ended
+        "OCO_LOG_FORMAT": "bare",
+    }
+    with trio.fail_after(20):
+        done = await trio.run_process(
+            [sys.executable, "-m", "oco_core.examples.ping"], env=env, capture_stderr=True, check=False
+        )
+    assert done.returncode == 0
+    assert f"the bot that launched this callback (process {finished.pid}) is gone" in done.stderr.decode()
+
+
 @pytest.mark.slow  # the bot waits up to 20 s for every launched callback before it chats
 async def test_crashing_callback_is_restarted_with_backoff_and_others_keep_working(
     tmp_path: Path, bot_config: Callable[[str], str], example_command: str
