@@ -363,6 +363,9 @@ class AuditQuery:
 #: 2 to 4 times as long, so a page reads about as many records as it shows, and a log
 #: of any age is covered in a few dozen reads.
 _FIRST_WINDOW = 1.0
+#: Seconds back from now within which a query's ``since`` is read in one window: the
+#: console's live stream asks every few seconds for the last minute or two.
+_ONE_READ = 600.0
 
 
 def _records(item: Item) -> list[AuditRecord]:
@@ -420,6 +423,8 @@ async def query(store: Store, filters: AuditQuery, limit: int = 100) -> list[Aud
     top = None if math.isinf(filters.until) else _key(filters.until + _BATCH_SPAN, 99_999_999)
     end = first_end = min(time.time(), filters.until + _BATCH_SPAN)
     width = _FIRST_WINDOW
+    if bottom and end - (filters.since - _BATCH_SPAN) <= _ONE_READ:
+        width = end - (filters.since - _BATCH_SPAN)  # a recent `since` (the console's live stream): one read
     windows: list[list[AuditRecord]] = []  # newest first
     matched = 0
     while True:

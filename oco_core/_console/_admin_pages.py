@@ -202,11 +202,14 @@ def _seen(fields: dict[str, str], last_event_id: str) -> _Seen:
         after = float(after_text)
     except ValueError:
         after = math.nan
-    if not 0 <= after <= now + _AUDIT_LATE:  # also NaN and infinities
+    if math.isfinite(after) and after > now:
+        # Rendered by a bot whose clock is ahead of this one's (ha: behind a balancer): a
+        # 400 would close the browser's stream for good; start from now instead.
+        after = now
+    if not 0 <= after <= now:  # also NaN and infinities
         raise HttpError(
             400,
-            f"after: {after_text!r} is not a time the audit page wrote (seconds since 1970, not in the future); "
-            "reload the audit page",
+            f"after: {after_text!r} is not a time the audit page wrote (seconds since 1970); reload the audit page",
         )
     shown = fields.get("shown", "")
     if len(shown) % _DIGEST or len(shown) > PAGE_SIZE * _DIGEST or not re.fullmatch(r"[A-Za-z0-9_-]*", shown):
@@ -215,8 +218,9 @@ def _seen(fields: dict[str, str], last_event_id: str) -> _Seen:
             f"shown: {shown[:40]!r} is not the audit page's list of the rows it shows "
             f"(up to {PAGE_SIZE} digests of {_DIGEST} characters); reload the audit page",
         )
-    # The page's rows are at most as new as now: forgotten once the window passes now.
-    keys = {shown[i : i + _DIGEST]: now for i in range(0, len(shown), _DIGEST)}
+    # The page's rows are never sent, however far ahead of this bot's clock one was
+    # stamped (another bot, `oco roles` elsewhere): kept for the whole stream (50 at most).
+    keys = {shown[i : i + _DIGEST]: math.inf for i in range(0, len(shown), _DIGEST)}
     resume = _resume_time(last_event_id)
     if resume is None:
         return _Seen(since=after, keys=keys)
@@ -230,7 +234,9 @@ def _resume_time(last_event_id: str) -> float | None:
         when = float(last_event_id)
     except ValueError:
         return None
-    return when if 0 <= when <= time.time() + _AUDIT_LATE else None
+    if not when >= 0:  # also NaN
+        return None
+    return min(when, time.time())  # from a bot whose clock is ahead: from now, not a replay
 
 
 async def audit_stream(request: Request) -> EventStream:
@@ -253,7 +259,10 @@ async def audit_stream(request: Request) -> EventStream:
             if found is not None:
                 for entry in found:
                     if seen.fresh(entry):
-                        await send("record", json_data(_record_view(entry)), event_id=repr(seen.newest))
+                        # Never later than this read: a record stamped ahead of this bot's
+                        # clock would make a reconnect skip what comes meanwhile.
+                        resume_at = min(seen.newest, read_at)
+                        await send("record", json_data(_record_view(entry)), event_id=repr(resume_at))
                 # What is older than this will not be read again: a record that late is lost.
                 seen.since = max(seen.since, read_at - _AUDIT_LATE)
                 seen.forget_before(seen.since)
