@@ -251,6 +251,11 @@ async def test_a_record_written_between_the_page_and_its_stream_arrives_once(
     monkeypatch.setattr(_admin_pages, "AUDIT_POLL", 0.1)
     async with console_bot(tmp_path) as running, logged_in(running, "alice", "viewer") as (http, _):
         store = running.bot.core.store
+        # Another writer's batch, keyed by its first record's time, whose record is newer
+        # than the page's rows: the log's order puts it on the next page.
+        began = time.time()
+        other = AuditRecord(time=began + 3, kind="route", decision="denied", detail="next page, newer")
+        await store.set(NAMESPACE, _key(began - 5, 1), other.to_json())
         for index in range(60):  # a full page, and 10 more on the next, all seconds old
             await write_now(store, "route", "denied", user="memory/bob", detail=f"before {index}")
         await write_now(store, "route", "allowed", user="memory/bob", detail="not a match")
@@ -288,7 +293,7 @@ async def test_a_stream_url_with_a_bad_start_is_refused_naming_the_parameter(tmp
             ({"after": "-5"}, "after: '-5' is not a time"),
             ({"after": "1", "shown": "abc"}, "shown: 'abc' is not the audit page's list of the rows it shows"),
             ({"after": "1", "shown": "!!!!!!!!"}, "shown: '!!!!!!!!'"),
-            ({"after": "1", "shown": "A" * 8 * 51}, "up to 50 digests"),
+            ({"after": "1", "shown": "A" * 8 * 101}, "up to 100 digests"),
         ):
             answer = await http.get("/console/audit/stream", params=params)
             assert answer.status_code == 400, params

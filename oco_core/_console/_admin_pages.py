@@ -123,13 +123,15 @@ async def audit_page(request: Request) -> Response:
     stream_fields = {name: value for name, value in view.given.items() if value}
     if not view.error:
         read_at = time.time()
-        # One more than the pages so far tells whether older records match too.
-        found = await query(request.core.store, view.filters, view.page * PAGE_SIZE + 1)
+        # A page more than the pages so far: whether older records match too, and which
+        # of them are as new as this page's oldest row (the stream must not send those).
+        found = await query(request.core.store, view.filters, (view.page + 1) * PAGE_SIZE)
         older = len(found) > view.page * PAGE_SIZE
         newest_first = found[::-1]
         shown = newest_first[(view.page - 1) * PAGE_SIZE : view.page * PAGE_SIZE]
         rows = [_record_view(entry) for entry in shown]
-        stream_fields.update(_stream_start(read_at, shown, full=len(shown) == PAGE_SIZE))
+        beyond = newest_first[view.page * PAGE_SIZE :]
+        stream_fields.update(_stream_start(read_at, shown, beyond, full=len(shown) == PAGE_SIZE))
     return request.render(
         "audit.html",
         status=400 if view.error else 200,
@@ -152,16 +154,19 @@ def _digest(entry: AuditRecord) -> str:
     return base64.urlsafe_b64encode(hashlib.blake2b(entry.to_json(), digest_size=6).digest()).decode()
 
 
-def _stream_start(read_at: float, shown: list[AuditRecord], *, full: bool) -> dict[str, str]:
+def _stream_start(read_at: float, shown: list[AuditRecord], beyond: list[AuditRecord], *, full: bool) -> dict[str, str]:
     """Where the page's stream starts (``after``) and what it must not send again
     (``shown``): a record reaches the store a moment after its time (a batch, another
     bot, an outage), so one older than the page's read may still come, and the stream
     reads again from _AUDIT_LATE before it, skipping the rows the page shows. A full
-    page hides older matches (on the next page): the stream starts at its oldest row."""
+    page hides older matches (on the next page): the stream starts at its oldest row,
+    and skips those of ``beyond`` (the next page) as new as that (the log is in the
+    order batches were written: two writers, or records of the same second, interleave)."""
     after = read_at - _AUDIT_LATE
     if full:
         after = max(after, min(entry.time for entry in shown))
-    return {"after": f"{after:.6f}", "shown": "".join(_digest(entry) for entry in shown if entry.time >= after)}
+    skipped = [entry for entry in (*shown, *beyond) if entry.time >= after]
+    return {"after": f"{after:.6f}", "shown": "".join(_digest(entry) for entry in skipped)}
 
 
 @dataclass(slots=True)
@@ -212,14 +217,14 @@ def _seen(fields: dict[str, str], last_event_id: str) -> _Seen:
             f"after: {after_text!r} is not a time the audit page wrote (seconds since 1970); reload the audit page",
         )
     shown = fields.get("shown", "")
-    if len(shown) % _DIGEST or len(shown) > PAGE_SIZE * _DIGEST or not re.fullmatch(r"[A-Za-z0-9_-]*", shown):
+    if len(shown) % _DIGEST or len(shown) > 2 * PAGE_SIZE * _DIGEST or not re.fullmatch(r"[A-Za-z0-9_-]*", shown):
         raise HttpError(
             400,
             f"shown: {shown[:40]!r} is not the audit page's list of the rows it shows "
-            f"(up to {PAGE_SIZE} digests of {_DIGEST} characters); reload the audit page",
+            f"(up to {2 * PAGE_SIZE} digests of {_DIGEST} characters); reload the audit page",
         )
     # The page's rows are never sent, however far ahead of this bot's clock one was
-    # stamped (another bot, `oco roles` elsewhere): kept for the whole stream (50 at most).
+    # stamped (another bot, `oco roles` elsewhere): kept for the whole stream (100 at most).
     keys = {shown[i : i + _DIGEST]: math.inf for i in range(0, len(shown), _DIGEST)}
     resume = _resume_time(last_event_id)
     if resume is None:
